@@ -1,0 +1,240 @@
+"""Aggregate functions as plain Python: parse a spec, accumulate, merge, extract.
+
+:class:`Aggregation` has the shape of a Beam ``CombineFn`` (create, add, merge,
+extract) but no Beam in it, so the per-element pipeline, any batched path and the
+tests compute aggregates with the same code.
+
+Results do not depend on the order events are added or accumulators merged:
+
+* sums are exact (integers stay integers; floats are summed with Shewchuk's
+  error-free partials and rounded once at the end, like ``math.fsum``), so a live
+  run that merges panes and a backfill that adds events in file order agree to the
+  last bit;
+* ``first``/``last`` pick the value of the event with the smallest / greatest
+  ``(event_time, event_id)``: ties in event time are broken by event ID.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+FUNCTIONS = ("count", "sum", "min", "max", "mean", "first", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregateSpec:
+    """One output column: ``count``, or ``function`` over a numeric ``field``."""
+
+    function: str
+    field: Optional[str] = None
+
+    @property
+    def column(self) -> str:
+        return "count" if self.function == "count" else f"{self.function}_{self.field}"
+
+
+def parse_aggregates(text: str) -> Tuple[AggregateSpec, ...]:
+    """``"count,sum:qty,max:price"`` to specs; ValueError says what is wrong."""
+    specs: List[AggregateSpec] = []
+    for part in (piece.strip() for piece in str(text).split(",")):
+        if not part:
+            raise ValueError(f"{text!r} has an empty item; write e.g. count,sum:qty,max:price")
+        function, _, field = part.partition(":")
+        function, field = function.strip(), field.strip()
+        if function not in FUNCTIONS:
+            raise ValueError(f"unknown aggregate {function!r}; use {', '.join(FUNCTIONS)}")
+        if function == "count":
+            if field:
+                raise ValueError("count takes no field; write count")
+            spec = AggregateSpec("count")
+        else:
+            if not field or not field.replace("_", "a").isalnum():
+                raise ValueError(f"{part!r} needs a field name (letters, digits, _), e.g. {function}:qty")
+            spec = AggregateSpec(function, field)
+        if spec in specs:
+            raise ValueError(f"{part!r} is listed twice")
+        specs.append(spec)
+    return tuple(specs)
+
+
+def value_fields(specs: Sequence[AggregateSpec]) -> Tuple[str, ...]:
+    """The fields the specs read, in first-use order."""
+    seen: Dict[str, None] = {}
+    for spec in specs:
+        if spec.field:
+            seen.setdefault(spec.field, None)
+    return tuple(seen)
+
+
+# -- exact summation -------------------------------------------------------------
+
+
+def _add_to_partials(partials: List[float], value: float) -> None:
+    """Shewchuk's algorithm (as in ``math.fsum``): keeps ``partials`` a list of
+    non-overlapping floats whose exact sum is the exact sum of every value added."""
+    kept = 0
+    for partial in partials:
+        if abs(value) < abs(partial):
+            value, partial = partial, value
+        high = value + partial
+        low = partial - (high - value)
+        if low:
+            partials[kept] = low
+            kept += 1
+        value = high
+    partials[kept:] = [value]
+
+
+class ExactSum:
+    """A sum that is exact whatever the order of additions and merges."""
+
+    __slots__ = ("integer", "partials", "has_float")
+
+    def __init__(self) -> None:
+        self.integer = 0
+        self.partials: List[float] = []
+        self.has_float = False
+
+    def add(self, value: Any) -> None:
+        if isinstance(value, int):
+            self.integer += value
+        else:
+            self.has_float = True
+            _add_to_partials(self.partials, float(value))
+
+    def merge(self, other: "ExactSum") -> None:
+        self.integer += other.integer
+        self.has_float = self.has_float or other.has_float
+        for partial in other.partials:
+            _add_to_partials(self.partials, partial)
+
+    def value(self) -> Any:
+        if not self.has_float:
+            return self.integer
+        return math.fsum([*self.partials, self.integer])
+
+    def __getstate__(self) -> Tuple[int, List[float], bool]:
+        return self.integer, self.partials, self.has_float
+
+    def __setstate__(self, state: Tuple[int, List[float], bool]) -> None:
+        self.integer, self.partials, self.has_float = state
+
+
+# -- the accumulator ---------------------------------------------------------------
+
+_Stamp = Tuple[int, str]  # (event_time_ms, event_id): orders events totally
+
+
+class Accumulator:
+    """Everything needed for every spec of one key and window."""
+
+    __slots__ = ("count", "sums", "mins", "maxs", "firsts", "lasts")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums: Dict[str, ExactSum] = {}
+        self.mins: Dict[str, Any] = {}
+        self.maxs: Dict[str, Any] = {}
+        self.firsts: Dict[str, Tuple[_Stamp, Any]] = {}
+        self.lasts: Dict[str, Tuple[_Stamp, Any]] = {}
+
+    def __getstate__(self) -> Tuple[Any, ...]:
+        return self.count, self.sums, self.mins, self.maxs, self.firsts, self.lasts
+
+    def __setstate__(self, state: Tuple[Any, ...]) -> None:
+        self.count, self.sums, self.mins, self.maxs, self.firsts, self.lasts = state
+
+
+class Aggregation:
+    """Computes the columns of ``specs`` for a group of events.
+
+    The extracted ``count`` of events also serves as the row's version: with
+    duplicates removed upstream, a row covering more events is more complete.
+    """
+
+    def __init__(self, specs: Sequence[AggregateSpec]):
+        self.specs = tuple(specs)
+        self._sum_fields = tuple({s.field: None for s in specs if s.function in ("sum", "mean")})
+        self._min_fields = tuple({s.field: None for s in specs if s.function == "min"})
+        self._max_fields = tuple({s.field: None for s in specs if s.function == "max"})
+        self._first_fields = tuple({s.field: None for s in specs if s.function == "first"})
+        self._last_fields = tuple({s.field: None for s in specs if s.function == "last"})
+
+    def create(self) -> Accumulator:
+        return Accumulator()
+
+    def add(self, acc: Accumulator, event_time_ms: int, event_id: str, values: Mapping[str, Any]) -> Accumulator:
+        acc.count += 1
+        for name in self._sum_fields:
+            total = acc.sums.get(name)
+            if total is None:
+                total = acc.sums[name] = ExactSum()
+            total.add(values[name])
+        for name in self._min_fields:
+            value = values[name]
+            if name not in acc.mins or value < acc.mins[name]:
+                acc.mins[name] = value
+        for name in self._max_fields:
+            value = values[name]
+            if name not in acc.maxs or value > acc.maxs[name]:
+                acc.maxs[name] = value
+        stamp = (event_time_ms, event_id)
+        for name in self._first_fields:
+            held = acc.firsts.get(name)
+            if held is None or stamp < held[0]:
+                acc.firsts[name] = (stamp, values[name])
+        for name in self._last_fields:
+            held = acc.lasts.get(name)
+            if held is None or stamp > held[0]:
+                acc.lasts[name] = (stamp, values[name])
+        return acc
+
+    def merge(self, accs: Iterable[Accumulator]) -> Accumulator:
+        merged = Accumulator()
+        for acc in accs:
+            merged.count += acc.count
+            for name, total in acc.sums.items():
+                mine = merged.sums.get(name)
+                if mine is None:
+                    mine = merged.sums[name] = ExactSum()
+                mine.merge(total)
+            for name, value in acc.mins.items():
+                if name not in merged.mins or value < merged.mins[name]:
+                    merged.mins[name] = value
+            for name, value in acc.maxs.items():
+                if name not in merged.maxs or value > merged.maxs[name]:
+                    merged.maxs[name] = value
+            for name, held in acc.firsts.items():
+                if name not in merged.firsts or held[0] < merged.firsts[name][0]:
+                    merged.firsts[name] = held
+            for name, held in acc.lasts.items():
+                if name not in merged.lasts or held[0] > merged.lasts[name][0]:
+                    merged.lasts[name] = held
+        return merged
+
+    def extract(self, acc: Accumulator) -> Dict[str, Any]:
+        """Column name to value, plus ``event_count``."""
+        out: Dict[str, Any] = {"event_count": acc.count}
+        for spec in self.specs:
+            if spec.function == "count":
+                out[spec.column] = acc.count
+            elif spec.function == "sum":
+                out[spec.column] = acc.sums[spec.field].value() if acc.count else 0
+            elif spec.function == "mean":
+                out[spec.column] = acc.sums[spec.field].value() / acc.count if acc.count else None
+            elif spec.function == "min":
+                out[spec.column] = acc.mins.get(spec.field)
+            elif spec.function == "max":
+                out[spec.column] = acc.maxs.get(spec.field)
+            elif spec.function == "first":
+                held = acc.firsts.get(spec.field)
+                out[spec.column] = held[1] if held else None
+            elif spec.function == "last":
+                held = acc.lasts.get(spec.field)
+                out[spec.column] = held[1] if held else None
+        return out
+
+    def columns(self) -> Tuple[str, ...]:
+        return tuple(spec.column for spec in self.specs)

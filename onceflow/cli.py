@@ -1,0 +1,56 @@
+"""The ``onceflow`` console script: operations around the pipelines.
+
+Each subcommand lives in its own module and exposes ``register(subparsers)``,
+which adds its parser and sets ``handler`` to a function taking the parsed
+arguments and returning an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from onceflow.errors import ServiceError, UsageError
+from onceflow.versions import ONCEFLOW_VERSION
+
+# Subcommand modules, in the order `onceflow --help` lists them.
+_SUBCOMMAND_MODULES = (
+    "onceflow.devstack.command",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onceflow",
+        description="Operations for onceflow pipelines (dev services, lag, DLQ, checks).",
+    )
+    parser.add_argument("--version", action="version", version=f"onceflow {ONCEFLOW_VERSION}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in _SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as error:
+        print(f"onceflow: error: {error}", file=sys.stderr)
+        return 2
+    except ServiceError as error:
+        print(f"onceflow: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onceflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

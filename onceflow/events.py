@@ -1,0 +1,352 @@
+"""The event contract: what a raw record must contain, and how it becomes an event.
+
+Everything here is a pure function of its arguments (no clocks, no randomness, no
+I/O), so the per-element transforms, the batched paths and the tests share one
+definition of a valid event:
+
+* :class:`SourceRecord` is what every reader emits: the raw bytes, where they came
+  from, and the source's watermark for that partition or file just before them.
+* :class:`EventContract` names the fields (``--id_field``, ``--time_field``,
+  ``--key_fields``, the value fields the aggregates read) and the input format, and
+  carries the Avro schema every decoded record is validated against.
+* :meth:`EventContract.to_event` turns raw bytes into an :class:`Event` or raises
+  :class:`RecordError` with a stable ``reason`` (see :data:`REASONS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import math
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import fastavro
+from fastavro.validation import validate as avro_validate
+
+# Why a record can be refused. These strings are stable: DLQ tooling counts by them.
+REASON_INVALID_UTF8 = "invalid_utf8"
+REASON_MALFORMED_JSON = "malformed_json"
+REASON_NESTING_TOO_DEEP = "nesting_too_deep"
+REASON_NON_FINITE_NUMBER = "non_finite_number"
+REASON_NOT_AN_OBJECT = "not_an_object"
+REASON_AVRO_DECODE_ERROR = "avro_decode_error"
+REASON_SCHEMA_VIOLATION = "schema_violation"
+REASON_BAD_TIMESTAMP = "bad_timestamp"
+REASON_TOO_LATE = "too_late"
+
+REASONS = (
+    REASON_INVALID_UTF8,
+    REASON_MALFORMED_JSON,
+    REASON_NESTING_TOO_DEEP,
+    REASON_NON_FINITE_NUMBER,
+    REASON_NOT_AN_OBJECT,
+    REASON_AVRO_DECODE_ERROR,
+    REASON_SCHEMA_VIOLATION,
+    REASON_BAD_TIMESTAMP,
+    REASON_TOO_LATE,
+)
+
+INPUT_FORMATS = ("json", "avro")
+
+# Event times must fit Beam's timestamps and Python's datetime: years 1..9999.
+_MIN_EVENT_TIME_MS = -62135596800000  # 0001-01-01T00:00:00Z
+_MAX_EVENT_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+class RecordError(Exception):
+    """A record cannot become an event. ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, message: str, error_class: Optional[str] = None):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.error_class = error_class or type(self).__name__
+
+
+class SourceRecord(NamedTuple):
+    """One raw record as a reader saw it.
+
+    ``source`` says where it came from, e.g. ``{"file": path, "line": 12}`` or
+    ``{"topic": t, "partition": 0, "offset": 42}``. ``high_water_ms`` is the source's
+    watermark for the record's partition (or file) just before this record was read:
+    the greatest event time seen earlier in that partition, or ``None`` when the
+    source makes no claim. Lateness is decided against it, so that it depends on the
+    data and its order in the log, not on timing.
+    """
+
+    value: bytes
+    source: Mapping[str, Any]
+    high_water_ms: Optional[int] = None
+
+
+class Event(NamedTuple):
+    """A valid event: deterministic ID, event time (epoch ms, UTC), key, values.
+
+    ``record`` is the source record it was decoded from, kept so that a stage that
+    refuses the event later (for example as too late) can dead-letter the raw bytes.
+    """
+
+    event_id: str
+    event_time_ms: int
+    key: Tuple[str, ...]
+    values: Mapping[str, Any]
+    record: SourceRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class EventContract:
+    """Which fields an event has, and how raw records are decoded.
+
+    ``id_field`` may be absent from a record: then the ID is derived from the
+    record's content. ``value_fields`` are the numeric fields the aggregates read;
+    they must be present, non-null numbers (long or double). Key fields are strings
+    or longs (longs are keyed by their decimal text). The time field is an ISO-8601
+    string with any offset (no offset means UTC) or epoch milliseconds.
+
+    For ``input_format="avro"`` each record's bytes are one Avro datum written
+    with ``avro_writer_schema`` (schemaless encoding).
+    """
+
+    time_field: str
+    key_fields: Tuple[str, ...]
+    value_fields: Tuple[str, ...] = ()
+    id_field: Optional[str] = None
+    input_format: str = "json"
+    avro_writer_schema: Optional[Mapping[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input format must be one of {', '.join(INPUT_FORMATS)}")
+        if not self.key_fields:
+            raise ValueError("at least one key field is needed")
+        names = [self.time_field, *self.key_fields, *self.value_fields]
+        if self.id_field:
+            names.append(self.id_field)
+        for name in names:
+            if not name or not isinstance(name, str):
+                raise ValueError("field names must be non-empty strings")
+        if len(set(self.key_fields)) != len(self.key_fields):
+            raise ValueError("key fields must be distinct")
+        overlap = set(self.key_fields) & ({self.time_field} | set(self.value_fields))
+        if overlap:
+            raise ValueError(f"field {sorted(overlap)[0]!r} cannot be both a key and a value or time")
+        if self.input_format == "avro" and self.avro_writer_schema is None:
+            raise ValueError("avro input needs the writer schema")
+        # Parsed once; dataclass is frozen, so set through object.__setattr__.
+        object.__setattr__(self, "_event_schema", fastavro.parse_schema(self.event_avro_schema()))
+        if self.avro_writer_schema is not None:
+            object.__setattr__(
+                self, "_writer_schema", fastavro.parse_schema(dict(self.avro_writer_schema))
+            )
+
+    # -- the schema every decoded record is validated against -------------------
+
+    def event_avro_schema(self) -> Dict[str, Any]:
+        """The Avro schema of a valid event. Extra fields in a record are allowed."""
+        fields: List[Dict[str, Any]] = []
+        if self.id_field:
+            fields.append({"name": self.id_field, "type": ["null", "string", "long"], "default": None})
+        fields.append({"name": self.time_field, "type": ["string", "long"]})
+        for name in self.key_fields:
+            fields.append({"name": name, "type": ["string", "long"]})
+        for name in self.value_fields:
+            fields.append({"name": name, "type": ["long", "double"]})
+        return {"type": "record", "name": "Event", "namespace": "onceflow", "fields": fields}
+
+    # -- decoding ----------------------------------------------------------------
+
+    def decode(self, raw: bytes) -> Dict[str, Any]:
+        """Raw bytes to a record (a dict), or :class:`RecordError`."""
+        if self.input_format == "avro":
+            return _decode_avro(raw, self._writer_schema)  # type: ignore[attr-defined]
+        return decode_json_object(raw)
+
+    def to_event(self, record: SourceRecord) -> Event:
+        """Decode, validate and normalise one source record into an :class:`Event`."""
+        obj = self.decode(record.value)
+        self._validate(obj)
+        event_time_ms = parse_event_time_ms(obj[self.time_field], self.time_field)
+        key = tuple(_key_text(obj[name]) for name in self.key_fields)
+        values = {name: obj[name] for name in self.value_fields}
+        return Event(self._event_id(obj), event_time_ms, key, values, record)
+
+    def peek_event_time_ms(self, raw: bytes) -> Optional[int]:
+        """The event time of a raw record if it is a valid event, else None.
+
+        Readers use this to keep their per-partition high water (so a malformed or
+        schema-violating record never moves event time); it never raises.
+        """
+        try:
+            return self.to_event(SourceRecord(raw, {})).event_time_ms
+        except RecordError:
+            return None
+
+    def _validate(self, obj: Dict[str, Any]) -> None:
+        if avro_validate(obj, self._event_schema, raise_errors=False):  # type: ignore[attr-defined]
+            return
+        # Say which field is wrong: check the fields one at a time.
+        for field in self.event_avro_schema()["fields"]:
+            name = field["name"]
+            if name not in obj:
+                if "default" in field:
+                    continue
+                raise RecordError(REASON_SCHEMA_VIOLATION, f"field {name!r} is missing", "MissingField")
+            value = obj[name]
+            if not avro_validate(value, field["type"], raise_errors=False):
+                expected = " or ".join(t for t in field["type"])
+                raise RecordError(
+                    REASON_SCHEMA_VIOLATION,
+                    f"field {name!r} must be {expected}, got {_describe(value)}",
+                    "WrongType",
+                )
+        raise RecordError(REASON_SCHEMA_VIOLATION, "record does not match the event schema")
+
+    def _event_id(self, obj: Dict[str, Any]) -> str:
+        if self.id_field:
+            given = obj.get(self.id_field)
+            if given is not None and given != "":
+                return str(given)
+        return derive_event_id(obj)
+
+
+# -- pure helpers, shared with batched paths and tests ----------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise RecordError(REASON_NON_FINITE_NUMBER, f"{name} is not a number JSON allows", "NonFiniteNumber")
+
+
+def _parse_finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RecordError(REASON_NON_FINITE_NUMBER, f"number {text[:40]} overflows a double", "NonFiniteNumber")
+    return value
+
+
+def decode_json_object(raw: bytes) -> Dict[str, Any]:
+    """UTF-8 JSON bytes to a dict; NaN, Infinity and overflowing numbers refused."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecordError(REASON_INVALID_UTF8, f"not valid UTF-8: {error.reason} at byte {error.start}",
+                          "UnicodeDecodeError") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_finite_float)
+    except RecordError:
+        raise
+    except RecursionError:
+        raise RecordError(REASON_NESTING_TOO_DEEP, "JSON nested too deeply to decode", "RecursionError") from None
+    except json.JSONDecodeError as error:
+        raise RecordError(REASON_MALFORMED_JSON, f"malformed JSON: {error.msg} at char {error.pos}",
+                          "JSONDecodeError") from None
+    except ValueError as error:  # e.g. an integer with more digits than Python converts
+        raise RecordError(REASON_MALFORMED_JSON, f"malformed JSON: {error}"[:200], "ValueError") from None
+    if not isinstance(obj, dict):
+        raise RecordError(REASON_NOT_AN_OBJECT, f"expected a JSON object, got {_json_kind(obj)}", "NotAnObject")
+    return obj
+
+
+def _decode_avro(raw: bytes, writer_schema: Any) -> Dict[str, Any]:
+    stream = io.BytesIO(raw)
+    try:
+        obj = fastavro.schemaless_reader(stream, writer_schema, None)
+    except RecursionError:
+        raise RecordError(REASON_NESTING_TOO_DEEP, "Avro datum nested too deeply", "RecursionError") from None
+    except Exception as error:  # fastavro raises many types on corrupt input
+        raise RecordError(REASON_AVRO_DECODE_ERROR, f"cannot decode Avro datum: {type(error).__name__}: {error}"[:300],
+                          type(error).__name__) from None
+    if stream.tell() != len(raw):
+        raise RecordError(REASON_AVRO_DECODE_ERROR,
+                          f"{len(raw) - stream.tell()} trailing bytes after the Avro datum", "TrailingBytes")
+    if not isinstance(obj, dict):
+        raise RecordError(REASON_NOT_AN_OBJECT, "the Avro datum is not a record", "NotAnObject")
+    for value in obj.values():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecordError(REASON_NON_FINITE_NUMBER, "the Avro datum holds NaN or Infinity", "NonFiniteNumber")
+    return obj
+
+
+def parse_event_time_ms(value: Any, field: str = "event time") -> int:
+    """An ISO-8601 string (any offset; none means UTC), epoch milliseconds, or an
+    aware datetime, to epoch milliseconds. Sub-millisecond digits are truncated."""
+    if isinstance(value, bool):
+        raise RecordError(REASON_BAD_TIMESTAMP, f"{field} is a boolean", "BadTimestamp")
+    if isinstance(value, int):
+        millis = value
+    elif isinstance(value, datetime.datetime):
+        millis = _datetime_to_ms(value)
+    elif isinstance(value, str):
+        millis = _iso_to_ms(value, field)
+    else:
+        raise RecordError(REASON_BAD_TIMESTAMP, f"{field} must be ISO-8601 text or epoch milliseconds",
+                          "BadTimestamp")
+    if not _MIN_EVENT_TIME_MS <= millis <= _MAX_EVENT_TIME_MS:
+        raise RecordError(REASON_BAD_TIMESTAMP, f"{field} {value!r} is out of range (years 1 to 9999)",
+                          "BadTimestamp")
+    return millis
+
+
+def _iso_to_ms(text: str, field: str) -> int:
+    candidate = text.strip()
+    if candidate.endswith(("z", "Z")):
+        candidate = candidate[:-1] + "+00:00"
+    try:
+        parsed = datetime.datetime.fromisoformat(candidate)
+    except ValueError:
+        raise RecordError(REASON_BAD_TIMESTAMP, f"{field} {text[:60]!r} is not an ISO-8601 timestamp",
+                          "BadTimestamp") from None
+    return _datetime_to_ms(parsed)
+
+
+def _datetime_to_ms(moment: datetime.datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def format_utc_ms(millis: int) -> str:
+    """Epoch milliseconds as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (fixed width, sortable)."""
+    moment = _EPOCH + datetime.timedelta(milliseconds=millis)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def derive_event_id(obj: Mapping[str, Any]) -> str:
+    """A deterministic ID from a record's content (key order does not matter)."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:40]
+
+
+def _key_text(value: Any) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _json_kind(obj: Any) -> str:
+    if isinstance(obj, list):
+        return "an array"
+    if isinstance(obj, str):
+        return "a string"
+    if obj is None:
+        return "null"
+    if isinstance(obj, bool):
+        return "a boolean"
+    return "a number"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def field_names(contract: EventContract) -> Sequence[str]:
+    """Every field the contract reads, ID first when there is one."""
+    names = [contract.id_field] if contract.id_field else []
+    return [*names, contract.time_field, *contract.key_fields, *contract.value_fields]

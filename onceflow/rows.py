@@ -1,0 +1,81 @@
+"""The aggregate row contract shared by every sink.
+
+A row (as :class:`~onceflow.transforms.WindowedAggregate` emits it) is a dict of
+the key fields, ``window_start`` and ``window_end`` (epoch milliseconds, UTC), one
+column per aggregate, and ``event_count``. Its primary key is
+``(key fields..., window_start, window_end)``; ``event_count`` is its version: a
+sink keeps the stored row unless the incoming one covers at least as many events.
+Sinks store window bounds as UTC timestamps (text ``YYYY-MM-DDTHH:MM:SS.mmmZ``
+where the store has no timestamp type) and add ``written_at``, a wall-clock column
+that every equality check ignores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Dict, Sequence, Tuple
+
+from onceflow.aggregates import AggregateSpec
+
+WINDOW_START = "window_start"
+WINDOW_END = "window_end"
+EVENT_COUNT = "event_count"
+WRITTEN_AT = "written_at"
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def check_identifier(name: str, what: str) -> str:
+    """A table or column name made of letters, digits and underscores (at most 63,
+    not starting with a digit); anything else raises ValueError. Sinks also quote
+    every identifier, so nothing from a flag can reach SQL as syntax."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise ValueError(
+            f"{what} {name!r} is not allowed: use letters, digits and _ (not first), at most 63 characters"
+        )
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSchema:
+    """Column names and kinds of the aggregate table."""
+
+    key_fields: Tuple[str, ...]
+    aggregates: Tuple[AggregateSpec, ...]
+
+    def __post_init__(self) -> None:
+        for name in self.columns:
+            check_identifier(name, "column name")
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError("a key field collides with a window or aggregate column name")
+
+    @property
+    def primary_key(self) -> Tuple[str, ...]:
+        return (*self.key_fields, WINDOW_START, WINDOW_END)
+
+    @property
+    def value_columns(self) -> Tuple[str, ...]:
+        return (EVENT_COUNT, *(spec.column for spec in self.aggregates))
+
+    @property
+    def columns(self) -> Tuple[str, ...]:
+        return (*self.primary_key, *self.value_columns)
+
+    def column_kind(self, column: str) -> str:
+        """``key``, ``timestamp``, ``integer`` or ``number``."""
+        if column in self.key_fields:
+            return "key"
+        if column in (WINDOW_START, WINDOW_END):
+            return "timestamp"
+        if column in (EVENT_COUNT, "count"):
+            return "integer"
+        return "number"
+
+    def key_of(self, row: Dict[str, Any]) -> Tuple[Any, ...]:
+        return tuple(row[name] for name in self.primary_key)
+
+
+def row_key(row: Dict[str, Any], key_fields: Sequence[str]) -> Tuple[Any, ...]:
+    """The deterministic primary key of an aggregate row."""
+    return (*(row[name] for name in key_fields), row[WINDOW_START], row[WINDOW_END])

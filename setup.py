@@ -1,0 +1,60 @@
+"""Package metadata for onceflow.
+
+This file is also what Dataflow runs on workers for ``--setup_file ./setup.py``:
+it must stay importable with nothing but setuptools installed, so the pinned
+versions are read from ``onceflow/versions.py`` as text, not imported.
+"""
+
+import pathlib
+import re
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _pinned(name: str) -> str:
+    text = (_HERE / "onceflow" / "versions.py").read_text(encoding="utf-8")
+    match = re.search(rf'^{name}\s*=\s*"([^"]+)"', text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{name} is not set in onceflow/versions.py")
+    return match.group(1)
+
+
+BEAM_VERSION = _pinned("BEAM_VERSION")
+
+setuptools.setup(
+    name="onceflow",
+    version=_pinned("ONCEFLOW_VERSION"),
+    description=(
+        "Apache Beam pipelines and PTransforms for event streams that must be "
+        "neither lost nor double-counted"
+    ),
+    long_description=(_HERE / "README.md").read_text(encoding="utf-8")
+    if (_HERE / "README.md").exists()
+    else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["onceflow", "onceflow.*"]),
+    package_data={"onceflow": ["sample_data/*"]},
+    include_package_data=True,
+    install_requires=[
+        f"apache-beam=={BEAM_VERSION}",
+        "fastavro>=1.9",
+        "pyarrow>=14",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={
+        "kafka": ["confluent-kafka>=2.4"],
+        "postgres": ["psycopg[binary]>=3.1"],
+        "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20"],
+        "dev": [
+            "pytest>=8",
+            "confluent-kafka>=2.4",
+            "psycopg[binary]>=3.1",
+            "matplotlib>=3.8",
+        ],
+    },
+    entry_points={"console_scripts": ["onceflow=onceflow.cli:main"]},
+)
