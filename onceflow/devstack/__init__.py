@@ -1,0 +1,118 @@
+"""Real local services for development and tests: Kafka, PostgreSQL, Prism, Flink.
+
+Command line: ``onceflow dev up|status|down [--services kafka,postgres,prism,flink]``
+(``up`` defaults to kafka,postgres). From Python::
+
+    from onceflow import devstack
+    devstack.ensure_up(["kafka", "postgres"])      # idempotent
+    devstack.status()["kafka"]["bootstrap_servers"]  # '127.0.0.1:19092'
+    devstack.create_topic("events", partitions=3)
+    devstack.prism_location()                        # path or None
+
+Everything lives in the project-local folder, ``$ONCEFLOW_HOME`` or else
+``./.onceflow`` (git ignores it): downloads and builds under ``cache/``, each
+service's data, config, log and pid file under ``<service>/``. ``down`` stops
+only processes started from that folder.
+
+Ports (all on 127.0.0.1; environment variable, default):
+
+=================================  =======  ===========================
+``ONCEFLOW_KAFKA_PORT``            19092    Kafka client listener
+``ONCEFLOW_KAFKA_CONTROLLER_PORT`` 19093    Kafka KRaft controller
+``ONCEFLOW_POSTGRES_PORT``         15432    PostgreSQL
+``ONCEFLOW_FLINK_JOB_PORT``        18099    Beam job service (Flink)
+``ONCEFLOW_FLINK_ARTIFACT_PORT``   18098    Beam artifact staging (Flink)
+``ONCEFLOW_FLINK_EXPANSION_PORT``  18097    Java expansion service (Flink job server)
+=================================  =======  ===========================
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Iterable
+
+from onceflow.devstack import flink, kafka, postgres, prism
+from onceflow.devstack.kafka import create_topic
+from onceflow.devstack.prism import prism_location
+from onceflow.errors import UsageError
+
+# Service name -> module with up() -> bool, down() -> bool, status() -> dict.
+SERVICES: dict[str, ModuleType] = {
+    "kafka": kafka,
+    "postgres": postgres,
+    "prism": prism,
+    "flink": flink,
+}
+DEFAULT_SERVICES = ("kafka", "postgres")
+
+__all__ = [
+    "SERVICES",
+    "DEFAULT_SERVICES",
+    "parse_services",
+    "ensure_up",
+    "down",
+    "status",
+    "create_topic",
+    "prism_location",
+    "kafka_bootstrap_servers",
+    "postgres_dsn",
+    "flink_job_endpoint",
+]
+
+
+def parse_services(value: str | Iterable[str] | None, default: Iterable[str] = DEFAULT_SERVICES) -> list[str]:
+    """Service names from ``"kafka,postgres"`` or a list, checked and de-duplicated,
+    in the order given; ``None`` or empty means ``default``."""
+    if value is None:
+        names: list[str] = list(default)
+    elif isinstance(value, str):
+        names = [part.strip() for part in value.split(",") if part.strip()]
+    else:
+        names = [str(part).strip() for part in value]
+    if not names:
+        names = list(default)
+    unknown = [name for name in names if name not in SERVICES]
+    if unknown:
+        raise UsageError(
+            f"unknown service {unknown[0]!r}: choose from {','.join(SERVICES)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def ensure_up(services: str | Iterable[str] | None = None) -> list[str]:
+    """Start (or build) each service unless it is already up; return the names
+    this call started. Raises ServiceError with one line saying what to do."""
+    started = []
+    for name in parse_services(services):
+        if SERVICES[name].up():
+            started.append(name)
+    return started
+
+
+def down(services: str | Iterable[str] | None = None) -> list[str]:
+    """Stop each service this package started (default: all); return those stopped."""
+    stopped = []
+    for name in parse_services(services, default=SERVICES):
+        if SERVICES[name].down():
+            stopped.append(name)
+    return stopped
+
+
+def status(services: str | Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Each service's status dict (default: all); every one has ``healthy``."""
+    return {name: SERVICES[name].status() for name in parse_services(services, default=SERVICES)}
+
+
+def kafka_bootstrap_servers() -> str:
+    """``127.0.0.1:<port>`` of the dev broker."""
+    return kafka.bootstrap_servers()
+
+
+def postgres_dsn() -> str:
+    """``postgresql://onceflow@127.0.0.1:<port>/onceflow`` of the dev cluster."""
+    return postgres.dsn()
+
+
+def flink_job_endpoint() -> str:
+    """``127.0.0.1:<port>`` of the dev Flink job server."""
+    return flink.job_endpoint()

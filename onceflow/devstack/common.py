@@ -147,17 +147,19 @@ def process_matches(pid: int, marker: str) -> bool:
     return marker in raw.replace(b"\0", b" ").decode("utf-8", "replace")
 
 
-def running_pid(pid_file: pathlib.Path, marker: str) -> int | None:
+def running_pid(pid_file: pathlib.Path, marker: str, remove_stale: bool = True) -> int | None:
     """The pid recorded in ``pid_file`` if that process still runs and is ours.
 
-    A stale pid file (process gone or pid reused) is removed.
+    A stale pid file (process gone or pid reused) is removed unless
+    ``remove_stale`` is false (for pid files a server manages itself).
     """
     pid = read_pid(pid_file)
     if pid is None:
         return None
     if process_matches(pid, marker):
         return pid
-    pid_file.unlink(missing_ok=True)
+    if remove_stale:
+        pid_file.unlink(missing_ok=True)
     return None
 
 
@@ -240,9 +242,13 @@ def log_tail(path: pathlib.Path, lines: int = 25) -> str:
 
 def start_background(
     command: Sequence[str], log: pathlib.Path, cwd: pathlib.Path, env: dict[str, str] | None = None
-) -> int:
+) -> subprocess.Popen[bytes]:
     """Start a long-running process detached from this one (own session), its
-    stdout and stderr appended to ``log``; return its pid."""
+    stdout and stderr appended to ``log``; return it.
+
+    While it starts, check liveness with ``process.poll() is None``, not with
+    the pid file: until ``exec`` completes its command line is still ours.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n".encode())
@@ -256,7 +262,7 @@ def start_background(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return process.pid
+    return process
 
 
 def run_logged(

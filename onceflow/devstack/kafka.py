@@ -26,6 +26,7 @@ from onceflow.devstack import maven
 from onceflow.devstack.common import (
     HOST,
     cache_dir,
+    can_connect,
     env_port,
     progress,
     require_free_ports,
@@ -168,7 +169,12 @@ def _answers(timeout: float = 2.0) -> bool:
         raise ServiceError(
             "confluent-kafka is needed to talk to the broker: pip install 'onceflow[kafka]'"
         ) from None
-    client = AdminClient({"bootstrap.servers": bootstrap_servers(), "socket.timeout.ms": 1000})
+    if not can_connect(port()):
+        return False
+    # log_level 0: connection errors while it starts are expected, not news.
+    client = AdminClient(
+        {"bootstrap.servers": bootstrap_servers(), "socket.timeout.ms": 1000, "log_level": 0}
+    )
     try:
         metadata = client.list_topics(timeout=timeout)
     except Exception:  # KafkaException while the broker is still starting
@@ -210,13 +216,13 @@ def up() -> bool:
             cwd=folder,
         )
     progress(f"starting Kafka {KAFKA_VERSION} on {bootstrap_servers()}...")
-    pid = start_background(_java_command(jars, "kafka.Kafka", str(_config())), _log(), folder)
-    write_pid(_pid_file(), pid)
+    process = start_background(_java_command(jars, "kafka.Kafka", str(_config())), _log(), folder)
+    write_pid(_pid_file(), process.pid)
     wait_until(
         _answers,
         START_TIMEOUT,
         f"Kafka to answer on {bootstrap_servers()}",
-        alive=lambda: running_pid(_pid_file(), _marker()) is not None,
+        alive=lambda: process.poll() is None,
         log=_log(),
     )
     return True

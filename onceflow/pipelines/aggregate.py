@@ -95,8 +95,8 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     if optional_text(windows.early_firing):
         try:
             early_ms = parse_duration_ms(windows.early_firing)
-            if early_ms <= 0:
-                raise ValueError("the early firing interval must be more than 0")
+            if early_ms <= 0 or early_ms % 1000:
+                raise ValueError("the early firing interval must be a whole number of seconds, e.g. 10s")
         except ValueError as error:
             raise flag_error("--early_firing", error) from None
     try:

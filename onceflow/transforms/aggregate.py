@@ -135,8 +135,8 @@ class WindowedAggregate(beam.PTransform):
             raise ValueError("WindowedAggregate needs at least one key field")
         if not aggregates:
             raise ValueError("WindowedAggregate needs at least one aggregate")
-        if early_firing_ms is not None and early_firing_ms <= 0:
-            raise ValueError("early firing interval must be positive")
+        if early_firing_ms is not None and (early_firing_ms <= 0 or early_firing_ms % 1000):
+            raise ValueError("the early firing interval must be a whole number of seconds")
         self._key_fields = tuple(key_fields)
         self._spec = window_spec
         self._aggregates = tuple(aggregates)
@@ -151,7 +151,7 @@ class WindowedAggregate(beam.PTransform):
     def _trigger(self):
         early = None
         if self._early_firing_ms is not None:
-            early = trigger.AfterProcessingTime(self._early_firing_ms / 1000.0)
+            early = trigger.AfterProcessingTime(self._early_firing_ms // 1000)
         return trigger.AfterWatermark(early=early, late=trigger.AfterCount(1))
 
     def expand(self, events: beam.PCollection) -> Aggregated:

@@ -1,0 +1,225 @@
+"""Beam's Flink job server with an embedded Flink (``--flink-master=[local]``).
+
+Versions, and why. The project pins Beam 2.77.0, but this machine's Maven
+mirror serves no ``beam-runners-flink-<flink>-job-server`` jar for any version
+(2.43-2.77, Flink 1.15-2.0), no Beam Java artifact at 2.77 at all, and
+``beam-runners-java-job-service`` (which the Flink runner needs) only up to
+2.65.0. ``beam-runners-flink-1.19`` is served at 2.62.0 and 2.70.0; 2.70.0
+depends on ``beam-runners-java-job-service:2.70.0``, which is missing. So the
+newest complete set is:
+
+* ``org.apache.beam:beam-runners-flink-1.19:2.62.0`` with its runtime
+  dependencies (which bring Flink 1.19.0 and ``beam-runners-java-job-service``
+  2.62.0), resolved by ``mvn`` into ``cache/flink-jobserver-2.62.0-flink1.19``;
+* ``org.slf4j:slf4j-simple:1.7.30`` so the job server's log is not silent.
+
+The main class ``org.apache.beam.runners.flink.FlinkJobServerDriver`` lives in
+the runner module itself, so ``java -cp '<jars>/*' FlinkJobServerDriver`` is
+the job server that the (unserved) shaded job-server jar would have been.
+The Python 2.77.0 SDK runs through it with the portable protocol, batch and
+streaming (``PeriodicImpulse`` + windowed ``GroupByKey`` emitting each window
+while the source still produces), checked by ``tests/devstack/test_flink.py``::
+
+    --runner=PortableRunner --job_endpoint=127.0.0.1:18099 --environment_type=LOOPBACK
+
+``--runner=FlinkRunner --flink_job_server_jar=...`` cannot be used: it wants a
+single jar. Add ``--streaming`` (and ``--checkpointing_interval=<ms>`` when
+bundle finalization matters) for unbounded pipelines.
+
+Ports (environment variable, default): job ``ONCEFLOW_FLINK_JOB_PORT`` (18099),
+artifact ``ONCEFLOW_FLINK_ARTIFACT_PORT`` (18098), expansion
+``ONCEFLOW_FLINK_EXPANSION_PORT`` (18097), all on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from onceflow.devstack import maven
+from onceflow.devstack.common import (
+    HOST,
+    cache_dir,
+    can_connect,
+    env_port,
+    progress,
+    require_free_ports,
+    require_tool,
+    running_pid,
+    service_dir,
+    start_background,
+    stop_process,
+    wait_until,
+    write_pid,
+)
+from onceflow.errors import ServiceError
+
+NAME = "flink"
+JOB_SERVER_BEAM_VERSION = "2.62.0"
+FLINK_MINOR = "1.19"
+FLINK_VERSION = "1.19.0"  # what beam-runners-flink-1.19:2.62.0 depends on
+MAIN_CLASS = "org.apache.beam.runners.flink.FlinkJobServerDriver"
+ARTIFACTS = (
+    f"org.apache.beam:beam-runners-flink-{FLINK_MINOR}:{JOB_SERVER_BEAM_VERSION}",
+    "org.slf4j:slf4j-simple:1.7.30",
+)
+START_TIMEOUT = 120.0
+
+
+def job_port() -> int:
+    return env_port("ONCEFLOW_FLINK_JOB_PORT", 18099)
+
+
+def artifact_port() -> int:
+    return env_port("ONCEFLOW_FLINK_ARTIFACT_PORT", 18098)
+
+
+def expansion_port() -> int:
+    return env_port("ONCEFLOW_FLINK_EXPANSION_PORT", 18097)
+
+
+def job_endpoint() -> str:
+    """``127.0.0.1:<port>`` of the job server (whether or not it runs)."""
+    return f"{HOST}:{job_port()}"
+
+
+def pipeline_args() -> list[str]:
+    """The flags that send a Python pipeline to this job server."""
+    return ["--runner=PortableRunner", f"--job_endpoint={job_endpoint()}", "--environment_type=LOOPBACK"]
+
+
+def _dir() -> pathlib.Path:
+    return service_dir(NAME)
+
+
+def _pid_file() -> pathlib.Path:
+    return _dir() / "jobserver.pid"
+
+
+def _log() -> pathlib.Path:
+    return _dir() / "jobserver.log"
+
+
+def _artifacts() -> pathlib.Path:
+    return _dir() / "artifacts"
+
+
+def _marker() -> str:
+    # The artifacts dir is on the job server's command line and unique to this folder.
+    return str(_artifacts())
+
+
+def _jars_folder() -> pathlib.Path:
+    return cache_dir(f"flink-jobserver-{JOB_SERVER_BEAM_VERSION}-flink{FLINK_MINOR}")
+
+
+# JobService.GetJobs; an empty GetJobsRequest serializes to b"". Calling it raw
+# keeps apache_beam (slow to import, chatty) out of `onceflow dev status`.
+_GET_JOBS = "/org.apache.beam.model.job_management.v1.JobService/GetJobs"
+
+
+def _answers(timeout: float = 2.0) -> bool:
+    """True when a Beam JobService answers GetJobs on the job port."""
+    if not can_connect(job_port()):
+        return False
+    import grpc
+
+    with grpc.insecure_channel(job_endpoint()) as channel:
+        get_jobs = channel.unary_unary(
+            _GET_JOBS, request_serializer=lambda _: b"", response_deserializer=lambda raw: raw
+        )
+        try:
+            get_jobs(None, timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return True
+
+
+def up() -> bool:
+    """Start the job server unless it already runs; True when this call started it."""
+    if running_pid(_pid_file(), _marker()) is not None:
+        if _answers():
+            return False
+        raise ServiceError(
+            f"the Flink job server is running (pid file {_pid_file()}) but does not answer "
+            f"on {job_endpoint()}; run 'onceflow dev down --services flink' and retry"
+        )
+    require_free_ports(
+        "the Flink job server",
+        {
+            "ONCEFLOW_FLINK_JOB_PORT": job_port(),
+            "ONCEFLOW_FLINK_ARTIFACT_PORT": artifact_port(),
+            "ONCEFLOW_FLINK_EXPANSION_PORT": expansion_port(),
+        },
+    )
+    jars = maven.resolve_jars(
+        _jars_folder(),
+        ARTIFACTS,
+        f"Beam {JOB_SERVER_BEAM_VERSION} Flink {FLINK_MINOR} job server",
+    )
+    java = require_tool("java", "install a Java 17+ runtime (Debian: apt-get install -y openjdk-17-jre-headless)")
+    _artifacts().mkdir(parents=True, exist_ok=True)
+    command = [
+        java,
+        "-Xmx2g",
+        # Flink 1.19 on Java 17 needs these opened, as Flink's own scripts do.
+        "--add-opens=java.base/java.lang=ALL-UNNAMED",
+        "--add-opens=java.base/java.util=ALL-UNNAMED",
+        "--add-opens=java.base/java.lang.reflect=ALL-UNNAMED",
+        "--add-opens=java.base/java.io=ALL-UNNAMED",
+        "--add-opens=java.base/java.net=ALL-UNNAMED",
+        "--add-opens=java.base/java.nio=ALL-UNNAMED",
+        "--add-opens=java.base/java.time=ALL-UNNAMED",
+        "--add-opens=java.base/java.util.concurrent=ALL-UNNAMED",
+        "-cp",
+        maven.classpath(jars),
+        MAIN_CLASS,
+        "--flink-master=[local]",
+        f"--job-host={HOST}",
+        f"--job-port={job_port()}",
+        f"--artifact-port={artifact_port()}",
+        f"--expansion-port={expansion_port()}",
+        f"--artifacts-dir={_artifacts()}",
+    ]
+    progress(
+        f"starting the Beam {JOB_SERVER_BEAM_VERSION} Flink {FLINK_VERSION} job server on {job_endpoint()}..."
+    )
+    process = start_background(command, _log(), _dir())
+    write_pid(_pid_file(), process.pid)
+    wait_until(
+        _answers,
+        START_TIMEOUT,
+        f"the Flink job server to answer on {job_endpoint()}",
+        alive=lambda: process.poll() is None,
+        log=_log(),
+    )
+    return True
+
+
+def down() -> bool:
+    """Stop the job server if this package started it; True when something was stopped."""
+    pid = running_pid(_pid_file(), _marker())
+    if pid is None:
+        return False
+    progress(f"stopping the Flink job server (pid {pid})...")
+    stop_process(pid, _marker(), timeout=30.0)
+    _pid_file().unlink(missing_ok=True)
+    return True
+
+
+def status() -> dict[str, Any]:
+    """Whether the job server runs and answers, and the flags that select it."""
+    pid = running_pid(_pid_file(), _marker())
+    healthy = pid is not None and _answers()
+    return {
+        "healthy": healthy,
+        "pid": pid,
+        "job_endpoint": job_endpoint(),
+        "artifact_port": artifact_port(),
+        "expansion_port": expansion_port(),
+        "job_server_beam_version": JOB_SERVER_BEAM_VERSION,
+        "flink_version": FLINK_VERSION,
+        "flink_master": "[local]",
+        "pipeline_args": pipeline_args(),
+        "log": str(_log()),
+    }

@@ -1,0 +1,81 @@
+"""The SQLite sink: a guarded upsert that never lets an older version win."""
+
+import sqlite3
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from onceflow.aggregates import parse_aggregates
+from onceflow.io.sinks import parse_sink_url
+from onceflow.io.sqlite import WriteRowsToSqlite, create_table_sql, ensure_table
+from onceflow.rows import RowSchema
+
+SCHEMA = RowSchema(("store",), parse_aggregates("count,sum:qty"))
+
+
+def row(store, start, n, qty):
+    return {"store": store, "window_start": start, "window_end": start + 60_000, "event_count": n, "count": n,
+            "sum_qty": qty}
+
+
+def write(path, rows, batch_size=2):
+    with TestPipeline() as pipeline:
+        _ = pipeline | beam.Create(rows) | WriteRowsToSqlite(str(path), "agg", SCHEMA, batch_size=batch_size)
+
+
+def read(path):
+    with sqlite3.connect(path) as connection:
+        return sorted(connection.execute(
+            'SELECT store, window_start, window_end, event_count, "count", sum_qty FROM agg'))
+
+
+def test_upsert_overwrites_with_newer_versions_only(tmp_path):
+    path = tmp_path / "out.db"
+    write(path, [row("a", 0, 3, 30), row("b", 0, 1, 5), row("a", 60_000, 2, 7)])
+    write(path, [row("a", 0, 2, 20), row("b", 0, 4, 50)])  # a: stale version; b: newer
+    assert read(path) == [
+        ("a", "1970-01-01T00:00:00.000Z", "1970-01-01T00:01:00.000Z", 3, 3, 30),
+        ("a", "1970-01-01T00:01:00.000Z", "1970-01-01T00:02:00.000Z", 2, 2, 7),
+        ("b", "1970-01-01T00:00:00.000Z", "1970-01-01T00:01:00.000Z", 4, 4, 50),
+    ]
+
+
+def test_replaying_the_same_rows_changes_nothing_but_written_at(tmp_path):
+    path = tmp_path / "out.db"
+    rows = [row(f"s{i}", i * 60_000, i + 1, i * 10) for i in range(7)]
+    write(path, rows)
+    first = read(path)
+    write(path, list(reversed(rows)), batch_size=3)
+    assert read(path) == first and len(first) == 7
+
+
+def test_existing_table_with_other_columns_is_refused(tmp_path):
+    path = str(tmp_path / "out.db")
+    ensure_table(path, "agg", SCHEMA)
+    with pytest.raises(ValueError, match="has columns"):
+        ensure_table(path, "agg", RowSchema(("store",), parse_aggregates("count")))
+
+
+@pytest.mark.parametrize("name", ['agg"; DROP TABLE x; --', "a b", "1abc", "", "x" * 64, "t;"])
+def test_hostile_table_names_are_refused(name):
+    with pytest.raises(ValueError, match="not allowed"):
+        create_table_sql(name, SCHEMA)
+
+
+@pytest.mark.parametrize("url, location, table", [
+    ("sqlite:///out/agg.db", "out/agg.db", "aggregates"),
+    ("sqlite:////tmp/agg.db?table=orders_1m", "/tmp/agg.db", "orders_1m"),
+])
+def test_sink_urls(url, location, table):
+    target = parse_sink_url(url)
+    assert (target.location, target.table) == (location, table)
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("mysql://x/y", "unknown scheme"), ("out.db", "unknown scheme"), ("sqlite://host/x.db", "three or four"),
+    ("sqlite:///", "names no database"), ("sqlite:///x.db?table=a;b", "not allowed"), ("sqlite:///x.db?tbl=a", "unknown parameter"),
+])
+def test_bad_sink_urls(url, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        parse_sink_url(url)

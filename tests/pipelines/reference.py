@@ -1,0 +1,91 @@
+"""An independent reference for the aggregate job, used only by tests.
+
+It shares no code with onceflow: plain json, datetime and math.fsum, written from
+the contract in DESIGN.md, so that a bug in the pipeline cannot hide in the
+expected values.
+"""
+
+import datetime
+import json
+import math
+from collections import defaultdict
+
+
+def _reject(_):
+    raise ValueError("non-finite")
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _millis(value):
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        return None
+    text = value[:-1] + "+00:00" if value.endswith("Z") else value
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return round(moment.timestamp() * 1000)
+
+
+def parse_line(raw, id_field, time_field, key_field, value_fields):
+    """(event id, time ms, key, values) or None for a record the DLQ must get."""
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_reject)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    t = _millis(obj.get(time_field))
+    key = obj.get(key_field)
+    if t is None or not isinstance(key, (str, int)) or isinstance(key, bool):
+        return None
+    if not all(_number(obj.get(f)) for f in value_fields):
+        return None
+    event_id = obj.get(id_field)
+    identity = ("id", str(event_id)) if event_id not in (None, "") else ("content", json.dumps(obj, sort_keys=True))
+    return identity, t, str(key), {f: obj[f] for f in value_fields}
+
+
+def expected_job(path, window_ms, lateness_ms, id_field="order_id", time_field="event_time", key_field="store"):
+    """Rows {(store, window_start): {...}} and the set of (line, 'bad'|'too_late') for the DLQ."""
+    high_water = None
+    seen = set()
+    groups = defaultdict(list)
+    dead = set()
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle.read().split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            parsed = parse_line(line, id_field, time_field, key_field, ("qty", "price"))
+            if parsed is None:
+                dead.add((number, "bad"))
+                continue
+            identity, t, key, values = parsed
+            start = t - t % window_ms
+            if high_water is not None and start + window_ms + lateness_ms <= high_water:
+                dead.add((number, "too_late"))
+            elif identity not in seen:
+                seen.add(identity)
+                groups[(key, start)].append((t, values))
+            high_water = t if high_water is None else max(high_water, t)
+    rows = {}
+    for (key, start), items in groups.items():
+        prices = [v["price"] for _, v in items]
+        rows[(key, start)] = {
+            "count": len(items),
+            "sum_qty": sum(v["qty"] for _, v in items),
+            "min_price": min(prices),
+            "max_price": max(prices),
+            "mean_price": math.fsum(prices) / len(items),
+            "last_price": max(items, key=lambda item: item[0])[1]["price"],
+        }
+    return rows, dead

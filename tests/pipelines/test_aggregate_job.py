@@ -1,0 +1,121 @@
+"""The main job end to end on files, against an independent reference."""
+
+import datetime
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from onceflow.io.dlq import read_dead_letters
+from onceflow.options import SAMPLE_INPUT
+from onceflow.pipelines.aggregate import run
+from tests.pipelines.reference import expected_job
+
+MINUTE = 60_000
+
+
+def millis(text):
+    return round(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def table_rows(db_path, table="aggregates"):
+    """Every row without the wall-clock written_at column."""
+    with sqlite3.connect(db_path) as connection:
+        connection.row_factory = sqlite3.Row
+        return sorted(
+            tuple((k, r[k]) for k in r.keys() if k != "written_at")
+            for r in connection.execute(f'SELECT * FROM "{table}"')
+        )
+
+
+def run_job(tmp_path, *flags):
+    db = tmp_path / "out.db"
+    dlq = tmp_path / "dlq.jsonl"
+    summary = run([f"--sink=sqlite:///{db}", f"--dlq={dlq}", *flags])
+    return summary, db, dlq
+
+
+def test_sample_matches_an_independent_computation(tmp_path):
+    summary, db, dlq = run_job(tmp_path)
+    expected_rows, expected_dead = expected_job(SAMPLE_INPUT, MINUTE, 5 * MINUTE)
+    found = {}
+    for row in table_rows(db):
+        row = dict(row)
+        found[(row["store"], millis(row["window_start"]))] = row
+    assert set(found) == set(expected_rows)
+    for key, expected in expected_rows.items():
+        row = found[key]
+        assert millis(row["window_end"]) - millis(row["window_start"]) == MINUTE
+        assert row["event_count"] == expected["count"]
+        for column, value in expected.items():
+            assert row[column] == value, (key, column)
+    dead = {(e["source"]["line"], "too_late" if e["reason"] == "too_late" else "bad")
+            for e in read_dead_letters(str(dlq))}
+    assert dead == expected_dead
+    assert len([d for d in expected_dead if d[1] == "bad"]) == 9 and len(expected_dead) == 11
+    assert summary.count("duplicates_dropped") == 45
+    assert summary.count("sink_rows_written") == len(expected_rows)
+
+
+def test_running_twice_leaves_identical_rows(tmp_path):
+    _, db, dlq = run_job(tmp_path)
+    first = table_rows(db)
+    second_summary, _, _ = run_job(tmp_path)
+    assert table_rows(db) == first
+    assert len(list(read_dead_letters(str(dlq)))) == 11  # appended twice, read once
+    assert second_summary.count("sink_rows_stale") == 0  # equal versions are rewritten, not refused
+
+
+def test_sliding_windows_and_other_aggregates(tmp_path):
+    _, db, _ = run_job(tmp_path, "--window=10m", "--window_period=5m", "--aggregate=count,first:price",
+                       "--allowed_lateness=0")
+    rows = [dict(r) for r in table_rows(db)]
+    assert rows and all(millis(r["window_end"]) - millis(r["window_start"]) == 10 * MINUTE for r in rows)
+    assert {millis(r["window_start"]) % (5 * MINUTE) for r in rows} == {0}
+    assert set(rows[0]) == {"store", "window_start", "window_end", "event_count", "count", "first_price"}
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onceflow.pipelines.aggregate", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--window", "banana"], "--window: 'banana' is not a duration"),
+    (["--window=0"], "--window"),
+    (["--allowed_lateness=soon"], "--allowed_lateness"),
+    (["--aggregate=median:qty"], "--aggregate: unknown aggregate 'median'"),
+    (["--sink=mysql://x/y"], "--sink"),
+    (["--sink=sqlite:///x.db?table=a;b"], "--sink"),
+    (["--input=/nonexistent/*.jsonl"], "--input: nothing matches"),
+    (["--windw=5m"], "unknown flag --windw; did you mean --window?"),
+    (["--key_fields=a,,b"], "--key_fields"),
+    (["--early_firing=1500ms"], "--early_firing"),
+    (["--window=10m", "--window_period=20m"], "--window_period"),
+])
+def test_bad_flags_get_one_line(flags, fragment, tmp_path):
+    result = run_cli(*flags, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip() and "apitools" not in l]
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0]
+
+
+def test_help_lists_the_flags():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--input", "--key_fields", "--time_field", "--id_field", "--window", "--allowed_lateness",
+                 "--aggregate", "--sink", "--dlq"):
+        assert flag in result.stdout
+
+
+def test_no_flags_runs_the_sample_and_prints_the_summary(tmp_path):
+    result = run_cli(cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "records read            2,492" in result.stdout
+    assert "duplicates dropped         45" in result.stdout
+    assert "too_late 2" in result.stdout
+    assert (tmp_path / "onceflow-output" / "aggregates.db").exists()
+    assert len(table_rows(tmp_path / "onceflow-output" / "aggregates.db")) > 600

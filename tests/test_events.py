@@ -1,0 +1,183 @@
+"""The event contract: every kind of bad input is refused with the right reason."""
+
+import json
+
+import fastavro
+import io
+import pytest
+
+from onceflow.events import (
+    EventContract, RecordError, SourceRecord, derive_event_id, format_utc_ms, parse_event_time_ms,
+)
+
+CONTRACT = EventContract(time_field="ts", key_fields=("store",), value_fields=("qty", "price"), id_field="id")
+
+
+def to_event(raw: bytes):
+    return CONTRACT.to_event(SourceRecord(raw, {"file": "f", "line": 1}))
+
+
+def reason_of(raw: bytes) -> str:
+    with pytest.raises(RecordError) as caught:
+        to_event(raw)
+    return caught.value.reason
+
+
+GOOD = {"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": 2, "price": 2.5}
+
+
+def test_a_valid_record_becomes_an_event():
+    event = to_event(json.dumps(GOOD).encode())
+    assert event.event_id == "e1"
+    assert event.event_time_ms == 1793610000000
+    assert event.key == ("s1",)
+    assert event.values == {"qty": 2, "price": 2.5}
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "caf\xe9", "qty": 1, "price": 1}', "invalid_utf8"),
+    (b"\xff\xfe\x00", "invalid_utf8"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": 1, "pri', "malformed_json"),
+    (b"", "malformed_json"),
+    (b"{}}", "malformed_json"),
+    (b'{"a": 1} {"b": 2}', "malformed_json"),
+    (b"1" * 5000, "malformed_json"),  # more digits than Python converts
+    (b"[1, 2, 3]", "not_an_object"),
+    (b'"just a string"', "not_an_object"),
+    (b"null", "not_an_object"),
+    (b"true", "not_an_object"),
+    (b"42", "not_an_object"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": 1, "price": NaN}', "non_finite_number"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": 1, "price": Infinity}', "non_finite_number"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": 1, "price": -Infinity}', "non_finite_number"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": 1, "price": 1e400}', "non_finite_number"),
+    (b"[" * 100000 + b"]" * 100000, "nesting_too_deep"),
+    (b'{"a": ' * 50000 + b"1" + b"}" * 50000, "nesting_too_deep"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "qty": 1, "price": 1}', "schema_violation"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": null, "qty": 1, "price": 1}', "schema_violation"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": "three", "price": 1}', "schema_violation"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": true, "price": 1}', "schema_violation"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": null, "price": 1}', "schema_violation"),
+    (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": {"n": 1}, "qty": 1, "price": 1}', "schema_violation"),
+    (b'{"id": ["e1"], "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": 1, "price": 1}', "schema_violation"),
+    (b'{"id": "e1", "store": "s1", "qty": 1, "price": 1}', "schema_violation"),
+    (b'{"id": "e1", "ts": null, "store": "s1", "qty": 1, "price": 1}', "schema_violation"),
+    (b'{"id": "e1", "ts": 1.5, "store": "s1", "qty": 1, "price": 1}', "schema_violation"),
+    (b'{"id": "e1", "ts": "yesterday", "store": "s1", "qty": 1, "price": 1}', "bad_timestamp"),
+    (b'{"id": "e1", "ts": "2026-13-40T99:00:00Z", "store": "s1", "qty": 1, "price": 1}', "bad_timestamp"),
+    (b'{"id": "e1", "ts": 99999999999999999, "store": "s1", "qty": 1, "price": 1}', "bad_timestamp"),
+])
+def test_bad_input_is_refused_with_its_reason(raw, reason):
+    assert reason_of(raw) == reason
+
+
+def test_refusals_carry_a_message_and_class():
+    with pytest.raises(RecordError) as caught:
+        to_event(b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": "x", "price": 1}')
+    assert "'qty'" in caught.value.message and "str" in caught.value.message
+    assert caught.value.error_class == "WrongType"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2026-11-02T09:00:00Z", "2026-11-02T09:00:00.000Z"),
+    ("2026-11-02T09:00:00+00:00", "2026-11-02T09:00:00.000Z"),
+    ("2026-11-02T10:00:00+01:00", "2026-11-02T09:00:00.000Z"),
+    ("2026-11-02T04:00:00-05:00", "2026-11-02T09:00:00.000Z"),
+    ("2026-11-02T14:30:00.250+05:30", "2026-11-02T09:00:00.250Z"),
+    ("2026-11-02T09:00:00", "2026-11-02T09:00:00.000Z"),  # no offset: UTC
+    ("2026-11-02 09:00:00z", "2026-11-02T09:00:00.000Z"),
+    ("2026-11-02T09:00:00.123456Z", "2026-11-02T09:00:00.123Z"),
+    (1793610000000, "2026-11-02T09:00:00.000Z"),
+    (0, "1970-01-01T00:00:00.000Z"),
+    (-1000, "1969-12-31T23:59:59.000Z"),
+])
+def test_event_time_in_any_offset_or_epoch_millis(text, expected):
+    assert format_utc_ms(parse_event_time_ms(text)) == expected
+
+
+def test_missing_or_null_id_is_derived_from_content_deterministically():
+    without_id = {k: v for k, v in GOOD.items() if k != "id"}
+    first = to_event(json.dumps(without_id).encode())
+    reordered = to_event(json.dumps(dict(reversed(list(without_id.items())))).encode())
+    with_null = to_event(json.dumps({**without_id, "id": None}).encode())
+    assert first.event_id.startswith("sha256:")
+    assert first.event_id == reordered.event_id
+    other = to_event(json.dumps({**without_id, "qty": 3}).encode())
+    assert other.event_id != first.event_id
+    assert with_null.event_id == derive_event_id({**without_id, "id": None})
+    assert with_null.event_id.startswith("sha256:")
+
+
+def test_integer_keys_and_ids_are_keyed_as_text():
+    event = to_event(json.dumps({**GOOD, "store": 42, "id": 7}).encode())
+    assert event.key == ("42",)
+    assert event.event_id == "7"
+
+
+def test_extra_fields_are_allowed():
+    assert to_event(json.dumps({**GOOD, "note": [1, {"x": None}]}).encode()).event_id == "e1"
+
+
+AVRO_SCHEMA = {
+    "type": "record", "name": "Order",
+    "fields": [
+        {"name": "id", "type": ["null", "string"]},
+        {"name": "ts", "type": "long"},
+        {"name": "store", "type": "string"},
+        {"name": "qty", "type": "long"},
+        {"name": "price", "type": "double"},
+    ],
+}
+AVRO_CONTRACT = EventContract(time_field="ts", key_fields=("store",), value_fields=("qty", "price"),
+                              id_field="id", input_format="avro", avro_writer_schema=AVRO_SCHEMA)
+
+
+def avro_bytes(record) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(AVRO_SCHEMA), record)
+    return buffer.getvalue()
+
+
+def test_avro_records_decode_and_validate():
+    raw = avro_bytes({"id": "a1", "ts": 1793610000000, "store": "s1", "qty": 3, "price": 1.25})
+    event = AVRO_CONTRACT.to_event(SourceRecord(raw, {}))
+    assert (event.event_id, event.event_time_ms, event.key, event.values) == (
+        "a1", 1793610000000, ("s1",), {"qty": 3, "price": 1.25})
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda raw: raw[:-3], "avro_decode_error"),
+    (lambda raw: raw + b"\x00", "avro_decode_error"),
+    (lambda raw: b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", "avro_decode_error"),
+    (lambda raw: b"", "avro_decode_error"),
+])
+def test_corrupt_avro_is_refused(mutate, reason):
+    raw = avro_bytes({"id": "a1", "ts": 1793610000000, "store": "s1", "qty": 3, "price": 1.25})
+    with pytest.raises(RecordError) as caught:
+        AVRO_CONTRACT.to_event(SourceRecord(mutate(raw), {}))
+    assert caught.value.reason == reason
+
+
+def test_avro_nan_is_refused():
+    raw = avro_bytes({"id": "a1", "ts": 1793610000000, "store": "s1", "qty": 3, "price": float("nan")})
+    with pytest.raises(RecordError) as caught:
+        AVRO_CONTRACT.to_event(SourceRecord(raw, {}))
+    assert caught.value.reason == "non_finite_number"
+
+
+def test_peek_gives_the_time_of_valid_events_only():
+    assert CONTRACT.peek_event_time_ms(json.dumps(GOOD).encode()) == 1793610000000
+    assert CONTRACT.peek_event_time_ms(json.dumps({**GOOD, "qty": "x"}).encode()) is None
+    assert CONTRACT.peek_event_time_ms(b"garbage") is None
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(time_field="ts", key_fields=()),
+    dict(time_field="ts", key_fields=("a", "a")),
+    dict(time_field="ts", key_fields=("ts",)),
+    dict(time_field="ts", key_fields=("a",), input_format="xml"),
+    dict(time_field="ts", key_fields=("a",), input_format="avro"),
+])
+def test_contract_refuses_inconsistent_configuration(kwargs):
+    with pytest.raises(ValueError):
+        EventContract(**kwargs)
