@@ -1,7 +1,9 @@
 """Real local services for development and tests: Kafka, PostgreSQL, Prism, Flink.
 
-Command line: ``onceflow dev up|status|down [--services kafka,postgres,prism,flink]``
-(``up`` defaults to kafka,postgres). From Python::
+Command line: ``onceflow dev up|status|down [--services kafka,postgres,prism,flink,flink-cluster]``
+(``up`` defaults to kafka,postgres). ``flink`` is Beam's Flink job server with an
+embedded Flink; ``flink-cluster`` a standalone Flink session cluster it can target
+(``ONCEFLOW_FLINK_MASTER=127.0.0.1:18081``). From Python::
 
     from onceflow import devstack
     devstack.ensure_up(["kafka", "postgres"])      # idempotent
@@ -23,7 +25,15 @@ Ports (all on 127.0.0.1; environment variable, default):
 ``ONCEFLOW_FLINK_JOB_PORT``        18099    Beam job service (Flink)
 ``ONCEFLOW_FLINK_ARTIFACT_PORT``   18098    Beam artifact staging (Flink)
 ``ONCEFLOW_FLINK_EXPANSION_PORT``  18097    Java expansion service (Flink job server)
+``ONCEFLOW_FLINK_REST_PORT``       18081    Flink cluster REST (``--flink_master``)
+``ONCEFLOW_FLINK_RPC_PORT``        16123    Flink cluster JobManager RPC
+``ONCEFLOW_FLINK_BLOB_PORT``       16124    Flink cluster blob server
+``ONCEFLOW_FLINK_TM_RPC_PORT``     16125    Flink cluster TaskManager RPC
 =================================  =======  ===========================
+
+Other settings: ``ONCEFLOW_FLINK_MASTER`` (job server's Flink, default ``[local]``),
+``ONCEFLOW_PG_BINDIR`` (PostgreSQL binaries), ``ONCEFLOW_KEEP_SERVICES=1`` (tests
+leave the services they started running).
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Iterable
 
-from onceflow.devstack import flink, kafka, postgres, prism
+from onceflow.devstack import flink, flink_cluster, kafka, postgres, prism
 from onceflow.devstack.kafka import create_topic
 from onceflow.devstack.prism import prism_location
 from onceflow.errors import UsageError
@@ -42,6 +52,7 @@ SERVICES: dict[str, ModuleType] = {
     "postgres": postgres,
     "prism": prism,
     "flink": flink,
+    "flink-cluster": flink_cluster,
 }
 DEFAULT_SERVICES = ("kafka", "postgres")
 

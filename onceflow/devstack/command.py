@@ -1,6 +1,6 @@
 """``onceflow dev``: start, inspect and stop the local services.
 
-    onceflow dev up     [--services kafka,postgres,prism,flink]   (default kafka,postgres)
+    onceflow dev up     [--services kafka,postgres,prism,flink,flink-cluster]  (default kafka,postgres)
     onceflow dev status [--services ...] [--json]
     onceflow dev down   [--services ...]                          (default: all)
     onceflow dev topic create NAME --partitions N
@@ -85,8 +85,10 @@ def _describe(name: str, info: dict[str, Any]) -> str:
     elif name == "flink":
         where = (
             f"{info['job_endpoint']}  (Beam {info['job_server_beam_version']} job server, "
-            f"Flink {info['flink_version']})"
+            f"Flink {info['flink_version']} at {info['flink_master']})"
         )
+    elif name == "flink-cluster":
+        where = f"{info['rest_url']}  (Flink {info['flink_version']}, {info['slots']} slots)"
     else:  # pragma: no cover - every service is listed above
         where = ""
     pid = f"  pid {info['pid']}" if info.get("pid") else ""

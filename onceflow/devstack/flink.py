@@ -33,6 +33,7 @@ artifact ``ONCEFLOW_FLINK_ARTIFACT_PORT`` (18098), expansion
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Any
 
@@ -64,6 +65,20 @@ ARTIFACTS = (
     "org.slf4j:slf4j-simple:1.7.30",
 )
 START_TIMEOUT = 120.0
+# Flink 1.19 on Java 17 needs these opened, as Flink's own scripts do.
+JAVA_OPENS = [
+    f"--add-opens=java.base/{package}=ALL-UNNAMED"
+    for package in (
+        "java.lang",
+        "java.util",
+        "java.lang.reflect",
+        "java.io",
+        "java.net",
+        "java.nio",
+        "java.time",
+        "java.util.concurrent",
+    )
+]
 
 
 def job_port() -> int:
@@ -76,6 +91,14 @@ def artifact_port() -> int:
 
 def expansion_port() -> int:
     return env_port("ONCEFLOW_FLINK_EXPANSION_PORT", 18097)
+
+
+def flink_master() -> str:
+    """``--flink-master`` for the job server: ``$ONCEFLOW_FLINK_MASTER``, else
+    ``[local]`` (an embedded Flink inside the job server). ``host:port`` of a
+    REST endpoint, e.g. the ``flink-cluster`` service's ``127.0.0.1:18081``,
+    sends jobs to that cluster instead."""
+    return os.environ.get("ONCEFLOW_FLINK_MASTER") or "[local]"
 
 
 def job_endpoint() -> str:
@@ -109,8 +132,21 @@ def _marker() -> str:
     return str(_artifacts())
 
 
+def _master_file() -> pathlib.Path:
+    return _dir() / "jobserver.master"
+
+
 def _jars_folder() -> pathlib.Path:
     return cache_dir(f"flink-jobserver-{JOB_SERVER_BEAM_VERSION}-flink{FLINK_MINOR}")
+
+
+def resolve_jars() -> pathlib.Path:
+    """The job server's jars (Beam runner, Flink 1.19 runtime, ...), resolved once."""
+    return maven.resolve_jars(
+        _jars_folder(),
+        ARTIFACTS,
+        f"Beam {JOB_SERVER_BEAM_VERSION} Flink {FLINK_MINOR} job server",
+    )
 
 
 # JobService.GetJobs; an empty GetJobsRequest serializes to b"". Calling it raw
@@ -152,29 +188,17 @@ def up() -> bool:
             "ONCEFLOW_FLINK_EXPANSION_PORT": expansion_port(),
         },
     )
-    jars = maven.resolve_jars(
-        _jars_folder(),
-        ARTIFACTS,
-        f"Beam {JOB_SERVER_BEAM_VERSION} Flink {FLINK_MINOR} job server",
-    )
+    jars = resolve_jars()
     java = require_tool("java", "install a Java 17+ runtime (Debian: apt-get install -y openjdk-17-jre-headless)")
     _artifacts().mkdir(parents=True, exist_ok=True)
     command = [
         java,
         "-Xmx2g",
-        # Flink 1.19 on Java 17 needs these opened, as Flink's own scripts do.
-        "--add-opens=java.base/java.lang=ALL-UNNAMED",
-        "--add-opens=java.base/java.util=ALL-UNNAMED",
-        "--add-opens=java.base/java.lang.reflect=ALL-UNNAMED",
-        "--add-opens=java.base/java.io=ALL-UNNAMED",
-        "--add-opens=java.base/java.net=ALL-UNNAMED",
-        "--add-opens=java.base/java.nio=ALL-UNNAMED",
-        "--add-opens=java.base/java.time=ALL-UNNAMED",
-        "--add-opens=java.base/java.util.concurrent=ALL-UNNAMED",
+        *JAVA_OPENS,
         "-cp",
         maven.classpath(jars),
         MAIN_CLASS,
-        "--flink-master=[local]",
+        f"--flink-master={flink_master()}",
         f"--job-host={HOST}",
         f"--job-port={job_port()}",
         f"--artifact-port={artifact_port()}",
@@ -182,8 +206,10 @@ def up() -> bool:
         f"--artifacts-dir={_artifacts()}",
     ]
     progress(
-        f"starting the Beam {JOB_SERVER_BEAM_VERSION} Flink {FLINK_VERSION} job server on {job_endpoint()}..."
+        f"starting the Beam {JOB_SERVER_BEAM_VERSION} Flink {FLINK_VERSION} job server on "
+        f"{job_endpoint()} (flink master {flink_master()})..."
     )
+    _master_file().write_text(flink_master() + "\n", encoding="utf-8")
     process = start_background(command, _log(), _dir())
     write_pid(_pid_file(), process.pid)
     wait_until(
@@ -219,7 +245,9 @@ def status() -> dict[str, Any]:
         "expansion_port": expansion_port(),
         "job_server_beam_version": JOB_SERVER_BEAM_VERSION,
         "flink_version": FLINK_VERSION,
-        "flink_master": "[local]",
+        "flink_master": _master_file().read_text(encoding="utf-8").strip()
+        if pid is not None and _master_file().exists()
+        else flink_master(),
         "pipeline_args": pipeline_args(),
         "log": str(_log()),
     }

@@ -83,7 +83,9 @@ class _SqliteUpsertDoFn(beam.DoFn):
 
     def setup(self) -> None:
         ensure_table(self._path, self._table, self._schema)
-        self._connection = sqlite3.connect(self._path, timeout=60, isolation_level=None)
+        # Beam may call setup, process and teardown on different threads of one worker;
+        # this DoFn instance never uses the connection from two threads at once.
+        self._connection = sqlite3.connect(self._path, timeout=60, isolation_level=None, check_same_thread=False)
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._statement = upsert_sql(self._table, self._schema)
 

@@ -72,19 +72,48 @@ class _AggregateCombineFn(beam.CombineFn):
         return self._aggregation.extract(accumulator)
 
 
+def _to_row(key_fields: Sequence[str], key: Tuple[str, ...], start_ms: int, end_ms: int,
+            columns: Dict[str, Any]) -> Dict[str, Any]:
+    row: Dict[str, Any] = dict(zip(key_fields, key))
+    row[WINDOW_START] = start_ms
+    row[WINDOW_END] = end_ms
+    row.update(columns)
+    return row
+
+
 class _ToRowDoFn(beam.DoFn):
+    """Streaming path: the window comes from Beam's windowing."""
+
     def __init__(self, key_fields: Sequence[str]):
         self._key_fields = tuple(key_fields)
         self._rows = metrics.counter(metrics.ROWS_EMITTED)
 
     def process(self, element: Tuple[Tuple[str, ...], Dict[str, Any]], win=beam.DoFn.WindowParam):
         key, columns = element
-        row: Dict[str, Any] = dict(zip(self._key_fields, key))
-        row[WINDOW_START] = win.start.micros // 1000
-        row[WINDOW_END] = win.end.micros // 1000
-        row.update(columns)
         self._rows.inc()
-        yield row
+        yield _to_row(self._key_fields, key, win.start.micros // 1000, win.end.micros // 1000, columns)
+
+
+class _KeyByKeyAndWindowDoFn(beam.DoFn):
+    def __init__(self, spec: WindowSpec):
+        self._spec = spec
+
+    def process(self, event: Event):
+        for start, end in self._spec.windows_for(event.event_time_ms):
+            yield (event.key, start, end), event
+
+
+class _KeyAndWindowToRowDoFn(beam.DoFn):
+    """Bounded path: the window was folded into the key."""
+
+    def __init__(self, key_fields: Sequence[str]):
+        self._key_fields = tuple(key_fields)
+        self._rows = metrics.counter(metrics.ROWS_EMITTED)
+
+    def process(self, element: Tuple[Tuple[Tuple[str, ...], int, int], Dict[str, Any]]):
+        (key, start_ms, end_ms), columns = element
+        self._rows.inc()
+        yield _to_row(self._key_fields, key, start_ms, end_ms, columns)
 
 
 def _key_of(event: Event) -> Tuple[Tuple[str, ...], Event]:
@@ -115,7 +144,11 @@ class WindowedAggregate(beam.PTransform):
     ``early_firing_ms`` of processing time, and a late pane for each late event
     within the allowed lateness. In batch each row is emitted once.
 
-    Aggregate values do not depend on event order or bundling (see
+    On bounded input (a backfill) there are no panes to fire: the window is
+    folded into the key (the windows of :class:`~onceflow.windowing.WindowSpec`,
+    the same ones Beam assigns) and combined in the global window, which is several
+    times faster on local runners and gives the same rows as the final pane of a
+    live run. Aggregate values do not depend on event order or bundling (see
     :mod:`onceflow.aggregates`), so a live run, a restart and a backfill agree.
 
     Metrics: ``events_timely``, ``dead_letters.too_late``, ``duplicates_dropped``,
@@ -161,6 +194,15 @@ class WindowedAggregate(beam.PTransform):
         timely = screened.timely
         if self._dedup:
             timely = timely | "DedupByEventId" >> DedupByEventId(self._spec.dedup_horizon_ms)
+        if timely.is_bounded:
+            rows = (
+                timely
+                | "KeyByKeyAndWindow" >> beam.ParDo(_KeyByKeyAndWindowDoFn(self._spec)).with_output_types(
+                    Tuple[Tuple[Tuple[str, ...], int, int], Any])
+                | "CombinePerKeyAndWindow" >> beam.CombinePerKey(_AggregateCombineFn(self._aggregates))
+                | "ToRows" >> beam.ParDo(_KeyAndWindowToRowDoFn(self._key_fields))
+            )
+            return Aggregated(rows=rows, dead_letters=screened[_TOO_LATE])
         rows = (
             timely
             | "IntoEventTimeWindows" >> beam.WindowInto(

@@ -63,9 +63,12 @@ class DedupByEventId(beam.PTransform):
     is remembered: no event is counted twice. Copies of an ID with different event
     times are the producer's error; the first one seen wins.
 
-    State: one small value per ID inside the horizon (event-time timers only, so it
-    runs on Prism, Flink and Dataflow alike). Delivery stays at-least-once across
-    runs: a replay starts with empty state, and the idempotent sink absorbs it.
+    State: on unbounded input, one small value per ID inside the horizon
+    (event-time timers only, so it runs on Prism, Flink and Dataflow alike). On
+    bounded input (a backfill) every copy is present, so a combiner keeps one copy
+    per ID instead, with element timestamps reset to the event time: the same
+    result without per-ID state. Delivery stays at-least-once across runs: a replay
+    starts with empty state, and the idempotent sink absorbs it.
 
     Metrics: ``duplicates_dropped``, ``events_unique``.
     """
@@ -77,13 +80,62 @@ class DedupByEventId(beam.PTransform):
         self._horizon_ms = horizon_ms
 
     def expand(self, events: beam.PCollection) -> beam.PCollection:
-        return (
+        keyed = (
             events
             | "IntoGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
             | "KeyByEventId" >> beam.Map(_key_by_event_id).with_output_types(Tuple[str, Any])
-            | "KeepFirstCopy" >> beam.ParDo(_FirstCopyDoFn(self._horizon_ms))
         )
+        if events.is_bounded:
+            # All copies are in the input: a combiner keeps one, with no per-ID
+            # state or timers (which local runners handle slowly).
+            return (
+                keyed
+                | "KeepOneCopy" >> beam.CombinePerKey(_OneCopyCombineFn())
+                | "EmitKeptCopy" >> beam.ParDo(_EmitKeptCopyDoFn())
+            )
+        return keyed | "KeepFirstCopy" >> beam.ParDo(_FirstCopyDoFn(self._horizon_ms))
 
 
 def _key_by_event_id(event: Event) -> Tuple[str, Event]:
     return event.event_id, event
+
+
+def _copy_order(event: Event) -> Tuple[int, bytes]:
+    return event.event_time_ms, event.record.value
+
+
+class _OneCopyCombineFn(beam.CombineFn):
+    """Bounded input: of all copies of an ID, keep one (the same one whatever the
+    order: least event time, then least raw bytes) and count them."""
+
+    def create_accumulator(self):
+        return 0, None
+
+    def add_input(self, accumulator, event: Event):
+        copies, kept = accumulator
+        if kept is None or _copy_order(event) < _copy_order(kept):
+            kept = event
+        return copies + 1, kept
+
+    def merge_accumulators(self, accumulators):
+        copies, kept = 0, None
+        for more, candidate in accumulators:
+            copies += more
+            if candidate is not None and (kept is None or _copy_order(candidate) < _copy_order(kept)):
+                kept = candidate
+        return copies, kept
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+class _EmitKeptCopyDoFn(beam.DoFn):
+    def __init__(self):
+        self._duplicates = metrics.counter(metrics.DUPLICATES_DROPPED)
+        self._unique = metrics.counter(metrics.EVENTS_UNIQUE)
+
+    def process(self, element: Tuple[str, Tuple[int, Event]]):
+        _, (copies, event) = element
+        self._duplicates.inc(copies - 1)
+        self._unique.inc()
+        yield window.TimestampedValue(event, event.event_time_ms / 1000.0)

@@ -5,6 +5,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import trigger
+from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils.timestamp import Timestamp
 
 from onceflow.aggregates import parse_aggregates
 from onceflow.transforms import ParseEvents, WindowedAggregate
@@ -107,3 +110,84 @@ def test_too_late_in_batch_follows_the_sources_high_water():
         assert_that(out.rows | beam.Map(lambda r: r["window_start"]), equal_to([180_000]), label="rows")
         assert_that(out.dead_letters | beam.Map(lambda d: (d.event_id, d.reason, d.record.value)),
                     equal_to([("2", "too_late", records[1].value)]), label="dlq")
+
+
+def test_bounded_and_unbounded_paths_give_the_same_final_rows():
+    # A shuffled stream with re-sends and out-of-order events, read in one partition:
+    # the high water each record carries is what a reader would attach.
+    import random
+    rng = random.Random(11)
+    records, high_water = [], None
+    bodies = []
+    for n in range(300):
+        if bodies and rng.random() < 0.1:
+            event_id, t, v, k = rng.choice(bodies)  # an exact re-send of an earlier event
+        else:
+            event_id, t, v, k = str(n), n * 1_000 + rng.randint(-40_000, 0), rng.randint(1, 9), rng.choice("ab")
+            bodies.append((event_id, t, v, k))
+        records.append(record(event_id, t, v, k=k, high_water_ms=high_water)._replace(source={"test": n}))
+        high_water = t if high_water is None else max(high_water, t)
+    spec = WindowSpec(30_000, 10_000, 15_000)
+
+    def final_rows(rows):
+        # The last pane of each row is the one with the most events.
+        return (rows | beam.WindowInto(GlobalWindows(), trigger=trigger.AfterWatermark(),
+                                       accumulation_mode=trigger.AccumulationMode.DISCARDING)
+                | beam.Map(lambda r: ((r["k"], r["window_start"]), r))
+                | beam.CombinePerKey(lambda rs: max(rs, key=lambda r: r["event_count"])) | beam.Values())
+
+    with TestPipeline() as pipeline:
+        bounded = aggregate(pipeline | beam.Create(records), spec)
+        expected_rows = bounded.rows
+        expected_late = bounded.dead_letters | "BoundedLate" >> beam.Map(lambda d: d.record.source["test"])
+        assert_that(expected_late, equal_to(_too_late_ids(records, spec)), label="bounded_late")
+        assert_that(expected_rows | "CountBounded" >> beam.combiners.Count.Globally(),
+                    equal_to([len(_reference_rows(records, spec))]), label="bounded_count")
+        assert_that(expected_rows, equal_to(_reference_rows(records, spec)), label="bounded_rows")
+
+    stream, watermark = TestStream().advance_watermark_to(-100), -100
+    for r in records:
+        # The runner's watermark trails the reader's high water, as on a real runner.
+        if r.high_water_ms is not None and r.high_water_ms / 1000 > watermark:
+            watermark = r.high_water_ms / 1000
+            stream = stream.advance_watermark_to(Timestamp(micros=r.high_water_ms * 1000))
+        stream = stream.add_elements([r])
+    stream = stream.advance_watermark_to_infinity()
+    with streaming() as pipeline:
+        out = aggregate(pipeline | stream, spec)
+        assert_that(final_rows(out.rows), equal_to(_reference_rows(records, spec)), label="unbounded_rows")
+        assert_that(out.dead_letters | beam.Map(lambda d: d.record.source["test"]),
+                    equal_to(_too_late_ids(records, spec)), label="unbounded_late")
+
+
+def _too_late_ids(records, spec):
+    import json as _json
+    out = []
+    for r in records:
+        t = _json.loads(r.value)["t"]
+        first_end = min(s + spec.size_ms for s in range(t - t % spec.step_ms - spec.size_ms, t + 1, spec.step_ms)
+                        if s <= t < s + spec.size_ms)
+        if r.high_water_ms is not None and first_end + spec.allowed_lateness_ms <= r.high_water_ms:
+            out.append(r.source["test"])
+    return out
+
+
+def _reference_rows(records, spec):
+    import json as _json
+    late = set(_too_late_ids(records, spec))
+    seen, groups = set(), {}
+    for r in records:
+        body = _json.loads(r.value)
+        if r.source["test"] in late or body["id"] in seen:
+            continue
+        seen.add(body["id"])
+        t = body["t"]
+        for s in range(t - t % spec.step_ms - spec.size_ms, t + 1, spec.step_ms):
+            if s <= t < s + spec.size_ms:
+                groups.setdefault((body["k"], s), []).append((t, body["id"], body["v"]))
+    rows = []
+    for (k, s), items in groups.items():
+        values = [v for _, _, v in items]
+        rows.append(row(k, s, len(items), sum(values), min(values), max(values),
+                        min(items)[2], max(items)[2], size=spec.size_ms))
+    return rows

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sets up .venv with the test dependencies, starts the local services the tests
+# use (Kafka, PostgreSQL, Prism, Flink: see `onceflow dev`), and runs every test.
+# Services this script started are stopped at the end; ones already up are kept.
+# Extra arguments go to pytest, e.g. -k dedup or -m "not slow".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh dev
+export PATH="$PWD/.venv/bin:$PATH"
+services="${ONCEFLOW_TEST_SERVICES:-kafka,postgres,prism,flink}"
+
+already_up="$(onceflow dev status --json | python -c '
+import json, sys
+print(",".join(name for name, state in json.load(sys.stdin).items() if state.get("healthy")))')"
+started=""
+for service in ${services//,/ }; do
+  case ",$already_up," in *",$service,"*) ;; *) started="$started,$service" ;; esac
+done
+started="${started#,}"
+if [ -n "$started" ]; then
+  trap 'onceflow dev down --services "$started" || true' EXIT
+fi
+onceflow dev up --services "$services"
+python -m pytest "$@"
