@@ -20,11 +20,14 @@ DSN: ``postgresql://onceflow@127.0.0.1:<port>/onceflow``.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import pathlib
 import pwd
 import shutil
+import stat
 import subprocess
+import tempfile
 from typing import Any
 
 from onceflow.devstack.common import (
@@ -57,7 +60,22 @@ def dsn(database: str = DATABASE) -> str:
 
 
 def _dir() -> pathlib.Path:
-    return service_dir(NAME)
+    """``<project folder>/postgres``; when running as root and the ``postgres``
+    user cannot traverse the project folder (a clone under a private folder), a
+    folder under the system temp dir named after the project folder instead."""
+    preferred = service_dir(NAME)
+    if os.geteuid() != 0 or _others_can_traverse(preferred.parent.resolve()):
+        return preferred
+    digest = hashlib.sha256(str(preferred.resolve()).encode("utf-8")).hexdigest()[:12]
+    return pathlib.Path(tempfile.gettempdir()) / f"onceflow-postgres-{digest}"
+
+
+def _others_can_traverse(folder: pathlib.Path) -> bool:
+    """Whether every existing folder from / to ``folder`` lets other users through."""
+    for path in (folder, *folder.parents):
+        if path.exists() and not path.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
 
 
 def _data() -> pathlib.Path:
@@ -158,8 +176,8 @@ def _prepare_dirs() -> None:
     )
     if reachable.returncode != 0:
         raise ServiceError(
-            f"the '{RUN_AS_WHEN_ROOT}' user cannot reach {_data()} (a parent folder is "
-            "private): set ONCEFLOW_HOME to a folder it can reach, e.g. /tmp/onceflow"
+            f"the '{RUN_AS_WHEN_ROOT}' user cannot write {_data()}: set ONCEFLOW_HOME to a "
+            "folder it can reach, e.g. /tmp/onceflow"
         )
 
 
