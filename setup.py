@@ -36,7 +36,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["onceflow", "onceflow.*"]),
+    packages=setuptools.find_namespace_packages(include=["onceflow", "onceflow.*"]),
     package_data={"onceflow": ["sample_data/*"]},
     include_package_data=True,
     install_requires=[
