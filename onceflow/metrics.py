@@ -11,6 +11,8 @@ from apache_beam.metrics import Metrics
 NAMESPACE = "onceflow"
 
 RECORDS_READ = "records_read"
+KAFKA_RECORDS_READ = "kafka_records_read"
+CONSUMER_LAG = "consumer_lag"  # a gauge per partition: consumer_lag.<topic>.<partition>
 EVENTS_PARSED = "events_parsed"
 DEAD_LETTERS = "dead_letters"  # counted per reason: dead_letters.<reason>
 EVENTS_TIMELY = "events_timely"

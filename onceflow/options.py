@@ -33,11 +33,46 @@ class InputOptions(PipelineOptions):
         group = parser.add_argument_group("input")
         group.add_argument(
             "--input", default=SAMPLE_INPUT,
-            help="Files to read: a path or glob of JSON-lines or Avro files (.gz/.bz2 read "
-                 "transparently). Default: the bundled sample of orders.")
+            help="What to read: a path or glob of JSON-lines or Avro files (.gz/.bz2 read "
+                 "transparently), or kafka://HOST:PORT/TOPIC. Default: the bundled sample of orders.")
         group.add_argument(
             "--input_format", default=None, choices=("json", "avro"),
             help="Record format. Default: avro for .avro files, json otherwise.")
+        group.add_argument(
+            "--from", dest="read_from", default=None,
+            help="Kafka: where to start: earliest, latest, an ISO-8601 timestamp or offsets:P=O,... "
+                 "With --to, the start of a bounded read (default earliest); without it, where a "
+                 "live read starts partitions that have no committed offset (default earliest).")
+        group.add_argument(
+            "--to", dest="read_to", default=None,
+            help="Kafka: makes the read bounded (a backfill) and says where it stops: latest "
+                 "(the end offsets when the read begins), an ISO-8601 timestamp or offsets:P=O,...")
+
+
+class KafkaOptions(PipelineOptions):
+    """Kafka consumer settings for kafka:// inputs."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("kafka")
+        group.add_argument(
+            "--kafka_group", default="onceflow-aggregate",
+            help="Consumer group whose committed offsets a live read resumes from; offsets are "
+                 "committed only after the runner has durably taken the records. Default: "
+                 "onceflow-aggregate.")
+        group.add_argument(
+            "--kafka_setting", action="append", default=None, metavar="NAME=VALUE",
+            help="A consumer or producer setting passed as is (repeatable), e.g. "
+                 "--kafka_setting security.protocol=SASL_SSL --kafka_setting sasl.mechanism=PLAIN. "
+                 "Values of settings named like password, secret or key are never logged.")
+        group.add_argument(
+            "--kafka_time_source", default="field", choices=("field", "record"),
+            help="Event time of Kafka records: the --time_field of the record (field) or the "
+                 "Kafka record timestamp (record). Default: field.")
+        group.add_argument(
+            "--kafka_idle_timeout", default="30s",
+            help="Live reads: a caught-up partition with no records for this long stops holding "
+                 "back the watermark. Default: 30s.")
 
 
 class EventOptions(PipelineOptions):
@@ -103,18 +138,23 @@ class OutputOptions(PipelineOptions):
         group = parser.add_argument_group("output")
         group.add_argument(
             "--sink", default=f"sqlite:///{DEFAULT_OUTPUT_DIR}/aggregates.db",
-            help="Where aggregate rows are upserted: sqlite:///RELATIVE/PATH.db or "
-                 "sqlite:////ABSOLUTE/PATH.db, optional ?table=NAME (default table: aggregates). "
+            help="Where aggregate rows are upserted (on their key, never replacing a newer "
+                 "version): sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db; "
+                 "postgresql://USER[:PASS]@HOST:PORT/DB; bigquery://PROJECT.DATASET.TABLE "
+                 "(?method=merge|cdc); file:///DIR?format=parquet|avro (one file per window). "
+                 "SQL sinks take ?table=NAME (default: aggregates). "
                  f"Default: sqlite:///{DEFAULT_OUTPUT_DIR}/aggregates.db.")
         group.add_argument(
             "--dlq", default=f"{DEFAULT_OUTPUT_DIR}/dlq.jsonl",
-            help=f"Dead-letter queue: a JSON-lines file path. Default: {DEFAULT_OUTPUT_DIR}/dlq.jsonl.")
+            help="Dead-letter queue: a JSON-lines file path, or "
+                 "postgresql://USER[:PASS]@HOST:PORT/DB?table=NAME (default table: dead_letters). "
+                 f"Default: {DEFAULT_OUTPUT_DIR}/dlq.jsonl.")
         group.add_argument(
             "--sink_batch_size", default="500",
             help="Rows per sink transaction (bounded batches). Default: 500.")
 
 
-ONCEFLOW_OPTION_CLASSES = (InputOptions, EventOptions, WindowOptions, AggregateOptions, OutputOptions)
+ONCEFLOW_OPTION_CLASSES = (InputOptions, KafkaOptions, EventOptions, WindowOptions, AggregateOptions, OutputOptions)
 
 
 class _Parser(_BeamArgumentParser):
@@ -196,6 +236,7 @@ __all__: List[str] = [
     "AggregateOptions",
     "EventOptions",
     "InputOptions",
+    "KafkaOptions",
     "OutputOptions",
     "WindowOptions",
     "parse_pipeline_args",

@@ -13,8 +13,9 @@ that every equality check ignores.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 from onceflow.aggregates import AggregateSpec
 
@@ -79,3 +80,53 @@ class RowSchema:
 def row_key(row: Dict[str, Any], key_fields: Sequence[str]) -> Tuple[Any, ...]:
     """The deterministic primary key of an aggregate row."""
     return (*(row[name] for name in key_fields), row[WINDOW_START], row[WINDOW_END])
+
+
+def row_values(row: Dict[str, Any], schema: RowSchema, timestamp: Callable[[int], Any]) -> List[Any]:
+    """The row's values in ``schema.columns`` order, window bounds converted by
+    ``timestamp`` (epoch ms to whatever the store takes)."""
+    return [timestamp(row[column]) if schema.column_kind(column) == "timestamp" else row[column]
+            for column in schema.columns]
+
+
+def utc_datetime(millis: int) -> datetime.datetime:
+    """Epoch milliseconds as an aware UTC datetime (exact: ms fit in microseconds)."""
+    return _EPOCH + datetime.timedelta(milliseconds=millis)
+
+
+def utc_millis(moment: datetime.datetime) -> int:
+    """An aware datetime back to epoch milliseconds (the inverse of :func:`utc_datetime`)."""
+    return (moment - _EPOCH) // datetime.timedelta(milliseconds=1)
+
+
+def utc_now() -> datetime.datetime:
+    """The wall clock for ``written_at`` (excluded from every equality check)."""
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def newest_per_key(rows: Iterable[Dict[str, Any]], schema: RowSchema) -> Tuple[List[Dict[str, Any]], int]:
+    """One row per primary key, the one with the greatest ``event_count`` (on a tie
+    the later one, as a sequence of guarded upserts would keep), sorted by key; and
+    how many rows were superseded. Lets a sink write a batch as one set-based
+    statement or one file without changing what the guard would have kept."""
+    newest: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
+    total = 0
+    for row in rows:
+        total += 1
+        key = schema.key_of(row)
+        kept = newest.get(key)
+        if kept is None or row[EVENT_COUNT] >= kept[EVENT_COUNT]:
+            newest[key] = row
+    return [newest[key] for key in sorted(newest)], total - len(newest)
+
+
+def check_columns(found: Sequence[str], expected: Sequence[str], table: str, where: str,
+                  hint: str = "use another table (?table=NAME)") -> None:
+    """ValueError (one line) when an existing table has other columns than this job
+    writes (a table from another aggregate spec)."""
+    if list(found) != list(expected):
+        raise ValueError(
+            f"table {table!r} in {where} has columns {list(found)}, but this job writes {list(expected)}; {hint}")
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)

@@ -41,7 +41,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Iterable
 
-from onceflow.devstack import flink, flink_cluster, kafka, postgres, prism
+from onceflow.devstack import flink, flink_cluster, kafka, kafka_expansion, postgres, prism
 from onceflow.devstack.kafka import create_topic
 from onceflow.devstack.prism import prism_location
 from onceflow.errors import UsageError
@@ -53,6 +53,7 @@ SERVICES: dict[str, ModuleType] = {
     "prism": prism,
     "flink": flink,
     "flink-cluster": flink_cluster,
+    "kafka-expansion": kafka_expansion,
 }
 DEFAULT_SERVICES = ("kafka", "postgres")
 

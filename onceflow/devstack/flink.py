@@ -189,6 +189,11 @@ def up() -> bool:
         },
     )
     jars = resolve_jars()
+    # Beam's Java KafkaIO (onceflow.io.kafka_java) runs in this JVM (EMBEDDED
+    # environment): its jars follow the runner's on the classpath.
+    from onceflow.devstack import kafka_expansion
+
+    kafka_io_jars = kafka_expansion.resolve_kafka_io_jars()
     java = require_tool("java", "install a Java 17+ runtime (Debian: apt-get install -y openjdk-17-jre-headless)")
     _artifacts().mkdir(parents=True, exist_ok=True)
     command = [
@@ -196,7 +201,7 @@ def up() -> bool:
         "-Xmx2g",
         *JAVA_OPENS,
         "-cp",
-        maven.classpath(jars),
+        maven.classpath(jars) + os.pathsep + maven.classpath(kafka_io_jars),
         MAIN_CLASS,
         f"--flink-master={flink_master()}",
         f"--job-host={HOST}",

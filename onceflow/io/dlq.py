@@ -1,16 +1,22 @@
-"""Dead-letter sinks and readers: JSON lines in a local file."""
+"""Dead-letter sinks and readers: JSON lines in a local file, or a PostgreSQL
+table; :func:`parse_dlq_target` reads a ``--dlq`` value and
+:class:`WriteDeadLetters` writes to whichever it names."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
-from typing import Dict, Iterator, List
+import urllib.parse
+from typing import Any, Dict, Iterator, List
 
 import apache_beam as beam
 
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter, to_envelope, to_json_line
+from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, redact_url
+from onceflow.rows import check_identifier
 
 _MAX_BUFFERED = 500
 
@@ -82,3 +88,95 @@ def read_dead_letters(path: str) -> Iterator[Dict]:
                 continue
             seen.add(envelope["dlq_id"])
             yield envelope
+
+
+# -- choosing the dead-letter queue ---------------------------------------------
+
+DEFAULT_DLQ_TABLE = "dead_letters"
+# Schemes a --dlq URL may use; the Kafka dead-letter topic goes here when it exists.
+DLQ_SCHEMES = ("postgresql", "postgres")
+PLANNED_DLQ_FORMS = {"kafka": "kafka://HOST:PORT/TOPIC"}
+DLQ_FORMS = f"a file path (JSON lines) or {POSTGRES_FORM}"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class DlqTarget:
+    """A parsed ``--dlq`` value: ``kind`` ``jsonl`` (``location`` a file path) or
+    ``postgresql`` (``location`` a libpq URI that may hold a password: print
+    :meth:`describe`, never the field)."""
+
+    kind: str
+    location: str
+    table: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "jsonl":
+            return self.location
+        return f"{self.kind} {redact_url(self.location)} (table {self.table})"
+
+    def __repr__(self) -> str:
+        return f"DlqTarget({self.describe()!r})"
+
+
+def parse_dlq_target(text: str) -> DlqTarget:
+    """A file path, or ``postgresql://USER[:PASS]@HOST:PORT/DB?table=NAME``
+    (default table ``dead_letters``). ValueError names the expected forms."""
+    text = str(text).strip()
+    if not text:
+        raise ValueError(f"a dead-letter queue is needed (dead letters are never dropped): {DLQ_FORMS}")
+    if "://" not in text:
+        return DlqTarget("jsonl", text)
+    scheme = urllib.parse.urlsplit(text).scheme
+    if scheme in PLANNED_DLQ_FORMS:
+        raise ValueError(f"{PLANNED_DLQ_FORMS[scheme]} dead-letter queues are not yet supported; use {DLQ_FORMS}")
+    if scheme not in DLQ_SCHEMES:
+        raise ValueError(f"{redact_url(text)!r} has an unknown scheme; use {DLQ_FORMS}")
+    location, table = parse_postgres_url(text, DEFAULT_DLQ_TABLE)
+    return DlqTarget("postgresql", location, check_identifier(table, "table name"))
+
+
+def prepare_dlq(target: DlqTarget) -> None:
+    """Checks the queue is usable before the pipeline starts (creates the folder or
+    the table); ValueError or OSError with a one-line message, passwords redacted."""
+    if target.kind == "jsonl":
+        os.makedirs(os.path.dirname(os.path.abspath(target.location)), exist_ok=True)
+        return
+    from onceflow.io import postgres
+
+    try:
+        postgres.ensure_dlq_table(target.location, target.table)
+    except postgres.psycopg.Error as error:
+        raise ValueError(f"cannot use {target.describe()}: {first_line(error)}") from None
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Writes dead letters to the queue a :class:`DlqTarget` names: appended JSON
+    lines (:class:`WriteDeadLettersToJsonl`) or a PostgreSQL table
+    (:class:`onceflow.io.postgres.WriteDeadLettersToPostgres`). Either way
+    at-least-once delivery, and readers see each ``dlq_id`` once."""
+
+    def __init__(self, target: DlqTarget, pipeline: str, pipeline_version: str):
+        super().__init__()
+        if target.kind == "jsonl":
+            # The same step as WriteDeadLettersToJsonl's: WriteDeadLetters/AppendJsonLines.
+            self._label = "AppendJsonLines"
+            self._transform = beam.ParDo(_AppendJsonlDoFn(target.location, pipeline, pipeline_version))
+        elif target.kind == "postgresql":
+            from onceflow.io.postgres import WriteDeadLettersToPostgres  # needs psycopg only here
+
+            self._label = "InsertIntoPostgres"
+            self._transform = WriteDeadLettersToPostgres(target.location, target.table, pipeline, pipeline_version)
+        else:
+            raise ValueError(f"unknown dead-letter queue kind {target.kind!r}")
+
+    def expand(self, letters: beam.PCollection) -> beam.PCollection:
+        return letters | self._label >> self._transform
+
+
+def read_dead_letters_from(target: DlqTarget) -> Iterator[Dict[str, Any]]:
+    """Each envelope in the queue once, whichever kind it is."""
+    if target.kind == "jsonl":
+        return read_dead_letters(target.location)
+    from onceflow.io.postgres import read_dead_letters as read_table
+
+    return read_table(target.location, target.table)

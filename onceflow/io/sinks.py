@@ -1,58 +1,237 @@
-"""Choosing a sink by URL, and the one transform that writes rows to it."""
+"""Choosing a sink by URL, and the one transform that writes rows to it.
+
+Each scheme is one entry of :data:`SINKS`: how to parse its URL, how to prepare
+the sink before the pipeline starts, and which transform writes to it. Sink
+modules are imported only when their scheme is used, so a missing optional
+client (psycopg, google-cloud-bigquery) matters only to its own sink.
+
+    sqlite:///REL/PATH.db | sqlite:////ABS/PATH.db          [?table=NAME]
+    postgresql://USER[:PASS]@HOST[:PORT]/DB  (postgres://)  [?table=NAME&sslmode=...]
+    bigquery://PROJECT.DATASET.TABLE                        [?method=merge|cdc]
+    file:///ABS/DIR | file:REL/DIR                          [?format=parquet|avro]
+    kafka://HOST:PORT/TOPIC                                 not yet supported
+
+Every sink is an idempotent upsert on the row key guarded by ``event_count``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import urllib.parse
-from typing import Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import apache_beam as beam
 
-from onceflow.io.sqlite import WriteRowsToSqlite, ensure_table
+from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, query_params, redact_url
 from onceflow.rows import RowSchema, check_identifier
 
 DEFAULT_TABLE = "aggregates"
-SINK_SCHEMES = ("sqlite",)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SinkTarget:
+    """A parsed ``--sink`` URL. ``location`` is a file path (sqlite), a libpq URI
+    without ``table`` (postgresql, may hold a password: print :meth:`describe`,
+    never the field), ``PROJECT.DATASET`` (bigquery) or a directory (file)."""
+
+    scheme: str
+    location: str
+    table: Optional[str] = None
+    options: Tuple[Tuple[str, str], ...] = ()
+
+    def option(self, name: str) -> Optional[str]:
+        return dict(self.options).get(name)
+
+    def describe(self) -> str:
+        """For people and logs; passwords redacted."""
+        detail = f"table {self.table}" if self.table else ""
+        extra = ", ".join(f"{k} {v}" for k, v in self.options)
+        inside = "; ".join(part for part in (detail, extra) if part)
+        return f"{self.scheme} {redact_url(self.location)}" + (f" ({inside})" if inside else "")
+
+    def __repr__(self) -> str:
+        return f"SinkTarget({self.describe()!r})"
 
 
 @dataclasses.dataclass(frozen=True)
-class SinkTarget:
-    """A parsed ``--sink`` URL."""
+class SinkKind:
+    """One scheme: the URL form (for messages), and how to parse, prepare and write."""
 
-    scheme: str
-    location: str  # a file path for sqlite
-    table: str
-
-    def describe(self) -> str:
-        return f"{self.scheme} {self.location} (table {self.table})"
+    form: str
+    parse: Callable[[str, urllib.parse.SplitResult], SinkTarget]
+    prepare: Callable[[SinkTarget, RowSchema], None]
+    write: Callable[[SinkTarget, RowSchema, int], Tuple[str, beam.PTransform]]
 
 
-def parse_sink_url(url: str) -> SinkTarget:
-    """``sqlite:///relative.db``, ``sqlite:////abs/path.db``, optional ``?table=NAME``.
+# -- sqlite ---------------------------------------------------------------------
 
-    Raises ValueError whose message says what is wrong and the expected form.
-    """
-    parsed = urllib.parse.urlsplit(str(url))
-    if parsed.scheme not in SINK_SCHEMES:
-        raise ValueError(f"{url!r} has an unknown scheme; use one of: "
-                         + ", ".join(f"{s}://..." for s in SINK_SCHEMES))
-    query: Dict[str, list] = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
-    unknown = set(query) - {"table"}
-    if unknown:
-        raise ValueError(f"{url!r}: unknown parameter {sorted(unknown)[0]!r}; only ?table=NAME is accepted")
-    table = query.get("table", [DEFAULT_TABLE])[-1]
-    check_identifier(table, "table name")
+
+def _parse_sqlite(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
+    query = query_params(url, ("table",))
+    table = check_identifier(query.get("table", DEFAULT_TABLE), "table name")
     if parsed.netloc:
         raise ValueError(f"{url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db (three or four slashes)")
     path = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
     if not path or path.endswith("/"):
         raise ValueError(f"{url!r} names no database file; e.g. sqlite:///out/aggregates.db")
-    return SinkTarget(parsed.scheme, path, table)
+    return SinkTarget("sqlite", path, table)
+
+
+def _prepare_sqlite(target: SinkTarget, schema: RowSchema) -> None:
+    from onceflow.io.sqlite import ensure_table
+
+    ensure_table(target.location, target.table, schema)
+
+
+def _write_sqlite(target: SinkTarget, schema: RowSchema, batch_size: int):
+    from onceflow.io.sqlite import WriteRowsToSqlite
+
+    return "WriteToSqlite", WriteRowsToSqlite(target.location, target.table, schema, batch_size)
+
+
+# -- postgresql -----------------------------------------------------------------
+
+
+def _parse_postgres(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
+    location, table = parse_postgres_url(url, DEFAULT_TABLE)
+    return SinkTarget("postgresql", location, check_identifier(table, "table name"))
+
+
+def _prepare_postgres(target: SinkTarget, schema: RowSchema) -> None:
+    from onceflow.io import postgres
+
+    try:
+        postgres.ensure_table(target.location, target.table, schema)
+    except postgres.psycopg.Error as error:
+        raise ValueError(f"cannot use {target.describe()}: {first_line(error)}") from None
+
+
+def _write_postgres(target: SinkTarget, schema: RowSchema, batch_size: int):
+    from onceflow.io.postgres import WriteRowsToPostgres
+
+    return "WriteToPostgres", WriteRowsToPostgres(target.location, target.table, schema, batch_size)
+
+
+# -- bigquery -------------------------------------------------------------------
+
+
+def _parse_bigquery(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
+    from onceflow.io.bigquery import METHODS, TABLE_FORM, parse_table_spec
+
+    query = query_params(url, ("method",))
+    if parsed.path or not parsed.netloc:
+        raise ValueError(f"{url!r}: write {TABLE_FORM}")
+    project, dataset, table = parse_table_spec(parsed.netloc)
+    method = query.get("method", "merge")
+    if method not in METHODS:
+        raise ValueError(f"{url!r}: method {method!r} is not supported; use {' or '.join(METHODS)}")
+    return SinkTarget("bigquery", f"{project}.{dataset}", table, (("method", method),))
+
+
+def _bigquery_parts(target: SinkTarget) -> Tuple[str, str, str]:
+    project, dataset = target.location.split(".")
+    return project, dataset, target.table
+
+
+def _prepare_bigquery(target: SinkTarget, schema: RowSchema) -> None:
+    from onceflow.io.bigquery import ensure_table
+
+    try:
+        ensure_table(*_bigquery_parts(target), schema, target.option("method"))
+    except ValueError:
+        raise
+    except Exception as error:  # the client's errors, whatever their class: one line
+        raise ValueError(f"cannot use {target.describe()}: {first_line(error)}") from None
+
+
+def _write_bigquery(target: SinkTarget, schema: RowSchema, batch_size: int):
+    from onceflow.io.bigquery import WriteRowsToBigQuery
+
+    return "WriteToBigQuery", WriteRowsToBigQuery(*_bigquery_parts(target), schema, batch_size,
+                                                  method=target.option("method"))
+
+
+# -- files ----------------------------------------------------------------------
+
+
+def _parse_file(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
+    from onceflow.io.file_sink import FORMATS
+
+    query = query_params(url, ("format",))
+    if parsed.netloc:
+        raise ValueError(f"{url!r}: write file:///ABSOLUTE/DIR or file:RELATIVE/DIR (no host)")
+    directory = urllib.parse.unquote(parsed.path).rstrip("/")
+    if not directory:
+        raise ValueError(f"{url!r} names no directory; e.g. file:///data/aggregates?format=parquet")
+    file_format = query.get("format", "parquet")
+    if file_format not in FORMATS:
+        raise ValueError(f"{url!r}: format {file_format!r} is not supported; use ?format=parquet or ?format=avro")
+    return SinkTarget("file", directory, None, (("format", file_format),))
+
+
+def _prepare_file(target: SinkTarget, _schema: RowSchema) -> None:
+    from onceflow.io.file_sink import prepare_directory
+
+    prepare_directory(target.location)
+
+
+def _write_file(target: SinkTarget, schema: RowSchema, batch_size: int):
+    from onceflow.io.file_sink import WriteRowsToFiles
+
+    return "WriteToFiles", WriteRowsToFiles(target.location, schema, target.option("format"), batch_size)
+
+
+# -- the registry ---------------------------------------------------------------
+
+_POSTGRES = SinkKind(POSTGRES_FORM, _parse_postgres, _prepare_postgres,
+                     _write_postgres)
+
+SINKS: Dict[str, Optional[SinkKind]] = {
+    "sqlite": SinkKind("sqlite:///PATH.db?table=NAME", _parse_sqlite, _prepare_sqlite, _write_sqlite),
+    "postgresql": _POSTGRES,
+    "postgres": _POSTGRES,
+    "bigquery": SinkKind("bigquery://PROJECT.DATASET.TABLE", _parse_bigquery, _prepare_bigquery, _write_bigquery),
+    "file": SinkKind("file:///DIR?format=parquet|avro", _parse_file, _prepare_file, _write_file),
+    # The Kafka aggregates-topic writer: replace None with its SinkKind.
+    "kafka": None,
+}
+PLANNED_FORMS = {"kafka": "kafka://HOST:PORT/TOPIC"}
+
+
+def expected_forms() -> str:
+    forms = dict.fromkeys(kind.form for kind in SINKS.values() if kind is not None)
+    return ", ".join(forms)
+
+
+def parse_sink_url(url: str) -> SinkTarget:
+    """A :class:`SinkTarget` from a ``--sink`` URL (forms in the module docstring).
+
+    Raises ValueError whose message says what is wrong and the expected forms
+    (passwords redacted).
+    """
+    text = str(url)
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in SINKS:
+        raise ValueError(f"{redact_url(text)!r} has an unknown scheme; use one of: {expected_forms()}")
+    kind = SINKS[parsed.scheme]
+    if kind is None:
+        raise ValueError(f"{PLANNED_FORMS.get(parsed.scheme, parsed.scheme + '://')} sinks are not yet supported; "
+                         f"use one of: {expected_forms()}")
+    return kind.parse(text, parsed)
+
+
+def _kind(target: SinkTarget) -> SinkKind:
+    kind = SINKS.get(target.scheme)
+    if kind is None:
+        raise ValueError(f"{target.scheme} sinks are not supported")
+    return kind
 
 
 def prepare_sink(target: SinkTarget, schema: RowSchema) -> None:
-    """Checks the sink is usable before the pipeline starts (creates the table)."""
-    ensure_table(target.location, target.table, schema)
+    """Checks the sink is usable before the pipeline starts: creates the table or
+    directory, refuses a table with other columns. Raises ValueError or OSError
+    with a one-line message (passwords redacted)."""
+    _kind(target).prepare(target, schema)
 
 
 class WriteRows(beam.PTransform):
@@ -61,11 +240,7 @@ class WriteRows(beam.PTransform):
 
     def __init__(self, target: SinkTarget, schema: RowSchema, batch_size: int = 500):
         super().__init__()
-        check_identifier(target.table, "table name")
-        self._target = target
-        self._schema = schema
-        self._batch_size = batch_size
+        self._label, self._transform = _kind(target).write(target, schema, batch_size)
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
-        return rows | "WriteToSqlite" >> WriteRowsToSqlite(
-            self._target.location, self._target.table, self._schema, self._batch_size)
+        return rows | self._label >> self._transform

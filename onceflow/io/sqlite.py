@@ -9,10 +9,9 @@ from typing import Any, Dict, List, Sequence
 
 import apache_beam as beam
 
-from onceflow import metrics
 from onceflow.events import format_utc_ms
-from onceflow.io.retry import call_with_retries
-from onceflow.rows import EVENT_COUNT, WRITTEN_AT, RowSchema, check_identifier
+from onceflow.io.batching import UpsertRowsDoFn
+from onceflow.rows import EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, row_values
 
 _SQL_TYPES = {"key": "TEXT NOT NULL", "timestamp": "TEXT NOT NULL", "integer": "INTEGER", "number": "NUMERIC"}
 
@@ -50,38 +49,26 @@ def ensure_table(path: str, table: str, schema: RowSchema) -> None:
     with sqlite3.connect(path, timeout=60) as connection:
         connection.execute(create_table_sql(table, schema))
         found = [row[1] for row in connection.execute(f"PRAGMA table_info({_quote(table)})")]
-    expected = [*schema.columns, WRITTEN_AT]
-    if found != expected:
-        raise ValueError(
-            f"table {table!r} in {path} has columns {found}, but this job writes {expected}; "
-            "use another table (?table=NAME) or another file"
-        )
+    check_columns(found, [*schema.columns, WRITTEN_AT], table, path,
+                  hint="use another table (?table=NAME) or another file")
 
 
 def to_sql_values(row: Dict[str, Any], schema: RowSchema, written_at: str) -> List[Any]:
-    values = []
-    for column in schema.columns:
-        value = row[column]
-        values.append(format_utc_ms(value) if schema.column_kind(column) == "timestamp" else value)
-    values.append(written_at)
-    return values
+    return [*row_values(row, schema, format_utc_ms), written_at]
 
 
 def _is_transient(error: BaseException) -> bool:
     return isinstance(error, sqlite3.OperationalError) and "locked" in str(error).lower()
 
 
-class _SqliteUpsertDoFn(beam.DoFn):
+class _SqliteUpsertDoFn(UpsertRowsDoFn):
     def __init__(self, path: str, table: str, schema: RowSchema, batch_size: int):
+        super().__init__(batch_size, what=f"upsert into {table}")
         self._path = path
         self._table = table
         self._schema = schema
-        self._batch_size = batch_size
-        self._written = metrics.counter(metrics.SINK_ROWS_WRITTEN)
-        self._stale = metrics.counter(metrics.SINK_ROWS_STALE)
-        self._retries = metrics.counter(metrics.SINK_RETRIES)
 
-    def setup(self) -> None:
+    def open(self) -> None:
         ensure_table(self._path, self._table, self._schema)
         # Beam may call setup, process and teardown on different threads of one worker;
         # this DoFn instance never uses the connection from two threads at once.
@@ -89,36 +76,17 @@ class _SqliteUpsertDoFn(beam.DoFn):
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._statement = upsert_sql(self._table, self._schema)
 
-    def start_bundle(self) -> None:
-        self._batch: List[Dict[str, Any]] = []
-
-    def process(self, row: Dict[str, Any]):
-        self._batch.append(row)
-        if len(self._batch) >= self._batch_size:
-            self._flush()
-
-    def finish_bundle(self) -> None:
-        self._flush()
-
-    def teardown(self) -> None:
+    def close(self) -> None:
         connection = getattr(self, "_connection", None)
         if connection is not None:
             connection.close()
 
-    def _flush(self) -> None:
-        if not self._batch:
-            return
-        written_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        values = [to_sql_values(row, self._schema, written_at) for row in self._batch]
-        changed = call_with_retries(
-            lambda: self._write(values), _is_transient, what=f"upsert into {self._table}",
-            on_retry=lambda _: self._retries.inc(),
-        )
-        self._written.inc(changed)
-        self._stale.inc(len(values) - changed)
-        self._batch = []
+    def is_transient(self, error: BaseException) -> bool:
+        return _is_transient(error)
 
-    def _write(self, values: Sequence[Sequence[Any]]) -> int:
+    def upsert(self, rows: Sequence[Dict[str, Any]], written_at: datetime.datetime) -> int:
+        stamp = written_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        values = [to_sql_values(row, self._schema, stamp) for row in rows]
         connection = self._connection
         before = connection.total_changes
         connection.execute("BEGIN IMMEDIATE")

@@ -22,13 +22,17 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
-from onceflow.errors import UsageError
+from onceflow.errors import ServiceError, UsageError
 from onceflow.events import EventContract
-from onceflow.io.dlq import WriteDeadLettersToJsonl
+from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target
 from onceflow.io.files import ReadRecordsFromFiles, read_avro_writer_schema
+from onceflow.io.kafka_config import (
+    COMMITTED, EARLIEST, KafkaReadConfig, is_kafka_url, parse_client_settings, parse_kafka_url, parse_position,
+)
+from onceflow.io.kafka_source import ReadFromKafka, describe_topic
 from onceflow.io.sinks import SinkTarget, WriteRows, parse_sink_url, prepare_sink
 from onceflow.options import (
-    AggregateOptions, EventOptions, InputOptions, OutputOptions, WindowOptions,
+    AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions, WindowOptions,
     flag_error, help_text, optional_text, parse_pipeline_args, positive_int, split_fields,
 )
 from onceflow.pipelines.summary import RunSummary, collect_summary
@@ -52,10 +56,17 @@ class AggregateJob:
     dlq_path: str
     early_firing_ms: Optional[int] = None
     sink_batch_size: int = 500
+    kafka: Optional[KafkaReadConfig] = None  # set when --input is kafka://...
+    kafka_idle_timeout_ms: int = 30_000
 
     @property
     def row_schema(self) -> RowSchema:
         return RowSchema(self.contract.key_fields, self.aggregates)
+
+    @property
+    def is_live(self) -> bool:
+        """A live (unbounded) Kafka read: the job runs until stopped."""
+        return self.kafka is not None and not self.kafka.bounded
 
 
 class AggregateOutputs(NamedTuple):
@@ -105,9 +116,19 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         raise flag_error("--window_period", error) from None
 
     input_pattern = str(source.input)
+    kafka_topic = None
+    if is_kafka_url(input_pattern):
+        try:
+            kafka_topic = parse_kafka_url(input_pattern)
+        except ValueError as error:
+            raise flag_error("--input", error) from None
+    elif source.read_from or source.read_to:
+        raise UsageError("--from/--to: only a kafka://HOST:PORT/TOPIC input reads a range")
     input_format = source.input_format or ("avro" if input_pattern.endswith(".avro") else "json")
     writer_schema = None
     if input_format == "avro":
+        if kafka_topic is not None:
+            raise UsageError("--input_format: Avro from Kafka is not supported yet; produce JSON records")
         writer_schema = _first_avro_schema(input_pattern)
 
     key_fields = split_fields(event.key_fields, "--key_fields")
@@ -131,10 +152,24 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         RowSchema(contract.key_fields, aggregates)
     except ValueError as error:
         raise UsageError(f"--key_fields/--aggregate: {error}") from None
-    dlq_path = optional_text(output.dlq)
-    if dlq_path is None:
-        raise UsageError("--dlq: a path is needed; dead letters are never dropped")
+    dlq_path = optional_text(output.dlq) or ""
+    try:
+        parse_dlq_target(dlq_path)
+    except ValueError as error:
+        raise flag_error("--dlq", error) from None
+    kafka = None
+    kafka_options = options.view_as(KafkaOptions)
+    if kafka_topic is not None:
+        kafka = _kafka_read_config(kafka_topic, source, kafka_options)
+    try:
+        idle_ms = parse_duration_ms(kafka_options.kafka_idle_timeout)
+        if idle_ms <= 0:
+            raise ValueError("the idle timeout must be more than 0")
+    except ValueError as error:
+        raise flag_error("--kafka_idle_timeout", error) from None
     return AggregateJob(
+        kafka=kafka,
+        kafka_idle_timeout_ms=idle_ms,
         input_pattern=input_pattern,
         contract=contract,
         window_spec=window_spec,
@@ -144,6 +179,29 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         early_firing_ms=early_ms,
         sink_batch_size=positive_int(output.sink_batch_size, "--sink_batch_size"),
     )
+
+
+def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions) -> KafkaReadConfig:
+    try:
+        start = parse_position(source.read_from, "--from") if source.read_from else EARLIEST
+        stop = parse_position(source.read_to, "--to") if source.read_to else None
+        settings = parse_client_settings(kafka_options.kafka_setting, "--kafka_setting")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if stop is None and start.kind == "offsets":
+        raise UsageError("--from: offsets:... is for bounded reads (with --to); a live read resumes "
+                         "from the group's committed offsets")
+    group = optional_text(kafka_options.kafka_group)
+    if stop is None and group is None:
+        raise UsageError("--kafka_group: a live read needs a consumer group to commit offsets to")
+    try:
+        if stop is None:  # live: committed offsets first, --from where there are none
+            return KafkaReadConfig(topic, start=COMMITTED, start_fallback=start, group_id=group,
+                                   time_source=kafka_options.kafka_time_source, client_settings=settings)
+        return KafkaReadConfig(topic, start=start, stop=stop, group_id=None,
+                               time_source=kafka_options.kafka_time_source, client_settings=settings)
+    except ValueError as error:
+        raise UsageError(f"--from/--to: {error}") from None
 
 
 def _first_avro_schema(pattern: str) -> dict:
@@ -172,11 +230,15 @@ def aggregate_events(records: beam.PCollection, job: AggregateJob) -> AggregateO
 
 def build(pipeline: beam.Pipeline, job: AggregateJob) -> AggregateOutputs:
     """Adds the whole job (read, transform, write) to ``pipeline``."""
-    records = pipeline | "ReadFiles" >> ReadRecordsFromFiles(job.input_pattern, job.contract)
+    if job.kafka is not None:
+        records = pipeline | "ReadKafka" >> ReadFromKafka(
+            job.kafka, job.contract, idle_timeout_s=job.kafka_idle_timeout_ms / 1000)
+    else:
+        records = pipeline | "ReadFiles" >> ReadRecordsFromFiles(job.input_pattern, job.contract)
     outputs = aggregate_events(records, job)
     outputs.rows | "WriteRows" >> WriteRows(job.sink, job.row_schema, job.sink_batch_size)
-    outputs.dead_letters | "WriteDeadLetters" >> WriteDeadLettersToJsonl(
-        job.dlq_path, PIPELINE_NAME, ONCEFLOW_VERSION)
+    outputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
+        parse_dlq_target(job.dlq_path), PIPELINE_NAME, ONCEFLOW_VERSION)
     return outputs
 
 
@@ -189,12 +251,41 @@ def _check_input_exists(pattern: str) -> None:
         raise UsageError(f"--input: nothing matches {pattern!r}; give a file path or glob")
 
 
+def _choose_streaming_runner(options: PipelineOptions) -> None:
+    """A live read needs a streaming runner. With no --runner, use Prism built by
+    ``onceflow dev up --services prism`` (the DirectRunner would silently run a
+    live read in batch mode and never emit a window)."""
+    standard = options.view_as(StandardOptions)
+    standard.streaming = True
+    if standard.runner is not None:
+        return
+    from apache_beam.options.pipeline_options import PrismRunnerOptions
+
+    from onceflow.devstack.prism import prism_location
+
+    prism = options.view_as(PrismRunnerOptions)
+    location = prism.prism_location or prism_location()
+    if location is None:
+        raise UsageError("a live kafka:// read needs a streaming runner: run `onceflow dev up --services prism` "
+                         "(builds Prism), or pass --runner=PrismRunner --prism_location=PATH, or another runner")
+    standard.runner = "PrismRunner"
+    prism.prism_location = location
+
+
 def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     """Parses flags, runs the job to completion and returns its summary."""
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
     options = parse_pipeline_args(args)
     job = job_from_options(options)
-    _check_input_exists(job.input_pattern)
+    if job.kafka is not None:
+        try:
+            describe_topic(job.kafka)
+        except RuntimeError as error:
+            raise ServiceError(f"--input: {error}") from None
+    else:
+        _check_input_exists(job.input_pattern)
+    if job.is_live:
+        _choose_streaming_runner(options)
     try:
         prepare_sink(job.sink, job.row_schema)
     except (ValueError, OSError) as error:
@@ -204,8 +295,13 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     pipeline = beam.Pipeline(options=options)
     build(pipeline, job)
     result = pipeline.run()
-    result.wait_until_finish()
-    return collect_summary(result, runner, time.monotonic() - started, job.sink.describe(), job.dlq_path)
+    try:
+        result.wait_until_finish()
+    except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
+        print("aggregate: stopping...", file=sys.stderr)
+        result.cancel()
+    return collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
+                           parse_dlq_target(job.dlq_path).describe())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -218,6 +314,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as error:
         print(f"aggregate: error: {error}", file=sys.stderr)
         return 2
+    except ServiceError as error:
+        print(f"aggregate: {error}", file=sys.stderr)
+        return 1
     print(summary.render())
     return 0
 

@@ -6,8 +6,11 @@ from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.transforms import trigger, window
-from apache_beam.utils.timestamp import Duration
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms import window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Duration, Timestamp
 
 from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation
@@ -72,28 +75,6 @@ class _AggregateCombineFn(beam.CombineFn):
         return self._aggregation.extract(accumulator)
 
 
-def _to_row(key_fields: Sequence[str], key: Tuple[str, ...], start_ms: int, end_ms: int,
-            columns: Dict[str, Any]) -> Dict[str, Any]:
-    row: Dict[str, Any] = dict(zip(key_fields, key))
-    row[WINDOW_START] = start_ms
-    row[WINDOW_END] = end_ms
-    row.update(columns)
-    return row
-
-
-class _ToRowDoFn(beam.DoFn):
-    """Streaming path: the window comes from Beam's windowing."""
-
-    def __init__(self, key_fields: Sequence[str]):
-        self._key_fields = tuple(key_fields)
-        self._rows = metrics.counter(metrics.ROWS_EMITTED)
-
-    def process(self, element: Tuple[Tuple[str, ...], Dict[str, Any]], win=beam.DoFn.WindowParam):
-        key, columns = element
-        self._rows.inc()
-        yield _to_row(self._key_fields, key, win.start.micros // 1000, win.end.micros // 1000, columns)
-
-
 class _KeyByKeyAndWindowDoFn(beam.DoFn):
     def __init__(self, spec: WindowSpec):
         self._spec = spec
@@ -103,8 +84,87 @@ class _KeyByKeyAndWindowDoFn(beam.DoFn):
             yield (event.key, start, end), event
 
 
+class _AccumulatePanesDoFn(beam.DoFn):
+    """Unbounded input: per (key, window), accumulate in state and emit panes.
+
+    One event-time timer per key and window: at the window end it emits the on-time
+    pane and is set again to window end + allowed lateness, when it drops the state
+    (by then no event can still arrive for the window: the lateness rule sends it
+    to the dead-letter queue first). A single timer cannot fire out of order with
+    itself, so the on-time pane is never lost to an early clean-up. Late pane: every
+    event that arrives after the on-time pane (each one a newer, more complete
+    version of the row). Early panes: with ``early_firing_ms``, a processing-time
+    timer while the window is open. Runs in the global window with timers only, so it
+    behaves alike on every runner (Beam's own accumulating late panes are not
+    reliable on every local runner).
+    """
+
+    PANE = ReadModifyWriteStateSpec("pane", PickleCoder())  # (accumulator, emitted_count, on_time_fired)
+    WINDOW_TIMER = TimerSpec("window", TimeDomain.WATERMARK)  # window end, then end + lateness
+    EARLY = TimerSpec("early", TimeDomain.REAL_TIME)
+
+    def __init__(self, aggregates: Sequence[AggregateSpec], allowed_lateness_ms: int,
+                 early_firing_ms: Optional[int]):
+        self._aggregation = Aggregation(aggregates)
+        self._lateness_ms = allowed_lateness_ms
+        self._early_firing_ms = early_firing_ms
+
+    def process(
+        self,
+        element: Tuple[Tuple[Tuple[str, ...], int, int], Event],
+        pane=beam.DoFn.StateParam(PANE),
+        window_timer=beam.DoFn.TimerParam(WINDOW_TIMER),
+        early=beam.DoFn.TimerParam(EARLY),
+    ):
+        key, event = element
+        held = pane.read()
+        if held is None:
+            held = (self._aggregation.create(), 0, False)
+            _, _, end_ms = key
+            window_timer.set(Timestamp(micros=end_ms * 1000))
+            if self._early_firing_ms is not None:
+                early.set(Timestamp.now() + Duration(micros=self._early_firing_ms * 1000))
+        accumulator, emitted, on_time_fired = held
+        self._aggregation.add(accumulator, event.event_time_ms, event.event_id, event.values)
+        if on_time_fired:  # a late pane
+            pane.write((accumulator, accumulator.count, True))
+            yield key, self._aggregation.extract(accumulator)
+        else:
+            pane.write((accumulator, emitted, False))
+
+    @on_timer(WINDOW_TIMER)
+    def on_window_timer(self, key=beam.DoFn.KeyParam, pane=beam.DoFn.StateParam(PANE),
+                        window_timer=beam.DoFn.TimerParam(WINDOW_TIMER)):
+        held = pane.read()
+        if held is None:
+            return
+        accumulator, _, on_time_fired = held
+        if on_time_fired:  # window end + allowed lateness: nothing more can come
+            pane.clear()
+            return
+        _, _, end_ms = key
+        if self._lateness_ms > 0:
+            pane.write((accumulator, accumulator.count, True))
+            window_timer.set(Timestamp(micros=(end_ms + self._lateness_ms) * 1000))
+        else:
+            pane.clear()
+        yield key, self._aggregation.extract(accumulator)
+
+    @on_timer(EARLY)
+    def fire_early(self, key=beam.DoFn.KeyParam, pane=beam.DoFn.StateParam(PANE),
+                   early=beam.DoFn.TimerParam(EARLY)):
+        held = pane.read()
+        if held is None or held[2]:
+            return  # expired, or the on-time pane has fired: no more early panes
+        accumulator, emitted, _ = held
+        if accumulator.count > emitted:
+            pane.write((accumulator, accumulator.count, False))
+            yield key, self._aggregation.extract(accumulator)
+        early.set(Timestamp.now() + Duration(micros=self._early_firing_ms * 1000))
+
+
 class _KeyAndWindowToRowDoFn(beam.DoFn):
-    """Bounded path: the window was folded into the key."""
+    """The window was folded into the key: ((key, start, end), columns) to a row."""
 
     def __init__(self, key_fields: Sequence[str]):
         self._key_fields = tuple(key_fields)
@@ -112,12 +172,12 @@ class _KeyAndWindowToRowDoFn(beam.DoFn):
 
     def process(self, element: Tuple[Tuple[Tuple[str, ...], int, int], Dict[str, Any]]):
         (key, start_ms, end_ms), columns = element
+        row: Dict[str, Any] = dict(zip(self._key_fields, key))
+        row[WINDOW_START] = start_ms
+        row[WINDOW_END] = end_ms
+        row.update(columns)
         self._rows.inc()
-        yield _to_row(self._key_fields, key, start_ms, end_ms, columns)
-
-
-def _key_of(event: Event) -> Tuple[Tuple[str, ...], Event]:
-    return event.key, event
+        yield row
 
 
 class WindowedAggregate(beam.PTransform):
@@ -138,18 +198,18 @@ class WindowedAggregate(beam.PTransform):
     Output rows (dicts): the key fields, ``window_start`` and ``window_end`` (epoch
     milliseconds, UTC; the deterministic primary key with the key fields), one
     column per aggregate spec, and ``event_count``, the number of distinct events
-    covered, which orders two versions of the same row. Panes accumulate, so every
-    pane is a complete newer version of its row: on a streaming runner the on-time
-    pane fires when the watermark passes the window end, optional early panes every
-    ``early_firing_ms`` of processing time, and a late pane for each late event
-    within the allowed lateness. In batch each row is emitted once.
+    covered, which orders two versions of the same row.
 
-    On bounded input (a backfill) there are no panes to fire: the window is
-    folded into the key (the windows of :class:`~onceflow.windowing.WindowSpec`,
-    the same ones Beam assigns) and combined in the global window, which is several
-    times faster on local runners and gives the same rows as the final pane of a
-    live run. Aggregate values do not depend on event order or bundling (see
-    :mod:`onceflow.aggregates`), so a live run, a restart and a backfill agree.
+    Windows are those of :class:`~onceflow.windowing.WindowSpec` (the same ones
+    Beam's ``FixedWindows``/``SlidingWindows`` assign), folded into the key; the
+    grouping runs in the global window. On bounded input (a backfill) a combiner
+    emits each row once. On unbounded input a stateful step emits panes, each a
+    complete newer version of its row: early panes every ``early_firing_ms`` of
+    processing time (optional), the on-time pane when the watermark passes the
+    window end, and a late pane for each later event within the allowed lateness.
+    Aggregate values do not depend on event order or bundling (see
+    :mod:`onceflow.aggregates`), so the final pane of a live run, a restart and a
+    backfill agree.
 
     Metrics: ``events_timely``, ``dead_letters.too_late``, ``duplicates_dropped``,
     ``events_unique``, ``rows_emitted``.
@@ -176,17 +236,6 @@ class WindowedAggregate(beam.PTransform):
         self._early_firing_ms = early_firing_ms
         self._dedup = dedup
 
-    def _window_fn(self):
-        if self._spec.is_sliding:
-            return window.SlidingWindows(self._spec.size_ms / 1000.0, self._spec.step_ms / 1000.0)
-        return window.FixedWindows(self._spec.size_ms / 1000.0)
-
-    def _trigger(self):
-        early = None
-        if self._early_firing_ms is not None:
-            early = trigger.AfterProcessingTime(self._early_firing_ms // 1000)
-        return trigger.AfterWatermark(early=early, late=trigger.AfterCount(1))
-
     def expand(self, events: beam.PCollection) -> Aggregated:
         screened = events | "RejectTooLate" >> beam.ParDo(_RejectTooLateDoFn(self._spec)).with_outputs(
             _TOO_LATE, main="timely"
@@ -194,25 +243,12 @@ class WindowedAggregate(beam.PTransform):
         timely = screened.timely
         if self._dedup:
             timely = timely | "DedupByEventId" >> DedupByEventId(self._spec.dedup_horizon_ms)
+        keyed = timely | "KeyByKeyAndWindow" >> beam.ParDo(_KeyByKeyAndWindowDoFn(self._spec)).with_output_types(
+            Tuple[Tuple[Tuple[str, ...], int, int], Any])
         if timely.is_bounded:
-            rows = (
-                timely
-                | "KeyByKeyAndWindow" >> beam.ParDo(_KeyByKeyAndWindowDoFn(self._spec)).with_output_types(
-                    Tuple[Tuple[Tuple[str, ...], int, int], Any])
-                | "CombinePerKeyAndWindow" >> beam.CombinePerKey(_AggregateCombineFn(self._aggregates))
-                | "ToRows" >> beam.ParDo(_KeyAndWindowToRowDoFn(self._key_fields))
-            )
-            return Aggregated(rows=rows, dead_letters=screened[_TOO_LATE])
-        rows = (
-            timely
-            | "IntoEventTimeWindows" >> beam.WindowInto(
-                self._window_fn(),
-                trigger=self._trigger(),
-                accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
-                allowed_lateness=Duration(micros=self._spec.allowed_lateness_ms * 1000),
-            )
-            | "KeyByKeyFields" >> beam.Map(_key_of).with_output_types(Tuple[Tuple[str, ...], Any])
-            | "CombinePerKeyAndWindow" >> beam.CombinePerKey(_AggregateCombineFn(self._aggregates))
-            | "ToRows" >> beam.ParDo(_ToRowDoFn(self._key_fields))
-        )
+            columns = keyed | "CombinePerKeyAndWindow" >> beam.CombinePerKey(_AggregateCombineFn(self._aggregates))
+        else:
+            columns = keyed | "AccumulatePerKeyAndWindow" >> beam.ParDo(_AccumulatePanesDoFn(
+                self._aggregates, self._spec.allowed_lateness_ms, self._early_firing_ms))
+        rows = columns | "ToRows" >> beam.ParDo(_KeyAndWindowToRowDoFn(self._key_fields))
         return Aggregated(rows=rows, dead_letters=screened[_TOO_LATE])

@@ -9,7 +9,7 @@ from apache_beam import pvalue
 
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter
-from onceflow.events import Event, EventContract, RecordError, SourceRecord
+from onceflow.events import EventContract, RecordError, SourceRecord
 
 STAGE = "parse"
 _DEAD_LETTERS = "dead_letters"

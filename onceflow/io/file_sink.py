@@ -1,0 +1,259 @@
+"""File sink: one Parquet or Avro file per window, rewritten idempotently.
+
+Layout: ``DIR/<window_start>_<window_end>.<parquet|avro>``, times as
+``2026-11-02T09-00-00.000Z`` (UTC, ``:`` replaced so every filesystem takes the
+name). A window's rows may arrive in several bundles or panes, so each write is a
+read-merge-write of the window's file:
+
+1. take the directory's lock (``DIR/.onceflow.lock``, ``fcntl.flock``: every
+   process on this machine writing into DIR waits its turn);
+2. read the window's file if it exists; for each incoming row keep it unless the
+   stored row with the same key has a greater ``event_count`` (the same guard as
+   the SQL sinks: an older or less complete version never wins);
+3. write all rows of the window, sorted by key, to a temporary file in the same
+   directory, fsync it, ``os.replace`` it over the window's file, fsync the
+   directory.
+
+Readers therefore see either the old or the new file, never a partial one, and a
+crash at any point leaves the previous complete file. The content is a function
+of the rows alone: no ``written_at`` column (the file's modification time says
+when), rows sorted by key, fixed writer settings, and for Avro a sync marker
+derived from the file name. Writing the same rows again, in any order or
+bundling, gives a byte-identical file (for the same pyarrow / fastavro versions).
+
+Columns: key fields (string), ``window_start`` and ``window_end`` (UTC
+timestamps, milliseconds), ``event_count`` and ``count`` (int64), other
+aggregates (double). The lock is local: the directory must be on a local (or
+POSIX-locking) filesystem, not an object store.
+
+Metrics: ``sink_rows_written``, ``sink_rows_stale``, ``sink_retries`` (a file
+sink has no transient errors; an I/O error fails the bundle, which the runner
+retries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import io
+import os
+import tempfile
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
+
+import apache_beam as beam
+
+from onceflow.events import format_utc_ms
+from onceflow.io.batching import UpsertRowsDoFn
+from onceflow.rows import (
+    EVENT_COUNT, WINDOW_END, WINDOW_START, RowSchema, check_columns, newest_per_key, utc_millis,
+)
+
+FORMATS = ("parquet", "avro")
+LOCK_NAME = ".onceflow.lock"
+
+
+def window_file_name(start_ms: int, end_ms: int, file_format: str) -> str:
+    """``2026-11-02T09-00-00.000Z_2026-11-02T09-01-00.000Z.parquet``: the same
+    window always has the same name."""
+    _check_format(file_format)
+    return f"{format_utc_ms(start_ms).replace(':', '-')}_{format_utc_ms(end_ms).replace(':', '-')}.{file_format}"
+
+
+def _check_format(file_format: str) -> None:
+    if file_format not in FORMATS:
+        raise ValueError(f"format {file_format!r} is not supported; use {' or '.join(FORMATS)}")
+
+
+# -- encoding -------------------------------------------------------------------
+
+
+def arrow_schema(schema: RowSchema):
+    import pyarrow as pa
+
+    types = {"key": pa.string(), "timestamp": pa.timestamp("ms", tz="UTC"), "integer": pa.int64(),
+             "number": pa.float64()}
+    return pa.schema([pa.field(c, types[schema.column_kind(c)], nullable=schema.column_kind(c) != "number")
+                      for c in schema.columns])
+
+
+def avro_schema(schema: RowSchema) -> Dict[str, Any]:
+    types = {"key": "string", "timestamp": {"type": "long", "logicalType": "timestamp-millis"},
+             "integer": "long", "number": "double"}
+    return {"type": "record", "name": "AggregateRow", "namespace": "onceflow",
+            "fields": [{"name": c, "type": types[schema.column_kind(c)]} for c in schema.columns]}
+
+
+def _plain(row: Dict[str, Any], schema: RowSchema) -> Dict[str, Any]:
+    """The row as stored: numbers typed by column kind, window bounds in ms."""
+    out: Dict[str, Any] = {}
+    for column in schema.columns:
+        value = row[column]
+        kind = schema.column_kind(column)
+        if kind == "timestamp" and isinstance(value, datetime.datetime):
+            value = utc_millis(value)
+        elif kind == "number" and value is not None:
+            value = float(value)
+        elif kind == "integer":
+            value = int(value)
+        out[column] = value
+    return out
+
+
+def encode(rows: Sequence[Dict[str, Any]], schema: RowSchema, file_format: str, name: str) -> bytes:
+    """The bytes of a window file holding ``rows`` (already sorted by key)."""
+    _check_format(file_format)
+    buffer = io.BytesIO()
+    if file_format == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        arrow = arrow_schema(schema)
+        table = pa.Table.from_pylist([_plain(r, schema) for r in rows], schema=arrow)
+        pq.write_table(table, buffer, compression="snappy", write_statistics=True)
+    else:
+        import fastavro
+
+        avro = avro_schema(schema)
+        records = [_plain(r, schema) for r in rows]  # timestamp-millis as epoch ms
+        marker = hashlib.sha256(name.encode("utf-8")).digest()[:16]
+        fastavro.writer(buffer, fastavro.parse_schema(avro), records, codec="null", sync_marker=marker)
+    return buffer.getvalue()
+
+
+def decode(data: bytes, schema: RowSchema, file_format: str, name: str = "file") -> List[Dict[str, Any]]:
+    """Rows of a window file, window bounds as epoch ms; ValueError if the file has
+    other columns (written by a job with other keys or aggregates)."""
+    _check_format(file_format)
+    if file_format == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        found, rows = table.column_names, table.to_pylist()
+    else:
+        import fastavro
+
+        reader = fastavro.reader(io.BytesIO(data))
+        found = [field["name"] for field in reader.writer_schema["fields"]]
+        rows = list(reader)
+    check_columns(found, schema.columns, name, "this directory", hint="write into another directory")
+    return [_plain(row, schema) for row in rows]
+
+
+# -- read-merge-write -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    with open(os.path.join(directory, LOCK_NAME), "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _replace_atomically(directory: str, name: str, data: bytes) -> None:
+    descriptor, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, os.path.join(directory, name))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+def merge_window(directory: str, schema: RowSchema, file_format: str,
+                 rows: Sequence[Dict[str, Any]]) -> int:
+    """Merges ``rows`` (all of one window) into its file under the guard; the
+    number of incoming rows kept (the rest were stale). Call under the lock."""
+    newest, superseded = newest_per_key(rows, schema)
+    start, end = newest[0][WINDOW_START], newest[0][WINDOW_END]
+    name = window_file_name(start, end, file_format)
+    path = os.path.join(directory, name)
+    stored: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
+    if os.path.exists(path):
+        with open(path, "rb") as handle:
+            stored = {schema.key_of(r): r for r in decode(handle.read(), schema, file_format, name)}
+    kept = 0
+    for row in newest:
+        key = schema.key_of(row)
+        old = stored.get(key)
+        if old is None or row[EVENT_COUNT] >= old[EVENT_COUNT]:
+            stored[key] = _plain(row, schema)
+            kept += 1
+    merged = [stored[key] for key in sorted(stored)]
+    _replace_atomically(directory, name, encode(merged, schema, file_format, name))
+    return kept
+
+
+def read_rows(directory: str, schema: RowSchema, file_format: str) -> List[Dict[str, Any]]:
+    """Every row of every window file in ``directory``, sorted by key."""
+    _check_format(file_format)
+    rows: List[Dict[str, Any]] = []
+    suffix = "." + file_format
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(suffix) and not name.startswith("."):
+            with open(os.path.join(directory, name), "rb") as handle:
+                rows.extend(decode(handle.read(), schema, file_format, name))
+    return sorted(rows, key=schema.key_of)
+
+
+def prepare_directory(directory: str) -> None:
+    """Creates the directory and checks it takes files and the lock (fail fast)."""
+    os.makedirs(directory, exist_ok=True)
+    with _locked(directory):
+        pass
+
+
+class _FileUpsertDoFn(UpsertRowsDoFn):
+    def __init__(self, directory: str, schema: RowSchema, file_format: str, batch_size: int):
+        super().__init__(batch_size, what=f"write window files in {directory}")
+        self._directory = directory
+        self._schema = schema
+        self._format = file_format
+
+    def open(self) -> None:
+        prepare_directory(self._directory)
+
+    def upsert(self, rows: Sequence[Dict[str, Any]], written_at: datetime.datetime) -> int:
+        by_window: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
+        for row in rows:
+            by_window.setdefault((row[WINDOW_START], row[WINDOW_END]), []).append(row)
+        kept = 0
+        with _locked(self._directory):
+            for window in sorted(by_window):
+                kept += merge_window(self._directory, self._schema, self._format, by_window[window])
+        return kept
+
+
+class WriteRowsToFiles(beam.PTransform):
+    """Writes aggregate rows as one Parquet or Avro file per window, merged under
+    the ``event_count`` guard and replaced atomically (see the module docstring).
+
+    Input: ``PCollection[dict]`` of rows, any windowing. Guarantee: once the
+    pipeline succeeds, each window's file holds, for each key, the version with the
+    greatest ``event_count`` ever written, sorted by key; rewriting the same rows
+    gives a byte-identical file. Batches of at most ``batch_size`` rows, every one
+    written before its bundle completes.
+    """
+
+    def __init__(self, directory: str, schema: RowSchema, file_format: str = "parquet", batch_size: int = 500):
+        super().__init__()
+        _check_format(file_format)
+        if batch_size <= 0:
+            raise ValueError("batch size must be positive")
+        self._args = (directory, schema, file_format, batch_size)
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        return rows | "WriteWindowFiles" >> beam.ParDo(_FileUpsertDoFn(*self._args))

@@ -1,0 +1,666 @@
+"""Reading Kafka in Python: a splittable DoFn on confluent-kafka, live or bounded.
+
+Runs on every Beam runner with no Java: each restriction owns a set of partitions
+(an offset range per partition, split up front), offsets are committed only in
+bundle finalization, the backlog of each restriction is reported. See
+:class:`ReadFromKafka` for the guarantees.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.io.iobase import RestrictionProgress, RestrictionTracker
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator, WalltimeWatermarkEstimator
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from onceflow import metrics
+from onceflow.events import EventContract, SourceRecord
+from onceflow.io.kafka_config import KafkaReadConfig, Position, redact
+
+_LOGGER = logging.getLogger(__name__)
+
+LIVE_END = 2**63 - 1  # the stop offset of a live (unbounded) restriction
+_MAX_RECORDS_PER_BUNDLE = 5000
+_MAX_SECONDS_PER_BUNDLE = 2.0
+_POLL_INTERVAL_S = 0.5
+_CONSUME_BATCH = 500
+_CONSUME_TIMEOUT_S = 0.2
+_METADATA_TIMEOUT_S = 10.0
+_DISCOVERY_INTERVAL_S = 10.0
+
+
+class KafkaPartitionRead(NamedTuple):
+    """One partition to read, from ``start_offset`` to ``stop_offset`` (exclusive;
+    ``None`` for a live read that never ends)."""
+
+    topic: str
+    partition: int
+    start_offset: int
+    stop_offset: Optional[int]
+
+
+def _consumer(config: KafkaReadConfig, purpose: str):
+    from confluent_kafka import Consumer  # the kafka extra
+
+    settings = config.consumer_settings()
+    settings.setdefault("client.id", f"onceflow-{purpose}")
+    settings["error_cb"] = _log_client_error
+    return Consumer(settings)
+
+
+def _log_client_error(error) -> None:
+    # librdkafka retries on its own (broker restarts, lost connections); log only.
+    _LOGGER.warning("Kafka client: %s", error)
+
+
+def describe_topic(config: KafkaReadConfig, timeout_s: float = _METADATA_TIMEOUT_S) -> List[int]:
+    """The topic's partition numbers; RuntimeError with a clear message when the
+    broker cannot be reached within ``timeout_s`` or the topic does not exist."""
+    from confluent_kafka import KafkaException
+
+    consumer = _consumer(config, "metadata")
+    try:
+        try:
+            metadata = consumer.list_topics(config.topic.topic, timeout=timeout_s)
+        except KafkaException as error:
+            raise RuntimeError(
+                f"cannot reach Kafka at {config.topic.bootstrap_servers} within {timeout_s:.0f}s "
+                f"({error.args[0].str() if error.args else error}); is the broker up?"
+            ) from None
+        topic = metadata.topics.get(config.topic.topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise RuntimeError(
+                f"topic {config.topic.topic!r} does not exist on {config.topic.bootstrap_servers}; "
+                "create it first (e.g. onceflow dev topic create NAME --partitions N)"
+            )
+        return sorted(topic.partitions)
+    finally:
+        consumer.close()
+
+
+def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
+                            consumer=None) -> List[KafkaPartitionRead]:
+    """Start and stop offsets of each partition, from the config's positions.
+
+    ``latest`` as a stop means the end offsets now (when the read begins). A start
+    past the stop gives an empty range, which is fine.
+    """
+    from confluent_kafka import TopicPartition
+
+    own_consumer = consumer is None
+    consumer = consumer or _consumer(config, "offsets")
+    try:
+        topic = config.topic.topic
+        bounds = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=_METADATA_TIMEOUT_S)
+                  for p in partitions}
+        committed: Dict[int, int] = {}
+        if config.start.kind == "committed":
+            for tp in consumer.committed([TopicPartition(topic, p) for p in partitions],
+                                         timeout=_METADATA_TIMEOUT_S):
+                if tp.offset >= 0:
+                    committed[tp.partition] = tp.offset
+        reads = []
+        for p in partitions:
+            low, high = bounds[p]
+            if p in committed:
+                start = committed[p]
+            else:
+                start_position = config.start_fallback if config.start.kind == "committed" else config.start
+                start = _offset_at(consumer, topic, p, start_position, low, high)
+            stop = None
+            if config.stop is not None:
+                stop = _offset_at(consumer, topic, p, config.stop, low, high)
+            start = max(start, low)
+            if stop is not None:
+                stop = max(stop, start)
+            reads.append(KafkaPartitionRead(topic, p, start, stop))
+        return reads
+    finally:
+        if own_consumer:
+            consumer.close()
+
+
+def _offset_at(consumer, topic: str, partition: int, position: Position, low: int, high: int) -> int:
+    from confluent_kafka import TopicPartition
+
+    if position.kind == "earliest":
+        return low
+    if position.kind == "latest":
+        return high
+    if position.kind == "offsets":
+        return min(max(int(position.value.get(partition, low)), low), high)
+    if position.kind == "timestamp":
+        found = consumer.offsets_for_times([TopicPartition(topic, partition, int(position.value))],
+                                           timeout=_METADATA_TIMEOUT_S)[0]
+        return high if found.offset < 0 else found.offset
+    raise ValueError(f"cannot resolve position {position.kind!r} to an offset")
+
+
+# -- the restriction: a set of partitions, each an offset range ------------------------
+
+
+class PartitionSpan(NamedTuple):
+    """One partition's part of a restriction: offsets ``[start, stop)`` (``stop`` is
+    ``LIVE_END`` when live) and the greatest event time read from it so far."""
+
+    partition: int
+    start: int
+    stop: int
+    high_water_ms: Optional[int] = None
+
+
+class PartitionsRestriction(NamedTuple):
+    """The partitions one reader owns. One reader may own several partitions: see
+    :class:`ReadFromKafka` (``readers``) for why."""
+
+    topic: str
+    spans: Tuple[PartitionSpan, ...]
+
+
+class _PartitionsTracker(RestrictionTracker):
+    """Tracks each owned partition's next offset and high water.
+
+    It refuses every split except the self-checkpoint (fraction 0): partitions are
+    divided between readers up front, so two readers never share a partition, and
+    a runner asking for a 0.5 split of a live range gets nothing. The checkpoint's
+    residual carries each partition's next offset and high water.
+    """
+
+    def __init__(self, restriction: PartitionsRestriction):
+        self._restriction = restriction
+        self._next = {s.partition: s.start for s in restriction.spans}
+        self._high_water = {s.partition: s.high_water_ms for s in restriction.spans}
+        self._stops = {s.partition: s.stop for s in restriction.spans}
+        self._done: set = set()
+        self._checkpointed = False
+        self.end_offsets: Dict[int, int] = {}  # latest end offsets seen, for the backlog
+
+    # Standard tracker interface ---------------------------------------------------
+
+    def current_restriction(self) -> PartitionsRestriction:
+        return self._restriction
+
+    def try_claim(self, position: Tuple[int, int]) -> bool:
+        partition, offset = position
+        if self._checkpointed or partition in self._done:
+            return False
+        if offset < self._next[partition]:
+            raise ValueError(f"offset {offset} of partition {partition} claimed twice")
+        if offset >= self._stops[partition]:
+            self._done.add(partition)
+            return False
+        self._next[partition] = offset + 1
+        return True
+
+    def try_split(self, fraction_of_remainder):
+        if fraction_of_remainder != 0 or self._checkpointed:
+            return None
+        remaining = tuple(
+            PartitionSpan(s.partition, self._next[s.partition], s.stop, self._high_water[s.partition])
+            for s in self._restriction.spans
+            if s.partition not in self._done and self._next[s.partition] < s.stop
+        )
+        if not remaining:
+            return None
+        primary = PartitionsRestriction(self._restriction.topic, tuple(
+            PartitionSpan(s.partition, s.start, self._next[s.partition], s.high_water_ms)
+            for s in self._restriction.spans))
+        self._restriction = primary
+        self._checkpointed = True
+        return primary, PartitionsRestriction(self._restriction.topic, remaining)
+
+    def check_done(self) -> None:
+        if self._checkpointed:
+            return
+        left = [p for p, stop in self._stops.items() if p not in self._done and self._next[p] < stop]
+        if left:
+            raise ValueError(f"partitions {left} of {self._restriction.topic} were neither read to their "
+                             "stop nor checkpointed")
+
+    def current_progress(self) -> RestrictionProgress:
+        completed = sum(self._next[s.partition] - s.start for s in self._restriction.spans)
+        remaining = sum(self.backlog().values())
+        if completed + remaining == 0:  # nothing read, nothing known to be left: avoid 0/0
+            return RestrictionProgress(fraction=0.0, remaining=0.0)
+        return RestrictionProgress(completed=float(completed), remaining=float(remaining))
+
+    def is_bounded(self) -> bool:
+        return all(stop != LIVE_END for stop in self._stops.values())
+
+    # Reader-facing helpers --------------------------------------------------------
+
+    def next_offsets(self) -> Dict[int, int]:
+        return dict(self._next)
+
+    def open_partitions(self) -> List[int]:
+        return [p for p, stop in self._stops.items() if p not in self._done and self._next[p] < stop]
+
+    def finish(self, partition: int) -> None:
+        """The partition reached its stop (offset gaps included: control records)."""
+        self._done.add(partition)
+
+    def high_water(self, partition: int) -> Optional[int]:
+        return self._high_water[partition]
+
+    def observe(self, partition: int, event_time_ms: Optional[int]) -> None:
+        held = self._high_water[partition]
+        if event_time_ms is not None and (held is None or event_time_ms > held):
+            self._high_water[partition] = event_time_ms
+
+    def watermark_ms(self) -> Optional[int]:
+        """The least high water of the partitions still being read; None while any
+        of them has none (the watermark then holds)."""
+        open_partitions = self.open_partitions()
+        if not open_partitions:
+            return None
+        marks = [self._high_water[p] for p in open_partitions]
+        return None if any(m is None for m in marks) else min(marks)
+
+    def backlog(self) -> Dict[int, int]:
+        return {p: backlog(self._next[p], self._stops[p], self.end_offsets.get(p)) for p in self._stops}
+
+
+def backlog(position: int, stop: int, end_offset: Optional[int]) -> int:
+    """Records left to read: (end offset, or the stop if sooner) minus position."""
+    end = stop if end_offset is None else min(stop, end_offset)
+    if end == LIVE_END:
+        return 0
+    return max(0, end - position)
+
+
+class KafkaPartitionsRead(NamedTuple):
+    """The element the reader gets: every partition to read, and how many readers
+    to spread them over."""
+
+    topic: str
+    reads: Tuple[KafkaPartitionRead, ...]
+    readers: int
+
+
+class _PartitionsRestrictionProvider(RestrictionProvider):
+    def initial_restriction(self, element: KafkaPartitionsRead) -> PartitionsRestriction:
+        return PartitionsRestriction(element.topic, tuple(
+            PartitionSpan(r.partition, r.start_offset, LIVE_END if r.stop_offset is None else r.stop_offset)
+            for r in element.reads))
+
+    def create_tracker(self, restriction: PartitionsRestriction) -> _PartitionsTracker:
+        return _PartitionsTracker(restriction)
+
+    def split(self, element: KafkaPartitionsRead, restriction: PartitionsRestriction):
+        """Up front only: the partitions dealt round-robin to ``readers`` readers."""
+        groups = [restriction.spans[i::max(1, element.readers)] for i in range(max(1, element.readers))]
+        for spans in groups:
+            if spans:
+                yield PartitionsRestriction(restriction.topic, spans)
+
+    def restriction_size(self, element, restriction: PartitionsRestriction) -> float:
+        if any(s.stop == LIVE_END for s in restriction.spans):
+            return 1.0
+        return float(sum(max(0, s.stop - s.start) for s in restriction.spans)) or 1.0
+
+
+def _inner_tracker(tracker) -> _PartitionsTracker:
+    inner = tracker
+    for attribute in ("_threadsafe_restriction_tracker", "_restriction_tracker"):
+        inner = getattr(inner, attribute, inner)
+    if not isinstance(inner, _PartitionsTracker):
+        raise TypeError(f"unexpected restriction tracker {type(inner).__name__}")
+    return inner
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+def _source_of(message) -> Dict[str, Any]:
+    key = message.key()
+    headers = message.headers() or []
+    return {
+        "topic": message.topic(),
+        "partition": message.partition(),
+        "offset": message.offset(),
+        "timestamp_ms": message.timestamp()[1],
+        "key": None if key is None else base64.b64encode(key).decode("ascii"),
+        "headers": [[name, None if value is None else base64.b64encode(value).decode("ascii")]
+                    for name, value in headers],
+    }
+
+
+class _CommitOffsets:
+    """Bundle finalization callback: commit the next offsets of the bundle's partitions."""
+
+    def __init__(self, reader: "_ReadPartitionsDoFn", topic: str, next_offsets: Dict[int, int]):
+        self._reader, self._topic, self._next = reader, topic, dict(next_offsets)
+
+    def __call__(self) -> None:
+        self._reader.commit(self._topic, self._next)
+
+
+class _ReadPartitionsDoFn(beam.DoFn):
+    """Reads the partitions of one restriction; bounded reads end at the stops."""
+
+    def __init__(self, config: KafkaReadConfig, contract: Optional[EventContract], idle_timeout_s: float):
+        self._config = config
+        self._contract = contract
+        self._idle_timeout_s = idle_timeout_s
+        self._records = metrics.counter(metrics.KAFKA_RECORDS_READ)
+
+    def setup(self) -> None:
+        self._consumers: Dict[Tuple[int, ...], Any] = {}
+        self._positions: Dict[Tuple[int, ...], Dict[int, int]] = {}
+        self._last_data_at: Dict[int, float] = {}
+        self._committer = None
+
+    def teardown(self) -> None:
+        for consumer in [*getattr(self, "_consumers", {}).values(), getattr(self, "_committer", None)]:
+            if consumer is not None:
+                try:
+                    consumer.close()
+                except Exception:  # closing is best effort at teardown
+                    _LOGGER.debug("closing a Kafka consumer failed", exc_info=True)
+        self._consumers = {}
+        self._committer = None
+
+    def commit(self, topic: str, next_offsets: Dict[int, int]) -> None:
+        if not self._config.group_id or not next_offsets:
+            return
+        from confluent_kafka import TopicPartition
+
+        if self._committer is None:
+            self._committer = _consumer(self._config, "commit")
+        self._committer.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in sorted(next_offsets.items())], asynchronous=False)
+
+    def _consumer_at(self, topic: str, next_offsets: Dict[int, int]):
+        """A consumer per partition set, reused across bundles; re-positioned only
+        when the restriction does not continue where it stopped."""
+        from confluent_kafka import TopicPartition
+
+        key = tuple(sorted(next_offsets))
+        consumer = self._consumers.get(key)
+        if consumer is None:
+            consumer = self._consumers[key] = _consumer(self._config, "read")
+            _LOGGER.info("reading %s partitions %s from offsets %s with settings %s", topic, list(key),
+                         next_offsets, redact(self._config.client_settings))
+        if self._positions.get(key) != next_offsets:
+            consumer.assign([TopicPartition(topic, p, o) for p, o in sorted(next_offsets.items())])
+            self._positions[key] = dict(next_offsets)
+        return consumer, key
+
+    def process(
+        self,
+        element: KafkaPartitionsRead,
+        bundle_finalizer=beam.DoFn.BundleFinalizerParam,
+        tracker=beam.DoFn.RestrictionParam(_PartitionsRestrictionProvider()),
+        watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider()),
+    ) -> Iterator[TimestampedValue]:
+        from confluent_kafka import KafkaError, TopicPartition
+
+        inner = _inner_tracker(tracker)
+        topic = inner.current_restriction().topic
+        open_partitions = inner.open_partitions()
+        if not open_partitions:
+            return
+        consumer, key = self._consumer_at(topic, inner.next_offsets())
+        started = time.monotonic()
+        emitted = 0
+        read_any = False
+        try:
+            while True:
+                messages = consumer.consume(_CONSUME_BATCH, timeout=_CONSUME_TIMEOUT_S)
+                if not messages:
+                    self._refresh_backlog(consumer, topic, inner)
+                    if not inner.is_bounded():
+                        self._advance_idle_partitions(inner)
+                    self._finish_partitions_at_stop(consumer, topic, inner)
+                    _advance_watermark(watermark, inner.watermark_ms())
+                    if not inner.open_partitions():
+                        return  # a bounded read is complete
+                    tracker.defer_remainder(Duration(seconds=_POLL_INTERVAL_S))
+                    return
+                for message in messages:
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        raise RuntimeError(f"Kafka error reading {topic}: {error.str()}")
+                    partition, offset = message.partition(), message.offset()
+                    high_water = inner.high_water(partition)
+                    if not tracker.try_claim((partition, offset)):
+                        consumer.pause([TopicPartition(topic, partition)])  # past its stop: done
+                        continue
+                    read_any = True
+                    self._positions[key][partition] = offset + 1
+                    raw = message.value() or b""
+                    event_time = self._event_time_ms(raw, message)
+                    emit_ms = event_time if event_time is not None else (high_water or message.timestamp()[1])
+                    yield TimestampedValue(SourceRecord(raw, _source_of(message), high_water),
+                                           Timestamp(micros=emit_ms * 1000))
+                    inner.observe(partition, event_time)
+                    self._last_data_at[partition] = time.monotonic()
+                    emitted += 1
+                _advance_watermark(watermark, inner.watermark_ms())
+                if not inner.open_partitions():
+                    return
+                if emitted >= _MAX_RECORDS_PER_BUNDLE or time.monotonic() - started >= _MAX_SECONDS_PER_BUNDLE:
+                    tracker.defer_remainder()
+                    return
+        finally:
+            if emitted:
+                self._records.inc(emitted)
+            for partition, lag in inner.backlog().items():
+                Metrics.gauge(metrics.NAMESPACE, f"{metrics.CONSUMER_LAG}.{topic}.{partition}").set(lag)
+            if read_any and self._config.group_id:
+                bundle_finalizer.register(_CommitOffsets(self, topic, inner.next_offsets()))
+
+    def _event_time_ms(self, raw: bytes, message) -> Optional[int]:
+        if self._config.time_source == "record" or self._contract is None:
+            kind, millis = message.timestamp()
+            return millis if kind != 0 and millis >= 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
+        return self._contract.peek_event_time_ms(raw)
+
+    def _refresh_backlog(self, consumer, topic: str, inner: _PartitionsTracker) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        for partition in inner.open_partitions():
+            try:
+                inner.end_offsets[partition] = consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=1.0, cached=False)[1]
+            except KafkaException:
+                inner.end_offsets.pop(partition, None)  # broker unreachable: no claim
+
+    def _finish_partitions_at_stop(self, consumer, topic: str, inner: _PartitionsTracker) -> None:
+        """A bounded partition whose consumer position passed its stop is done, even
+        when the last offsets were transaction markers that never arrive as messages."""
+        from confluent_kafka import TopicPartition
+
+        stops = {s.partition: s.stop for s in inner.current_restriction().spans}
+        for partition in inner.open_partitions():
+            if stops[partition] == LIVE_END:
+                continue
+            fetched = consumer.position([TopicPartition(topic, partition)])[0].offset
+            if max(fetched, inner.next_offsets()[partition]) >= stops[partition]:
+                inner.finish(partition)
+
+    def _advance_idle_partitions(self, inner: _PartitionsTracker) -> None:
+        """A live partition that is caught up (confirmed by the broker) and has had
+        no record for ``idle_timeout`` lets its high water advance to
+        ``now - idle_timeout``, so one quiet partition does not stall every window.
+        Records that arrive later carry that high water, so the lateness rule still
+        dead-letters anything Beam would drop."""
+        now = time.monotonic()
+        idle_mark = int(time.time() * 1000) - int(self._idle_timeout_s * 1000)
+        for partition in inner.open_partitions():
+            end = inner.end_offsets.get(partition)
+            last = self._last_data_at.setdefault(partition, now)
+            if end is None or inner.next_offsets()[partition] < end or now - last < self._idle_timeout_s:
+                continue
+            inner.observe(partition, idle_mark)
+
+
+def _advance_watermark(watermark, millis: Optional[int]) -> None:
+    if millis is None:
+        return
+    current = watermark.current_watermark()
+    candidate = Timestamp(micros=millis * 1000)
+    if current is None or candidate > current:
+        watermark.set_watermark(candidate)
+
+
+class _ReadLivePartitionsDoFn(_ReadPartitionsDoFn):
+    """The live read: the same reader, declared unbounded so streaming runners
+    treat its output as an unbounded PCollection."""
+
+    @beam.DoFn.unbounded_per_element()
+    def process(
+        self,
+        element: KafkaPartitionsRead,
+        bundle_finalizer=beam.DoFn.BundleFinalizerParam,
+        tracker=beam.DoFn.RestrictionParam(_PartitionsRestrictionProvider()),
+        watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider()),
+    ):
+        # Beam passes the finalizer positionally, before the keyword-injected params.
+        yield from super().process(element, bundle_finalizer, tracker=tracker, watermark=watermark)
+
+
+# -- partition discovery ---------------------------------------------------------------
+
+
+class _ResolveBoundedReadsDoFn(beam.DoFn):
+    def __init__(self, config: KafkaReadConfig, readers: int):
+        self._config = config
+        self._readers = readers
+
+    def process(self, unused_impulse) -> Iterator[KafkaPartitionsRead]:
+        reads = resolve_partition_reads(self._config, describe_topic(self._config))
+        yield KafkaPartitionsRead(self._config.topic.topic, tuple(reads), self._readers)
+
+
+class _PartitionNumberTracker(OffsetRestrictionTracker):
+    """Partition numbers ``[next, LIVE_END)``; splits only for the self-checkpoint."""
+
+    def try_split(self, fraction_of_remainder):
+        return super().try_split(0) if fraction_of_remainder == 0 else None
+
+    def next_partition(self) -> int:
+        last = self._last_claim_attempt
+        return self.current_restriction().start if last is None else last + 1
+
+    def is_bounded(self) -> bool:
+        return False
+
+
+class _PartitionNumbersProvider(RestrictionProvider):
+    def initial_restriction(self, element) -> OffsetRange:
+        return OffsetRange(0, LIVE_END)
+
+    def create_tracker(self, restriction: OffsetRange) -> _PartitionNumberTracker:
+        return _PartitionNumberTracker(restriction)
+
+    def split(self, element, restriction):
+        yield restriction
+
+    def restriction_size(self, element, restriction) -> float:
+        return 1.0
+
+
+class _DiscoverLivePartitionsDoFn(beam.DoFn):
+    """Emits the topic's partitions once, and later any partition added to it
+    (polled every ``_DISCOVERY_INTERVAL_S``). Its watermark is the wall clock, so it
+    never holds back the readers' event-time watermarks."""
+
+    def __init__(self, config: KafkaReadConfig, readers: int):
+        self._config = config
+        self._readers = readers
+
+    @beam.DoFn.unbounded_per_element()
+    def process(
+        self,
+        unused_impulse,
+        tracker=beam.DoFn.RestrictionParam(_PartitionNumbersProvider()),
+        watermark=beam.DoFn.WatermarkEstimatorParam(WalltimeWatermarkEstimator.default_provider()),
+    ):
+        inner = tracker
+        for attribute in ("_threadsafe_restriction_tracker", "_restriction_tracker"):
+            inner = getattr(inner, attribute, inner)
+        first_new = inner.next_partition()
+        new = [p for p in describe_topic(self._config) if p >= first_new]
+        if new:
+            if not tracker.try_claim(max(new)):
+                return
+            reads = resolve_partition_reads(self._config, new)
+            yield KafkaPartitionsRead(self._config.topic.topic, tuple(reads), self._readers)
+        tracker.defer_remainder(Duration(seconds=_DISCOVERY_INTERVAL_S))
+
+
+class ReadFromKafka(beam.PTransform):
+    """Reads raw records from a Kafka topic as ``PCollection[SourceRecord]``.
+
+    Live (``config.stop is None``): an unbounded PCollection. Each partition starts
+    at the consumer group's committed offset, or where ``config.start_fallback``
+    says when it has none (or at ``config.start`` when that is not ``committed``);
+    partitions added to the topic later are picked up within about 10 s. When no
+    data is available a reader resumes later instead of blocking a bundle.
+
+    Bounded (``config.stop`` set, for backfills): a bounded PCollection of exactly
+    the records between the start and stop positions of every partition
+    (``latest`` as a stop means the end offsets when the read begins); it ends when
+    every partition reaches its stop; empty partitions and ranges are fine.
+
+    Each record keeps its exact bytes and ``source`` = topic, partition, offset,
+    timestamp_ms, key and headers (base64). Element timestamps are event times
+    (``config.time_source``: the contract's time field, or the Kafka timestamp).
+    Each partition's watermark is the greatest event time read from it (the high
+    water each record carries for the lateness rule); a caught-up live partition
+    idle for ``idle_timeout_s`` advances to ``now - idle_timeout_s`` rather than
+    stall the pipeline, which may make a record that arrives later too late.
+
+    Delivery is at-least-once: offsets are committed to the group only in bundle
+    finalization, after the runner has durably taken the bundle's output; a
+    restart resumes from the committed offsets and may re-read records, which
+    dedup and the idempotent sinks absorb. Each restriction reports its backlog
+    (end offsets minus positions) to the runner, and each partition's as the gauge
+    ``consumer_lag.<topic>.<partition>``.
+
+    Parallelism: the partitions are dealt up front to ``readers`` restrictions
+    (readers), which never split further, so two readers never share a partition.
+    A reader's watermark is the least high water of its partitions. The default is
+    one reader for all partitions, because Prism (Beam 2.77) takes a stage's output
+    watermark from the residuals of the latest bundle alone, not the least over all
+    readers: with several readers it can run ahead of a lagging partition and
+    close windows early. On Flink or Dataflow, ``readers`` up to the partition
+    count reads partitions in parallel.
+    """
+
+    def __init__(self, config: KafkaReadConfig, contract: Optional[EventContract] = None,
+                 idle_timeout_s: float = 30.0, readers: int = 1):
+        super().__init__()
+        if readers < 1:
+            raise ValueError("at least one reader is needed")
+        self._readers = readers
+        if config.time_source == "field" and contract is None:
+            raise ValueError("reading event time from a field needs the event contract")
+        if idle_timeout_s <= 0:
+            raise ValueError("the idle timeout must be positive")
+        self._config = config
+        self._contract = contract
+        self._idle_timeout_s = idle_timeout_s
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        impulse = pbegin | "Impulse" >> beam.Impulse()
+        if self._config.bounded:
+            reads = impulse | "ResolveOffsets" >> beam.ParDo(_ResolveBoundedReadsDoFn(self._config, self._readers))
+            reader = _ReadPartitionsDoFn(self._config, self._contract, self._idle_timeout_s)
+        else:
+            reads = impulse | "DiscoverPartitions" >> beam.ParDo(
+                _DiscoverLivePartitionsDoFn(self._config, self._readers))
+            reader = _ReadLivePartitionsDoFn(self._config, self._contract, self._idle_timeout_s)
+        return reads | "ReadPartitions" >> beam.ParDo(reader)

@@ -1,0 +1,361 @@
+"""PostgreSQL sinks (psycopg 3): guarded upserts of aggregate rows, and a
+dead-letter table.
+
+Rows: ``INSERT ... ON CONFLICT (key fields, window_start, window_end) DO UPDATE
+SET ... WHERE EXCLUDED.event_count >= t.event_count``, one transaction per batch
+of at most ``batch_size`` rows, every batch committed before its bundle
+completes. A retried bundle or a replay overwrites with the same version; an
+older or less complete version never replaces a newer one.
+
+Transient errors (the connection lost, the backend terminated or the server
+shutting down, a serialization failure, a deadlock, a lock timeout, too many
+connections) roll the batch back and retry it with capped backoff on a fresh
+connection where the old one broke; after the cap the bundle fails loudly.
+Because each batch is one transaction and the upsert is idempotent, a batch cut
+off in the middle is neither lost nor doubled. Any other error is permanent and
+raised at once; a good row is never dead-lettered.
+
+Names: every table and column name is checked with
+:func:`onceflow.rows.check_identifier` and quoted with ``psycopg.sql.Identifier``;
+values are always bound parameters, so nothing from a flag reaches SQL as syntax.
+
+Types: key fields ``TEXT``, ``window_start``/``window_end`` ``TIMESTAMPTZ``,
+``event_count`` and ``count`` ``BIGINT``, other aggregates ``DOUBLE PRECISION``
+(the same IEEE double the pipeline computes, so every float round-trips bit for
+bit and the column means the same in BigQuery ``FLOAT64`` and Parquet ``double``;
+integer sums are exact up to 2**53), ``written_at TIMESTAMPTZ``.
+
+Metrics: ``sink_rows_written``, ``sink_rows_stale`` (refused by the guard or
+superseded by a newer version in the same batch), ``sink_retries``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import apache_beam as beam
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from onceflow import metrics
+from onceflow.deadletter import DeadLetter, to_envelope
+from onceflow.events import format_utc_ms
+from onceflow.io.batching import BatchWriteDoFn, UpsertRowsDoFn
+from onceflow.io.urls import redact_url
+from onceflow.rows import (
+    EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
+    utc_datetime, utc_millis,
+)
+
+_SQL_TYPES = {"key": "TEXT NOT NULL", "timestamp": "TIMESTAMPTZ NOT NULL", "integer": "BIGINT",
+              "number": "DOUBLE PRECISION"}
+CONNECT_TIMEOUT_S = 10
+
+# SQLSTATEs worth retrying: serialization failure, deadlock, lock not available
+# (lock_timeout), admin / crash shutdown (pg_terminate_backend, a restart), the
+# server not accepting connections yet, too many connections; and class 08,
+# connection exceptions.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"})
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying the same batch (on a new connection if needed) can succeed."""
+    if not isinstance(error, psycopg.Error):
+        return False
+    state = getattr(error, "sqlstate", None)
+    if state:
+        return state in TRANSIENT_SQLSTATES or state.startswith("08")
+    # No SQLSTATE: raised by the client itself, e.g. "server closed the connection
+    # unexpectedly", "connection refused", "the connection is lost".
+    return isinstance(error, psycopg.OperationalError)
+
+
+def connect(dsn: str, application_name: str) -> psycopg.Connection:
+    """An autocommit connection; each write opens its own transaction."""
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                           application_name=application_name)
+
+
+def application_name(table: str) -> str:
+    """What the sink's sessions show in ``pg_stat_activity``."""
+    return f"onceflow:{table}"
+
+
+# -- aggregate rows -------------------------------------------------------------
+
+
+def create_table_sql(table: str, schema: RowSchema) -> sql.Composed:
+    check_identifier(table, "table name")
+    columns = [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(_SQL_TYPES[schema.column_kind(c)]))
+               for c in schema.columns]
+    columns.append(sql.SQL("{} TIMESTAMPTZ NOT NULL").format(sql.Identifier(WRITTEN_AT)))
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+        sql.Identifier(table), sql.SQL(", ").join(columns),
+        sql.SQL(", ").join(map(sql.Identifier, schema.primary_key)))
+
+
+def upsert_sql(table: str, schema: RowSchema) -> sql.Composed:
+    """``INSERT ... ON CONFLICT (pk) DO UPDATE ... WHERE EXCLUDED.event_count >= t.event_count``."""
+    check_identifier(table, "table name")
+    columns = [*schema.columns, WRITTEN_AT]
+    updates = sql.SQL(", ").join(
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in (*schema.value_columns, WRITTEN_AT))
+    return sql.SQL(
+        "INSERT INTO {table} AS t ({columns}) VALUES ({values}) "
+        "ON CONFLICT ({key}) DO UPDATE SET {updates} "
+        "WHERE EXCLUDED.{version} >= t.{version}"
+    ).format(
+        table=sql.Identifier(table),
+        columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        values=sql.SQL(", ").join(sql.Placeholder() for _ in columns),
+        key=sql.SQL(", ").join(map(sql.Identifier, schema.primary_key)),
+        updates=updates,
+        version=sql.Identifier(EVENT_COUNT),
+    )
+
+
+def _table_columns(connection: psycopg.Connection, table: str) -> List[str]:
+    rows = connection.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = %s ORDER BY ordinal_position", (table,))
+    return [name for (name,) in rows]
+
+
+def _create_checked(dsn: str, table: str, create: sql.Composed, expected: Sequence[str]) -> None:
+    with connect(dsn, application_name(table)) as connection:
+        with connection.transaction():
+            # Serialises concurrent CREATE TABLE IF NOT EXISTS from several workers.
+            connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (application_name(table),))
+            connection.execute(create)
+        found = _table_columns(connection, table)
+    check_columns(found, expected, table, redact_url(dsn))
+
+
+def ensure_table(dsn: str, table: str, schema: RowSchema) -> None:
+    """Creates the rows table if absent; ValueError (one line) if it exists with
+    other columns. Connection errors are raised as they are."""
+    _create_checked(dsn, table, create_table_sql(table, schema), [*schema.columns, WRITTEN_AT])
+
+
+def to_pg_values(row: Dict[str, Any], schema: RowSchema, written_at: datetime.datetime) -> List[Any]:
+    return [*row_values(row, schema, utc_datetime), written_at]
+
+
+class _Session:
+    """One connection, opened on first use and reopened after it broke."""
+
+    def __init__(self, dsn: str, table: str):
+        self._dsn = dsn
+        self._table = table
+        self._connection: Optional[psycopg.Connection] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "_connection": None}
+
+    def execute_batch(self, statement: sql.Composed, values: Sequence[Sequence[Any]]) -> int:
+        """Runs ``statement`` for each row of ``values`` in one transaction; the
+        number of rows it changed."""
+        if self._connection is None or self._connection.closed:
+            self._connection = connect(self._dsn, application_name(self._table))
+        with self._connection.transaction():
+            with self._connection.cursor() as cursor:
+                cursor.executemany(statement, values)
+                return max(cursor.rowcount, 0)
+
+    def recover(self, _error: BaseException) -> None:
+        """After a transient error: drop the connection if it broke (the retry
+        reconnects); otherwise the transaction was rolled back and it is reused."""
+        if self._connection is not None and (self._connection.broken or self._connection.closed):
+            self.close()
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:  # a broken connection may fail to close; it is gone either way
+                pass
+
+
+class _PostgresUpsertDoFn(UpsertRowsDoFn):
+    def __init__(self, dsn: str, table: str, schema: RowSchema, batch_size: int):
+        super().__init__(batch_size, what=f"upsert into {table}")
+        self._dsn = dsn
+        self._table = table
+        self._schema = schema
+        self._session = _Session(dsn, table)
+
+    def open(self) -> None:
+        ensure_table(self._dsn, self._table, self._schema)
+        self._statement = upsert_sql(self._table, self._schema)
+
+    def is_transient(self, error: BaseException) -> bool:
+        return is_transient(error)
+
+    def recover(self, error: BaseException) -> None:
+        self._session.recover(error)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def upsert(self, rows: Sequence[Dict[str, Any]], written_at: datetime.datetime) -> int:
+        newest, _ = newest_per_key(rows, self._schema)
+        values = [to_pg_values(row, self._schema, written_at) for row in newest]
+        return self._session.execute_batch(self._statement, values)
+
+
+class WriteRowsToPostgres(beam.PTransform):
+    """Upserts aggregate rows into a PostgreSQL table on their deterministic key.
+
+    Input: ``PCollection[dict]`` of rows from
+    :class:`~onceflow.transforms.WindowedAggregate`; any windowing, bounded or
+    unbounded. Guarantee: after the pipeline (or each bundle) succeeds, the table
+    holds for each key the version with the greatest ``event_count`` ever written;
+    replays and retries change only ``written_at``. The table is created if absent
+    (a table with other columns is refused). See the module docstring for
+    batching, retries and metrics.
+    """
+
+    def __init__(self, dsn: str, table: str, schema: RowSchema, batch_size: int = 500):
+        super().__init__()
+        check_identifier(table, "table name")
+        if batch_size <= 0:
+            raise ValueError("batch size must be positive")
+        self._args = (dsn, table, schema, batch_size)
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        return rows | "UpsertRows" >> beam.ParDo(_PostgresUpsertDoFn(*self._args))
+
+
+# -- dead letters ---------------------------------------------------------------
+
+# The envelope of onceflow.deadletter, one column per field.
+DLQ_COLUMNS = (
+    ("dlq_id", "TEXT PRIMARY KEY"),
+    ("reason", "TEXT NOT NULL"),
+    ("error_class", "TEXT NOT NULL"),
+    ("message", "TEXT NOT NULL"),
+    ("stage", "TEXT NOT NULL"),
+    ("source", "JSONB NOT NULL"),
+    ("raw_base64", "TEXT NOT NULL"),
+    ("raw_preview", "TEXT NOT NULL"),
+    ("event_id", "TEXT"),
+    ("event_time", "TIMESTAMPTZ"),
+    ("failed_at", "TIMESTAMPTZ NOT NULL"),
+    ("pipeline", "TEXT NOT NULL"),
+    ("pipeline_version", "TEXT NOT NULL"),
+)
+_DLQ_NAMES = tuple(name for name, _ in DLQ_COLUMNS)
+_ENVELOPE_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def create_dlq_table_sql(table: str) -> sql.Composed:
+    check_identifier(table, "table name")
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+        sql.Identifier(table),
+        sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in DLQ_COLUMNS))
+
+
+def insert_dlq_sql(table: str) -> sql.Composed:
+    """``INSERT ... ON CONFLICT (dlq_id) DO NOTHING``: each dead letter stored once."""
+    check_identifier(table, "table name")
+    return sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO NOTHING").format(
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, _DLQ_NAMES)),
+        sql.SQL(", ").join(sql.Placeholder() for _ in _DLQ_NAMES), sql.Identifier("dlq_id"))
+
+
+def ensure_dlq_table(dsn: str, table: str) -> None:
+    """Creates the dead-letter table if absent; ValueError if it has other columns."""
+    _create_checked(dsn, table, create_dlq_table_sql(table), _DLQ_NAMES)
+
+
+def _text(value: Optional[str]) -> Optional[str]:
+    # PostgreSQL text cannot hold NUL; only the people-facing fields can contain
+    # one (raw_base64 keeps the exact bytes).
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
+def _parse_envelope_time(text: Optional[str]) -> Optional[datetime.datetime]:
+    if text is None:
+        return None
+    return datetime.datetime.strptime(text, _ENVELOPE_TIME).replace(tzinfo=datetime.timezone.utc)
+
+
+def envelope_values(envelope: Dict[str, Any]) -> List[Any]:
+    values: List[Any] = []
+    for name in _DLQ_NAMES:
+        value = envelope[name]
+        if name == "source":
+            value = Jsonb(value)
+        elif name in ("event_time", "failed_at"):
+            value = _parse_envelope_time(value)
+        elif isinstance(value, str):
+            value = _text(value)
+        values.append(value)
+    return values
+
+
+class _PostgresDeadLetterDoFn(BatchWriteDoFn):
+    def __init__(self, dsn: str, table: str, pipeline: str, pipeline_version: str, batch_size: int):
+        super().__init__(batch_size, what=f"insert into {table}")
+        self._dsn = dsn
+        self._table = table
+        self._pipeline = pipeline
+        self._version = pipeline_version
+        self._session = _Session(dsn, table)
+        self._delivered = metrics.counter(metrics.DLQ_WRITTEN)
+
+    def open(self) -> None:
+        ensure_dlq_table(self._dsn, self._table)
+        self._statement = insert_dlq_sql(self._table)
+
+    def is_transient(self, error: BaseException) -> bool:
+        return is_transient(error)
+
+    def recover(self, error: BaseException) -> None:
+        self._session.recover(error)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def write_batch(self, batch: Sequence[DeadLetter]) -> None:
+        values = [envelope_values(to_envelope(letter, self._pipeline, self._version)) for letter in batch]
+        self._session.execute_batch(self._statement, values)
+        self._delivered.inc(len(batch))
+
+
+class WriteDeadLettersToPostgres(beam.PTransform):
+    """Inserts dead letters (the envelope of :mod:`onceflow.deadletter`, one
+    column per field) into a PostgreSQL table, created if absent.
+
+    ``dlq_id`` is the primary key and the insert is ``ON CONFLICT (dlq_id) DO
+    NOTHING``, so a retried bundle or a second run stores each dead letter once
+    (the first ``failed_at`` is kept). Batches, transactions and retries as for
+    rows; ``dlq_written`` counts dead letters delivered.
+    """
+
+    def __init__(self, dsn: str, table: str, pipeline: str, pipeline_version: str, batch_size: int = 500):
+        super().__init__()
+        check_identifier(table, "table name")
+        self._args = (dsn, table, pipeline, pipeline_version, batch_size)
+
+    def expand(self, letters: beam.PCollection) -> beam.PCollection:
+        return letters | "InsertDeadLetters" >> beam.ParDo(_PostgresDeadLetterDoFn(*self._args))
+
+
+def read_dead_letters(dsn: str, table: str) -> Iterator[Dict[str, Any]]:
+    """Each envelope in a dead-letter table once, oldest first, in the same shape as
+    :func:`onceflow.io.dlq.read_dead_letters` returns from a file."""
+    check_identifier(table, "table name")
+    query = sql.SQL("SELECT {} FROM {} ORDER BY {}, {}").format(
+        sql.SQL(", ").join(map(sql.Identifier, _DLQ_NAMES)), sql.Identifier(table),
+        sql.Identifier("failed_at"), sql.Identifier("dlq_id"))
+    with connect(dsn, application_name(table)) as connection:
+        for values in connection.execute(query):
+            envelope = dict(zip(_DLQ_NAMES, values))
+            if envelope["event_time"] is not None:
+                envelope["event_time"] = format_utc_ms(utc_millis(envelope["event_time"]))
+            envelope["failed_at"] = envelope["failed_at"].astimezone(datetime.timezone.utc).strftime(_ENVELOPE_TIME)
+            yield envelope
