@@ -9,7 +9,7 @@ import fcntl
 import json
 import os
 import urllib.parse
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import apache_beam as beam
 
@@ -94,9 +94,8 @@ def read_dead_letters(path: str) -> Iterator[Dict]:
 
 DEFAULT_DLQ_TABLE = "dead_letters"
 # Schemes a --dlq URL may use; the Kafka dead-letter topic goes here when it exists.
-DLQ_SCHEMES = ("postgresql", "postgres")
-PLANNED_DLQ_FORMS = {"kafka": "kafka://HOST:PORT/TOPIC"}
-DLQ_FORMS = f"a file path (JSON lines) or {POSTGRES_FORM}"
+DLQ_SCHEMES = ("postgresql", "postgres", "kafka")
+DLQ_FORMS = f"a file path (JSON lines), {POSTGRES_FORM} or kafka://HOST:PORT/TOPIC"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -107,11 +106,15 @@ class DlqTarget:
 
     kind: str
     location: str
-    table: str = ""
+    table: str = ""  # the topic, for kafka
+    # Client settings (kafka: --kafka_setting); may hold secrets, never described.
+    client_settings: Tuple[Tuple[str, str], ...] = ()
 
     def describe(self) -> str:
         if self.kind == "jsonl":
             return self.location
+        if self.kind == "kafka":
+            return f"kafka://{self.location}/{self.table}"
         return f"{self.kind} {redact_url(self.location)} (table {self.table})"
 
     def __repr__(self) -> str:
@@ -127,8 +130,11 @@ def parse_dlq_target(text: str) -> DlqTarget:
     if "://" not in text:
         return DlqTarget("jsonl", text)
     scheme = urllib.parse.urlsplit(text).scheme
-    if scheme in PLANNED_DLQ_FORMS:
-        raise ValueError(f"{PLANNED_DLQ_FORMS[scheme]} dead-letter queues are not yet supported; use {DLQ_FORMS}")
+    if scheme == "kafka":
+        from onceflow.io.kafka_config import parse_kafka_url
+
+        topic = parse_kafka_url(text)
+        return DlqTarget("kafka", topic.bootstrap_servers, topic.topic)
     if scheme not in DLQ_SCHEMES:
         raise ValueError(f"{redact_url(text)!r} has an unknown scheme; use {DLQ_FORMS}")
     location, table = parse_postgres_url(text, DEFAULT_DLQ_TABLE)
@@ -140,6 +146,16 @@ def prepare_dlq(target: DlqTarget) -> None:
     the table); ValueError or OSError with a one-line message, passwords redacted."""
     if target.kind == "jsonl":
         os.makedirs(os.path.dirname(os.path.abspath(target.location)), exist_ok=True)
+        return
+    if target.kind == "kafka":
+        from onceflow.io.kafka_config import EARLIEST, KafkaReadConfig, KafkaTopic
+        from onceflow.io.kafka_source import describe_topic
+
+        try:
+            describe_topic(KafkaReadConfig(KafkaTopic(target.location, target.table), start=EARLIEST,
+                                           client_settings=dict(target.client_settings)))
+        except RuntimeError as error:
+            raise ValueError(str(error)) from None
         return
     from onceflow.io import postgres
 
@@ -166,6 +182,13 @@ class WriteDeadLetters(beam.PTransform):
 
             self._label = "InsertIntoPostgres"
             self._transform = WriteDeadLettersToPostgres(target.location, target.table, pipeline, pipeline_version)
+        elif target.kind == "kafka":
+            from onceflow.io.kafka_config import KafkaTopic
+            from onceflow.io.kafka_sink import write_dead_letters_to_kafka
+
+            self._label = "ProduceToKafka"
+            self._transform = write_dead_letters_to_kafka(
+                KafkaTopic(target.location, target.table), pipeline, pipeline_version, dict(target.client_settings))
         else:
             raise ValueError(f"unknown dead-letter queue kind {target.kind!r}")
 
@@ -177,6 +200,20 @@ def read_dead_letters_from(target: DlqTarget) -> Iterator[Dict[str, Any]]:
     """Each envelope in the queue once, whichever kind it is."""
     if target.kind == "jsonl":
         return read_dead_letters(target.location)
+    if target.kind == "kafka":
+        return _read_dead_letters_from_kafka(target)
     from onceflow.io.postgres import read_dead_letters as read_table
 
     return read_table(target.location, target.table)
+
+
+def _read_dead_letters_from_kafka(target: DlqTarget) -> Iterator[Dict[str, Any]]:
+    from onceflow.io.kafka_config import KafkaTopic
+    from onceflow.io.kafka_sink import read_topic_to_end
+
+    seen = set()
+    for key, value in read_topic_to_end(KafkaTopic(target.location, target.table), dict(target.client_settings)):
+        envelope = json.loads(value)
+        if envelope["dlq_id"] not in seen:
+            seen.add(envelope["dlq_id"])
+            yield envelope

@@ -9,7 +9,7 @@ client (psycopg, google-cloud-bigquery) matters only to its own sink.
     postgresql://USER[:PASS]@HOST[:PORT]/DB  (postgres://)  [?table=NAME&sslmode=...]
     bigquery://PROJECT.DATASET.TABLE                        [?method=merge|cdc]
     file:///ABS/DIR | file:REL/DIR                          [?format=parquet|avro]
-    kafka://HOST:PORT/TOPIC                                 not yet supported
+    kafka://HOST:PORT/TOPIC                                 (messages keyed by the row key)
 
 Every sink is an idempotent upsert on the row key guarded by ``event_count``.
 """
@@ -38,6 +38,8 @@ class SinkTarget:
     location: str
     table: Optional[str] = None
     options: Tuple[Tuple[str, str], ...] = ()
+    # Client settings (kafka: --kafka_setting); may hold secrets, never described.
+    client_settings: Tuple[Tuple[str, str], ...] = ()
 
     def option(self, name: str) -> Optional[str]:
         return dict(self.options).get(name)
@@ -181,25 +183,52 @@ def _write_file(target: SinkTarget, schema: RowSchema, batch_size: int):
     return "WriteToFiles", WriteRowsToFiles(target.location, schema, target.option("format"), batch_size)
 
 
+# -- kafka ----------------------------------------------------------------------
+
+
+def _parse_kafka(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
+    from onceflow.io.kafka_config import parse_kafka_url
+
+    topic = parse_kafka_url(url)
+    return SinkTarget("kafka", topic.bootstrap_servers, topic.topic)
+
+
+def _prepare_kafka(target: SinkTarget, _schema: RowSchema) -> None:
+    from onceflow.io.kafka_config import EARLIEST, KafkaReadConfig, KafkaTopic
+    from onceflow.io.kafka_source import describe_topic
+
+    try:
+        describe_topic(KafkaReadConfig(KafkaTopic(target.location, target.table), start=EARLIEST,
+                                       client_settings=dict(target.client_settings)))
+    except RuntimeError as error:
+        raise ValueError(str(error)) from None
+
+
+def _write_kafka(target: SinkTarget, schema: RowSchema, batch_size: int):
+    from onceflow.io.kafka_config import KafkaTopic
+    from onceflow.io.kafka_sink import write_rows_to_kafka
+
+    return "WriteToKafka", write_rows_to_kafka(KafkaTopic(target.location, target.table), schema,
+                                               dict(target.client_settings))
+
+
 # -- the registry ---------------------------------------------------------------
 
 _POSTGRES = SinkKind(POSTGRES_FORM, _parse_postgres, _prepare_postgres,
                      _write_postgres)
 
-SINKS: Dict[str, Optional[SinkKind]] = {
+SINKS: Dict[str, SinkKind] = {
     "sqlite": SinkKind("sqlite:///PATH.db?table=NAME", _parse_sqlite, _prepare_sqlite, _write_sqlite),
     "postgresql": _POSTGRES,
     "postgres": _POSTGRES,
     "bigquery": SinkKind("bigquery://PROJECT.DATASET.TABLE", _parse_bigquery, _prepare_bigquery, _write_bigquery),
     "file": SinkKind("file:///DIR?format=parquet|avro", _parse_file, _prepare_file, _write_file),
-    # The Kafka aggregates-topic writer: replace None with its SinkKind.
-    "kafka": None,
+    "kafka": SinkKind("kafka://HOST:PORT/TOPIC", _parse_kafka, _prepare_kafka, _write_kafka),
 }
-PLANNED_FORMS = {"kafka": "kafka://HOST:PORT/TOPIC"}
 
 
 def expected_forms() -> str:
-    forms = dict.fromkeys(kind.form for kind in SINKS.values() if kind is not None)
+    forms = dict.fromkeys(kind.form for kind in SINKS.values())
     return ", ".join(forms)
 
 
@@ -214,9 +243,6 @@ def parse_sink_url(url: str) -> SinkTarget:
     if parsed.scheme not in SINKS:
         raise ValueError(f"{redact_url(text)!r} has an unknown scheme; use one of: {expected_forms()}")
     kind = SINKS[parsed.scheme]
-    if kind is None:
-        raise ValueError(f"{PLANNED_FORMS.get(parsed.scheme, parsed.scheme + '://')} sinks are not yet supported; "
-                         f"use one of: {expected_forms()}")
     return kind.parse(text, parsed)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError
 from onceflow.events import EventContract
-from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target
+from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordsFromFiles, read_avro_writer_schema
 from onceflow.io.kafka_config import (
     COMMITTED, EARLIEST, KafkaReadConfig, is_kafka_url, parse_client_settings, parse_kafka_url, parse_position,
@@ -53,7 +53,7 @@ class AggregateJob:
     window_spec: WindowSpec
     aggregates: Tuple[AggregateSpec, ...]
     sink: SinkTarget
-    dlq_path: str
+    dlq: DlqTarget
     early_firing_ms: Optional[int] = None
     sink_batch_size: int = 500
     kafka: Optional[KafkaReadConfig] = None  # set when --input is kafka://...
@@ -152,15 +152,22 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         RowSchema(contract.key_fields, aggregates)
     except ValueError as error:
         raise UsageError(f"--key_fields/--aggregate: {error}") from None
-    dlq_path = optional_text(output.dlq) or ""
     try:
-        parse_dlq_target(dlq_path)
+        dlq = parse_dlq_target(optional_text(output.dlq) or "")
     except ValueError as error:
         raise flag_error("--dlq", error) from None
-    kafka = None
     kafka_options = options.view_as(KafkaOptions)
+    try:
+        kafka_settings = tuple(parse_client_settings(kafka_options.kafka_setting, "--kafka_setting").items())
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if sink.scheme == "kafka":
+        sink = dataclasses.replace(sink, client_settings=kafka_settings)
+    if dlq.kind == "kafka":
+        dlq = dataclasses.replace(dlq, client_settings=kafka_settings)
+    kafka = None
     if kafka_topic is not None:
-        kafka = _kafka_read_config(kafka_topic, source, kafka_options)
+        kafka = _kafka_read_config(kafka_topic, source, kafka_options, dict(kafka_settings))
     try:
         idle_ms = parse_duration_ms(kafka_options.kafka_idle_timeout)
         if idle_ms <= 0:
@@ -175,17 +182,17 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         window_spec=window_spec,
         aggregates=aggregates,
         sink=sink,
-        dlq_path=dlq_path,
+        dlq=dlq,
         early_firing_ms=early_ms,
         sink_batch_size=positive_int(output.sink_batch_size, "--sink_batch_size"),
     )
 
 
-def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions) -> KafkaReadConfig:
+def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions,
+                       settings: Dict[str, str]) -> KafkaReadConfig:
     try:
         start = parse_position(source.read_from, "--from") if source.read_from else EARLIEST
         stop = parse_position(source.read_to, "--to") if source.read_to else None
-        settings = parse_client_settings(kafka_options.kafka_setting, "--kafka_setting")
     except ValueError as error:
         raise UsageError(str(error)) from None
     if stop is None and start.kind == "offsets":
@@ -238,7 +245,7 @@ def build(pipeline: beam.Pipeline, job: AggregateJob) -> AggregateOutputs:
     outputs = aggregate_events(records, job)
     outputs.rows | "WriteRows" >> WriteRows(job.sink, job.row_schema, job.sink_batch_size)
     outputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
-        parse_dlq_target(job.dlq_path), PIPELINE_NAME, ONCEFLOW_VERSION)
+        job.dlq, PIPELINE_NAME, ONCEFLOW_VERSION)
     return outputs
 
 
@@ -290,6 +297,10 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         prepare_sink(job.sink, job.row_schema)
     except (ValueError, OSError) as error:
         raise flag_error("--sink", error) from None
+    try:
+        prepare_dlq(job.dlq)
+    except (ValueError, OSError) as error:
+        raise flag_error("--dlq", error) from None
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
@@ -301,7 +312,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         print("aggregate: stopping...", file=sys.stderr)
         result.cancel()
     return collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
-                           parse_dlq_target(job.dlq_path).describe())
+                           job.dlq.describe())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

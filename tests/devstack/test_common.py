@@ -172,7 +172,7 @@ def test_status_json_shape_with_nothing_running(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("ONCEFLOW_HOME", str(tmp_path))
     assert cli.main(["dev", "status", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert set(info) == {"kafka", "postgres", "prism", "flink", "flink-cluster"}
+    assert set(info) == {"kafka", "postgres", "prism", "flink", "flink-cluster", "kafka-expansion"}
     assert all(service["healthy"] is False for service in info.values())
     assert info["kafka"]["bootstrap_servers"].startswith("127.0.0.1:")
     assert info["postgres"]["dsn"].startswith("postgresql://onceflow@127.0.0.1:")

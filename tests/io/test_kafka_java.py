@@ -12,6 +12,9 @@ import base64
 import json
 import os
 import pathlib
+import re
+import subprocess
+import sys
 import time
 import uuid
 
@@ -267,9 +270,20 @@ def test_prism_cannot_run_the_java_read(prism_path, tmp_path):
     from onceflow.devstack import kafka_expansion
 
     devstack.ensure_up(["kafka-expansion"])
-    config = KafkaReadConfig(TOPIC, start=EARLIEST, time_source="record")
-    options = PipelineOptions(["--runner=PrismRunner", f"--prism_location={prism_path}", "--streaming"])
-    pipeline = beam.Pipeline(options=options)
-    pipeline | ReadFromKafkaWithJava(config, None, expansion_service=kafka_expansion.address()) | beam.Map(print)
-    with pytest.raises(Exception, match=r"unsupported feature.*beam:transform:read:v1"):
-        pipeline.run().wait_until_finish()
+    # In a process of its own: Beam caches Prism job servers per process, so an
+    # earlier pipeline in this test session could otherwise decide which Prism runs.
+    script = (
+        "import apache_beam as beam\n"
+        "from apache_beam.options.pipeline_options import PipelineOptions\n"
+        "from onceflow.io.kafka_config import EARLIEST, KafkaReadConfig, KafkaTopic\n"
+        "from onceflow.io.kafka_java import ReadFromKafkaWithJava\n"
+        "config = KafkaReadConfig(KafkaTopic('127.0.0.1:19092', 'orders'), start=EARLIEST, time_source='record')\n"
+        f"options = PipelineOptions(['--runner=PrismRunner', '--prism_location={prism_path}', '--streaming'])\n"
+        "pipeline = beam.Pipeline(options=options)\n"
+        f"pipeline | ReadFromKafkaWithJava(config, None, expansion_service='{kafka_expansion.address()}')"
+        " | beam.Map(print)\n"
+        "pipeline.run().wait_until_finish()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert re.search(r"unsupported feature.*beam:transform:read:v1", result.stderr), result.stderr[-3000:]

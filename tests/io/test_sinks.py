@@ -45,7 +45,8 @@ def test_sink_urls(url, scheme, location, table, options):
     ("file://host/dir", "no host"),
     ("file:///data?format=csv", "format 'csv'"),
     ("file:///", "names no directory"),
-    ("kafka://127.0.0.1:19092/aggregates", "not yet supported"),
+    ("kafka://127.0.0.1:19092/bad topic", "topic names use"),
+    ("kafka://nohost/aggregates", "HOST:PORT"),
 ])
 def test_bad_sink_urls(url, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -99,13 +100,15 @@ def test_write_rows_dispatches_by_scheme(url, label):
 
 def test_every_scheme_is_one_registry_entry():
     assert set(sinks.SINKS) == {"sqlite", "postgresql", "postgres", "bigquery", "file", "kafka"}
-    assert sinks.SINKS["kafka"] is None  # the Kafka aggregates-topic writer's place
+    assert parse_sink_url("kafka://127.0.0.1:19092/aggregates") == sinks.SinkTarget("kafka", "127.0.0.1:19092",
+                                                                                     "aggregates")
 
 
 @pytest.mark.parametrize("text, target", [
     ("out/dlq.jsonl", DlqTarget("jsonl", "out/dlq.jsonl")),
     ("/abs/dlq.jsonl", DlqTarget("jsonl", "/abs/dlq.jsonl")),
     ("postgresql://app@h:5432/m?table=dead", DlqTarget("postgresql", "postgresql://app@h:5432/m", "dead")),
+    ("kafka://127.0.0.1:19092/dead", DlqTarget("kafka", "127.0.0.1:19092", "dead")),
     ("postgres://app@h/m", DlqTarget("postgresql", "postgresql://app@h/m", "dead_letters")),
 ])
 def test_dlq_targets(text, target):
@@ -114,7 +117,7 @@ def test_dlq_targets(text, target):
 
 @pytest.mark.parametrize("text, fragment", [
     ("", "never dropped"),
-    ("kafka://127.0.0.1:19092/dead", "not yet supported"),
+    ("kafka://127.0.0.1:19092/", "topic names use"),
     ("s3://bucket/dlq", "unknown scheme"),
     ("postgresql://app@h:5432/m?table=x;y", "not allowed"),
     ("postgresql://app@h:5432", "names no database"),

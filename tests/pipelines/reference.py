@@ -57,22 +57,32 @@ def parse_line(raw, id_field, time_field, key_field, value_fields):
 
 def expected_job(path, window_ms, lateness_ms, id_field="order_id", time_field="event_time", key_field="store"):
     """Rows {(store, window_start): {...}} and the set of (line, 'bad'|'too_late') for the DLQ."""
-    high_water = None
+    with open(path, "rb") as handle:
+        lines = list(enumerate(handle.read().split(b"\n"), start=1))
+    return expected_from_partitions([lines], window_ms, lateness_ms, id_field, time_field, key_field)
+
+
+def expected_from_partitions(partitions, window_ms, lateness_ms, id_field="order_id", time_field="event_time",
+                             key_field="store"):
+    """The same for records read from several partitions: each partition is a list
+    of (label, raw line) in log order, with its own high water. Labels name the
+    records in the returned dead set."""
     seen = set()
     groups = defaultdict(list)
     dead = set()
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle.read().split(b"\n"), start=1):
+    for lines in partitions:
+        high_water = None
+        for label, line in lines:
             if not line.strip():
                 continue
             parsed = parse_line(line, id_field, time_field, key_field, ("qty", "price"))
             if parsed is None:
-                dead.add((number, "bad"))
+                dead.add((label, "bad"))
                 continue
             identity, t, key, values = parsed
             start = t - t % window_ms
             if high_water is not None and start + window_ms + lateness_ms <= high_water:
-                dead.add((number, "too_late"))
+                dead.add((label, "too_late"))
             elif identity not in seen:
                 seen.add(identity)
                 groups[(key, start)].append((t, values))

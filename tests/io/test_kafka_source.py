@@ -1,0 +1,249 @@
+"""The Python Kafka reader and writer, against the real local broker."""
+
+import datetime
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from onceflow import devstack
+from onceflow.deadletter import DeadLetter
+from onceflow.events import EventContract, SourceRecord
+from onceflow.io.dlq import parse_dlq_target, read_dead_letters_from
+from onceflow.io.kafka_config import KafkaReadConfig, KafkaTopic, parse_position
+from onceflow.io.kafka_sink import read_topic_to_end, write_dead_letters_to_kafka
+from onceflow.io.kafka_source import (
+    LIVE_END, PartitionSpan, PartitionsRestriction, ReadFromKafka, _PartitionsTracker, backlog, describe_topic,
+)
+from onceflow.options import SAMPLE_INPUT
+from tests.pipelines.reference import expected_from_partitions
+
+pytestmark = pytest.mark.kafka
+CONTRACT = EventContract(time_field="t", key_fields=("k",), value_fields=("v",), id_field="id")
+
+
+def new_topic(bootstrap, partitions=3):
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    devstack.create_topic(name, partitions=partitions)
+    return KafkaTopic(bootstrap, name)
+
+
+def produce(topic, records):
+    """records: (partition, value, timestamp_ms or None); returns them with offsets."""
+    producer = Producer({"bootstrap.servers": topic.bootstrap_servers, "enable.idempotence": True})
+    for partition, value, timestamp in records:
+        kwargs = {"timestamp": timestamp} if timestamp is not None else {}
+        producer.produce(topic.topic, value=value, key=value[:4], partition=partition,
+                         headers=[("h", b"x")], **kwargs)
+    assert producer.flush(30) == 0
+
+
+def event(n, t):
+    return json.dumps({"id": str(n), "t": t, "k": "a", "v": 1}).encode()
+
+
+def test_bounded_read_returns_exactly_what_was_produced(kafka_bootstrap):
+    topic = new_topic(kafka_bootstrap)
+    produced = [(n % 3, event(n, 1000 * n), None) for n in range(150)]
+    produce(topic, produced)
+    config = KafkaReadConfig(topic, start=parse_position("earliest"), stop=parse_position("latest"))
+    expected = []
+    for partition in range(3):
+        values = [value for p, value, _ in produced if p == partition]
+        expected += [(partition, offset, value, value[:4].decode()) for offset, value in enumerate(values)]
+    with TestPipeline() as pipeline:
+        records = pipeline | ReadFromKafka(config, CONTRACT)
+        assert_that(records | beam.Map(lambda r: (
+            r.source["partition"], r.source["offset"], r.value,
+            __import__("base64").b64decode(r.source["key"]).decode())), equal_to(expected))
+
+
+def test_time_range_read_returns_only_records_inside_the_range(kafka_bootstrap):
+    topic = new_topic(kafka_bootstrap)
+    base = 1_793_610_000_000
+    produce(topic, [(n % 3, event(n, base + 1000 * n), base + 1000 * n) for n in range(60)])
+    start, stop = base + 10_000, base + 40_000
+    config = KafkaReadConfig(topic, start=parse_position(str(start)), stop=parse_position(
+        datetime.datetime.fromtimestamp(stop / 1000, datetime.timezone.utc).isoformat()))
+    with TestPipeline() as pipeline:
+        records = pipeline | ReadFromKafka(config, CONTRACT)
+        assert_that(records | beam.Map(lambda r: json.loads(r.value)["id"]),
+                    equal_to([str(n) for n in range(10, 40)]))
+
+
+def test_empty_topic_and_empty_range_are_fine(kafka_bootstrap):
+    topic = new_topic(kafka_bootstrap)
+    config = KafkaReadConfig(topic, start=parse_position("earliest"), stop=parse_position("latest"))
+    with TestPipeline() as pipeline:
+        records = pipeline | ReadFromKafka(config, CONTRACT)
+        assert_that(records, equal_to([]))
+
+
+def test_missing_topic_and_unreachable_broker_fail_clearly_within_a_deadline(kafka_bootstrap):
+    with pytest.raises(RuntimeError, match="does not exist"):
+        describe_topic(KafkaReadConfig(KafkaTopic(kafka_bootstrap, "no-such-topic-here"), start=parse_position("earliest")))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="cannot reach Kafka at 127.0.0.1:9"):
+        describe_topic(KafkaReadConfig(KafkaTopic("127.0.0.1:9", "x"), start=parse_position("earliest")), timeout_s=3)
+    assert time.monotonic() - started < 15
+
+
+def test_main_job_reports_a_missing_topic_in_one_line(kafka_bootstrap, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input=kafka://{kafka_bootstrap}/nope-nope",
+         "--from=earliest", "--to=latest", f"--sink=sqlite:///{tmp_path}/x.db", f"--dlq={tmp_path}/d.jsonl"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = [l for l in result.stderr.splitlines() if l.strip() and "apitools" not in l]
+    assert lines == [f"aggregate: --input: topic 'nope-nope' does not exist on {kafka_bootstrap}; "
+                     "create it first (e.g. onceflow dev topic create NAME --partitions N)"]
+
+
+def test_backlog_is_end_offset_minus_position():
+    tracker = _PartitionsTracker(PartitionsRestriction("t", (PartitionSpan(0, 10, LIVE_END), PartitionSpan(1, 0, 50))))
+    tracker.end_offsets.update({0: 25, 1: 80})
+    assert tracker.try_claim((0, 10)) and tracker.try_claim((0, 11)) and tracker.try_claim((1, 0))
+    assert tracker.backlog() == {0: 25 - 12, 1: 50 - 1}  # a bounded partition stops at its stop
+    assert backlog(5, LIVE_END, None) == 0
+    progress = tracker.current_progress()
+    assert (progress.completed_work, progress.remaining_work) == (3.0, 13.0 + 49.0)
+
+
+def test_tracker_checkpoints_only_at_fraction_zero_and_keeps_high_water():
+    tracker = _PartitionsTracker(PartitionsRestriction("t", (PartitionSpan(0, 0, LIVE_END), PartitionSpan(1, 5, LIVE_END))))
+    assert tracker.try_claim((0, 0)) and tracker.try_claim((0, 3))
+    tracker.observe(0, 1234)
+    assert tracker.try_split(0.5) is None
+    primary, residual = tracker.try_split(0)
+    assert primary.spans == (PartitionSpan(0, 0, 4), PartitionSpan(1, 5, 5))
+    assert residual.spans == (PartitionSpan(0, 4, LIVE_END, 1234), PartitionSpan(1, 5, LIVE_END, None))
+    tracker.check_done()
+
+
+def test_dead_letters_to_a_kafka_topic_are_read_back_once(kafka_bootstrap):
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    letters = [DeadLetter(SourceRecord(b"\xff%d" % n, {"line": n}), "parse", "invalid_utf8", "E", "m")
+               for n in range(4)]
+    for _ in range(2):  # a retried bundle writes again
+        with TestPipeline() as pipeline:
+            _ = pipeline | beam.Create(letters) | write_dead_letters_to_kafka(topic, "aggregate", "0.1.0")
+    keys = [key for key, _ in read_topic_to_end(topic)]
+    assert len(keys) == 8 and len(set(keys)) == 4
+    envelopes = list(read_dead_letters_from(parse_dlq_target(topic.url)))
+    assert sorted(e["source"]["line"] for e in envelopes) == [0, 1, 2, 3]
+
+
+def test_checked_by_backfill_of_a_three_partition_topic_equals_the_reference(kafka_bootstrap, tmp_path):
+    """Produce the sample to 3 partitions; --from earliest --to latest into SQLite
+    gives exactly the aggregates computed independently, and the DLQ holds exactly
+    the bad records."""
+    topic = new_topic(kafka_bootstrap)
+    lines = [line for line in open(SAMPLE_INPUT, "rb").read().split(b"\n") if line.strip()]
+    produce(topic, [(n % 3, line, None) for n, line in enumerate(lines)])
+    partitions = [[((p, offset), line) for offset, line in enumerate(lines[p::3])] for p in range(3)]
+    expected_rows, expected_dead = expected_from_partitions(partitions, 60_000, 300_000)
+    db, dlq = tmp_path / "out.db", tmp_path / "dlq.jsonl"
+    from onceflow.pipelines.aggregate import run
+
+    summary = run([f"--input={topic.url}", "--from=earliest", "--to=latest", f"--sink=sqlite:///{db}",
+                   f"--dlq={dlq}"])
+    assert summary.count("records_read") == len(lines)
+    found = {}
+    with sqlite3.connect(db) as connection:
+        connection.row_factory = sqlite3.Row
+        for row in connection.execute("SELECT * FROM aggregates"):
+            start = datetime.datetime.fromisoformat(row["window_start"].replace("Z", "+00:00"))
+            found[(row["store"], round(start.timestamp() * 1000))] = {k: row[k] for k in expected_rows[
+                next(iter(expected_rows))]}
+    assert found == expected_rows
+    dead = {((e["source"]["partition"], e["source"]["offset"]), "too_late" if e["reason"] == "too_late" else "bad")
+            for e in read_dead_letters_from(parse_dlq_target(str(dlq)))}
+    assert dead == expected_dead
+
+
+# -- live reads on the local streaming runner ------------------------------------------
+
+
+def start_live_job(topic, group, db, dlq):
+    return subprocess.Popen(
+        [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={topic.url}", f"--kafka_group={group}",
+         "--key_fields=k", "--time_field=t", "--id_field=id", "--aggregate=count", "--window=1m",
+         "--allowed_lateness=1m", "--kafka_idle_timeout=2s", f"--sink=sqlite:///{db}", f"--dlq={dlq}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+
+
+def counted_events(db):
+    try:
+        with sqlite3.connect(db) as connection:
+            return connection.execute("SELECT COALESCE(SUM(event_count), 0) FROM aggregates").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def committed(topic, group, partitions=3):
+    consumer = Consumer({"bootstrap.servers": topic.bootstrap_servers, "group.id": group})
+    try:
+        return [tp.offset for tp in consumer.committed(
+            [TopicPartition(topic.topic, p) for p in range(partitions)], timeout=10)]
+    finally:
+        consumer.close()
+
+
+def wait_for(condition, what, deadline_s, job):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if job.poll() is not None:
+            raise AssertionError(f"the live job exited while waiting for {what}: {job.stdout.read().decode()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop(job, sig=signal.SIGKILL):
+    os.killpg(job.pid, sig)
+    job.wait(60)
+
+
+@pytest.mark.prism
+@pytest.mark.slow
+def test_live_read_picks_up_records_and_resumes_from_committed_offsets(kafka_bootstrap, prism_path, tmp_path):
+    """Records produced after the live job started are read; the job killed with
+    SIGKILL after its offsets were committed and started again resumes from them:
+    nothing lost, nothing counted twice."""
+    topic = new_topic(kafka_bootstrap)
+    group = f"g-{topic.topic}"
+    db, dlq = tmp_path / "live.db", tmp_path / "dlq.jsonl"
+    base = 1_793_610_000_000
+    first = [(n % 3, event(n, base + 1000 * n), None) for n in range(300)]        # minutes 0-4
+    second = [(n % 3, event(n, base + 1000 * n), None) for n in range(600, 900)]  # minutes 10-14
+    job = start_live_job(topic, group, db, dlq)
+    try:
+        time.sleep(3)  # let the job start before anything is produced (the point of this test)
+        produce(topic, first)
+        wait_for(lambda: counted_events(db) == 300, "the first 300 events in the sink", 180, job)
+        wait_for(lambda: committed(topic, group) == [100, 100, 100], "offsets committed to the log end", 60, job)
+    finally:
+        stop(job)
+    produce(topic, second)
+    job = start_live_job(topic, group, db, dlq)
+    try:
+        wait_for(lambda: counted_events(db) == 600, "all 600 events in the sink", 180, job)
+        wait_for(lambda: committed(topic, group) == [200, 200, 200], "offsets committed to the log end", 60, job)
+        time.sleep(3)  # anything read twice would now show as a higher count
+        assert counted_events(db) == 600
+    finally:
+        stop(job)
+    with sqlite3.connect(db) as connection:
+        windows = connection.execute("SELECT COUNT(*), MIN(event_count), MAX(event_count) FROM aggregates").fetchone()
+    assert windows == (10, 60, 60)
