@@ -18,6 +18,8 @@ from onceflow.versions import ONCEFLOW_VERSION
 # Subcommand modules, in the order `onceflow --help` lists them.
 _SUBCOMMAND_MODULES = (
     "onceflow.devstack.command",
+    "onceflow.observability.command",
+    "onceflow.flex_templates_command",
 )
 
 

@@ -1,10 +1,22 @@
 """Names of the Beam metrics onceflow emits, in one place.
 
-Every counter is in the ``onceflow`` namespace, so runners (Flink, Dataflow) and
-:func:`onceflow.pipelines.summary` find them the same way.
+Every metric is in the ``onceflow`` namespace, so runners (Flink, Dataflow) and
+:mod:`onceflow.pipelines.summary` find them the same way. Which counters are the
+input and output of each stage is in :mod:`onceflow.observability.figures`.
+
+Counters and gauges made here are ordinary Beam metrics. Each is also mirrored in
+a process-local table (:func:`local_snapshot`) so a local run can show live figures
+while a runner that reports metrics only at the end (the DirectRunner's in-process
+FnApiRunner) is still running. The mirror holds *attempted* values (a retried
+bundle counts twice) and sees only DoFns that run in this process; the final
+figures always come from the runner.
 """
 
 from __future__ import annotations
+
+import threading
+import time
+from typing import Dict, Optional, Tuple
 
 from apache_beam.metrics import Metrics
 
@@ -23,11 +35,74 @@ SINK_ROWS_WRITTEN = "sink_rows_written"
 SINK_ROWS_STALE = "sink_rows_stale"  # refused by the version guard
 SINK_RETRIES = "sink_retries"
 DLQ_WRITTEN = "dlq_written"
+WATERMARK_MS = "watermark_ms"  # a gauge: the Kafka reader's event-time watermark (epoch ms)
+EVENT_TIME_LAG_MS = "event_time_lag_ms"  # a gauge: wall clock minus that watermark when it was set
+
+# -- the process-local mirror ---------------------------------------------------------
+
+_LOCK = threading.Lock()
+_LOCAL_COUNTERS: Dict[str, int] = {}
+_LOCAL_GAUGES: Dict[str, Tuple[int, float]] = {}
 
 
-def counter(name: str):
-    return Metrics.counter(NAMESPACE, name)
+def local_snapshot() -> Tuple[Dict[str, int], Dict[str, Tuple[int, float]]]:
+    """Copies of the mirrored counters and gauges (value, time set in epoch seconds)
+    of this process, summed over every pipeline it has run."""
+    with _LOCK:
+        return dict(_LOCAL_COUNTERS), dict(_LOCAL_GAUGES)
 
 
-def dead_letter_counter(reason: str):
-    return Metrics.counter(NAMESPACE, f"{DEAD_LETTERS}.{reason}")
+class _Counter:
+    """A Beam counter that also counts in the process-local mirror."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._counter = Metrics.counter(NAMESPACE, name)
+
+    def inc(self, n: int = 1) -> None:
+        self._counter.inc(n)
+        with _LOCK:
+            _LOCAL_COUNTERS[self._name] = _LOCAL_COUNTERS.get(self._name, 0) + n
+
+    def dec(self, n: int = 1) -> None:
+        self.inc(-n)
+
+
+class _Gauge:
+    """A Beam gauge that also sets the process-local mirror."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._gauge = Metrics.gauge(NAMESPACE, name)
+
+    def set(self, value: int) -> None:
+        self._gauge.set(value)
+        with _LOCK:
+            _LOCAL_GAUGES[self._name] = (int(value), time.time())
+
+
+def counter(name: str) -> _Counter:
+    return _Counter(name)
+
+
+def dead_letter_counter(reason: str) -> _Counter:
+    return _Counter(f"{DEAD_LETTERS}.{reason}")
+
+
+def gauge(name: str) -> _Gauge:
+    return _Gauge(name)
+
+
+def consumer_lag_gauge(topic: str, partition: int) -> _Gauge:
+    """``consumer_lag.<topic>.<partition>``: records between the reader's position
+    and the partition's end offset (its backlog)."""
+    return _Gauge(f"{CONSUMER_LAG}.{topic}.{partition}")
+
+
+def record_watermark(watermark_ms: Optional[int]) -> None:
+    """Sets ``watermark_ms`` and ``event_time_lag_ms`` (now minus the watermark);
+    nothing while a reader has no watermark yet."""
+    if watermark_ms is None:
+        return
+    gauge(WATERMARK_MS).set(watermark_ms)
+    gauge(EVENT_TIME_LAG_MS).set(int(time.time() * 1000) - int(watermark_ms))

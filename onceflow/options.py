@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
@@ -69,6 +70,12 @@ class KafkaOptions(PipelineOptions):
             "--kafka_time_source", default="field", choices=("field", "record"),
             help="Event time of Kafka records: the --time_field of the record (field) or the "
                  "Kafka record timestamp (record). Default: field.")
+        group.add_argument(
+            "--kafka_rewind_margin", default="5m",
+            help="Live reads that resume from committed offsets first rewind to the last window "
+                 "the sink holds minus the window size, the allowed lateness and this margin (by "
+                 "Kafka record timestamp), so windows a crash left unwritten are re-read in full. "
+                 "Cover the gap between record timestamps and event times. Default: 5m.")
         group.add_argument(
             "--kafka_idle_timeout", default="30s",
             help="Live reads: a caught-up partition with no records for this long stops holding "
@@ -185,22 +192,30 @@ def help_text(prog: str, description: str) -> str:
 
 
 def parse_pipeline_args(argv: Sequence[str]) -> PipelineOptions:
-    """PipelineOptions from the command line, refusing unknown or malformed flags.
+    """PipelineOptions from the command line, refusing mistyped or malformed flags.
 
     Beam itself only logs a warning for a flag it does not know, so a typo would
-    silently run with a default; here it is an error with a suggestion.
+    silently run with a default. Here an unknown flag close to a known one is an
+    error with a suggestion; any other unknown flag (a runner's own, such as
+    Flink's ``--checkpointing_interval``) is passed on with a one-line notice.
     """
     parser = _all_options_parser()
     _, unknown = parser.parse_known_args(list(argv))
-    if unknown:
-        first = unknown[0]
-        name = first.split("=", 1)[0]
-        known = [opt for action in parser._actions for opt in action.option_strings]
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {close[0]}?" if close else "; see --help"
-        if name.startswith("-"):
-            raise UsageError(f"unknown flag {name}{hint}")
-        raise UsageError(f"unexpected argument {first!r}; flags look like --name=value{hint}")
+    known = [opt for action in parser._actions for opt in action.option_strings]
+    passed_on = []
+    for item in unknown:
+        name = item.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if not name.startswith("--"):
+            if passed_on and "=" not in passed_on[-1]:
+                continue  # the value of a passed-on flag written as --flag value
+            raise UsageError(f"unexpected argument {item!r}; flags look like --name=value; see --help")
+        if close:
+            raise UsageError(f"unknown flag {name}; did you mean {close[0]}?")
+        passed_on.append(item)
+    if passed_on:
+        print("onceflow: passing flags unknown to Beam's Python SDK on to the runner: "
+              + " ".join(flag.split("=", 1)[0] for flag in passed_on), file=sys.stderr)
     return PipelineOptions(list(argv))
 
 
@@ -242,3 +257,88 @@ __all__: List[str] = [
     "parse_pipeline_args",
     "help_text",
 ]
+
+
+class MonitoringOptions(PipelineOptions):
+    """Seeing into a run: the live status line, a metrics file, the health endpoint."""
+
+    @staticmethod
+    def _port(text: str) -> int:
+        value = str(text).strip()
+        if not value.isdigit() or int(value) > 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0 (off) or 1-65535")
+        return int(value)
+
+    @staticmethod
+    def _max_lag(text: str) -> Optional[int]:
+        value = str(text).strip().lower()
+        if value in ("none", "off", ""):
+            return None
+        if not value.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of records (or none)")
+        return int(value)
+
+    @staticmethod
+    def _max_rate(text: str) -> Optional[float]:
+        value = str(text).strip().lower()
+        if value in ("none", "off", ""):
+            return None
+        try:
+            rate = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+        except ValueError:
+            rate = -1.0
+        if not 0 <= rate <= 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a fraction from 0 to 1 (0.01 or 1%) or none")
+        return rate
+
+    @staticmethod
+    def _max_age_s(text: str) -> Optional[float]:
+        from onceflow.windowing import parse_duration_ms
+
+        value = str(text).strip().lower()
+        if value in ("none", "off", ""):
+            return None
+        try:  # a bare number is seconds: what Beam passes on when it re-parses the options on a worker
+            seconds = float(value)
+        except ValueError:
+            seconds = None
+        if seconds is not None and seconds >= 0:
+            return seconds
+        try:
+            return parse_duration_ms(value) / 1000.0
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("monitoring")
+        group.add_argument(
+            "--metrics_out", default=None, metavar="PATH",
+            help="Write the run's final figures (counters per stage, dead letters by reason, "
+                 "duplicates, rates, consumer lag) to PATH as JSON. Default: none.")
+        group.add_argument(
+            "--status", default="auto", choices=("auto", "on", "off"),
+            help="Live status of a local run on stderr (events/s per stage, lag, DLQ): auto "
+                 "rewrites one line every second when stderr is a terminal and otherwise prints "
+                 "a line every 30s; on prints a line every 5s when stderr is not a terminal; off "
+                 "shows nothing but the final summary. Default: auto.")
+        group.add_argument(
+            "--health_port", default="0", type=cls._port,
+            help="Serve /healthz (JSON; 200 healthy, 503 not) and /metrics (Prometheus text) on "
+                 "127.0.0.1 at this port while the job runs. Default: 0 (off).")
+        group.add_argument(
+            "--health_max_lag", default="100000", type=cls._max_lag,
+            help="/healthz: unhealthy above this total consumer lag (records), or none. "
+                 "Default: 100000.")
+        group.add_argument(
+            "--health_max_dlq_rate", default="0.05", type=cls._max_rate,
+            help="/healthz: unhealthy when more than this fraction of the records read in the "
+                 "last minute went to the dead-letter queue (a fraction, e.g. 0.05), or none. Default: 0.05.")
+        group.add_argument(
+            "--health_max_watermark_age", default="15m", type=cls._max_age_s,
+            help="/healthz: unhealthy when the event-time watermark is older than this (now minus "
+                 "watermark; e.g. 90s, 15m), or none. Default: 15m.")
+
+
+# Defined after the tuple above, so listed here.
+ONCEFLOW_OPTION_CLASSES = (*ONCEFLOW_OPTION_CLASSES, MonitoringOptions)

@@ -134,7 +134,10 @@ class KafkaReadConfig:
     ``time_source`` is ``field`` (the event contract's time field) or ``record``
     (the Kafka record timestamp); it drives element timestamps and the watermark.
     ``client_settings`` are passed to the consumer as they are (SASL, SSL, ...);
-    :func:`redact` them before logging.
+    :func:`redact` them before logging. ``rewind_to_ms`` (live reads from committed
+    offsets): start each partition no later than its first record whose Kafka
+    timestamp is at or after this time, so that windows a crash left unwritten
+    are read again in full.
     """
 
     topic: KafkaTopic
@@ -144,6 +147,7 @@ class KafkaReadConfig:
     group_id: Optional[str] = None
     time_source: str = "field"
     client_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    rewind_to_ms: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.time_source not in ("field", "record"):

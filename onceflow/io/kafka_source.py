@@ -113,6 +113,9 @@ def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
             low, high = bounds[p]
             if p in committed:
                 start = committed[p]
+                if config.rewind_to_ms is not None:
+                    rewind = _offset_at(consumer, topic, p, Position("timestamp", config.rewind_to_ms), low, high)
+                    start = min(start, rewind)
             else:
                 start_position = config.start_fallback if config.start.kind == "committed" else config.start
                 start = _offset_at(consumer, topic, p, start_position, low, high)
@@ -227,11 +230,13 @@ class _PartitionsTracker(RestrictionTracker):
                              "stop nor checkpointed")
 
     def current_progress(self) -> RestrictionProgress:
-        completed = sum(self._next[s.partition] - s.start for s in self._restriction.spans)
-        remaining = sum(self.backlog().values())
-        if completed + remaining == 0:  # nothing read, nothing known to be left: avoid 0/0
-            return RestrictionProgress(fraction=0.0, remaining=0.0)
-        return RestrictionProgress(completed=float(completed), remaining=float(remaining))
+        completed = float(sum(self._next[s.partition] - s.start for s in self._restriction.spans))
+        remaining = float(sum(self.backlog().values()))
+        total = completed + remaining
+        # The fraction is given explicitly: the SDK replaces ``completed`` by its own
+        # output-byte estimate (which can be NaN) before it computes split points.
+        return RestrictionProgress(fraction=completed / total if total else 0.0, completed=completed,
+                                   remaining=remaining)
 
     def is_bounded(self) -> bool:
         return all(stop != LIVE_END for stop in self._stops.values())
@@ -457,7 +462,8 @@ class _ReadPartitionsDoFn(beam.DoFn):
             if emitted:
                 self._records.inc(emitted)
             for partition, lag in inner.backlog().items():
-                Metrics.gauge(metrics.NAMESPACE, f"{metrics.CONSUMER_LAG}.{topic}.{partition}").set(lag)
+                metrics.consumer_lag_gauge(topic, partition).set(lag)
+            metrics.record_watermark(inner.watermark_ms())
             if read_any and self._config.group_id:
                 bundle_finalizer.register(_CommitOffsets(self, topic, inner.next_offsets()))
 

@@ -46,7 +46,7 @@ from onceflow.io.batching import BatchWriteDoFn, UpsertRowsDoFn
 from onceflow.io.urls import redact_url
 from onceflow.rows import (
     EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
-    utc_datetime, utc_millis,
+    WINDOW_END, utc_datetime, utc_millis,
 )
 
 _SQL_TYPES = {"key": "TEXT NOT NULL", "timestamp": "TIMESTAMPTZ NOT NULL", "integer": "BIGINT",
@@ -137,6 +137,15 @@ def ensure_table(dsn: str, table: str, schema: RowSchema) -> None:
     """Creates the rows table if absent; ValueError (one line) if it exists with
     other columns. Connection errors are raised as they are."""
     _create_checked(dsn, table, create_table_sql(table, schema), [*schema.columns, WRITTEN_AT])
+
+
+def last_window_end_ms(dsn: str, table: str) -> Optional[int]:
+    """The latest ``window_end`` written to the table (epoch ms), None when empty."""
+    check_identifier(table, "table name")
+    with connect(dsn, application_name(table)) as connection:
+        (latest,) = connection.execute(sql.SQL("SELECT MAX({}) FROM {}").format(
+            sql.Identifier(WINDOW_END), sql.Identifier(table))).fetchone()
+    return None if latest is None else utc_millis(latest)
 
 
 def to_pg_values(row: Dict[str, Any], schema: RowSchema, written_at: datetime.datetime) -> List[Any]:

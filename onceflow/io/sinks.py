@@ -63,6 +63,9 @@ class SinkKind:
     parse: Callable[[str, urllib.parse.SplitResult], SinkTarget]
     prepare: Callable[[SinkTarget, RowSchema], None]
     write: Callable[[SinkTarget, RowSchema, int], Tuple[str, beam.PTransform]]
+    # The latest window_end the sink holds (epoch ms): where a restarted live job
+    # must re-read from. None for sinks that cannot say.
+    last_window_end: Optional[Callable[[SinkTarget], Optional[int]]] = None
 
 
 # -- sqlite ---------------------------------------------------------------------
@@ -83,6 +86,12 @@ def _prepare_sqlite(target: SinkTarget, schema: RowSchema) -> None:
     from onceflow.io.sqlite import ensure_table
 
     ensure_table(target.location, target.table, schema)
+
+
+def _last_window_end_sqlite(target: SinkTarget) -> Optional[int]:
+    from onceflow.io.sqlite import last_window_end_ms
+
+    return last_window_end_ms(target.location, target.table)
 
 
 def _write_sqlite(target: SinkTarget, schema: RowSchema, batch_size: int):
@@ -106,6 +115,12 @@ def _prepare_postgres(target: SinkTarget, schema: RowSchema) -> None:
         postgres.ensure_table(target.location, target.table, schema)
     except postgres.psycopg.Error as error:
         raise ValueError(f"cannot use {target.describe()}: {first_line(error)}") from None
+
+
+def _last_window_end_postgres(target: SinkTarget) -> Optional[int]:
+    from onceflow.io.postgres import last_window_end_ms
+
+    return last_window_end_ms(target.location, target.table)
 
 
 def _write_postgres(target: SinkTarget, schema: RowSchema, batch_size: int):
@@ -215,10 +230,11 @@ def _write_kafka(target: SinkTarget, schema: RowSchema, batch_size: int):
 # -- the registry ---------------------------------------------------------------
 
 _POSTGRES = SinkKind(POSTGRES_FORM, _parse_postgres, _prepare_postgres,
-                     _write_postgres)
+                     _write_postgres, _last_window_end_postgres)
 
 SINKS: Dict[str, SinkKind] = {
-    "sqlite": SinkKind("sqlite:///PATH.db?table=NAME", _parse_sqlite, _prepare_sqlite, _write_sqlite),
+    "sqlite": SinkKind("sqlite:///PATH.db?table=NAME", _parse_sqlite, _prepare_sqlite, _write_sqlite,
+                       _last_window_end_sqlite),
     "postgresql": _POSTGRES,
     "postgres": _POSTGRES,
     "bigquery": SinkKind("bigquery://PROJECT.DATASET.TABLE", _parse_bigquery, _prepare_bigquery, _write_bigquery),
@@ -251,6 +267,13 @@ def _kind(target: SinkTarget) -> SinkKind:
     if kind is None:
         raise ValueError(f"{target.scheme} sinks are not supported")
     return kind
+
+
+def last_window_end(target: SinkTarget) -> Optional[int]:
+    """The latest window end the sink holds (epoch ms); None when it is empty or
+    cannot say (BigQuery, Kafka, files)."""
+    reader = _kind(target).last_window_end
+    return None if reader is None else reader(target)
 
 
 def prepare_sink(target: SinkTarget, schema: RowSchema) -> None:

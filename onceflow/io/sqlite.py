@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime
 import os
 import sqlite3
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import apache_beam as beam
 
-from onceflow.events import format_utc_ms
+from onceflow.events import format_utc_ms, parse_event_time_ms
 from onceflow.io.batching import UpsertRowsDoFn
-from onceflow.rows import EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, row_values
+from onceflow.rows import EVENT_COUNT, WINDOW_END, WRITTEN_AT, RowSchema, check_columns, check_identifier, row_values
 
 _SQL_TYPES = {"key": "TEXT NOT NULL", "timestamp": "TEXT NOT NULL", "integer": "INTEGER", "number": "NUMERIC"}
 
@@ -51,6 +51,14 @@ def ensure_table(path: str, table: str, schema: RowSchema) -> None:
         found = [row[1] for row in connection.execute(f"PRAGMA table_info({_quote(table)})")]
     check_columns(found, [*schema.columns, WRITTEN_AT], table, path,
                   hint="use another table (?table=NAME) or another file")
+
+
+def last_window_end_ms(path: str, table: str) -> Optional[int]:
+    """The latest ``window_end`` written to the table (epoch ms), None when empty."""
+    check_identifier(table, "table name")
+    with sqlite3.connect(path, timeout=60) as connection:
+        (latest,) = connection.execute(f"SELECT MAX({_quote(WINDOW_END)}) FROM {_quote(table)}").fetchone()
+    return None if latest is None else parse_event_time_ms(latest)
 
 
 def to_sql_values(row: Dict[str, Any], schema: RowSchema, written_at: str) -> List[Any]:

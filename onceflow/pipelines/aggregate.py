@@ -23,14 +23,14 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError
-from onceflow.events import EventContract
+from onceflow.events import EventContract, format_utc_ms
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordsFromFiles, read_avro_writer_schema
 from onceflow.io.kafka_config import (
     COMMITTED, EARLIEST, KafkaReadConfig, is_kafka_url, parse_client_settings, parse_kafka_url, parse_position,
 )
 from onceflow.io.kafka_source import ReadFromKafka, describe_topic
-from onceflow.io.sinks import SinkTarget, WriteRows, parse_sink_url, prepare_sink
+from onceflow.io.sinks import SinkTarget, WriteRows, last_window_end, parse_sink_url, prepare_sink
 from onceflow.options import (
     AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions, WindowOptions,
     flag_error, help_text, optional_text, parse_pipeline_args, positive_int, split_fields,
@@ -58,6 +58,7 @@ class AggregateJob:
     sink_batch_size: int = 500
     kafka: Optional[KafkaReadConfig] = None  # set when --input is kafka://...
     kafka_idle_timeout_ms: int = 30_000
+    kafka_rewind_margin_ms: int = 300_000
 
     @property
     def row_schema(self) -> RowSchema:
@@ -174,9 +175,14 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
             raise ValueError("the idle timeout must be more than 0")
     except ValueError as error:
         raise flag_error("--kafka_idle_timeout", error) from None
+    try:
+        rewind_margin_ms = parse_duration_ms(kafka_options.kafka_rewind_margin)
+    except ValueError as error:
+        raise flag_error("--kafka_rewind_margin", error) from None
     return AggregateJob(
         kafka=kafka,
         kafka_idle_timeout_ms=idle_ms,
+        kafka_rewind_margin_ms=rewind_margin_ms,
         input_pattern=input_pattern,
         contract=contract,
         window_spec=window_spec,
@@ -258,6 +264,22 @@ def _check_input_exists(pattern: str) -> None:
         raise UsageError(f"--input: nothing matches {pattern!r}; give a file path or glob")
 
 
+def with_rewind(job: AggregateJob) -> AggregateJob:
+    """Crash safety on runners that keep no state (Prism keeps windows in memory
+    only): a live job resuming from committed offsets first re-reads from the last
+    window the sink holds, minus window size, allowed lateness and a margin. Every
+    window that a crash may have left unwritten is then read again in full; dedup
+    and the sink's version guard make the re-read harmless."""
+    written = last_window_end(job.sink)
+    if written is None:
+        return job
+    spec = job.window_spec
+    rewind_to = written - spec.size_ms - spec.allowed_lateness_ms - job.kafka_rewind_margin_ms
+    print(f"aggregate: the sink holds windows up to {format_utc_ms(written)}; partitions resume no later than "
+          f"their records from {format_utc_ms(rewind_to)}", file=sys.stderr)
+    return dataclasses.replace(job, kafka=dataclasses.replace(job.kafka, rewind_to_ms=rewind_to))
+
+
 def _choose_streaming_runner(options: PipelineOptions) -> None:
     """A live read needs a streaming runner. With no --runner, use Prism built by
     ``onceflow dev up --services prism`` (the DirectRunner would silently run a
@@ -301,18 +323,24 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         prepare_dlq(job.dlq)
     except (ValueError, OSError) as error:
         raise flag_error("--dlq", error) from None
+    if job.is_live:
+        job = with_rewind(job)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
     build(pipeline, job)
-    result = pipeline.run()
-    try:
-        result.wait_until_finish()
-    except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
-        print("aggregate: stopping...", file=sys.stderr)
-        result.cancel()
-    return collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
-                           job.dlq.describe())
+    from onceflow.observability.monitor import Monitor  # live status, health endpoint, --metrics_out
+
+    with Monitor(options, runner) as monitor:
+        result = pipeline.run()
+        monitor.watch(result)
+        try:
+            result.wait_until_finish()
+        except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
+            print("aggregate: stopping...", file=sys.stderr)
+            result.cancel()
+        return monitor.finish(collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
+                                              job.dlq.describe()))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

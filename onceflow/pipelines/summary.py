@@ -3,31 +3,64 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+import json
+import os
+import tempfile
+from typing import Any, Dict
 
 from apache_beam.metrics.metric import MetricsFilter
 
 from onceflow import metrics
+from onceflow.observability.figures import STAGES, consumer_lag, dead_letters_by_reason, total
+from onceflow.observability.snapshot import COMMITTED, snapshot_from_query
+
+JSON_FORMAT = "onceflow-run-summary/1"
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
-    """Counters of one run (namespace ``onceflow``), and where the output is."""
+    """Counters of one run (namespace ``onceflow``), its gauges' last values, and
+    where the output is. ``values`` is ``committed`` when every counter is the
+    runner's committed value, ``attempted`` otherwise."""
 
     runner: str
     seconds: float
     counters: Dict[str, int]
     sink: str
     dlq: str
+    gauges: Dict[str, int] = dataclasses.field(default_factory=dict)
+    values: str = COMMITTED
+    pipeline: str = "aggregate"
 
     def count(self, name: str) -> int:
         return self.counters.get(name, 0)
 
     @property
     def dead_letters_by_reason(self) -> Dict[str, int]:
-        prefix = metrics.DEAD_LETTERS + "."
-        return {name[len(prefix):]: value for name, value in sorted(self.counters.items())
-                if name.startswith(prefix) and value}
+        return dead_letters_by_reason(self.counters)
+
+    def per_second(self, count: int) -> float:
+        return count / self.seconds if self.seconds > 0 else 0.0
+
+    def stages(self) -> Dict[str, Dict[str, Any]]:
+        """Per stage: its step, elements in and out, and in/s over the whole run."""
+        found = {}
+        for stage in STAGES:
+            count_in, count_out = total(self.counters, stage.inputs), total(self.counters, stage.outputs)
+            if stage.name in ("read", "dlq") and not count_in and not count_out:
+                continue
+            found[stage.name] = {
+                "step": stage.step, "unit": stage.unit, "in": count_in if stage.inputs else None,
+                "out": count_out, "per_s": round(self.per_second(count_in if stage.inputs else count_out), 3),
+            }
+        return found
+
+    def consumer_lag(self) -> Dict[str, Dict[str, int]]:
+        """The readers' last reported lag: ``{topic: {partition: lag}}``."""
+        found: Dict[str, Dict[str, int]] = {}
+        for (topic, partition), lag in consumer_lag({k: (v, 0.0) for k, v in self.gauges.items()}).items():
+            found.setdefault(topic, {})[str(partition)] = lag
+        return found
 
     def render(self) -> str:
         by_reason = self.dead_letters_by_reason
@@ -35,7 +68,7 @@ class RunSummary:
         read = self.count(metrics.RECORDS_READ)
         rate = f"{read / self.seconds:,.0f} records/s" if self.seconds > 0 else ""
         lines = [
-            f"onceflow aggregate: done in {self.seconds:.1f}s on {self.runner} ({rate})",
+            f"onceflow {self.pipeline}: done in {self.seconds:.1f}s on {self.runner} ({rate})",
             f"  records read        {read:>9,}",
             f"  events parsed       {self.count(metrics.EVENTS_PARSED):>9,}",
             f"  duplicates dropped  {self.count(metrics.DUPLICATES_DROPPED):>9,}",
@@ -43,19 +76,70 @@ class RunSummary:
             f"  rows emitted        {self.count(metrics.ROWS_EMITTED):>9,}",
             f"  rows written        {self.count(metrics.SINK_ROWS_WRITTEN):>9,}   "
             f"(kept newer stored versions: {self.count(metrics.SINK_ROWS_STALE):,})",
+        ]
+        lag = self.consumer_lag()
+        if lag:
+            partitions = sum(len(p) for p in lag.values())
+            lines.append(f"  consumer lag        {sum(sum(p.values()) for p in lag.values()):>9,}   "
+                         f"(at the end, over {partitions} partition{'s' if partitions != 1 else ''})")
+        lines += [
             f"  output:       {self.sink}",
             f"  dead letters: {self.dlq}",
         ]
         return "\n".join(lines)
 
+    def to_json(self) -> Dict[str, Any]:
+        """Everything above as JSON-ready data (what ``--metrics_out`` writes)."""
+        by_reason = self.dead_letters_by_reason
+        lag = self.consumer_lag()
+        watermark = self.gauges.get(metrics.WATERMARK_MS)
+        return {
+            "format": JSON_FORMAT,
+            "pipeline": self.pipeline,
+            "runner": self.runner,
+            "seconds": round(self.seconds, 3),
+            "values": self.values,
+            "records_read": self.count(metrics.RECORDS_READ),
+            "events_parsed": self.count(metrics.EVENTS_PARSED),
+            "duplicates_dropped": self.count(metrics.DUPLICATES_DROPPED),
+            "too_late": by_reason.get("too_late", 0),
+            "dead_letters": {"total": sum(by_reason.values()), "by_reason": by_reason},
+            "rows_emitted": self.count(metrics.ROWS_EMITTED),
+            "sink_rows_written": self.count(metrics.SINK_ROWS_WRITTEN),
+            "sink_rows_stale": self.count(metrics.SINK_ROWS_STALE),
+            "sink_retries": self.count(metrics.SINK_RETRIES),
+            "dlq_written": self.count(metrics.DLQ_WRITTEN),
+            "stages": self.stages(),
+            "consumer_lag": lag,
+            "consumer_lag_total": sum(sum(p.values()) for p in lag.values()) if lag else None,
+            "watermark_ms": watermark,
+            "counters": dict(sorted(self.counters.items())),
+            "gauges": dict(sorted(self.gauges.items())),
+            "sink": self.sink,
+            "dlq": self.dlq,
+        }
+
+    def write_json(self, path: str) -> None:
+        """Writes :meth:`to_json` to ``path`` (replaced atomically)."""
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".metrics-", suffix=".json", dir=directory)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump(self.to_json(), out, indent=2, sort_keys=False)
+                out.write("\n")
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+
 
 def collect_summary(result, runner: str, seconds: float, sink: str, dlq: str) -> RunSummary:
     """Sums each ``onceflow`` counter over steps (committed values where the runner
-    reports them, attempted otherwise)."""
-    counters: Dict[str, int] = {}
+    reports them, attempted otherwise) and keeps each gauge's latest value."""
     query = result.metrics().query(MetricsFilter().with_namespace(metrics.NAMESPACE))
-    for counter in query["counters"]:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        name = counter.key.metric.name
-        counters[name] = counters.get(name, 0) + int(value or 0)
-    return RunSummary(runner, seconds, counters, sink, dlq)
+    snapshot = snapshot_from_query(query, 0.0, prefer_committed=True)
+    return RunSummary(runner, seconds, dict(snapshot.counters), sink, dlq,
+                      gauges={name: value for name, (value, _) in snapshot.gauges.items()},
+                      values=snapshot.values)

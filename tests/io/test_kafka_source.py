@@ -2,21 +2,16 @@
 
 import datetime
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 
 import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from confluent_kafka import Consumer, Producer, TopicPartition
 
-from onceflow import devstack
 from onceflow.deadletter import DeadLetter
 from onceflow.events import EventContract, SourceRecord
 from onceflow.io.dlq import parse_dlq_target, read_dead_letters_from
@@ -26,26 +21,11 @@ from onceflow.io.kafka_source import (
     LIVE_END, PartitionSpan, PartitionsRestriction, ReadFromKafka, _PartitionsTracker, backlog, describe_topic,
 )
 from onceflow.options import SAMPLE_INPUT
+from tests.livejob import committed, counted_events, new_topic, produce, start_live_job, stop, wait_for
 from tests.pipelines.reference import expected_from_partitions
 
 pytestmark = pytest.mark.kafka
 CONTRACT = EventContract(time_field="t", key_fields=("k",), value_fields=("v",), id_field="id")
-
-
-def new_topic(bootstrap, partitions=3):
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    devstack.create_topic(name, partitions=partitions)
-    return KafkaTopic(bootstrap, name)
-
-
-def produce(topic, records):
-    """records: (partition, value, timestamp_ms or None); returns them with offsets."""
-    producer = Producer({"bootstrap.servers": topic.bootstrap_servers, "enable.idempotence": True})
-    for partition, value, timestamp in records:
-        kwargs = {"timestamp": timestamp} if timestamp is not None else {}
-        producer.produce(topic.topic, value=value, key=value[:4], partition=partition,
-                         headers=[("h", b"x")], **kwargs)
-    assert producer.flush(30) == 0
 
 
 def event(n, t):
@@ -174,47 +154,6 @@ def test_checked_by_backfill_of_a_three_partition_topic_equals_the_reference(kaf
 # -- live reads on the local streaming runner ------------------------------------------
 
 
-def start_live_job(topic, group, db, dlq):
-    return subprocess.Popen(
-        [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={topic.url}", f"--kafka_group={group}",
-         "--key_fields=k", "--time_field=t", "--id_field=id", "--aggregate=count", "--window=1m",
-         "--allowed_lateness=1m", "--kafka_idle_timeout=2s", f"--sink=sqlite:///{db}", f"--dlq={dlq}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
-
-
-def counted_events(db):
-    try:
-        with sqlite3.connect(db) as connection:
-            return connection.execute("SELECT COALESCE(SUM(event_count), 0) FROM aggregates").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
-def committed(topic, group, partitions=3):
-    consumer = Consumer({"bootstrap.servers": topic.bootstrap_servers, "group.id": group})
-    try:
-        return [tp.offset for tp in consumer.committed(
-            [TopicPartition(topic.topic, p) for p in range(partitions)], timeout=10)]
-    finally:
-        consumer.close()
-
-
-def wait_for(condition, what, deadline_s, job):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if job.poll() is not None:
-            raise AssertionError(f"the live job exited while waiting for {what}: {job.stdout.read().decode()[-3000:]}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def stop(job, sig=signal.SIGKILL):
-    os.killpg(job.pid, sig)
-    job.wait(60)
-
-
 @pytest.mark.prism
 @pytest.mark.slow
 def test_live_read_picks_up_records_and_resumes_from_committed_offsets(kafka_bootstrap, prism_path, tmp_path):
@@ -227,7 +166,9 @@ def test_live_read_picks_up_records_and_resumes_from_committed_offsets(kafka_boo
     base = 1_793_610_000_000
     first = [(n % 3, event(n, base + 1000 * n), None) for n in range(300)]        # minutes 0-4
     second = [(n % 3, event(n, base + 1000 * n), None) for n in range(600, 900)]  # minutes 10-14
-    job = start_live_job(topic, group, db, dlq)
+    flags = ("--key_fields=k", "--time_field=t", "--id_field=id", "--aggregate=count", "--window=1m",
+             "--allowed_lateness=1m", "--kafka_idle_timeout=2s")
+    job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *flags)
     try:
         time.sleep(3)  # let the job start before anything is produced (the point of this test)
         produce(topic, first)
@@ -236,7 +177,7 @@ def test_live_read_picks_up_records_and_resumes_from_committed_offsets(kafka_boo
     finally:
         stop(job)
     produce(topic, second)
-    job = start_live_job(topic, group, db, dlq)
+    job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *flags)
     try:
         wait_for(lambda: counted_events(db) == 600, "all 600 events in the sink", 180, job)
         wait_for(lambda: committed(topic, group) == [200, 200, 200], "offsets committed to the log end", 60, job)

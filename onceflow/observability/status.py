@@ -1,0 +1,92 @@
+"""The live one-line status of a local run (pure formatting, and its writer)."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Optional, TextIO
+
+from onceflow.observability.figures import Figures
+
+# Stages shown on the line, in pipeline order (dedup and the DLQ writer are
+# summed up by the DLQ figure and the final summary).
+_SHOWN = ("read", "parse", "aggregate", "sink")
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """``7s``, ``3m05s``, ``2h03m``, ``4d02h``; ``-`` for None; negatives are 0s."""
+    if seconds is None:
+        return "-"
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def format_rate(per_s: float) -> str:
+    """``0``, ``0.4``, ``12``, ``4,243``: one decimal below 10 per second."""
+    if per_s <= 0:
+        return "0"
+    if per_s < 10:
+        return f"{per_s:.1f}"
+    return f"{per_s:,.0f}"
+
+
+def format_status(figures: Figures, width: Optional[int] = None) -> str:
+    """One line: elapsed time, events/s per stage, consumer lag, event-time lag
+    and the DLQ, e.g.
+
+    ``12s | read 1,203/s | parse 1,200/s | aggregate 1,190/s | sink 35 rows/s | lag 1,234 | event-time lag 42s | DLQ 3 (0.2%)``
+
+    Lag and event-time lag appear only when a Kafka reader reports them. The DLQ
+    percentage is of the records read over the last minute. ``width`` cuts the line
+    to fit a terminal.
+    """
+    parts = [format_duration(figures.elapsed_s)]
+    for name in _SHOWN:
+        stage = figures.stage(name)
+        if stage is None:
+            continue
+        suffix = " rows/s" if stage.unit == "rows" else "/s"
+        parts.append(f"{name} {format_rate(stage.in_per_s)}{suffix}")
+    if figures.total_lag is not None:
+        parts.append(f"lag {figures.total_lag:,}")
+    if figures.watermark_age_s is not None:
+        parts.append(f"event-time lag {format_duration(figures.watermark_age_s)}")
+    dlq = f"DLQ {figures.dead_letters:,}"
+    if figures.dlq_rate is not None:
+        dlq += f" ({figures.dlq_rate:.1%})"
+    parts.append(dlq)
+    line = " | ".join(parts)
+    if width is not None and width > 4 and len(line) > width:
+        line = line[: width - 3] + "..."
+    return line
+
+
+class StatusWriter:
+    """Writes status lines to ``stream``: rewritten in place on a terminal,
+    one line each otherwise."""
+
+    def __init__(self, stream: TextIO, live: bool):
+        self._stream = stream
+        self._live = live
+        self._shown = False
+
+    def show(self, figures: Figures) -> None:
+        if self._live:
+            width = shutil.get_terminal_size((120, 24)).columns - 1
+            self._stream.write("\r" + format_status(figures, width) + "\x1b[K")
+            self._shown = True
+        else:
+            self._stream.write("onceflow status: " + format_status(figures) + "\n")
+        self._stream.flush()
+
+    def clear(self) -> None:
+        """Removes the live line so the final summary starts on a clean line."""
+        if self._live and self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._shown = False

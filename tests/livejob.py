@@ -1,0 +1,88 @@
+"""Helpers for tests that run the main job live against the local broker."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from onceflow import devstack
+from onceflow.io.kafka_config import KafkaTopic
+
+
+def new_topic(bootstrap, partitions=3):
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    devstack.create_topic(name, partitions=partitions)
+    return KafkaTopic(bootstrap, name)
+
+
+def producer_for(topic):
+    return Producer({"bootstrap.servers": topic.bootstrap_servers, "enable.idempotence": True})
+
+
+def produce(topic, records, producer=None):
+    """records: (partition, value, timestamp_ms or None); flushed before returning."""
+    producer = producer or producer_for(topic)
+    for partition, value, timestamp in records:
+        kwargs = {"timestamp": timestamp} if timestamp is not None else {}
+        producer.produce(topic.topic, value=value, key=value[:4], partition=partition,
+                         headers=[("h", b"x")], **kwargs)
+    assert producer.flush(30) == 0
+
+
+def start_live_job(topic, group, sink, dlq, *flags):
+    """The main job reading ``topic`` live, in its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={topic.url}", f"--kafka_group={group}",
+         f"--sink={sink}", f"--dlq={dlq}", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+
+
+def counted_events(db, table="aggregates"):
+    try:
+        with sqlite3.connect(db) as connection:
+            return connection.execute(f'SELECT COALESCE(SUM(event_count), 0) FROM "{table}"').fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def table_rows(db, table="aggregates"):
+    """Every row without the wall-clock written_at column, sorted."""
+    with sqlite3.connect(db) as connection:
+        connection.row_factory = sqlite3.Row
+        return sorted(tuple((k, r[k]) for k in r.keys() if k != "written_at")
+                      for r in connection.execute(f'SELECT * FROM "{table}"'))
+
+
+def committed(topic, group, partitions=3):
+    consumer = Consumer({"bootstrap.servers": topic.bootstrap_servers, "group.id": group})
+    try:
+        return [tp.offset for tp in consumer.committed(
+            [TopicPartition(topic.topic, p) for p in range(partitions)], timeout=10)]
+    finally:
+        consumer.close()
+
+
+def wait_for(condition, what, deadline_s, job=None):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if job is not None and job.poll() is not None:
+            raise AssertionError(f"the live job exited while waiting for {what}: "
+                                 f"{job.stdout.read().decode(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop(job, sig=signal.SIGKILL):
+    """Stops the job's whole process group (the job and the runner it started)."""
+    try:
+        os.killpg(job.pid, sig)
+    except ProcessLookupError:
+        pass
+    job.wait(60)

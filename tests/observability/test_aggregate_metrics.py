@@ -1,0 +1,68 @@
+"""The metrics of the main job over the bundled sample equal counts computed
+independently (tests/pipelines/reference.py), in the returned summary and in the
+JSON written by --metrics_out."""
+
+import json
+
+from onceflow.options import SAMPLE_INPUT
+from onceflow.pipelines.aggregate import run
+from tests.pipelines.reference import expected_job
+
+MINUTE = 60_000
+
+# The sample's broken records by reason (scripts/make_sample_data.py plants them).
+BROKEN_BY_REASON = {"bad_timestamp": 1, "invalid_utf8": 1, "malformed_json": 1, "non_finite_number": 1,
+                    "not_an_object": 2, "schema_violation": 3}
+
+
+def independent_counts():
+    rows, dead = expected_job(SAMPLE_INPUT, MINUTE, 5 * MINUTE)
+    with open(SAMPLE_INPUT, "rb") as handle:
+        records = sum(1 for line in handle.read().split(b"\n") if line.strip())
+    bad = sum(1 for _, kind in dead if kind == "bad")
+    too_late = sum(1 for _, kind in dead if kind == "too_late")
+    unique = sum(row["count"] for row in rows.values())
+    timely = records - bad - too_late
+    return {"records": records, "bad": bad, "too_late": too_late, "timely": timely, "unique": unique,
+            "duplicates": timely - unique, "rows": len(rows)}
+
+
+def test_metrics_of_the_sample_run_equal_the_known_counts(tmp_path):
+    n = independent_counts()
+    assert (n["records"], n["bad"], n["too_late"], n["duplicates"]) == (2492, 9, 2, 45)
+    assert sum(BROKEN_BY_REASON.values()) == n["bad"]
+    out = tmp_path / "reports" / "metrics.json"
+    summary = run([f"--sink=sqlite:///{tmp_path / 'out.db'}", f"--dlq={tmp_path / 'dlq.jsonl'}",
+                   f"--metrics_out={out}", "--status=off"])
+
+    dead_letters = {**BROKEN_BY_REASON, "too_late": n["too_late"]}
+    expected_counters = {
+        "records_read": n["records"],
+        "events_parsed": n["records"] - n["bad"],
+        **{f"dead_letters.{reason}": count for reason, count in dead_letters.items()},
+        "events_timely": n["timely"],
+        "duplicates_dropped": n["duplicates"],
+        "events_unique": n["unique"],
+        "rows_emitted": n["rows"],
+        "sink_rows_written": n["rows"],
+        "dlq_written": n["bad"] + n["too_late"],
+    }
+    assert {name: value for name, value in summary.counters.items() if value} == expected_counters
+    assert summary.count("sink_rows_stale") == 0 and summary.count("sink_retries") == 0
+    assert summary.values == "committed"
+
+    written = json.loads(out.read_text())
+    assert written["format"] == "onceflow-run-summary/1"
+    assert {name: value for name, value in written["counters"].items() if value} == expected_counters
+    assert written["dead_letters"] == {"total": n["bad"] + n["too_late"], "by_reason": dead_letters}
+    assert (written["records_read"], written["duplicates_dropped"], written["too_late"]) == (2492, 45, 2)
+    assert {name: (stage["step"], stage["in"], stage["out"]) for name, stage in written["stages"].items()} == {
+        "parse": ("ParseEvents", n["records"], n["records"] - n["bad"]),
+        "dedup": ("WindowedAggregate/DedupByEventId", n["timely"], n["unique"]),
+        "aggregate": ("WindowedAggregate", n["records"] - n["bad"], n["rows"]),
+        "sink": ("WriteRows", n["rows"], n["rows"]),
+        "dlq": ("WriteDeadLetters", n["bad"] + n["too_late"], n["bad"] + n["too_late"]),
+    }
+    assert written["stages"]["parse"]["per_s"] > 0
+    assert written["consumer_lag"] == {} and written["consumer_lag_total"] is None
+    assert written["runner"] == "DirectRunner" and written["values"] == "committed"

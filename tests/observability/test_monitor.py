@@ -1,0 +1,67 @@
+"""The monitor's in-process figures, and the status writer."""
+
+import io
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from onceflow import metrics
+from onceflow.errors import UsageError
+from onceflow.observability.monitor import Monitor
+from onceflow.observability.status import StatusWriter
+from onceflow.options import MonitoringOptions, parse_pipeline_args
+from tests.observability.fakes import FakeMetricsSource
+
+
+def test_without_a_result_the_monitor_counts_what_runs_in_this_process():
+    """What the DirectRunner's FnApiRunner gives while pipeline.run() blocks: the
+    process-local mirror, counted from when the monitor started."""
+    metrics.counter(metrics.RECORDS_READ).inc(5)  # before the monitor: not this run's
+    with Monitor(PipelineOptions(["--status=off"]), "DirectRunner", stream=io.StringIO()) as monitor:
+        metrics.counter(metrics.RECORDS_READ).inc(7)
+        metrics.dead_letter_counter("malformed_json").inc()
+        metrics.consumer_lag_gauge("orders.eu", 2).set(40)
+        figures = monitor.tick()
+    assert figures.values == "local"
+    assert figures.records_read == 7
+    assert figures.dead_letters_by_reason == {"malformed_json": 1}
+    assert figures.consumer_lag == {("orders.eu", 2): 40}
+    assert monitor.figures() is figures
+
+
+def test_the_monitor_reads_health_thresholds_from_the_flags():
+    monitor = Monitor(PipelineOptions(["--health_max_lag=60", "--health_max_dlq_rate=2%",
+                                       "--health_max_watermark_age=90s"]), "PrismRunner", stream=io.StringIO())
+    assert (monitor.thresholds.max_lag, monitor.thresholds.max_dlq_rate,
+            monitor.thresholds.max_watermark_age_s) == (60, 0.02, 90.0)
+
+
+def test_status_writer_rewrites_one_line_on_a_terminal_and_prints_lines_otherwise():
+    source = FakeMetricsSource()
+    source.set(3, {"records_read": 30, "events_parsed": 30})
+    figures = source.figures()
+    terminal = io.StringIO()
+    live = StatusWriter(terminal, live=True)
+    live.show(figures)
+    live.show(figures)
+    live.clear()
+    line = "3s | parse 10/s | aggregate 0/s | sink 0 rows/s | DLQ 0 (0.0%)"
+    assert terminal.getvalue() == f"\r{line}\x1b[K" * 2 + "\r\x1b[K"
+    log = io.StringIO()
+    plain = StatusWriter(log, live=False)
+    plain.show(figures)
+    plain.clear()
+    assert log.getvalue() == f"onceflow status: {line}\n"
+
+
+def test_monitoring_flags_survive_the_round_trip_beam_makes_for_workers():
+    options = parse_pipeline_args(["--health_port=9000", "--health_max_dlq_rate=1%", "--health_max_watermark_age=2m"])
+    again = PipelineOptions.from_dictionary(options.get_all_options(drop_default=False)).view_as(MonitoringOptions)
+    assert (again.health_port, again.health_max_dlq_rate, again.health_max_watermark_age) == (9000, 0.01, 120.0)
+
+
+def test_wrong_monitoring_flags_are_one_line_usage_errors():
+    for flag, message in (("--health_port=http", "is not a port"), ("--health_max_dlq_rate=2", "fraction"),
+                          ("--health_max_watermark_age=soon", "is not a duration"), ("--status=loud", "invalid choice")):
+        with pytest.raises(UsageError, match=message):
+            parse_pipeline_args([flag])
