@@ -6,6 +6,19 @@ Reusable transforms live in :mod:`onceflow.transforms`, I/O in :mod:`onceflow.io
 runnable pipelines in :mod:`onceflow.pipelines`.
 """
 
+import logging
+
 from onceflow.versions import ONCEFLOW_VERSION as __version__
+
+
+class _QuietOptionalGcp(logging.Filter):
+    """Beam logs a warning on import when its Google Cloud extra is absent; onceflow
+    needs that extra only for BigQuery and Dataflow, so the line is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found")
+
+
+logging.getLogger().addFilter(_QuietOptionalGcp())
 
 __all__ = ["__version__"]

@@ -137,7 +137,10 @@ class RunSummary:
 
 def collect_summary(result, runner: str, seconds: float, sink: str, dlq: str) -> RunSummary:
     """Sums each ``onceflow`` counter over steps (committed values where the runner
-    reports them, attempted otherwise) and keeps each gauge's latest value."""
+    reports them, attempted otherwise) and keeps each gauge's latest value. A run
+    with no job to ask (e.g. Dataflow only writing a template) has no counters."""
+    if getattr(result, "has_job", True) is False:
+        return RunSummary(runner, seconds, {}, sink, dlq)
     query = result.metrics().query(MetricsFilter().with_namespace(metrics.NAMESPACE))
     snapshot = snapshot_from_query(query, 0.0, prefer_committed=True)
     return RunSummary(runner, seconds, dict(snapshot.counters), sink, dlq,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -80,8 +81,11 @@ class _KeyByKeyAndWindowDoFn(beam.DoFn):
         self._spec = spec
 
     def process(self, event: Event):
+        # The key fields as one JSON text: a key with a deterministic coder
+        # (text, varint, varint), as state keyed by its bytes needs on Flink/Dataflow.
+        key_text = json.dumps(event.key, ensure_ascii=False, separators=(",", ":"))
         for start, end in self._spec.windows_for(event.event_time_ms):
-            yield (event.key, start, end), event
+            yield (key_text, start, end), event
 
 
 class _AccumulatePanesDoFn(beam.DoFn):
@@ -111,7 +115,7 @@ class _AccumulatePanesDoFn(beam.DoFn):
 
     def process(
         self,
-        element: Tuple[Tuple[Tuple[str, ...], int, int], Event],
+        element: Tuple[Tuple[str, int, int], Event],
         pane=beam.DoFn.StateParam(PANE),
         window_timer=beam.DoFn.TimerParam(WINDOW_TIMER),
         early=beam.DoFn.TimerParam(EARLY),
@@ -170,9 +174,9 @@ class _KeyAndWindowToRowDoFn(beam.DoFn):
         self._key_fields = tuple(key_fields)
         self._rows = metrics.counter(metrics.ROWS_EMITTED)
 
-    def process(self, element: Tuple[Tuple[Tuple[str, ...], int, int], Dict[str, Any]]):
-        (key, start_ms, end_ms), columns = element
-        row: Dict[str, Any] = dict(zip(self._key_fields, key))
+    def process(self, element: Tuple[Tuple[str, int, int], Dict[str, Any]]):
+        (key_text, start_ms, end_ms), columns = element
+        row: Dict[str, Any] = dict(zip(self._key_fields, json.loads(key_text)))
         row[WINDOW_START] = start_ms
         row[WINDOW_END] = end_ms
         row.update(columns)
@@ -244,7 +248,7 @@ class WindowedAggregate(beam.PTransform):
         if self._dedup:
             timely = timely | "DedupByEventId" >> DedupByEventId(self._spec.dedup_horizon_ms)
         keyed = timely | "KeyByKeyAndWindow" >> beam.ParDo(_KeyByKeyAndWindowDoFn(self._spec)).with_output_types(
-            Tuple[Tuple[Tuple[str, ...], int, int], Any])
+            Tuple[Tuple[str, int, int], Any])
         if timely.is_bounded:
             columns = keyed | "CombinePerKeyAndWindow" >> beam.CombinePerKey(_AggregateCombineFn(self._aggregates))
         else:
