@@ -19,6 +19,7 @@ from onceflow.versions import ONCEFLOW_VERSION
 _SUBCOMMAND_MODULES = (
     "onceflow.devstack.command",
     "onceflow.observability.command",
+    "onceflow.deadletter_command",
     "onceflow.flex_templates_command",
 )
 

@@ -294,3 +294,18 @@ def run_logged(
             fail(f"{what} took longer than {timeout:.0f}s", log)
     if completed.returncode != 0:
         fail(f"{what} failed (exit status {completed.returncode})", log)
+
+
+def grpc_answers(address: str, method: str, timeout: float) -> bool:
+    """True when a gRPC service at ``address`` answers ``method`` called with an
+    empty request (b"" is an empty protobuf message). Raw calls keep apache_beam,
+    slow to import, out of ``onceflow dev status``."""
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(method, request_serializer=lambda _: b"", response_deserializer=lambda raw: raw)
+        try:
+            call(None, timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return True

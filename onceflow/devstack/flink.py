@@ -39,6 +39,7 @@ from typing import Any
 
 from onceflow.devstack import maven
 from onceflow.devstack.common import (
+    grpc_answers,
     HOST,
     cache_dir,
     can_connect,
@@ -158,17 +159,7 @@ def _answers(timeout: float = 2.0) -> bool:
     """True when a Beam JobService answers GetJobs on the job port."""
     if not can_connect(job_port()):
         return False
-    import grpc
-
-    with grpc.insecure_channel(job_endpoint()) as channel:
-        get_jobs = channel.unary_unary(
-            _GET_JOBS, request_serializer=lambda _: b"", response_deserializer=lambda raw: raw
-        )
-        try:
-            get_jobs(None, timeout=timeout)
-        except grpc.RpcError:
-            return False
-    return True
+    return grpc_answers(job_endpoint(), _GET_JOBS, timeout)
 
 
 def up() -> bool:

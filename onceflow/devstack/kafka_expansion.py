@@ -45,6 +45,7 @@ from xml.sax.saxutils import escape
 
 from onceflow.devstack import flink, maven
 from onceflow.devstack.common import (
+    grpc_answers,
     HOST,
     cache_dir,
     can_connect,
@@ -190,17 +191,7 @@ def _answers(timeout: float = 5.0) -> bool:
     """True when a Beam expansion service answers on the port."""
     if not can_connect(port()):
         return False
-    import grpc
-
-    with grpc.insecure_channel(address()) as channel:
-        discover = channel.unary_unary(
-            _DISCOVER, request_serializer=lambda _: b"", response_deserializer=lambda raw: raw
-        )
-        try:
-            discover(None, timeout=timeout)
-        except grpc.RpcError:
-            return False
-    return True
+    return grpc_answers(address(), _DISCOVER, timeout)
 
 
 def up() -> bool:

@@ -17,7 +17,6 @@ import apache_beam as beam
 from apache_beam.io.iobase import RestrictionProgress, RestrictionTracker
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator, WalltimeWatermarkEstimator
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
@@ -313,11 +312,13 @@ class _PartitionsRestrictionProvider(RestrictionProvider):
         return float(sum(max(0, s.stop - s.start) for s in restriction.spans)) or 1.0
 
 
-def _inner_tracker(tracker) -> _PartitionsTracker:
+def _inner_tracker(tracker, expected: type = _PartitionsTracker):
+    """Our tracker behind the SDK's view and thread-safe wrappers (as Beam's own
+    readers do), for the methods the standard interface lacks."""
     inner = tracker
     for attribute in ("_threadsafe_restriction_tracker", "_restriction_tracker"):
         inner = getattr(inner, attribute, inner)
-    if not isinstance(inner, _PartitionsTracker):
+    if not isinstance(inner, expected):
         raise TypeError(f"unexpected restriction tracker {type(inner).__name__}")
     return inner
 
@@ -594,10 +595,7 @@ class _DiscoverLivePartitionsDoFn(beam.DoFn):
         tracker=beam.DoFn.RestrictionParam(_PartitionNumbersProvider()),
         watermark=beam.DoFn.WatermarkEstimatorParam(WalltimeWatermarkEstimator.default_provider()),
     ):
-        inner = tracker
-        for attribute in ("_threadsafe_restriction_tracker", "_restriction_tracker"):
-            inner = getattr(inner, attribute, inner)
-        first_new = inner.next_partition()
+        first_new = _inner_tracker(tracker, _PartitionNumberTracker).next_partition()
         new = [p for p in describe_topic(self._config) if p >= first_new]
         if new:
             if not tracker.try_claim(max(new)):

@@ -1,0 +1,173 @@
+"""``onceflow dlq``: list, count and replay dead letters.
+
+    onceflow dlq count  --dlq TARGET
+    onceflow dlq list   --dlq TARGET [--reason R] [--since T] [--until T] [--limit N] [--json]
+    onceflow dlq replay --dlq TARGET [--reason R] [--since T] [--until T] [--margin 1h] -- JOB FLAGS
+
+TARGET is what the job's ``--dlq`` was: a JSON-lines file, ``postgresql://...``
+or ``kafka://HOST:PORT/TOPIC``. ``--since``/``--until`` select by the time the
+record failed.
+
+Replay recomputes history through the (fixed) job instead of pushing single
+records: aggregates are whole rows, so a record that now passes must be counted
+together with the rest of its window. ``replay`` runs the aggregate job, with the
+flags after ``--``, as a bounded read over the span of the selected records'
+sources: for Kafka records the time range of their Kafka timestamps widened by
+``--margin`` (which must cover a window and its lateness), for file records the
+files they came from. A record that now passes reaches the sink exactly as in a
+live run (the guarded upsert replaces each affected row by its more complete
+version); one that still fails is written to the queue again under the same
+``dlq_id``, so it is listed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from onceflow.errors import UsageError
+from onceflow.events import RecordError, format_utc_ms, parse_event_time_ms
+from onceflow.windowing import parse_duration_ms
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("dlq", help="list, count and replay dead letters",
+                                   description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="dlq_command", metavar="COMMAND")
+    commands.required = True
+
+    def selection(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--dlq", required=True, help="the queue: a JSON-lines file, postgresql://... or kafka://...")
+        sub.add_argument("--reason", action="append", help="only this reason (repeatable)")
+        sub.add_argument("--since", help="only records that failed at or after this ISO-8601 time")
+        sub.add_argument("--until", help="only records that failed before this ISO-8601 time")
+
+    count = commands.add_parser("count", help="dead letters by reason")
+    selection(count)
+    count.set_defaults(handler=_count)
+
+    listing = commands.add_parser("list", help="the dead letters, one a line")
+    selection(listing)
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0: all)")
+    listing.add_argument("--json", action="store_true", help="the full envelopes as JSON lines")
+    listing.set_defaults(handler=_list)
+
+    replay = commands.add_parser("replay", help="re-run the job over the selected records' sources")
+    selection(replay)
+    replay.add_argument("--margin", default="1h",
+                        help="widen the Kafka time range by this much on each side (default 1h)")
+    replay.add_argument("job_flags", nargs=argparse.REMAINDER,
+                        help="after --: the aggregate job's flags (its --input, --sink, --dlq, ...)")
+    replay.set_defaults(handler=_replay)
+
+
+def select(envelopes: Iterable[Dict[str, Any]], reasons: Optional[Sequence[str]] = None,
+           since_ms: Optional[int] = None, until_ms: Optional[int] = None) -> List[Dict[str, Any]]:
+    """The envelopes matching every given filter (by reason, by time of failure)."""
+    chosen = []
+    for envelope in envelopes:
+        if reasons and envelope["reason"] not in reasons:
+            continue
+        failed = parse_event_time_ms(envelope["failed_at"])
+        if since_ms is not None and failed < since_ms:
+            continue
+        if until_ms is not None and failed >= until_ms:
+            continue
+        chosen.append(envelope)
+    return chosen
+
+
+def _time_flag(text: Optional[str], flag: str) -> Optional[int]:
+    if text is None:
+        return None
+    try:
+        return parse_event_time_ms(text, flag)
+    except RecordError:
+        raise UsageError(f"{flag}: {text!r} is not an ISO-8601 time, e.g. 2026-11-02T09:00:00Z") from None
+
+
+def _selected(args) -> List[Dict[str, Any]]:
+    from onceflow.io.dlq import parse_dlq_target, read_dead_letters_from
+
+    try:
+        target = parse_dlq_target(args.dlq)
+    except ValueError as error:
+        raise UsageError(f"--dlq: {error}") from None
+    return select(read_dead_letters_from(target), args.reason, _time_flag(args.since, "--since"),
+                  _time_flag(args.until, "--until"))
+
+
+def _describe_source(source: Dict[str, Any]) -> str:
+    if "topic" in source:
+        return f"{source['topic']}[{source['partition']}]@{source['offset']}"
+    if "file" in source:
+        where = source.get("line", source.get("record"))
+        return f"{source['file']}:{where}"
+    return json.dumps(source, sort_keys=True)
+
+
+def _count(args) -> int:
+    counts = collections.Counter(envelope["reason"] for envelope in _selected(args))
+    for reason, number in sorted(counts.items()):
+        print(f"{reason:<20} {number:>8,}")
+    print(f"{'total':<20} {sum(counts.values()):>8,}")
+    return 0
+
+
+def _list(args) -> int:
+    envelopes = _selected(args)
+    shown = envelopes if args.limit == 0 else envelopes[:args.limit]
+    for envelope in shown:
+        if args.json:
+            print(json.dumps(envelope, sort_keys=True))
+        else:
+            print(f"{envelope['failed_at']}  {envelope['reason']:<18} {_describe_source(envelope['source'])}  "
+                  f"{envelope['message'][:100]}")
+    if not args.json and len(shown) < len(envelopes):
+        print(f"... {len(envelopes) - len(shown)} more (--limit 0 for all)")
+    return 0
+
+
+def replay_flags(envelopes: Sequence[Dict[str, Any]], margin_ms: int) -> List[str]:
+    """The input flags that make the job re-read every selected record: a Kafka time
+    range (widened by the margin), or the files they came from."""
+    sources = [envelope["source"] for envelope in envelopes]
+    kafka = [source for source in sources if "topic" in source]
+    files = sorted({source["file"] for source in sources if "file" in source})
+    if kafka and files:
+        raise UsageError("the selection mixes Kafka and file records: replay them separately (--reason, --since)")
+    if files:
+        return [f"--input={path}" for path in files]
+    topics = {source["topic"] for source in kafka}
+    if len(topics) != 1:
+        raise UsageError(f"the selection spans topics {sorted(topics)}: replay one topic at a time")
+    stamps = [source["timestamp_ms"] for source in kafka]
+    return [f"--from={format_utc_ms(min(stamps) - margin_ms)}", f"--to={format_utc_ms(max(stamps) + margin_ms)}"]
+
+
+def _replay(args) -> int:
+    from onceflow.pipelines.aggregate import run
+
+    flags = [flag for flag in args.job_flags if flag != "--"]
+    if not flags:
+        raise UsageError("give the aggregate job's flags after --, e.g. -- --input=kafka://... --sink=...")
+    try:
+        margin_ms = parse_duration_ms(args.margin)
+    except ValueError as error:
+        raise UsageError(f"--margin: {error}") from None
+    chosen = _selected(args)
+    if not chosen:
+        print("no dead letters match: nothing to replay")
+        return 0
+    input_flags = replay_flags(chosen, margin_ms)
+    if any(flag.startswith("--input") for flag in input_flags):
+        flags = [flag for flag in flags if not flag.startswith("--input")]
+    print(f"replaying {len(chosen)} dead letters: re-running the job with {' '.join(input_flags)}",
+          file=sys.stderr)
+    summary = run([*flags, *input_flags])
+    print(summary.render())
+    print("records of this span that still fail are in the queue under their old dlq_id (listed once)")
+    return 0

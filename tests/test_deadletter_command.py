@@ -1,0 +1,60 @@
+"""`onceflow dlq`: count, list, and replay after a fix."""
+
+import json
+import sqlite3
+
+import pytest
+
+from onceflow import cli
+from onceflow.deadletter_command import replay_flags, select
+from onceflow.errors import UsageError
+from onceflow.io.dlq import read_dead_letters
+from onceflow.pipelines.aggregate import run
+
+
+def oslo_counts(db):
+    with sqlite3.connect(db) as connection:
+        return dict(connection.execute(
+            "SELECT window_start, event_count FROM aggregates WHERE store = 'oslo-01' "
+            "AND window_start IN ('2026-11-02T09:03:00.000Z', '2026-11-02T09:07:00.000Z')"))
+
+
+def test_replay_after_a_fix_moves_the_records_into_the_sink(tmp_path, capsys):
+    db, dlq = tmp_path / "out.db", tmp_path / "dlq.jsonl"
+    job = [f"--sink=sqlite:///{db}", f"--dlq={dlq}", "--status=off"]
+    run(job)
+    assert cli.main(["dlq", "count", "--dlq", str(dlq)]) == 0
+    assert "too_late                    2" in capsys.readouterr().out
+    before = oslo_counts(db)
+    # The fix: a longer allowed lateness. Replay only the too-late records.
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--reason", "too_late", "--",
+                     *job, "--allowed_lateness=3h"]) == 0
+    after = oslo_counts(db)
+    assert {window: after[window] - before[window] for window in before} == {
+        "2026-11-02T09:03:00.000Z": 1, "2026-11-02T09:07:00.000Z": 1}
+    # The records that still fail (the malformed ones) are listed once, not twice.
+    assert len(list(read_dead_letters(str(dlq)))) == 11
+
+
+def test_list_filters_by_reason(tmp_path, capsys):
+    dlq = tmp_path / "dlq.jsonl"
+    run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off"])
+    capsys.readouterr()
+    assert cli.main(["dlq", "list", "--dlq", str(dlq), "--reason", "schema_violation", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and {json.loads(line)["reason"] for line in lines} == {"schema_violation"}
+
+
+def test_replay_range_of_kafka_records_is_widened_by_the_margin():
+    envelopes = [{"source": {"topic": "orders", "partition": 0, "offset": 5, "timestamp_ms": 1_000_000}},
+                 {"source": {"topic": "orders", "partition": 2, "offset": 9, "timestamp_ms": 4_000_000}}]
+    assert replay_flags(envelopes, 60_000) == ["--from=1970-01-01T00:15:40.000Z", "--to=1970-01-01T01:07:40.000Z"]
+    with pytest.raises(UsageError, match="one topic at a time"):
+        replay_flags([*envelopes, {"source": {"topic": "other", "partition": 0, "offset": 1, "timestamp_ms": 1}}], 0)
+
+
+def test_select_by_time_of_failure():
+    envelopes = [{"reason": "too_late", "failed_at": "2026-11-02T09:00:00.000000Z"},
+                 {"reason": "too_late", "failed_at": "2026-11-02T10:00:00.000000Z"}]
+    since = 1793613600000 - 1  # just before 10:00
+    assert select(envelopes, ["too_late"], since_ms=since) == envelopes[1:]
