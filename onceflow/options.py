@@ -182,11 +182,12 @@ def _all_options_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def help_text(prog: str, description: str) -> str:
+def help_text(prog: str, description: str, option_classes: Optional[Sequence[type]] = None) -> str:
+    """``--help`` of a pipeline: its option classes (default: the aggregate job's)."""
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      epilog="Beam's own flags (--runner, --streaming, --project, ...) "
                                             "are accepted too.")
-    for cls in ONCEFLOW_OPTION_CLASSES:
+    for cls in option_classes or ONCEFLOW_OPTION_CLASSES:
         cls._add_argparse_args(parser)  # pylint: disable=protected-access
     return parser.format_help()
 

@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError
 from onceflow.events import EventContract, format_utc_ms
+from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordsFromFiles, read_avro_writer_schema
 from onceflow.io.kafka_config import (
@@ -57,6 +58,7 @@ class AggregateJob:
     early_firing_ms: Optional[int] = None
     sink_batch_size: int = 500
     kafka: Optional[KafkaReadConfig] = None  # set when --input is kafka://...
+    from_archive: bool = False  # --input is an archive folder (onceflow.pipelines.archive)
     kafka_idle_timeout_ms: int = 30_000
     kafka_rewind_margin_ms: int = 300_000
 
@@ -181,6 +183,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         raise flag_error("--kafka_rewind_margin", error) from None
     return AggregateJob(
         kafka=kafka,
+        from_archive=kafka is None and is_archive(input_pattern),
         kafka_idle_timeout_ms=idle_ms,
         kafka_rewind_margin_ms=rewind_margin_ms,
         input_pattern=input_pattern,
@@ -246,6 +249,8 @@ def build(pipeline: beam.Pipeline, job: AggregateJob) -> AggregateOutputs:
     if job.kafka is not None:
         records = pipeline | "ReadKafka" >> ReadFromKafka(
             job.kafka, job.contract, idle_timeout_s=job.kafka_idle_timeout_ms / 1000)
+    elif job.from_archive:
+        records = pipeline | "ReadArchive" >> ReadArchive(job.input_pattern, job.contract)
     else:
         records = pipeline | "ReadFiles" >> ReadRecordsFromFiles(job.input_pattern, job.contract)
     outputs = aggregate_events(records, job)
@@ -311,7 +316,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             describe_topic(job.kafka)
         except RuntimeError as error:
             raise ServiceError(f"--input: {error}") from None
-    else:
+    elif not job.from_archive:
         _check_input_exists(job.input_pattern)
     if job.is_live:
         _choose_streaming_runner(options)

@@ -1,0 +1,210 @@
+"""The raw-record archive: Kafka records kept as files, so history outlives retention.
+
+Layout (one folder per topic and hour of the Kafka timestamp, one file per
+partition and offset span, Avro or Parquet)::
+
+    DIR/onceflow-archive.json
+    DIR/topic=orders/hour=2026-11-02T09/partition=2-offsets=000000000100-000000000199.avro
+
+Each row keeps everything a Kafka reader gives: topic, partition, offset,
+timestamp_ms, key, headers and the exact value bytes. A file's name and content
+depend only on its records (sorted by offset; Avro sync markers derived from the
+name), so archiving the same range again rewrites identical files; files are
+written to a temporary name and renamed. Archiving overlapping ranges may store a
+record twice: the reader keeps each (topic, partition, offset) once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import apache_beam as beam
+import fastavro
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+
+from onceflow.events import EventContract, SourceRecord
+
+MARKER = "onceflow-archive.json"
+FORMATS = ("avro", "parquet")
+_FILE = re.compile(r"topic=(?P<topic>[^/]+)/hour=[^/]+/partition=(?P<partition>\d+)-offsets=(?P<first>\d+)-\d+\.")
+
+ARCHIVE_SCHEMA = {
+    "type": "record", "name": "ArchivedRecord", "namespace": "onceflow",
+    "fields": [
+        {"name": "topic", "type": "string"},
+        {"name": "partition", "type": "int"},
+        {"name": "offset", "type": "long"},
+        {"name": "timestamp_ms", "type": "long"},
+        {"name": "key", "type": ["null", "bytes"], "default": None},
+        {"name": "headers", "type": {"type": "array", "items": {
+            "type": "record", "name": "Header",
+            "fields": [{"name": "name", "type": "string"}, {"name": "value", "type": ["null", "bytes"]}]}}},
+        {"name": "value", "type": "bytes"},
+    ],
+}
+_PARSED_SCHEMA = fastavro.parse_schema(ARCHIVE_SCHEMA)
+
+
+def is_archive(path: str) -> bool:
+    return FileSystems.exists(FileSystems.join(path, MARKER))
+
+
+def _b64(value: Optional[str]) -> Optional[bytes]:
+    import base64
+
+    return None if value is None else base64.b64decode(value)
+
+
+def _to_row(record: SourceRecord) -> Dict[str, Any]:
+    source = record.source
+    return {
+        "topic": source["topic"], "partition": source["partition"], "offset": source["offset"],
+        "timestamp_ms": source["timestamp_ms"], "key": _b64(source.get("key")),
+        "headers": [{"name": name, "value": _b64(value)} for name, value in source.get("headers", [])],
+        "value": record.value,
+    }
+
+
+def _to_record(row: Dict[str, Any], high_water_ms: Optional[int]) -> SourceRecord:
+    import base64
+
+    def text(value: Optional[bytes]) -> Optional[str]:
+        return None if value is None else base64.b64encode(value).decode("ascii")
+
+    source = {
+        "topic": row["topic"], "partition": row["partition"], "offset": row["offset"],
+        "timestamp_ms": row["timestamp_ms"], "key": text(row["key"]),
+        "headers": [[header["name"], text(header["value"])] for header in row["headers"]],
+    }
+    return SourceRecord(bytes(row["value"]), source, high_water_ms)
+
+
+def file_name(topic: str, hour: str, partition: int, first: int, last: int, archive_format: str) -> str:
+    return f"topic={topic}/hour={hour}/partition={partition}-offsets={first:012d}-{last:012d}.{archive_format}"
+
+
+def _hour(timestamp_ms: int) -> str:
+    from onceflow.events import format_utc_ms
+
+    return format_utc_ms(timestamp_ms)[:13]  # YYYY-MM-DDTHH
+
+
+def encode_file(rows: List[Dict[str, Any]], archive_format: str, name: str) -> bytes:
+    """The bytes of one archive file: deterministic for the same rows and name."""
+    buffer = io.BytesIO()
+    if archive_format == "avro":
+        marker = hashlib.sha256(name.encode("utf-8")).digest()[:16]
+        fastavro.writer(buffer, _PARSED_SCHEMA, rows, sync_marker=marker, codec="deflate")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def decode_file(data: bytes, archive_format: str) -> Iterator[Dict[str, Any]]:
+    if archive_format == "avro":
+        yield from fastavro.reader(io.BytesIO(data))
+    else:
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+class _WriteFileDoFn(beam.DoFn):
+    def __init__(self, directory: str, archive_format: str):
+        self._directory = directory
+        self._format = archive_format
+
+    def process(self, element: Tuple[Tuple[str, int, str], Iterable[SourceRecord]]) -> Iterator[str]:
+        (topic, partition, hour), records = element
+        rows = sorted((_to_row(record) for record in records), key=lambda row: row["offset"])
+        name = file_name(topic, hour, partition, rows[0]["offset"], rows[-1]["offset"], self._format)
+        path = os.path.join(self._directory, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.tmp-{os.getpid()}"
+        with open(temporary, "wb") as handle:
+            handle.write(encode_file(rows, self._format, name))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        yield path
+
+
+class WriteArchive(beam.PTransform):
+    """Writes bounded ``PCollection[SourceRecord]`` read from Kafka to archive files
+    (one per topic, hour of the Kafka timestamp and partition). Output: the paths
+    written. Local folders only (the rename is what makes a file appear whole)."""
+
+    def __init__(self, directory: str, archive_format: str = "avro"):
+        super().__init__()
+        if archive_format not in FORMATS:
+            raise ValueError(f"archive format must be one of {', '.join(FORMATS)}")
+        self._directory = directory
+        self._format = archive_format
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        return (
+            records
+            | "KeyByPartitionAndHour" >> beam.Map(
+                lambda r: ((r.source["topic"], r.source["partition"], _hour(r.source["timestamp_ms"])), r))
+            | "GroupFiles" >> beam.GroupByKey()
+            | "WriteFiles" >> beam.ParDo(_WriteFileDoFn(self._directory, self._format))
+        )
+
+
+def write_marker(directory: str, archive_format: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, MARKER), "w", encoding="utf-8") as handle:
+        json.dump({"format": archive_format, "schema": ARCHIVE_SCHEMA}, handle, indent=1)
+
+
+class _ReadPartitionFilesDoFn(beam.DoFn):
+    def __init__(self, contract: EventContract):
+        self._contract = contract
+
+    def process(self, element: Tuple[Tuple[str, int], Iterable[str]]) -> Iterator[SourceRecord]:
+        _, paths = element
+        high_water: Optional[int] = None
+        next_offset = -1
+        for path in sorted(paths, key=lambda p: int(_FILE.search(p).group("first"))):
+            archive_format = path.rsplit(".", 1)[1]
+            with FileSystems.open(path) as handle:
+                data = handle.read()
+            for row in decode_file(data, archive_format):
+                if row["offset"] < next_offset:
+                    continue  # archived twice by overlapping runs: keep it once
+                next_offset = row["offset"] + 1
+                record = _to_record(row, high_water)
+                yield record
+                event_time = self._contract.peek_event_time_ms(record.value)
+                if event_time is not None and (high_water is None or event_time > high_water):
+                    high_water = event_time
+
+
+class ReadArchive(beam.PTransform):
+    """Reads an archive folder back as bounded ``PCollection[SourceRecord]``, each
+    partition in offset order with the same sources and high waters a Kafka read
+    of the same records gives, so the transforms make the same decisions."""
+
+    def __init__(self, directory: str, contract: EventContract):
+        super().__init__()
+        self._directory = directory
+        self._contract = contract
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "MatchFiles" >> fileio.MatchFiles(FileSystems.join(self._directory, "topic=*", "hour=*", "partition=*"))
+            | "KeyByPartition" >> beam.Map(lambda m: (
+                (_FILE.search(m.path).group("topic"), int(_FILE.search(m.path).group("partition"))), m.path))
+            | "GroupByPartition" >> beam.GroupByKey()
+            | "ReadInOffsetOrder" >> beam.ParDo(_ReadPartitionFilesDoFn(self._contract))
+        )
