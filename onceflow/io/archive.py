@@ -52,7 +52,12 @@ _PARSED_SCHEMA = fastavro.parse_schema(ARCHIVE_SCHEMA)
 
 
 def is_archive(path: str) -> bool:
-    return FileSystems.exists(FileSystems.join(path, MARKER))
+    """Whether ``path`` is an archive folder (it holds the marker file). A path on a
+    file system this installation cannot reach is not one."""
+    try:
+        return FileSystems.exists(FileSystems.join(path, MARKER))
+    except ValueError:  # e.g. gs:// without apache-beam[gcp]
+        return False
 
 
 def _b64(value: Optional[str]) -> Optional[bytes]:

@@ -28,7 +28,7 @@ def test_archive_then_aggregate_equals_the_reference(kafka_bootstrap, tmp_path, 
     topic = new_topic(kafka_bootstrap)
     lines = [line for line in open(SAMPLE_INPUT, "rb").read().split(b"\n") if line.strip()]
     # Record timestamps spread over two hours, so the archive has several hour folders.
-    produce(topic, [(n % 3, line, BASE_MS + n * 3_000) for n, line in enumerate(lines)])
+    produce(topic, [(n % 3, line, BASE_MS + n * 2_000) for n, line in enumerate(lines)])
     folder = tmp_path / "archive"
     flags = [f"--input={topic.url}", f"--output={folder}", f"--archive_format={archive_format}"]
     assert archive.run(flags) == 0
