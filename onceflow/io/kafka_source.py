@@ -408,6 +408,10 @@ class _ReadPartitionsDoFn(beam.DoFn):
         tracker=beam.DoFn.RestrictionParam(_PartitionsRestrictionProvider()),
         watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider()),
     ) -> Iterator[TimestampedValue]:
+        # The reading loop lives in _read: Beam warns about `return` in process().
+        yield from self._read(bundle_finalizer, tracker, watermark)
+
+    def _read(self, bundle_finalizer, tracker, watermark) -> Iterator[TimestampedValue]:
         from confluent_kafka import KafkaError, TopicPartition
 
         inner = _inner_tracker(tracker)
@@ -597,9 +601,7 @@ class _DiscoverLivePartitionsDoFn(beam.DoFn):
     ):
         first_new = _inner_tracker(tracker, _PartitionNumberTracker).next_partition()
         new = [p for p in describe_topic(self._config) if p >= first_new]
-        if new:
-            if not tracker.try_claim(max(new)):
-                return
+        if new and tracker.try_claim(max(new)):
             reads = resolve_partition_reads(self._config, new)
             yield KafkaPartitionsRead(self._config.topic.topic, tuple(reads), self._readers)
         tracker.defer_remainder(Duration(seconds=_DISCOVERY_INTERVAL_S))

@@ -43,10 +43,12 @@ class Monitor:
     """Watches one run; a context manager (see the module docstring).
 
     ``options`` are the pipeline's options (:class:`~onceflow.options.MonitoringOptions`
-    is read from them); ``stream`` is where the status goes (default stderr).
+    is read from them); ``stream`` is where the status goes (default stderr);
+    ``expected_records`` (a bounded read of known size) adds progress and time left.
     """
 
-    def __init__(self, options, runner: str = "", stream: Optional[TextIO] = None, clock=time.time):
+    def __init__(self, options, runner: str = "", stream: Optional[TextIO] = None, clock=time.time,
+                 expected_records: Optional[int] = None):
         from onceflow.options import MonitoringOptions  # options imports nothing from here
 
         config = options.view_as(MonitoringOptions)
@@ -62,7 +64,7 @@ class Monitor:
         self._writer: Optional[StatusWriter] = None
         if mode != "off":
             self._status_every = LIVE_EVERY_S if live else PLAIN_EVERY_S[mode]
-            self._writer = StatusWriter(self._stream, live)
+            self._writer = StatusWriter(self._stream, live, expected_records)
         self._poll_every = REMOTE_POLL_S if "dataflow" in runner.lower() else TICK_S
         self._result = None
         self._local: Optional[LocalMetricsSource] = None

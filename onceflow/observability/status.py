@@ -35,7 +35,16 @@ def format_rate(per_s: float) -> str:
     return f"{per_s:,.0f}"
 
 
-def format_status(figures: Figures, width: Optional[int] = None) -> str:
+def format_progress(records_read: int, expected: int, elapsed_s: float) -> str:
+    """``1,200 of 10,000 (12%), 1m12s left`` for a bounded read of known size."""
+    share = min(1.0, records_read / expected) if expected else 1.0
+    text = f"{records_read:,} of {expected:,} ({share:.0%})"
+    if 0 < records_read < expected and elapsed_s > 0:
+        text += f", {format_duration((expected - records_read) / (records_read / elapsed_s))} left"
+    return text
+
+
+def format_status(figures: Figures, width: Optional[int] = None, expected_records: Optional[int] = None) -> str:
     """One line: elapsed time, events/s per stage, consumer lag, event-time lag
     and the DLQ, e.g.
 
@@ -46,6 +55,8 @@ def format_status(figures: Figures, width: Optional[int] = None) -> str:
     to fit a terminal.
     """
     parts = [format_duration(figures.elapsed_s)]
+    if expected_records is not None:
+        parts.append(format_progress(figures.records_read, expected_records, figures.elapsed_s))
     for name in _SHOWN:
         stage = figures.stage(name)
         if stage is None:
@@ -70,18 +81,19 @@ class StatusWriter:
     """Writes status lines to ``stream``: rewritten in place on a terminal,
     one line each otherwise."""
 
-    def __init__(self, stream: TextIO, live: bool):
+    def __init__(self, stream: TextIO, live: bool, expected_records: Optional[int] = None):
         self._stream = stream
         self._live = live
         self._shown = False
+        self._expected = expected_records
 
     def show(self, figures: Figures) -> None:
         if self._live:
             width = shutil.get_terminal_size((120, 24)).columns - 1
-            self._stream.write("\r" + format_status(figures, width) + "\x1b[K")
+            self._stream.write("\r" + format_status(figures, width, self._expected) + "\x1b[K")
             self._shown = True
         else:
-            self._stream.write("onceflow status: " + format_status(figures) + "\n")
+            self._stream.write("onceflow status: " + format_status(figures, None, self._expected) + "\n")
         self._stream.flush()
 
     def clear(self) -> None:

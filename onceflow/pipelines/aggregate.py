@@ -30,7 +30,7 @@ from onceflow.io.files import ReadRecordsFromFiles, read_avro_writer_schema
 from onceflow.io.kafka_config import (
     COMMITTED, EARLIEST, KafkaReadConfig, is_kafka_url, parse_client_settings, parse_kafka_url, parse_position,
 )
-from onceflow.io.kafka_source import ReadFromKafka, describe_topic
+from onceflow.io.kafka_source import ReadFromKafka, describe_topic, resolve_partition_reads
 from onceflow.io.sinks import SinkTarget, WriteRows, last_window_end, parse_sink_url, prepare_sink
 from onceflow.options import (
     AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions, WindowOptions,
@@ -311,11 +311,15 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
     options = parse_pipeline_args(args)
     job = job_from_options(options)
+    expected_records = None
     if job.kafka is not None:
         try:
-            describe_topic(job.kafka)
+            partitions = describe_topic(job.kafka)
         except RuntimeError as error:
             raise ServiceError(f"--input: {error}") from None
+        if job.kafka.bounded:  # the backfill's size, for its progress line
+            expected_records = sum(read.stop_offset - read.start_offset
+                                   for read in resolve_partition_reads(job.kafka, partitions))
     elif not job.from_archive:
         _check_input_exists(job.input_pattern)
     if job.is_live:
@@ -336,7 +340,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     build(pipeline, job)
     from onceflow.observability.monitor import Monitor  # live status, health endpoint, --metrics_out
 
-    with Monitor(options, runner) as monitor:
+    with Monitor(options, runner, expected_records=expected_records) as monitor:
         result = pipeline.run()
         monitor.watch(result)
         try:

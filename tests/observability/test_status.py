@@ -34,3 +34,11 @@ def test_status_line_fits_the_width():
 def test_durations_and_rates():
     assert [format_duration(s) for s in (None, -3, 7, 185, 7380, 90000)] == ["-", "0s", "7s", "3m05s", "2h03m", "1d01h"]
     assert [format_rate(r) for r in (0, 0.44, 12.4, 4243.2)] == ["0", "0.4", "12", "4,243"]
+
+
+def test_backfill_progress_shows_done_of_total_and_time_left():
+    from onceflow.observability.status import format_progress
+
+    assert format_progress(1200, 10000, 12.0) == "1,200 of 10,000 (12%), 1m28s left"
+    assert format_progress(0, 10, 1.0) == "0 of 10 (0%)"
+    assert format_progress(10, 10, 1.0) == "10 of 10 (100%)"
