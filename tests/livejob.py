@@ -80,9 +80,13 @@ def wait_for(condition, what, deadline_s, job=None):
 
 
 def stop(job, sig=signal.SIGKILL):
-    """Stops the job's whole process group (the job and the runner it started)."""
+    """Stops the job's whole process group (the job and the runner it started);
+    SIGKILL after 60 s if a gentler signal did not end it."""
     try:
         os.killpg(job.pid, sig)
+        job.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(60)
     except ProcessLookupError:
         pass
-    job.wait(60)
