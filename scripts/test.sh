@@ -9,16 +9,23 @@ bash scripts/bootstrap.sh dev
 export PATH="$PWD/.venv/bin:$PATH"
 services="${ONCEFLOW_TEST_SERVICES:-kafka,postgres,prism,flink}"
 
-already_up="$(onceflow dev status --json | python -c '
+healthy_services() {
+  onceflow dev status --json | python -c '
 import json, sys
-print(",".join(name for name, state in json.load(sys.stdin).items() if state.get("healthy")))')"
-started=""
-for service in ${services//,/ }; do
-  case ",$already_up," in *",$service,"*) ;; *) started="$started,$service" ;; esac
-done
-started="${started#,}"
-if [ -n "$started" ]; then
-  trap 'onceflow dev down --services "$started" || true' EXIT
-fi
+print(",".join(name for name, state in json.load(sys.stdin).items() if state.get("healthy")))'
+}
+already_up="$(healthy_services)"
+stop_what_we_started() {
+  # Everything up now that was not up before: the services started here and any a
+  # test started on its own (prism is a binary, nothing to stop).
+  local now started=""
+  now="$(healthy_services)"
+  for service in ${now//,/ }; do
+    case ",$already_up,prism," in *",$service,"*) ;; *) started="$started,$service" ;; esac
+  done
+  started="${started#,}"
+  if [ -n "$started" ]; then onceflow dev down --services "$started" || true; fi
+}
+trap stop_what_we_started EXIT
 onceflow dev up --services "$services"
 python -m pytest "$@"
