@@ -309,3 +309,25 @@ def grpc_answers(address: str, method: str, timeout: float) -> bool:
         except grpc.RpcError:
             return False
     return True
+
+
+def start_and_wait(command: list, log: pathlib.Path, workdir: pathlib.Path, pid_file: pathlib.Path,
+                   answers: Callable[[], bool], timeout: float, what: str) -> subprocess.Popen:
+    """Starts a managed process, records its pid, and waits (with a deadline) until
+    ``answers()``; fails with the log's last lines if it dies or never answers."""
+    process = start_background(command, log, workdir)
+    write_pid(pid_file, process.pid)
+    wait_until(answers, timeout, what, alive=lambda: process.poll() is None, log=log)
+    return process
+
+
+def stop_managed(pid_file: pathlib.Path, marker: str, what: str, timeout: float = 30.0) -> bool:
+    """Stops the process recorded in ``pid_file`` if it is ours (its command line
+    holds ``marker``); True when something was stopped."""
+    pid = running_pid(pid_file, marker)
+    if pid is None:
+        return False
+    progress(f"stopping {what} (pid {pid})...")
+    stop_process(pid, marker, timeout=timeout)
+    pid_file.unlink(missing_ok=True)
+    return True

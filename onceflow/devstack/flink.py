@@ -39,20 +39,18 @@ from typing import Any
 
 from onceflow.devstack import maven
 from onceflow.devstack.common import (
-    grpc_answers,
     HOST,
     cache_dir,
     can_connect,
     env_port,
+    grpc_answers,
     progress,
     require_free_ports,
     require_tool,
     running_pid,
     service_dir,
-    start_background,
-    stop_process,
-    wait_until,
-    write_pid,
+    start_and_wait,
+    stop_managed,
 )
 from onceflow.errors import ServiceError
 
@@ -206,27 +204,14 @@ def up() -> bool:
         f"{job_endpoint()} (flink master {flink_master()})..."
     )
     _master_file().write_text(flink_master() + "\n", encoding="utf-8")
-    process = start_background(command, _log(), _dir())
-    write_pid(_pid_file(), process.pid)
-    wait_until(
-        _answers,
-        START_TIMEOUT,
-        f"the Flink job server to answer on {job_endpoint()}",
-        alive=lambda: process.poll() is None,
-        log=_log(),
-    )
+    start_and_wait(command, _log(), _dir(), _pid_file(), _answers, START_TIMEOUT,
+                   f"the Flink job server to answer on {job_endpoint()}")
     return True
 
 
 def down() -> bool:
     """Stop the job server if this package started it; True when something was stopped."""
-    pid = running_pid(_pid_file(), _marker())
-    if pid is None:
-        return False
-    progress(f"stopping the Flink job server (pid {pid})...")
-    stop_process(pid, _marker(), timeout=30.0)
-    _pid_file().unlink(missing_ok=True)
-    return True
+    return stop_managed(_pid_file(), _marker(), "the Flink job server")
 
 
 def status() -> dict[str, Any]:

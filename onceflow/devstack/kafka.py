@@ -34,10 +34,9 @@ from onceflow.devstack.common import (
     run_logged,
     running_pid,
     service_dir,
-    start_background,
-    stop_process,
+    start_and_wait,
+    stop_managed,
     wait_until,
-    write_pid,
 )
 from onceflow.errors import ServiceError, UsageError
 from onceflow.versions import KAFKA_VERSION
@@ -216,27 +215,14 @@ def up() -> bool:
             cwd=folder,
         )
     progress(f"starting Kafka {KAFKA_VERSION} on {bootstrap_servers()}...")
-    process = start_background(_java_command(jars, "kafka.Kafka", str(_config())), _log(), folder)
-    write_pid(_pid_file(), process.pid)
-    wait_until(
-        _answers,
-        START_TIMEOUT,
-        f"Kafka to answer on {bootstrap_servers()}",
-        alive=lambda: process.poll() is None,
-        log=_log(),
-    )
+    start_and_wait(_java_command(jars, "kafka.Kafka", str(_config())), _log(), folder, _pid_file(), _answers,
+                   START_TIMEOUT, f"Kafka to answer on {bootstrap_servers()}")
     return True
 
 
 def down() -> bool:
     """Stop the broker if this package started it; True when something was stopped."""
-    pid = running_pid(_pid_file(), _marker())
-    if pid is None:
-        return False
-    progress(f"stopping Kafka (pid {pid})...")
-    stop_process(pid, _marker(), timeout=60.0)
-    _pid_file().unlink(missing_ok=True)
-    return True
+    return stop_managed(_pid_file(), _marker(), "Kafka", timeout=60.0)
 
 
 def broker_version() -> str | None:

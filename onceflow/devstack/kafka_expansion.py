@@ -45,21 +45,19 @@ from xml.sax.saxutils import escape
 
 from onceflow.devstack import flink, maven
 from onceflow.devstack.common import (
-    grpc_answers,
     HOST,
     cache_dir,
     can_connect,
     env_port,
+    grpc_answers,
     progress,
     require_free_ports,
     require_tool,
     run_logged,
     running_pid,
     service_dir,
-    start_background,
-    stop_process,
-    wait_until,
-    write_pid,
+    start_and_wait,
+    stop_managed,
 )
 from onceflow.errors import ServiceError
 
@@ -212,27 +210,14 @@ def up() -> bool:
         f"--defaultEnvironmentType={ENVIRONMENT_TYPE}", *EXPERIMENTS,
     ]
     progress(f"starting the Beam {BEAM_JAVA_VERSION} Kafka expansion service on {address()}...")
-    process = start_background(command, _log(), _dir())
-    write_pid(_pid_file(), process.pid)
-    wait_until(
-        _answers,
-        START_TIMEOUT,
-        f"the Kafka expansion service to answer on {address()}",
-        alive=lambda: process.poll() is None,
-        log=_log(),
-    )
+    start_and_wait(command, _log(), _dir(), _pid_file(), _answers, START_TIMEOUT,
+                   f"the Kafka expansion service to answer on {address()}")
     return True
 
 
 def down() -> bool:
     """Stop the expansion service if this package started it; True when something was stopped."""
-    pid = running_pid(_pid_file(), _marker())
-    if pid is None:
-        return False
-    progress(f"stopping the Kafka expansion service (pid {pid})...")
-    stop_process(pid, _marker(), timeout=30.0)
-    _pid_file().unlink(missing_ok=True)
-    return True
+    return stop_managed(_pid_file(), _marker(), "the Kafka expansion service")
 
 
 def status() -> dict[str, Any]:
