@@ -21,7 +21,7 @@ import hashlib
 import io
 import json
 import math
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import fastavro
 from fastavro.validation import validate as avro_validate
@@ -344,9 +344,3 @@ def _describe(value: Any) -> str:
     if len(text) > 40:
         text = text[:37] + "..."
     return f"{type(value).__name__} {text}"
-
-
-def field_names(contract: EventContract) -> Sequence[str]:
-    """Every field the contract reads, ID first when there is one."""
-    names = [contract.id_field] if contract.id_field else []
-    return [*names, contract.time_field, *contract.key_fields, *contract.value_fields]

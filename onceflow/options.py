@@ -161,7 +161,89 @@ class OutputOptions(PipelineOptions):
             help="Rows per sink transaction (bounded batches). Default: 500.")
 
 
-ONCEFLOW_OPTION_CLASSES = (InputOptions, KafkaOptions, EventOptions, WindowOptions, AggregateOptions, OutputOptions)
+class MonitoringOptions(PipelineOptions):
+    """Seeing into a run: the live status line, a metrics file, the health endpoint."""
+
+    @staticmethod
+    def _port(text: str) -> int:
+        value = str(text).strip()
+        if not value.isdigit() or int(value) > 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0 (off) or 1-65535")
+        return int(value)
+
+    @staticmethod
+    def _max_lag(text: str) -> Optional[int]:
+        value = str(text).strip().lower()
+        if value in ("none", "off", ""):
+            return None
+        if not value.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of records (or none)")
+        return int(value)
+
+    @staticmethod
+    def _max_rate(text: str) -> Optional[float]:
+        value = str(text).strip().lower()
+        if value in ("none", "off", ""):
+            return None
+        try:
+            rate = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+        except ValueError:
+            rate = -1.0
+        if not 0 <= rate <= 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a fraction from 0 to 1 (0.01 or 1%) or none")
+        return rate
+
+    @staticmethod
+    def _max_age_s(text: str) -> Optional[float]:
+        from onceflow.windowing import parse_duration_ms
+
+        value = str(text).strip().lower()
+        if value in ("none", "off", ""):
+            return None
+        try:  # a bare number is seconds: what Beam passes on when it re-parses the options on a worker
+            seconds = float(value)
+        except ValueError:
+            seconds = None
+        if seconds is not None and seconds >= 0:
+            return seconds
+        try:
+            return parse_duration_ms(value) / 1000.0
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("monitoring")
+        group.add_argument(
+            "--metrics_out", default=None, metavar="PATH",
+            help="Write the run's final figures (counters per stage, dead letters by reason, "
+                 "duplicates, rates, consumer lag) to PATH as JSON. Default: none.")
+        group.add_argument(
+            "--status", default="auto", choices=("auto", "on", "off"),
+            help="Live status of a local run on stderr (events/s per stage, lag, DLQ): auto "
+                 "rewrites one line every second when stderr is a terminal and otherwise prints "
+                 "a line every 30s; on prints a line every 5s when stderr is not a terminal; off "
+                 "shows nothing but the final summary. Default: auto.")
+        group.add_argument(
+            "--health_port", default="0", type=cls._port,
+            help="Serve /healthz (JSON; 200 healthy, 503 not) and /metrics (Prometheus text) on "
+                 "127.0.0.1 at this port while the job runs. Default: 0 (off).")
+        group.add_argument(
+            "--health_max_lag", default="100000", type=cls._max_lag,
+            help="/healthz: unhealthy above this total consumer lag (records), or none. "
+                 "Default: 100000.")
+        group.add_argument(
+            "--health_max_dlq_rate", default="0.05", type=cls._max_rate,
+            help="/healthz: unhealthy when more than this fraction of the records read in the "
+                 "last minute went to the dead-letter queue (a fraction, e.g. 0.05), or none. Default: 0.05.")
+        group.add_argument(
+            "--health_max_watermark_age", default="15m", type=cls._max_age_s,
+            help="/healthz: unhealthy when the event-time watermark is older than this (now minus "
+                 "watermark; e.g. 90s, 15m), or none. Default: 15m.")
+
+
+ONCEFLOW_OPTION_CLASSES = (InputOptions, KafkaOptions, EventOptions, WindowOptions, AggregateOptions, OutputOptions,
+                           MonitoringOptions)
 
 
 class _Parser(_BeamArgumentParser):
@@ -253,93 +335,9 @@ __all__: List[str] = [
     "EventOptions",
     "InputOptions",
     "KafkaOptions",
+    "MonitoringOptions",
     "OutputOptions",
     "WindowOptions",
     "parse_pipeline_args",
     "help_text",
 ]
-
-
-class MonitoringOptions(PipelineOptions):
-    """Seeing into a run: the live status line, a metrics file, the health endpoint."""
-
-    @staticmethod
-    def _port(text: str) -> int:
-        value = str(text).strip()
-        if not value.isdigit() or int(value) > 65535:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0 (off) or 1-65535")
-        return int(value)
-
-    @staticmethod
-    def _max_lag(text: str) -> Optional[int]:
-        value = str(text).strip().lower()
-        if value in ("none", "off", ""):
-            return None
-        if not value.isdigit():
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of records (or none)")
-        return int(value)
-
-    @staticmethod
-    def _max_rate(text: str) -> Optional[float]:
-        value = str(text).strip().lower()
-        if value in ("none", "off", ""):
-            return None
-        try:
-            rate = float(value[:-1]) / 100 if value.endswith("%") else float(value)
-        except ValueError:
-            rate = -1.0
-        if not 0 <= rate <= 1:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a fraction from 0 to 1 (0.01 or 1%) or none")
-        return rate
-
-    @staticmethod
-    def _max_age_s(text: str) -> Optional[float]:
-        from onceflow.windowing import parse_duration_ms
-
-        value = str(text).strip().lower()
-        if value in ("none", "off", ""):
-            return None
-        try:  # a bare number is seconds: what Beam passes on when it re-parses the options on a worker
-            seconds = float(value)
-        except ValueError:
-            seconds = None
-        if seconds is not None and seconds >= 0:
-            return seconds
-        try:
-            return parse_duration_ms(value) / 1000.0
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("monitoring")
-        group.add_argument(
-            "--metrics_out", default=None, metavar="PATH",
-            help="Write the run's final figures (counters per stage, dead letters by reason, "
-                 "duplicates, rates, consumer lag) to PATH as JSON. Default: none.")
-        group.add_argument(
-            "--status", default="auto", choices=("auto", "on", "off"),
-            help="Live status of a local run on stderr (events/s per stage, lag, DLQ): auto "
-                 "rewrites one line every second when stderr is a terminal and otherwise prints "
-                 "a line every 30s; on prints a line every 5s when stderr is not a terminal; off "
-                 "shows nothing but the final summary. Default: auto.")
-        group.add_argument(
-            "--health_port", default="0", type=cls._port,
-            help="Serve /healthz (JSON; 200 healthy, 503 not) and /metrics (Prometheus text) on "
-                 "127.0.0.1 at this port while the job runs. Default: 0 (off).")
-        group.add_argument(
-            "--health_max_lag", default="100000", type=cls._max_lag,
-            help="/healthz: unhealthy above this total consumer lag (records), or none. "
-                 "Default: 100000.")
-        group.add_argument(
-            "--health_max_dlq_rate", default="0.05", type=cls._max_rate,
-            help="/healthz: unhealthy when more than this fraction of the records read in the "
-                 "last minute went to the dead-letter queue (a fraction, e.g. 0.05), or none. Default: 0.05.")
-        group.add_argument(
-            "--health_max_watermark_age", default="15m", type=cls._max_age_s,
-            help="/healthz: unhealthy when the event-time watermark is older than this (now minus "
-                 "watermark; e.g. 90s, 15m), or none. Default: 15m.")
-
-
-# Defined after the tuple above, so listed here.
-ONCEFLOW_OPTION_CLASSES = (*ONCEFLOW_OPTION_CLASSES, MonitoringOptions)
