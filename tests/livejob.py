@@ -90,3 +90,19 @@ def stop(job, sig=signal.SIGKILL):
         job.wait(60)
     except ProcessLookupError:
         pass
+
+
+def cancel_running_jobs(job_endpoint):
+    """Cancels every job still running on a Beam job service (left by earlier tests
+    whose workers are gone), so a new job gets the runner's slots."""
+    import grpc
+    from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+
+    finished = {beam_job_api_pb2.JobState.DONE, beam_job_api_pb2.JobState.FAILED,
+                beam_job_api_pb2.JobState.CANCELLED, beam_job_api_pb2.JobState.UPDATED,
+                beam_job_api_pb2.JobState.DRAINED}
+    with grpc.insecure_channel(job_endpoint) as channel:
+        service = beam_job_api_pb2_grpc.JobServiceStub(channel)
+        for job in service.GetJobs(beam_job_api_pb2.GetJobsRequest(), timeout=30).job_info:
+            if job.state not in finished:
+                service.Cancel(beam_job_api_pb2.CancelJobRequest(job_id=job.job_id), timeout=30)

@@ -11,7 +11,8 @@ import pytest
 from onceflow.options import SAMPLE_INPUT
 from onceflow.pipelines.aggregate import run
 from tests.livejob import (
-    committed, counted_events, new_topic, produce, producer_for, start_live_job, stop, table_rows, wait_for,
+    cancel_running_jobs, committed, counted_events, new_topic, produce, producer_for, start_live_job, stop,
+    table_rows, wait_for,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -63,6 +64,7 @@ def _runner_flags(runner, request):
         request.getfixturevalue("prism_path")
         return ()
     endpoint = request.getfixturevalue("flink_job_endpoint")
+    cancel_running_jobs(endpoint)
     return ("--runner=PortableRunner", f"--job_endpoint={endpoint}", "--environment_type=LOOPBACK", "--streaming",
             "--checkpointing_interval=2000")
 
