@@ -32,6 +32,7 @@ from onceflow.io.kafka_config import (
 )
 from onceflow.io.kafka_source import ReadFromKafka, describe_topic, resolve_partition_reads
 from onceflow.io.sinks import SinkTarget, WriteRows, last_window_end, parse_sink_url, prepare_sink
+from onceflow.observability.monitor import Monitor
 from onceflow.options import (
     AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions, WindowOptions,
     flag_error, help_text, optional_text, parse_pipeline_args, positive_int, split_fields,
@@ -338,8 +339,6 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
     build(pipeline, job)
-    from onceflow.observability.monitor import Monitor  # live status, health endpoint, --metrics_out
-
     with Monitor(options, runner, expected_records=expected_records) as monitor:
         result = pipeline.run()
         monitor.watch(result)
