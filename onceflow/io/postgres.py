@@ -188,7 +188,22 @@ class _Session:
                 pass
 
 
-class _PostgresUpsertDoFn(UpsertRowsDoFn):
+class _SessionHooks:
+    """The retry hooks of a batch writer that holds a :class:`_Session` as ``_session``."""
+
+    _session: _Session
+
+    def is_transient(self, error: BaseException) -> bool:
+        return is_transient(error)
+
+    def recover(self, error: BaseException) -> None:
+        self._session.recover(error)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class _PostgresUpsertDoFn(_SessionHooks, UpsertRowsDoFn):
     def __init__(self, dsn: str, table: str, schema: RowSchema, batch_size: int):
         super().__init__(batch_size, what=f"upsert into {table}")
         self._dsn = dsn
@@ -200,14 +215,6 @@ class _PostgresUpsertDoFn(UpsertRowsDoFn):
         ensure_table(self._dsn, self._table, self._schema)
         self._statement = upsert_sql(self._table, self._schema)
 
-    def is_transient(self, error: BaseException) -> bool:
-        return is_transient(error)
-
-    def recover(self, error: BaseException) -> None:
-        self._session.recover(error)
-
-    def close(self) -> None:
-        self._session.close()
 
     def upsert(self, rows: Sequence[Dict[str, Any]], written_at: datetime.datetime) -> int:
         newest, _ = newest_per_key(rows, self._schema)
@@ -306,7 +313,7 @@ def envelope_values(envelope: Dict[str, Any]) -> List[Any]:
     return values
 
 
-class _PostgresDeadLetterDoFn(BatchWriteDoFn):
+class _PostgresDeadLetterDoFn(_SessionHooks, BatchWriteDoFn):
     def __init__(self, dsn: str, table: str, pipeline: str, pipeline_version: str, batch_size: int):
         super().__init__(batch_size, what=f"insert into {table}")
         self._dsn = dsn
@@ -320,14 +327,6 @@ class _PostgresDeadLetterDoFn(BatchWriteDoFn):
         ensure_dlq_table(self._dsn, self._table)
         self._statement = insert_dlq_sql(self._table)
 
-    def is_transient(self, error: BaseException) -> bool:
-        return is_transient(error)
-
-    def recover(self, error: BaseException) -> None:
-        self._session.recover(error)
-
-    def close(self) -> None:
-        self._session.close()
 
     def write_batch(self, batch: Sequence[DeadLetter]) -> None:
         values = [envelope_values(to_envelope(letter, self._pipeline, self._version)) for letter in batch]
