@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from onceflow.errors import ServiceError, UsageError
+from onceflow.errors import exit_status
 from onceflow.versions import ONCEFLOW_VERSION
 
 # Subcommand modules, in the order `onceflow --help` lists them.
@@ -42,17 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    try:
-        return int(args.handler(args) or 0)
-    except UsageError as error:
-        print(f"onceflow: error: {error}", file=sys.stderr)
-        return 2
-    except ServiceError as error:
-        print(f"onceflow: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("onceflow: interrupted", file=sys.stderr)
-        return 130
+    return exit_status("onceflow", lambda: args.handler(args))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Errors that reach a user as one line, never as a traceback."""
 
+import sys
+from typing import Callable
+
 
 class UsageError(Exception):
     """A flag, config value or file given by the user is wrong.
@@ -12,3 +15,20 @@ class UsageError(Exception):
 class ServiceError(Exception):
     """A service the command needs (a broker, a database, a runner) is missing,
     unreachable or failed to start. The message says what to do; exit status 1."""
+
+
+def exit_status(prog: str, action: Callable[[], int]) -> int:
+    """Runs an entry point's ``action`` and turns the errors above into one line on
+    stderr and an exit status: 2 for a usage error, 1 for a service error, 130 when
+    interrupted before the action handled it."""
+    try:
+        return int(action() or 0)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except ServiceError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
-from onceflow.errors import ServiceError, UsageError
+from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.events import EventContract, format_utc_ms
 from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
@@ -356,16 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--help" in args or "-h" in args:
         print(help_text("python -m onceflow.pipelines.aggregate", __doc__.strip().splitlines()[0]))
         return 0
-    try:
-        summary = run(args)
-    except UsageError as error:
-        print(f"aggregate: error: {error}", file=sys.stderr)
-        return 2
-    except ServiceError as error:
-        print(f"aggregate: {error}", file=sys.stderr)
-        return 1
-    print(summary.render())
-    return 0
+    return exit_status("aggregate", lambda: print(run(args).render()))
 
 
 if __name__ == "__main__":

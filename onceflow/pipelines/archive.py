@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from onceflow.errors import ServiceError, UsageError
+from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.io.archive import FORMATS, WriteArchive, write_marker
 from onceflow.io.kafka_config import EARLIEST, LATEST, KafkaReadConfig, parse_client_settings, parse_kafka_url, parse_position
 from onceflow.io.kafka_source import ReadFromKafka, describe_topic
@@ -89,14 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(help_text("python -m onceflow.pipelines.archive", __doc__.strip().splitlines()[0],
                         (InputOptions, KafkaOptions, ArchiveOptions)))
         return 0
-    try:
-        return run(args)
-    except UsageError as error:
-        print(f"archive: error: {error}", file=sys.stderr)
-        return 2
-    except ServiceError as error:
-        print(f"archive: {error}", file=sys.stderr)
-        return 1
+    return exit_status("archive", lambda: run(args))
 
 
 if __name__ == "__main__":
