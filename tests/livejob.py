@@ -35,11 +35,23 @@ def produce(topic, records, producer=None):
 
 
 def start_live_job(topic, group, sink, dlq, *flags):
-    """The main job reading ``topic`` live, in its own process group."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={topic.url}", f"--kafka_group={group}",
-         f"--sink={sink}", f"--dlq={dlq}", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+    """The main job reading ``topic`` live, in its own process group; its output goes
+    to a log file beside the DLQ (a pipe nobody reads would fill and block the job)."""
+    log_path = f"{dlq}.{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={topic.url}", f"--kafka_group={group}",
+             f"--sink={sink}", f"--dlq={dlq}", *flags],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+            start_new_session=True)
+    job.log_path = log_path
+    return job
+
+
+def job_output(job, limit=3000):
+    """The last ``limit`` characters the job printed."""
+    with open(job.log_path, "rb") as log:
+        return log.read().decode(errors="replace")[-limit:]
 
 
 def counted_events(db, table="aggregates"):
@@ -73,10 +85,9 @@ def wait_for(condition, what, deadline_s, job=None):
         if condition():
             return
         if job is not None and job.poll() is not None:
-            raise AssertionError(f"the live job exited while waiting for {what}: "
-                                 f"{job.stdout.read().decode(errors='replace')[-3000:]}")
+            raise AssertionError(f"the live job exited while waiting for {what}: {job_output(job)}")
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f": {job_output(job)}" if job is not None else ""))
 
 
 def stop(job, sig=signal.SIGKILL):
@@ -90,19 +101,3 @@ def stop(job, sig=signal.SIGKILL):
         job.wait(60)
     except ProcessLookupError:
         pass
-
-
-def cancel_running_jobs(job_endpoint):
-    """Cancels every job still running on a Beam job service (left by earlier tests
-    whose workers are gone), so a new job gets the runner's slots."""
-    import grpc
-    from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
-
-    finished = {beam_job_api_pb2.JobState.DONE, beam_job_api_pb2.JobState.FAILED,
-                beam_job_api_pb2.JobState.CANCELLED, beam_job_api_pb2.JobState.UPDATED,
-                beam_job_api_pb2.JobState.DRAINED}
-    with grpc.insecure_channel(job_endpoint) as channel:
-        service = beam_job_api_pb2_grpc.JobServiceStub(channel)
-        for job in service.GetJobs(beam_job_api_pb2.GetJobsRequest(), timeout=30).job_info:
-            if job.state not in finished:
-                service.Cancel(beam_job_api_pb2.CancelJobRequest(job_id=job.job_id), timeout=30)

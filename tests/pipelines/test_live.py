@@ -8,10 +8,11 @@ import time
 
 import pytest
 
+from onceflow.devstack.flink import cancel_running_jobs, streaming_job_flags
 from onceflow.options import SAMPLE_INPUT
 from onceflow.pipelines.aggregate import run
 from tests.livejob import (
-    cancel_running_jobs, committed, counted_events, new_topic, produce, producer_for, start_live_job, stop,
+    committed, counted_events, new_topic, produce, producer_for, start_live_job, stop,
     table_rows, wait_for,
 )
 
@@ -65,8 +66,7 @@ def _runner_flags(runner, request):
         return ()
     endpoint = request.getfixturevalue("flink_job_endpoint")
     cancel_running_jobs(endpoint)
-    return ("--runner=PortableRunner", f"--job_endpoint={endpoint}", "--environment_type=LOOPBACK", "--streaming",
-            "--checkpointing_interval=2000")
+    return streaming_job_flags(endpoint)
 
 
 @pytest.mark.parametrize("runner", [pytest.param("prism", marks=pytest.mark.prism),
