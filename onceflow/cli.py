@@ -21,6 +21,7 @@ _SUBCOMMAND_MODULES = (
     "onceflow.observability.command",
     "onceflow.deadletter_command",
     "onceflow.flex_templates_command",
+    "onceflow.torture.command",
 )
 
 

@@ -32,6 +32,7 @@ superseded by a newer version in the same batch), ``sink_retries``.
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import apache_beam as beam
@@ -46,7 +47,7 @@ from onceflow.io.batching import BatchWriteDoFn, UpsertRowsDoFn
 from onceflow.io.urls import redact_url
 from onceflow.rows import (
     EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
-    WINDOW_END, utc_datetime, utc_millis,
+    WINDOW_END, WINDOW_START, utc_datetime, utc_millis,
 )
 
 _SQL_TYPES = {"key": "TEXT NOT NULL", "timestamp": "TIMESTAMPTZ NOT NULL", "integer": "BIGINT",
@@ -367,3 +368,48 @@ def read_dead_letters(dsn: str, table: str) -> Iterator[Dict[str, Any]]:
                 envelope["event_time"] = format_utc_ms(utc_millis(envelope["event_time"]))
             envelope["failed_at"] = envelope["failed_at"].astimezone(datetime.timezone.utc).strftime(_ENVELOPE_TIME)
             yield envelope
+
+
+# -- fault injection and inspection (the torture run) -----------------------------
+
+
+def read_rows(dsn: str, table: str) -> List[Dict[str, Any]]:
+    """Every row of a rows table, window bounds as epoch milliseconds."""
+    check_identifier(table, "table name")
+    with connect(dsn, application_name(table) + ":reader") as connection:
+        cursor = connection.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(table)))
+        names = [column.name for column in cursor.description]
+        rows = [dict(zip(names, values)) for values in cursor]
+    for row in rows:
+        for name in (WINDOW_START, WINDOW_END):
+            row[name] = utc_millis(row[name])
+    return rows
+
+
+def hold_table_lock(dsn: str, table: str, seconds: float) -> None:
+    """Holds an EXCLUSIVE lock on ``table`` for ``seconds``: every write to it waits
+    until the lock is released; reads go on."""
+    check_identifier(table, "table name")
+    with connect(dsn, application_name(table) + ":lock") as connection:
+        with connection.transaction():
+            connection.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.Identifier(table)))
+            time.sleep(seconds)
+
+
+def counted_events(dsn: str, table: str) -> int:
+    """The sum of ``event_count`` over a rows table: the events its rows count."""
+    check_identifier(table, "table name")
+    with connect(dsn, application_name(table) + ":reader") as connection:
+        (total,) = connection.execute(sql.SQL("SELECT COALESCE(SUM({}), 0) FROM {}").format(
+            sql.Identifier(EVENT_COUNT), sql.Identifier(table))).fetchone()
+    return int(total)
+
+
+def terminate_sessions(dsn: str, table: str) -> int:
+    """Kills the server side of every session the sink of ``table`` holds
+    (``pg_terminate_backend``); returns how many were killed."""
+    with connect(dsn, application_name(table) + ":admin") as connection:
+        (killed,) = connection.execute(
+            "SELECT COUNT(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s AND pid <> pg_backend_pid()", (application_name(table),)).fetchone()
+    return killed

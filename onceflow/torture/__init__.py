@@ -1,0 +1,1 @@
+"""``onceflow torture``: a live run under injected faults, compared with the truth."""

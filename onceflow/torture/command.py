@@ -1,0 +1,508 @@
+"""``onceflow torture``: produce a known stream, run the main job live while faults
+are injected on a seeded schedule, and prove that nothing was lost or counted twice.
+
+    onceflow torture --events 20000 --kills 3 --broker-restarts 1 --stalls 1
+
+Exit status: 0 when the sink equals the truth and the DLQ is exact, live and after
+a backfill, the job never exited by itself and its memory stayed within the
+bound while the sink was stalled; 1 otherwise; 2 for wrong flags; 3 when a
+service is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional
+
+from onceflow.errors import ServiceError, UsageError
+from onceflow.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL, Fault, fault_schedule
+from onceflow.torture.job import LiveJob
+from onceflow.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned, StreamMix, StreamPlan
+from onceflow.torture.timeline import Sample, Timeline
+from onceflow.torture import truth
+
+WINDOW_S, LATENESS_S, IDLE_TIMEOUT_S = 10, 60, 10
+WARM_S = 20  # a stall waits until the job has run this long, so its memory is measured warm
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``torture`` to the ``onceflow`` parser."""
+    parser = subparsers.add_parser(
+        "torture",
+        help="prove no loss and no double count: faults injected into a live run, sink compared with the truth",
+        description=(
+            "Produces a known stream (duplicates, malformed records, late and too-late events) into "
+            "a new topic at --rate, runs the aggregate job live on --runner while killing it, "
+            "restarting the broker, stalling the sink and killing its connections on a seeded "
+            "schedule, then compares the sink and the DLQ with the truth from the ledger, runs a "
+            "backfill into the same sink and compares again. Writes report.json, plot.png, the "
+            "ledger and the job's log under --out. Needs the dev services (onceflow dev up "
+            "--services kafka,postgres,prism[,flink]) unless --bootstrap-server/--postgres name others."),
+    )
+    parser.add_argument("--events", type=_positive_int, default=20_000, metavar="N",
+                        help="records to produce, bad ones included (default 20000)")
+    parser.add_argument("--rate", type=_positive_int, default=200, metavar="PER_SECOND",
+                        help="records produced per second (default 200)")
+    parser.add_argument("--kills", type=_count, default=3, metavar="N", help="SIGKILLs of the job (default 3)")
+    parser.add_argument("--broker-restarts", type=_count, default=1, metavar="N",
+                        help="stops and starts of the dev stack's broker (default 1)")
+    parser.add_argument("--stalls", type=_count, default=1, metavar="N",
+                        help="times the sink table is locked for --stall-seconds (default 1)")
+    parser.add_argument("--connection-kills", type=_count, default=1, metavar="N",
+                        help="times the sink's database sessions are terminated (default 1)")
+    parser.add_argument("--stall-seconds", type=_positive_int, default=20, metavar="S",
+                        help="how long each stall holds the lock (default 20)")
+    parser.add_argument("--runner", choices=("prism", "flink"), default="prism",
+                        help="prism (Beam's local streaming runner, default) or flink (the dev stack's job server)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the stream and the fault schedule (default 1)")
+    parser.add_argument("--partitions", type=_positive_int, default=3, metavar="N",
+                        help="partitions of the new topic (default 3)")
+    parser.add_argument("--memory-bound-mib", type=_positive_int, default=256, metavar="MIB",
+                        help="the most the job's memory may grow during a stall (default 256)")
+    parser.add_argument("--catch-up-timeout", type=_positive_int, default=600, metavar="S",
+                        help="how long to wait, after the last record and fault, for the sink to be "
+                             "complete (default 600)")
+    parser.add_argument("--bootstrap-server", default=None, metavar="HOST:PORT",
+                        help="the Kafka broker (default: the dev stack's)")
+    parser.add_argument("--postgres", default=None, metavar="DSN",
+                        help="the PostgreSQL database for the sink and DLQ tables (default: the dev stack's)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="where the report, plot, ledger and log go (default $ONCEFLOW_HOME/torture/RUN)")
+    parser.set_defaults(handler=run_torture)
+
+
+def _positive_int(text: str) -> int:
+    if not str(text).strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not str(text).strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
+    return int(text)
+
+
+@dataclasses.dataclass
+class _Setup:
+    bootstrap: str
+    dsn: str
+    topic: str
+    table: str
+    group: str
+    out: pathlib.Path
+    runner_flags: List[str]
+    job_endpoint: Optional[str]
+
+
+def _setup(args: argparse.Namespace) -> _Setup:
+    from onceflow import devstack
+    from onceflow.devstack import kafka
+    from onceflow.devstack.common import home
+    from onceflow.devstack.prism import prism_location
+
+    dev_bootstrap = devstack.kafka_bootstrap_servers()
+    bootstrap = args.bootstrap_server or dev_bootstrap
+    if args.broker_restarts and bootstrap != dev_bootstrap:
+        raise UsageError("--broker-restarts stops and starts the dev stack's broker only; "
+                         "pass --broker-restarts 0 with --bootstrap-server")
+    if args.broker_restarts and not kafka.status()["healthy"]:
+        raise ServiceError("the dev stack's Kafka is not up: run `onceflow dev up --services kafka,postgres,prism`")
+    if args.runner == "prism":
+        location = prism_location()
+        if location is None:
+            raise ServiceError("Prism is not built: run `onceflow dev up --services prism`")
+        runner_flags, endpoint = [f"--prism_location={location}"], None
+    else:
+        from onceflow.devstack import flink
+
+        endpoint = devstack.flink_job_endpoint()
+        if not flink.status()["healthy"]:
+            raise ServiceError(f"no Flink job server answers on {endpoint}: run `onceflow dev up --services flink`")
+        runner_flags = flink.streaming_job_flags(endpoint)
+    run_id = f"{time.strftime('%Y%m%d_%H%M%S')}_s{args.seed}"
+    out = pathlib.Path(args.out) if args.out else home() / "torture" / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    return _Setup(bootstrap, args.postgres or devstack.postgres_dsn(), f"torture-{run_id}".replace("_", "-"),
+                  f"torture_{run_id}", f"onceflow-torture-{run_id}", out, runner_flags, endpoint)
+
+
+def run_torture(args: argparse.Namespace) -> int:
+    setup = _setup(args)
+    return TortureRun(args, setup).run()
+
+
+class TortureRun:
+    def __init__(self, args: argparse.Namespace, setup: _Setup):
+        self.args = args
+        self.setup = setup
+        self.timeline = Timeline()
+        self.ledger: List[Planned] = []
+        self.delivery_failures: List[str] = []
+        self.produced = 0
+        self.unexpected_exits: List[str] = []
+        self.good_delivered = 0
+        self._started_at_s = 0.0
+        self._t0 = time.monotonic()
+        self._done = threading.Event()
+        self._job_lock = threading.Lock()
+        self._latest: Optional[Sample] = None
+        sink_url = f"{_with_table(setup.dsn, setup.table)}"
+        self.contract_flags = ["--key_fields=k", "--time_field=t", "--id_field=id", "--aggregate=count,sum:v",
+                               f"--window={WINDOW_S}s", f"--allowed_lateness={LATENESS_S}s"]
+        self.output_flags = [f"--sink={sink_url}", f"--dlq={_with_table(setup.dsn, setup.table + '_dlq')}"]
+        self.input_url = f"kafka://{setup.bootstrap}/{setup.topic}"
+        self.job = LiveJob([f"--input={self.input_url}", f"--kafka_group={setup.group}",
+                            f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", *self.contract_flags, *self.output_flags,
+                            *setup.runner_flags],
+                           setup.out / "job.log", setup.job_endpoint, job_name=f"onceflow-torture-{setup.table[8:]}")
+
+    def now_s(self) -> float:
+        return round(time.monotonic() - self._t0, 2)
+
+    def say(self, message: str) -> None:
+        print(f"torture {self.now_s():7.1f}s  {message}", flush=True)
+
+    # -- the run -------------------------------------------------------------------
+
+    def run(self) -> int:
+        from onceflow import devstack
+
+        args, setup = self.args, self.setup
+        devstack.create_topic(setup.topic, partitions=args.partitions, bootstrap=setup.bootstrap)
+        production_s = args.events / args.rate
+        counts = {KILL: args.kills, BROKER_RESTART: args.broker_restarts, STALL: args.stalls,
+                  CONNECTION_KILL: args.connection_kills}
+        schedule = fault_schedule(counts, production_s, args.seed)
+        self.say(f"topic {setup.topic} ({args.partitions} partitions), sink table {setup.table}, "
+                 f"runner {args.runner}, {args.events} records at {args.rate}/s (~{production_s:.0f}s), "
+                 f"faults: {', '.join(f'{f.kind} at {f.at_s}s' for f in schedule) or 'none'}; output in {setup.out}")
+        self._t0 = time.monotonic()
+        self._start_job()
+        threads = [threading.Thread(target=self._sample_loop, name="torture-sampler", daemon=True)]
+        threads[0].start()
+        faults = threading.Thread(target=self._inject, args=(schedule,), name="torture-faults", daemon=True)
+        faults.start()
+        self._produce()
+        faults.join()
+        self.say(f"all {self.produced} records produced and every fault injected; waiting for the sink to catch up")
+        live = self._wait_caught_up()
+        self._stop_job()
+        self._done.set()
+        threads[0].join(10)
+        self.say("live: " + "; ".join(live.lines()))
+        self.say("backfill over the whole topic into the same sink...")
+        backfill_ok = self._backfill()
+        after_backfill = self._compare()
+        self.say("after the backfill: " + "; ".join(after_backfill.lines()))
+        return self._report(live, after_backfill, backfill_ok, production_s)
+
+    def _start_job(self) -> None:
+        self.job.start()
+        self._started_at_s = self.now_s()
+
+    def _stop_job(self) -> None:
+        with self._job_lock:
+            self.job.stop()
+
+    # -- producing -----------------------------------------------------------------
+
+    def _produce(self) -> None:
+        from confluent_kafka import Producer
+
+        args = self.args
+        plan = StreamPlan(self.setup.table[8:], args.partitions, StreamMix(), args.seed)
+        # log_level 0: the broker restarts on purpose; its connection errors are not news.
+        producer = Producer({"bootstrap.servers": self.setup.bootstrap, "enable.idempotence": True,
+                             "linger.ms": 5, "message.timeout.ms": 900_000, "log_level": 0,
+                             "error_cb": lambda error: None})
+
+        def delivered(planned: Planned):
+            def callback(error, message):
+                if error is not None:
+                    self.delivery_failures.append(f"record {planned.n}: {error}")
+                else:
+                    planned.partition, planned.offset = message.partition(), message.offset()
+                    if planned.kind == GOOD:
+                        self.good_delivered += 1
+            return callback
+
+        with open(self.setup.out / "ledger.jsonl", "w", encoding="utf-8") as ledger_file:
+            started = time.monotonic()
+            last_progress = started
+            while self.produced < args.events:
+                due = min(args.events, int((time.monotonic() - started) * args.rate) + 1)
+                while self.produced < due:
+                    planned = plan.next(int(time.time() * 1000))
+                    producer.produce(self.setup.topic, value=planned.value, partition=planned.partition,
+                                     timestamp=planned.timestamp_ms, on_delivery=delivered(planned))
+                    self.ledger.append(planned)
+                    self.produced += 1
+                producer.poll(0)
+                if time.monotonic() - last_progress >= 10:
+                    last_progress = time.monotonic()
+                    sample = self._latest
+                    self.say(f"produced {self.produced}/{args.events}"
+                             + (f" | lag {sample.lag} | job RSS {sample.rss_bytes / 2**20:.0f} MiB" if sample else ""))
+                time.sleep(0.02)
+            remaining = producer.flush(900)
+            if remaining:
+                self.delivery_failures.append(f"{remaining} records still undelivered after 15 minutes")
+            for planned in self.ledger:
+                ledger_file.write(json.dumps(planned.to_ledger()) + "\n")
+
+    # -- faults ----------------------------------------------------------------------
+
+    def _inject(self, schedule: List[Fault]) -> None:
+        for fault in schedule:
+            while self.now_s() < fault.at_s:
+                time.sleep(0.2)
+            if fault.kind == STALL:
+                while self.now_s() - self._started_at_s < WARM_S:
+                    time.sleep(0.2)
+            mark = self.timeline.begin(fault.kind, self.now_s())
+            try:
+                mark.note = self._apply(fault.kind)
+            except Exception as error:  # a fault that could not be injected is reported, not fatal
+                mark.note = f"could not be injected: {error}"
+            mark.end_s = self.now_s()
+            self.say(f"{fault.kind.replace('_', ' ')}: {mark.note} ({mark.end_s - mark.start_s:.1f}s)")
+
+    def _apply(self, kind: str) -> str:
+        from onceflow.io import postgres
+
+        if kind == KILL:
+            with self._job_lock:
+                self.job.kill()
+                time.sleep(2)
+                self._start_job()
+            return f"job killed with SIGKILL and started again (start {self.job.starts})"
+        if kind == BROKER_RESTART:
+            from onceflow.devstack import kafka
+
+            kafka.down()
+            time.sleep(2)
+            kafka.up()
+            return "broker stopped and started"
+        if kind == STALL:
+            postgres.hold_table_lock(self.setup.dsn, self.setup.table, self.args.stall_seconds)
+            return f"sink table locked for {self.args.stall_seconds}s"
+        if kind == CONNECTION_KILL:
+            killed = postgres.terminate_sessions(self.setup.dsn, self.setup.table)
+            return f"{killed} sink session(s) terminated"
+        raise ValueError(kind)
+
+    # -- watching --------------------------------------------------------------------
+
+    def _sample_loop(self) -> None:
+        from onceflow.io import postgres
+        from onceflow.observability.lag import LagError, consumer_group_lag
+
+        while not self._done.is_set():
+            consumed = lag = None
+            try:
+                group_lag = consumer_group_lag(self.setup.bootstrap, self.setup.group, self.setup.topic, timeout_s=2)
+                consumed = sum(p.committed or 0 for p in group_lag.partitions)
+                lag = group_lag.total
+            except (LagError, Exception):  # the broker is away, or the group has no offsets yet
+                pass
+            try:
+                in_sink: Optional[int] = postgres.counted_events(self.setup.dsn, self.setup.table)
+            except Exception:  # not created yet, or the database is away
+                in_sink = None
+            backlog = None if in_sink is None else max(0, self.good_delivered - in_sink)
+            self._latest = Sample(self.now_s(), self.produced, consumed, lag, self.job.rss_bytes(), in_sink, backlog)
+            self.timeline.add_sample(self._latest)
+            self._watch_job()
+            self._done.wait(1.0)
+
+    def _watch_job(self) -> None:
+        """Restarts a job that exited by itself, as a supervisor would; each such exit
+        is recorded and fails the run."""
+        if not self._job_lock.acquire(blocking=False):
+            return
+        try:
+            if self._done.is_set():
+                return
+            if not self.job.running():
+                self.unexpected_exits.append(f"start {self.job.starts} exited with {self.job.exit_code()}")
+                self.say(f"the job exited by itself (code {self.job.exit_code()}): {self.job.log_tail(5)}")
+                self._start_job()
+        finally:
+            self._job_lock.release()
+
+    def _found(self):
+        from onceflow.io import postgres
+
+        rows = {(row["k"], row["window_start"]): (row["count"], round(row["sum_v"]))
+                for row in postgres.read_rows(self.setup.dsn, self.setup.table)}
+        letters = {(int(e["source"]["partition"]), int(e["source"]["offset"])): e["reason"]
+                   for e in postgres.read_dead_letters(self.setup.dsn, self.setup.table + "_dlq")}
+        return rows, letters
+
+    def _compare(self) -> truth.Comparison:
+        delivered = [p for p in self.ledger if p.offset is not None]
+        rows, letters = self._found()
+        return truth.compare(truth.expected_rows(delivered, WINDOW_S * 1000), rows,
+                             truth.expected_dead_letters(delivered), letters)
+
+    def _wait_caught_up(self) -> truth.Comparison:
+        deadline = time.monotonic() + self.args.catch_up_timeout
+        comparison = None
+        last_report = 0.0
+        while time.monotonic() < deadline:
+            try:
+                comparison = self._compare()
+            except Exception as error:  # tables not created yet, or a session killed a moment ago
+                self.say(f"sink not readable yet: {str(error).splitlines()[0]}")
+                time.sleep(3)
+                continue
+            sample = self._latest
+            if comparison.exact and sample is not None and sample.lag == 0:
+                time.sleep(5)  # anything counted twice would show now
+                comparison = self._compare()
+                if comparison.exact:
+                    self.say("caught up: sink and DLQ equal the truth, lag 0")
+                    return comparison
+            if time.monotonic() - last_report >= 15:
+                last_report = time.monotonic()
+                self.say("catching up: " + "; ".join(comparison.lines())
+                         + (f"; lag {sample.lag}" if sample else ""))
+            time.sleep(2)
+        self.say(f"not caught up after {self.args.catch_up_timeout}s")
+        return comparison if comparison is not None else self._compare()
+
+    # -- backfill ----------------------------------------------------------------------
+
+    def _backfill(self) -> bool:
+        argv = [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={self.input_url}",
+                "--from=earliest", "--to=latest", "--status=off", *self.contract_flags, *self.output_flags]
+        with open(self.setup.out / "backfill.log", "wb") as log:
+            code = subprocess.call(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            self.say(f"the backfill exited with {code}; see {self.setup.out / 'backfill.log'}")
+        return code == 0
+
+    # -- the report ----------------------------------------------------------------------
+
+    def _stall_memory(self) -> List[Dict]:
+        figures = []
+        for mark in self.timeline.faults:
+            if mark.kind != STALL or mark.end_s is None:
+                continue
+            before = self.timeline.last_sample_before(mark.start_s)
+            during = self.timeline.samples_between(mark.start_s, mark.end_s)
+            if before is None or not during:
+                continue
+            lags = [s.lag for s in during if s.lag is not None]
+            backlogs = [s.backlog for s in during if s.backlog is not None]
+            peak = max(s.rss_bytes for s in during)
+            figures.append({
+                "start_s": mark.start_s, "end_s": mark.end_s,
+                "rss_before_mib": round(before.rss_bytes / 2**20, 1), "rss_peak_mib": round(peak / 2**20, 1),
+                "rss_growth_mib": round((peak - before.rss_bytes) / 2**20, 1),
+                "lag_before": before.lag, "lag_peak": max(lags) if lags else None,
+                "sink_backlog_before": before.backlog, "sink_backlog_peak": max(backlogs) if backlogs else None,
+            })
+        return figures
+
+    def _report(self, live: truth.Comparison, after_backfill: truth.Comparison, backfill_ok: bool,
+                production_s: float) -> int:
+        args, setup = self.args, self.setup
+        kinds: Dict[str, int] = {}
+        for planned in self.ledger:
+            kinds[planned.kind] = kinds.get(planned.kind, 0) + 1
+        late = sum(1 for p in self.ledger if p.late)
+        faults_done: Dict[str, int] = {}
+        for mark in self.timeline.faults:
+            if not mark.note.startswith("could not"):
+                faults_done[mark.kind] = faults_done.get(mark.kind, 0) + 1
+        stalls = self._stall_memory()
+        memory_ok = all(s["rss_growth_mib"] <= args.memory_bound_mib for s in stalls)
+        failures = []
+        if not live.exact:
+            failures.append("the live sink or DLQ differs from the truth")
+        if not after_backfill.exact:
+            failures.append("after the backfill the sink or DLQ differs from the truth")
+        if not backfill_ok:
+            failures.append("the backfill failed")
+        if self.unexpected_exits:
+            failures.append(f"the job exited by itself {len(self.unexpected_exits)} time(s)")
+        if self.delivery_failures:
+            failures.append(f"{len(self.delivery_failures)} record(s) could not be produced")
+        if not memory_ok:
+            failures.append(f"the job's memory grew by more than {args.memory_bound_mib} MiB during a stall")
+        missed = [f"{k} x{n - faults_done.get(k, 0)}" for k, n in
+                  ((KILL, args.kills), (BROKER_RESTART, args.broker_restarts), (STALL, args.stalls),
+                   (CONNECTION_KILL, args.connection_kills)) if faults_done.get(k, 0) < n]
+        if missed:
+            failures.append("faults not injected: " + ", ".join(missed))
+        report = {
+            "runner": args.runner, "seed": args.seed, "topic": setup.topic, "sink_table": setup.table,
+            "records_produced": len(self.ledger), "good_events": kinds.get(GOOD, 0),
+            "duplicates": kinds.get(DUPLICATE, 0), "malformed": kinds.get(BAD, 0),
+            "too_late": kinds.get(TOO_LATE, 0), "late_within_lateness": late,
+            "rate_per_s": args.rate, "production_s": round(production_s, 1),
+            "kills": faults_done.get(KILL, 0), "broker_restarts": faults_done.get(BROKER_RESTART, 0),
+            "stalls": faults_done.get(STALL, 0), "connection_kills": faults_done.get(CONNECTION_KILL, 0),
+            "job_starts": self.job.starts,
+            "unexpected_exits": self.unexpected_exits,
+            "live": dataclasses.asdict(live) | {"exact": live.exact},
+            "after_backfill": dataclasses.asdict(after_backfill) | {"exact": after_backfill.exact},
+            "max_consumer_lag": self.timeline.max_lag(), "max_sink_backlog": self.timeline.max_backlog(),
+            "stall_memory": stalls, "memory_bound_mib": args.memory_bound_mib,
+            "faults": [dataclasses.asdict(m) for m in self.timeline.faults],
+            "failures": failures, "ok": not failures,
+        }
+        (setup.out / "report.json").write_text(json.dumps(report, indent=2, default=list), encoding="utf-8")
+        (setup.out / "timeline.json").write_text(json.dumps([dataclasses.asdict(s) for s in self.timeline.samples]),
+                                                 encoding="utf-8")
+        plot_note = self._plot()
+        lines = [
+            "",
+            f"onceflow torture: {'PASS' if not failures else 'FAIL'} on {args.runner} (seed {args.seed})",
+            f"  records produced   {len(self.ledger)}: {kinds.get(GOOD, 0)} good events ({late} late within the "
+            f"lateness), {kinds.get(DUPLICATE, 0)} duplicates, {kinds.get(BAD, 0)} malformed or schema-violating, "
+            f"{kinds.get(TOO_LATE, 0)} too late",
+            f"  faults             {faults_done.get(KILL, 0)} kills, {faults_done.get(BROKER_RESTART, 0)} broker "
+            f"restarts, {faults_done.get(STALL, 0)} stalls, {faults_done.get(CONNECTION_KILL, 0)} sink "
+            f"connection kills; job started {self.job.starts} times",
+            *(f"  live               {line}" for line in live.lines()),
+            *(f"  after backfill     {line}" for line in after_backfill.lines()),
+            f"  max consumer lag   {self.timeline.max_lag()} records; max sink backlog "
+            f"{self.timeline.max_backlog()} events (produced, not yet counted in the sink)",
+            *(f"  stall {i + 1}            {s['end_s'] - s['start_s']:.0f}s: job RSS {s['rss_before_mib']} MiB "
+              f"before, peak {s['rss_peak_mib']} MiB (+{s['rss_growth_mib']}, bound {args.memory_bound_mib}); "
+              f"consumer lag {s['lag_before']} before, peak {s['lag_peak']}; sink backlog "
+              f"{s['sink_backlog_before']} before, peak {s['sink_backlog_peak']}" for i, s in enumerate(stalls)),
+            f"  report             {setup.out / 'report.json'}",
+            f"  plot               {plot_note}",
+            *(f"  FAILED: {failure}" for failure in failures),
+            *(f"    {example}" for example in (live.examples() + after_backfill.examples())[:20]),
+        ]
+        print("\n".join(lines), flush=True)
+        return 0 if not failures else 1
+
+    def _plot(self) -> str:
+        path = self.setup.out / "plot.png"
+        try:
+            from onceflow.torture.plot import write_plot
+        except ImportError:
+            return "not written: matplotlib is missing (pip install 'onceflow[dev]')"
+        try:
+            write_plot(self.timeline, path, f"onceflow torture on {self.args.runner}, seed {self.args.seed}")
+        except ImportError:
+            return "not written: matplotlib is missing (pip install 'onceflow[dev]')"
+        return str(path)
+
+
+def _with_table(dsn: str, table: str) -> str:
+    separator = "&" if "?" in dsn else "?"
+    return f"{dsn}{separator}table={table}"
