@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import pathlib
 import subprocess
@@ -27,6 +28,7 @@ from onceflow.torture.job import LiveJob
 from onceflow.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned, StreamMix, StreamPlan
 from onceflow.torture.timeline import Sample, Timeline
 from onceflow.torture import truth
+from onceflow.windowing import parse_duration_ms
 
 WINDOW_S, LATENESS_S, IDLE_TIMEOUT_S = 10, 60, 10
 WARM_S = 20  # a stall waits until the job has run this long, so its memory is measured warm
@@ -69,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--catch-up-timeout", type=_positive_int, default=600, metavar="S",
                         help="how long to wait, after the last record and fault, for the sink to be "
                              "complete (default 600)")
+    parser.add_argument("--rewind-margin", default="5m", metavar="DURATION",
+                        help="the job's --kafka_rewind_margin (default 5m, the job's default); the stream's "
+                             "events are at most 20 s late, so 30s is enough and makes restarts re-read less")
     parser.add_argument("--bootstrap-server", default=None, metavar="HOST:PORT",
                         help="the Kafka broker (default: the dev stack's)")
     parser.add_argument("--postgres", default=None, metavar="DSN",
@@ -108,6 +113,10 @@ def _setup(args: argparse.Namespace) -> _Setup:
     from onceflow.devstack.common import home
     from onceflow.devstack.prism import prism_location
 
+    try:
+        parse_duration_ms(args.rewind_margin)
+    except ValueError as error:
+        raise UsageError(f"--rewind-margin: {error}") from None
     dev_bootstrap = devstack.kafka_bootstrap_servers()
     bootstrap = args.bootstrap_server or dev_bootstrap
     if args.broker_restarts and bootstrap != dev_bootstrap:
@@ -160,7 +169,8 @@ class TortureRun:
         self.output_flags = [f"--sink={sink_url}", f"--dlq={_with_table(setup.dsn, setup.table + '_dlq')}"]
         self.input_url = f"kafka://{setup.bootstrap}/{setup.topic}"
         self.job = LiveJob([f"--input={self.input_url}", f"--kafka_group={setup.group}",
-                            f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", *self.contract_flags, *self.output_flags,
+                            f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", f"--kafka_rewind_margin={args.rewind_margin}",
+                            *self.contract_flags, *self.output_flags,
                             *setup.runner_flags],
                            setup.out / "job.log", setup.job_endpoint, job_name=f"onceflow-torture-{setup.table[8:]}")
 
@@ -175,6 +185,7 @@ class TortureRun:
     def run(self) -> int:
         from onceflow import devstack
 
+        faulthandler.enable()  # a crash in a native client library still says where
         args, setup = self.args, self.setup
         devstack.create_topic(setup.topic, partitions=args.partitions, bootstrap=setup.bootstrap)
         production_s = args.events / args.rate
@@ -185,18 +196,21 @@ class TortureRun:
                  f"runner {args.runner}, {args.events} records at {args.rate}/s (~{production_s:.0f}s), "
                  f"faults: {', '.join(f'{f.kind} at {f.at_s}s' for f in schedule) or 'none'}; output in {setup.out}")
         self._t0 = time.monotonic()
-        self._start_job()
-        threads = [threading.Thread(target=self._sample_loop, name="torture-sampler", daemon=True)]
-        threads[0].start()
+        sampler = threading.Thread(target=self._sample_loop, name="torture-sampler", daemon=True)
         faults = threading.Thread(target=self._inject, args=(schedule,), name="torture-faults", daemon=True)
-        faults.start()
-        self._produce()
-        faults.join()
-        self.say(f"all {self.produced} records produced and every fault injected; waiting for the sink to catch up")
-        live = self._wait_caught_up()
-        self._stop_job()
-        self._done.set()
-        threads[0].join(10)
+        try:
+            self._start_job()
+            sampler.start()
+            faults.start()
+            self._produce()
+            faults.join()
+            self.say(f"all {self.produced} records produced and every fault injected; "
+                     "waiting for the sink to catch up")
+            live = self._wait_caught_up()
+        finally:  # never leave the job running, even on Ctrl-C
+            self._done.set()
+            self._stop_job()
+        sampler.join(10)
         self.say("live: " + "; ".join(live.lines()))
         self.say("backfill over the whole topic into the same sink...")
         backfill_ok = self._backfill()
@@ -303,25 +317,23 @@ class TortureRun:
 
     def _sample_loop(self) -> None:
         from onceflow.io import postgres
-        from onceflow.observability.lag import LagError, consumer_group_lag
 
-        while not self._done.is_set():
-            consumed = lag = None
-            try:
-                group_lag = consumer_group_lag(self.setup.bootstrap, self.setup.group, self.setup.topic, timeout_s=2)
-                consumed = sum(p.committed or 0 for p in group_lag.partitions)
-                lag = group_lag.total
-            except (LagError, Exception):  # the broker is away, or the group has no offsets yet
-                pass
-            try:
-                in_sink: Optional[int] = postgres.counted_events(self.setup.dsn, self.setup.table)
-            except Exception:  # not created yet, or the database is away
-                in_sink = None
-            backlog = None if in_sink is None else max(0, self.good_delivered - in_sink)
-            self._latest = Sample(self.now_s(), self.produced, consumed, lag, self.job.rss_bytes(), in_sink, backlog)
-            self.timeline.add_sample(self._latest)
-            self._watch_job()
-            self._done.wait(1.0)
+        probe = _LagProbe(self.setup.bootstrap, self.setup.group, self.setup.topic, self.args.partitions)
+        try:
+            while not self._done.is_set():
+                consumed, lag = probe.read()
+                try:
+                    in_sink: Optional[int] = postgres.counted_events(self.setup.dsn, self.setup.table)
+                except Exception:  # not created yet, or the database is away
+                    in_sink = None
+                backlog = None if in_sink is None else max(0, self.good_delivered - in_sink)
+                self._latest = Sample(self.now_s(), self.produced, consumed, lag, self.job.rss_bytes(), in_sink,
+                                      backlog)
+                self.timeline.add_sample(self._latest)
+                self._watch_job()
+                self._done.wait(1.0)
+        finally:
+            probe.close()
 
     def _watch_job(self) -> None:
         """Restarts a job that exited by itself, as a supervisor would; each such exit
@@ -501,6 +513,33 @@ class TortureRun:
         except ImportError:
             return "not written: matplotlib is missing (pip install 'onceflow[dev]')"
         return str(path)
+
+
+class _LagProbe:
+    """The group's committed offsets and the log end offsets, from one consumer kept
+    for the whole run (it never joins the group: it only asks)."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int):
+        from confluent_kafka import Consumer, TopicPartition
+
+        # log_level 0: the broker restarts on purpose; its connection errors are not news.
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                                   "log_level": 0, "error_cb": lambda error: None})
+        self._partitions = [TopicPartition(topic, p) for p in range(partitions)]
+
+    def read(self):
+        """(records committed, lag) or (None, None) while the broker does not answer."""
+        from confluent_kafka import KafkaException
+
+        try:
+            committed = [max(tp.offset, 0) for tp in self._consumer.committed(self._partitions, timeout=2)]
+            ends = [self._consumer.get_watermark_offsets(tp, timeout=2, cached=False)[1] for tp in self._partitions]
+        except KafkaException:
+            return None, None
+        return sum(committed), sum(max(0, end - c) for end, c in zip(ends, committed))
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 def _with_table(dsn: str, table: str) -> str:

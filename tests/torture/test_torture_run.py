@@ -1,0 +1,50 @@
+"""``onceflow torture`` end to end against the real broker, PostgreSQL and Prism,
+with the issue's short-run settings, and its one-line refusals of wrong flags."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+COMMAND = [sys.executable, "-m", "onceflow.cli", "torture"]
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+@pytest.mark.prism
+@pytest.mark.slow
+def test_a_short_torture_run_ends_exact_live_and_after_the_backfill(kafka_bootstrap, postgres_dsn, prism_path,
+                                                                    tmp_path):
+    """20,000 records, 3 SIGKILLs, 1 broker restart, 1 stall, 1 sink connection kill."""
+    out = tmp_path / "run"
+    run = subprocess.run([*COMMAND, "--events", "20000", "--kills", "3", "--broker-restarts", "1", "--stalls", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and report["failures"] == []
+    assert (report["kills"], report["broker_restarts"], report["stalls"], report["connection_kills"]) == (3, 1, 1, 1)
+    assert report["job_starts"] == 4 and report["unexpected_exits"] == []
+    assert report["records_produced"] == 20000
+    assert min(report["duplicates"], report["malformed"], report["too_late"], report["late_within_lateness"]) > 0
+    for phase in ("live", "after_backfill"):
+        assert report[phase]["exact"]
+        assert report[phase]["rows_found"] == report[phase]["rows_expected"] > 0
+        assert report[phase]["dlq_found"] == report[phase]["dlq_expected"] == report["malformed"] + report["too_late"]
+    assert report["stall_memory"][0]["rss_growth_mib"] <= report["memory_bound_mib"]
+    assert (out / "plot.png").stat().st_size > 10_000
+    assert sum(1 for _ in open(out / "ledger.jsonl")) == 20000
+    assert "onceflow torture: PASS" in run.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--events", "0"], "is not a whole number above 0"),
+    (["--kills", "-1"], "is not a whole number (0 or more)"),
+    (["--runner", "spark"], "invalid choice: 'spark'"),
+    (["--bootstrap-server", "10.0.0.1:9092"], "--broker-restarts stops and starts the dev stack's broker only"),
+])
+def test_wrong_flags_get_one_line_and_status_2(flags, message):
+    run = subprocess.run([*COMMAND, *flags], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
