@@ -61,9 +61,14 @@ def _log_client_error(error) -> None:
     _LOGGER.warning("Kafka client: %s", error)
 
 
+class BrokerUnreachable(RuntimeError):
+    """The broker did not answer in time (it may be restarting)."""
+
+
 def describe_topic(config: KafkaReadConfig, timeout_s: float = _METADATA_TIMEOUT_S) -> List[int]:
-    """The topic's partition numbers; RuntimeError with a clear message when the
-    broker cannot be reached within ``timeout_s`` or the topic does not exist."""
+    """The topic's partition numbers; :class:`BrokerUnreachable` when the broker
+    cannot be reached within ``timeout_s``, RuntimeError when the topic does not
+    exist, each with a clear message."""
     from confluent_kafka import KafkaException
 
     consumer = _consumer(config, "metadata")
@@ -71,7 +76,7 @@ def describe_topic(config: KafkaReadConfig, timeout_s: float = _METADATA_TIMEOUT
         try:
             metadata = consumer.list_topics(config.topic.topic, timeout=timeout_s)
         except KafkaException as error:
-            raise RuntimeError(
+            raise BrokerUnreachable(
                 f"cannot reach Kafka at {config.topic.bootstrap_servers} within {timeout_s:.0f}s "
                 f"({error.args[0].str() if error.args else error}); is the broker up?"
             ) from None
@@ -599,10 +604,17 @@ class _DiscoverLivePartitionsDoFn(beam.DoFn):
         tracker=beam.DoFn.RestrictionParam(_PartitionNumbersProvider()),
         watermark=beam.DoFn.WatermarkEstimatorParam(WalltimeWatermarkEstimator.default_provider()),
     ):
+        from confluent_kafka import KafkaException
+
         first_new = _inner_tracker(tracker, _PartitionNumberTracker).next_partition()
-        new = [p for p in describe_topic(self._config) if p >= first_new]
+        try:
+            new = [p for p in describe_topic(self._config) if p >= first_new]
+            reads = resolve_partition_reads(self._config, new) if new else []
+        except (BrokerUnreachable, KafkaException) as error:
+            # A broker restart must not fail the job: look again at the next poll.
+            _LOGGER.warning("partition discovery: %s; trying again in %ss", error, _DISCOVERY_INTERVAL_S)
+            new = []
         if new and tracker.try_claim(max(new)):
-            reads = resolve_partition_reads(self._config, new)
             yield KafkaPartitionsRead(self._config.topic.topic, tuple(reads), self._readers)
         tracker.defer_remainder(Duration(seconds=_DISCOVERY_INTERVAL_S))
 

@@ -97,3 +97,4 @@ def test_live_run_equals_a_backfill_and_a_backfill_changes_nothing(kafka_bootstr
     summary = run([*backfill, f"--sink=sqlite:///{live_db}", f"--dlq={tmp_path}/live-dlq.jsonl"])
     assert table_rows(live_db) == live_rows
     assert summary.count("sink_rows_stale") == 0  # equal versions rewritten, none refused, none added
+
