@@ -146,6 +146,14 @@ def read_topic_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] =
                       timeout_s: float = 30.0) -> Iterator[Tuple[Optional[bytes], bytes]]:
     """Every (key, value) in the topic from the beginning to the end offsets as of
     the call. For tools and tests (dead-letter listing), not pipelines."""
+    for _, _, key, value in read_records_to_end(topic, settings, timeout_s):
+        yield key, value
+
+
+def read_records_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,
+                        timeout_s: float = 30.0) -> Iterator[Tuple[int, int, Optional[bytes], bytes]]:
+    """Every (partition, offset, key, value) in the topic from the beginning to the
+    end offsets as of the call; RuntimeError when that takes over ``timeout_s``."""
     import time
 
     from confluent_kafka import Consumer, TopicPartition
@@ -171,7 +179,7 @@ def read_topic_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] =
                     continue
                 if message.offset() + 1 >= ends.get(message.partition(), 0):
                     ends.pop(message.partition(), None)
-                yield message.key(), message.value()
+                yield message.partition(), message.offset(), message.key(), message.value() or b""
         if ends:
             raise RuntimeError(f"timed out reading {topic.url} to its end")
     finally:

@@ -10,23 +10,45 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Iterable, List, Mapping, Tuple
 
-from onceflow.torture.stream import BAD, GOOD, TOO_LATE, Planned
+from onceflow.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned
 
 RowKey = Tuple[str, int]  # (key, window start ms)
 Aggregates = Tuple[int, int]  # (count, sum of v)
 
 
-def expected_rows(ledger: Iterable[Planned], window_ms: int) -> Dict[RowKey, Aggregates]:
-    """Count and sum of ``v`` per key and fixed window, over each good event once."""
+def expected_rows(records: Iterable[Planned], window_ms: int) -> Dict[RowKey, Aggregates]:
+    """Count and sum of ``v`` per key and fixed window, over each distinct good event
+    (by ID: a re-send or a record the broker holds twice counts once)."""
     rows: Dict[RowKey, Aggregates] = {}
-    for planned in ledger:
-        if planned.kind != GOOD:
+    seen = set()
+    for planned in records:
+        if planned.kind not in (GOOD, DUPLICATE) or planned.event["id"] in seen:
             continue
+        seen.add(planned.event["id"])
         event = planned.event
         key = (event["k"], event["t"] - event["t"] % window_ms)
         count, total = rows.get(key, (0, 0))
         rows[key] = (count + 1, total + event["v"])
     return rows
+
+
+def in_topic(plan: Iterable[Planned], records: Iterable[Tuple[int, int, bytes]]) -> Tuple[List[Planned], int]:
+    """What the topic really holds, as ledger entries: each (partition, offset,
+    value) read back, with the kind and event of the planned record of the same
+    bytes; and how many planned records are not in the topic at all."""
+    planned_by_value: Dict[bytes, Planned] = {}
+    wanted: Dict[bytes, int] = {}
+    for planned in plan:
+        planned_by_value.setdefault(planned.value, planned)
+        wanted[planned.value] = wanted.get(planned.value, 0) + 1
+    found: List[Planned] = []
+    for partition, offset, value in records:
+        planned = planned_by_value.get(value)
+        if planned is None:
+            continue  # not ours: nothing else writes to a torture topic
+        found.append(dataclasses.replace(planned, partition=partition, offset=offset))
+        wanted[value] -= 1
+    return found, sum(n for n in wanted.values() if n > 0)
 
 
 def expected_dead_letters(ledger: Iterable[Planned]) -> Dict[Tuple[int, int], str]:

@@ -25,12 +25,13 @@ def test_a_short_torture_run_ends_exact_live_and_after_the_backfill(kafka_bootst
     assert report["ok"] and report["failures"] == []
     assert (report["kills"], report["broker_restarts"], report["stalls"], report["connection_kills"]) == (3, 1, 1, 1)
     assert report["job_starts"] == 4 and report["unexpected_exits"] == []
-    assert report["records_produced"] == 20000
+    assert report["records_produced"] == 20000 and report["missing_from_topic"] == 0
+    assert report["records_in_topic"] >= 20000  # a producer retry after the broker restart may store one twice
     assert min(report["duplicates"], report["malformed"], report["too_late"], report["late_within_lateness"]) > 0
     for phase in ("live", "after_backfill"):
         assert report[phase]["exact"]
         assert report[phase]["rows_found"] == report[phase]["rows_expected"] > 0
-        assert report[phase]["dlq_found"] == report[phase]["dlq_expected"] == report["malformed"] + report["too_late"]
+        assert report[phase]["dlq_found"] == report[phase]["dlq_expected"] >= report["malformed"] + report["too_late"]
     assert report["stall_memory"][0]["rss_growth_mib"] <= report["memory_bound_mib"]
     assert (out / "plot.png").stat().st_size > 10_000
     assert sum(1 for _ in open(out / "ledger.jsonl")) == 20000

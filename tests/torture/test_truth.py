@@ -5,7 +5,8 @@ from onceflow.torture.truth import compare, expected_dead_letters, expected_rows
 
 
 def _good(n, t, k, v, partition=0, kind=GOOD):
-    return Planned(n, kind, b"", t, partition, event={"id": f"e{n}", "t": t, "k": k, "v": v}, offset=n)
+    event = {"id": f"e{n}", "t": t, "k": k, "v": v}
+    return Planned(n, kind, repr(event).encode(), t, partition, event=event, offset=n)
 
 
 LEDGER = [
@@ -48,3 +49,18 @@ def test_every_discrepancy_is_found():
     assert comparison.dlq_extra == [(2, 9)]
     assert comparison.dlq_wrong_reason == [(0, 6)]
     assert len(comparison.examples()) == 6
+
+
+def test_the_truth_is_what_the_topic_holds():
+    """A record the broker holds twice counts once as an event and twice as a dead
+    letter; a planned record the topic lacks is reported."""
+    from onceflow.torture.truth import in_topic
+
+    plan = [_good(0, 10_000, "a", 5), Planned(1, BAD, b"{", 15_000, 0, label="truncated_json"),
+            _good(2, 11_000, "a", 1)]
+    found, missing = in_topic(plan, [(0, 0, plan[0].value), (1, 0, b"{"), (1, 1, b"{"), (2, 0, plan[0].value),
+                                     (2, 1, b"not ours")])
+    assert missing == 1  # event e2 never reached the topic
+    assert [(p.partition, p.offset, p.kind) for p in found] == [(0, 0, GOOD), (1, 0, BAD), (1, 1, BAD), (2, 0, GOOD)]
+    assert expected_rows(found, 10_000) == {("a", 10_000): (1, 5)}
+    assert expected_dead_letters(found) == {(1, 0): BAD, (1, 1): BAD}
