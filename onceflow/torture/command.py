@@ -100,6 +100,7 @@ def _count(text: str) -> int:
 
 @dataclasses.dataclass
 class _Setup:
+    run_id: str
     bootstrap: str
     dsn: str
     topic: str
@@ -143,7 +144,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
     run_id = f"{time.strftime('%Y%m%d_%H%M%S')}_s{args.seed}"
     out = pathlib.Path(args.out) if args.out else home() / "torture" / run_id
     out.mkdir(parents=True, exist_ok=True)
-    return _Setup(bootstrap, args.postgres or devstack.postgres_dsn(), f"torture-{run_id}".replace("_", "-"),
+    return _Setup(run_id, bootstrap, args.postgres or devstack.postgres_dsn(), f"torture-{run_id}".replace("_", "-"),
                   f"torture_{run_id}", f"onceflow-torture-{run_id}", out, runner_flags, endpoint)
 
 
@@ -169,16 +170,15 @@ class TortureRun:
         self._done = threading.Event()
         self._job_lock = threading.Lock()
         self._latest: Optional[Sample] = None
-        sink_url = f"{_with_table(setup.dsn, setup.table)}"
         self.contract_flags = ["--key_fields=k", "--time_field=t", "--id_field=id", "--aggregate=count,sum:v",
                                f"--window={WINDOW_S}s", f"--allowed_lateness={args.allowed_lateness}"]
-        self.output_flags = [f"--sink={sink_url}", f"--dlq={_with_table(setup.dsn, setup.table + '_dlq')}"]
+        self.output_flags = [f"--sink={_with_table(setup.dsn, setup.table)}", f"--dlq={_with_table(setup.dsn, setup.table + '_dlq')}"]
         self.input_url = f"kafka://{setup.bootstrap}/{setup.topic}"
         self.job = LiveJob([f"--input={self.input_url}", f"--kafka_group={setup.group}",
                             f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", f"--kafka_rewind_margin={args.rewind_margin}",
                             *self.contract_flags, *self.output_flags,
                             *setup.runner_flags],
-                           setup.out / "job.log", setup.job_endpoint, job_name=f"onceflow-torture-{setup.table[8:]}")
+                           setup.out / "job.log", setup.job_endpoint, job_name=f"onceflow-torture-{setup.run_id}")
 
     def now_s(self) -> float:
         return round(time.monotonic() - self._t0, 2)
@@ -238,7 +238,7 @@ class TortureRun:
         from confluent_kafka import Producer
 
         args = self.args
-        plan = StreamPlan(self.setup.table[8:], args.partitions, StreamMix(), args.seed)
+        plan = StreamPlan(self.setup.run_id, args.partitions, StreamMix(), args.seed)
         # Not idempotent: after a broker restart an idempotent producer can wait for its
         # in-flight batches to time out (15 minutes here) before it sends again. A retry
         # may then store a record twice; the truth is taken from what the topic holds.
