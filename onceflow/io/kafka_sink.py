@@ -151,7 +151,7 @@ def read_topic_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] =
 
 
 def read_records_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,
-                        timeout_s: float = 30.0) -> Iterator[Tuple[int, int, Optional[bytes], bytes]]:
+                        timeout_s: float = 30.0) -> Iterator[Tuple[int, int, Optional[bytes], Optional[bytes]]]:
     """Every (partition, offset, key, value) in the topic from the beginning to the
     end offsets as of the call; RuntimeError when that takes over ``timeout_s``."""
     import time
@@ -179,7 +179,7 @@ def read_records_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]]
                     continue
                 if message.offset() + 1 >= ends.get(message.partition(), 0):
                     ends.pop(message.partition(), None)
-                yield message.partition(), message.offset(), message.key(), message.value() or b""
+                yield message.partition(), message.offset(), message.key(), message.value()
         if ends:
             raise RuntimeError(f"timed out reading {topic.url} to its end")
     finally:

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 from onceflow.errors import ServiceError, UsageError
 from onceflow.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL, Fault, fault_schedule
 from onceflow.torture.job import LiveJob
+from onceflow.torture.plot import write_plot
 from onceflow.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned, StreamMix, StreamPlan
 from onceflow.torture.timeline import Sample, Timeline
 from onceflow.torture import truth
@@ -286,7 +287,7 @@ class TortureRun:
         from onceflow.io.kafka_config import KafkaTopic
         from onceflow.io.kafka_sink import read_records_to_end
 
-        records = [(partition, offset, value) for partition, offset, _, value in
+        records = [(partition, offset, value or b"") for partition, offset, _, value in
                    read_records_to_end(KafkaTopic(self.setup.bootstrap, self.setup.topic), timeout_s=600)]
         self.in_topic, self.missing_from_topic = truth.in_topic(self.ledger, records)
         self.say(f"the topic holds {len(self.in_topic)} records; planned but not in it: {self.missing_from_topic}")
@@ -524,10 +525,6 @@ class TortureRun:
 
     def _plot(self) -> str:
         path = self.setup.out / "plot.png"
-        try:
-            from onceflow.torture.plot import write_plot
-        except ImportError:
-            return "not written: matplotlib is missing (pip install 'onceflow[dev]')"
         try:
             write_plot(self.timeline, path, f"onceflow torture on {self.args.runner}, seed {self.args.seed}")
         except ImportError:
