@@ -247,6 +247,10 @@ class _PartitionsTracker(RestrictionTracker):
 
     # Reader-facing helpers --------------------------------------------------------
 
+    def checkpointed(self) -> bool:
+        """True once the rest of the restriction went to a residual: claim nothing more."""
+        return self._checkpointed
+
     def next_offsets(self) -> Dict[int, int]:
         return dict(self._next)
 
@@ -450,6 +454,11 @@ class _ReadPartitionsDoFn(beam.DoFn):
                     partition, offset = message.partition(), message.offset()
                     high_water = inner.high_water(partition)
                     if not tracker.try_claim((partition, offset)):
+                        if inner.checkpointed():
+                            # The runner took the rest mid-batch: this consumer has fetched
+                            # past the residual's start, so re-position it before reuse.
+                            del self._positions[key]
+                            return
                         consumer.pause([TopicPartition(topic, partition)])  # past its stop: done
                         continue
                     read_any = True

@@ -188,3 +188,67 @@ def test_live_read_picks_up_records_and_resumes_from_committed_offsets(kafka_boo
     with sqlite3.connect(db) as connection:
         windows = connection.execute("SELECT COUNT(*), MIN(event_count), MAX(event_count) FROM aggregates").fetchone()
     assert windows == (10, 60, 60)
+
+
+class _RunnerView:
+    """What the SDK hands a reader's process(): claims, a deferred remainder, and a
+    checkpoint the runner asks for while the reader runs (``checkpoint_after``)."""
+
+    def __init__(self, tracker, checkpoint_after=None):
+        self._restriction_tracker = tracker
+        self._checkpoint_after = checkpoint_after
+        self.claimed = 0
+        self.residual = None
+
+    def try_claim(self, position):
+        if self.residual is None and self.claimed == self._checkpoint_after:
+            self.residual = self._restriction_tracker.try_split(0)[1]  # the runner's checkpoint, mid-batch
+        claimed = self._restriction_tracker.try_claim(position)
+        self.claimed += claimed
+        return claimed
+
+    def defer_remainder(self, delay=None):
+        if self.residual is None:
+            split = self._restriction_tracker.try_split(0)
+            self.residual = split[1] if split else None
+
+    def current_restriction(self):
+        return self._restriction_tracker.current_restriction()
+
+
+def _read_bundle(reader, restriction, checkpoint_after=None):
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+
+    view = _RunnerView(_PartitionsTracker(restriction), checkpoint_after)
+
+    class _Finalizer:
+        def register(self, callback):
+            pass
+
+    offsets = [(value.value.source["partition"], value.value.source["offset"])
+               for value in reader._read(_Finalizer(), view, ManualWatermarkEstimator(None))]
+    return offsets, view.residual
+
+
+def test_a_checkpoint_in_the_middle_of_a_fetched_batch_loses_nothing(kafka_bootstrap):
+    """The runner checkpoints the reader after 10 records of a fetched batch: the
+    same reader instance (a runner may hand the residual straight back) reads on
+    from exactly the residual's first offset, on every partition."""
+    from onceflow.io.kafka_source import _ReadPartitionsDoFn
+
+    topic = new_topic(kafka_bootstrap, partitions=2)
+    produce(topic, [(n % 2, event(n, 1_000 + n), None) for n in range(400)])
+    config = KafkaReadConfig(topic, start=parse_position("earliest"), group_id=None)
+    reader = _ReadPartitionsDoFn(config, CONTRACT, idle_timeout_s=30.0)
+    reader.setup()
+    try:
+        restriction = PartitionsRestriction(topic.topic, (PartitionSpan(0, 0, LIVE_END), PartitionSpan(1, 0, LIVE_END)))
+        read, residual = _read_bundle(reader, restriction, checkpoint_after=10)
+        assert len(read) == 10 and residual is not None
+        deadline = time.monotonic() + 30
+        while len(read) < 400 and time.monotonic() < deadline:
+            more, residual = _read_bundle(reader, residual)
+            read += more
+        assert sorted(read) == sorted((n % 2, n // 2) for n in range(400))
+    finally:
+        reader.teardown()
