@@ -33,8 +33,11 @@ artifact ``ONCEFLOW_FLINK_ARTIFACT_PORT`` (18098), expansion
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pathlib
+import re
 from typing import Any
 
 from onceflow.devstack import maven
@@ -53,6 +56,8 @@ from onceflow.devstack.common import (
     stop_managed,
 )
 from onceflow.errors import ServiceError
+
+_LOGGER = logging.getLogger(__name__)
 
 NAME = "flink"
 JOB_SERVER_BEAM_VERSION = "2.62.0"
@@ -256,9 +261,13 @@ def streaming_job_flags(job_endpoint: str) -> list[str]:
 
 
 def cancel_running_jobs(job_endpoint: str, name_prefix: str = "") -> int:
-    """Cancels every job still running on a Beam job service whose name starts with
-    ``name_prefix`` (a job whose client was killed keeps its slots and restarts
-    forever); returns how many were cancelled."""
+    """Cancels every job still running whose name starts with ``name_prefix`` (a
+    job whose client was killed keeps its slots and restarts forever); returns
+    how many the job service cancelled.
+
+    Twice over: through the Beam job service, and on Flink itself (see
+    :func:`cancel_flink_jobs`), because this job server marks an embedded job
+    cancelled without stopping it."""
     import grpc
     from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
 
@@ -271,4 +280,51 @@ def cancel_running_jobs(job_endpoint: str, name_prefix: str = "") -> int:
             if job.state not in finished and job.job_name.startswith(name_prefix):
                 service.Cancel(beam_job_api_pb2.CancelJobRequest(job_id=job.job_id), timeout=30)
                 cancelled += 1
+    cancel_flink_jobs(name_prefix)
+    return cancelled
+
+
+_FLINK_DONE = {"FINISHED", "CANCELED", "CANCELLING", "FAILED"}
+
+
+def flink_rest_endpoints() -> list[str]:
+    """``host:port`` of the Flink REST APIs this job server's jobs run behind: the
+    cluster's, or with ``[local]`` each embedded job's own (one Flink mini cluster
+    per job, its port in the job server's log)."""
+    master = _master_file().read_text(encoding="utf-8").strip() if _master_file().exists() else flink_master()
+    if master != "[local]":
+        return [master]
+    try:
+        log = _log().read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    ports = dict.fromkeys(re.findall(r"Rest endpoint listening at localhost:(\d+)", log))
+    return [f"{HOST}:{port}" for port in ports]
+
+
+def cancel_flink_jobs(name_prefix: str) -> int:
+    """Cancels, through Flink's REST API, every job not yet finished whose name
+    starts with ``name_prefix``; returns how many. The 2.62 job server's Cancel
+    only interrupts its own wait for an embedded job: the Flink job goes on
+    restarting (and holding memory) until cancelled here. Endpoints that no
+    longer answer are skipped."""
+    import http.client
+    import urllib.request
+
+    cancelled = 0
+    for endpoint in flink_rest_endpoints():
+        try:
+            with urllib.request.urlopen(f"http://{endpoint}/jobs/overview", timeout=2) as response:
+                jobs = json.load(response).get("jobs", [])
+        except (OSError, ValueError, http.client.HTTPException):
+            continue  # that mini cluster is gone (its port may serve something else now)
+        for job in jobs:
+            if job.get("state") in _FLINK_DONE or not str(job.get("name", "")).startswith(name_prefix):
+                continue
+            request = urllib.request.Request(f"http://{endpoint}/jobs/{job['jid']}?mode=cancel", method="PATCH")
+            try:
+                urllib.request.urlopen(request, timeout=10).close()
+                cancelled += 1
+            except (OSError, http.client.HTTPException) as error:
+                _LOGGER.warning("cancelling Flink job %s at %s failed: %s", job.get("name"), endpoint, error)
     return cancelled

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -35,6 +36,7 @@ _CONSUME_BATCH = 500
 _CONSUME_TIMEOUT_S = 0.2
 _METADATA_TIMEOUT_S = 10.0
 _DISCOVERY_INTERVAL_S = 10.0
+_COMMIT_LOCK = threading.Lock()
 
 
 class KafkaPartitionRead(NamedTuple):
@@ -385,14 +387,22 @@ class _ReadPartitionsDoFn(beam.DoFn):
         self._committer = None
 
     def commit(self, topic: str, next_offsets: Dict[int, int]) -> None:
+        """Commits each partition's next offset to the group, but never below what
+        the group has committed already: runners may finalize bundles out of order
+        (Flink finalizes every outstanding bundle at a checkpoint, in no set
+        order), and a restart that rewinds re-reads offsets committed before."""
         if not self._config.group_id or not next_offsets:
             return
         from confluent_kafka import TopicPartition
 
-        if self._committer is None:
-            self._committer = _consumer(self._config, "commit")
-        self._committer.commit(
-            offsets=[TopicPartition(topic, p, o) for p, o in sorted(next_offsets.items())], asynchronous=False)
+        with _COMMIT_LOCK:  # one read-compare-commit at a time in this process
+            if self._committer is None:
+                self._committer = _consumer(self._config, "commit")
+            committed = {tp.partition: tp.offset for tp in self._committer.committed(
+                [TopicPartition(topic, p) for p in sorted(next_offsets)], timeout=_METADATA_TIMEOUT_S)}
+            ahead = [TopicPartition(topic, p, o) for p, o in sorted(next_offsets.items()) if o > committed.get(p, -1)]
+            if ahead:
+                self._committer.commit(offsets=ahead, asynchronous=False)
 
     def _consumer_at(self, topic: str, next_offsets: Dict[int, int]):
         """A consumer per partition set, reused across bundles; re-positioned only

@@ -252,3 +252,23 @@ def test_a_checkpoint_in_the_middle_of_a_fetched_batch_loses_nothing(kafka_boots
         assert sorted(read) == sorted((n % 2, n // 2) for n in range(400))
     finally:
         reader.teardown()
+
+
+def test_commits_never_move_a_partition_back(kafka_bootstrap):
+    """Bundles finalized out of order, or re-read after a rewind, commit older
+    offsets: the group's offset stays at the highest."""
+    from onceflow.io.kafka_source import _ReadPartitionsDoFn
+
+    topic = new_topic(kafka_bootstrap, partitions=2)
+    produce(topic, [(n % 2, event(n, 1_000 + n), None) for n in range(40)])
+    group = f"g-{topic.topic}"
+    reader = _ReadPartitionsDoFn(KafkaReadConfig(topic, group_id=group), CONTRACT, idle_timeout_s=30.0)
+    reader.setup()
+    try:
+        reader.commit(topic.topic, {0: 12, 1: 3})
+        reader.commit(topic.topic, {0: 5, 1: 7})  # an older bundle of partition 0, finalized late
+        assert committed(topic, group, partitions=2) == [12, 7]
+        reader.commit(topic.topic, {0: 20, 1: 20})
+        assert committed(topic, group, partitions=2) == [20, 20]
+    finally:
+        reader.teardown()
