@@ -33,6 +33,7 @@ from onceflow.windowing import parse_duration_ms
 
 WINDOW_S, IDLE_TIMEOUT_S = 10, 10
 WARM_S = 20  # a stall waits until the job has run this long, so its memory is measured warm
+SESSION_WAIT_S = 60  # how long a connection kill waits for the job to open a sink session
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,12 +73,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--catch-up-timeout", type=_positive_int, default=600, metavar="S",
                         help="how long to wait, after the last record and fault, for the sink to be "
                              "complete (default 600)")
-    parser.add_argument("--allowed-lateness", default="5m", metavar="DURATION",
-                        help="the job's --allowed_lateness (default 5m; see README: with 60s, Prism loses "
-                             "events now and then when a job starts on a backlog)")
-    parser.add_argument("--rewind-margin", default="5m", metavar="DURATION",
-                        help="the job's --kafka_rewind_margin (default 5m, the job's default); the stream's "
-                             "events are at most 20 s late, so 30s is enough and makes restarts re-read less")
+    parser.add_argument("--allowed-lateness", default="60s", metavar="DURATION",
+                        help="the job's --allowed_lateness (default 60s; the stream's late events are at "
+                             "most 20 s late)")
+    parser.add_argument("--rewind-margin", default="30s", metavar="DURATION",
+                        help="the job's --kafka_rewind_margin (default 30s: the stream's Kafka timestamps "
+                             "are its event times; the job's own default is 5m). A restart re-reads window "
+                             "+ lateness + margin of stream")
     parser.add_argument("--bootstrap-server", default=None, metavar="HOST:PORT",
                         help="the Kafka broker (default: the dev stack's)")
     parser.add_argument("--postgres", default=None, metavar="DSN",
@@ -329,8 +331,15 @@ class TortureRun:
             postgres.hold_table_lock(self.setup.dsn, self.setup.table, self.args.stall_seconds)
             return f"sink table locked for {self.args.stall_seconds}s"
         if kind == CONNECTION_KILL:
-            killed = postgres.terminate_sessions(self.setup.dsn, self.setup.table)
-            return f"{killed} sink session(s) terminated"
+            # Right after a restart the job may hold no session yet: wait for one.
+            deadline = time.monotonic() + SESSION_WAIT_S
+            while True:
+                killed = postgres.terminate_sessions(self.setup.dsn, self.setup.table)
+                if killed:
+                    return f"{killed} sink session(s) terminated"
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the job held no sink session for {SESSION_WAIT_S}s")
+                time.sleep(0.5)
         raise ValueError(kind)
 
     # -- watching --------------------------------------------------------------------
