@@ -661,8 +661,8 @@ class ReadFromKafka(beam.PTransform):
     stall the pipeline, which may make a record that arrives later too late.
 
     Delivery is at-least-once: offsets are committed to the group only in bundle
-    finalization, after the runner has durably taken the bundle's output; a
-    restart resumes from the committed offsets and may re-read records, which
+    finalization, after the runner has durably taken the bundle's output, and
+    never below what the group has committed already; a restart resumes from the committed offsets and may re-read records, which
     dedup and the idempotent sinks absorb. Each restriction reports its backlog
     (end offsets minus positions) to the runner, and each partition's as the gauge
     ``consumer_lag.<topic>.<partition>``.

@@ -215,6 +215,9 @@ class WindowedAggregate(beam.PTransform):
     :mod:`onceflow.aggregates`), so the final pane of a live run, a restart and a
     backfill agree.
 
+    On Prism 2.77 run unbounded input with ``--experiments=prism_disable_sdf_split``
+    (the main job adds it): a bundle split there can lose a state update.
+
     Metrics: ``events_timely``, ``dead_letters.too_late``, ``duplicates_dropped``,
     ``events_unique``, ``rows_emitted``.
     """
