@@ -38,7 +38,7 @@ import logging
 import os
 import pathlib
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from onceflow.devstack import maven
 from onceflow.devstack.common import (
@@ -302,29 +302,53 @@ def flink_rest_endpoints() -> list[str]:
     return [f"{HOST}:{port}" for port in ports]
 
 
+class FlinkJob(NamedTuple):
+    """A job as Flink's REST API lists it."""
+
+    endpoint: str
+    job_id: str
+    name: str
+    state: str
+
+    @property
+    def finished(self) -> bool:
+        return self.state in _FLINK_DONE
+
+
+def flink_jobs(name_prefix: str = "") -> list[FlinkJob]:
+    """The jobs whose name starts with ``name_prefix`` on every Flink REST API of
+    :func:`flink_rest_endpoints` that still answers."""
+    import http.client
+    import urllib.request
+
+    jobs = []
+    for endpoint in flink_rest_endpoints():
+        try:
+            with urllib.request.urlopen(f"http://{endpoint}/jobs/overview", timeout=2) as response:
+                listed = json.load(response).get("jobs", [])
+        except (OSError, ValueError, http.client.HTTPException):
+            continue  # that mini cluster is gone (its port may serve something else now)
+        jobs += [FlinkJob(endpoint, job["jid"], str(job.get("name", "")), str(job.get("state", "")))
+                 for job in listed if str(job.get("name", "")).startswith(name_prefix)]
+    return jobs
+
+
 def cancel_flink_jobs(name_prefix: str) -> int:
     """Cancels, through Flink's REST API, every job not yet finished whose name
     starts with ``name_prefix``; returns how many. The 2.62 job server's Cancel
     only interrupts its own wait for an embedded job: the Flink job goes on
-    restarting (and holding memory) until cancelled here. Endpoints that no
-    longer answer are skipped."""
+    restarting (and holding memory) until cancelled here."""
     import http.client
     import urllib.request
 
     cancelled = 0
-    for endpoint in flink_rest_endpoints():
+    for job in flink_jobs(name_prefix):
+        if job.finished:
+            continue
+        request = urllib.request.Request(f"http://{job.endpoint}/jobs/{job.job_id}?mode=cancel", method="PATCH")
         try:
-            with urllib.request.urlopen(f"http://{endpoint}/jobs/overview", timeout=2) as response:
-                jobs = json.load(response).get("jobs", [])
-        except (OSError, ValueError, http.client.HTTPException):
-            continue  # that mini cluster is gone (its port may serve something else now)
-        for job in jobs:
-            if job.get("state") in _FLINK_DONE or not str(job.get("name", "")).startswith(name_prefix):
-                continue
-            request = urllib.request.Request(f"http://{endpoint}/jobs/{job['jid']}?mode=cancel", method="PATCH")
-            try:
-                urllib.request.urlopen(request, timeout=10).close()
-                cancelled += 1
-            except (OSError, http.client.HTTPException) as error:
-                _LOGGER.warning("cancelling Flink job %s at %s failed: %s", job.get("name"), endpoint, error)
+            urllib.request.urlopen(request, timeout=10).close()
+            cancelled += 1
+        except (OSError, http.client.HTTPException) as error:
+            _LOGGER.warning("cancelling Flink job %s at %s failed: %s", job.name, job.endpoint, error)
     return cancelled

@@ -361,13 +361,19 @@ class _CommitOffsets:
         self._reader.commit(self._topic, self._next)
 
 
+def _nothing_to_commit() -> None:
+    """The finalization of a bundle that read nothing."""
+
+
 class _ReadPartitionsDoFn(beam.DoFn):
     """Reads the partitions of one restriction; bounded reads end at the stops."""
 
-    def __init__(self, config: KafkaReadConfig, contract: Optional[EventContract], idle_timeout_s: float):
+    def __init__(self, config: KafkaReadConfig, contract: Optional[EventContract], idle_timeout_s: float,
+                 finalize_every_bundle: bool = False):
         self._config = config
         self._contract = contract
         self._idle_timeout_s = idle_timeout_s
+        self._finalize_every_bundle = finalize_every_bundle
         self._records = metrics.counter(metrics.KAFKA_RECORDS_READ)
 
     def setup(self) -> None:
@@ -495,6 +501,8 @@ class _ReadPartitionsDoFn(beam.DoFn):
             metrics.record_watermark(inner.watermark_ms())
             if read_any and self._config.group_id:
                 bundle_finalizer.register(_CommitOffsets(self, topic, inner.next_offsets()))
+            elif self._finalize_every_bundle:
+                bundle_finalizer.register(_nothing_to_commit)
 
     def _event_time_ms(self, raw: bytes, message) -> Optional[int]:
         if self._config.time_source == "record" or self._contract is None:
@@ -675,11 +683,19 @@ class ReadFromKafka(beam.PTransform):
     readers: with several readers it can run ahead of a lagging partition and
     close windows early. On Flink or Dataflow, ``readers`` up to the partition
     count reads partitions in parallel.
+
+    ``finalize_every_bundle``: register a finalization callback on every bundle,
+    also those that read nothing. Set it on Prism, which finalizes every bundle of
+    the reader whether or not it asked: the SDK has already released a bundle that
+    asked nothing and logs an error with two tracebacks for it (several a second
+    while the topic is idle). Leave it off elsewhere: Flink keeps each bundle that
+    asked, with its DoFns and their connections, until the next checkpoint.
     """
 
     def __init__(self, config: KafkaReadConfig, contract: Optional[EventContract] = None,
-                 idle_timeout_s: float = 30.0, readers: int = 1):
+                 idle_timeout_s: float = 30.0, readers: int = 1, finalize_every_bundle: bool = False):
         super().__init__()
+        self._finalize_every_bundle = finalize_every_bundle
         if readers < 1:
             raise ValueError("at least one reader is needed")
         self._readers = readers
@@ -695,9 +711,11 @@ class ReadFromKafka(beam.PTransform):
         impulse = pbegin | "Impulse" >> beam.Impulse()
         if self._config.bounded:
             reads = impulse | "ResolveOffsets" >> beam.ParDo(_ResolveBoundedReadsDoFn(self._config, self._readers))
-            reader = _ReadPartitionsDoFn(self._config, self._contract, self._idle_timeout_s)
+            reader = _ReadPartitionsDoFn(self._config, self._contract, self._idle_timeout_s,
+                                         self._finalize_every_bundle)
         else:
             reads = impulse | "DiscoverPartitions" >> beam.ParDo(
                 _DiscoverLivePartitionsDoFn(self._config, self._readers))
-            reader = _ReadLivePartitionsDoFn(self._config, self._contract, self._idle_timeout_s)
+            reader = _ReadLivePartitionsDoFn(self._config, self._contract, self._idle_timeout_s,
+                                             self._finalize_every_bundle)
         return reads | "ReadPartitions" >> beam.ParDo(reader)

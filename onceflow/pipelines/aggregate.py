@@ -249,7 +249,8 @@ def build(pipeline: beam.Pipeline, job: AggregateJob) -> AggregateOutputs:
     """Adds the whole job (read, transform, write) to ``pipeline``."""
     if job.kafka is not None:
         records = pipeline | "ReadKafka" >> ReadFromKafka(
-            job.kafka, job.contract, idle_timeout_s=job.kafka_idle_timeout_ms / 1000)
+            job.kafka, job.contract, idle_timeout_s=job.kafka_idle_timeout_ms / 1000,
+            finalize_every_bundle=runs_on_prism(pipeline.options))
     elif job.from_archive:
         records = pipeline | "ReadArchive" >> ReadArchive(job.input_pattern, job.contract)
     else:
@@ -317,13 +318,18 @@ def _choose_streaming_runner(options: PipelineOptions) -> None:
 PRISM_NO_SPLITS_EXPERIMENT = "prism_disable_sdf_split"
 
 
+def runs_on_prism(options: PipelineOptions) -> bool:
+    """Whether ``--runner`` names Prism."""
+    runner = options.view_as(StandardOptions).runner
+    return runner is not None and runner.lower() in ("prismrunner", "prism")
+
+
 def keep_prism_from_splitting(options: PipelineOptions) -> None:
     """On Prism, turns runner-initiated bundle splits off (see above): the
     stateful dedup and aggregation steps are only exact without them."""
     from apache_beam.options.pipeline_options import DebugOptions
 
-    runner = options.view_as(StandardOptions).runner
-    if runner is None or runner.lower() not in ("prismrunner", "prism"):
+    if not runs_on_prism(options):
         return
     debug = options.view_as(DebugOptions)
     if not debug.lookup_experiment(PRISM_NO_SPLITS_EXPERIMENT):
@@ -370,9 +376,23 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             result.wait_until_finish()
         except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
             print("aggregate: stopping...", file=sys.stderr)
-            result.cancel()
+            if not _cancel(result):
+                raise KeyboardInterrupt from None  # one line, status 130 (see exit_status)
         return monitor.finish(collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
                                               job.dlq.describe()))
+
+
+def _cancel(result: beam.runners.runner.PipelineResult) -> bool:
+    """Cancels the pipeline; False when the runner is gone already: a Ctrl-C in a
+    terminal reaches Prism too (it runs in the job's process group), so there is
+    nothing left to cancel or to ask for a summary."""
+    import grpc
+
+    try:
+        result.cancel()
+        return True
+    except (ValueError, grpc.RpcError):  # "Cannot invoke RPC on closed channel", or UNAVAILABLE
+        return False
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -233,7 +233,11 @@ class TortureRun:
 
     def _stop_job(self) -> None:
         with self._job_lock:
-            self.job.stop()
+            try:
+                self.job.stop()
+            except KeyboardInterrupt:  # a second Ctrl-C: no more patience, but never leave it running
+                self.job.kill()
+                raise
 
     # -- producing -----------------------------------------------------------------
 

@@ -98,3 +98,27 @@ def test_live_run_equals_a_backfill_and_a_backfill_changes_nothing(kafka_bootstr
     assert table_rows(live_db) == live_rows
     assert summary.count("sink_rows_stale") == 0  # equal versions rewritten, none refused, none added
 
+
+
+@pytest.mark.flink
+def test_a_killed_clients_job_does_not_keep_running_on_flink(kafka_bootstrap, flink_job_endpoint, tmp_path):
+    """A supervisor that SIGKILLs a client and cancels its job leaves nothing behind
+    on Flink (the 2.62 job server alone marks the job cancelled but the embedded
+    Flink job goes on restarting)."""
+    from onceflow.devstack.flink import flink_jobs
+
+    topic = new_topic(kafka_bootstrap)
+    lines = [line for line in open(SAMPLE_INPUT, "rb").read().split(b"\n") if line.strip()]
+    produce(topic, [(n % 3, line, None) for n, line in enumerate(lines)])
+    db = tmp_path / "live.db"
+    name = f"onceflow-test-{topic.topic}"
+    job = start_live_job(topic, f"g-{topic.topic}", f"sqlite:///{db}", tmp_path / "dlq.jsonl",
+                         "--kafka_idle_timeout=3s", f"--job_name={name}", *streaming_job_flags(flink_job_endpoint))
+    try:
+        wait_for(lambda: counted_events(db) > 0, "the job to write rows", 300, job)
+        assert [j.state for j in flink_jobs(name)] == ["RUNNING"]
+    finally:
+        stop(job, signal.SIGKILL)
+    cancel_running_jobs(flink_job_endpoint, name_prefix=name)
+    wait_for(lambda: all(j.finished for j in flink_jobs(name)), "the Flink job to end", 60)
+
