@@ -318,6 +318,22 @@ def _choose_streaming_runner(options: PipelineOptions) -> None:
 PRISM_NO_SPLITS_EXPERIMENT = "prism_disable_sdf_split"
 
 
+# Beam's portable client (Prism, job servers) opens a job's state and message
+# streams with --job_server_timeout as their deadline, 300 s by default: a live
+# job then fails after five minutes with DEADLINE_EXCEEDED ("Stream removed").
+# Found by the long torture run. A live job gets ten years unless the flag is set.
+LIVE_JOB_SERVER_TIMEOUT_S = 10 * 365 * 24 * 3600
+
+
+def keep_live_job_streams_open(options: PipelineOptions) -> None:
+    """Raises ``--job_server_timeout`` for a live job unless set to another value
+    than Beam's default (see above)."""
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    if "job_server_timeout" not in options.get_all_options(drop_default=True):
+        options.view_as(PortableOptions).job_server_timeout = LIVE_JOB_SERVER_TIMEOUT_S
+
+
 def runs_on_prism(options: PipelineOptions) -> bool:
     """Whether ``--runner`` names Prism."""
     runner = options.view_as(StandardOptions).runner
@@ -354,6 +370,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         _check_input_exists(job.input_pattern)
     if job.is_live:
         _choose_streaming_runner(options)
+        keep_live_job_streams_open(options)
     keep_prism_from_splitting(options)
     try:
         prepare_sink(job.sink, job.row_schema)

@@ -119,3 +119,19 @@ def test_no_flags_runs_the_sample_and_prints_the_summary(tmp_path):
     assert "too_late 2" in result.stdout
     assert (tmp_path / "onceflow-output" / "aggregates.db").exists()
     assert len(table_rows(tmp_path / "onceflow-output" / "aggregates.db")) > 600
+
+
+def test_a_live_job_keeps_its_runner_streams_open_past_beams_default_timeout():
+    """Beam's portable client gives a job's state and message streams
+    --job_server_timeout as their deadline (300 s): a live job raises it, and
+    keeps a value the user chose."""
+    from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions
+
+    from onceflow.pipelines.aggregate import LIVE_JOB_SERVER_TIMEOUT_S, keep_live_job_streams_open
+
+    options = PipelineOptions(["--runner=PrismRunner"])
+    keep_live_job_streams_open(options)
+    assert options.view_as(PortableOptions).job_server_timeout == LIVE_JOB_SERVER_TIMEOUT_S >= 365 * 24 * 3600
+    chosen = PipelineOptions(["--job_server_timeout=86400"])
+    keep_live_job_streams_open(chosen)
+    assert chosen.view_as(PortableOptions).job_server_timeout == 86400
