@@ -136,6 +136,21 @@ def _marker() -> str:
     return str(_artifacts())
 
 
+def _write_flink_conf() -> pathlib.Path:
+    """The Flink configuration every job of this job server gets: checkpoints to
+    files under the service folder. Flink's default keeps them in the JobManager's
+    memory, limited to 5 MB per state: a streaming job whose dedup state outgrew
+    that (the long torture run, 9 MB) failed every checkpoint, never committed an
+    offset and restarted in a loop."""
+    conf_dir = _dir() / "conf"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    (conf_dir / "flink-conf.yaml").write_text(
+        "state.checkpoint-storage: filesystem\n"
+        f"state.checkpoints.dir: {(_dir() / 'checkpoints').resolve().as_uri()}\n",
+        encoding="utf-8")
+    return conf_dir
+
+
 def _master_file() -> pathlib.Path:
     return _dir() / "jobserver.master"
 
@@ -203,6 +218,7 @@ def up() -> bool:
         f"--artifact-port={artifact_port()}",
         f"--expansion-port={expansion_port()}",
         f"--artifacts-dir={_artifacts()}",
+        f"--flink-conf-dir={_write_flink_conf()}",
     ]
     progress(
         f"starting the Beam {JOB_SERVER_BEAM_VERSION} Flink {FLINK_VERSION} job server on "
