@@ -670,8 +670,9 @@ class ReadFromKafka(beam.PTransform):
 
     Delivery is at-least-once: offsets are committed to the group only in bundle
     finalization, after the runner has durably taken the bundle's output, and
-    never below what the group has committed already; a restart resumes from the committed offsets and may re-read records, which
-    dedup and the idempotent sinks absorb. Each restriction reports its backlog
+    never below what the group has committed already; a restart resumes from the
+    committed offsets and may re-read records, which dedup and the idempotent
+    sinks absorb. Each restriction reports its backlog
     (end offsets minus positions) to the runner, and each partition's as the gauge
     ``consumer_lag.<topic>.<partition>``.
 
@@ -695,7 +696,6 @@ class ReadFromKafka(beam.PTransform):
     def __init__(self, config: KafkaReadConfig, contract: Optional[EventContract] = None,
                  idle_timeout_s: float = 30.0, readers: int = 1, finalize_every_bundle: bool = False):
         super().__init__()
-        self._finalize_every_bundle = finalize_every_bundle
         if readers < 1:
             raise ValueError("at least one reader is needed")
         self._readers = readers
@@ -706,6 +706,7 @@ class ReadFromKafka(beam.PTransform):
         self._config = config
         self._contract = contract
         self._idle_timeout_s = idle_timeout_s
+        self._finalize_every_bundle = finalize_every_bundle
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         impulse = pbegin | "Impulse" >> beam.Impulse()

@@ -308,16 +308,6 @@ def _choose_streaming_runner(options: PipelineOptions) -> None:
     prism.prism_location = location
 
 
-# Prism 2.77 splits a slow bundle at an element and hands the rest to a new bundle,
-# releasing the rest's keys although the first bundle may still hold (unwritten)
-# state of the same key (engine/elementmanager.go, stageState.splitBundle): two
-# bundles then update one key's state at once and one update is lost, with no
-# error. In a torture of this job it dropped a few events from a window in about
-# one backlog start in three. Runner-initiated splits are off for every stage
-# with this experiment; the Kafka reader still checkpoints itself.
-PRISM_NO_SPLITS_EXPERIMENT = "prism_disable_sdf_split"
-
-
 # Beam's portable client (Prism, job servers) opens a job's state and message
 # streams with --job_server_timeout as their deadline, 300 s by default: a live
 # job then fails after five minutes with DEADLINE_EXCEEDED ("Stream removed").
@@ -338,6 +328,16 @@ def runs_on_prism(options: PipelineOptions) -> bool:
     """Whether ``--runner`` names Prism."""
     runner = options.view_as(StandardOptions).runner
     return runner is not None and runner.lower() in ("prismrunner", "prism")
+
+
+# Prism 2.77 splits a slow bundle at an element and hands the rest to a new bundle,
+# releasing the rest's keys although the first bundle may still hold (unwritten)
+# state of the same key (engine/elementmanager.go, stageState.splitBundle): two
+# bundles then update one key's state at once and one update is lost, with no
+# error. In a torture of this job it dropped a few events from a window in about
+# one backlog start in three. Runner-initiated splits are off for every stage
+# with this experiment; the Kafka reader still checkpoints itself.
+PRISM_NO_SPLITS_EXPERIMENT = "prism_disable_sdf_split"
 
 
 def keep_prism_from_splitting(options: PipelineOptions) -> None:
@@ -400,8 +400,8 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
 
 
 def _cancel(result: beam.runners.runner.PipelineResult) -> bool:
-    """Cancels the pipeline; False when the runner is gone already: a Ctrl-C in a
-    terminal reaches Prism too (it runs in the job's process group), so there is
+    """Cancels the pipeline; False when the runner is gone already (a Ctrl-C in a
+    terminal reaches Prism too, and Beam stops the Prism it started), so there is
     nothing left to cancel or to ask for a summary."""
     import grpc
 
