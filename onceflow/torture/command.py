@@ -33,7 +33,10 @@ from onceflow.windowing import parse_duration_ms
 
 WINDOW_S, IDLE_TIMEOUT_S = 10, 10
 WARM_S = 20  # a stall waits until the job has run this long, so its memory is measured warm
-SESSION_WAIT_S = 60  # how long a connection kill waits for the job to open a sink session
+# How long a connection kill waits for the job to hold a sink session: while kills
+# come faster than a restart re-reads its rewind, the job writes nothing for minutes
+# (seen: 60 s was not enough in two 20-kill runs). Later faults wait their turn.
+SESSION_WAIT_S = 600
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
