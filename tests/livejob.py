@@ -12,12 +12,19 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from onceflow import devstack
 from onceflow.io.kafka_config import KafkaTopic
+from onceflow.options import SAMPLE_INPUT
 
 
 def new_topic(bootstrap, partitions=3):
     name = f"t-{uuid.uuid4().hex[:10]}"
     devstack.create_topic(name, partitions=partitions)
     return KafkaTopic(bootstrap, name)
+
+
+def sample_lines():
+    """The bundled sample's non-empty lines, as bytes."""
+    with open(SAMPLE_INPUT, "rb") as sample:
+        return [line for line in sample.read().split(b"\n") if line.strip()]
 
 
 def producer_for(topic):

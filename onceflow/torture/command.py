@@ -178,7 +178,8 @@ class TortureRun:
         self._latest: Optional[Sample] = None
         self.contract_flags = ["--key_fields=k", "--time_field=t", "--id_field=id", "--aggregate=count,sum:v",
                                f"--window={WINDOW_S}s", f"--allowed_lateness={args.allowed_lateness}"]
-        self.output_flags = [f"--sink={_with_table(setup.dsn, setup.table)}", f"--dlq={_with_table(setup.dsn, setup.table + '_dlq')}"]
+        self.output_flags = [f"--sink={_with_table(setup.dsn, setup.table)}",
+                             f"--dlq={_with_table(setup.dsn, setup.table + '_dlq')}"]
         self.input_url = f"kafka://{setup.bootstrap}/{setup.topic}"
         self.job = LiveJob([f"--input={self.input_url}", f"--kafka_group={setup.group}",
                             f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", f"--kafka_rewind_margin={args.rewind_margin}",

@@ -20,8 +20,9 @@ from onceflow.io.kafka_sink import read_topic_to_end, write_dead_letters_to_kafk
 from onceflow.io.kafka_source import (
     LIVE_END, PartitionSpan, PartitionsRestriction, ReadFromKafka, _PartitionsTracker, backlog, describe_topic,
 )
-from onceflow.options import SAMPLE_INPUT
-from tests.livejob import committed, counted_events, new_topic, produce, start_live_job, stop, wait_for
+from tests.livejob import (
+    committed, counted_events, new_topic, produce, sample_lines, start_live_job, stop, wait_for,
+)
 from tests.pipelines.reference import expected_from_partitions
 
 pytestmark = pytest.mark.kafka
@@ -128,7 +129,7 @@ def test_checked_by_backfill_of_a_three_partition_topic_equals_the_reference(kaf
     gives exactly the aggregates computed independently, and the DLQ holds exactly
     the bad records."""
     topic = new_topic(kafka_bootstrap)
-    lines = [line for line in open(SAMPLE_INPUT, "rb").read().split(b"\n") if line.strip()]
+    lines = sample_lines()
     produce(topic, [(n % 3, line, None) for n, line in enumerate(lines)])
     partitions = [[((p, offset), line) for offset, line in enumerate(lines[p::3])] for p in range(3)]
     expected_rows, expected_dead = expected_from_partitions(partitions, 60_000, 300_000)

@@ -8,10 +8,9 @@ import sqlite3
 import pytest
 
 from onceflow.io.dlq import read_dead_letters
-from onceflow.options import SAMPLE_INPUT
 from onceflow.pipelines import archive
 from onceflow.pipelines.aggregate import run
-from tests.livejob import new_topic, produce
+from tests.livejob import new_topic, produce, sample_lines
 from tests.pipelines.reference import expected_from_partitions
 
 pytestmark = pytest.mark.kafka
@@ -26,7 +25,7 @@ def digests(folder):
 @pytest.mark.parametrize("archive_format", ["avro", "parquet"])
 def test_archive_then_aggregate_equals_the_reference(kafka_bootstrap, tmp_path, archive_format):
     topic = new_topic(kafka_bootstrap)
-    lines = [line for line in open(SAMPLE_INPUT, "rb").read().split(b"\n") if line.strip()]
+    lines = sample_lines()
     # Record timestamps spread over two hours, so the archive has several hour folders.
     produce(topic, [(n % 3, line, BASE_MS + n * 2_000) for n, line in enumerate(lines)])
     folder = tmp_path / "archive"

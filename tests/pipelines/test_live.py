@@ -9,10 +9,9 @@ import time
 import pytest
 
 from onceflow.devstack.flink import cancel_running_jobs, streaming_job_flags
-from onceflow.options import SAMPLE_INPUT
 from onceflow.pipelines.aggregate import run
 from tests.livejob import (
-    committed, counted_events, new_topic, produce, producer_for, start_live_job, stop,
+    committed, counted_events, new_topic, produce, producer_for, sample_lines, start_live_job, stop,
     table_rows, wait_for,
 )
 
@@ -77,7 +76,7 @@ def test_live_run_equals_a_backfill_and_a_backfill_changes_nothing(kafka_bootstr
     second: identical (written_at aside); the backfill into the live table changes
     nothing."""
     topic = new_topic(kafka_bootstrap)
-    lines = [line for line in open(SAMPLE_INPUT, "rb").read().split(b"\n") if line.strip()]
+    lines = sample_lines()
     produce(topic, [(n % 3, line, None) for n, line in enumerate(lines)])
     backfill_db, live_db = tmp_path / "backfill.db", tmp_path / "live.db"
     backfill = [f"--input={topic.url}", "--from=earliest", "--to=latest", "--status=off"]
@@ -99,7 +98,6 @@ def test_live_run_equals_a_backfill_and_a_backfill_changes_nothing(kafka_bootstr
     assert summary.count("sink_rows_stale") == 0  # equal versions rewritten, none refused, none added
 
 
-
 @pytest.mark.flink
 def test_a_killed_clients_job_does_not_keep_running_on_flink(kafka_bootstrap, flink_job_endpoint, tmp_path):
     """A supervisor that SIGKILLs a client and cancels its job leaves nothing behind
@@ -108,7 +106,7 @@ def test_a_killed_clients_job_does_not_keep_running_on_flink(kafka_bootstrap, fl
     from onceflow.devstack.flink import flink_jobs
 
     topic = new_topic(kafka_bootstrap)
-    lines = [line for line in open(SAMPLE_INPUT, "rb").read().split(b"\n") if line.strip()]
+    lines = sample_lines()
     produce(topic, [(n % 3, line, None) for n, line in enumerate(lines)])
     db = tmp_path / "live.db"
     name = f"onceflow-test-{topic.topic}"
