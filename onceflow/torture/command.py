@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from onceflow.errors import ServiceError, UsageError
 from onceflow.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL, Fault, fault_schedule
@@ -171,6 +171,8 @@ class TortureRun:
         self.good_delivered = 0
         self.in_topic: List[Planned] = []
         self.missing_from_topic = 0
+        self.expected_rows: Dict[truth.RowKey, truth.Aggregates] = {}
+        self.expected_dead_letters: Dict[Tuple[int, int], str] = {}
         self._started_at_s = 0.0
         self._t0 = time.monotonic()
         self._done = threading.Event()
@@ -300,6 +302,10 @@ class TortureRun:
         records = [(partition, offset, value or b"") for partition, offset, _, value in
                    read_records_to_end(KafkaTopic(self.setup.bootstrap, self.setup.topic), timeout_s=600)]
         self.in_topic, self.missing_from_topic = truth.in_topic(self.ledger, records)
+        # Computed once: the catch-up loop compares every few seconds, and recomputing
+        # the truth over a million records each time took CPU from the job under test.
+        self.expected_rows = truth.expected_rows(self.in_topic, WINDOW_S * 1000)
+        self.expected_dead_letters = truth.expected_dead_letters(self.in_topic)
         self.say(f"the topic holds {len(self.in_topic)} records; planned but not in it: {self.missing_from_topic}")
 
     # -- faults ----------------------------------------------------------------------
@@ -398,8 +404,7 @@ class TortureRun:
 
     def _compare(self) -> truth.Comparison:
         rows, letters = self._found()
-        return truth.compare(truth.expected_rows(self.in_topic, WINDOW_S * 1000), rows,
-                             truth.expected_dead_letters(self.in_topic), letters)
+        return truth.compare(self.expected_rows, rows, self.expected_dead_letters, letters)
 
     def _wait_caught_up(self) -> truth.Comparison:
         deadline = time.monotonic() + self.args.catch_up_timeout
