@@ -135,6 +135,12 @@ class AggregateOptions(PipelineOptions):
             help="Comma-separated aggregates: count, sum:F, min:F, max:F, mean:F, first:F, "
                  "last:F; column names are count and FUNCTION_F (e.g. sum_qty). "
                  "Default: count,sum:qty,min:price,max:price,mean:price,last:price.")
+        group.add_argument(
+            "--shards", default="8",
+            help="How many shards the key space is split into for the aggregation: each batch "
+                 "of records is split by (shard, window) and each shard window keeps one state "
+                 "value. More shards spread the aggregation over more workers; fewer make larger "
+                 "sub-batches. Default: 8.")
 
 
 class OutputOptions(PipelineOptions):

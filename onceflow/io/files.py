@@ -1,9 +1,9 @@
-"""Reading raw records from JSONL and Avro files, keeping file and line."""
+"""Reading raw records from JSONL and Avro files in batches, keeping file and line."""
 
 from __future__ import annotations
 
 import io
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 import fastavro
@@ -11,7 +11,8 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from fastavro.schema import to_parsing_canonical_form
 
-from onceflow.events import EventContract, SourceRecord
+from onceflow.batches import FILE_LINES, FILE_RECORDS, RecordBatch, decode_values, high_waters
+from onceflow.events import EventContract
 
 
 def read_avro_writer_schema(path: str) -> dict:
@@ -20,28 +21,45 @@ def read_avro_writer_schema(path: str) -> dict:
         return dict(fastavro.reader(handle).writer_schema)
 
 
-class _ReadFileRecordsDoFn(beam.DoFn):
-    def __init__(self, contract: EventContract):
-        self._contract = contract
+BATCH_RECORDS = 10_000  # records per batch a file is read in
 
-    def process(self, readable: fileio.ReadableFile) -> Iterator[SourceRecord]:
+
+class _ReadFileBatchesDoFn(beam.DoFn):
+    def __init__(self, contract: EventContract, batch_records: int):
+        self._contract = contract
+        self._batch_records = batch_records
+
+    def process(self, readable: fileio.ReadableFile) -> Iterator[RecordBatch]:
         path = readable.metadata.path
         with readable.open(compression_type=CompressionTypes.AUTO) as handle:
             if self._contract.input_format == "avro":
-                yield from self._avro_records(path, handle)
+                slices = self._avro_records(path, handle)
+                origin = (FILE_RECORDS, path)
             else:
-                yield from self._json_lines(path, handle)
+                slices = self._json_lines(handle)
+                origin = (FILE_LINES, path)
+            high_water: Optional[int] = None
+            for positions, values in slices:
+                verdicts = decode_values(self._contract, values)
+                marks, high_water = high_waters(verdicts, high_water)
+                yield RecordBatch(origin, values, positions, marks, verdicts)
 
-    def _json_lines(self, path: str, handle) -> Iterator[SourceRecord]:
-        high_water: Optional[int] = None
+    def _json_lines(self, handle) -> Iterator[Tuple[List[int], List[bytes]]]:
+        positions: List[int] = []
+        values: List[bytes] = []
         for line_number, line in enumerate(iter(handle.readline, b""), start=1):
             raw = line.rstrip(b"\r\n") if line.endswith(b"\n") else line
             if not raw.strip():
                 continue  # a blank line is not a record
-            yield SourceRecord(raw, {"file": path, "line": line_number}, high_water)
-            high_water = _advance(high_water, self._contract.peek_event_time_ms(raw))
+            positions.append(line_number)
+            values.append(raw)
+            if len(values) >= self._batch_records:
+                yield positions, values
+                positions, values = [], []
+        if values:
+            yield positions, values
 
-    def _avro_records(self, path: str, handle) -> Iterator[SourceRecord]:
+    def _avro_records(self, path: str, handle) -> Iterator[Tuple[List[int], List[bytes]]]:
         reader = fastavro.reader(handle)
         expected = to_parsing_canonical_form(fastavro.parse_schema(dict(self._contract.avro_writer_schema)))
         found = to_parsing_canonical_form(fastavro.parse_schema(dict(reader.writer_schema)))
@@ -49,31 +67,54 @@ class _ReadFileRecordsDoFn(beam.DoFn):
             raise ValueError(f"{path} has a different Avro schema from the first input file; "
                              "read files of one schema per run")
         parsed = fastavro.parse_schema(dict(reader.writer_schema))
-        high_water: Optional[int] = None
+        positions: List[int] = []
+        values: List[bytes] = []
         for number, datum in enumerate(reader, start=1):
             buffer = io.BytesIO()
             fastavro.schemaless_writer(buffer, parsed, datum)  # the exact datum bytes
-            raw = buffer.getvalue()
-            yield SourceRecord(raw, {"file": path, "record": number}, high_water)
-            high_water = _advance(high_water, self._contract.peek_event_time_ms(raw))
+            positions.append(number)
+            values.append(buffer.getvalue())
+            if len(values) >= self._batch_records:
+                yield positions, values
+                positions, values = [], []
+        if values:
+            yield positions, values
 
 
-def _advance(high_water: Optional[int], event_time_ms: Optional[int]) -> Optional[int]:
-    if event_time_ms is None:
-        return high_water
-    return event_time_ms if high_water is None else max(high_water, event_time_ms)
+class ReadRecordBatchesFromFiles(beam.PTransform):
+    """Reads JSON-lines or Avro container files matching a pattern, in batches.
+
+    Output: bounded ``PCollection[RecordBatch]``: consecutive records of one file
+    (at most ``batch_records``), each with its exact bytes (a JSON line without its
+    line break; for Avro, the datum's binary encoding), its line (Avro: record)
+    number, the contract's verdict, and the file's high water before it (the
+    greatest valid event time on earlier lines of the same file, which the
+    lateness rule compares against). Blank lines are skipped. Compressed files
+    (.gz, .bz2) are read transparently. A pattern that matches nothing fails the
+    pipeline.
+    """
+
+    def __init__(self, file_pattern: str, contract: EventContract, batch_records: int = BATCH_RECORDS):
+        super().__init__()
+        if batch_records < 1:
+            raise ValueError("a batch holds at least one record")
+        self._pattern = file_pattern
+        self._contract = contract
+        self._batch_records = batch_records
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "MatchFiles" >> fileio.MatchFiles(self._pattern)
+            | "OpenFiles" >> fileio.ReadMatches()
+            | "ReadBatches" >> beam.ParDo(_ReadFileBatchesDoFn(self._contract, self._batch_records))
+        )
 
 
 class ReadRecordsFromFiles(beam.PTransform):
-    """Reads JSON-lines or Avro container files matching a pattern.
-
-    Output: bounded ``PCollection[SourceRecord]``: each record's exact bytes (a JSON
-    line without its line break; for Avro, the datum's binary encoding), its source
-    ``{"file": path, "line": n}`` (Avro: ``"record": n``), and the file's high water
-    (the greatest event time on earlier lines of the same file, which the lateness
-    rule compares against). Blank lines are skipped. Compressed files (.gz, .bz2)
-    are read transparently. A pattern that matches nothing fails the pipeline.
-    """
+    """:class:`ReadRecordBatchesFromFiles` one record at a time: a bounded
+    ``PCollection[SourceRecord]`` with sources ``{"file": path, "line": n}`` (Avro:
+    ``"record": n``) and the file's high water before each record."""
 
     def __init__(self, file_pattern: str, contract: EventContract):
         super().__init__()
@@ -83,7 +124,6 @@ class ReadRecordsFromFiles(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (
             pbegin
-            | "MatchFiles" >> fileio.MatchFiles(self._pattern)
-            | "OpenFiles" >> fileio.ReadMatches()
-            | "ReadRecords" >> beam.ParDo(_ReadFileRecordsDoFn(self._contract))
+            | "ReadBatches" >> ReadRecordBatchesFromFiles(self._pattern, self._contract)
+            | "ToRecords" >> beam.FlatMap(RecordBatch.records)
         )

@@ -8,7 +8,6 @@ bundle finalization, the backlog of each restriction is reported. See
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
@@ -23,16 +22,17 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from onceflow import metrics
-from onceflow.events import EventContract, SourceRecord
+from onceflow.batches import KAFKA, RecordBatch, decode_values, high_waters
+from onceflow.events import EventContract
 from onceflow.io.kafka_config import KafkaReadConfig, Position, redact
 
 _LOGGER = logging.getLogger(__name__)
 
 LIVE_END = 2**63 - 1  # the stop offset of a live (unbounded) restriction
-_MAX_RECORDS_PER_BUNDLE = 5000
+_MAX_RECORDS_PER_BUNDLE = 50_000
 _MAX_SECONDS_PER_BUNDLE = 2.0
 _POLL_INTERVAL_S = 0.5
-_CONSUME_BATCH = 500
+_CONSUME_BATCH = 5000  # at most this many records per poll, so per batch
 _CONSUME_TIMEOUT_S = 0.2
 _METADATA_TIMEOUT_S = 10.0
 _DISCOVERY_INTERVAL_S = 10.0
@@ -190,6 +190,7 @@ class _PartitionsTracker(RestrictionTracker):
         self._high_water = {s.partition: s.high_water_ms for s in restriction.spans}
         self._stops = {s.partition: s.stop for s in restriction.spans}
         self._done: set = set()
+        self._finish_after: Dict[int, int] = {}
         self._checkpointed = False
         self.end_offsets: Dict[int, int] = {}  # latest end offsets seen, for the backlog
 
@@ -208,6 +209,8 @@ class _PartitionsTracker(RestrictionTracker):
             self._done.add(partition)
             return False
         self._next[partition] = offset + 1
+        if self._finish_after.get(partition) == offset:
+            self._done.add(partition)
         return True
 
     def try_split(self, fraction_of_remainder):
@@ -258,6 +261,17 @@ class _PartitionsTracker(RestrictionTracker):
 
     def open_partitions(self) -> List[int]:
         return [p for p, stop in self._stops.items() if p not in self._done and self._next[p] < stop]
+
+    def stop(self, partition: int) -> int:
+        return self._stops[partition]
+
+    def finish_after(self, partition: int, last_offset: Optional[int]) -> None:
+        """The partition's stop lies right after ``last_offset`` (None: nothing more
+        before it): it is done once that offset is claimed."""
+        if last_offset is None:
+            self._done.add(partition)
+        else:
+            self._finish_after[partition] = last_offset
 
     def finish(self, partition: int) -> None:
         """The partition reached its stop (offset gaps included: control records)."""
@@ -335,20 +349,6 @@ def _inner_tracker(tracker, expected: type = _PartitionsTracker):
 
 
 # -- reading -------------------------------------------------------------------------
-
-
-def _source_of(message) -> Dict[str, Any]:
-    key = message.key()
-    headers = message.headers() or []
-    return {
-        "topic": message.topic(),
-        "partition": message.partition(),
-        "offset": message.offset(),
-        "timestamp_ms": message.timestamp()[1],
-        "key": None if key is None else base64.b64encode(key).decode("ascii"),
-        "headers": [[name, None if value is None else base64.b64encode(value).decode("ascii")]
-                    for name, value in headers],
-    }
 
 
 class _CommitOffsets:
@@ -461,15 +461,23 @@ class _ReadPartitionsDoFn(beam.DoFn):
                         return  # a bounded read is complete
                     tracker.defer_remainder(Duration(seconds=_POLL_INTERVAL_S))
                     return
+                by_partition: Dict[int, list] = {}
                 for message in messages:
                     error = message.error()
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
                             continue
                         raise RuntimeError(f"Kafka error reading {topic}: {error.str()}")
-                    partition, offset = message.partition(), message.offset()
-                    high_water = inner.high_water(partition)
-                    if not tracker.try_claim((partition, offset)):
+                    by_partition.setdefault(message.partition(), []).append(message)
+                for partition, run in by_partition.items():
+                    stop = inner.stop(partition)
+                    if run[-1].offset() >= stop:  # a bounded partition's stop lies in this run
+                        run = [message for message in run if message.offset() < stop]
+                        consumer.pause([TopicPartition(topic, partition)])
+                        inner.finish_after(partition, run[-1].offset() if run else None)
+                    if not run:
+                        continue
+                    if not tracker.try_claim((partition, run[-1].offset())):
                         if inner.checkpointed():
                             # The runner took the rest mid-batch: this consumer has fetched
                             # past the residual's start, so re-position it before reuse.
@@ -478,15 +486,11 @@ class _ReadPartitionsDoFn(beam.DoFn):
                         consumer.pause([TopicPartition(topic, partition)])  # past its stop: done
                         continue
                     read_any = True
-                    self._positions[key][partition] = offset + 1
-                    raw = message.value() or b""
-                    event_time = self._event_time_ms(raw, message)
-                    emit_ms = event_time if event_time is not None else (high_water or message.timestamp()[1])
-                    yield TimestampedValue(SourceRecord(raw, _source_of(message), high_water),
-                                           Timestamp(micros=emit_ms * 1000))
-                    inner.observe(partition, event_time)
+                    self._positions[key][partition] = run[-1].offset() + 1
+                    batch = self._batch(topic, partition, run, inner)
+                    yield TimestampedValue(batch, Timestamp(micros=self._batch_time_ms(batch, inner) * 1000))
                     self._last_data_at[partition] = time.monotonic()
-                    emitted += 1
+                    emitted += len(run)
                 _advance_watermark(watermark, inner.watermark_ms())
                 if not inner.open_partitions():
                     return
@@ -504,11 +508,36 @@ class _ReadPartitionsDoFn(beam.DoFn):
             elif self._finalize_every_bundle:
                 bundle_finalizer.register(_nothing_to_commit)
 
-    def _event_time_ms(self, raw: bytes, message) -> Optional[int]:
-        if self._config.time_source == "record" or self._contract is None:
-            kind, millis = message.timestamp()
-            return millis if kind != 0 and millis >= 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
-        return self._contract.peek_event_time_ms(raw)
+    def _batch(self, topic: str, partition: int, run: list, inner: "_PartitionsTracker") -> RecordBatch:
+        """One partition's consecutive records as a batch, decoded; moves the
+        partition's high water past them."""
+        values = [message.value() or b"" for message in run]
+        timestamps = [message.timestamp()[1] for message in run]
+        verdicts = decode_values(self._contract, values) if self._contract is not None else None
+        if self._config.time_source == "record" or verdicts is None:
+            event_times = [stamp if kind != 0 and stamp >= 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
+                           for kind, stamp in (message.timestamp() for message in run)]
+            marks, high = _running_high_water(event_times, inner.high_water(partition))
+        else:
+            marks, high = high_waters(verdicts, inner.high_water(partition))
+        inner.observe(partition, high)
+        return RecordBatch(
+            origin=(KAFKA, topic, partition),
+            values=values,
+            positions=[message.offset() for message in run],
+            high_waters=marks,
+            verdicts=verdicts,
+            timestamps=timestamps,
+            keys=[message.key() for message in run],
+            headers=[message.headers() for message in run],
+        )
+
+    @staticmethod
+    def _batch_time_ms(batch: RecordBatch, inner: "_PartitionsTracker") -> int:
+        """The batch's element timestamp: its partition's high water after it (never
+        behind the reader's watermark), else its last record's Kafka timestamp."""
+        high = inner.high_water(batch.origin[2])
+        return high if high is not None else max(batch.timestamps[-1], 0)
 
     def _refresh_backlog(self, consumer, topic: str, inner: _PartitionsTracker) -> None:
         from confluent_kafka import KafkaException, TopicPartition
@@ -547,6 +576,17 @@ class _ReadPartitionsDoFn(beam.DoFn):
             if end is None or inner.next_offsets()[partition] < end or now - last < self._idle_timeout_s:
                 continue
             inner.observe(partition, idle_mark)
+
+
+def _running_high_water(event_times: List[Optional[int]], start: Optional[int]):
+    """Each record's high water and the one after the last, from event times."""
+    marks: List[Optional[int]] = []
+    high = start
+    for millis in event_times:
+        marks.append(high)
+        if millis is not None and (high is None or millis > high):
+            high = millis
+    return marks, high
 
 
 def _advance_watermark(watermark, millis: Optional[int]) -> None:
@@ -646,8 +686,14 @@ class _DiscoverLivePartitionsDoFn(beam.DoFn):
         tracker.defer_remainder(Duration(seconds=_DISCOVERY_INTERVAL_S))
 
 
-class ReadFromKafka(beam.PTransform):
-    """Reads raw records from a Kafka topic as ``PCollection[SourceRecord]``.
+class ReadBatchesFromKafka(beam.PTransform):
+    """Reads raw records from a Kafka topic as ``PCollection[RecordBatch]``.
+
+    Each poll gives one :class:`~onceflow.batches.RecordBatch` per partition it
+    read (at most 5,000 records): consecutive records of that partition, decoded
+    with ``contract`` when given (readers decode: the lateness rule's high water
+    moves only on valid events). :class:`ReadFromKafka` gives the same records one
+    at a time.
 
     Live (``config.stop is None``): an unbounded PCollection. Each partition starts
     at the consumer group's committed offset, or where ``config.start_fallback``
@@ -661,8 +707,9 @@ class ReadFromKafka(beam.PTransform):
     every partition reaches its stop; empty partitions and ranges are fine.
 
     Each record keeps its exact bytes and ``source`` = topic, partition, offset,
-    timestamp_ms, key and headers (base64). Element timestamps are event times
-    (``config.time_source``: the contract's time field, or the Kafka timestamp).
+    timestamp_ms, key and headers (base64). Event times come from
+    ``config.time_source``: the contract's time field, or the Kafka timestamp; a
+    batch's element timestamp is its partition's high water after it.
     Each partition's watermark is the greatest event time read from it (the high
     water each record carries for the lateness rule); a caught-up live partition
     idle for ``idle_timeout_s`` advances to ``now - idle_timeout_s`` rather than
@@ -720,3 +767,29 @@ class ReadFromKafka(beam.PTransform):
             reader = _ReadLivePartitionsDoFn(self._config, self._contract, self._idle_timeout_s,
                                              self._finalize_every_bundle)
         return reads | "ReadPartitions" >> beam.ParDo(reader)
+
+
+class ReadFromKafka(beam.PTransform):
+    """:class:`ReadBatchesFromKafka` one record at a time: ``PCollection[SourceRecord]``
+    with each record's source and high water, timestamped with its event time (or,
+    for a record that is not a valid event, its high water or Kafka timestamp).
+    Same arguments and guarantees."""
+
+    def __init__(self, config: KafkaReadConfig, contract: Optional[EventContract] = None,
+                 idle_timeout_s: float = 30.0, readers: int = 1, finalize_every_bundle: bool = False):
+        super().__init__()
+        self._batches = ReadBatchesFromKafka(config, contract, idle_timeout_s, readers, finalize_every_bundle)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return pbegin | "ReadBatches" >> self._batches | "ToRecords" >> beam.FlatMap(_timestamped_records)
+
+
+def _timestamped_records(batch: RecordBatch) -> Iterator[TimestampedValue]:
+    for index in range(len(batch.values)):
+        verdict = batch.verdicts[index] if batch.verdicts is not None else None
+        millis = getattr(verdict, "event_time_ms", None)
+        if millis is None:
+            millis = batch.high_waters[index]
+        if millis is None:
+            millis = batch.timestamps[index]
+        yield TimestampedValue(batch.record(index), Timestamp(micros=millis * 1000))

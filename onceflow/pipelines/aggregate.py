@@ -26,11 +26,11 @@ from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.events import EventContract, format_utc_ms
 from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
-from onceflow.io.files import ReadRecordsFromFiles, read_avro_writer_schema
+from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
 from onceflow.io.kafka_config import (
     COMMITTED, EARLIEST, KafkaReadConfig, is_kafka_url, parse_client_settings, parse_kafka_url, parse_position,
 )
-from onceflow.io.kafka_source import ReadFromKafka, describe_topic, resolve_partition_reads
+from onceflow.io.kafka_source import ReadBatchesFromKafka, describe_topic, resolve_partition_reads
 from onceflow.io.sinks import SinkTarget, WriteRows, last_window_end, parse_sink_url, prepare_sink
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
@@ -39,7 +39,8 @@ from onceflow.options import (
 )
 from onceflow.pipelines.summary import RunSummary, collect_summary
 from onceflow.rows import RowSchema
-from onceflow.transforms import ParseEvents, WindowedAggregate
+from onceflow.transforms import AggregateBatches, BatchRecords
+from onceflow.transforms.batched import DEFAULT_SHARDS
 from onceflow.versions import ONCEFLOW_VERSION
 from onceflow.windowing import WindowSpec, parse_duration_ms
 
@@ -62,6 +63,7 @@ class AggregateJob:
     from_archive: bool = False  # --input is an archive folder (onceflow.pipelines.archive)
     kafka_idle_timeout_ms: int = 30_000
     kafka_rewind_margin_ms: int = 300_000
+    shards: int = DEFAULT_SHARDS
 
     @property
     def row_schema(self) -> RowSchema:
@@ -195,6 +197,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         dlq=dlq,
         early_firing_ms=early_ms,
         sink_batch_size=positive_int(output.sink_batch_size, "--sink_batch_size"),
+        shards=positive_int(options.view_as(AggregateOptions).shards, "--shards"),
     )
 
 
@@ -231,31 +234,32 @@ def _first_avro_schema(pattern: str) -> dict:
         raise UsageError(f"--input: cannot read an Avro header from {pattern!r}: {error}") from None
 
 
-def aggregate_events(records: beam.PCollection, job: AggregateJob) -> AggregateOutputs:
-    """The transforms of the job, from raw records to rows and dead letters.
+def aggregate_events(batches: beam.PCollection, job: AggregateJob) -> AggregateOutputs:
+    """The transforms of the job, from record batches to rows and dead letters.
 
-    Shared by every source (files now; Kafka and archives use the same steps), so
-    live runs, backfills and replays compute the same rows.
+    Shared by every source (files, Kafka, archives), so live runs, backfills and
+    replays compute the same rows.
     """
-    parsed = records | "ParseEvents" >> ParseEvents(job.contract)
-    aggregated = parsed.events | "WindowedAggregate" >> WindowedAggregate(
+    aggregated = batches | "AggregateBatches" >> AggregateBatches(
         job.contract.key_fields, job.window_spec, job.aggregates, early_firing_ms=job.early_firing_ms,
+        shards=job.shards,
     )
-    dead_letters = (parsed.dead_letters, aggregated.dead_letters) | "AllDeadLetters" >> beam.Flatten()
-    return AggregateOutputs(aggregated.rows, dead_letters)
+    return AggregateOutputs(aggregated.rows, aggregated.dead_letters)
 
 
 def build(pipeline: beam.Pipeline, job: AggregateJob) -> AggregateOutputs:
     """Adds the whole job (read, transform, write) to ``pipeline``."""
     if job.kafka is not None:
-        records = pipeline | "ReadKafka" >> ReadFromKafka(
+        batches = pipeline | "ReadKafka" >> ReadBatchesFromKafka(
             job.kafka, job.contract, idle_timeout_s=job.kafka_idle_timeout_ms / 1000,
             finalize_every_bundle=runs_on_prism(pipeline.options))
     elif job.from_archive:
-        records = pipeline | "ReadArchive" >> ReadArchive(job.input_pattern, job.contract)
+        batches = (pipeline
+                   | "ReadArchive" >> ReadArchive(job.input_pattern, job.contract)
+                   | "BatchRecords" >> BatchRecords(job.contract))
     else:
-        records = pipeline | "ReadFiles" >> ReadRecordsFromFiles(job.input_pattern, job.contract)
-    outputs = aggregate_events(records, job)
+        batches = pipeline | "ReadFiles" >> ReadRecordBatchesFromFiles(job.input_pattern, job.contract)
+    outputs = aggregate_events(batches, job)
     outputs.rows | "WriteRows" >> WriteRows(job.sink, job.row_schema, job.sink_batch_size)
     outputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
         job.dlq, PIPELINE_NAME, ONCEFLOW_VERSION)

@@ -16,7 +16,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation
 from onceflow.deadletter import DeadLetter
-from onceflow.events import REASON_TOO_LATE, Event, format_utc_ms
+from onceflow.events import REASON_TOO_LATE, Event, SourceRecord, format_utc_ms
 from onceflow.rows import WINDOW_END, WINDOW_START
 from onceflow.transforms.dedup import DedupByEventId
 from onceflow.windowing import WindowSpec, format_duration_ms
@@ -45,18 +45,24 @@ class _RejectTooLateDoFn(beam.DoFn):
         high_water_ms = event.record.high_water_ms
         if self._spec.is_too_late(event.event_time_ms, high_water_ms):
             self._too_late.inc()
-            closed_at = self._spec.earliest_window_end(event.event_time_ms) + self._spec.allowed_lateness_ms
-            yield pvalue.TaggedOutput(_TOO_LATE, DeadLetter(
-                event.record, STAGE, REASON_TOO_LATE, "TooLate",
-                f"event time {format_utc_ms(event.event_time_ms)} falls in a window that closed at "
-                f"{format_utc_ms(closed_at)} (window end + allowed lateness "
-                f"{format_duration_ms(self._spec.allowed_lateness_ms)}); the source had already "
-                f"reached {format_utc_ms(high_water_ms)}",
-                event.event_id, event.event_time_ms,
-            ))
+            yield pvalue.TaggedOutput(_TOO_LATE, too_late_letter(
+                self._spec, event.record, event.event_id, event.event_time_ms))
             return
         self._timely.inc()
         yield window.TimestampedValue(event, event.event_time_ms / 1000.0)
+
+
+def too_late_letter(spec: WindowSpec, record: SourceRecord, event_id: str, event_time_ms: int) -> DeadLetter:
+    """The dead letter of an event the lateness rule refuses (see :mod:`onceflow.windowing`)."""
+    closed_at = spec.earliest_window_end(event_time_ms) + spec.allowed_lateness_ms
+    return DeadLetter(
+        record, STAGE, REASON_TOO_LATE, "TooLate",
+        f"event time {format_utc_ms(event_time_ms)} falls in a window that closed at "
+        f"{format_utc_ms(closed_at)} (window end + allowed lateness "
+        f"{format_duration_ms(spec.allowed_lateness_ms)}); the source had already "
+        f"reached {format_utc_ms(record.high_water_ms)}",
+        event_id, event_time_ms,
+    )
 
 
 class _AggregateCombineFn(beam.CombineFn):
