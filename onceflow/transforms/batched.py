@@ -318,7 +318,7 @@ class AggregateBatches(beam.PTransform):
                 | "AggregatePerShardWindow" >> beam.ParDo(_AggregateShardWindowDoFn(self._aggregates))
             )
         else:
-            columns = split.sub_batches | "AccumulatePerShardWindow" >> beam.ParDo(_AccumulateShardWindowsDoFn(
+            columns = split.sub_batches | "AggregatePerShardWindow" >> beam.ParDo(_AccumulateShardWindowsDoFn(
                 self._aggregates, self._spec.allowed_lateness_ms, self._early_firing_ms))
         rows = columns | "ToRows" >> beam.ParDo(_KeyAndWindowToRowDoFn(self._key_fields))
         return Aggregated(rows=rows, dead_letters=split[_DEAD_LETTERS])
