@@ -245,9 +245,32 @@ def decode_json_object(raw: bytes) -> Dict[str, Any]:
                           "JSONDecodeError") from None
     except ValueError as error:  # e.g. an integer with more digits than Python converts
         raise RecordError(REASON_MALFORMED_JSON, f"malformed JSON: {error}"[:200], "ValueError") from None
+    if "\\u" in text and _has_lone_surrogate(obj):
+        raise RecordError(REASON_MALFORMED_JSON, "malformed JSON: a string holds a lone surrogate escape (\\ud800 "
+                          "to \\udfff without its pair), which is not Unicode text", "LoneSurrogate")
     if not isinstance(obj, dict):
         raise RecordError(REASON_NOT_AN_OBJECT, f"expected a JSON object, got {_json_kind(obj)}", "NotAnObject")
     return obj
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in a decoded JSON value (keys included) cannot be
+    encoded as UTF-8: JSON's \\u escapes can spell half a surrogate pair, and no
+    sink, coder or DLQ tool can carry such text."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def _decode_avro(raw: bytes, writer_schema: Any) -> Dict[str, Any]:

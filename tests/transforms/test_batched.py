@@ -1,0 +1,197 @@
+"""AggregateBatches against the per-event transforms: the same rows and dead
+letters, bit for bit, on one input full of duplicates, garbage and late events."""
+
+import json
+import random
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.utils.timestamp import Timestamp
+
+from onceflow.aggregates import parse_aggregates
+from onceflow.batches import SOURCES, RecordBatch, decode_values, high_waters
+from onceflow.events import EventContract, SourceRecord
+from onceflow.transforms import AggregateBatches, BatchRecords, ParseEvents, WindowedAggregate
+from onceflow.windowing import WindowSpec
+
+SPECS = parse_aggregates("count,sum:v,sum:w,min:v,max:w,mean:w,first:v,last:w")
+CONTRACT = EventContract(time_field="t", key_fields=("k", "r"), value_fields=("v", "w"), id_field="id")
+MINUTE = 60_000
+START = 1_793_610_000_000
+
+GARBAGE = [
+    b"", b"not json", b"[1, 2]", b'"text"', b"\xff\xfe", b'{"id": "x", "t": NaN, "k": "a", "r": 1, "v": 1, "w": 1}',
+    b'{"id": "x", "t": 1e400}', b'{"id": "x"}', b'{"id": "x", "t": "yesterday", "k": "a", "r": 1, "v": 1, "w": 1}',
+    b'{"id": "x", "t": 5, "k": true, "r": 1, "v": 1, "w": 1}', b'{"id": 1.5, "t": 5, "k": "a", "r": 1, "v": 1, "w": 1}',
+    b'{"id": "big", "t": 5, "k": "a", "r": 1, "v": 123456789012345678901234567890, "w": 1}',
+    b'{"id": "", "t": 5, "k": "a", "r": 1, "v": 1, "w": 2.5}', b'{"t": 7, "k": "a", "r": 2, "v": 3, "w": 0.1}',
+    b'{"id": "\\ud800", "t": 5, "k": "a", "r": 1, "v": 1, "w": 1}', b"[" * 5000 + b"]" * 5000,
+]
+
+
+def stream(seed: int, events: int = 3000, partitions: int = 3):
+    """Records of ``partitions`` partitions, each in log order with the high water
+    a reader gives: rising event times with jitter, late and too-late events,
+    re-sends, garbage, ints and floats, two key fields."""
+    rng = random.Random(seed)
+    per_partition = [[] for _ in range(partitions)]
+    moment = START
+    for n in range(events):
+        moment += rng.randint(0, 300)
+        partition = rng.randrange(partitions)
+        roll = rng.random()
+        if roll < 0.03:
+            raw = rng.choice(GARBAGE)
+        else:
+            late = moment - rng.choice([0, 0, 0, 30_000, 90_000, 400_000]) if roll < 0.2 else moment
+            body = {"id": f"e{n}", "t": late if rng.random() < 0.7 else _iso(late), "k": f"k{rng.randrange(7)}",
+                    "r": rng.randrange(3), "v": rng.randint(-5, 50),
+                    "w": rng.choice([rng.randint(0, 9), round(rng.uniform(-1, 1), 3), 1e-17, 1e17])}
+            raw = json.dumps(body).encode()
+        per_partition[partition].append(raw)
+        if rng.random() < 0.05:  # an exact re-send, maybe to another partition
+            per_partition[rng.randrange(partitions)].append(raw)
+    return per_partition
+
+
+def _iso(millis: int) -> str:
+    import datetime
+
+    moment = datetime.datetime.fromtimestamp(millis / 1000, tz=datetime.timezone(datetime.timedelta(hours=2)))
+    return moment.isoformat(timespec="milliseconds")
+
+
+def batches_of(per_partition, size: int):
+    """Each partition cut into batches of ``size`` records, high waters carried over."""
+    batches = []
+    for partition, values in enumerate(per_partition):
+        high = None
+        for begin in range(0, len(values), size):
+            chunk = values[begin:begin + size]
+            verdicts = decode_values(CONTRACT, chunk)
+            marks, high = high_waters(verdicts, high)
+            sources = [{"partition": partition, "offset": begin + i} for i in range(len(chunk))]
+            batches.append(RecordBatch((SOURCES,), chunk, list(range(len(chunk))), marks, verdicts,
+                                       sources=sources))
+    return batches
+
+
+def records_of(batches):
+    return [record for batch in batches for record in batch.records()]
+
+
+def letter_key(letter):
+    return (json.dumps(dict(letter.record.source), sort_keys=True), letter.record.value, letter.record.high_water_ms,
+            letter.stage, letter.reason, letter.error_class, letter.message, letter.event_id, letter.event_time_ms)
+
+
+def run_both(batches, spec):
+    with TestPipeline() as pipeline:
+        per_event = pipeline | "Records" >> beam.Create(records_of(batches))
+        parsed = per_event | ParseEvents(CONTRACT)
+        aggregated = parsed.events | WindowedAggregate(("k", "r"), spec, SPECS)
+        batched = (pipeline | "Batches" >> beam.Create(batches)
+                   | "Batched" >> AggregateBatches(("k", "r"), spec, SPECS, shards=3))
+        expected_rows = aggregated.rows | "SortRowsA" >> beam.combiners.ToList()
+        expected_letters = ((parsed.dead_letters, aggregated.dead_letters) | "AllA" >> beam.Flatten()
+                            | "KeyA" >> beam.Map(letter_key) | "ListA" >> beam.combiners.ToList())
+        rows = batched.rows | "SortRowsB" >> beam.combiners.ToList()
+        letters = batched.dead_letters | "KeyB" >> beam.Map(letter_key) | "ListB" >> beam.combiners.ToList()
+        both = ((expected_rows | "TagA" >> beam.Map(lambda r: ("rows", 0, r)),
+                 rows | "TagB" >> beam.Map(lambda r: ("rows", 1, r)),
+                 expected_letters | "TagC" >> beam.Map(lambda r: ("letters", 0, r)),
+                 letters | "TagD" >> beam.Map(lambda r: ("letters", 1, r))) | beam.Flatten()
+                | beam.Map(lambda t: (t[0], (t[1], t[2]))) | beam.GroupByKey() | beam.Map(_same))
+        assert_that(both, equal_to([("letters", True), ("rows", True)]))
+
+
+def _row_key(row):
+    return json.dumps(row, sort_keys=True)  # ints and floats spell differently: bit for bit
+
+
+def _same(element):
+    name, sides = element
+    by_side = dict(sides)
+    first = sorted(map(_row_key, by_side[0])) if name == "rows" else sorted(by_side[0], key=repr)
+    second = sorted(map(_row_key, by_side[1])) if name == "rows" else sorted(by_side[1], key=repr)
+    if first != second:
+        print(f"{name} differ: {len(first)} vs {len(second)}; first only: {[x for x in first if x not in second][:3]}; "
+              f"second only: {[x for x in second if x not in first][:3]}")
+    assert first, f"no {name}: the comparison would prove nothing"
+    return name, first == second
+
+
+@pytest.mark.parametrize("seed,spec,size", [
+    (1, WindowSpec(MINUTE, None, 120_000), 250),
+    (2, WindowSpec(MINUTE, None, 0), 1000),
+    (3, WindowSpec(5 * MINUTE, MINUTE, 60_000), 97),
+    (4, WindowSpec(MINUTE, None, 300_000), 1),
+])
+def test_batched_and_per_event_paths_agree_bit_for_bit(seed, spec, size):
+    run_both(batches_of(stream(seed), size), spec)
+
+
+def test_exact_resends_are_counted_once_across_batches_and_partitions():
+    raw = json.dumps({"id": "e1", "t": START, "k": "a", "r": 1, "v": 5, "w": 0.5}).encode()
+    other = json.dumps({"id": "e2", "t": START + 1, "k": "a", "r": 1, "v": 1, "w": 0.25}).encode()
+    batches = batches_of([[raw, other, raw], [raw], [raw, raw]], size=1)
+    with TestPipeline() as pipeline:
+        out = pipeline | beam.Create(batches) | AggregateBatches(("k", "r"), WindowSpec(MINUTE), SPECS)
+        window = START - START % MINUTE
+        assert_that(out.rows, equal_to([{
+            "k": "a", "r": "1", "window_start": window, "window_end": window + MINUTE, "event_count": 2,
+            "count": 2, "sum_v": 6, "sum_w": 0.75, "min_v": 1, "max_w": 0.5, "mean_w": 0.375, "first_v": 5,
+            "last_w": 0.25}]))
+
+
+def test_unbounded_panes_end_at_the_per_event_rows(tmp_path):
+    """Streaming: on-time and late panes from state and timers; the last pane of
+    each key and window equals the per-event path's row."""
+    batches = batches_of(stream(5, events=600, partitions=1), 50)
+    spec = WindowSpec(MINUTE, None, 120_000)
+    test_stream = TestStream()
+    for batch in batches:
+        known = [m for m in batch.high_waters if m is not None]
+        stamp = max(known) if known else START
+        test_stream = test_stream.add_elements([batch], event_timestamp=Timestamp(micros=stamp * 1000))
+        test_stream = test_stream.advance_watermark_to(Timestamp(micros=(stamp - 1) * 1000))
+    # Past every window end + lateness, then the end of input (the direct runner
+    # fires no event-time timer on the jump to infinity alone).
+    test_stream = test_stream.advance_watermark_to(Timestamp(micros=(stamp + 3_600_000) * 1000))
+    test_stream = test_stream.advance_watermark_to_infinity()
+    with TestPipeline(options=PipelineOptions(streaming=True)) as pipeline:
+        out = pipeline | test_stream | AggregateBatches(("k", "r"), spec, SPECS, shards=2)
+        expected = sorted(_per_event_rows(batches, spec, tmp_path))
+
+        def last_panes_match(rows):
+            last = {}
+            for row in rows:
+                key = (row["k"], row["r"], row["window_start"])
+                if key not in last or row["event_count"] > last[key]["event_count"]:
+                    last[key] = row
+            assert sorted(map(_row_key, last.values())) == expected
+
+        assert_that(out.rows, last_panes_match)
+
+
+def _per_event_rows(batches, spec, folder):
+    with TestPipeline() as pipeline:
+        parsed = pipeline | beam.Create(records_of(batches)) | ParseEvents(CONTRACT)
+        rows = (parsed.events | WindowedAggregate(("k", "r"), spec, SPECS)).rows
+        rows | beam.Map(_row_key) | beam.io.WriteToText(str(folder / "rows"))
+    collected = [line.rstrip("\n") for path in folder.glob("rows*") for line in path.open()]
+    assert collected, "the per-event path gave no rows"
+    return collected
+
+
+def test_batch_records_turns_records_into_decoded_batches():
+    records = [SourceRecord(b'{"id": "1", "t": 5, "k": "a", "r": 1, "v": 1, "w": 1}', {"line": 1}, None),
+               SourceRecord(b"garbage", {"line": 2}, 5)]
+    with TestPipeline() as pipeline:
+        batches = pipeline | beam.Create(records) | BatchRecords(CONTRACT)
+        assert_that(batches | beam.FlatMap(lambda b: [(r, type(v).__name__) for r, v in zip(b.records(), b.verdicts)]),
+                    equal_to([(records[0], "Decoded"), (records[1], "Refusal")]))
