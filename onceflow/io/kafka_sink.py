@@ -30,7 +30,7 @@ import apache_beam as beam
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter, to_envelope, to_json_line
 from onceflow.events import format_utc_ms
-from onceflow.io.kafka_config import KafkaTopic, redact
+from onceflow.io.kafka_config import KafkaTopic, check_guarded_settings, redact
 from onceflow.rows import EVENT_COUNT, RowSchema
 
 _LOGGER = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class WriteToKafka(beam.PTransform):
                  settings: Optional[Mapping[str, str]] = None, counter_name: str = metrics.SINK_ROWS_WRITTEN,
                  fn: Optional[beam.DoFn] = None):
         super().__init__()
+        check_guarded_settings(settings or {}, "Kafka producer settings")
         self._fn = fn or _ProduceDoFn(topic, to_message, settings or {}, counter_name)
 
     def expand(self, elements: beam.PCollection) -> beam.PCollection:
