@@ -1,12 +1,15 @@
 """``onceflow dlq``: list, count and replay dead letters.
 
-    onceflow dlq count  --dlq TARGET
+    onceflow dlq count  --dlq TARGET [--kafka_config_file PATH] [--kafka-setting NAME=VALUE ...]
     onceflow dlq list   --dlq TARGET [--reason R] [--since T] [--until T] [--limit N] [--json]
     onceflow dlq replay --dlq TARGET [--reason R] [--since T] [--until T] [--margin 1h] -- JOB FLAGS
 
 TARGET is what the job's ``--dlq`` was: a JSON-lines file, ``postgresql://...``
 or ``kafka://HOST:PORT/TOPIC``. ``--since``/``--until`` select by the time the
-record failed.
+record failed. A Kafka queue on a secured cluster is read with the client
+settings of ``--kafka_config_file`` (a Kafka client properties file) and
+``--kafka-setting NAME=VALUE`` (which wins), as the main job takes them; for
+``replay`` they read the queue only: the job's own Kafka flags go after ``--``.
 
 Replay recomputes history through the (fixed) job instead of pushing single
 records: aggregates are whole rows, so a record that now passes must be counted
@@ -24,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from onceflow.errors import UsageError
+from onceflow.errors import ServiceError, UsageError
+from onceflow.io.kafka_config import scrub_secrets
+from onceflow.io.urls import first_line
 from onceflow.events import RecordError, format_utc_ms, parse_event_time_ms
 from onceflow.windowing import parse_duration_ms
 
@@ -44,6 +50,10 @@ def register(subparsers) -> None:
         sub.add_argument("--reason", action="append", help="only this reason (repeatable)")
         sub.add_argument("--since", help="only records that failed at or after this ISO-8601 time")
         sub.add_argument("--until", help="only records that failed before this ISO-8601 time")
+        sub.add_argument("--kafka-setting", "--kafka_setting", dest="kafka_setting", action="append",
+                         metavar="NAME=VALUE", help="a Kafka client setting for a kafka:// queue (repeatable)")
+        sub.add_argument("--kafka-config-file", "--kafka_config_file", dest="kafka_config_file", metavar="PATH",
+                         help="a Kafka client properties file (key=value lines) for a kafka:// queue")
 
     count = commands.add_parser("count", help="dead letters by reason")
     selection(count)
@@ -89,15 +99,42 @@ def _time_flag(text: Optional[str], flag: str) -> Optional[int]:
         raise UsageError(f"{flag}: {text!r} is not an ISO-8601 time, e.g. 2026-11-02T09:00:00Z") from None
 
 
-def _selected(args) -> List[Dict[str, Any]]:
-    from onceflow.io.dlq import parse_dlq_target, read_dead_letters_from
+def _target(args):
+    """The queue ``--dlq`` names, with the Kafka client settings of the flags."""
+    from onceflow.io.dlq import parse_dlq_target
+    from onceflow.io.kafka_config import client_settings_from_flags
 
     try:
         target = parse_dlq_target(args.dlq)
     except ValueError as error:
         raise UsageError(f"--dlq: {error}") from None
-    return select(read_dead_letters_from(target), args.reason, _time_flag(args.since, "--since"),
-                  _time_flag(args.until, "--until"))
+    try:
+        settings = client_settings_from_flags(args.kafka_setting, args.kafka_config_file, "--kafka-setting")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if settings and target.kind != "kafka":
+        raise UsageError("--kafka-setting/--kafka_config_file: only a kafka:// queue takes Kafka settings")
+    return dataclasses.replace(target, client_settings=tuple(settings.items()))
+
+
+def _selected(args) -> List[Dict[str, Any]]:
+    from onceflow.io.dlq import read_dead_letters_from
+
+    target = _target(args)
+    since, until = _time_flag(args.since, "--since"), _time_flag(args.until, "--until")
+    try:
+        return select(read_dead_letters_from(target), args.reason, since, until)
+    except Exception as error:  # the Kafka client refusing a setting, a broker out of reach
+        if target.kind != "kafka" or not _is_kafka_error(error):
+            raise
+        message = scrub_secrets(first_line(error), dict(target.client_settings))
+        raise ServiceError(f"cannot read {target.describe()}: {message}") from None
+
+
+def _is_kafka_error(error: BaseException) -> bool:
+    from confluent_kafka import KafkaException
+
+    return isinstance(error, (KafkaException, RuntimeError))
 
 
 def _describe_source(source: Dict[str, Any]) -> str:

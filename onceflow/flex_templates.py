@@ -105,6 +105,9 @@ RULES: Dict[str, ParameterRule] = {
     "kafka_setting": ParameterRule(
         "Kafka client setting", r"^[^\s=]+=.*$", "security.protocol=SASL_SSL", invalid=("=x", "nosign"),
         note="A template parameter takes one NAME=VALUE; the flag itself is repeatable."),
+    "kafka_config_file": ParameterRule(
+        "Kafka client properties file", r"^[^\s]+$", "/etc/onceflow/kafka.properties", invalid=("two words",),
+        note="A path inside the launcher image (the launcher reads it when it builds the job)."),
     "kafka_time_source": ParameterRule("Kafka event time source", r"^(field|record)$", "record",
                                        invalid=("broker",)),
     "kafka_rewind_margin": ParameterRule("Kafka rewind margin", rf"^(0|{_DURATION})$", "5m",

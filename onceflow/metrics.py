@@ -35,6 +35,7 @@ SINK_ROWS_WRITTEN = "sink_rows_written"
 SINK_ROWS_STALE = "sink_rows_stale"  # refused by the version guard
 SINK_RETRIES = "sink_retries"
 DLQ_WRITTEN = "dlq_written"
+ARCHIVE_FILES_WRITTEN = "archive_files_written"
 WATERMARK_MS = "watermark_ms"  # a gauge: the Kafka reader's event-time watermark (epoch ms)
 EVENT_TIME_LAG_MS = "event_time_lag_ms"  # a gauge: wall clock minus that watermark when it was set
 

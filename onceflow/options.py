@@ -65,7 +65,13 @@ class KafkaOptions(PipelineOptions):
             "--kafka_setting", action="append", default=None, metavar="NAME=VALUE",
             help="A consumer or producer setting passed as is (repeatable), e.g. "
                  "--kafka_setting security.protocol=SASL_SSL --kafka_setting sasl.mechanism=PLAIN. "
-                 "Values of settings named like password, secret or key are never logged.")
+                 "Values of settings named like password, secret or key are never logged. Settings the "
+                 "guarantees depend on (enable.auto.commit, isolation.level, group.id, ...) are refused.")
+        group.add_argument(
+            "--kafka_config_file", default=None, metavar="PATH",
+            help="A Kafka client properties file (key=value lines, # or ! comments), as Kafka's tools "
+                 "take with --command-config: keeps secrets off the command line and out of the "
+                 "pipeline options. Applied before --kafka_setting, which wins. Default: none.")
         group.add_argument(
             "--kafka_time_source", default="field", choices=("field", "record"),
             help="Event time of Kafka records: the --time_field of the record (field) or the "

@@ -10,6 +10,7 @@ from onceflow.deadletter_command import replay_flags, select
 from onceflow.errors import UsageError
 from onceflow.io.dlq import read_dead_letters
 from onceflow.pipelines.aggregate import run
+from tests.livejob import new_topic, produce, sample_lines
 
 
 def oslo_counts(db):
@@ -58,3 +59,50 @@ def test_select_by_time_of_failure():
                  {"reason": "too_late", "failed_at": "2026-11-02T10:00:00.000000Z"}]
     since = 1793613600000 - 1  # just before 10:00
     assert select(envelopes, ["too_late"], since_ms=since) == envelopes[1:]
+
+
+@pytest.mark.kafka
+def test_replay_of_kafka_dead_letters_through_a_kafka_queue_with_a_client_properties_file(
+        kafka_bootstrap, tmp_path, capsys):
+    """The job reads a topic and dead-letters to a Kafka topic; `onceflow dlq` reads
+    that queue with the client settings of a properties file (as a secured cluster
+    needs) and replays the too-late records into the sink."""
+    topic, queue = new_topic(kafka_bootstrap), new_topic(kafka_bootstrap, partitions=1)
+    produce(topic, [(n % 3, line, None) for n, line in enumerate(sample_lines())])
+    db = tmp_path / "out.db"
+    job = [f"--input={topic.url}", f"--sink=sqlite:///{db}", f"--dlq={queue.url}", "--status=off"]
+    run([*job, "--from=earliest", "--to=latest"])
+    before = oslo_counts(db)
+    properties = tmp_path / "client.properties"
+    properties.write_text("# the queue's cluster\nclient.id=onceflow-dlq-test\nsocket.timeout.ms=30000\n")
+    with_settings = ["--dlq", queue.url, "--kafka_config_file", str(properties)]
+
+    capsys.readouterr()
+    assert cli.main(["dlq", "count", *with_settings]) == 0
+    counted = capsys.readouterr().out
+    assert "too_late                    2" in counted and "total                      11" in counted
+
+    assert cli.main(["dlq", "replay", *with_settings, "--reason", "too_late", "--", *job,
+                     "--allowed_lateness=3h"]) == 0
+    after = oslo_counts(db)
+    assert {window: after[window] - before[window] for window in before} == {
+        "2026-11-02T09:03:00.000Z": 1, "2026-11-02T09:07:00.000Z": 1}
+    capsys.readouterr()
+    assert cli.main(["dlq", "list", *with_settings, "--limit", "0", "--json"]) == 0
+    letters = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(letters) == 11 and all(letter["source"]["topic"] == topic.topic for letter in letters)
+
+
+@pytest.mark.kafka
+def test_the_dlq_command_passes_its_kafka_settings_to_the_client(kafka_bootstrap, tmp_path, capsys):
+    queue = new_topic(kafka_bootstrap, partitions=1)
+    properties = tmp_path / "client.properties"
+    properties.write_text("sasl.password=planted-s3cr3t\nno.such.setting=1\n")
+    status = cli.main(["dlq", "count", "--dlq", queue.url, "--kafka_config_file", str(properties)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and "no.such.setting" in err[0], err
+    assert "planted-s3cr3t" not in err[0]
+    assert cli.main(["dlq", "count", "--dlq", queue.url, "--kafka-setting", "enable.auto.commit=true"]) == 2
+    assert "enable.auto.commit must stay false" in capsys.readouterr().err
+    assert cli.main(["dlq", "count", "--dlq", str(tmp_path / "dlq.jsonl"), "--kafka-setting", "client.id=x"]) == 2
+    assert "only a kafka:// queue" in capsys.readouterr().err

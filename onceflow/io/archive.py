@@ -11,12 +11,16 @@ timestamp_ms, key, headers and the exact value bytes. A file's name and content
 depend only on its records (sorted by offset; Avro sync markers derived from the
 name), so archiving the same range again rewrites identical files; files are
 written to a temporary name and renamed. Archiving overlapping ranges may store a
-record twice: the reader keeps each (topic, partition, offset) once.
+record twice: the reader keeps each (topic, partition, offset) once. Kafka
+timestamps need not grow with offsets, so one partition's hour files may
+interleave in offsets; the reader merges them by offset, so it gives every
+archived record once and in offset order whatever the timestamps.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import os
@@ -28,6 +32,7 @@ import fastavro
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
+from onceflow import metrics
 from onceflow.events import EventContract, SourceRecord
 
 MARKER = "onceflow-archive.json"
@@ -127,6 +132,7 @@ class _WriteFileDoFn(beam.DoFn):
     def __init__(self, directory: str, archive_format: str):
         self._directory = directory
         self._format = archive_format
+        self._files_written = metrics.counter(metrics.ARCHIVE_FILES_WRITTEN)
 
     def process(self, element: Tuple[Tuple[str, int, str], Iterable[SourceRecord]]) -> Iterator[str]:
         (topic, partition, hour), records = element
@@ -140,6 +146,7 @@ class _WriteFileDoFn(beam.DoFn):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        self._files_written.inc()
         yield path
 
 
@@ -171,6 +178,49 @@ def write_marker(directory: str, archive_format: str) -> None:
         json.dump({"format": archive_format, "schema": ARCHIVE_SCHEMA}, handle, indent=1)
 
 
+def _first_offset(path: str) -> int:
+    return int(_FILE.search(path).group("first"))
+
+
+def _file_rows(path: str) -> Iterator[Dict[str, Any]]:
+    """The rows of one archive file, in offset order (as they were written)."""
+    archive_format = path.rsplit(".", 1)[1]
+    with FileSystems.open(path) as handle:
+        data = handle.read()
+    yield from decode_file(data, archive_format)
+
+
+def merged_rows(paths: Iterable[str]) -> Iterator[Dict[str, Any]]:
+    """Every row of one partition's archive files exactly once, in offset order.
+
+    Files of different hours may interleave in offsets (Kafka timestamps need not
+    grow with offsets), and overlapping archive runs may store an offset twice: the
+    rows of all files are merged by offset and each offset is kept once. A file is
+    opened only once the merge reaches its first offset, so the files open at once
+    are those whose offset spans overlap.
+    """
+    pending = sorted(paths, key=_first_offset, reverse=True)  # pop() gives the lowest first offset
+    heap: List[Tuple[int, int, Dict[str, Any], Iterator[Dict[str, Any]]]] = []
+    opened = 0
+    last_offset = -1
+    while heap or pending:
+        while pending and (not heap or _first_offset(pending[-1]) <= heap[0][0]):
+            rows = _file_rows(pending.pop())
+            opened += 1
+            row = next(rows, None)
+            if row is not None:
+                heapq.heappush(heap, (row["offset"], opened, row, rows))
+        if not heap:
+            continue
+        offset, order, row, rows = heapq.heappop(heap)
+        following = next(rows, None)
+        if following is not None:
+            heapq.heappush(heap, (following["offset"], order, following, rows))
+        if offset > last_offset:  # an offset archived twice by overlapping runs: keep it once
+            last_offset = offset
+            yield row
+
+
 class _ReadPartitionFilesDoFn(beam.DoFn):
     def __init__(self, contract: EventContract):
         self._contract = contract
@@ -178,20 +228,12 @@ class _ReadPartitionFilesDoFn(beam.DoFn):
     def process(self, element: Tuple[Tuple[str, int], Iterable[str]]) -> Iterator[SourceRecord]:
         _, paths = element
         high_water: Optional[int] = None
-        next_offset = -1
-        for path in sorted(paths, key=lambda p: int(_FILE.search(p).group("first"))):
-            archive_format = path.rsplit(".", 1)[1]
-            with FileSystems.open(path) as handle:
-                data = handle.read()
-            for row in decode_file(data, archive_format):
-                if row["offset"] < next_offset:
-                    continue  # archived twice by overlapping runs: keep it once
-                next_offset = row["offset"] + 1
-                record = _to_record(row, high_water)
-                yield record
-                event_time = self._contract.peek_event_time_ms(record.value)
-                if event_time is not None and (high_water is None or event_time > high_water):
-                    high_water = event_time
+        for row in merged_rows(paths):
+            record = _to_record(row, high_water)
+            yield record
+            event_time = self._contract.peek_event_time_ms(record.value)
+            if event_time is not None and (high_water is None or event_time > high_water):
+                high_water = event_time
 
 
 class ReadArchive(beam.PTransform):
@@ -208,6 +250,7 @@ class ReadArchive(beam.PTransform):
         return (
             pbegin
             | "MatchFiles" >> fileio.MatchFiles(FileSystems.join(self._directory, "topic=*", "hour=*", "partition=*"))
+            | "SkipUnfinished" >> beam.Filter(lambda m: m.path.rsplit(".", 1)[-1] in FORMATS)  # not *.tmp-PID
             | "KeyByPartition" >> beam.Map(lambda m: (
                 (_FILE.search(m.path).group("topic"), int(_FILE.search(m.path).group("partition"))), m.path))
             | "GroupByPartition" >> beam.GroupByKey()

@@ -154,9 +154,28 @@ def _locked(directory: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _umask_mode() -> int:
+    """The mode a newly created file gets here: 0666 less the process umask (read
+    without changing it for other threads where /proc says it, else set and reset)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _replace_atomically(directory: str, name: str, data: bytes) -> None:
+    """Writes ``data`` to ``directory/name`` whole or not at all (temp file, fsync,
+    rename, fsync of the folder). The file gets the mode a normally created file
+    would (0666 less the umask), not mkstemp's owner-only 0600."""
     descriptor, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(descriptor, _umask_mode())
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -19,8 +19,28 @@ KAFKA_SCHEME = "kafka"
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
-# Setting names whose values must never be logged or printed.
-_SECRET_WORDS = ("password", "secret", "token", "key", "jaas", "credential")
+# Setting names whose values must never be logged or printed (a name containing
+# any of these words; sasl.oauthbearer.config holds client secrets as text).
+_SECRET_WORDS = ("password", "secret", "token", "key", "jaas", "credential", "oauthbearer")
+
+# Settings the reader or the writer sets for its guarantees. User settings are
+# applied after the defaults, so a different value would silently override them:
+# it is refused instead, saying why. name -> (the only accepted values, why).
+GUARDED_SETTINGS: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "enable.auto.commit": (("false",), "offsets are committed only once the runner has durably taken the "
+                                       "records; auto-commit would commit records not yet aggregated, "
+                                       "which a crash then loses"),
+    "enable.auto.offset.store": (("false",), "the reader stores offsets itself when the runner finalizes a "
+                                             "bundle; an automatic store commits records not yet aggregated"),
+    "isolation.level": (("read_committed",), "read_uncommitted would count records of aborted transactions"),
+    "enable.partition.eof": (("false",), "the reader finds the end of a bounded read by offsets"),
+    "auto.offset.reset": ((), "where partitions start is set by --from (or the group's committed offsets)"),
+    "bootstrap.servers": ((), "give the brokers in the kafka://HOST:PORT/TOPIC URL"),
+    "group.id": ((), "give the consumer group with --kafka_group"),
+    "enable.idempotence": (("true",), "the writer relies on it so that its own retries neither duplicate "
+                                      "nor reorder messages"),
+    "acks": (("all", "-1"), "a write counts as done only once every in-sync replica has it"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +131,151 @@ def parse_position(text: str, flag: str = "position") -> Position:
 def redact(settings: Mapping[str, str]) -> Dict[str, str]:
     """A copy of client settings safe to log: secret values replaced by ``***``."""
     return {
-        name: ("***" if any(word in name.lower() for word in _SECRET_WORDS) else value)
+        name: ("***" if is_secret_setting(name) else value)
         for name, value in settings.items()
     }
 
 
+def is_secret_setting(name: str) -> bool:
+    """Whether a setting's value must never be shown (named like a secret)."""
+    return any(word in name.lower() for word in _SECRET_WORDS)
+
+
+def scrub_secrets(text: str, settings: Mapping[str, str]) -> str:
+    """``text`` (e.g. a client's error message) with the value of every secret
+    setting replaced by ``***``."""
+    for name, value in settings.items():
+        if value and is_secret_setting(name):
+            text = text.replace(value, "***")
+    return text
+
+
+def client_error_line(error: BaseException, settings: Mapping[str, str]) -> str:
+    """One line for an error the Kafka client raised where the job starts (a setting
+    it does not know, a value it refuses), secret values scrubbed."""
+    text = str(error.args[0].str()) if error.args and hasattr(error.args[0], "str") else str(error)
+    first = (text.strip().splitlines() or [type(error).__name__])[0]
+    return scrub_secrets(f"the Kafka client refused the settings: {first}; check --kafka_setting and "
+                         "--kafka_config_file (librdkafka names, e.g. sasl.username, not Java's sasl.jaas.config)",
+                         settings)
+
+
 def parse_client_settings(pairs: Optional[Tuple[str, ...]], flag: str) -> Dict[str, str]:
-    """``("security.protocol=SASL_SSL", "sasl.mechanism=PLAIN")`` to a dict."""
+    """``("security.protocol=SASL_SSL", "sasl.mechanism=PLAIN")`` to a dict. The
+    error for a malformed pair names the setting, never its value."""
     settings: Dict[str, str] = {}
     for pair in pairs or ():
         name, sep, value = str(pair).partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"{flag}: {pair!r} is not NAME=VALUE, e.g. security.protocol=SASL_SSL")
+            shown = name.strip() if sep else "a value with no '='"
+            raise ValueError(f"{flag}: {shown!r} is not NAME=VALUE, e.g. security.protocol=SASL_SSL")
         settings[name.strip()] = value
+    return settings
+
+
+def check_guarded_settings(settings: Mapping[str, str], where: str) -> None:
+    """ValueError (one line, saying why) for a setting that would override what the
+    reader or writer depends on (:data:`GUARDED_SETTINGS`); the accepted value
+    itself is allowed."""
+    for name, value in settings.items():
+        guard = GUARDED_SETTINGS.get(name.strip().lower())
+        if guard is None:
+            continue
+        accepted, why = guard
+        if str(value).strip().lower() in accepted:
+            continue
+        must = f"must stay {accepted[0]}" if accepted else "cannot be set"
+        raise ValueError(f"{where}: {name} {must}: {why}")
+
+
+def read_properties_file(path: str, flag: str = "--kafka_config_file") -> Dict[str, str]:
+    """A Kafka client properties file, as Kafka's tools take with --command-config:
+    ``key=value`` (or ``key: value``, ``key value``) lines, ``#`` and ``!``
+    comments, a trailing backslash continuing a line, backslash escapes. ValueError
+    names the file and line of a mistake, never a value."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise ValueError(f"{flag}: cannot read {path!r}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag}: {path!r} is not UTF-8 text") from None
+    settings: Dict[str, str] = {}
+    for number, line in _logical_lines(text):
+        name, value = _split_property(line)
+        if not name:
+            raise ValueError(f"{flag}: {path}:{number}: a line with no setting name; write name=value")
+        settings[name] = value
+    return settings
+
+
+def _logical_lines(text: str):
+    """(first line number, logical line) of a properties file: comments and blank
+    lines dropped, continuation lines joined."""
+    pending, start = "", 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.lstrip()
+        if not pending and (not line or line[0] in "#!"):
+            continue
+        start = start or number
+        trailing = len(line) - len(line.rstrip("\\"))
+        if trailing % 2 == 1:  # an odd number of backslashes: the line continues
+            pending += line[:-1]
+            continue
+        yield start, pending + line
+        pending, start = "", 0
+    if pending:
+        yield start, pending
+
+
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+
+def _split_property(line: str) -> Tuple[str, str]:
+    """A logical line to (name, value): the name ends at the first unescaped ``=``,
+    ``:`` or whitespace; escapes in both are resolved."""
+    index, length = 0, len(line)
+    while index < length and line[index] not in "=: \t\f":
+        index += 2 if line[index] == "\\" else 1
+    name = line[:index]
+    rest = line[index:].lstrip(" \t\f")
+    if rest[:1] in ("=", ":"):
+        rest = rest[1:].lstrip(" \t\f")
+    return _unescape(name), _unescape(rest)
+
+
+def _unescape(text: str) -> str:
+    out, index = [], 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and index + 1 < len(text):
+            following = text[index + 1]
+            if following == "u" and len(text) >= index + 6:
+                try:
+                    out.append(chr(int(text[index + 2:index + 6], 16)))
+                    index += 6
+                    continue
+                except ValueError:
+                    pass
+            out.append(_ESCAPES.get(following, following))
+            index += 2
+            continue
+        out.append(char)
+        index += 1
+    return "".join(out)
+
+
+def client_settings_from_flags(pairs: Optional[Tuple[str, ...]], config_file: Optional[str],
+                               setting_flag: str = "--kafka_setting",
+                               file_flag: str = "--kafka_config_file") -> Dict[str, str]:
+    """The Kafka client settings of a command: the properties file first, then the
+    ``NAME=VALUE`` flags (which win). ValueError (one line, no secret value) for a
+    malformed pair, an unreadable file, or a setting that would break a guarantee."""
+    settings = read_properties_file(config_file, file_flag) if config_file else {}
+    check_guarded_settings(settings, file_flag)
+    given = parse_client_settings(pairs, setting_flag)
+    check_guarded_settings(given, setting_flag)
+    settings.update(given)
     return settings
 
 
@@ -158,18 +310,22 @@ class KafkaReadConfig:
             raise ValueError("the fallback start must be earliest, latest or a timestamp")
         if self.stop is not None and self.stop.kind == "committed":
             raise ValueError("a read cannot stop at committed offsets")
+        check_guarded_settings(self.client_settings, "client settings")
 
     @property
     def bounded(self) -> bool:
         return self.stop is not None
 
     def consumer_settings(self) -> Dict[str, str]:
-        """librdkafka settings for a consumer that never commits by itself."""
+        """librdkafka settings for a consumer that never commits by itself and reads
+        only committed transactions. ``client_settings`` come last but cannot change
+        those: :data:`GUARDED_SETTINGS` are refused when the config is made."""
         settings = {
             "bootstrap.servers": self.topic.bootstrap_servers,
             "enable.auto.commit": "false",
             "enable.auto.offset.store": "false",
             "enable.partition.eof": "false",
+            "isolation.level": "read_committed",  # librdkafka's default, stated: aborted records are not read
             "group.id": self.group_id or "onceflow-unused",
         }
         settings.update(self.client_settings)

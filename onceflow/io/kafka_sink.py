@@ -2,12 +2,27 @@
 
 Used for the aggregates topic (key: the row's deterministic key, so a compacted
 topic keeps each row's latest write) and for a dead-letter topic (key: ``dlq_id``).
+
+The aggregates writer guards versions like the other sinks: Kafka cannot refuse a
+write, so the writer learns, when it starts, the greatest ``event_count`` already
+in the topic for every key (it reads the topic once per process and job run), remembers every
+version it produces, and does not produce a row whose ``event_count`` is lower
+than the one known for its key (counted as ``sink_rows_stale``). So within one
+writer process, and against whatever the topic held when it started, a lower
+version is never the last message of its key, and a compacted topic keeps the
+freshest. What it cannot see is a newer version that *another* process writes
+after this one started (two jobs writing the same keys at once): a consumer that
+must be exact whatever runs concurrently keeps, per key, the message with the
+greatest ``event_count`` (:func:`latest_rows`), on a topic that is not compacted
+away before it reads.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import uuid
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import apache_beam as beam
@@ -15,8 +30,8 @@ import apache_beam as beam
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter, to_envelope, to_json_line
 from onceflow.events import format_utc_ms
-from onceflow.io.kafka_config import KafkaTopic, redact
-from onceflow.rows import RowSchema
+from onceflow.io.kafka_config import KafkaTopic, check_guarded_settings, redact
+from onceflow.rows import EVENT_COUNT, RowSchema
 
 _LOGGER = logging.getLogger(__name__)
 _FLUSH_TIMEOUT_S = 60.0
@@ -68,6 +83,8 @@ class _ProduceDoFn(beam.DoFn):
         from confluent_kafka import KafkaException
 
         key, value = self._to_message(element)
+        if not self.admit(key, element):
+            return
         while True:
             try:
                 self._producer.produce(self._topic.topic, value=value, key=key, on_delivery=self._delivered)
@@ -78,6 +95,10 @@ class _ProduceDoFn(beam.DoFn):
                 raise RuntimeError(f"cannot produce to {self._topic.url}: {error}") from None
         self._sent += 1
         self._producer.poll(0)
+
+    def admit(self, key: bytes, element: Any) -> bool:
+        """Whether ``element`` is produced; every element is, unless a subclass guards."""
+        return True
 
     def finish_bundle(self) -> None:
         left = self._producer.flush(_FLUSH_TIMEOUT_S)
@@ -103,9 +124,11 @@ class WriteToKafka(beam.PTransform):
     """
 
     def __init__(self, topic: KafkaTopic, to_message: Callable[[Any], Message],
-                 settings: Optional[Mapping[str, str]] = None, counter_name: str = metrics.SINK_ROWS_WRITTEN):
+                 settings: Optional[Mapping[str, str]] = None, counter_name: str = metrics.SINK_ROWS_WRITTEN,
+                 fn: Optional[beam.DoFn] = None):
         super().__init__()
-        self._fn = _ProduceDoFn(topic, to_message, settings or {}, counter_name)
+        check_guarded_settings(settings or {}, "Kafka producer settings")
+        self._fn = fn or _ProduceDoFn(topic, to_message, settings or {}, counter_name)
 
     def expand(self, elements: beam.PCollection) -> beam.PCollection:
         return elements | "Produce" >> beam.ParDo(self._fn)
@@ -128,12 +151,96 @@ class _DeadLetterMessage:
         return envelope["dlq_id"].encode("ascii"), to_json_line(envelope).encode("utf-8")
 
 
+# Per process and writer (one write_rows_to_kafka transform, so one job run): the
+# greatest event_count known per message key, read from the topic when the first
+# instance of the writer starts in the process, then raised by every row produced.
+_KNOWN_VERSIONS: Dict[str, Dict[bytes, int]] = {}
+_KNOWN_LOCK = threading.Lock()
+_LOAD_TIMEOUT_S = 600.0
+
+
+def _message_version(value: Optional[bytes]) -> Optional[int]:
+    """The ``event_count`` of a row message; None for anything else (a tombstone,
+    a message some other producer wrote)."""
+    try:
+        version = json.loads(value)[EVENT_COUNT] if value is not None else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return version if isinstance(version, int) else None
+
+
+def _known_versions(writer: str, topic: KafkaTopic, settings: Mapping[str, str]) -> Dict[bytes, int]:
+    """The process's table of versions for ``writer``, read from ``topic`` the first
+    time it is asked for."""
+    with _KNOWN_LOCK:
+        known = _KNOWN_VERSIONS.get(writer)
+        if known is None:
+            known = {}
+            consumer_settings = {name: value for name, value in settings.items() if name not in _PRODUCER_ONLY}
+            for _, _, key, value in read_records_to_end(topic, consumer_settings, _LOAD_TIMEOUT_S):
+                version = _message_version(value)
+                if key is not None and version is not None and version > known.get(key, -1):
+                    known[key] = version
+            _KNOWN_VERSIONS[writer] = known
+        return known
+
+
+_PRODUCER_ONLY = frozenset({"acks", "linger.ms", "enable.idempotence", "queue.buffering.max.messages",
+                            "compression.type", "batch.size", "retries", "transactional.id"})
+
+
+class _ProduceRowsDoFn(_ProduceDoFn):
+    """Produces aggregate rows under the ``event_count`` guard (module docstring)."""
+
+    def __init__(self, topic: KafkaTopic, to_message: Callable[[Any], Message], settings: Mapping[str, str]):
+        super().__init__(topic, to_message, settings, metrics.SINK_ROWS_WRITTEN)
+        self._writer = f"{topic.url}#{uuid.uuid4().hex}"  # made once, when the job is built
+
+    def setup(self) -> None:
+        super().setup()
+        self._known = _known_versions(self._writer, self._topic, self._settings)
+        self._stale = metrics.counter(metrics.SINK_ROWS_STALE)
+
+    def admit(self, key: bytes, element: Any) -> bool:
+        version = int(element[EVENT_COUNT])
+        with _KNOWN_LOCK:
+            if version < self._known.get(key, -1):
+                admitted = False
+            else:
+                self._known[key] = version
+                admitted = True
+        if not admitted:
+            self._stale.inc()
+        return admitted
+
+
 def write_rows_to_kafka(topic: KafkaTopic, schema: RowSchema,
                         settings: Optional[Mapping[str, str]] = None) -> WriteToKafka:
-    """Aggregate rows keyed by their deterministic key. Kafka keeps every write; a
-    compacted topic keeps the last one per key, which may be an older version after
-    a stale retry: consumers compare ``event_count`` (the row's version)."""
-    return WriteToKafka(topic, _RowMessage(schema), settings)
+    """Aggregate rows keyed by their deterministic key, guarded by ``event_count``:
+    a row with a lower ``event_count`` than the topic held for its key when the
+    writer's process started, or than this process produced since, is not produced
+    (an equal one is: a harmless rewrite). See the module docstring for what the
+    guard cannot see and the consumer rule that covers it (:func:`latest_rows`)."""
+    to_message = _RowMessage(schema)
+    return WriteToKafka(topic, to_message, settings,
+                        fn=_ProduceRowsDoFn(topic, to_message, settings or {}))
+
+
+def latest_rows(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,
+                timeout_s: float = 30.0) -> Dict[bytes, Dict[str, Any]]:
+    """What a consumer of an aggregates topic must do to read the freshest rows:
+    read the topic to its end and keep, per message key, the row with the greatest
+    ``event_count`` (on a tie the later one, as the other sinks' upserts keep).
+    Rows as JSON objects (window bounds as UTC text), by message key."""
+    latest: Dict[bytes, Dict[str, Any]] = {}
+    for key, value in read_topic_to_end(topic, settings, timeout_s):
+        version = _message_version(value)
+        if key is None or version is None:
+            continue
+        kept = latest.get(key)
+        if kept is None or version >= kept[EVENT_COUNT]:
+            latest[key] = json.loads(value)
+    return latest
 
 
 def write_dead_letters_to_kafka(topic: KafkaTopic, pipeline: str, version: str,

@@ -12,17 +12,34 @@ POSTGRES_FORM = "postgresql://USER[:PASS]@HOST:PORT/DB?table=NAME"
 LIBPQ_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "target_session_attrs")
 
 
+# Query parameter names whose values are never shown (libpq's password,
+# sslpassword, passfile..., and anything named like a secret).
+_SECRET_PARAMETER_WORDS = ("password", "pass", "pwd", "secret", "token", "key", "credential")
+
+
+def _is_secret_parameter(name: str) -> bool:
+    return any(word in name.lower() for word in _SECRET_PARAMETER_WORDS)
+
+
 def redact_url(text: str) -> str:
-    """``text`` with the password of a ``scheme://user:password@host`` URL as ``***``."""
+    """``text`` with the password of a ``scheme://user:password@host`` URL, and the
+    value of every query parameter named like a secret (``?password=``), as ``***``."""
     parts = urllib.parse.urlsplit(str(text))
     try:
         password = parts.password
     except ValueError:
         password = None
-    if not parts.netloc or password is None:
+    if not parts.netloc:
         return str(text)
-    user, _, host = parts.netloc.rpartition("@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
+    if password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}")
+    if parts.query:
+        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        parts = parts._replace(query="&".join(
+            f"{name}=***" if _is_secret_parameter(name) else urllib.parse.urlencode({name: value})
+            for name, value in pairs))
+    return urllib.parse.urlunsplit(parts)
 
 
 def first_line(error: BaseException) -> str:
@@ -33,13 +50,22 @@ def first_line(error: BaseException) -> str:
 def query_params(url: str, allowed: Tuple[str, ...]) -> Dict[str, str]:
     """The URL's query as a dict; ValueError on an unknown or repeated parameter."""
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+    shown = without_query(url)  # any parameter's value may be a secret: none is shown
     for name, values in query.items():
         if name not in allowed:
-            raise ValueError(f"{redact_url(url)!r}: unknown parameter {name!r}; accepted: "
-                             + ", ".join(f"?{a}=" for a in allowed))
+            hint = ("; give a PostgreSQL password in USER:PASS@ or, better, in PGPASSWORD, "
+                    "a PGPASSFILE or a PGSERVICEFILE" if _is_secret_parameter(name) else "")
+            raise ValueError(f"{shown!r}: unknown parameter {name!r}; accepted: "
+                             + ", ".join(f"?{a}=" for a in allowed) + hint)
         if len(values) != 1:
-            raise ValueError(f"{redact_url(url)!r}: parameter {name!r} is given {len(values)} times")
+            raise ValueError(f"{shown!r}: parameter {name!r} is given {len(values)} times")
     return {name: values[0] for name, values in query.items()}
+
+
+def without_query(url: str) -> str:
+    """``url`` redacted and without its query (``?...`` shown as ``?...``)."""
+    parts = urllib.parse.urlsplit(redact_url(url))
+    return urllib.parse.urlunsplit(parts._replace(query="..." if parts.query else "", fragment=""))
 
 
 def parse_postgres_url(url: str, default_table: Optional[str]) -> Tuple[str, Optional[str]]:

@@ -28,7 +28,8 @@ from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
 from onceflow.io.kafka_config import (
-    COMMITTED, EARLIEST, KafkaReadConfig, is_kafka_url, parse_client_settings, parse_kafka_url, parse_position,
+    COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_settings_from_flags, is_kafka_url, parse_kafka_url,
+    parse_position,
 )
 from onceflow.io.kafka_source import ReadBatchesFromKafka, describe_topic, resolve_partition_reads
 from onceflow.io.sinks import SinkTarget, WriteRows, last_window_end, parse_sink_url, prepare_sink
@@ -164,7 +165,8 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         raise flag_error("--dlq", error) from None
     kafka_options = options.view_as(KafkaOptions)
     try:
-        kafka_settings = tuple(parse_client_settings(kafka_options.kafka_setting, "--kafka_setting").items())
+        kafka_settings = tuple(client_settings_from_flags(kafka_options.kafka_setting,
+                                                          kafka_options.kafka_config_file).items())
     except ValueError as error:
         raise UsageError(str(error)) from None
     if sink.scheme == "kafka":
@@ -421,7 +423,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--help" in args or "-h" in args:
         print(help_text("python -m onceflow.pipelines.aggregate", __doc__.strip().splitlines()[0]))
         return 0
-    return exit_status("aggregate", lambda: print(run(args).render()))
+    return exit_status("aggregate", lambda: print(_refusing_client_errors(run, args).render()))
+
+
+def _refusing_client_errors(action, args):
+    """``action(args)``, a Kafka client's refusal of the settings as a one-line
+    UsageError (secrets scrubbed) instead of a traceback."""
+    from confluent_kafka import KafkaException
+
+    try:
+        return action(args)
+    except KafkaException as error:
+        options = parse_pipeline_args(args).view_as(KafkaOptions)
+        settings = client_settings_from_flags(options.kafka_setting, options.kafka_config_file)
+        raise UsageError(client_error_line(error, settings)) from None
 
 
 if __name__ == "__main__":

@@ -18,12 +18,17 @@ import time
 from typing import Optional, Sequence
 
 import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineResult
 
+from onceflow import metrics
 from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.io.archive import FORMATS, WriteArchive, write_marker
-from onceflow.io.kafka_config import EARLIEST, LATEST, KafkaReadConfig, parse_client_settings, parse_kafka_url, parse_position
+from onceflow.io.kafka_config import (EARLIEST, LATEST, KafkaReadConfig, client_error_line, client_settings_from_flags, parse_kafka_url,
+                                      parse_position)
 from onceflow.io.kafka_source import ReadFromKafka, describe_topic
+from onceflow.observability.snapshot import snapshot_from_query
 from onceflow.options import InputOptions, KafkaOptions, help_text, parse_pipeline_args
 
 PIPELINE_NAME = "archive"
@@ -50,7 +55,7 @@ def config_from_options(options: PipelineOptions) -> KafkaReadConfig:
     try:
         start = parse_position(source.read_from, "--from") if source.read_from else EARLIEST
         stop = parse_position(source.read_to, "--to") if source.read_to else LATEST
-        settings = parse_client_settings(kafka.kafka_setting, "--kafka_setting")
+        settings = client_settings_from_flags(kafka.kafka_setting, kafka.kafka_config_file)
     except ValueError as error:
         raise UsageError(str(error)) from None
     return KafkaReadConfig(topic, start=start, stop=stop, time_source="record", client_settings=settings)
@@ -77,10 +82,21 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
     build(pipeline, config, archive.output, archive.archive_format)
-    pipeline.run().wait_until_finish()
+    result = pipeline.run()
+    result.wait_until_finish()
+    files = files_written(result)
     print(f"onceflow archive: {config.topic.url} ({config.start.describe()} to {config.stop.describe()}) "
-          f"archived to {archive.output} in {time.monotonic() - started:.1f}s")
-    return 0
+          f"archived to {archive.output} in {files} files in {time.monotonic() - started:.1f}s")
+    return files
+
+
+def files_written(result: PipelineResult) -> int:
+    """The number of archive files the finished run wrote (the runner's committed
+    counter where it reports one, the attempted one otherwise)."""
+    query = result.metrics().query(MetricsFilter().with_namespace(metrics.NAMESPACE)
+                                   .with_name(metrics.ARCHIVE_FILES_WRITTEN))
+    snapshot = snapshot_from_query(query, 0.0, prefer_committed=True)
+    return int(snapshot.counters.get(metrics.ARCHIVE_FILES_WRITTEN, 0))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -89,7 +105,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(help_text("python -m onceflow.pipelines.archive", __doc__.strip().splitlines()[0],
                         (InputOptions, KafkaOptions, ArchiveOptions)))
         return 0
-    return exit_status("archive", lambda: run(args))
+    return exit_status("archive", lambda: _succeeded(_refusing_client_errors(args)))
+
+
+def _refusing_client_errors(args: Sequence[str]) -> int:
+    """``run(args)``, a Kafka client's refusal of the settings as a one-line
+    UsageError (secrets scrubbed) instead of a traceback."""
+    from confluent_kafka import KafkaException
+
+    try:
+        return run(args)
+    except KafkaException as error:
+        kafka = parse_pipeline_args(list(args)).view_as(KafkaOptions)
+        settings = client_settings_from_flags(kafka.kafka_setting, kafka.kafka_config_file)
+        raise UsageError(client_error_line(error, settings)) from None
+
+
+def _succeeded(files: int) -> int:
+    """The exit status of a finished run: 0, whatever number of files it wrote."""
+    del files
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from apache_beam.metrics.metric import MetricsFilter
 
@@ -15,6 +15,9 @@ from onceflow.observability.figures import STAGES, consumer_lag, dead_letters_by
 from onceflow.observability.snapshot import COMMITTED, snapshot_from_query
 
 JSON_FORMAT = "onceflow-run-summary/1"
+# The share of records read that went to the DLQ as too_late from which the
+# summary explains how lateness is measured and which flag changes it.
+TOO_LATE_NOTE_SHARE = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +89,21 @@ class RunSummary:
             f"  output:       {self.sink}",
             f"  dead letters: {self.dlq}",
         ]
+        lines += [f"  note: {note}" for note in self.notes()]
         return "\n".join(lines)
+
+    def notes(self) -> List[str]:
+        """Hints for a run whose figures suggest a flag is wrong for the input: when
+        too-late records are at least :data:`TOO_LATE_NOTE_SHARE` of the records read."""
+        read = self.count(metrics.RECORDS_READ)
+        too_late = self.dead_letters_by_reason.get("too_late", 0)
+        if read <= 0 or too_late < TOO_LATE_NOTE_SHARE * read:
+            return []
+        return [f"{too_late:,} of {read:,} records ({too_late / read:.0%}) went to the dead-letter queue as "
+                "too_late. Lateness is measured against the newest event time before a record in its file "
+                "or Kafka partition, so out-of-order input looks late; if the input is out of order by more "
+                "than --allowed_lateness (default 5m), raise it (e.g. --allowed_lateness=1h), then replay "
+                "them with onceflow dlq replay --reason too_late."]
 
     def to_json(self) -> Dict[str, Any]:
         """Everything above as JSON-ready data (what ``--metrics_out`` writes)."""
@@ -109,6 +126,7 @@ class RunSummary:
             "sink_rows_stale": self.count(metrics.SINK_ROWS_STALE),
             "sink_retries": self.count(metrics.SINK_RETRIES),
             "dlq_written": self.count(metrics.DLQ_WRITTEN),
+            "notes": self.notes(),
             "stages": self.stages(),
             "consumer_lag": lag,
             "consumer_lag_total": sum(sum(p.values()) for p in lag.values()) if lag else None,

@@ -150,11 +150,20 @@ _NEEDS_KAFKA = {"from", "to", "kafka_group", "kafka_setting", "kafka_time_source
                 "kafka_rewind_margin"}
 
 
+# Flags naming a file the job reads: validated with an existing file in its place.
+_NEEDS_FILE = {"kafka_config_file": "security.protocol=PLAINTEXT\n"}
+
+
 @pytest.mark.parametrize("name", sorted(flex_templates.RULES))
-def test_each_example_passes_the_flag_validator(name):
+def test_each_example_passes_the_flag_validator(name, tmp_path):
     """The regex is no looser than the pipeline on its own example: the value a
     template user copies from the help text also starts the job."""
-    argv = [f"--{name}={flex_templates.RULES[name].example}"]
+    example = flex_templates.RULES[name].example
+    if name in _NEEDS_FILE:
+        assert re.fullmatch(flex_templates.RULES[name].regex, str(tmp_path / "f"))
+        (tmp_path / "f").write_text(_NEEDS_FILE[name])
+        example = str(tmp_path / "f")
+    argv = [f"--{name}={example}"]
     if name in _NEEDS_KAFKA:
         argv.insert(0, _KAFKA_INPUT)
     job_from_options(parse_pipeline_args(argv))

@@ -100,3 +100,20 @@ def test_a_window_file_with_other_columns_is_refused(tmp_path, file_format):
     other = RowSchema(("store",), parse_aggregates("count"))
     with pytest.raises(ValueError, match="has columns"):
         file_sink.read_rows(str(tmp_path), other, file_format)
+
+
+@pytest.mark.parametrize("file_format", ["parquet", "avro"])
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_window_files_get_the_mode_the_umask_gives_a_new_file(tmp_path, file_format, umask):
+    """Not mkstemp's owner-only 0600: others the umask lets read a file can read these."""
+    previous = os.umask(umask)
+    try:
+        write(tmp_path / "out", ROWS, file_format)
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    modes = {name: (tmp_path / "out" / name).stat().st_mode & 0o777 for name in files(tmp_path / "out")}
+    assert len(modes) == 3 and set(modes.values()) == {expected}, modes

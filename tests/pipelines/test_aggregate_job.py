@@ -135,3 +135,44 @@ def test_a_live_job_keeps_its_runner_streams_open_past_beams_default_timeout():
     chosen = PipelineOptions(["--job_server_timeout=86400"])
     keep_live_job_streams_open(chosen)
     assert chosen.view_as(PortableOptions).job_server_timeout == 86400
+
+
+def shuffled_half_hour(path, count=3_000, seed=7, shuffle=True):
+    """A JSON-lines file of ``count`` orders spread over 30 minutes, in random
+    time order (or in time order); returns the number of lines."""
+    import json
+    import random
+
+    from onceflow.events import format_utc_ms
+
+    start = 1_793_610_000_000  # 2026-11-02T09:00:00Z
+    events = [{"order_id": f"o-{n}", "event_time": format_utc_ms(start + n * 1_800_000 // count),
+               "store": f"s{n % 5}", "sku": "tea", "qty": 1, "price": 1.0} for n in range(count)]
+    if shuffle:
+        random.Random(seed).shuffle(events)
+    path.write_text("".join(json.dumps(event) + "\n" for event in events))
+    return count
+
+
+def test_the_summary_explains_lateness_when_out_of_order_input_goes_to_the_dlq(tmp_path):
+    source = tmp_path / "orders.jsonl"
+    shuffled_half_hour(source)
+    summary = run([f"--input={source}", f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl",
+                   "--status=off"])
+    too_late = summary.dead_letters_by_reason["too_late"]
+    assert too_late >= 300  # at least 10% of the 3,000 records
+    text = summary.render()
+    assert f"note: {too_late:,} of 3,000 records" in text
+    assert "measured against the newest event time before a record in its file or Kafka partition" in text
+    assert "--allowed_lateness" in text
+    assert summary.to_json()["notes"] == summary.notes() != []
+
+    # The same events in time order, or a lateness that covers the disorder: no note.
+    summary = run([f"--input={source}", f"--sink=sqlite:///{tmp_path}/wide.db", f"--dlq={tmp_path}/wide.jsonl",
+                   "--status=off", "--allowed_lateness=1h"])
+    assert summary.dead_letters_by_reason.get("too_late", 0) == 0 and "note:" not in summary.render()
+    ordered = tmp_path / "ordered.jsonl"
+    shuffled_half_hour(ordered, shuffle=False)
+    summary = run([f"--input={ordered}", f"--sink=sqlite:///{tmp_path}/ordered.db",
+                   f"--dlq={tmp_path}/ordered.jsonl", "--status=off"])
+    assert "note:" not in summary.render()

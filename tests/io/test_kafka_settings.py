@@ -1,0 +1,105 @@
+"""Kafka client settings: the properties file, and the settings that would silently
+break the reader's or writer's guarantees, refused with a one-line reason."""
+
+import pytest
+
+from onceflow.io.kafka_config import (GUARDED_SETTINGS, KafkaReadConfig, KafkaTopic, client_settings_from_flags,
+                                      read_properties_file)
+from onceflow.pipelines import archive
+from onceflow.pipelines.aggregate import main
+from tests.livejob import new_topic, produce, sample_lines
+
+REFUSED = [
+    ("enable.auto.commit", "true", "auto-commit would commit records not yet aggregated"),
+    ("enable.auto.offset.store", "true", "stores offsets itself"),
+    ("isolation.level", "read_uncommitted", "aborted transactions"),
+    ("enable.partition.eof", "true", "by offsets"),
+    ("auto.offset.reset", "latest", "--from"),
+    ("group.id", "other", "--kafka_group"),
+    ("bootstrap.servers", "10.0.0.1:9092", "kafka://HOST:PORT/TOPIC"),
+    ("enable.idempotence", "false", "neither duplicate nor reorder"),
+    ("acks", "1", "every in-sync replica"),
+]
+
+
+@pytest.fixture(scope="module")
+def sample_topic(kafka_bootstrap):
+    topic = new_topic(kafka_bootstrap)
+    produce(topic, [(n % 3, line, None) for n, line in enumerate(sample_lines())])
+    return topic
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("name,value,why", REFUSED)
+def test_the_job_refuses_a_setting_that_would_override_a_guarantee(name, value, why, sample_topic, tmp_path,
+                                                                     capsys):
+    flags = [f"--input={sample_topic.url}", "--to=latest", f"--sink=sqlite:///{tmp_path}/out.db",
+             f"--dlq={tmp_path}/dlq.jsonl", "--status=off"]
+    assert main([*flags, f"--kafka_setting={name}={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"aggregate: error: --kafka_setting: {name} "), err
+    assert why in err[0]
+    assert not (tmp_path / "out.db").exists()  # refused before anything ran
+    properties = tmp_path / "client.properties"
+    properties.write_text(f"{name} = {value}\n")
+    assert main([*flags, f"--kafka_config_file={properties}"]) == 2
+    assert f"--kafka_config_file: {name} " in capsys.readouterr().err
+
+
+@pytest.mark.kafka
+def test_the_archive_job_refuses_them_too(sample_topic, tmp_path, capsys):
+    assert archive.main([f"--input={sample_topic.url}", f"--output={tmp_path}/a",
+                         "--kafka_setting=enable.auto.commit=true"]) == 2
+    assert "enable.auto.commit must stay false" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(GUARDED_SETTINGS))
+def test_a_read_config_refuses_them_for_library_users(name):
+    with pytest.raises(ValueError, match=name):
+        KafkaReadConfig(KafkaTopic("127.0.0.1:9092", "t"), group_id="g", client_settings={name: "x"})
+
+
+def test_the_values_the_reader_sets_itself_are_accepted():
+    settings = {"enable.auto.commit": "false", "isolation.level": "read_committed", "acks": "all",
+                "enable.idempotence": "true"}
+    assert client_settings_from_flags(tuple(f"{k}={v}" for k, v in settings.items()), None) == settings
+    consumer = KafkaReadConfig(KafkaTopic("127.0.0.1:9092", "t"), group_id="g").consumer_settings()
+    assert consumer["enable.auto.commit"] == "false" and consumer["isolation.level"] == "read_committed"
+
+
+def test_a_properties_file_in_kafkas_format(tmp_path):
+    path = tmp_path / "client.properties"
+    path.write_text(
+        "# a comment\n"
+        "! another comment\n"
+        "\n"
+        "security.protocol=SASL_SSL\n"
+        "  sasl.mechanism : PLAIN\n"
+        "sasl.username reader\n"
+        "sasl.password=p\\=q\\\\r\n"
+        "ssl.ca.location=/etc/ssl/a\\\n"
+        "    b.pem\n"
+        "client.id=\n")
+    assert read_properties_file(str(path)) == {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", "sasl.username": "reader",
+        "sasl.password": "p=q\\r", "ssl.ca.location": "/etc/ssl/ab.pem", "client.id": ""}
+
+
+def test_the_command_line_wins_over_the_file(tmp_path):
+    path = tmp_path / "client.properties"
+    path.write_text("client.id=from-file\nsocket.timeout.ms=1000\n")
+    assert client_settings_from_flags(("client.id=from-flag",), str(path)) == {
+        "client.id": "from-flag", "socket.timeout.ms": "1000"}
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "cannot read"),
+    ("=secret-value\n", "client.properties:1: a line with no setting name"),
+])
+def test_a_bad_properties_file_is_one_line_without_values(tmp_path, content, message, capsys):
+    path = tmp_path / "client.properties"
+    if content is not None:
+        path.write_text(content)
+    assert main([f"--kafka_config_file={path}", "--status=off"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "secret-value" not in err[0], err
