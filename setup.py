@@ -44,6 +44,7 @@ setuptools.setup(
         "fastavro>=1.9",
         "pyarrow>=14",
         "prometheus-client>=0.20",
+        "orjson>=3.9",
     ],
     extras_require={
         "kafka": ["confluent-kafka>=2.4"],
@@ -51,6 +52,7 @@ setuptools.setup(
         "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20"],
         "dev": [
             "pytest>=8",
+            "hypothesis>=6.100",
             "confluent-kafka>=2.4",
             "psycopg[binary]>=3.1",
             "matplotlib>=3.8",

@@ -1,0 +1,84 @@
+"""The batched decoder against the reference, on arbitrary input (property-based)."""
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from onceflow.batches import Decoded, Refusal, decode_values, high_waters, reference_verdict
+from onceflow.events import REASONS, EventContract
+
+CONTRACT = EventContract(time_field="t", key_fields=("k", "s"), value_fields=("v", "w"), id_field="id")
+DERIVED = EventContract(time_field="t", key_fields=("k",), value_fields=("v",), id_field=None)
+
+_numbers = st.one_of(
+    st.integers(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False),
+    st.floats(allow_nan=False, min_value=-1e20, max_value=1e20), st.sampled_from([2**63, -(2**63) - 1, 2**64, 0.0, -0.0]),
+)
+_scalars = st.one_of(st.none(), st.booleans(), _numbers, st.text(max_size=12),
+                     st.sampled_from(["", "2026-11-02T14:30:05.140+05:30", "2026-11-02T10:00:06Z", "2026-11-02",
+                                      "9999-12-31T23:59:59Z", "0001-01-01T00:00:00+01:00", "yesterday"]))
+_documents = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=4), inner, max_size=4)), max_leaves=12)
+_fields = st.fixed_dictionaries({}, optional={
+    "id": _scalars, "t": _scalars, "k": _scalars, "s": _scalars, "v": _scalars, "w": _scalars, "x": _documents})
+
+
+def _spellings(document):
+    """The document as JSON text, spelled a few ways (spacing, escapes, duplicate keys)."""
+    text = json.dumps(document, ensure_ascii=False)
+    yield text.encode("utf-8", "surrogatepass")
+    yield json.dumps(document, ensure_ascii=True, indent=1).encode()
+    if isinstance(document, dict) and document:
+        first = next(iter(document))
+        yield (text[:-1] + f", {json.dumps(first)}: 1}}").encode("utf-8", "surrogatepass")  # a duplicate key
+
+
+def _agree(contract, raw):
+    batched = decode_values(contract, [raw])[0]
+    reference = reference_verdict(contract, raw)
+    assert batched == reference, (raw, batched, reference)
+    assert type(batched) in (Decoded, Refusal)
+    if isinstance(batched, Refusal):
+        assert batched.reason in REASONS
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_fields)
+def test_json_like_documents_decode_as_the_reference_decodes_them(document):
+    for raw in _spellings(document):
+        _agree(CONTRACT, raw)
+        _agree(DERIVED, raw)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_are_one_verdict_each_never_an_exception(raw):
+    _agree(CONTRACT, raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_documents, max_size=5), st.integers(min_value=1, max_value=50))
+def test_deep_nesting_and_odd_top_levels_are_refused_like_the_reference(items, depth):
+    raw = ("[" * depth + json.dumps(items) + "]" * depth).encode()
+    _agree(CONTRACT, raw)
+    _agree(CONTRACT, b'{"id": "a", "t": 1, "k": "a", "s": 1, "v": 1, "w": ' + raw + b"}")
+
+
+def test_lone_surrogates_and_big_integers_take_the_reference_path():
+    for raw in [b'{"id": "\\ud800", "t": 1, "k": "a", "s": 1, "v": 1, "w": 1}',
+                b'{"id": "a", "t": 1, "k": "a", "s": 1, "v": 123456789012345678901234567890, "w": 1}',
+                b'{"id": "a", "t": 1, "k": "a", "s": 1, "v": -9223372036854775809, "w": 1}',
+                b'{"id": "a", "t": 1, "k": "a", "s": 18446744073709551615, "v": 1, "w": 1}']:
+        _agree(CONTRACT, raw)
+    assert decode_values(CONTRACT, [b'{"id": "\\ud800", "t": 1, "k": "a", "s": 1, "v": 1, "w": 1}'])[0].reason == \
+        "malformed_json"
+
+
+def test_high_waters_move_only_on_valid_events():
+    verdicts = decode_values(CONTRACT, [b'{"id": "a", "t": 5, "k": "a", "s": 1, "v": 1, "w": 1}', b"bad",
+                                        b'{"id": "b", "t": 3, "k": "a", "s": 1, "v": 1, "w": 1}',
+                                        b'{"id": "c", "t": 9, "k": "a", "s": true, "v": 1, "w": 1}',
+                                        b'{"id": "d", "t": 7, "k": "a", "s": 1, "v": 1, "w": 1}'])
+    assert high_waters(verdicts, None) == ([None, 5, 5, 5, 5], 7)
+    assert high_waters(verdicts, 6) == ([6, 6, 6, 6, 6], 7)
