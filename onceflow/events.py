@@ -52,8 +52,8 @@ REASONS = (
 INPUT_FORMATS = ("json", "avro")
 
 # Event times must fit Beam's timestamps and Python's datetime: years 1..9999.
-_MIN_EVENT_TIME_MS = -62135596800000  # 0001-01-01T00:00:00Z
-_MAX_EVENT_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+MIN_EVENT_TIME_MS = -62135596800000  # 0001-01-01T00:00:00Z
+MAX_EVENT_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
@@ -307,7 +307,7 @@ def parse_event_time_ms(value: Any, field: str = "event time") -> int:
     else:
         raise RecordError(REASON_BAD_TIMESTAMP, f"{field} must be ISO-8601 text or epoch milliseconds",
                           "BadTimestamp")
-    if not _MIN_EVENT_TIME_MS <= millis <= _MAX_EVENT_TIME_MS:
+    if not MIN_EVENT_TIME_MS <= millis <= MAX_EVENT_TIME_MS:
         raise RecordError(REASON_BAD_TIMESTAMP, f"{field} {value!r} is out of range (years 1 to 9999)",
                           "BadTimestamp")
     return millis

@@ -20,9 +20,9 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation
-from onceflow.batches import Decoded, RecordBatch, batch_from_records
+from onceflow.batches import Decoded, RecordBatch, batch_from_records, paused_gc
 from onceflow.deadletter import DeadLetter
-from onceflow.events import REASON_TOO_LATE, EventContract
+from onceflow.events import EventContract
 from onceflow.transforms.aggregate import Aggregated, _KeyAndWindowToRowDoFn, too_late_letter
 from onceflow.transforms.parse import STAGE as PARSE_STAGE
 from onceflow.windowing import WindowSpec
@@ -50,29 +50,40 @@ class _ScreenAndSplitDoFn(beam.DoFn):
 
     def setup(self) -> None:
         self._keys: Dict[Tuple[str, ...], Tuple[str, int]] = {}
-        self._refused: Dict[str, Any] = {}
 
     def process(self, batch: RecordBatch) -> Iterator[Any]:
         if batch.verdicts is None:
             raise ValueError("AggregateBatches needs batches decoded with the event contract")
+        with paused_gc():
+            groups, letters, parsed, timely = self._split(batch)
+        self._read.inc(len(batch.values))
+        self._parsed.inc(parsed)
+        self._timely.inc(timely)
+        for letter in letters:
+            metrics.dead_letter_counter(letter.reason).inc()
+            yield pvalue.TaggedOutput(_DEAD_LETTERS, letter)
+        yield from groups.items()
+
+    def _split(self, batch: RecordBatch) -> Tuple[Dict[ShardWindow, List[Row]], List[DeadLetter], int, int]:
         spec = self._spec
         size, step, lateness = spec.size_ms, spec.step_ms, spec.allowed_lateness_ms
         sliding = spec.is_sliding
         keys = self._keys
         groups: Dict[ShardWindow, List[Row]] = {}
+        letters: List[DeadLetter] = []
         high_waters = batch.high_waters
         parsed = timely = 0
         for index, verdict in enumerate(batch.verdicts):
             if type(verdict) is not Decoded:
-                yield pvalue.TaggedOutput(_DEAD_LETTERS, self._refusal(batch, index, verdict))
+                letters.append(DeadLetter(batch.record(index), PARSE_STAGE, verdict.reason, verdict.error_class,
+                                          verdict.message))
                 continue
             parsed += 1
             event_id, moment, key, values = verdict
             first_start = ((moment - size) // step + 1) * step
             high_water = high_waters[index]
             if high_water is not None and first_start + size + lateness <= high_water:
-                metrics.dead_letter_counter(REASON_TOO_LATE).inc()
-                yield pvalue.TaggedOutput(_DEAD_LETTERS, too_late_letter(spec, batch.record(index), event_id, moment))
+                letters.append(too_late_letter(spec, batch.record(index), event_id, moment))
                 continue
             timely += 1
             known = keys.get(key)
@@ -92,14 +103,7 @@ class _ScreenAndSplitDoFn(beam.DoFn):
                 if group is None:
                     group = groups[(shard, first_start, first_start + size)] = []
                 group.append(row)
-        self._read.inc(len(batch.values))
-        self._parsed.inc(parsed)
-        self._timely.inc(timely)
-        yield from groups.items()
-
-    def _refusal(self, batch: RecordBatch, index: int, refusal) -> DeadLetter:
-        metrics.dead_letter_counter(refusal.reason).inc()
-        return DeadLetter(batch.record(index), PARSE_STAGE, refusal.reason, refusal.error_class, refusal.message)
+        return groups, letters, parsed, timely
 
 
 def absorb(aggregation: Aggregation, by_key: Dict[str, list], rows: Sequence[Row]) -> Tuple[set, int]:
@@ -109,17 +113,18 @@ def absorb(aggregation: Aggregation, by_key: Dict[str, list], rows: Sequence[Row
     add = aggregation.add
     changed = set()
     duplicates = 0
-    for key_text, event_id, moment, values in rows:
-        entry = by_key.get(key_text)
-        if entry is None:
-            entry = by_key[key_text] = [aggregation.create(), 0, set()]
-        counted = entry[2]
-        if event_id in counted:
-            duplicates += 1
-            continue
-        counted.add(event_id)
-        add(entry[0], moment, event_id, values)
-        changed.add(key_text)
+    with paused_gc():
+        for key_text, event_id, moment, values in rows:
+            entry = by_key.get(key_text)
+            if entry is None:
+                entry = by_key[key_text] = [aggregation.create(), 0, set()]
+            counted = entry[2]
+            if event_id in counted:
+                duplicates += 1
+                continue
+            counted.add(event_id)
+            add(entry[0], moment, event_id, values)
+            changed.add(key_text)
     return changed, duplicates
 
 
