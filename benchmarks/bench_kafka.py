@@ -490,12 +490,19 @@ def engine_commit() -> str:
     spec = importlib.util.find_spec("onceflow")
     if spec is None or spec.origin is None:
         return "unknown"
-    folder = os.path.dirname(os.path.dirname(spec.origin))
-    try:
-        return subprocess.run(["git", "-C", folder, "describe", "--always", "--dirty", "--abbrev=7"],
-                              capture_output=True, text=True, timeout=30, check=True).stdout.strip() + f" ({folder})"
+    package = os.path.dirname(spec.origin)
+    folder = os.path.dirname(package)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:  # the last commit that changed the package, and whether it has uncommitted changes
+        commit = git("log", "-1", "--format=%h", "--", package)
+        dirty = " with uncommitted changes" if git("status", "--porcelain", "--", package) else ""
+        return f"onceflow at {commit}{dirty} ({folder})"
     except (OSError, subprocess.SubprocessError):
-        return f"unknown ({folder})"
+        return f"onceflow from {folder} (not a git checkout)"
 
 
 def job_argv(*flags: str) -> List[str]:
@@ -790,7 +797,7 @@ def print_footer(args: argparse.Namespace) -> None:
     except Exception:  # noqa: BLE001
         beam = "?"
     print(f"machine: nproc {os.cpu_count()}, Python {platform.python_version()}, apache-beam {beam}, "
-          f"{platform.machine()}; engine {engine_commit()}")
+          f"{platform.machine()}; {engine_commit()}")
 
 
 # -- live mode: a steady rate while the job runs ---------------------------------------
