@@ -124,6 +124,24 @@ class RecordBatch(NamedTuple):
     def records(self) -> List[SourceRecord]:
         return [self.record(i) for i in range(len(self.values))]
 
+    def __reduce__(self):
+        # Pickled as plain columns: pickle builds each NamedTuple through
+        # copyreg (a Python call per verdict), plain tuples in C. Runners encode
+        # batches between stages and to sample element sizes.
+        verdicts = self.verdicts
+        packed = None if verdicts is None else (
+            [type(verdict) is Decoded for verdict in verdicts], list(map(tuple, verdicts)))
+        return _unpack_batch, (self.origin, self.values, self.positions, self.high_waters, packed,
+                               self.timestamps, self.keys, self.headers, self.sources)
+
+
+def _unpack_batch(origin, values, positions, marks, packed, timestamps, keys, headers, sources) -> RecordBatch:
+    verdicts = None
+    if packed is not None:
+        make = tuple.__new__
+        verdicts = [make(Decoded if decoded else Refusal, fields) for decoded, fields in zip(*packed)]
+    return RecordBatch(origin, values, positions, marks, verdicts, timestamps, keys, headers, sources)
+
 
 def decode_values(contract: EventContract, values: Sequence[bytes]) -> List[Verdict]:
     """The contract's verdict on each raw value, in order (see the module doc)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -332,6 +333,7 @@ def _datetime_to_ms(moment: datetime.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
 
 
+@functools.lru_cache(maxsize=4096)  # sinks format the same window bounds for every key
 def format_utc_ms(millis: int) -> str:
     """Epoch milliseconds as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (fixed width, sortable)."""
     moment = _EPOCH + datetime.timedelta(milliseconds=millis)

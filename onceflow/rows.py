@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import re
 from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
@@ -85,10 +86,13 @@ def row_key(row: Dict[str, Any], key_fields: Sequence[str]) -> Tuple[Any, ...]:
 def row_values(row: Dict[str, Any], schema: RowSchema, timestamp: Callable[[int], Any]) -> List[Any]:
     """The row's values in ``schema.columns`` order, window bounds converted by
     ``timestamp`` (epoch ms to whatever the store takes)."""
-    return [timestamp(row[column]) if schema.column_kind(column) == "timestamp" else row[column]
-            for column in schema.columns]
+    return [timestamp(row[column]) if column in _WINDOW_BOUNDS else row[column] for column in schema.columns]
 
 
+_WINDOW_BOUNDS = frozenset((WINDOW_START, WINDOW_END))  # the timestamp columns (see RowSchema.column_kind)
+
+
+@functools.lru_cache(maxsize=4096)  # window bounds repeat across every key of a window
 def utc_datetime(millis: int) -> datetime.datetime:
     """Epoch milliseconds as an aware UTC datetime (exact: ms fit in microseconds)."""
     return _EPOCH + datetime.timedelta(milliseconds=millis)

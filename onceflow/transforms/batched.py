@@ -110,8 +110,7 @@ def absorb(aggregation: Aggregation, by_key: Dict[str, list], rows: Sequence[Row
     """Adds each row's event to its key's accumulator unless the key has counted
     its ID already. ``by_key`` maps key text to ``[accumulator, emitted count,
     counted IDs]``. Returns the keys changed and the number of duplicates."""
-    add = aggregation.add
-    changed = set()
+    fresh: Dict[str, List[Tuple[str, int, Dict[str, Any]]]] = {}
     duplicates = 0
     with paused_gc():
         for key_text, event_id, moment, values in rows:
@@ -123,8 +122,13 @@ def absorb(aggregation: Aggregation, by_key: Dict[str, list], rows: Sequence[Row
                 duplicates += 1
                 continue
             counted.add(event_id)
-            add(entry[0], moment, event_id, values)
-            changed.add(key_text)
+            events = fresh.get(key_text)
+            if events is None:
+                events = fresh[key_text] = []
+            events.append((event_id, moment, values))
+        for key_text, events in fresh.items():
+            aggregation.add_many(by_key[key_text][0], events)
+    changed = set(fresh)
     return changed, duplicates
 
 
