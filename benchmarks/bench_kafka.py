@@ -478,7 +478,8 @@ class Result:
 
 def dev_status() -> Dict[str, dict]:
     try:
-        out = subprocess.run(["onceflow", "dev", "status", "--json"], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-m", "onceflow.cli", "dev", "status", "--json"], capture_output=True,
+                             text=True, timeout=120)
         return json.loads(out.stdout)
     except (OSError, ValueError, subprocess.SubprocessError) as error:
         say(f"`onceflow dev status --json` failed ({error}); assuming only the given broker")
@@ -520,7 +521,7 @@ class Bench:
         self.topic = f"bench-{self.run_id}"
         self.contract = ["--id_field=order_id", "--time_field=event_time", "--key_fields=store",
                          "--aggregate=count,sum:qty", f"--window={args.window_seconds}s",
-                         f"--allowed_lateness={ALLOWED_LATENESS}"]
+                         f"--allowed_lateness={ALLOWED_LATENESS}", *args.job_flag]
         self.truth: Optional[Truth] = None
 
     # -- setup --
@@ -789,6 +790,7 @@ def print_footer(args: argparse.Namespace) -> None:
     command += [f"--keys={args.keys}", f"--seed={args.seed}", f"--window-seconds={args.window_seconds}"]
     if args.bootstrap:
         command.append(f"--bootstrap={args.bootstrap}")
+    command += [f"--job-flag={flag}" for flag in args.job_flag]
     print(f"reproduce: {shlex.join(command)}")
     try:
         from importlib.metadata import version
@@ -976,6 +978,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--live-rate", type=float, default=0, help="live mode: orders per second")
     parser.add_argument("--live-seconds", type=float, default=180, help="live mode: how long to produce")
     parser.add_argument("--live-runner", choices=("prism", "flink"), default="prism")
+    parser.add_argument("--job-flag", action="append", default=[], metavar="FLAG",
+                        help="a flag passed to every onceflow job as is (repeatable), e.g. --job-flag=--shards=4")
     parser.add_argument("--lag-every", type=float, default=3, help="live mode: seconds between lag samples")
     args = parser.parse_args(argv)
     bench = Bench(args)

@@ -83,6 +83,12 @@ class KafkaOptions(PipelineOptions):
                  "Kafka record timestamp), so windows a crash left unwritten are re-read in full. "
                  "Cover the gap between record timestamps and event times. Default: 5m.")
         group.add_argument(
+            "--kafka_readers", default="1",
+            help="How many readers the topic's partitions are dealt to (at most the partition "
+                 "count; each reader owns its partitions, never sharing one). More than 1 reads "
+                 "partitions in parallel on Flink or Dataflow; Prism takes a reader stage's "
+                 "watermark from one reader's bundles, so Prism runs only 1. Default: 1.")
+        group.add_argument(
             "--kafka_idle_timeout", default="30s",
             help="Live reads: a caught-up partition with no records for this long stops holding "
                  "back the watermark. Default: 30s.")

@@ -65,6 +65,7 @@ class AggregateJob:
     kafka_idle_timeout_ms: int = 30_000
     kafka_rewind_margin_ms: int = 300_000
     shards: int = DEFAULT_SHARDS
+    kafka_readers: int = 1
 
     @property
     def row_schema(self) -> RowSchema:
@@ -200,6 +201,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         early_firing_ms=early_ms,
         sink_batch_size=positive_int(output.sink_batch_size, "--sink_batch_size"),
         shards=positive_int(options.view_as(AggregateOptions).shards, "--shards"),
+        kafka_readers=positive_int(kafka_options.kafka_readers, "--kafka_readers"),
     )
 
 
@@ -253,7 +255,7 @@ def build(pipeline: beam.Pipeline, job: AggregateJob) -> AggregateOutputs:
     """Adds the whole job (read, transform, write) to ``pipeline``."""
     if job.kafka is not None:
         batches = pipeline | "ReadKafka" >> ReadBatchesFromKafka(
-            job.kafka, job.contract, idle_timeout_s=job.kafka_idle_timeout_ms / 1000,
+            job.kafka, job.contract, idle_timeout_s=job.kafka_idle_timeout_ms / 1000, readers=job.kafka_readers,
             finalize_every_bundle=runs_on_prism(pipeline.options))
     elif job.from_archive:
         batches = (pipeline
@@ -378,6 +380,10 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         _choose_streaming_runner(options)
         keep_live_job_streams_open(options)
     keep_prism_from_splitting(options)
+    if job.kafka_readers > 1 and runs_on_prism(options):
+        raise UsageError("--kafka_readers: Prism (Beam 2.77) takes a reader stage's watermark from the latest "
+                         "bundle's readers only and could close windows early with several; use 1 on Prism, "
+                         "or more on Flink or Dataflow")
     try:
         prepare_sink(job.sink, job.row_schema)
     except (ValueError, OSError) as error:
