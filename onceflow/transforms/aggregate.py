@@ -190,6 +190,18 @@ class _KeyAndWindowToRowDoFn(beam.DoFn):
         yield row
 
 
+def check_aggregate_arguments(transform: str, key_fields: Sequence[str], aggregates: Sequence[AggregateSpec],
+                              early_firing_ms: Optional[int]) -> None:
+    """ValueError unless there are key fields, aggregates, and a whole-second early
+    firing interval (or none)."""
+    if not key_fields:
+        raise ValueError(f"{transform} needs at least one key field")
+    if not aggregates:
+        raise ValueError(f"{transform} needs at least one aggregate")
+    if early_firing_ms is not None and (early_firing_ms <= 0 or early_firing_ms % 1000):
+        raise ValueError("the early firing interval must be a whole number of seconds")
+
+
 class WindowedAggregate(beam.PTransform):
     """Aggregates events per key in fixed or sliding event-time windows.
 
@@ -237,12 +249,7 @@ class WindowedAggregate(beam.PTransform):
         dedup: bool = True,
     ):
         super().__init__()
-        if not key_fields:
-            raise ValueError("WindowedAggregate needs at least one key field")
-        if not aggregates:
-            raise ValueError("WindowedAggregate needs at least one aggregate")
-        if early_firing_ms is not None and (early_firing_ms <= 0 or early_firing_ms % 1000):
-            raise ValueError("the early firing interval must be a whole number of seconds")
+        check_aggregate_arguments("WindowedAggregate", key_fields, aggregates, early_firing_ms)
         self._key_fields = tuple(key_fields)
         self._spec = window_spec
         self._aggregates = tuple(aggregates)

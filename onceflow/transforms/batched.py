@@ -23,7 +23,9 @@ from onceflow.aggregates import AggregateSpec, Aggregation
 from onceflow.batches import Decoded, RecordBatch, batch_from_records, paused_gc
 from onceflow.deadletter import DeadLetter
 from onceflow.events import EventContract
-from onceflow.transforms.aggregate import Aggregated, _KeyAndWindowToRowDoFn, too_late_letter
+from onceflow.transforms.aggregate import (
+    Aggregated, _KeyAndWindowToRowDoFn, check_aggregate_arguments, too_late_letter,
+)
 from onceflow.transforms.parse import STAGE as PARSE_STAGE
 from onceflow.windowing import WindowSpec
 
@@ -300,12 +302,7 @@ class AggregateBatches(beam.PTransform):
         shards: int = DEFAULT_SHARDS,
     ):
         super().__init__()
-        if not key_fields:
-            raise ValueError("AggregateBatches needs at least one key field")
-        if not aggregates:
-            raise ValueError("AggregateBatches needs at least one aggregate")
-        if early_firing_ms is not None and (early_firing_ms <= 0 or early_firing_ms % 1000):
-            raise ValueError("the early firing interval must be a whole number of seconds")
+        check_aggregate_arguments("AggregateBatches", key_fields, aggregates, early_firing_ms)
         if not isinstance(shards, int) or shards < 1:
             raise ValueError("the number of shards must be a positive whole number")
         self._key_fields = tuple(key_fields)
