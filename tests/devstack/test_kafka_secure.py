@@ -200,3 +200,39 @@ def test_a_wrong_password_or_an_untrusted_ca_is_one_line_naming_the_setting(kafk
     assert settings["sasl.password"] not in done.stderr + done.stdout
     assert elapsed < ERROR_DEADLINE_S, f"took {elapsed:.0f}s: {lines}"
     assert not (tmp_path / "unused.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.prism
+def test_a_live_job_on_prism_reads_and_commits_over_sasl_ssl(kafka_secure, kafka_bootstrap, prism_path, tmp_path):
+    """The main job live on Prism against the secured listener, dead letters to a topic
+    over SASL_SSL: it catches up with the backfill's table, commits every offset of
+    its group, and `onceflow dlq` reads the secured queue."""
+    import signal
+
+    from tests.livejob import committed, counted_events, job_output, start_live_job, stop, wait_for
+
+    topic, queue = new_topic(kafka_bootstrap), new_topic(kafka_bootstrap, partitions=1)
+    lines = sample_lines()
+    produce_secure(kafka_secure, topic, lines)
+    backfill_db, live_db = tmp_path / "backfill.db", tmp_path / "live.db"
+    assert aggregate_main([f"--input={topic.url}", "--from=earliest", "--to=latest", "--status=off",
+                           f"--sink=sqlite:///{backfill_db}", f"--dlq={tmp_path}/backfill-dlq.jsonl"]) == 0
+    expected_events = counted_events(backfill_db)
+    group = f"g-{topic.topic}"
+    secured = secure_topic(kafka_secure, topic)
+    job = start_live_job(secured, group, f"sqlite:///{live_db}",
+                         f"kafka://{kafka_secure['bootstrap_servers']}/{queue.topic}",
+                         f"--kafka_config_file={kafka_secure['client_properties']}", "--kafka_idle_timeout=3s",
+                         log_dir=tmp_path)
+    try:
+        wait_for(lambda: counted_events(live_db) == expected_events, "the live table to catch up", 300, job)
+        # Committed through the secured listener; read back through the plain one.
+        wait_for(lambda: sum(committed(topic, group)) == len(lines), "offsets committed", 120, job)
+    finally:
+        stop(job, signal.SIGINT)
+    assert table_rows(live_db) == table_rows(backfill_db), job_output(job)
+    letters = [json.loads(value) for _, value in
+               read_topic_to_end(secure_topic(kafka_secure, queue), settings_of(kafka_secure))]
+    assert len({letter["dlq_id"] for letter in letters}) == SAMPLE_DEAD_LETTERS
+    assert kafka_secure["password"] not in job_output(job, limit=10**7)
