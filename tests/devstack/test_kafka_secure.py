@@ -149,17 +149,23 @@ def test_lag_reads_the_group_over_sasl_ssl_with_the_properties_file(kafka_secure
 
 
 def _wrong_settings(kafka_secure, tmp_path, what):
-    """A copy of the ready-made properties file with a wrong password or another CA."""
+    """A copy of the ready-made properties file with a wrong password or another CA,
+    or the mutual-TLS one without the client certificate; and the listener."""
     settings = settings_of(kafka_secure)
+    address = kafka_secure["bootstrap_servers"]
     if what == "password":
         settings["sasl.password"] = "wrong-" + uuid.uuid4().hex
         named = ("sasl.password",)
-    else:
+    elif what == "ca":
         settings["ssl.ca.location"] = str(kafka_secure_ca_elsewhere(tmp_path))
         named = ("ssl.ca.location",)
+    else:
+        settings = {"security.protocol": "SSL", "ssl.ca.location": kafka_secure["mtls"]["ca_file"]}
+        address = kafka_secure["mtls"]["bootstrap_servers"]
+        named = ("ssl.certificate.location", "ssl.key.location")
     path = tmp_path / f"wrong-{what}.properties"
     path.write_text("".join(f"{name}={value}\n" for name, value in settings.items()))
-    return path, settings, named
+    return path, settings, named, address
 
 
 def kafka_secure_ca_elsewhere(tmp_path):
@@ -167,8 +173,7 @@ def kafka_secure_ca_elsewhere(tmp_path):
     return kafka_secure.make_ca(tmp_path / "other-ca", name="some other CA")
 
 
-def _command(kafka_secure, which, props, queue):
-    address = kafka_secure["bootstrap_servers"]
+def _command(address, which, props, queue):
     if which == "job":
         return [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input=kafka://{address}/{queue}",
                 "--from=earliest", "--to=latest", f"--kafka_config_file={props}", "--sink=sqlite:///unused.db",
@@ -181,14 +186,14 @@ def _command(kafka_secure, which, props, queue):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which,what", [("job", "password"), ("job", "ca"), ("lag", "password"), ("lag", "ca"),
-                                        ("dlq", "password")])
+@pytest.mark.parametrize("which,what", [("job", "password"), ("job", "ca"), ("job", "client-certificate"),
+                                        ("lag", "password"), ("lag", "ca"), ("dlq", "password")])
 def test_a_wrong_password_or_an_untrusted_ca_is_one_line_naming_the_setting(kafka_secure, kafka_bootstrap,
                                                                             tmp_path, which, what):
     queue = new_topic(kafka_bootstrap, partitions=1)
-    props, settings, named = _wrong_settings(kafka_secure, tmp_path, what)
+    props, settings, named, address = _wrong_settings(kafka_secure, tmp_path, what)
     started = time.monotonic()
-    done = subprocess.run(_command(kafka_secure, which, props, queue.topic), cwd=tmp_path, capture_output=True,
+    done = subprocess.run(_command(address, which, props, queue.topic), cwd=tmp_path, capture_output=True,
                           text=True, timeout=ERROR_DEADLINE_S + 30, env=dict(os.environ), stdin=subprocess.DEVNULL)
     elapsed = time.monotonic() - started
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -197,7 +202,8 @@ def test_a_wrong_password_or_an_untrusted_ca_is_one_line_naming_the_setting(kafk
     assert "Traceback" not in done.stderr
     assert all(name in lines[0] for name in named), lines[0]
     assert "refused the connection" in lines[0]
-    assert settings["sasl.password"] not in done.stderr + done.stdout
+    assert kafka_secure["password"] not in done.stderr + done.stdout
+    assert settings.get("sasl.password", kafka_secure["password"]) not in done.stderr + done.stdout
     assert elapsed < ERROR_DEADLINE_S, f"took {elapsed:.0f}s: {lines}"
     assert not (tmp_path / "unused.db").exists()
 
