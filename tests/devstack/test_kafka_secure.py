@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from onceflow import cli
-from onceflow.devstack import kafka_secure
+from onceflow.devstack import kafka_secure as secure_listeners
 from onceflow.io.kafka_config import KafkaTopic, read_properties_file
 from onceflow.io.kafka_errors import ClientErrors
 from onceflow.io.kafka_sink import read_topic_to_end
@@ -170,7 +170,7 @@ def _wrong_settings(kafka_secure, tmp_path, what):
 
 def kafka_secure_ca_elsewhere(tmp_path):
     """A throwaway CA that did not sign the broker's certificate."""
-    return kafka_secure.make_ca(tmp_path / "other-ca", name="some other CA")
+    return secure_listeners.make_ca(tmp_path / "other-ca", name="some other CA")
 
 
 def _command(address, which, props, queue):
