@@ -27,5 +27,9 @@ stop_what_we_started() {
   if [ -n "$started" ]; then onceflow dev down --services "$started" || true; fi
 }
 trap stop_what_we_started EXIT
-onceflow dev up --services "$services"
+# A broker started here gets the secured listeners too (SASL_SSL, mutual TLS) that
+# the secured-listener tests use; one already running is left as it is.
+secure=""
+case ",$already_up," in *",kafka,"*) ;; *) secure="--secure" ;; esac
+onceflow dev up --services "$services" $secure
 python -m pytest "$@"

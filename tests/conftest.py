@@ -36,13 +36,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @contextlib.contextmanager
-def _service(name: str) -> Iterator[None]:
+def _service(name: str, secure: bool | None = None) -> Iterator[None]:
     """Bring ``name`` up for the session; stop it afterwards if we started it."""
     from onceflow import devstack
     from onceflow.errors import ServiceError
 
     try:
-        started = devstack.ensure_up([name])
+        started = devstack.ensure_up([name], secure=secure)
     except ServiceError as error:
         reason = str(error)
     else:
@@ -58,11 +58,30 @@ def _service(name: str) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    """``127.0.0.1:<port>`` of a running single-node Kafka broker."""
+    """``127.0.0.1:<port>`` of a running single-node Kafka broker (its plain listener).
+    A broker this session starts has the secured listeners too (``kafka_secure``);
+    one already running is used as it is."""
     from onceflow import devstack
+    from onceflow.devstack import kafka
 
-    with _service("kafka"):
+    with _service("kafka", secure=None if kafka.status()["pid"] else True):
         yield devstack.kafka_bootstrap_servers()
+
+
+@pytest.fixture(scope="session")
+def kafka_secure(kafka_bootstrap) -> dict:
+    """The dev broker's secured listeners, as ``onceflow dev status --json`` gives
+    them: SASL_SSL ``bootstrap_servers``, ``username``, ``password``, ``ca_file``,
+    ``client_properties``, and ``mtls`` (mutual TLS). Fails, saying how to restart
+    it, when the broker was started without them by someone else."""
+    from onceflow.devstack import kafka
+
+    info = kafka.status().get("secure") if kafka.configured_secure() else None
+    if not info or not info["healthy"]:
+        pytest.fail("the dev Kafka broker runs without its secured listeners; restart it with them: "
+                    "onceflow dev down --services kafka && onceflow dev up --services kafka --secure",
+                    pytrace=False)
+    return info
 
 
 @pytest.fixture(scope="session")

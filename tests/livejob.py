@@ -41,10 +41,11 @@ def produce(topic, records, producer=None):
     assert producer.flush(30) == 0
 
 
-def start_live_job(topic, group, sink, dlq, *flags):
+def start_live_job(topic, group, sink, dlq, *flags, log_dir=None):
     """The main job reading ``topic`` live, in its own process group; its output goes
-    to a log file beside the DLQ (a pipe nobody reads would fill and block the job)."""
-    log_path = f"{dlq}.{time.monotonic_ns()}.log"
+    to a log file beside the DLQ, or in ``log_dir`` (for a kafka:// DLQ) (a pipe
+    nobody reads would fill and block the job)."""
+    log_path = f"{dlq if log_dir is None else os.path.join(log_dir, 'job')}.{time.monotonic_ns()}.log"
     with open(log_path, "wb") as log:
         job = subprocess.Popen(
             [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={topic.url}", f"--kafka_group={group}",

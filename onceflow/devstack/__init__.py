@@ -1,7 +1,8 @@
 """Real local services for development and tests: Kafka, PostgreSQL, Prism, Flink.
 
 Command line: ``onceflow dev up|status|down [--services kafka,postgres,prism,flink,flink-cluster]``
-(``up`` defaults to kafka,postgres). ``flink`` is Beam's Flink job server with an
+(``up`` defaults to kafka,postgres; ``up --secure`` adds Kafka's SASL_SSL and
+mutual-TLS listeners, see :mod:`onceflow.devstack.kafka_secure`). ``flink`` is Beam's Flink job server with an
 embedded Flink; ``flink-cluster`` a standalone Flink session cluster it can target
 (``ONCEFLOW_FLINK_MASTER=127.0.0.1:18081``). From Python::
 
@@ -21,6 +22,8 @@ Ports (all on 127.0.0.1; environment variable, default):
 =================================  =======  ===========================
 ``ONCEFLOW_KAFKA_PORT``            19092    Kafka client listener
 ``ONCEFLOW_KAFKA_CONTROLLER_PORT`` 19093    Kafka KRaft controller
+``ONCEFLOW_KAFKA_SASL_PORT``       19094    Kafka SASL_SSL listener (``up --secure``)
+``ONCEFLOW_KAFKA_MTLS_PORT``       19095    Kafka mutual-TLS listener (``up --secure``)
 ``ONCEFLOW_POSTGRES_PORT``         15432    PostgreSQL
 ``ONCEFLOW_FLINK_JOB_PORT``        18099    Beam job service (Flink)
 ``ONCEFLOW_FLINK_ARTIFACT_PORT``   18098    Beam artifact staging (Flink)
@@ -91,12 +94,14 @@ def parse_services(value: str | Iterable[str] | None, default: Iterable[str] = D
     return list(dict.fromkeys(names))
 
 
-def ensure_up(services: str | Iterable[str] | None = None) -> list[str]:
+def ensure_up(services: str | Iterable[str] | None = None, secure: bool | None = None) -> list[str]:
     """Start (or build) each service unless it is already up; return the names
-    this call started. Raises ServiceError with one line saying what to do."""
+    this call started. ``secure`` is Kafka's (see :func:`kafka.up`): True for its
+    SASL_SSL and mutual-TLS listeners. Raises ServiceError with one line saying
+    what to do."""
     started = []
     for name in parse_services(services):
-        if SERVICES[name].up():
+        if (kafka.up(secure=secure) if name == "kafka" else SERVICES[name].up()):
             started.append(name)
     return started
 

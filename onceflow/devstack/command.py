@@ -1,6 +1,7 @@
 """``onceflow dev``: start, inspect and stop the local services.
 
     onceflow dev up     [--services kafka,postgres,prism,flink,flink-cluster]  (default kafka,postgres)
+                        [--secure | --no-secure]   Kafka's SASL_SSL and mutual-TLS listeners
     onceflow dev status [--services ...] [--json]
     onceflow dev down   [--services ...]                          (default: all)
     onceflow dev topic create NAME --partitions N
@@ -39,6 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--services",
         default=",".join(devstack.DEFAULT_SERVICES),
         help=f"{_SERVICES_HELP} (default: {','.join(devstack.DEFAULT_SERVICES)})",
+    )
+    up.add_argument(
+        "--secure",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start Kafka with a SASL_SSL (SCRAM-SHA-512) and a mutual-TLS listener next to the plain "
+             "one, with a throwaway CA and credentials ('dev status --json' shows them); "
+             "--no-secure without; default: as Kafka's previous start (plain the first time)",
     )
     up.set_defaults(handler=_up)
 
@@ -92,12 +101,19 @@ def _describe(name: str, info: dict[str, Any]) -> str:
     else:  # pragma: no cover - every service is listed above
         where = ""
     pid = f"  pid {info['pid']}" if info.get("pid") else ""
-    return f"{name:<9} {state:<10} {where}{pid}"
+    line = f"{name:<9} {state:<10} {where}{pid}"
+    secure = info.get("secure") if name == "kafka" else None
+    if secure:  # the secured listeners, one line each
+        for label, listener in (("SASL_SSL", secure), ("mutual TLS", secure["mtls"])):
+            listener_state = "up" if listener["healthy"] else "down"
+            line += (f"\n{'':<9} {listener_state:<10} {listener['bootstrap_servers']}  ({label}; "
+                     f"--kafka_config_file {listener['client_properties']})")
+    return line
 
 
 def _up(args: argparse.Namespace) -> int:
     names = devstack.parse_services(args.services)
-    started = devstack.ensure_up(names)
+    started = devstack.ensure_up(names, secure=args.secure)
     info = devstack.status(names)
     for name in names:
         print(_describe(name, info[name]))

@@ -263,12 +263,21 @@ def read_records_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]]
     end offsets as of the call; RuntimeError when that takes over ``timeout_s``."""
     import time
 
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+    from onceflow.io.kafka_errors import ClientErrors
+
+    errors = ClientErrors()  # a refused login or certificate: one line below, not a log line per retry
     consumer = Consumer({"bootstrap.servers": topic.bootstrap_servers, "group.id": "onceflow-reader",
-                         "enable.auto.commit": False, **dict(settings or {})})
+                         "enable.auto.commit": False, "log_level": 0, "error_cb": errors, **dict(settings or {})})
     try:
-        metadata = consumer.list_topics(topic.topic, timeout=timeout_s).topics.get(topic.topic)
+        try:
+            metadata = consumer.list_topics(topic.topic, timeout=timeout_s).topics.get(topic.topic)
+        except KafkaException:
+            refused = errors.security_problem(consumer, settings)
+            if refused:
+                raise RuntimeError(f"Kafka at {topic.bootstrap_servers} refused the connection: {refused}") from None
+            raise
         if metadata is None or metadata.error is not None:
             return
         ends: Dict[int, int] = {}

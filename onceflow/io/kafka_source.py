@@ -25,6 +25,7 @@ from onceflow import metrics
 from onceflow.batches import KAFKA, RecordBatch, decode_values, high_waters
 from onceflow.events import EventContract
 from onceflow.io.kafka_config import KafkaReadConfig, Position, redact
+from onceflow.io.kafka_errors import ClientErrors
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -49,12 +50,14 @@ class KafkaPartitionRead(NamedTuple):
     stop_offset: Optional[int]
 
 
-def _consumer(config: KafkaReadConfig, purpose: str):
+def _consumer(config: KafkaReadConfig, purpose: str, error_cb=None, quiet: bool = False):
     from confluent_kafka import Consumer  # the kafka extra
 
     settings = config.consumer_settings()
     settings.setdefault("client.id", f"onceflow-{purpose}")
-    settings["error_cb"] = _log_client_error
+    settings["error_cb"] = error_cb or _log_client_error
+    if quiet:  # a short-lived client: its errors reach error_cb; librdkafka's log would repeat each retry
+        settings["log_level"] = 0
     return Consumer(settings)
 
 
@@ -73,11 +76,16 @@ def describe_topic(config: KafkaReadConfig, timeout_s: float = _METADATA_TIMEOUT
     exist, each with a clear message."""
     from confluent_kafka import KafkaException
 
-    consumer = _consumer(config, "metadata")
+    errors = ClientErrors()  # reported below, in one line, if they stop the request
+    consumer = _consumer(config, "metadata", errors, quiet=True)
     try:
         try:
             metadata = consumer.list_topics(config.topic.topic, timeout=timeout_s)
         except KafkaException as error:
+            refused = errors.security_problem(consumer, config.client_settings)
+            if refused:  # a login or certificate problem: retrying will not help
+                raise BrokerUnreachable(f"Kafka at {config.topic.bootstrap_servers} refused the connection: "
+                                        f"{refused}") from None
             raise BrokerUnreachable(
                 f"cannot reach Kafka at {config.topic.bootstrap_servers} within {timeout_s:.0f}s "
                 f"({error.args[0].str() if error.args else error}); is the broker up?"
@@ -103,7 +111,7 @@ def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
     from confluent_kafka import TopicPartition
 
     own_consumer = consumer is None
-    consumer = consumer or _consumer(config, "offsets")
+    consumer = consumer or _consumer(config, "offsets", quiet=True)
     try:
         topic = config.topic.topic
         bounds = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=_METADATA_TIMEOUT_S)

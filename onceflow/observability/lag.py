@@ -113,12 +113,18 @@ def consumer_group_lag(bootstrap_servers: str, group: str, topic: Optional[str] 
     from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
     from confluent_kafka.admin import AdminClient, OffsetSpec
 
+    from onceflow.io.kafka_errors import ClientErrors
+
     # librdkafka logs each failed connection attempt; the one-line error below says it once.
-    quiet = {"log_level": 0, "error_cb": lambda error: None}
+    errors = ClientErrors()
+    quiet = {"log_level": 0, "error_cb": errors}
     admin = AdminClient({**quiet, **dict(settings or {}), "bootstrap.servers": bootstrap_servers})
     try:
         metadata = admin.list_topics(timeout=timeout_s)  # all topics: never auto-creates one
     except KafkaException as error:
+        refused = errors.security_problem(admin, settings)
+        if refused:
+            raise BrokerUnreachable(f"Kafka at {bootstrap_servers} refused the connection: {refused}") from None
         raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap_servers} within {timeout_s:g}s "
                                 f"({_kafka_message(error)})") from None
     existing = {name: t for name, t in metadata.topics.items() if t.error is None}

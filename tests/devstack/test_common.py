@@ -193,3 +193,45 @@ def test_down_with_nothing_running_is_a_no_op(monkeypatch, tmp_path, capsys):
     assert cli.main(["dev", "down"]) == 0
     assert "nothing was running" in capsys.readouterr().out
     assert not pathlib.Path(tmp_path, "kafka").exists()
+
+
+def test_server_properties_with_the_secured_listeners(tmp_path, monkeypatch):
+    from onceflow.devstack import kafka_secure
+
+    monkeypatch.setenv("ONCEFLOW_KAFKA_SASL_PORT", "3333")
+    monkeypatch.setenv("ONCEFLOW_KAFKA_MTLS_PORT", "4444")
+    material = kafka_secure.Material(tmp_path / "secure")
+    props = dict(
+        line.split("=", 1)
+        for line in kafka.server_properties(tmp_path, 1111, 2222, material).splitlines()
+        if line and not line.startswith("#")
+    )
+    assert props["listeners"] == ("PLAINTEXT://127.0.0.1:1111,SASL_SSL://127.0.0.1:3333,MTLS://127.0.0.1:4444,"
+                                  "CONTROLLER://127.0.0.1:2222")
+    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:1111,SASL_SSL://127.0.0.1:3333,MTLS://127.0.0.1:4444"
+    assert props["listener.security.protocol.map"] == ("CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,"
+                                                       "MTLS:SSL")
+    assert props["inter.broker.listener.name"] == "PLAINTEXT"
+    assert props["listener.name.sasl_ssl.sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    assert props["listener.name.mtls.ssl.client.auth"] == "required"
+    assert props["ssl.keystore.location"] == str(material.broker_keystore)
+
+
+def test_the_secured_material_is_made_once_with_openssl(tmp_path):
+    import subprocess
+
+    from onceflow.devstack import kafka_secure
+
+    material = kafka_secure.prepare(tmp_path / "secure")
+    assert material.complete() and material.password()
+    for certificate in (material.broker_keystore, material.client_certificate):
+        verified = subprocess.run(["openssl", "verify", "-CAfile", str(material.ca_file), str(certificate)],
+                                  capture_output=True, text=True)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    names = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
+                            str(material.broker_keystore)], capture_output=True, text=True).stdout
+    assert "IP Address:127.0.0.1" in names and "DNS:localhost" in names
+    before = (material.ca_file.read_bytes(), material.password())
+    kafka_secure.prepare(tmp_path / "secure")  # kept, not made again
+    assert (material.ca_file.read_bytes(), material.password()) == before
+    assert f"sasl.password={material.password()}" in material.sasl_properties.read_text()
