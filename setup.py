@@ -50,6 +50,8 @@ setuptools.setup(
         "kafka": ["confluent-kafka>=2.4"],
         "postgres": ["psycopg[binary]>=3.1"],
         "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20"],
+        # Beam YAML (jinja2, jsonschema, pandas, ...): for onceflow.yaml_provider and templates/yaml/
+        "yaml": [f"apache-beam[yaml]=={BEAM_VERSION}"],
         "dev": [
             "pytest>=8",
             "hypothesis>=6.100",
