@@ -58,6 +58,7 @@ setuptools.setup(
             "confluent-kafka>=2.4",
             "psycopg[binary]>=3.1",
             "matplotlib>=3.8",
+            f"apache-beam[yaml]=={BEAM_VERSION}",  # tests/test_yaml_provider.py
         ],
     },
     entry_points={"console_scripts": ["onceflow=onceflow.cli:main"]},
