@@ -93,9 +93,6 @@ class RecordBatch(NamedTuple):
     headers: Optional[List[Optional[list]]] = None
     sources: Optional[List[Mapping[str, Any]]] = None
 
-    def __len__(self) -> int:  # type: ignore[override]
-        return len(self.values)
-
     def source(self, index: int) -> Dict[str, Any]:
         """The ``source`` mapping a per-record reader gives record ``index``."""
         kind = self.origin[0]
