@@ -41,12 +41,15 @@ _COMMIT_LOCK = threading.Lock()
 
 class KafkaPartitionRead(NamedTuple):
     """One partition to read, from ``start_offset`` to ``stop_offset`` (exclusive;
-    ``None`` for a live read that never ends)."""
+    ``None`` for a live read that never ends). ``high_water_ms``: the partition's
+    high water at ``start_offset`` (see :func:`seed_high_waters`); None reads as
+    "nothing read before"."""
 
     topic: str
     partition: int
     start_offset: int
     stop_offset: Optional[int]
+    high_water_ms: Optional[int] = None
 
 
 def _consumer(config: KafkaReadConfig, purpose: str):
@@ -152,6 +155,80 @@ def _offset_at(consumer, topic: str, partition: int, position: Position, low: in
                                            timeout=_METADATA_TIMEOUT_S)[0]
         return high if found.offset < 0 else found.offset
     raise ValueError(f"cannot resolve position {position.kind!r} to an offset")
+
+
+_SEED_TIMEOUT_S = 600.0
+
+
+def seed_high_waters(config: KafkaReadConfig, contract: Optional[EventContract],
+                     reads: List[KafkaPartitionRead], timeout_s: float = _SEED_TIMEOUT_S) -> List[KafkaPartitionRead]:
+    """``reads`` with each partition's high water at its start offset, as a read
+    from the partition's beginning would hold it there.
+
+    The lateness rule refuses a record by its partition's high water: the greatest
+    valid event time of the records before it. A read that starts mid-partition
+    (a backfill with ``--from``) would otherwise start with no high water and
+    accept records that a read from the beginning (the live job) refused as too
+    late. So each partition's records from its log start up to the start offset
+    are read and decoded here, by the reader's own rule (:func:`_decode_run`), and
+    only their high water is kept: they are neither emitted nor counted.
+
+    Why from the log start and not a look-back of window + allowed lateness: the
+    high water is a maximum over every earlier record, and event times are not
+    ordered by offset, so a record of any age before the look-back (a clock jump,
+    a producer sending future-dated events) can hold it; only the whole prefix
+    gives the same verdicts. The limits: the cost is one decode of the prefix
+    (the records before ``--from``), and the seed is what the log still holds: a
+    live run that read records since deleted by retention may have had a higher
+    high water. A live reader's idle-partition advance (wall-clock based) is not
+    reproduced either.
+    """
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    wanted = [read for read in reads if read.start_offset > 0]
+    if not wanted:
+        return list(reads)
+    settings = config.consumer_settings()
+    settings.update({"client.id": "onceflow-seed", "auto.offset.reset": "earliest", "error_cb": _log_client_error})
+    consumer = Consumer(settings)
+    seeds: Dict[int, Optional[int]] = {}
+    try:
+        topic = wanted[0].topic
+        starts = {}
+        for read in wanted:
+            low, _ = consumer.get_watermark_offsets(TopicPartition(topic, read.partition), timeout=_METADATA_TIMEOUT_S)
+            seeds[read.partition] = read.high_water_ms
+            if low < read.start_offset:
+                starts[read.partition] = (low, read.start_offset)
+        if starts:
+            consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in sorted(starts.items())])
+        open_partitions = set(starts)
+        deadline = time.monotonic() + timeout_s
+        while open_partitions:
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(f"reading {topic} partitions {sorted(open_partitions)} before the start "
+                                        f"(for the lateness rule's high water) took over {timeout_s:.0f}s")
+            messages = consumer.consume(_CONSUME_BATCH, timeout=_CONSUME_TIMEOUT_S)
+            runs: Dict[int, list] = {}
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise RuntimeError(f"Kafka error reading {topic}: {error.str()}")
+                if message.partition() in open_partitions and message.offset() < starts[message.partition()][1]:
+                    runs.setdefault(message.partition(), []).append(message)
+            for partition, run in runs.items():
+                _, _, seeds[partition] = _decode_run(config, contract, run, [m.value() or b"" for m in run],
+                                                     seeds[partition])
+            for partition in list(open_partitions):
+                position = consumer.position([TopicPartition(topic, partition)])[0].offset
+                if position >= starts[partition][1]:
+                    open_partitions.discard(partition)
+                    consumer.pause([TopicPartition(topic, partition)])
+    finally:
+        consumer.close()
+    return [read._replace(high_water_ms=seeds.get(read.partition, read.high_water_ms)) for read in reads]
 
 
 # -- the restriction: a set of partitions, each an offset range ------------------------
@@ -318,7 +395,8 @@ class KafkaPartitionsRead(NamedTuple):
 class _PartitionsRestrictionProvider(RestrictionProvider):
     def initial_restriction(self, element: KafkaPartitionsRead) -> PartitionsRestriction:
         return PartitionsRestriction(element.topic, tuple(
-            PartitionSpan(r.partition, r.start_offset, LIVE_END if r.stop_offset is None else r.stop_offset)
+            PartitionSpan(r.partition, r.start_offset, LIVE_END if r.stop_offset is None else r.stop_offset,
+                          r.high_water_ms)
             for r in element.reads))
 
     def create_tracker(self, restriction: PartitionsRestriction) -> _PartitionsTracker:
@@ -513,13 +591,8 @@ class _ReadPartitionsDoFn(beam.DoFn):
         partition's high water past them."""
         values = [message.value() or b"" for message in run]
         timestamps = [message.timestamp()[1] for message in run]
-        verdicts = decode_values(self._contract, values) if self._contract is not None else None
-        if self._config.time_source == "record" or verdicts is None:
-            event_times = [stamp if kind != 0 and stamp >= 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
-                           for kind, stamp in (message.timestamp() for message in run)]
-            marks, high = _running_high_water(event_times, inner.high_water(partition))
-        else:
-            marks, high = high_waters(verdicts, inner.high_water(partition))
+        verdicts, marks, high = _decode_run(self._config, self._contract, run, values,
+                                            inner.high_water(partition))
         inner.observe(partition, high)
         return RecordBatch(
             origin=(KAFKA, topic, partition),
@@ -578,6 +651,21 @@ class _ReadPartitionsDoFn(beam.DoFn):
             inner.observe(partition, idle_mark)
 
 
+def _decode_run(config: KafkaReadConfig, contract: Optional[EventContract], run: list, values: List[bytes],
+                start: Optional[int]):
+    """The verdicts on a run of one partition's records (None without a contract),
+    each record's high water and the high water after the run, from ``start``:
+    the one rule of the reader and of :func:`seed_high_waters`."""
+    verdicts = decode_values(contract, values) if contract is not None else None
+    if config.time_source == "record" or verdicts is None:
+        event_times = [stamp if kind != 0 and stamp >= 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
+                       for kind, stamp in (message.timestamp() for message in run)]
+        marks, high = _running_high_water(event_times, start)
+    else:
+        marks, high = high_waters(verdicts, start)
+    return verdicts, marks, high
+
+
 def _running_high_water(event_times: List[Optional[int]], start: Optional[int]):
     """Each record's high water and the one after the last, from event times."""
     marks: List[Optional[int]] = []
@@ -618,12 +706,14 @@ class _ReadLivePartitionsDoFn(_ReadPartitionsDoFn):
 
 
 class _ResolveBoundedReadsDoFn(beam.DoFn):
-    def __init__(self, config: KafkaReadConfig, readers: int):
+    def __init__(self, config: KafkaReadConfig, readers: int, contract: Optional[EventContract] = None):
         self._config = config
         self._readers = readers
+        self._contract = contract
 
     def process(self, unused_impulse) -> Iterator[KafkaPartitionsRead]:
         reads = resolve_partition_reads(self._config, describe_topic(self._config))
+        reads = seed_high_waters(self._config, self._contract, reads)
         yield KafkaPartitionsRead(self._config.topic.topic, tuple(reads), self._readers)
 
 
@@ -704,7 +794,10 @@ class ReadBatchesFromKafka(beam.PTransform):
     Bounded (``config.stop`` set, for backfills): a bounded PCollection of exactly
     the records between the start and stop positions of every partition
     (``latest`` as a stop means the end offsets when the read begins); it ends when
-    every partition reaches its stop; empty partitions and ranges are fine.
+    every partition reaches its stop; empty partitions and ranges are fine. Each
+    partition starts with the high water a read from its beginning would hold at
+    the start (:func:`seed_high_waters`), so a backfill of any range refuses as
+    too late exactly the records a read of the whole partition refuses.
 
     Each record keeps its exact bytes and ``source`` = topic, partition, offset,
     timestamp_ms, key and headers (base64). Event times come from
@@ -758,7 +851,8 @@ class ReadBatchesFromKafka(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         impulse = pbegin | "Impulse" >> beam.Impulse()
         if self._config.bounded:
-            reads = impulse | "ResolveOffsets" >> beam.ParDo(_ResolveBoundedReadsDoFn(self._config, self._readers))
+            resolve = _ResolveBoundedReadsDoFn(self._config, self._readers, self._contract)
+            reads = impulse | "ResolveOffsets" >> beam.ParDo(resolve)
             reader = _ReadPartitionsDoFn(self._config, self._contract, self._idle_timeout_s,
                                          self._finalize_every_bundle)
         else:
