@@ -99,6 +99,9 @@ RULES: Dict[str, ParameterRule] = {
         invalid=("yesterday", "offsets:0=")),
     "to": ParameterRule(
         "Kafka read stop (bounded read)", rf"^{_POSITION}$", "latest", invalid=("end", "offsets:a=1")),
+    "allow_retention_gaps": ParameterRule(
+        "Allow retention gaps", r"^(true|false)$", "true", invalid=("maybe",),
+        note="true: a bounded read over records retention has deleted reads what is left and reports the gap."),
     # kafka
     "kafka_group": ParameterRule("Kafka consumer group", r"^[^\s]+$", "onceflow-aggregate",
                                  invalid=("two words",)),

@@ -24,6 +24,7 @@ NAMESPACE = "onceflow"
 
 RECORDS_READ = "records_read"
 KAFKA_RECORDS_READ = "kafka_records_read"
+RETENTION_GAP_RECORDS = "retention_gap_records"  # records a read should have read, deleted by retention
 CONSUMER_LAG = "consumer_lag"  # a gauge per partition: consumer_lag.<topic>.<partition>
 EVENTS_PARSED = "events_parsed"
 DEAD_LETTERS = "dead_letters"  # counted per reason: dead_letters.<reason>

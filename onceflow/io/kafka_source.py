@@ -50,13 +50,57 @@ class KafkaPartitionRead(NamedTuple):
     start_offset: int
     stop_offset: Optional[int]
     high_water_ms: Optional[int] = None
+    retention_gap: Optional["RetentionGap"] = None
 
 
-def _consumer(config: KafkaReadConfig, purpose: str):
+class RetentionGap(NamedTuple):
+    """Offsets ``[first, end)`` of a partition that a read should have read but
+    retention (or ``delete_records``) had deleted."""
+
+    topic: str
+    partition: int
+    first: int
+    end: int
+
+    @property
+    def records(self) -> int:
+        return self.end - self.first
+
+
+def describe_gaps(gaps: List[RetentionGap]) -> str:
+    """One line: ``topic t: 1,500 records lost to retention (partition 0 offsets
+    0-499: 500 records; ...)``."""
+    parts = "; ".join(f"partition {g.partition} offsets {g.first}-{g.end - 1}: {g.records:,} records"
+                      for g in sorted(gaps, key=lambda g: (g.partition, g.first)))
+    total = sum(g.records for g in gaps)
+    topics = ",".join(sorted({g.topic for g in gaps}))
+    return f"topic {topics}: {total:,} records lost to retention ({parts})"
+
+
+class RetentionGapError(RuntimeError):
+    """A bounded read found part of its range deleted by retention (and gaps are
+    not allowed)."""
+
+
+def report_gaps(gaps: List[RetentionGap], refuse: bool) -> None:
+    """Logs ``gaps`` in one line and counts them (``retention_gap_records``); raises
+    :class:`RetentionGapError` instead when ``refuse``."""
+    if not gaps:
+        return
+    line = describe_gaps(gaps)
+    if refuse:
+        raise RetentionGapError(f"{line}; pass --allow_retention_gaps to read what is left")
+    _LOGGER.warning("%s", line)
+    metrics.counter(metrics.RETENTION_GAP_RECORDS).inc(sum(g.records for g in gaps))
+
+
+def _consumer(config: KafkaReadConfig, purpose: str, offset_reset: Optional[str] = None):
     from confluent_kafka import Consumer  # the kafka extra
 
     settings = config.consumer_settings()
     settings.setdefault("client.id", f"onceflow-{purpose}")
+    if offset_reset is not None:
+        settings["auto.offset.reset"] = offset_reset
     settings["error_cb"] = _log_client_error
     return Consumer(settings)
 
@@ -101,7 +145,11 @@ def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
     """Start and stop offsets of each partition, from the config's positions.
 
     ``latest`` as a stop means the end offsets now (when the read begins). A start
-    past the stop gives an empty range, which is fine.
+    past the stop gives an empty range, which is fine. A start below the
+    partition's log start (a committed offset or an ``offsets:`` start whose
+    records retention has deleted) starts at the log start, and the read carries
+    the deleted part of its range as ``retention_gap``. A timestamp start cannot
+    tell: Kafka keeps no timestamps of deleted records.
     """
     from confluent_kafka import TopicPartition
 
@@ -121,20 +169,26 @@ def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
         for p in partitions:
             low, high = bounds[p]
             if p in committed:
-                start = committed[p]
+                start = requested = committed[p]
                 if config.rewind_to_ms is not None:
                     rewind = _offset_at(consumer, topic, p, Position("timestamp", config.rewind_to_ms), low, high)
                     start = min(start, rewind)
             else:
                 start_position = config.start_fallback if config.start.kind == "committed" else config.start
-                start = _offset_at(consumer, topic, p, start_position, low, high)
-            stop = None
+                start = requested = _offset_at(consumer, topic, p, start_position, low, high)
+                if start_position.kind == "offsets":
+                    requested = int(start_position.value.get(p, low))
+            stop = gap_end = None
             if config.stop is not None:
-                stop = _offset_at(consumer, topic, p, config.stop, low, high)
+                stop = gap_end = _offset_at(consumer, topic, p, config.stop, low, high)
+                if config.stop.kind == "offsets":
+                    gap_end = int(config.stop.value.get(p, low))
+            gap_end = low if gap_end is None else min(low, gap_end)
+            gap = RetentionGap(topic, p, requested, gap_end) if requested < gap_end else None
             start = max(start, low)
             if stop is not None:
                 stop = max(stop, start)
-            reads.append(KafkaPartitionRead(topic, p, start, stop))
+            reads.append(KafkaPartitionRead(topic, p, start, stop, retention_gap=gap))
         return reads
     finally:
         if own_consumer:
@@ -496,7 +550,8 @@ class _ReadPartitionsDoFn(beam.DoFn):
         key = tuple(sorted(next_offsets))
         consumer = self._consumers.get(key)
         if consumer is None:
-            consumer = self._consumers[key] = _consumer(self._config, "read")
+            # An offset retention has deleted is an error, not a silent jump to the end.
+            consumer = self._consumers[key] = _consumer(self._config, "read", offset_reset="error")
             _LOGGER.info("reading %s partitions %s from offsets %s with settings %s", topic, list(key),
                          next_offsets, redact(self._config.client_settings))
         if self._positions.get(key) != next_offsets:
@@ -544,6 +599,9 @@ class _ReadPartitionsDoFn(beam.DoFn):
                     error = message.error()
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        if error.code() == KafkaError._AUTO_OFFSET_RESET:
+                            self._skip_deleted(consumer, key, topic, message.partition(), inner)
                             continue
                         raise RuntimeError(f"Kafka error reading {topic}: {error.str()}")
                     by_partition.setdefault(message.partition(), []).append(message)
@@ -611,6 +669,28 @@ class _ReadPartitionsDoFn(beam.DoFn):
         behind the reader's watermark), else its last record's Kafka timestamp."""
         high = inner.high_water(batch.origin[2])
         return high if high is not None else max(batch.timestamps[-1], 0)
+
+    def _skip_deleted(self, consumer, key, topic: str, partition: int, inner: "_PartitionsTracker") -> None:
+        """The partition's next offset was deleted by retention while it waited to
+        be read: report the deleted part of the range (a bounded read without
+        ``allow_retention_gaps`` fails), then go on from the log start."""
+        from confluent_kafka import TopicPartition
+
+        low = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=_METADATA_TIMEOUT_S,
+                                             cached=False)[0]
+        position, stop = inner.next_offsets()[partition], inner.stop(partition)
+        end = min(low, stop)
+        if end > position:
+            report_gaps([RetentionGap(topic, partition, position, end)],
+                        refuse=inner.is_bounded() and not self._config.allow_retention_gaps)
+        if low >= stop:
+            inner.finish(partition)
+            consumer.pause([TopicPartition(topic, partition)])
+            return
+        # A partition in this error state cannot seek: assign it afresh, alone.
+        consumer.incremental_unassign([TopicPartition(topic, partition)])
+        consumer.incremental_assign([TopicPartition(topic, partition, max(low, position))])
+        self._positions[key][partition] = max(low, position)
 
     def _refresh_backlog(self, consumer, topic: str, inner: _PartitionsTracker) -> None:
         from confluent_kafka import KafkaException, TopicPartition
@@ -713,6 +793,8 @@ class _ResolveBoundedReadsDoFn(beam.DoFn):
 
     def process(self, unused_impulse) -> Iterator[KafkaPartitionsRead]:
         reads = resolve_partition_reads(self._config, describe_topic(self._config))
+        report_gaps([r.retention_gap for r in reads if r.retention_gap is not None],
+                    refuse=not self._config.allow_retention_gaps)
         reads = seed_high_waters(self._config, self._contract, reads)
         yield KafkaPartitionsRead(self._config.topic.topic, tuple(reads), self._readers)
 
@@ -767,6 +849,8 @@ class _DiscoverLivePartitionsDoFn(beam.DoFn):
         try:
             new = [p for p in describe_topic(self._config) if p >= first_new]
             reads = resolve_partition_reads(self._config, new) if new else []
+            # A resume position retention has deleted: say so, count it, read on.
+            report_gaps([r.retention_gap for r in reads if r.retention_gap is not None], refuse=False)
         except (BrokerUnreachable, KafkaException) as error:
             # A broker restart must not fail the job: look again at the next poll.
             _LOGGER.warning("partition discovery: %s; trying again in %ss", error, _DISCOVERY_INTERVAL_S)

@@ -42,11 +42,15 @@ class HealthThresholds:
     ``max_lag``: total consumer lag in records. ``max_dlq_rate``: the fraction of
     records read over the last minute that went to the DLQ (0.01 = 1%).
     ``max_watermark_age_s``: now minus the reader's event-time watermark.
+    ``max_retention_gap_records``: records the reader should have read but
+    retention had deleted (0: any gap is unhealthy, for the rest of the run: the
+    loss is permanent and someone must look).
     """
 
     max_lag: Optional[int] = None
     max_dlq_rate: Optional[float] = None
     max_watermark_age_s: Optional[float] = None
+    max_retention_gap_records: Optional[int] = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,8 @@ def evaluate_health(figures: Optional[Figures], thresholds: HealthThresholds) ->
         "dlq_rate": _check(None if figures.dlq_rate is None else round(figures.dlq_rate, 6),
                            thresholds.max_dlq_rate),
         "watermark_age_s": _check(None if age is None else round(age, 3), thresholds.max_watermark_age_s),
+        "retention_gap_records": _check(int(figures.counters.get(metrics.RETENTION_GAP_RECORDS, 0)),
+                                        thresholds.max_retention_gap_records),
     }
     healthy = all(check["ok"] for check in checks.values())
     as_of = datetime.datetime.fromtimestamp(figures.taken_at, datetime.timezone.utc)

@@ -26,6 +26,7 @@ def test_healthy_below_every_threshold_and_the_body_has_the_figures():
         "consumer_lag": {"value": 60, "max": 100, "ok": True},
         "dlq_rate": {"value": 0.01, "max": 0.05, "ok": True},
         "watermark_age_s": {"value": 60.0, "max": 600, "ok": True},
+        "retention_gap_records": {"value": 0, "max": 0, "ok": True},
     }
     assert report.body["figures"]["consumer_lag"] == [
         {"topic": "orders", "partition": 0, "lag": 40}, {"topic": "orders", "partition": 1, "lag": 20}]
