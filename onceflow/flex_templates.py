@@ -166,6 +166,9 @@ RULES: Dict[str, ParameterRule] = {
     "health_max_watermark_age": ParameterRule(
         "Health: maximum watermark age", rf"^([0-9]+(\.[0-9]+)?|{_DURATION}|none|off)$", "15m",
         invalid=("15 minutes", "-5m")),
+    "health_max_sink_lag": ParameterRule(
+        "Health: maximum sink lag", rf"^([0-9]+(\.[0-9]+)?|{_DURATION}|none|off)$", "30m",
+        invalid=("30 minutes", "-5m")),
 }
 
 _SINGLE_LINE = r"^[^\r\n]*$"

@@ -266,6 +266,11 @@ class MonitoringOptions(PipelineOptions):
             "--health_max_watermark_age", default="15m", type=cls._max_age_s,
             help="/healthz: unhealthy when the event-time watermark is older than this (now minus "
                  "watermark; e.g. 90s, 15m), or none. Default: 15m.")
+        group.add_argument(
+            "--health_max_sink_lag", default="30m", type=cls._max_age_s,
+            help="/healthz: unhealthy when the newest window the sink has written ended longer ago "
+                 "than this (e.g. 90s, 30m), or none; unchecked until the first row is written. "
+                 "Default: 30m.")
 
 
 ONCEFLOW_OPTION_CLASSES = (InputOptions, KafkaOptions, EventOptions, WindowOptions, AggregateOptions, OutputOptions,
