@@ -99,6 +99,9 @@ RULES: Dict[str, ParameterRule] = {
         invalid=("yesterday", "offsets:0=")),
     "to": ParameterRule(
         "Kafka read stop (bounded read)", rf"^{_POSITION}$", "latest", invalid=("end", "offsets:a=1")),
+    "allow_retention_gaps": ParameterRule(
+        "Allow retention gaps", r"^(true|false)$", "true", invalid=("maybe",),
+        note="true: a bounded read over records retention has deleted reads what is left and reports the gap."),
     # kafka
     "kafka_group": ParameterRule("Kafka consumer group", r"^[^\s]+$", "onceflow-aggregate",
                                  invalid=("two words",)),
@@ -163,6 +166,9 @@ RULES: Dict[str, ParameterRule] = {
     "health_max_watermark_age": ParameterRule(
         "Health: maximum watermark age", rf"^([0-9]+(\.[0-9]+)?|{_DURATION}|none|off)$", "15m",
         invalid=("15 minutes", "-5m")),
+    "health_max_sink_lag": ParameterRule(
+        "Health: maximum sink lag", rf"^([0-9]+(\.[0-9]+)?|{_DURATION}|none|off)$", "30m",
+        invalid=("30 minutes", "-5m")),
 }
 
 _SINGLE_LINE = r"^[^\r\n]*$"

@@ -24,6 +24,7 @@ NAMESPACE = "onceflow"
 
 RECORDS_READ = "records_read"
 KAFKA_RECORDS_READ = "kafka_records_read"
+RETENTION_GAP_RECORDS = "retention_gap_records"  # records a read should have read, deleted by retention
 CONSUMER_LAG = "consumer_lag"  # a gauge per partition: consumer_lag.<topic>.<partition>
 EVENTS_PARSED = "events_parsed"
 DEAD_LETTERS = "dead_letters"  # counted per reason: dead_letters.<reason>
@@ -38,6 +39,7 @@ DLQ_WRITTEN = "dlq_written"
 ARCHIVE_FILES_WRITTEN = "archive_files_written"
 WATERMARK_MS = "watermark_ms"  # a gauge: the Kafka reader's event-time watermark (epoch ms)
 EVENT_TIME_LAG_MS = "event_time_lag_ms"  # a gauge: wall clock minus that watermark when it was set
+SINK_WINDOW_END_MS = "sink_window_end_ms"  # a gauge: the newest window end the sink has written (epoch ms)
 
 # -- the process-local mirror ---------------------------------------------------------
 
@@ -98,6 +100,13 @@ def consumer_lag_gauge(topic: str, partition: int) -> _Gauge:
     """``consumer_lag.<topic>.<partition>``: records between the reader's position
     and the partition's end offset (its backlog)."""
     return _Gauge(f"{CONSUMER_LAG}.{topic}.{partition}")
+
+
+def record_sink_window_end(window_end_ms: int) -> None:
+    """Sets ``sink_window_end_ms``: the newest window end a sink writer has written
+    (its caller keeps the greatest, so a late pane of an old window does not
+    lower it). Now minus it is how far behind the sink's results are."""
+    gauge(SINK_WINDOW_END_MS).set(window_end_ms)
 
 
 def record_watermark(watermark_ms: Optional[int]) -> None:

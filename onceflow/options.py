@@ -26,6 +26,16 @@ SAMPLE_INPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_
 DEFAULT_OUTPUT_DIR = "onceflow-output"
 
 
+def _yes_no(text) -> bool:
+    """``true``/``false`` (also yes/no, 1/0) for a switch that templates pass a value to."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 class InputOptions(PipelineOptions):
     """Where raw events come from."""
 
@@ -48,6 +58,10 @@ class InputOptions(PipelineOptions):
             "--to", dest="read_to", default=None,
             help="Kafka: makes the read bounded (a backfill) and says where it stops: latest "
                  "(the end offsets when the read begins), an ISO-8601 timestamp or offsets:P=O,...")
+        group.add_argument(
+            "--allow_retention_gaps", nargs="?", const=True, default=False, type=_yes_no,
+            help="Kafka, bounded reads: when retention has deleted part of the range, read what is left "
+                 "and report the gap in the summary instead of failing (also =true/=false).")
 
 
 class KafkaOptions(PipelineOptions):
@@ -258,6 +272,11 @@ class MonitoringOptions(PipelineOptions):
             "--health_max_watermark_age", default="15m", type=cls._max_age_s,
             help="/healthz: unhealthy when the event-time watermark is older than this (now minus "
                  "watermark; e.g. 90s, 15m), or none. Default: 15m.")
+        group.add_argument(
+            "--health_max_sink_lag", default="30m", type=cls._max_age_s,
+            help="/healthz: unhealthy when the newest window the sink has written ended longer ago "
+                 "than this (e.g. 90s, 30m), or none; unchecked until the first row is written. "
+                 "Default: 30m.")
 
 
 ONCEFLOW_OPTION_CLASSES = (InputOptions, KafkaOptions, EventOptions, WindowOptions, AggregateOptions, OutputOptions,

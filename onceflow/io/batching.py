@@ -23,7 +23,7 @@ import apache_beam as beam
 
 from onceflow import metrics
 from onceflow.io.retry import call_with_retries
-from onceflow.rows import utc_now
+from onceflow.rows import WINDOW_END, utc_now
 
 
 class BatchWriteDoFn(beam.DoFn):
@@ -102,3 +102,7 @@ class UpsertRowsDoFn(BatchWriteDoFn):
         written = self.upsert(batch, utc_now())
         self._written.inc(written)
         self._stale.inc(len(batch) - written)
+        newest = max(int(row[WINDOW_END]) for row in batch)
+        if newest > getattr(self, "_newest_window_end", -1):
+            self._newest_window_end = newest
+        metrics.record_sink_window_end(self._newest_window_end)

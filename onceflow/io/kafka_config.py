@@ -289,7 +289,9 @@ class KafkaReadConfig:
     :func:`redact` them before logging. ``rewind_to_ms`` (live reads from committed
     offsets): start each partition no later than its first record whose Kafka
     timestamp is at or after this time, so that windows a crash left unwritten
-    are read again in full.
+    are read again in full. ``allow_retention_gaps`` (bounded reads): read what
+    is left of a range that retention has partly deleted, reporting the gap,
+    instead of failing (a live read always goes on and reports it).
     """
 
     topic: KafkaTopic
@@ -300,6 +302,7 @@ class KafkaReadConfig:
     time_source: str = "field"
     client_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
     rewind_to_ms: Optional[int] = None
+    allow_retention_gaps: bool = False
 
     def __post_init__(self) -> None:
         if self.time_source not in ("field", "record"):

@@ -31,7 +31,7 @@ from onceflow import metrics
 from onceflow.deadletter import DeadLetter, to_envelope, to_json_line
 from onceflow.events import format_utc_ms
 from onceflow.io.kafka_config import KafkaTopic, check_guarded_settings, redact
-from onceflow.rows import EVENT_COUNT, RowSchema
+from onceflow.rows import EVENT_COUNT, WINDOW_END, RowSchema
 
 _LOGGER = logging.getLogger(__name__)
 _FLUSH_TIMEOUT_S = 60.0
@@ -201,7 +201,21 @@ class _ProduceRowsDoFn(_ProduceDoFn):
         self._known = _known_versions(self._writer, self._topic, self._settings)
         self._stale = metrics.counter(metrics.SINK_ROWS_STALE)
 
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self._bundle_window_end: Optional[int] = None
+
+    def finish_bundle(self) -> None:
+        super().finish_bundle()  # every message acknowledged
+        if self._bundle_window_end is not None and self._bundle_window_end > getattr(self, "_newest_window_end", -1):
+            self._newest_window_end = self._bundle_window_end
+        if self._bundle_window_end is not None:
+            metrics.record_sink_window_end(self._newest_window_end)
+
     def admit(self, key: bytes, element: Any) -> bool:
+        end = int(element[WINDOW_END])
+        if self._bundle_window_end is None or end > self._bundle_window_end:
+            self._bundle_window_end = end
         version = int(element[EVENT_COUNT])
         with _KNOWN_LOCK:
             if version < self._known.get(key, -1):

@@ -42,19 +42,67 @@ _COMMIT_LOCK = threading.Lock()
 
 class KafkaPartitionRead(NamedTuple):
     """One partition to read, from ``start_offset`` to ``stop_offset`` (exclusive;
-    ``None`` for a live read that never ends)."""
+    ``None`` for a live read that never ends). ``high_water_ms``: the partition's
+    high water at ``start_offset`` (see :func:`seed_high_waters`); None reads as
+    "nothing read before"."""
 
     topic: str
     partition: int
     start_offset: int
     stop_offset: Optional[int]
+    high_water_ms: Optional[int] = None
+    retention_gap: Optional["RetentionGap"] = None
 
 
-def _consumer(config: KafkaReadConfig, purpose: str, error_cb=None, quiet: bool = False):
+class RetentionGap(NamedTuple):
+    """Offsets ``[first, end)`` of a partition that a read should have read but
+    retention (or ``delete_records``) had deleted."""
+
+    topic: str
+    partition: int
+    first: int
+    end: int
+
+    @property
+    def records(self) -> int:
+        return self.end - self.first
+
+
+def describe_gaps(gaps: List[RetentionGap]) -> str:
+    """One line: ``topic t: 1,500 records lost to retention (partition 0 offsets
+    0-499: 500 records; ...)``."""
+    parts = "; ".join(f"partition {g.partition} offsets {g.first}-{g.end - 1}: {g.records:,} records"
+                      for g in sorted(gaps, key=lambda g: (g.partition, g.first)))
+    total = sum(g.records for g in gaps)
+    topics = ",".join(sorted({g.topic for g in gaps}))
+    return f"topic {topics}: {total:,} records lost to retention ({parts})"
+
+
+class RetentionGapError(RuntimeError):
+    """A bounded read found part of its range deleted by retention (and gaps are
+    not allowed)."""
+
+
+def report_gaps(gaps: List[RetentionGap], refuse: bool) -> None:
+    """Logs ``gaps`` in one line and counts them (``retention_gap_records``); raises
+    :class:`RetentionGapError` instead when ``refuse``."""
+    if not gaps:
+        return
+    line = describe_gaps(gaps)
+    if refuse:
+        raise RetentionGapError(f"{line}; pass --allow_retention_gaps to read what is left")
+    _LOGGER.warning("%s", line)
+    metrics.counter(metrics.RETENTION_GAP_RECORDS).inc(sum(g.records for g in gaps))
+
+
+def _consumer(config: KafkaReadConfig, purpose: str, error_cb=None, quiet: bool = False,
+              offset_reset: Optional[str] = None):
     from confluent_kafka import Consumer  # the kafka extra
 
     settings = config.consumer_settings()
     settings.setdefault("client.id", f"onceflow-{purpose}")
+    if offset_reset is not None:
+        settings["auto.offset.reset"] = offset_reset
     settings["error_cb"] = error_cb or _log_client_error
     if quiet:  # a short-lived client: its errors reach error_cb; librdkafka's log would repeat each retry
         settings["log_level"] = 0
@@ -106,7 +154,11 @@ def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
     """Start and stop offsets of each partition, from the config's positions.
 
     ``latest`` as a stop means the end offsets now (when the read begins). A start
-    past the stop gives an empty range, which is fine.
+    past the stop gives an empty range, which is fine. A start below the
+    partition's log start (a committed offset or an ``offsets:`` start whose
+    records retention has deleted) starts at the log start, and the read carries
+    the deleted part of its range as ``retention_gap``. A timestamp start cannot
+    tell: Kafka keeps no timestamps of deleted records.
     """
     from confluent_kafka import TopicPartition
 
@@ -126,20 +178,26 @@ def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
         for p in partitions:
             low, high = bounds[p]
             if p in committed:
-                start = committed[p]
+                start = requested = committed[p]
                 if config.rewind_to_ms is not None:
                     rewind = _offset_at(consumer, topic, p, Position("timestamp", config.rewind_to_ms), low, high)
                     start = min(start, rewind)
             else:
                 start_position = config.start_fallback if config.start.kind == "committed" else config.start
-                start = _offset_at(consumer, topic, p, start_position, low, high)
-            stop = None
+                start = requested = _offset_at(consumer, topic, p, start_position, low, high)
+                if start_position.kind == "offsets":
+                    requested = int(start_position.value.get(p, low))
+            stop = gap_end = None
             if config.stop is not None:
-                stop = _offset_at(consumer, topic, p, config.stop, low, high)
+                stop = gap_end = _offset_at(consumer, topic, p, config.stop, low, high)
+                if config.stop.kind == "offsets":
+                    gap_end = int(config.stop.value.get(p, low))
+            gap_end = low if gap_end is None else min(low, gap_end)
+            gap = RetentionGap(topic, p, requested, gap_end) if requested < gap_end else None
             start = max(start, low)
             if stop is not None:
                 stop = max(stop, start)
-            reads.append(KafkaPartitionRead(topic, p, start, stop))
+            reads.append(KafkaPartitionRead(topic, p, start, stop, retention_gap=gap))
         return reads
     finally:
         if own_consumer:
@@ -160,6 +218,80 @@ def _offset_at(consumer, topic: str, partition: int, position: Position, low: in
                                            timeout=_METADATA_TIMEOUT_S)[0]
         return high if found.offset < 0 else found.offset
     raise ValueError(f"cannot resolve position {position.kind!r} to an offset")
+
+
+_SEED_TIMEOUT_S = 600.0
+
+
+def seed_high_waters(config: KafkaReadConfig, contract: Optional[EventContract],
+                     reads: List[KafkaPartitionRead], timeout_s: float = _SEED_TIMEOUT_S) -> List[KafkaPartitionRead]:
+    """``reads`` with each partition's high water at its start offset, as a read
+    from the partition's beginning would hold it there.
+
+    The lateness rule refuses a record by its partition's high water: the greatest
+    valid event time of the records before it. A read that starts mid-partition
+    (a backfill with ``--from``) would otherwise start with no high water and
+    accept records that a read from the beginning (the live job) refused as too
+    late. So each partition's records from its log start up to the start offset
+    are read and decoded here, by the reader's own rule (:func:`_decode_run`), and
+    only their high water is kept: they are neither emitted nor counted.
+
+    Why from the log start and not a look-back of window + allowed lateness: the
+    high water is a maximum over every earlier record, and event times are not
+    ordered by offset, so a record of any age before the look-back (a clock jump,
+    a producer sending future-dated events) can hold it; only the whole prefix
+    gives the same verdicts. The limits: the cost is one decode of the prefix
+    (the records before ``--from``), and the seed is what the log still holds: a
+    live run that read records since deleted by retention may have had a higher
+    high water. A live reader's idle-partition advance (wall-clock based) is not
+    reproduced either.
+    """
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    wanted = [read for read in reads if read.start_offset > 0]
+    if not wanted:
+        return list(reads)
+    settings = config.consumer_settings()
+    settings.update({"client.id": "onceflow-seed", "auto.offset.reset": "earliest", "error_cb": _log_client_error})
+    consumer = Consumer(settings)
+    seeds: Dict[int, Optional[int]] = {}
+    try:
+        topic = wanted[0].topic
+        starts = {}
+        for read in wanted:
+            low, _ = consumer.get_watermark_offsets(TopicPartition(topic, read.partition), timeout=_METADATA_TIMEOUT_S)
+            seeds[read.partition] = read.high_water_ms
+            if low < read.start_offset:
+                starts[read.partition] = (low, read.start_offset)
+        if starts:
+            consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in sorted(starts.items())])
+        open_partitions = set(starts)
+        deadline = time.monotonic() + timeout_s
+        while open_partitions:
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(f"reading {topic} partitions {sorted(open_partitions)} before the start "
+                                        f"(for the lateness rule's high water) took over {timeout_s:.0f}s")
+            messages = consumer.consume(_CONSUME_BATCH, timeout=_CONSUME_TIMEOUT_S)
+            runs: Dict[int, list] = {}
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise RuntimeError(f"Kafka error reading {topic}: {error.str()}")
+                if message.partition() in open_partitions and message.offset() < starts[message.partition()][1]:
+                    runs.setdefault(message.partition(), []).append(message)
+            for partition, run in runs.items():
+                _, _, seeds[partition] = _decode_run(config, contract, run, [m.value() or b"" for m in run],
+                                                     seeds[partition])
+            for partition in list(open_partitions):
+                position = consumer.position([TopicPartition(topic, partition)])[0].offset
+                if position >= starts[partition][1]:
+                    open_partitions.discard(partition)
+                    consumer.pause([TopicPartition(topic, partition)])
+    finally:
+        consumer.close()
+    return [read._replace(high_water_ms=seeds.get(read.partition, read.high_water_ms)) for read in reads]
 
 
 # -- the restriction: a set of partitions, each an offset range ------------------------
@@ -326,7 +458,8 @@ class KafkaPartitionsRead(NamedTuple):
 class _PartitionsRestrictionProvider(RestrictionProvider):
     def initial_restriction(self, element: KafkaPartitionsRead) -> PartitionsRestriction:
         return PartitionsRestriction(element.topic, tuple(
-            PartitionSpan(r.partition, r.start_offset, LIVE_END if r.stop_offset is None else r.stop_offset)
+            PartitionSpan(r.partition, r.start_offset, LIVE_END if r.stop_offset is None else r.stop_offset,
+                          r.high_water_ms)
             for r in element.reads))
 
     def create_tracker(self, restriction: PartitionsRestriction) -> _PartitionsTracker:
@@ -426,7 +559,8 @@ class _ReadPartitionsDoFn(beam.DoFn):
         key = tuple(sorted(next_offsets))
         consumer = self._consumers.get(key)
         if consumer is None:
-            consumer = self._consumers[key] = _consumer(self._config, "read")
+            # An offset retention has deleted is an error, not a silent jump to the end.
+            consumer = self._consumers[key] = _consumer(self._config, "read", offset_reset="error")
             _LOGGER.info("reading %s partitions %s from offsets %s with settings %s", topic, list(key),
                          next_offsets, redact(self._config.client_settings))
         if self._positions.get(key) != next_offsets:
@@ -475,6 +609,9 @@ class _ReadPartitionsDoFn(beam.DoFn):
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
                             continue
+                        if error.code() == KafkaError._AUTO_OFFSET_RESET:
+                            self._skip_deleted(consumer, key, topic, message.partition(), inner)
+                            continue
                         raise RuntimeError(f"Kafka error reading {topic}: {error.str()}")
                     by_partition.setdefault(message.partition(), []).append(message)
                 for partition, run in by_partition.items():
@@ -521,13 +658,8 @@ class _ReadPartitionsDoFn(beam.DoFn):
         partition's high water past them."""
         values = [message.value() or b"" for message in run]
         timestamps = [message.timestamp()[1] for message in run]
-        verdicts = decode_values(self._contract, values) if self._contract is not None else None
-        if self._config.time_source == "record" or verdicts is None:
-            event_times = [stamp if kind != 0 and stamp >= 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
-                           for kind, stamp in (message.timestamp() for message in run)]
-            marks, high = _running_high_water(event_times, inner.high_water(partition))
-        else:
-            marks, high = high_waters(verdicts, inner.high_water(partition))
+        verdicts, marks, high = _decode_run(self._config, self._contract, run, values,
+                                            inner.high_water(partition))
         inner.observe(partition, high)
         return RecordBatch(
             origin=(KAFKA, topic, partition),
@@ -546,6 +678,28 @@ class _ReadPartitionsDoFn(beam.DoFn):
         behind the reader's watermark), else its last record's Kafka timestamp."""
         high = inner.high_water(batch.origin[2])
         return high if high is not None else max(batch.timestamps[-1], 0)
+
+    def _skip_deleted(self, consumer, key, topic: str, partition: int, inner: "_PartitionsTracker") -> None:
+        """The partition's next offset was deleted by retention while it waited to
+        be read: report the deleted part of the range (a bounded read without
+        ``allow_retention_gaps`` fails), then go on from the log start."""
+        from confluent_kafka import TopicPartition
+
+        low = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=_METADATA_TIMEOUT_S,
+                                             cached=False)[0]
+        position, stop = inner.next_offsets()[partition], inner.stop(partition)
+        end = min(low, stop)
+        if end > position:
+            report_gaps([RetentionGap(topic, partition, position, end)],
+                        refuse=inner.is_bounded() and not self._config.allow_retention_gaps)
+        if low >= stop:
+            inner.finish(partition)
+            consumer.pause([TopicPartition(topic, partition)])
+            return
+        # A partition in this error state cannot seek: assign it afresh, alone.
+        consumer.incremental_unassign([TopicPartition(topic, partition)])
+        consumer.incremental_assign([TopicPartition(topic, partition, max(low, position))])
+        self._positions[key][partition] = max(low, position)
 
     def _refresh_backlog(self, consumer, topic: str, inner: _PartitionsTracker) -> None:
         from confluent_kafka import KafkaException, TopicPartition
@@ -584,6 +738,21 @@ class _ReadPartitionsDoFn(beam.DoFn):
             if end is None or inner.next_offsets()[partition] < end or now - last < self._idle_timeout_s:
                 continue
             inner.observe(partition, idle_mark)
+
+
+def _decode_run(config: KafkaReadConfig, contract: Optional[EventContract], run: list, values: List[bytes],
+                start: Optional[int]):
+    """The verdicts on a run of one partition's records (None without a contract),
+    each record's high water and the high water after the run, from ``start``:
+    the one rule of the reader and of :func:`seed_high_waters`."""
+    verdicts = decode_values(contract, values) if contract is not None else None
+    if config.time_source == "record" or verdicts is None:
+        event_times = [stamp if kind != 0 and stamp >= 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
+                       for kind, stamp in (message.timestamp() for message in run)]
+        marks, high = _running_high_water(event_times, start)
+    else:
+        marks, high = high_waters(verdicts, start)
+    return verdicts, marks, high
 
 
 def _running_high_water(event_times: List[Optional[int]], start: Optional[int]):
@@ -626,12 +795,16 @@ class _ReadLivePartitionsDoFn(_ReadPartitionsDoFn):
 
 
 class _ResolveBoundedReadsDoFn(beam.DoFn):
-    def __init__(self, config: KafkaReadConfig, readers: int):
+    def __init__(self, config: KafkaReadConfig, readers: int, contract: Optional[EventContract] = None):
         self._config = config
         self._readers = readers
+        self._contract = contract
 
     def process(self, unused_impulse) -> Iterator[KafkaPartitionsRead]:
         reads = resolve_partition_reads(self._config, describe_topic(self._config))
+        report_gaps([r.retention_gap for r in reads if r.retention_gap is not None],
+                    refuse=not self._config.allow_retention_gaps)
+        reads = seed_high_waters(self._config, self._contract, reads)
         yield KafkaPartitionsRead(self._config.topic.topic, tuple(reads), self._readers)
 
 
@@ -685,6 +858,8 @@ class _DiscoverLivePartitionsDoFn(beam.DoFn):
         try:
             new = [p for p in describe_topic(self._config) if p >= first_new]
             reads = resolve_partition_reads(self._config, new) if new else []
+            # A resume position retention has deleted: say so, count it, read on.
+            report_gaps([r.retention_gap for r in reads if r.retention_gap is not None], refuse=False)
         except (BrokerUnreachable, KafkaException) as error:
             # A broker restart must not fail the job: look again at the next poll.
             _LOGGER.warning("partition discovery: %s; trying again in %ss", error, _DISCOVERY_INTERVAL_S)
@@ -712,7 +887,10 @@ class ReadBatchesFromKafka(beam.PTransform):
     Bounded (``config.stop`` set, for backfills): a bounded PCollection of exactly
     the records between the start and stop positions of every partition
     (``latest`` as a stop means the end offsets when the read begins); it ends when
-    every partition reaches its stop; empty partitions and ranges are fine.
+    every partition reaches its stop; empty partitions and ranges are fine. Each
+    partition starts with the high water a read from its beginning would hold at
+    the start (:func:`seed_high_waters`), so a backfill of any range refuses as
+    too late exactly the records a read of the whole partition refuses.
 
     Each record keeps its exact bytes and ``source`` = topic, partition, offset,
     timestamp_ms, key and headers (base64). Event times come from
@@ -766,7 +944,8 @@ class ReadBatchesFromKafka(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         impulse = pbegin | "Impulse" >> beam.Impulse()
         if self._config.bounded:
-            reads = impulse | "ResolveOffsets" >> beam.ParDo(_ResolveBoundedReadsDoFn(self._config, self._readers))
+            resolve = _ResolveBoundedReadsDoFn(self._config, self._readers, self._contract)
+            reads = impulse | "ResolveOffsets" >> beam.ParDo(resolve)
             reader = _ReadPartitionsDoFn(self._config, self._contract, self._idle_timeout_s,
                                          self._finalize_every_bundle)
         else:

@@ -106,6 +106,17 @@ class Figures:
     watermark_ms: Optional[int]
     counters: Mapping[str, int]
     gauges: Mapping[str, Tuple[int, float]]
+    sink_window_end_ms: Optional[int] = None  # the newest window end the sink has written
+
+    @property
+    def sink_lag_s(self) -> Optional[float]:
+        """How far behind the sink's results are: now minus the newest window end
+        written (0 when an early-fired window ends in the future); None before the
+        first write. Unlike the consumer lag, it also counts the records a runner
+        holds (read and committed, not yet aggregated and written)."""
+        if self.sink_window_end_ms is None:
+            return None
+        return max(0.0, self.taken_at - self.sink_window_end_ms / 1000.0)
 
     @property
     def total_lag(self) -> Optional[int]:
@@ -170,6 +181,7 @@ class Figures:
             watermark_ms=now.gauge(metrics.WATERMARK_MS),
             counters=dict(now.counters),
             gauges=dict(now.gauges),
+            sink_window_end_ms=now.gauge(metrics.SINK_WINDOW_END_MS),
         )
 
 

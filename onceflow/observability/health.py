@@ -42,11 +42,18 @@ class HealthThresholds:
     ``max_lag``: total consumer lag in records. ``max_dlq_rate``: the fraction of
     records read over the last minute that went to the DLQ (0.01 = 1%).
     ``max_watermark_age_s``: now minus the reader's event-time watermark.
+    ``max_sink_lag_s``: now minus the newest window end the sink has written
+    (unchecked before the first write).
+    ``max_retention_gap_records``: records the reader should have read but
+    retention had deleted (0: any gap is unhealthy, for the rest of the run: the
+    loss is permanent and someone must look).
     """
 
     max_lag: Optional[int] = None
     max_dlq_rate: Optional[float] = None
     max_watermark_age_s: Optional[float] = None
+    max_sink_lag_s: Optional[float] = None
+    max_retention_gap_records: Optional[int] = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +87,8 @@ def figures_json(figures: Figures) -> Dict[str, Any]:
         "consumer_lag": [{"topic": t, "partition": p, "lag": lag} for (t, p), lag in figures.consumer_lag.items()],
         "consumer_lag_total": figures.total_lag,
         "watermark_ms": figures.watermark_ms,
+        "sink_window_end_ms": figures.sink_window_end_ms,
+        "sink_lag_s": None if figures.sink_lag_s is None else round(figures.sink_lag_s, 3),
     }
 
 
@@ -94,6 +103,10 @@ def evaluate_health(figures: Optional[Figures], thresholds: HealthThresholds) ->
         "dlq_rate": _check(None if figures.dlq_rate is None else round(figures.dlq_rate, 6),
                            thresholds.max_dlq_rate),
         "watermark_age_s": _check(None if age is None else round(age, 3), thresholds.max_watermark_age_s),
+        "sink_lag_s": _check(None if figures.sink_lag_s is None else round(figures.sink_lag_s, 3),
+                             thresholds.max_sink_lag_s),
+        "retention_gap_records": _check(int(figures.counters.get(metrics.RETENTION_GAP_RECORDS, 0)),
+                                        thresholds.max_retention_gap_records),
     }
     healthy = all(check["ok"] for check in checks.values())
     as_of = datetime.datetime.fromtimestamp(figures.taken_at, datetime.timezone.utc)
@@ -157,6 +170,10 @@ class BeamMetricsCollector(Collector):
         if figures.watermark_age_s is not None:
             family = GaugeMetricFamily("onceflow_watermark_age_seconds", "Now minus the event-time watermark")
             family.add_metric([], figures.watermark_age_s)
+            yield family
+        if figures.sink_lag_s is not None:
+            family = GaugeMetricFamily("onceflow_sink_lag_seconds", "Now minus the newest window end written")
+            family.add_metric([], figures.sink_lag_s)
             yield family
         if figures.dlq_rate is not None:
             family = GaugeMetricFamily("onceflow_dlq_rate", "Dead letters per record read, last minute")

@@ -55,7 +55,7 @@ class Monitor:
         self._metrics_out: Optional[str] = config.metrics_out
         self._port: int = int(config.health_port or 0)
         self.thresholds = HealthThresholds(config.health_max_lag, config.health_max_dlq_rate,
-                                           config.health_max_watermark_age)
+                                           config.health_max_watermark_age, config.health_max_sink_lag)
         self._stream = stream if stream is not None else sys.stderr
         self._clock = clock
         live = _is_terminal(self._stream)

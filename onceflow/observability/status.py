@@ -48,9 +48,13 @@ def format_status(figures: Figures, width: Optional[int] = None, expected_record
     """One line: elapsed time, events/s per stage, consumer lag, event-time lag
     and the DLQ, e.g.
 
-    ``12s | read 1,203/s | parse 1,200/s | aggregate 1,190/s | sink 35 rows/s | lag 1,234 | event-time lag 42s | DLQ 3 (0.2%)``
+    ``12s | read 1,203/s | parse 1,200/s | aggregate 1,190/s | sink 35 rows/s | lag 1,234 | sink behind 3m05s | event-time lag 42s | DLQ 3 (0.2%)``
 
-    Lag and event-time lag appear only when a Kafka reader reports them. The DLQ
+    Lag and event-time lag appear only when a Kafka reader reports them. ``sink
+    behind`` (now minus the newest window end written) appears once the sink has
+    written a row: next to the consumer lag because a runner may hold a backlog
+    the consumer lag cannot see (offsets are committed once the runner holds the
+    records, not once they are aggregated and written). The DLQ
     percentage is of the records read over the last minute. ``width`` cuts the line
     to fit a terminal.
     """
@@ -65,6 +69,8 @@ def format_status(figures: Figures, width: Optional[int] = None, expected_record
         parts.append(f"{name} {format_rate(stage.in_per_s)}{suffix}")
     if figures.total_lag is not None:
         parts.append(f"lag {figures.total_lag:,}")
+    if figures.sink_lag_s is not None:
+        parts.append(f"sink behind {format_duration(figures.sink_lag_s)}")
     if figures.watermark_age_s is not None:
         parts.append(f"event-time lag {format_duration(figures.watermark_age_s)}")
     dlq = f"DLQ {figures.dead_letters:,}"

@@ -31,7 +31,9 @@ from onceflow.io.kafka_config import (
     COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_settings_from_flags, is_kafka_url, parse_kafka_url,
     parse_position,
 )
-from onceflow.io.kafka_source import ReadBatchesFromKafka, describe_topic, resolve_partition_reads
+from onceflow.io.kafka_source import (
+    ReadBatchesFromKafka, RetentionGapError, describe_gaps, describe_topic, resolve_partition_reads,
+)
 from onceflow.io.sinks import SinkTarget, WriteRows, last_window_end, parse_sink_url, prepare_sink
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
@@ -223,7 +225,8 @@ def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions,
             return KafkaReadConfig(topic, start=COMMITTED, start_fallback=start, group_id=group,
                                    time_source=kafka_options.kafka_time_source, client_settings=settings)
         return KafkaReadConfig(topic, start=start, stop=stop, group_id=None,
-                               time_source=kafka_options.kafka_time_source, client_settings=settings)
+                               time_source=kafka_options.kafka_time_source, client_settings=settings,
+                               allow_retention_gaps=bool(source.allow_retention_gaps))
     except ValueError as error:
         raise UsageError(f"--from/--to: {error}") from None
 
@@ -332,6 +335,12 @@ def keep_live_job_streams_open(options: PipelineOptions) -> None:
         options.view_as(PortableOptions).job_server_timeout = LIVE_JOB_SERVER_TIMEOUT_S
 
 
+def _runs_direct_multi_processing(options: PipelineOptions) -> bool:
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    return options.view_as(DirectOptions).direct_running_mode == "multi_processing"
+
+
 def runs_on_prism(options: PipelineOptions) -> bool:
     """Whether ``--runner`` names Prism."""
     runner = options.view_as(StandardOptions).runner
@@ -371,15 +380,28 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             partitions = describe_topic(job.kafka)
         except RuntimeError as error:
             raise ServiceError(f"--input: {error}") from None
+        reads = resolve_partition_reads(job.kafka, partitions)
+        gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
+        if gaps and job.kafka.bounded and not job.kafka.allow_retention_gaps:
+            raise ServiceError(f"--from/--to: {describe_gaps(gaps)}; pass --allow_retention_gaps to read what is "
+                               "left, or start later")
+        if gaps:
+            print(f"aggregate: warning: {describe_gaps(gaps)}" + (
+                "; reading what is left" if job.kafka.bounded else
+                "; the group's committed offsets point at deleted records: resuming from the log start"),
+                file=sys.stderr)
         if job.kafka.bounded:  # the backfill's size, for its progress line
-            expected_records = sum(read.stop_offset - read.start_offset
-                                   for read in resolve_partition_reads(job.kafka, partitions))
+            expected_records = sum(read.stop_offset - read.start_offset for read in reads)
     elif not job.from_archive:
         _check_input_exists(job.input_pattern)
     if job.is_live:
         _choose_streaming_runner(options)
         keep_live_job_streams_open(options)
     keep_prism_from_splitting(options)
+    if job.kafka is not None and _runs_direct_multi_processing(options):
+        raise UsageError("--direct_running_mode=multi_processing: the DirectRunner's worker processes lost "
+                         "Kafka records in a backfill here (the same run in one process is exact); run a "
+                         "Kafka input in_memory (the default) or on Flink")
     if job.kafka_readers > 1 and runs_on_prism(options):
         raise UsageError("--kafka_readers: Prism (Beam 2.77) takes a reader stage's watermark from the latest "
                          "bundle's readers only and could close windows early with several; use 1 on Prism, "
@@ -399,16 +421,33 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     pipeline = beam.Pipeline(options=options)
     build(pipeline, job)
     with Monitor(options, runner, expected_records=expected_records) as monitor:
-        result = pipeline.run()
-        monitor.watch(result)
         try:
-            result.wait_until_finish()
-        except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
-            print("aggregate: stopping...", file=sys.stderr)
-            if not _cancel(result):
-                raise KeyboardInterrupt from None  # one line, status 130 (see exit_status)
+            result = pipeline.run()
+            monitor.watch(result)
+            try:
+                result.wait_until_finish()
+            except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
+                print("aggregate: stopping...", file=sys.stderr)
+                if not _cancel(result):
+                    raise KeyboardInterrupt from None  # one line, status 130 (see exit_status)
+        except Exception as error:  # retention deleted part of the range while it was being read
+            gap = _retention_gap_line(error)
+            if gap is None:
+                raise
+            raise ServiceError(f"--from/--to: {gap}") from None
         return monitor.finish(collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
                                               job.dlq.describe()))
+
+
+def _retention_gap_line(error: BaseException) -> Optional[str]:
+    """The reader's :class:`RetentionGapError` line, from an exception the runner
+    raised (it arrives as text inside the runner's own error)."""
+    if isinstance(error, RetentionGapError):
+        return str(error)
+    for line in str(error).splitlines():
+        if RetentionGapError.__name__ + ":" in line and "lost to retention" in line:
+            return line.split(RetentionGapError.__name__ + ":", 1)[1].strip()
+    return None
 
 
 def _cancel(result: beam.runners.runner.PipelineResult) -> bool:

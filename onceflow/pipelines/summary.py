@@ -80,6 +80,9 @@ class RunSummary:
             f"  rows written        {self.count(metrics.SINK_ROWS_WRITTEN):>9,}   "
             f"(kept newer stored versions: {self.count(metrics.SINK_ROWS_STALE):,})",
         ]
+        gap = self.count(metrics.RETENTION_GAP_RECORDS)
+        if gap:
+            lines.append(f"  lost to retention   {gap:>9,}   (records in the range that retention had deleted)")
         lag = self.consumer_lag()
         if lag:
             partitions = sum(len(p) for p in lag.values())
@@ -126,6 +129,7 @@ class RunSummary:
             "sink_rows_stale": self.count(metrics.SINK_ROWS_STALE),
             "sink_retries": self.count(metrics.SINK_RETRIES),
             "dlq_written": self.count(metrics.DLQ_WRITTEN),
+            "retention_gap_records": self.count(metrics.RETENTION_GAP_RECORDS),
             "notes": self.notes(),
             "stages": self.stages(),
             "consumer_lag": lag,

@@ -66,6 +66,18 @@ def test_rows_are_keyed_by_the_row_key_and_valued_as_json(kafka_bootstrap):
     assert set(found) == {KEY, KEY.replace(b"oslo-01", b"paris-02")}
 
 
+def test_the_sink_reports_the_newest_window_end_it_wrote(kafka_bootstrap):
+    topic = topic_for(kafka_bootstrap)
+    pipeline = beam.Pipeline()
+    _ = pipeline | beam.Create([row("oslo-01", 3, 7, START + 120_000), row("paris-02", 1, 2)]) \
+        | write_rows_to_kafka(topic, SCHEMA)
+    result = pipeline.run()
+    result.wait_until_finish()
+    gauges = {g.key.metric.name: g.committed.value
+              for g in result.metrics().query(MetricsFilter().with_namespace(metrics.NAMESPACE))["gauges"]}
+    assert gauges[metrics.SINK_WINDOW_END_MS] == START + 180_000
+
+
 def test_a_rerun_writes_the_same_messages_under_the_same_keys(kafka_bootstrap):
     topic = topic_for(kafka_bootstrap)
     rows = [row("oslo-01", 3, 7), row("paris-02", 1, 2)]

@@ -66,3 +66,6 @@ def test_metrics_of_the_sample_run_equal_the_known_counts(tmp_path):
     assert written["stages"]["parse"]["per_s"] > 0
     assert written["consumer_lag"] == {} and written["consumer_lag_total"] is None
     assert written["runner"] == "DirectRunner" and written["values"] == "committed"
+    # The sink reports the newest window end it wrote: what its event-time lag is measured from.
+    rows, _ = expected_job(SAMPLE_INPUT, MINUTE, 5 * MINUTE)
+    assert written["gauges"]["sink_window_end_ms"] == max(start for _, start in rows) + MINUTE

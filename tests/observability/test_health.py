@@ -26,9 +26,27 @@ def test_healthy_below_every_threshold_and_the_body_has_the_figures():
         "consumer_lag": {"value": 60, "max": 100, "ok": True},
         "dlq_rate": {"value": 0.01, "max": 0.05, "ok": True},
         "watermark_age_s": {"value": 60.0, "max": 600, "ok": True},
+        "sink_lag_s": {"value": None, "max": None, "ok": True},
+        "retention_gap_records": {"value": 0, "max": 0, "ok": True},
     }
     assert report.body["figures"]["consumer_lag"] == [
         {"topic": "orders", "partition": 0, "lag": 40}, {"topic": "orders", "partition": 1, "lag": 20}]
+
+
+def test_unhealthy_when_the_sink_falls_behind_although_the_consumer_lag_is_zero():
+    source = FakeMetricsSource()
+    thresholds = HealthThresholds(max_lag=100, max_sink_lag_s=300)
+    source.set(1, {"records_read": 10}, lag_gauges(1, p0=0))
+    assert evaluate_health(source.figures(), thresholds).body["checks"]["sink_lag_s"]["value"] is None
+    source.set(2, {"records_read": 20}, {**lag_gauges(2, p0=0),
+                                         "sink_window_end_ms": (int((STARTED_AT - 240) * 1000), STARTED_AT + 2)})
+    assert evaluate_health(source.figures(), thresholds).healthy  # 242 s behind
+    source.set(100, {"records_read": 30}, {**lag_gauges(100, p0=0),
+                                           "sink_window_end_ms": (int((STARTED_AT - 240) * 1000), STARTED_AT + 2)})
+    report = evaluate_health(source.figures(), thresholds)
+    assert not report.healthy and report.http_status == 503
+    assert report.body["checks"]["sink_lag_s"] == {"value": 340.0, "max": 300, "ok": False}
+    assert report.body["checks"]["consumer_lag"]["ok"]
 
 
 def test_unhealthy_when_lag_passes_the_threshold_and_healthy_again_when_it_falls():

@@ -20,6 +20,18 @@ def test_status_line_of_a_kafka_run():
         "event-time lag 42s | DLQ 36 (0.3%)")
 
 
+def test_status_line_shows_how_far_behind_the_sink_is_next_to_a_zero_consumer_lag():
+    """Offsets are committed once the runner holds the records: the consumer lag is
+    0 while the backlog waits in the runner; the sink's newest window end shows it."""
+    source = FakeMetricsSource()
+    source.set(60, {"kafka_records_read": 200_000, "records_read": 200_000, "sink_rows_written": 40},
+               {"consumer_lag.orders.0": (0, STARTED_AT + 60),
+                "sink_window_end_ms": (int((STARTED_AT - 125) * 1000), STARTED_AT + 59)})
+    figures = source.figures()
+    assert figures.sink_lag_s == 185.0
+    assert "| lag 0 | sink behind 3m05s |" in format_status(figures)
+
+
 def test_status_line_of_a_file_run_has_no_lag():
     source = FakeMetricsSource()
     source.set(2, {"records_read": 9, "events_parsed": 8, "dead_letters.invalid_utf8": 1, "events_timely": 8})
