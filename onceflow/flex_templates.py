@@ -151,6 +151,9 @@ RULES: Dict[str, ParameterRule] = {
              "kafka://HOST:PORT/TOPIC (a JSON-lines file would stay on one worker's disk)."),
     "sink_batch_size": ParameterRule("Rows per sink transaction", r"^[0-9]*[1-9][0-9]*$", "500",
                                      invalid=("0", "-5", "many")),
+    "shards": ParameterRule("Key shards of the aggregation", r"^[0-9]*[1-9][0-9]*$", "8",
+                            invalid=("0", "-2", "all")),
+    "kafka_readers": ParameterRule("Kafka readers", r"^[0-9]*[1-9][0-9]*$", "2", invalid=("0", "-1", "many")),
     # monitoring (local runs; on Dataflow, Dataflow's own monitoring shows the same metrics)
     "metrics_out": ParameterRule(
         "Metrics file", r"^\S+$", "/tmp/onceflow-metrics.json", invalid=("",),
