@@ -13,10 +13,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.coders import PickleCoder
+from apache_beam.coders import FastPrimitivesCoder, PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
 
 from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation
@@ -159,17 +159,25 @@ class _AggregateShardWindowDoFn(beam.DoFn):
 
 
 class _AccumulateShardWindowsDoFn(beam.DoFn):
-    """Per (key shard, window): the accumulators of its keys, and the event IDs
-    each key has counted, in one state value read and written once per sub-batch.
+    """Unbounded input, per (key shard, window): panes from state and timers.
 
-    Panes and timers as in the per-event path (``_AccumulatePanesDoFn``): one
-    event-time timer per shard window fires the on-time pane (every key's row) at
-    the window end and drops the state at window end + allowed lateness; after the
-    on-time pane each sub-batch emits a late pane for the keys it changed; with
-    ``early_firing_ms`` a processing-time timer emits the keys changed since their
-    last pane while the window is open.
+    A sub-batch is only appended to a bag (no state read: on Prism every read is a
+    round trip to the runner); the keys' accumulators and counted IDs are read,
+    brought up to date from the bag and written when a timer fires.
+
+    One event-time timer per shard window, so it cannot fire out of order with
+    itself. Each sub-batch sets it to the window end. Its first firing (the
+    watermark passed the window end) emits the on-time pane: every key's row. A
+    later sub-batch (a late event within the allowed lateness) sets it to the
+    window end again, which has passed, so it fires at once and emits a late pane
+    for the keys that changed. After each of those firings it is set to window end
+    + allowed lateness, when the state is dropped (by then the lateness rule sends
+    any further event to the dead-letter queue). With ``early_firing_ms`` a
+    processing-time timer on a fixed grid emits the keys changed since their last
+    pane while the window is open.
     """
 
+    PENDING = BagStateSpec("pending", FastPrimitivesCoder())  # sub-batches not yet absorbed
     # ({key text: [accumulator, emitted count, counted IDs]}, on-time pane fired)
     PANES = ReadModifyWriteStateSpec("panes", PickleCoder())
     WINDOW_TIMER = TimerSpec("window", TimeDomain.WATERMARK)
@@ -186,72 +194,75 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
     def process(
         self,
         element: Tuple[ShardWindow, List[Row]],
-        panes=beam.DoFn.StateParam(PANES),
+        pending=beam.DoFn.StateParam(PENDING),
         window_timer=beam.DoFn.TimerParam(WINDOW_TIMER),
         early=beam.DoFn.TimerParam(EARLY),
     ):
-        shard_window, rows = element
-        _, start_ms, end_ms = shard_window
-        held = panes.read()
-        if held is None:
-            held = ({}, False)
-            window_timer.set(Timestamp(micros=end_ms * 1000))
-            if self._early_firing_ms is not None:
-                early.set(Timestamp.now() + Duration(micros=self._early_firing_ms * 1000))
-        by_key, fired = held
-        aggregation = self._aggregation
-        changed, duplicates = absorb(aggregation, by_key, rows)
-        late_panes = []
-        if fired:  # late panes: each a newer, complete version of its row
-            for key_text in sorted(changed):
-                entry = by_key[key_text]
-                entry[1] = entry[0].count
-                late_panes.append(((key_text, start_ms, end_ms), aggregation.extract(entry[0])))
-        panes.write((by_key, fired))
-        if duplicates:
-            self._duplicates.inc(duplicates)
-        self._unique.inc(len(rows) - duplicates)
-        yield from late_panes
+        (_, _, end_ms), rows = element
+        pending.add(rows)
+        window_timer.set(Timestamp(micros=end_ms * 1000))
+        if self._early_firing_ms is not None:
+            early.set(self._next_early_firing())
 
     @on_timer(WINDOW_TIMER)
-    def on_window_timer(self, shard_window=beam.DoFn.KeyParam, panes=beam.DoFn.StateParam(PANES),
+    def on_window_timer(self, shard_window=beam.DoFn.KeyParam, fired_at=beam.DoFn.TimestampParam,
+                        pending=beam.DoFn.StateParam(PENDING), panes=beam.DoFn.StateParam(PANES),
                         window_timer=beam.DoFn.TimerParam(WINDOW_TIMER)):
+        _, start_ms, end_ms = shard_window
         held = panes.read()
-        if held is None:
-            return
-        by_key, fired = held
-        if fired:  # window end + allowed lateness: nothing more can come
+        by_key, fired = held if held is not None else ({}, False)
+        changed = self._absorb_pending(by_key, pending)
+        expired = fired and fired_at.micros >= (end_ms + self._lateness_ms) * 1000
+        # On-time pane: every key; then late panes: the keys that changed.
+        yield from self._panes(by_key, changed if fired else by_key, start_ms, end_ms)
+        if expired or self._lateness_ms == 0:
             panes.clear()
             return
+        panes.write((by_key, True))
+        window_timer.set(Timestamp(micros=(end_ms + self._lateness_ms) * 1000))
+
+    @on_timer(EARLY)
+    def fire_early(self, shard_window=beam.DoFn.KeyParam, pending=beam.DoFn.StateParam(PENDING),
+                   panes=beam.DoFn.StateParam(PANES), early=beam.DoFn.TimerParam(EARLY)):
+        held = panes.read()
+        if held is not None and held[1]:
+            return  # the on-time pane has fired: no more early panes
+        by_key = held[0] if held is not None else {}
+        changed = self._absorb_pending(by_key, pending)
+        if not by_key:
+            return  # expired: the window timer dropped the state
         _, start_ms, end_ms = shard_window
-        for key_text in sorted(by_key):
+        yield from self._panes(by_key, [k for k in changed if by_key[k][0].count > by_key[k][1]], start_ms, end_ms)
+        panes.write((by_key, False))
+        early.set(self._next_early_firing())
+
+    def _absorb_pending(self, by_key: Dict[str, list], pending) -> set:
+        """Adds the bag's sub-batches to ``by_key`` and empties the bag; the keys changed."""
+        changed: set = set()
+        rows = duplicates = 0
+        for sub_batch in pending.read():
+            more, dropped = absorb(self._aggregation, by_key, sub_batch)
+            changed |= more
+            rows += len(sub_batch)
+            duplicates += dropped
+        pending.clear()
+        if duplicates:
+            self._duplicates.inc(duplicates)
+        if rows:
+            self._unique.inc(rows - duplicates)
+        return changed
+
+    def _panes(self, by_key: Dict[str, list], keys, start_ms: int, end_ms: int):
+        for key_text in sorted(keys):
             entry = by_key[key_text]
             entry[1] = entry[0].count
             yield (key_text, start_ms, end_ms), self._aggregation.extract(entry[0])
-        if self._lateness_ms > 0:
-            panes.write((by_key, True))
-            window_timer.set(Timestamp(micros=(end_ms + self._lateness_ms) * 1000))
-        else:
-            panes.clear()
 
-    @on_timer(EARLY)
-    def fire_early(self, shard_window=beam.DoFn.KeyParam, panes=beam.DoFn.StateParam(PANES),
-                   early=beam.DoFn.TimerParam(EARLY)):
-        held = panes.read()
-        if held is None or held[1]:
-            return  # expired, or the on-time pane has fired: no more early panes
-        by_key, _ = held
-        _, start_ms, end_ms = shard_window
-        emitted = False
-        for key_text in sorted(by_key):
-            entry = by_key[key_text]
-            if entry[0].count > entry[1]:
-                entry[1] = entry[0].count
-                emitted = True
-                yield (key_text, start_ms, end_ms), self._aggregation.extract(entry[0])
-        if emitted:
-            panes.write((by_key, False))
-        early.set(Timestamp.now() + Duration(micros=self._early_firing_ms * 1000))
+    def _next_early_firing(self) -> Timestamp:
+        """The next point of a fixed processing-time grid: setting it again within
+        one interval changes nothing, so steady input cannot keep postponing it."""
+        interval_us = self._early_firing_ms * 1000
+        return Timestamp(micros=(Timestamp.now().micros // interval_us + 1) * interval_us)
 
 
 class AggregateBatches(beam.PTransform):

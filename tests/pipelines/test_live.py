@@ -120,3 +120,31 @@ def test_a_killed_clients_job_does_not_keep_running_on_flink(kafka_bootstrap, fl
     cancel_running_jobs(flink_job_endpoint, name_prefix=name)
     wait_for(lambda: all(j.finished for j in flink_jobs(name)), "the Flink job to end", 60)
 
+
+
+@pytest.mark.prism
+def test_early_firing_writes_an_open_window_and_then_its_on_time_row(kafka_bootstrap, prism_path, tmp_path):
+    """With --early_firing the sink gets a window's running row while the window is
+    still open (event times in a window that ends a minute from now), then, once
+    the window has closed, its final row: the same count, nothing counted twice."""
+    topic = new_topic(kafka_bootstrap)
+    db, dlq = tmp_path / "early.db", tmp_path / "dlq.jsonl"
+    window_ms = 60_000
+    now = int(time.time() * 1000)
+    start = now - now % window_ms
+    if start + window_ms - now < 30_000:  # leave the window open for at least 30 s
+        start += window_ms
+    events = [(n % 3, json.dumps({"id": str(n), "t": start + n, "k": "a", "v": 2}).encode(), now) for n in range(50)]
+    produce(topic, events + events[:10])  # ten re-sends
+    job = start_live_job(topic, f"g-{topic.topic}", f"sqlite:///{db}", dlq, "--key_fields=k", "--time_field=t",
+                         "--id_field=id", "--aggregate=count,sum:v", "--window=1m", "--allowed_lateness=0",
+                         "--early_firing=2s", "--kafka_idle_timeout=2s")
+    try:
+        wait_for(lambda: counted_events(db) == 50, "an early row with all 50 events", 120, job)
+        assert int(time.time() * 1000) < start + window_ms, "the row came after the window closed: not early"
+        wait_for(lambda: time.time() * 1000 > start + window_ms + 10_000, "the window to close", 120, job)
+        time.sleep(3)
+    finally:
+        stop(job)
+    rows = [dict(r) for r in table_rows(db)]
+    assert [(r["k"], r["count"], r["sum_v"]) for r in rows] == [("a", 50, 100)]
