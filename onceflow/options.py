@@ -37,8 +37,24 @@ class InputOptions(PipelineOptions):
             help="What to read: a path or glob of JSON-lines or Avro files (.gz/.bz2 read "
                  "transparently), or kafka://HOST:PORT/TOPIC. Default: the bundled sample of orders.")
         group.add_argument(
-            "--input_format", default=None, choices=("json", "avro"),
-            help="Record format. Default: avro for .avro files, json otherwise.")
+            "--input_format", default=None, choices=("json", "avro", "avro_registry", "json_registry"),
+            help="Record format. avro_registry and json_registry: each record in a schema registry's "
+                 "wire format (byte 0, a 4-byte schema ID, then an Avro datum or JSON text), its "
+                 "schema fetched from --schema_registry_url. Default: avro for .avro files, json otherwise.")
+        group.add_argument(
+            "--schema_registry_url", default=None, metavar="URL",
+            help="The schema registry (Confluent-compatible REST API; GET URL/schemas/ids/ID) of "
+                 "avro_registry and json_registry records, e.g. http://127.0.0.1:8081. Default: none.")
+        group.add_argument(
+            "--schema_registry_setting", action="append", default=None, metavar="NAME=VALUE",
+            help="A schema registry client setting (repeatable): basic.auth.user.info=USER:PASSWORD, "
+                 "request.timeout.ms, max.retries. Also read from --kafka_config_file as "
+                 "schema.registry.NAME=VALUE lines (or basic.auth.user.info=...); the flag wins. "
+                 "Values are never logged. Default: none.")
+        group.add_argument(
+            "--avro_reader_schema", default=None, metavar="FILE",
+            help="avro_registry: an Avro schema (.avsc JSON) to read every record as, resolved "
+                 "against each record's writer schema (schema evolution). Default: the writer's.")
         group.add_argument(
             "--from", dest="read_from", default=None,
             help="Kafka: where to start: earliest, latest, an ISO-8601 timestamp or offsets:P=O,... "

@@ -14,16 +14,18 @@ summary. ``--help`` lists the flags.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
+import fastavro
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError, exit_status
-from onceflow.events import EventContract, format_utc_ms
+from onceflow.events import REGISTRY_FORMATS, EventContract, format_utc_ms
 from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
@@ -32,6 +34,7 @@ from onceflow.io.kafka_config import (
     parse_position,
 )
 from onceflow.io.kafka_source import ReadBatchesFromKafka, describe_topic, resolve_partition_reads
+from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
 from onceflow.io.sinks import SinkTarget, WriteRows, last_window_end, parse_sink_url, prepare_sink
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
@@ -136,8 +139,19 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     writer_schema = None
     if input_format == "avro":
         if kafka_topic is not None:
-            raise UsageError("--input_format: Avro from Kafka is not supported yet; produce JSON records")
+            raise UsageError("--input_format: plain Avro from Kafka has no writer schema; produce records in the "
+                             "schema registry's wire format and use --input_format avro_registry")
         writer_schema = _first_avro_schema(input_pattern)
+    kafka_options = options.view_as(KafkaOptions)
+    try:
+        kafka_settings = client_settings_from_flags(kafka_options.kafka_setting, kafka_options.kafka_config_file)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    registry, reader_schema = _registry_options(source, input_format, kafka_settings)
+    if registry is not None and kafka_topic is None and not is_archive(input_pattern):
+        raise UsageError(f"--input_format {input_format}: registry-framed records are read from a "
+                         "kafka://HOST:PORT/TOPIC input (or an archive of one)")
+    kafka_settings = tuple(kafka_settings_without_registry(kafka_settings).items())
 
     key_fields = split_fields(event.key_fields, "--key_fields")
     try:
@@ -148,6 +162,8 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
             id_field=optional_text(event.id_field),
             input_format=input_format,
             avro_writer_schema=writer_schema,
+            registry=registry,
+            avro_reader_schema=reader_schema,
         )
     except ValueError as error:
         raise UsageError(f"--key_fields/--time_field/--aggregate: {error}") from None
@@ -164,12 +180,6 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         dlq = parse_dlq_target(optional_text(output.dlq) or "")
     except ValueError as error:
         raise flag_error("--dlq", error) from None
-    kafka_options = options.view_as(KafkaOptions)
-    try:
-        kafka_settings = tuple(client_settings_from_flags(kafka_options.kafka_setting,
-                                                          kafka_options.kafka_config_file).items())
-    except ValueError as error:
-        raise UsageError(str(error)) from None
     if sink.scheme == "kafka":
         sink = dataclasses.replace(sink, client_settings=kafka_settings)
     if dlq.kind == "kafka":
@@ -226,6 +236,43 @@ def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions,
                                time_source=kafka_options.kafka_time_source, client_settings=settings)
     except ValueError as error:
         raise UsageError(f"--from/--to: {error}") from None
+
+
+def _registry_options(source: InputOptions, input_format: str, kafka_settings: Dict[str, str]):
+    """The schema registry and reader schema of --input_format avro_registry or
+    json_registry; refused for other formats. UsageError never shows a credential."""
+    url = optional_text(source.schema_registry_url)
+    reader_path = optional_text(source.avro_reader_schema)
+    if input_format not in REGISTRY_FORMATS:
+        if url or source.schema_registry_setting:
+            raise UsageError("--schema_registry_url: only --input_format avro_registry or json_registry reads "
+                             "through a schema registry")
+        if reader_path:
+            raise UsageError("--avro_reader_schema: only --input_format avro_registry takes a reader schema")
+        return None, None
+    if not url:
+        raise UsageError(f"--schema_registry_url: --input_format {input_format} needs the registry's URL, "
+                         "e.g. http://127.0.0.1:8081")
+    try:
+        settings = registry_settings(source.schema_registry_setting, kafka_settings)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    try:
+        registry = RegistryConfig(url, settings)
+    except ValueError as error:
+        raise flag_error("--schema_registry_url", error) from None
+    reader_schema = None
+    if reader_path:
+        if input_format != "avro_registry":
+            raise UsageError("--avro_reader_schema: only --input_format avro_registry takes a reader schema")
+        try:
+            with open(reader_path, encoding="utf-8") as handle:
+                reader_schema = json.load(handle)
+            fastavro.parse_schema(reader_schema, named_schemas={})
+        except (OSError, ValueError, fastavro.schema.SchemaParseException) as error:
+            raise UsageError(f"--avro_reader_schema: {reader_path!r} is not a readable Avro schema: "
+                             f"{error}"[:300]) from None
+    return registry, reader_schema
 
 
 def _first_avro_schema(pattern: str) -> dict:
