@@ -1,0 +1,114 @@
+"""The main job on registry-framed Avro records from the real broker, with its
+writer schemas served by the registry STAND-IN (tests/registry_standin.py): rows
+against an independent expectation, and every bad record in the DLQ with its
+reason and raw bytes."""
+
+import base64
+import io
+import json
+import sqlite3
+import struct
+import subprocess
+import sys
+from collections import defaultdict
+
+import fastavro
+import pytest
+
+from onceflow.io.dlq import read_dead_letters
+from tests.livejob import new_topic, produce
+from tests.registry_standin import RegistryStandIn, register_over_http
+
+pytestmark = pytest.mark.kafka
+BASE_MS = 1_793_610_000_000  # 2026-11-02T09:00:00Z
+MINUTE = 60_000
+
+ORDER = {"type": "record", "name": "Order", "namespace": "shop", "fields": [
+    {"name": "order_id", "type": "string"},
+    {"name": "event_time", "type": "long"},
+    {"name": "store", "type": "string"},
+    {"name": "qty", "type": "long"},
+    {"name": "price", "type": "double"},
+]}
+# A schema the registry accepts but whose records break the event contract (qty is text).
+ORDER_TEXT_QTY = {**ORDER, "name": "OrderTextQty", "fields": [
+    *ORDER["fields"][:3], {"name": "qty", "type": "string"}, ORDER["fields"][4]]}
+
+
+def encode(schema, record):
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema(schema, named_schemas={}), record)
+    return out.getvalue()
+
+
+def framed(schema_id, payload):
+    return b"\x00" + struct.pack(">I", schema_id) + payload
+
+
+def window_start(millis):
+    return millis - millis % MINUTE
+
+
+def utc_ms(text):
+    import datetime
+    return round(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def test_avro_registry_records_from_kafka_end_to_end(kafka_bootstrap, tmp_path):
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    with RegistryStandIn(first_id=101) as registry:
+        order_id = register_over_http(registry.url, f"{topic.topic}-value", ORDER)
+        text_qty_id = register_over_http(registry.url, f"{topic.topic}-value", ORDER_TEXT_QTY)
+        good, values = [], []
+        for n in range(60):  # in event-time order, 5 s apart: nothing is late
+            record = {"order_id": f"o-{n}", "event_time": BASE_MS + n * 5_000, "store": f"s{n % 3}",
+                      "qty": n % 7 + 1, "price": 0.25 * n}
+            good.append(record)
+            values.append(framed(order_id, encode(ORDER, record)))
+            if n % 10 == 0:  # a re-sent duplicate: counted once
+                values.append(values[-1])
+        expected_bad = {}  # offset -> reason
+        bad = [
+            (framed(4242, encode(ORDER, good[3])), "unknown_schema"),
+            (framed(order_id, encode(ORDER, good[4])[:-3]), "avro_decode_error"),
+            (b"\x01" + framed(order_id, encode(ORDER, good[5]))[1:], "bad_wire_format"),
+            (framed(text_qty_id, encode(ORDER_TEXT_QTY, {**good[6], "order_id": "x-6", "qty": "three"})),
+             "schema_violation"),
+            (json.dumps(good[7]).encode(), "bad_wire_format"),  # plain JSON where framed Avro is expected
+        ]
+        for position, (value, reason) in zip((7, 20, 33, 45, 60), bad):
+            values.insert(position, value)
+        for offset, value in enumerate(values):
+            for bad_value, reason in bad:
+                if value is bad_value:
+                    expected_bad[offset] = (reason, value)
+        produce(topic, [(0, value, None) for value in values])
+
+        db, dlq = tmp_path / "out.db", tmp_path / "dlq.jsonl"
+        result = subprocess.run(
+            [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={topic.url}", "--from=earliest",
+             "--to=latest", "--input_format=avro_registry", f"--schema_registry_url={registry.url}",
+             f"--sink=sqlite:///{db}", f"--dlq={dlq}", "--aggregate=count,sum:qty,max:price", "--status=off"],
+            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr[-3000:]
+        fetched = sorted(path for method, path, _ in registry.requests if method == "GET")
+    # The job asked the registry for each schema ID it met, and for nothing else.
+    assert set(fetched) == {f"/schemas/ids/{i}" for i in (order_id, text_qty_id, 4242)}
+
+    expected = defaultdict(lambda: {"event_count": 0, "sum_qty": 0, "max_price": None})
+    for record in good:
+        row = expected[(record["store"], window_start(record["event_time"]))]
+        row["event_count"] += 1
+        row["sum_qty"] += record["qty"]
+        row["max_price"] = record["price"] if row["max_price"] is None else max(row["max_price"], record["price"])
+    with sqlite3.connect(db) as connection:
+        connection.row_factory = sqlite3.Row
+        found = {(row["store"], utc_ms(row["window_start"])): {k: row[k] for k in ("event_count", "sum_qty",
+                                                                                   "max_price")}
+                 for row in connection.execute("SELECT * FROM aggregates")}
+    assert found == dict(expected)
+
+    letters = list(read_dead_letters(str(dlq)))
+    assert {letter["source"]["offset"]: (letter["reason"], base64.b64decode(letter["raw_base64"]))
+            for letter in letters} == expected_bad
+    assert len(letters) == len(bad)
