@@ -49,6 +49,8 @@ setuptools.setup(
     extras_require={
         "kafka": ["confluent-kafka>=2.4"],
         "postgres": ["psycopg[binary]>=3.1"],
+        # --input_format json_registry validates against the registry's JSON Schema when installed
+        "registry": ["jsonschema>=4"],
         "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20"],
         "dev": [
             "pytest>=8",
@@ -56,6 +58,7 @@ setuptools.setup(
             "confluent-kafka>=2.4",
             "psycopg[binary]>=3.1",
             "matplotlib>=3.8",
+            "jsonschema>=4",
         ],
     },
     entry_points={"console_scripts": ["onceflow=onceflow.cli:main"]},

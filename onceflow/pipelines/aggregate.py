@@ -446,16 +446,35 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     pipeline = beam.Pipeline(options=options)
     build(pipeline, job)
     with Monitor(options, runner, expected_records=expected_records) as monitor:
-        result = pipeline.run()
-        monitor.watch(result)
         try:
+            result = pipeline.run()
+            monitor.watch(result)
             result.wait_until_finish()
+        except Exception as error:  # a worker's error comes back wrapped by the runner
+            failure = _registry_failure(error)
+            if failure:  # transient or setup, never a bad record: one line, status 1
+                raise ServiceError(f"{failure}; no record was dead-lettered for it: rerun when it answers") from None
+            raise
         except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
             print("aggregate: stopping...", file=sys.stderr)
             if not _cancel(result):
                 raise KeyboardInterrupt from None  # one line, status 130 (see exit_status)
         return monitor.finish(collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
                                               job.dlq.describe()))
+
+
+def _registry_failure(error: BaseException) -> Optional[str]:
+    """The line of a :class:`RegistryUnavailable` inside a runner's error, if any."""
+    import re
+
+    seen = 0
+    while error is not None and seen < 10:
+        found = re.search(r"schema registry \S+ did not give schema \d+ after [^\n]*", str(error))
+        if found:
+            return found.group(0)
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
 
 
 def _cancel(result: beam.runners.runner.PipelineResult) -> bool:

@@ -179,3 +179,41 @@ def test_registry_settings_from_a_properties_file_and_flags():
     assert "secret-value" not in str(error.value)
     with pytest.raises(ValueError, match="http"):
         RegistryConfig("registry:8081")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--input_format=avro_registry"], "--schema_registry_url: --input_format avro_registry needs"),
+    (["--schema_registry_url=http://127.0.0.1:8081"], "only --input_format avro_registry or json_registry"),
+    (["--input_format=avro_registry", "--schema_registry_url=registry:8081"], "is not an http:// or https:// URL"),
+    (["--input_format=json_registry", "--schema_registry_url=http://r:1", "--avro_reader_schema=x.avsc"],
+     "only --input_format avro_registry takes"),
+    (["--input_format=avro_registry", "--schema_registry_url=http://r:1", "--avro_reader_schema=/nonexistent.avsc"],
+     "is not a readable Avro schema"),
+    (["--input_format=avro_registry", "--schema_registry_url=http://r:1",
+      "--schema_registry_setting=basic.auth.password=hunter2"], "unknown setting 'basic.auth.password'"),
+])
+def test_registry_flags_are_checked(flags, fragment):
+    from onceflow.errors import UsageError
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options
+
+    with pytest.raises(UsageError) as error:
+        job_from_options(parse_pipeline_args(["--input=kafka://127.0.0.1:19092/orders", *flags]))
+    assert fragment in str(error.value) and "hunter2" not in str(error.value)
+
+
+def test_registry_formats_read_kafka_not_files_and_take_credentials_from_the_properties_file(tmp_path):
+    from onceflow.errors import UsageError
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options
+
+    with pytest.raises(UsageError, match="read from a kafka://"):
+        job_from_options(parse_pipeline_args([f"--input={tmp_path}/x.bin", "--input_format=avro_registry",
+                                              "--schema_registry_url=http://r:1"]))
+    properties = tmp_path / "client.properties"
+    properties.write_text("security.protocol=PLAINTEXT\nschema.registry.basic.auth.user.info=u:pw\n")
+    job = job_from_options(parse_pipeline_args([
+        "--input=kafka://127.0.0.1:19092/orders", "--from=earliest", "--to=latest", "--input_format=avro_registry",
+        "--schema_registry_url=http://r:1/", f"--kafka_config_file={properties}"]))
+    assert job.contract.registry == RegistryConfig("http://r:1", (("basic.auth.user.info", "u:pw"),))
+    assert dict(job.kafka.client_settings) == {"security.protocol": "PLAINTEXT"}  # librdkafka gets no registry key

@@ -112,3 +112,19 @@ def test_avro_registry_records_from_kafka_end_to_end(kafka_bootstrap, tmp_path):
     assert {letter["source"]["offset"]: (letter["reason"], base64.b64decode(letter["raw_base64"]))
             for letter in letters} == expected_bad
     assert len(letters) == len(bad)
+
+
+def test_an_unreachable_registry_fails_the_job_and_dead_letters_nothing(kafka_bootstrap, tmp_path):
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    record = {"order_id": "o-1", "event_time": BASE_MS, "store": "s1", "qty": 1, "price": 1.0}
+    produce(topic, [(0, framed(101, encode(ORDER, record)), None)])
+    db, dlq = tmp_path / "out.db", tmp_path / "dlq.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={topic.url}", "--from=earliest",
+         "--to=latest", "--input_format=avro_registry", "--schema_registry_url=http://127.0.0.1:9",
+         "--schema_registry_setting=max.retries=1", f"--sink=sqlite:///{db}", f"--dlq={dlq}", "--status=off"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0
+    assert "schema registry http://127.0.0.1:9 did not give schema 101" in result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1  # a service error, one line
+    assert list(read_dead_letters(str(dlq))) == []
