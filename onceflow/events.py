@@ -1,8 +1,9 @@
 """The event contract: what a raw record must contain, and how it becomes an event.
 
 Everything here is a pure function of its arguments (no clocks, no randomness, no
-I/O), so the per-element transforms, the batched paths and the tests share one
-definition of a valid event:
+I/O but the cached fetch of a registry's schemas by their immutable IDs), so the
+per-element transforms, the batched paths and the tests share one definition of a
+valid event:
 
 * :class:`SourceRecord` is what every reader emits: the raw bytes, where they came
   from, and the source's watermark for that partition or file just before them.
@@ -118,7 +119,15 @@ class EventContract:
     string with any offset (no offset means UTC) or epoch milliseconds.
 
     For ``input_format="avro"`` each record's bytes are one Avro datum written
-    with ``avro_writer_schema`` (schemaless encoding).
+    with ``avro_writer_schema`` (schemaless encoding). For ``avro_registry`` and
+    ``json_registry`` each record is in a schema registry's wire format (see
+    :mod:`onceflow.io.schema_registry`): its writer schema is fetched from
+    ``registry`` by the per-process client (the contract holds only the picklable
+    :class:`~onceflow.io.schema_registry.RegistryConfig`), Avro is resolved to
+    ``avro_reader_schema`` when given, and JSON is validated against the fetched
+    JSON Schema when ``jsonschema`` is installed. A registry that cannot answer
+    raises :class:`~onceflow.io.schema_registry.RegistryUnavailable`, never
+    :class:`RecordError`: it is not a verdict on the record.
     """
 
     time_field: str

@@ -217,3 +217,14 @@ def test_registry_formats_read_kafka_not_files_and_take_credentials_from_the_pro
         "--schema_registry_url=http://r:1/", f"--kafka_config_file={properties}"]))
     assert job.contract.registry == RegistryConfig("http://r:1", (("basic.auth.user.info", "u:pw"),))
     assert dict(job.kafka.client_settings) == {"security.protocol": "PLAINTEXT"}  # librdkafka gets no registry key
+
+
+def test_without_jsonschema_only_the_contract_validates_json_registry_records(standin, monkeypatch):
+    json_id = register_over_http(standin.url, "orders-value", JSON_SCHEMA, "JSON")
+    monkeypatch.setitem(__import__("sys").modules, "jsonschema", None)  # import jsonschema raises ImportError
+    verdicts = decode_values(contract(standin.url, fmt="json_registry"), [
+        framed(json_id, json.dumps({**GOOD, "qty": -1}).encode()),  # the JSON Schema's minimum is not checked
+        framed(json_id, json.dumps({**GOOD, "qty": "many"}).encode()),  # the contract still is
+    ])
+    assert type(verdicts[0]) is Decoded and verdicts[0].values == {"qty": -1}
+    assert verdicts[1].reason == "schema_violation"
