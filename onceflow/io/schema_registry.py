@@ -40,6 +40,7 @@ SETTING_TIMEOUT = "request.timeout.ms"
 SETTING_RETRIES = "max.retries"
 KNOWN_SETTINGS = (SETTING_USER_INFO, SETTING_CREDENTIALS_SOURCE, SETTING_TIMEOUT, SETTING_RETRIES)
 FILE_PREFIX = "schema.registry."
+UNKNOWN_ID_TTL_S = 30.0
 
 
 class RegistryUnavailable(RuntimeError):
@@ -138,6 +139,7 @@ class RegistryClient:
         self._config = config
         self._cache: Dict[int, RegisteredSchema] = {}
         self._parsed: Dict[Tuple[str, int], Any] = {}
+        self._missing: Dict[int, float] = {}  # schema ID -> when the registry last answered 404
         self._lock = threading.Lock()
         retries = config.setting(SETTING_RETRIES)
         self._attempts = attempts if attempts is not None else (int(retries) + 1 if retries else 5)
@@ -151,11 +153,23 @@ class RegistryClient:
         self.fetches = 0  # HTTP requests made, for tests and metrics
 
     def schema(self, schema_id: int) -> RegisteredSchema:
-        """The schema with this ID; UnknownSchema (404) or RegistryUnavailable."""
+        """The schema with this ID; UnknownSchema (404) or RegistryUnavailable.
+
+        A 404 is remembered for :data:`UNKNOWN_ID_TTL_S` seconds, so that a stream
+        of records with an unknown ID costs one request per ID and interval, not
+        one per record; an ID registered later is found after that."""
         found = self._cache.get(schema_id)
         if found is not None:
             return found
-        fetched = self._fetch(schema_id)
+        missing_since = self._missing.get(schema_id)
+        if missing_since is not None and time.monotonic() - missing_since < UNKNOWN_ID_TTL_S:
+            raise UnknownSchema(f"the schema registry has no schema with ID {schema_id}")
+        try:
+            fetched = self._fetch(schema_id)
+        except UnknownSchema:
+            with self._lock:
+                self._missing[schema_id] = time.monotonic()
+            raise
         with self._lock:
             self._cache[schema_id] = fetched
         return fetched

@@ -95,7 +95,7 @@ def test_each_refusal_has_its_reason(standin):
     assert missing == Refusal("schema_violation", "MissingField", "field 'price' is missing")
 
 
-def test_writer_schemas_are_fetched_once_per_id_and_process(standin):
+def test_writer_schemas_are_fetched_once_per_id_and_process(standin, monkeypatch):
     v1 = register_over_http(standin.url, "orders-value", WRITER_V1)
     values = [framed(v1, avro_bytes(WRITER_V1, {**GOOD, "order_id": f"o-{i}"})) for i in range(200)]
     the_contract = contract(standin.url)
@@ -105,6 +105,13 @@ def test_writer_schemas_are_fetched_once_per_id_and_process(standin):
     gets = [r for r in standin.requests if r[0] == "GET"]
     assert len(gets) == 1 and gets[0][1] == f"/schemas/ids/{v1}"
     assert registry_client(copy.registry) is registry_client(the_contract.registry)
+    # an unknown ID is asked for once for a run of records, then again once registered (after the TTL)
+    unknown = [framed(v1 + 1, avro_bytes(WRITER_V1, GOOD))] * 50
+    assert {v.reason for v in decode_values(the_contract, unknown)} == {"unknown_schema"}
+    assert len([r for r in standin.requests if r[0] == "GET"]) == 2
+    assert register_over_http(standin.url, "orders-value", {**WRITER_V1, "name": "Order2"}) == v1 + 1
+    monkeypatch.setattr("onceflow.io.schema_registry.UNKNOWN_ID_TTL_S", 0.0)
+    assert type(decode_values(the_contract, unknown[:1])[0]) is Decoded
 
 
 def test_a_reader_schema_resolves_each_writer_version(standin):
