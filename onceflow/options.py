@@ -182,7 +182,8 @@ class OutputOptions(PipelineOptions):
             help="Where aggregate rows are upserted (on their key, never replacing a newer "
                  "version): sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db; "
                  "postgresql://USER[:PASS]@HOST:PORT/DB; bigquery://PROJECT.DATASET.TABLE "
-                 "(?method=merge|cdc); file:///DIR?format=parquet|avro (one file per window). "
+                 "(?method=merge|cdc); file:///DIR?format=parquet|avro (one file per window); "
+                 "kafka://HOST:PORT/TOPIC (?format=avro_registry: Avro in the schema registry's wire format). "
                  "SQL sinks take ?table=NAME (default: aggregates). "
                  f"Default: sqlite:///{DEFAULT_OUTPUT_DIR}/aggregates.db.")
         group.add_argument(

@@ -26,6 +26,7 @@ import json
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
@@ -139,6 +140,7 @@ class RegistryClient:
         self._config = config
         self._cache: Dict[int, RegisteredSchema] = {}
         self._parsed: Dict[Tuple[str, int], Any] = {}
+        self._registered: Dict[Tuple[str, str, str], int] = {}
         self._missing: Dict[int, float] = {}  # schema ID -> when the registry last answered 404
         self._lock = threading.Lock()
         retries = config.setting(SETTING_RETRIES)
@@ -184,6 +186,41 @@ class RegistryClient:
             with self._lock:
                 self._parsed[key] = found
         return found
+
+    def register(self, subject: str, schema_text: str, schema_type: str = "AVRO") -> int:
+        """Registers a schema under ``subject`` (``POST /subjects/S/versions``; an
+        identical schema gets its existing ID) and returns its ID, cached.
+        RegistryUnavailable when the registry does not answer with an ID."""
+        key = (subject, schema_type, schema_text)
+        found = self._registered.get(key)
+        if found is not None:
+            return found
+        body = {"schema": schema_text}
+        if schema_type != "AVRO":
+            body["schemaType"] = schema_type
+        data = json.dumps(body).encode("utf-8")
+        url = f"{self._config.url}/subjects/{urllib.parse.quote(subject, safe='')}/versions"
+        last = "no attempt made"
+        for attempt in range(self._attempts):
+            if attempt:
+                time.sleep(min(self._backoff_s * 2 ** (attempt - 1), 10.0))
+            headers = {**self._headers, "Content-Type": "application/vnd.schemaregistry.v1+json"}
+            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+                    schema_id = int(json.loads(response.read().decode("utf-8"))["id"])
+                with self._lock:
+                    self._registered[key] = schema_id
+                    self._cache.setdefault(schema_id, RegisteredSchema(schema_type, schema_text))
+                return schema_id
+            except urllib.error.HTTPError as error:
+                last = f"HTTP {error.code} {error.reason}"
+                if 400 <= error.code < 500 and error.code not in (408, 429):  # refused: retrying will not help
+                    break
+            except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
+                last = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+        raise RegistryUnavailable(f"schema registry {self._config.url} did not register a schema under "
+                                  f"{subject!r}: {last}")
 
     def _fetch(self, schema_id: int) -> RegisteredSchema:
         url = f"{self._config.url}/schemas/ids/{schema_id}"

@@ -147,8 +147,15 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         kafka_settings = client_settings_from_flags(kafka_options.kafka_setting, kafka_options.kafka_config_file)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    registry, reader_schema = _registry_options(source, input_format, kafka_settings)
-    if registry is not None and kafka_topic is None and not is_archive(input_pattern):
+    try:
+        sink = parse_sink_url(output.sink)
+    except ValueError as error:
+        raise flag_error("--sink", error) from None
+    sink_avro = sink.scheme == "kafka" and sink.option("format") == "avro_registry"
+    registry, reader_schema = _registry_options(source, input_format, kafka_settings, sink_avro)
+    if sink_avro:
+        sink = dataclasses.replace(sink, registry=registry)
+    if input_format in REGISTRY_FORMATS and kafka_topic is None and not is_archive(input_pattern):
         raise UsageError(f"--input_format {input_format}: registry-framed records are read from a "
                          "kafka://HOST:PORT/TOPIC input (or an archive of one)")
     kafka_settings = tuple(kafka_settings_without_registry(kafka_settings).items())
@@ -162,20 +169,23 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
             id_field=optional_text(event.id_field),
             input_format=input_format,
             avro_writer_schema=writer_schema,
-            registry=registry,
+            registry=registry if input_format in REGISTRY_FORMATS else None,
             avro_reader_schema=reader_schema,
         )
     except ValueError as error:
         raise UsageError(f"--key_fields/--time_field/--aggregate: {error}") from None
 
     try:
-        sink = parse_sink_url(output.sink)
-    except ValueError as error:
-        raise flag_error("--sink", error) from None
-    try:
-        RowSchema(contract.key_fields, aggregates)
+        row_schema = RowSchema(contract.key_fields, aggregates)
     except ValueError as error:
         raise UsageError(f"--key_fields/--aggregate: {error}") from None
+    if sink_avro:
+        from onceflow.io.kafka_sink import row_avro_schema
+
+        try:
+            fastavro.parse_schema(row_avro_schema(row_schema), named_schemas={})
+        except Exception as error:  # a column name Avro does not allow
+            raise UsageError(f"--sink: ?format=avro_registry: the rows have no valid Avro schema: {error}") from None
     try:
         dlq = parse_dlq_target(optional_text(output.dlq) or "")
     except ValueError as error:
@@ -238,21 +248,25 @@ def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions,
         raise UsageError(f"--from/--to: {error}") from None
 
 
-def _registry_options(source: InputOptions, input_format: str, kafka_settings: Dict[str, str]):
-    """The schema registry and reader schema of --input_format avro_registry or
-    json_registry; refused for other formats. UsageError never shows a credential."""
+def _registry_options(source: InputOptions, input_format: str, kafka_settings: Dict[str, str],
+                      sink_avro: bool = False):
+    """The schema registry (of --input_format avro_registry or json_registry, or of
+    a kafka:// sink with ?format=avro_registry) and the reader schema; refused when
+    nothing uses them. UsageError never shows a credential."""
     url = optional_text(source.schema_registry_url)
     reader_path = optional_text(source.avro_reader_schema)
     if input_format not in REGISTRY_FORMATS:
-        if url or source.schema_registry_setting:
-            raise UsageError("--schema_registry_url: only --input_format avro_registry or json_registry reads "
-                             "through a schema registry")
         if reader_path:
             raise UsageError("--avro_reader_schema: only --input_format avro_registry takes a reader schema")
-        return None, None
+        if not sink_avro:
+            if url or source.schema_registry_setting:
+                raise UsageError("--schema_registry_url: only --input_format avro_registry or json_registry, or a "
+                                 "kafka:// sink with ?format=avro_registry, uses a schema registry")
+            return None, None
     if not url:
-        raise UsageError(f"--schema_registry_url: --input_format {input_format} needs the registry's URL, "
-                         "e.g. http://127.0.0.1:8081")
+        needer = f"--input_format {input_format}" if input_format in REGISTRY_FORMATS else \
+            "a kafka:// sink with ?format=avro_registry"
+        raise UsageError(f"--schema_registry_url: {needer} needs the registry's URL, e.g. http://127.0.0.1:8081")
     try:
         settings = registry_settings(source.schema_registry_setting, kafka_settings)
     except ValueError as error:

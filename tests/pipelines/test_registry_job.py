@@ -128,3 +128,54 @@ def test_an_unreachable_registry_fails_the_job_and_dead_letters_nothing(kafka_bo
     assert "schema registry http://127.0.0.1:9 did not give schema 101" in result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1  # a service error, one line
     assert list(read_dead_letters(str(dlq))) == []
+
+
+def test_rows_topic_as_registry_framed_avro(kafka_bootstrap, tmp_path):
+    """--sink kafka://...?format=avro_registry: row values are registry-framed Avro
+    under the topic's -value subject; a second run (the version guard reads the Avro
+    rows back) leaves the latest rows unchanged."""
+    from onceflow.io.kafka_sink import latest_rows
+    from onceflow.io.schema_registry import RegistryConfig
+    from onceflow.io.kafka_sink import read_topic_to_end
+
+    source, rows_topic = new_topic(kafka_bootstrap, partitions=1), new_topic(kafka_bootstrap, partitions=1)
+    with RegistryStandIn() as registry:
+        order_id = register_over_http(registry.url, f"{source.topic}-value", ORDER)
+        records = [{"order_id": f"o-{n}", "event_time": BASE_MS + n * 20_000, "store": f"s{n % 2}", "qty": n,
+                    "price": 1.0 + n} for n in range(12)]
+        produce(source, [(0, framed(order_id, encode(ORDER, r)), None) for r in records])
+        flags = [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={source.url}", "--from=earliest",
+                 "--to=latest", "--input_format=avro_registry", f"--schema_registry_url={registry.url}",
+                 f"--sink={rows_topic.url}?format=avro_registry", f"--dlq={tmp_path / 'dlq.jsonl'}",
+                 "--aggregate=count,sum:qty,mean:price", "--status=off"]
+        first = subprocess.run(flags, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert first.returncode == 0, first.stderr[-3000:]
+        config = RegistryConfig(registry.url)
+        latest = latest_rows(rows_topic, registry=config)
+        second = subprocess.run(flags, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert latest_rows(rows_topic, registry=config) == latest
+        row_ids = {i for i, (kind, text) in registry.schemas.items() if "AggregateRow" in text}
+        assert len(row_ids) == 1
+        row_schema = fastavro.parse_schema(json.loads(registry.schemas[row_ids.pop()][1]), named_schemas={})
+        messages = list(read_topic_to_end(rows_topic))
+        # what the writer's version guard reads back from the topic: each message's event_count
+        from onceflow.io.kafka_sink import _message_version
+        versions = [_message_version(value, config) for _, value in messages]
+    expected = defaultdict(lambda: [0, 0, []])
+    for r in records:
+        row = expected[(r["store"], window_start(r["event_time"]))]
+        row[0] += 1
+        row[1] += r["qty"]
+        row[2].append(r["price"])
+    # every message decodes on its own, with the registered schema, from the wire format
+    decoded = {}
+    for key, value in messages:
+        assert value[0] == 0
+        row = fastavro.schemaless_reader(io.BytesIO(value[5:]), row_schema, None)
+        assert json.loads(key) == [row["store"], row["window_start"], row["window_end"]]
+        decoded[(row["store"], utc_ms(row["window_start"]))] = [row["event_count"], row["sum_qty"], row["mean_price"]]
+    assert versions == [fastavro.schemaless_reader(io.BytesIO(v[5:]), row_schema, None)["event_count"]
+                        for _, v in messages]
+    assert decoded == {k: [c, s, pytest.approx(sum(p) / len(p))] for k, (c, s, p) in expected.items()}
+    assert {(r["store"], utc_ms(r["window_start"])) for r in latest.values()} == set(expected)
