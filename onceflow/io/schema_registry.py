@@ -7,7 +7,8 @@ datum in the schema's binary encoding, or JSON text for a JSON Schema).
 
 The client speaks the Confluent-compatible REST API: ``GET {url}/schemas/ids/{id}``
 gives ``{"schema": "...", "schemaType": "AVRO"|"JSON"|...}`` (no ``schemaType``
-means Avro), and a 404 means no schema has that ID. It is created lazily, once
+means Avro), and a 404 with error code 40403 means no schema has that ID (any other
+404 says the URL is not a registry's: a setup error, not a bad record). It is created lazily, once
 per process and registry (:func:`registry_client`), and caches every schema it
 fetched: a schema ID never changes its schema. What the event contract holds is
 only :class:`RegistryConfig`, which pickles; a worker builds its own client.
@@ -42,6 +43,7 @@ SETTING_RETRIES = "max.retries"
 KNOWN_SETTINGS = (SETTING_USER_INFO, SETTING_CREDENTIALS_SOURCE, SETTING_TIMEOUT, SETTING_RETRIES)
 FILE_PREFIX = "schema.registry."
 UNKNOWN_ID_TTL_S = 30.0
+SCHEMA_NOT_FOUND = 40403  # the error_code of a 404 that means "no schema with this ID"
 
 
 class RegistryUnavailable(RuntimeError):
@@ -235,15 +237,27 @@ class RegistryClient:
                     body = json.loads(response.read().decode("utf-8"))
                 return RegisteredSchema(str(body.get("schemaType") or "AVRO").upper(), body["schema"])
             except urllib.error.HTTPError as error:
-                if error.code == 404:
+                if error.code == 404 and _error_code(error) == SCHEMA_NOT_FOUND:
                     raise UnknownSchema(f"the schema registry has no schema with ID {schema_id}") from None
                 last = f"HTTP {error.code} {error.reason}"
+                if error.code == 404:  # a 404 without the registry's code: the URL is not a registry's
+                    last += f" without error code {SCHEMA_NOT_FOUND}: is {self._config.url} the registry's URL?"
+                    break
                 if error.code in (401, 403):  # credentials: retrying will not help
                     break
             except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
                 last = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
         raise RegistryUnavailable(f"schema registry {self._config.url} did not give schema {schema_id} "
                                   f"after {self._attempts} attempt(s): {last}")
+
+
+def _error_code(error: urllib.error.HTTPError) -> Optional[int]:
+    """The ``error_code`` of a registry's JSON error body, if it has one."""
+    try:
+        code = json.loads(error.read().decode("utf-8")).get("error_code")
+    except Exception:  # pylint: disable=broad-except - an HTML page, an empty body...
+        return None
+    return code if isinstance(code, int) else None
 
 
 _CLIENTS: Dict[RegistryConfig, RegistryClient] = {}

@@ -158,6 +158,10 @@ def test_an_unreachable_registry_fails_loudly_and_refuses_no_record(standin):
     assert len(standin.requests) == 3  # the registration, then 2 attempts
     standin.down = False  # back: the same record now decodes (nothing cached the failure)
     assert type(decode_values(the_contract, [framed(v1, avro_bytes(WRITER_V1, GOOD))])[0]) is Decoded
+    # a URL that answers 404 without the registry's error code is a wrong URL, not an unknown schema
+    wrong_path = contract(standin.url + "/not-the-api", settings=(("max.retries", "3"),))
+    with pytest.raises(RegistryUnavailable, match="is .*/not-the-api the registry's URL"):
+        decode_values(wrong_path, [framed(v1, avro_bytes(WRITER_V1, GOOD))])
     nobody = contract("http://127.0.0.1:9", settings=(("max.retries", "0"),))  # nothing listens on port 9
     with pytest.raises(RegistryUnavailable, match="127.0.0.1:9"):
         decode_values(nobody, [framed(v1, b"")])
@@ -190,7 +194,8 @@ def test_registry_settings_from_a_properties_file_and_flags():
 
 @pytest.mark.parametrize("flags, fragment", [
     (["--input_format=avro_registry"], "--schema_registry_url: --input_format avro_registry needs"),
-    (["--schema_registry_url=http://127.0.0.1:8081"], "only --input_format avro_registry or json_registry, or a kafka:// sink"),
+    (["--schema_registry_url=http://127.0.0.1:8081"],
+     "only --input_format avro_registry or json_registry, or a kafka:// sink"),
     (["--input_format=avro_registry", "--schema_registry_url=registry:8081"], "is not an http:// or https:// URL"),
     (["--input_format=json_registry", "--schema_registry_url=http://r:1", "--avro_reader_schema=x.avsc"],
      "only --input_format avro_registry takes"),
