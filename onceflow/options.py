@@ -189,7 +189,8 @@ class OutputOptions(PipelineOptions):
         group.add_argument(
             "--dlq", default=f"{DEFAULT_OUTPUT_DIR}/dlq.jsonl",
             help="Dead-letter queue: a JSON-lines file path, or "
-                 "postgresql://USER[:PASS]@HOST:PORT/DB?table=NAME (default table: dead_letters). "
+                 "postgresql://USER[:PASS]@HOST:PORT/DB?table=NAME (default table: dead_letters), or "
+                 "kafka://HOST:PORT/TOPIC (?format=avro_registry: Avro in the schema registry's wire format). "
                  f"Default: {DEFAULT_OUTPUT_DIR}/dlq.jsonl.")
         group.add_argument(
             "--sink_batch_size", default="500",

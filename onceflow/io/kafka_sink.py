@@ -84,6 +84,10 @@ class _AvroRowMessage:
         return {**self.__dict__, "_writer": None}
 
     def __call__(self, row: Dict[str, Any]) -> Message:
+        record = row_record(row, self._schema)
+        return row_message_key(record, self._schema), self._encode(record)
+
+    def _encode(self, record: Dict[str, Any]) -> bytes:
         import io
 
         import fastavro
@@ -94,10 +98,23 @@ class _AvroRowMessage:
             schema_id = registry_client(self._registry).register(
                 self._subject, json.dumps(self._avro, sort_keys=True, separators=(",", ":")))
             self._writer = (schema_id, fastavro.parse_schema(self._avro, named_schemas={}))
-        record = row_record(row, self._schema)
         out = io.BytesIO()
         fastavro.schemaless_writer(out, self._writer[1], record)
-        return row_message_key(record, self._schema), frame(self._writer[0], out.getvalue())
+        return frame(self._writer[0], out.getvalue())
+
+
+def _decode_framed(value: bytes, registry: Any, kind: str) -> Any:
+    """A registry-framed Avro message's datum (its writer schema fetched and cached)."""
+    import io
+
+    import fastavro
+
+    from onceflow.io.schema_registry import registry_client, split_wire_format
+
+    schema_id, payload = split_wire_format(value)
+    writer = registry_client(registry).parsed(
+        kind, schema_id, lambda registered: fastavro.parse_schema(json.loads(registered.text), named_schemas={}))
+    return fastavro.schemaless_reader(io.BytesIO(bytes(payload)), writer, None)
 
 
 def row_from_message(value: Optional[bytes], registry: Any = None) -> Optional[Dict[str, Any]]:
@@ -106,23 +123,13 @@ def row_from_message(value: Optional[bytes], registry: Any = None) -> Optional[D
     if value is None:
         return None
     if registry is not None and value[:1] == b"\x00":
-        import io
-
-        import fastavro
-
-        from onceflow.io.schema_registry import BadWireFormat, UnknownSchema, registry_client, split_wire_format
+        from onceflow.io.schema_registry import RegistryUnavailable
 
         try:
-            schema_id, payload = split_wire_format(value)
-            writer = registry_client(registry).parsed(
-                "AVRO-row", schema_id, lambda registered: fastavro.parse_schema(json.loads(registered.text),
-                                                                                named_schemas={}))
-            row = fastavro.schemaless_reader(io.BytesIO(bytes(payload)), writer, None)
-        except (BadWireFormat, UnknownSchema):
-            return None
-        except Exception as error:  # pylint: disable=broad-except
-            if type(error).__name__ == "RegistryUnavailable":
-                raise
+            row = _decode_framed(value, registry, "AVRO-row")
+        except RegistryUnavailable:
+            raise
+        except Exception:  # pylint: disable=broad-except - not a row message this writer wrote
             return None
         return row if isinstance(row, dict) else None
     try:
@@ -336,9 +343,63 @@ def latest_rows(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,
 
 
 def write_dead_letters_to_kafka(topic: KafkaTopic, pipeline: str, version: str,
-                                settings: Optional[Mapping[str, str]] = None) -> WriteToKafka:
-    """Dead-letter envelopes (JSON) keyed by ``dlq_id``."""
-    return WriteToKafka(topic, _DeadLetterMessage(pipeline, version), settings, metrics.DLQ_WRITTEN)
+                                settings: Optional[Mapping[str, str]] = None, registry: Any = None) -> WriteToKafka:
+    """Dead-letter envelopes (JSON, or with ``registry`` registry-framed Avro:
+    :data:`DEAD_LETTER_AVRO_SCHEMA`) keyed by ``dlq_id``."""
+    to_message = (_DeadLetterMessage(pipeline, version) if registry is None
+                  else _AvroDeadLetterMessage(pipeline, version, registry, f"{topic.topic}-value"))
+    return WriteToKafka(topic, to_message, settings, metrics.DLQ_WRITTEN)
+
+
+# The envelope as Avro: the JSON envelope's fields, but the raw bytes as bytes (not
+# base64) and the source as its JSON text (its values mix types).
+DEAD_LETTER_AVRO_SCHEMA = {
+    "type": "record", "name": "DeadLetter", "namespace": "onceflow",
+    "fields": [
+        {"name": "dlq_id", "type": "string"}, {"name": "reason", "type": "string"},
+        {"name": "error_class", "type": "string"}, {"name": "message", "type": "string"},
+        {"name": "stage", "type": "string"}, {"name": "source_json", "type": "string"},
+        {"name": "raw", "type": "bytes"}, {"name": "raw_preview", "type": "string"},
+        {"name": "event_id", "type": ["null", "string"], "default": None},
+        {"name": "event_time", "type": ["null", "string"], "default": None},
+        {"name": "failed_at", "type": "string"}, {"name": "pipeline", "type": "string"},
+        {"name": "pipeline_version", "type": "string"},
+    ],
+}
+
+
+class _AvroDeadLetterMessage(_AvroRowMessage):
+    """Dead letters as Avro in the registry's wire format (schema registered under
+    ``TOPIC-value`` on first use, like rows)."""
+
+    def __init__(self, pipeline: str, version: str, registry: Any, subject: str):
+        self._pipeline, self._version = pipeline, version
+        self._registry, self._subject = registry, subject
+        self._avro = DEAD_LETTER_AVRO_SCHEMA
+        self._writer = None
+
+    def __call__(self, letter: DeadLetter) -> Message:
+        import base64
+
+        envelope = to_envelope(letter, self._pipeline, self._version)
+        record = {name: value for name, value in envelope.items() if name not in ("source", "raw_base64")}
+        record["source_json"] = json.dumps(envelope["source"], sort_keys=True, separators=(",", ":"))
+        record["raw"] = base64.b64decode(envelope["raw_base64"])
+        return envelope["dlq_id"].encode("ascii"), self._encode(record)
+
+
+def envelope_from_message(value: bytes, registry: Any = None) -> Dict[str, Any]:
+    """A dead-letter topic's message as the JSON envelope (also from Avro with
+    ``registry``)."""
+    if registry is not None and value[:1] == b"\x00":
+        import base64
+
+        record = _decode_framed(value, registry, "AVRO-dead-letter")
+        envelope = {name: item for name, item in record.items() if name not in ("source_json", "raw")}
+        envelope["source"] = json.loads(record["source_json"])
+        envelope["raw_base64"] = base64.b64encode(record["raw"]).decode("ascii")
+        return envelope
+    return json.loads(value)
 
 
 def read_topic_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,

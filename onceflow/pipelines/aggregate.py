@@ -151,10 +151,17 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         sink = parse_sink_url(output.sink)
     except ValueError as error:
         raise flag_error("--sink", error) from None
+    try:
+        dlq = parse_dlq_target(optional_text(output.dlq) or "")
+    except ValueError as error:
+        raise flag_error("--dlq", error) from None
     sink_avro = sink.scheme == "kafka" and sink.option("format") == "avro_registry"
-    registry, reader_schema = _registry_options(source, input_format, kafka_settings, sink_avro)
+    dlq_avro = dlq.kind == "kafka" and dlq.value_format == "avro_registry"
+    registry, reader_schema = _registry_options(source, input_format, kafka_settings, sink_avro or dlq_avro)
     if sink_avro:
         sink = dataclasses.replace(sink, registry=registry)
+    if dlq_avro:
+        dlq = dataclasses.replace(dlq, registry=registry)
     if input_format in REGISTRY_FORMATS and kafka_topic is None and not is_archive(input_pattern):
         raise UsageError(f"--input_format {input_format}: registry-framed records are read from a "
                          "kafka://HOST:PORT/TOPIC input (or an archive of one)")
@@ -186,10 +193,6 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
             fastavro.parse_schema(row_avro_schema(row_schema), named_schemas={})
         except Exception as error:  # a column name Avro does not allow
             raise UsageError(f"--sink: ?format=avro_registry: the rows have no valid Avro schema: {error}") from None
-    try:
-        dlq = parse_dlq_target(optional_text(output.dlq) or "")
-    except ValueError as error:
-        raise flag_error("--dlq", error) from None
     if sink.scheme == "kafka":
         sink = dataclasses.replace(sink, client_settings=kafka_settings)
     if dlq.kind == "kafka":
@@ -251,8 +254,8 @@ def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions,
 def _registry_options(source: InputOptions, input_format: str, kafka_settings: Dict[str, str],
                       sink_avro: bool = False):
     """The schema registry (of --input_format avro_registry or json_registry, or of
-    a kafka:// sink with ?format=avro_registry) and the reader schema; refused when
-    nothing uses them. UsageError never shows a credential."""
+    a kafka:// sink or DLQ with ?format=avro_registry) and the reader schema;
+    refused when nothing uses them. UsageError never shows a credential."""
     url = optional_text(source.schema_registry_url)
     reader_path = optional_text(source.avro_reader_schema)
     if input_format not in REGISTRY_FORMATS:
@@ -261,11 +264,11 @@ def _registry_options(source: InputOptions, input_format: str, kafka_settings: D
         if not sink_avro:
             if url or source.schema_registry_setting:
                 raise UsageError("--schema_registry_url: only --input_format avro_registry or json_registry, or a "
-                                 "kafka:// sink with ?format=avro_registry, uses a schema registry")
+                                 "kafka:// sink or DLQ with ?format=avro_registry, uses a schema registry")
             return None, None
     if not url:
         needer = f"--input_format {input_format}" if input_format in REGISTRY_FORMATS else \
-            "a kafka:// sink with ?format=avro_registry"
+            "a kafka:// sink or DLQ with ?format=avro_registry"
         raise UsageError(f"--schema_registry_url: {needer} needs the registry's URL, e.g. http://127.0.0.1:8081")
     try:
         settings = registry_settings(source.schema_registry_setting, kafka_settings)

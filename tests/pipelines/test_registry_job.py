@@ -179,3 +179,40 @@ def test_rows_topic_as_registry_framed_avro(kafka_bootstrap, tmp_path):
                         for _, v in messages]
     assert decoded == {k: [c, s, pytest.approx(sum(p) / len(p))] for k, (c, s, p) in expected.items()}
     assert {(r["store"], utc_ms(r["window_start"])) for r in latest.values()} == set(expected)
+
+
+def test_dead_letter_topic_as_registry_framed_avro(kafka_bootstrap, tmp_path):
+    """--dlq kafka://...?format=avro_registry: every dead letter is registry-framed
+    Avro with its raw bytes; `onceflow dlq count` and the readers decode them."""
+    from onceflow.io.dlq import parse_dlq_target, read_dead_letters_from
+    from onceflow.io.schema_registry import RegistryConfig
+
+    source, dlq_topic = new_topic(kafka_bootstrap, partitions=1), new_topic(kafka_bootstrap, partitions=1)
+    with RegistryStandIn() as registry:
+        order_id = register_over_http(registry.url, f"{source.topic}-value", ORDER)
+        good = {"order_id": "o-1", "event_time": BASE_MS, "store": "s1", "qty": 1, "price": 1.0}
+        values = [framed(order_id, encode(ORDER, good)), framed(9999, encode(ORDER, good)), b"\x07bad",
+                  framed(order_id, b"\xff")]
+        produce(source, [(0, value, None) for value in values])
+        dlq_url = f"{dlq_topic.url}?format=avro_registry"
+        result = subprocess.run(
+            [sys.executable, "-m", "onceflow.pipelines.aggregate", f"--input={source.url}", "--from=earliest",
+             "--to=latest", "--input_format=avro_registry", f"--schema_registry_url={registry.url}",
+             f"--sink=sqlite:///{tmp_path / 'out.db'}", f"--dlq={dlq_url}", "--status=off"],
+            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr[-3000:]
+        import dataclasses
+        target = dataclasses.replace(parse_dlq_target(dlq_url), registry=RegistryConfig(registry.url))
+        letters = list(read_dead_letters_from(target))
+        counted = subprocess.run(
+            [sys.executable, "-m", "onceflow.cli", "dlq", "count", f"--dlq={dlq_url}",
+             f"--schema-registry-url={registry.url}"], capture_output=True, text=True, timeout=120)
+        from onceflow.io.kafka_sink import read_topic_to_end
+        raw_messages = [value for _, value in read_topic_to_end(dlq_topic)]
+    assert counted.returncode == 0, counted.stderr[-2000:]
+    assert "unknown_schema" in counted.stdout and "bad_wire_format" in counted.stdout
+    assert {(letter["source"]["offset"], letter["reason"], base64.b64decode(letter["raw_base64"]))
+            for letter in letters} == {(1, "unknown_schema", values[1]), (2, "bad_wire_format", values[2]),
+                                       (3, "avro_decode_error", values[3])}
+    assert all(letter["source"]["topic"] == source.topic for letter in letters)
+    assert raw_messages and all(value[0] == 0 for value in raw_messages)  # the wire format, not JSON
