@@ -49,6 +49,8 @@ setuptools.setup(
     extras_require={
         "kafka": ["confluent-kafka>=2.4"],
         "postgres": ["psycopg[binary]>=3.1"],
+        # --input_format json_registry validates against the registry's JSON Schema when installed
+        "registry": ["jsonschema>=4"],
         "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20"],
         # Beam YAML (jinja2, jsonschema, pandas, ...): for onceflow.yaml_provider and templates/yaml/
         "yaml": [f"apache-beam[yaml]=={BEAM_VERSION}"],
@@ -59,6 +61,7 @@ setuptools.setup(
             "psycopg[binary]>=3.1",
             "matplotlib>=3.8",
             f"apache-beam[yaml]=={BEAM_VERSION}",  # tests/test_yaml_provider.py
+            "jsonschema>=4",
         ],
     },
     entry_points={"console_scripts": ["onceflow=onceflow.cli:main"]},

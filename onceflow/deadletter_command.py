@@ -54,6 +54,11 @@ def register(subparsers) -> None:
                          metavar="NAME=VALUE", help="a Kafka client setting for a kafka:// queue (repeatable)")
         sub.add_argument("--kafka-config-file", "--kafka_config_file", dest="kafka_config_file", metavar="PATH",
                          help="a Kafka client properties file (key=value lines) for a kafka:// queue")
+        sub.add_argument("--schema-registry-url", "--schema_registry_url", dest="schema_registry_url",
+                         metavar="URL", help="the schema registry of a kafka://...?format=avro_registry queue")
+        sub.add_argument("--schema-registry-setting", "--schema_registry_setting", dest="schema_registry_setting",
+                         action="append", metavar="NAME=VALUE",
+                         help="a schema registry client setting, e.g. basic.auth.user.info=USER:PASSWORD")
 
     count = commands.add_parser("count", help="dead letters by reason")
     selection(count)
@@ -114,7 +119,22 @@ def _target(args):
         raise UsageError(str(error)) from None
     if settings and target.kind != "kafka":
         raise UsageError("--kafka-setting/--kafka_config_file: only a kafka:// queue takes Kafka settings")
-    return dataclasses.replace(target, client_settings=tuple(settings.items()))
+    registry = None
+    if target.kind == "kafka" and target.value_format == "avro_registry":
+        from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
+
+        if not args.schema_registry_url:
+            raise UsageError("--schema-registry-url: a ?format=avro_registry queue is read through its schema registry")
+        try:
+            registry = RegistryConfig(args.schema_registry_url,
+                                      registry_settings(args.schema_registry_setting, settings))
+        except ValueError as error:
+            raise UsageError(f"--schema-registry-url: {error}") from None
+        settings = kafka_settings_without_registry(settings)
+    elif args.schema_registry_url or args.schema_registry_setting:
+        raise UsageError("--schema-registry-url: only a kafka://...?format=avro_registry queue is read through a "
+                         "schema registry")
+    return dataclasses.replace(target, client_settings=tuple(settings.items()), registry=registry)
 
 
 def _selected(args) -> List[Dict[str, Any]]:

@@ -1,8 +1,9 @@
 """The event contract: what a raw record must contain, and how it becomes an event.
 
 Everything here is a pure function of its arguments (no clocks, no randomness, no
-I/O), so the per-element transforms, the batched paths and the tests share one
-definition of a valid event:
+I/O but the cached fetch of a registry's schemas by their immutable IDs), so the
+per-element transforms, the batched paths and the tests share one definition of a
+valid event:
 
 * :class:`SourceRecord` is what every reader emits: the raw bytes, where they came
   from, and the source's watermark for that partition or file just before them.
@@ -27,6 +28,10 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 import fastavro
 from fastavro.validation import validate as avro_validate
 
+from onceflow.io.schema_registry import (
+    BadWireFormat, RegistryConfig, UnknownSchema, registry_client, split_wire_format,
+)
+
 # Why a record can be refused. These strings are stable: DLQ tooling counts by them.
 REASON_INVALID_UTF8 = "invalid_utf8"
 REASON_MALFORMED_JSON = "malformed_json"
@@ -37,6 +42,8 @@ REASON_AVRO_DECODE_ERROR = "avro_decode_error"
 REASON_SCHEMA_VIOLATION = "schema_violation"
 REASON_BAD_TIMESTAMP = "bad_timestamp"
 REASON_TOO_LATE = "too_late"
+REASON_BAD_WIRE_FORMAT = "bad_wire_format"  # not magic byte 0 + 4-byte schema ID + payload
+REASON_UNKNOWN_SCHEMA = "unknown_schema"  # the registry has no (usable) schema with the record's ID
 
 REASONS = (
     REASON_INVALID_UTF8,
@@ -48,9 +55,12 @@ REASONS = (
     REASON_SCHEMA_VIOLATION,
     REASON_BAD_TIMESTAMP,
     REASON_TOO_LATE,
+    REASON_BAD_WIRE_FORMAT,
+    REASON_UNKNOWN_SCHEMA,
 )
 
-INPUT_FORMATS = ("json", "avro")
+INPUT_FORMATS = ("json", "avro", "avro_registry", "json_registry")
+REGISTRY_FORMATS = ("avro_registry", "json_registry")
 
 # Event times must fit Beam's timestamps and Python's datetime: years 1..9999.
 MIN_EVENT_TIME_MS = -62135596800000  # 0001-01-01T00:00:00Z
@@ -109,7 +119,15 @@ class EventContract:
     string with any offset (no offset means UTC) or epoch milliseconds.
 
     For ``input_format="avro"`` each record's bytes are one Avro datum written
-    with ``avro_writer_schema`` (schemaless encoding).
+    with ``avro_writer_schema`` (schemaless encoding). For ``avro_registry`` and
+    ``json_registry`` each record is in a schema registry's wire format (see
+    :mod:`onceflow.io.schema_registry`): its writer schema is fetched from
+    ``registry`` by the per-process client (the contract holds only the picklable
+    :class:`~onceflow.io.schema_registry.RegistryConfig`), Avro is resolved to
+    ``avro_reader_schema`` when given, and JSON is validated against the fetched
+    JSON Schema when ``jsonschema`` is installed. A registry that cannot answer
+    raises :class:`~onceflow.io.schema_registry.RegistryUnavailable`, never
+    :class:`RecordError`: it is not a verdict on the record.
     """
 
     time_field: str
@@ -118,10 +136,17 @@ class EventContract:
     id_field: Optional[str] = None
     input_format: str = "json"
     avro_writer_schema: Optional[Mapping[str, Any]] = None
+    registry: Optional[RegistryConfig] = None
+    avro_reader_schema: Optional[Mapping[str, Any]] = None
 
     def __post_init__(self) -> None:
         if self.input_format not in INPUT_FORMATS:
             raise ValueError(f"input format must be one of {', '.join(INPUT_FORMATS)}")
+        if (self.input_format in REGISTRY_FORMATS) != (self.registry is not None):
+            raise ValueError("a schema registry is needed by, and only by, the avro_registry and json_registry "
+                             "formats")
+        if self.avro_reader_schema is not None and self.input_format != "avro_registry":
+            raise ValueError("a reader schema is for the avro_registry format")
         if not self.key_fields:
             raise ValueError("at least one key field is needed")
         names = [self.time_field, *self.key_fields, *self.value_fields]
@@ -143,6 +168,10 @@ class EventContract:
             object.__setattr__(
                 self, "_writer_schema", fastavro.parse_schema(dict(self.avro_writer_schema))
             )
+        reader = None
+        if self.avro_reader_schema is not None:
+            reader = fastavro.parse_schema(dict(self.avro_reader_schema), named_schemas={})
+        object.__setattr__(self, "_reader_schema", reader)
 
     # -- the schema every decoded record is validated against -------------------
 
@@ -164,7 +193,29 @@ class EventContract:
         """Raw bytes to a record (a dict), or :class:`RecordError`."""
         if self.input_format == "avro":
             return _decode_avro(raw, self._writer_schema)  # type: ignore[attr-defined]
+        if self.input_format == "avro_registry":
+            return self._decode_avro_registry(raw)
+        if self.input_format == "json_registry":
+            return self._decode_json_registry(raw)
         return decode_json_object(raw)
+
+    def _decode_avro_registry(self, raw: bytes) -> Dict[str, Any]:
+        schema_id, payload = _split_framed(raw)
+        writer = _registry_schema(self.registry, schema_id, "AVRO", _parse_avro_schema)
+        return _decode_avro(bytes(payload), writer, self._reader_schema)  # type: ignore[attr-defined]
+
+    def _decode_json_registry(self, raw: bytes) -> Dict[str, Any]:
+        schema_id, payload = _split_framed(raw)
+        validator = _registry_schema(self.registry, schema_id, "JSON", _json_schema_validator)
+        obj = decode_json_object(bytes(payload))
+        if validator is not None:
+            error = next(iter(validator.iter_errors(obj)), None)
+            if error is not None:
+                where = "/".join(str(part) for part in error.absolute_path) or "the record"
+                raise RecordError(REASON_SCHEMA_VIOLATION,
+                                  f"{where} violates JSON schema {schema_id}: {error.message}"[:300],
+                                  "JsonSchemaViolation")
+        return obj
 
     def to_event(self, record: SourceRecord) -> Event:
         """Decode, validate and normalise one source record into an :class:`Event`."""
@@ -274,10 +325,55 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def _decode_avro(raw: bytes, writer_schema: Any) -> Dict[str, Any]:
+def _split_framed(raw: bytes):
+    try:
+        return split_wire_format(raw)
+    except BadWireFormat as error:
+        raise RecordError(REASON_BAD_WIRE_FORMAT, str(error), "BadWireFormat") from None
+
+
+def _registry_schema(config: Any, schema_id: int, schema_type: str, parse) -> Any:
+    """The registry's schema ``schema_id`` as ``parse`` makes it, cached per
+    process. RecordError(unknown_schema) when the registry has none by that ID or
+    it cannot be used; RegistryUnavailable (not a RecordError) passes through."""
+
+    def checked(registered):
+        if registered.schema_type != schema_type:
+            raise RecordError(REASON_UNKNOWN_SCHEMA, f"schema {schema_id} is a {registered.schema_type} schema, "
+                              f"not {schema_type}", "WrongSchemaType")
+        try:
+            return parse(registered.text)
+        except Exception as error:  # a registered schema this reader cannot use
+            raise RecordError(REASON_UNKNOWN_SCHEMA, f"schema {schema_id} cannot be used: "
+                              f"{type(error).__name__}: {error}"[:300], "UnusableSchema") from None
+
+    try:
+        return registry_client(config).parsed(schema_type, schema_id, checked)
+    except UnknownSchema as error:
+        raise RecordError(REASON_UNKNOWN_SCHEMA, str(error), "UnknownSchema") from None
+
+
+def _parse_avro_schema(text: str) -> Any:
+    return fastavro.parse_schema(json.loads(text), named_schemas={})
+
+
+def _json_schema_validator(text: str) -> Any:
+    """A validator of the JSON Schema ``text``, or None when the optional
+    ``jsonschema`` package is not installed (then only the contract validates)."""
+    schema = json.loads(text)
+    try:
+        import jsonschema
+    except ImportError:
+        return None
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _decode_avro(raw: bytes, writer_schema: Any, reader_schema: Any = None) -> Dict[str, Any]:
     stream = io.BytesIO(raw)
     try:
-        obj = fastavro.schemaless_reader(stream, writer_schema, None)
+        obj = fastavro.schemaless_reader(stream, writer_schema, reader_schema)
     except RecursionError:
         raise RecordError(REASON_NESTING_TOO_DEEP, "Avro datum nested too deeply", "RecursionError") from None
     except Exception as error:  # fastavro raises many types on corrupt input

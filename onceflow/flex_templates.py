@@ -93,7 +93,16 @@ RULES: Dict[str, ParameterRule] = {
         "gs://my-bucket/events/*.jsonl.gz", invalid=("kafka://broker/orders", "data/*.jsonl", ""),
         note="On Dataflow give gs://BUCKET/PATH (a glob is fine) or kafka://HOST:PORT/TOPIC; "
              "omitted, the job reads the sample bundled in the image."),
-    "input_format": ParameterRule("Input record format", r"^(json|avro)$", "json", invalid=("csv",)),
+    "input_format": ParameterRule("Input record format", r"^(json|avro|avro_registry|json_registry)$", "json",
+                                  invalid=("csv", "avro-registry")),
+    "schema_registry_url": ParameterRule(
+        "Schema registry URL", r"^https?://[^\s]+$", "http://schema-registry:8081", invalid=("registry:8081", "")),
+    "schema_registry_setting": ParameterRule(
+        "Schema registry client setting", r"^[^\s=]+=.*$", "basic.auth.user.info=USER:PASSWORD",
+        invalid=("=x", "nosign"), note="A template parameter takes one NAME=VALUE; the flag itself is repeatable."),
+    "avro_reader_schema": ParameterRule(
+        "Avro reader schema file", r"^[^\s]+$", "/etc/onceflow/event.avsc", invalid=("two words",),
+        note="A path inside the launcher image (the launcher reads it when it builds the job)."),
     "from": ParameterRule(
         "Kafka read start", rf"^{_POSITION}$", "2026-11-02T09:00:00Z",
         invalid=("yesterday", "offsets:0=")),

@@ -47,8 +47,24 @@ class InputOptions(PipelineOptions):
             help="What to read: a path or glob of JSON-lines or Avro files (.gz/.bz2 read "
                  "transparently), or kafka://HOST:PORT/TOPIC. Default: the bundled sample of orders.")
         group.add_argument(
-            "--input_format", default=None, choices=("json", "avro"),
-            help="Record format. Default: avro for .avro files, json otherwise.")
+            "--input_format", default=None, choices=("json", "avro", "avro_registry", "json_registry"),
+            help="Record format. avro_registry and json_registry: each record in a schema registry's "
+                 "wire format (byte 0, a 4-byte schema ID, then an Avro datum or JSON text), its "
+                 "schema fetched from --schema_registry_url. Default: avro for .avro files, json otherwise.")
+        group.add_argument(
+            "--schema_registry_url", default=None, metavar="URL",
+            help="The schema registry (Confluent-compatible REST API; GET URL/schemas/ids/ID) of "
+                 "avro_registry and json_registry records, e.g. http://127.0.0.1:8081. Default: none.")
+        group.add_argument(
+            "--schema_registry_setting", action="append", default=None, metavar="NAME=VALUE",
+            help="A schema registry client setting (repeatable): basic.auth.user.info=USER:PASSWORD, "
+                 "request.timeout.ms, max.retries. Also read from --kafka_config_file as "
+                 "schema.registry.NAME=VALUE lines (or basic.auth.user.info=...); the flag wins. "
+                 "Values are never logged. Default: none.")
+        group.add_argument(
+            "--avro_reader_schema", default=None, metavar="FILE",
+            help="avro_registry: an Avro schema (.avsc JSON) to read every record as, resolved "
+                 "against each record's writer schema (schema evolution). Default: the writer's.")
         group.add_argument(
             "--from", dest="read_from", default=None,
             help="Kafka: where to start: earliest, latest, an ISO-8601 timestamp or offsets:P=O,... "
@@ -180,13 +196,15 @@ class OutputOptions(PipelineOptions):
             help="Where aggregate rows are upserted (on their key, never replacing a newer "
                  "version): sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db; "
                  "postgresql://USER[:PASS]@HOST:PORT/DB; bigquery://PROJECT.DATASET.TABLE "
-                 "(?method=merge|cdc); file:///DIR?format=parquet|avro (one file per window). "
+                 "(?method=merge|cdc); file:///DIR?format=parquet|avro (one file per window); "
+                 "kafka://HOST:PORT/TOPIC (?format=avro_registry: Avro in the schema registry's wire format). "
                  "SQL sinks take ?table=NAME (default: aggregates). "
                  f"Default: sqlite:///{DEFAULT_OUTPUT_DIR}/aggregates.db.")
         group.add_argument(
             "--dlq", default=f"{DEFAULT_OUTPUT_DIR}/dlq.jsonl",
             help="Dead-letter queue: a JSON-lines file path, or "
-                 "postgresql://USER[:PASS]@HOST:PORT/DB?table=NAME (default table: dead_letters). "
+                 "postgresql://USER[:PASS]@HOST:PORT/DB?table=NAME (default table: dead_letters), or "
+                 "kafka://HOST:PORT/TOPIC (?format=avro_registry: Avro in the schema registry's wire format). "
                  f"Default: {DEFAULT_OUTPUT_DIR}/dlq.jsonl.")
         group.add_argument(
             "--sink_batch_size", default="500",

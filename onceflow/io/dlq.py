@@ -9,13 +9,13 @@ import fcntl
 import json
 import os
 import urllib.parse
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter, to_envelope, to_json_line
-from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, redact_url
+from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, query_params, redact_url
 from onceflow.rows import check_identifier
 
 _MAX_BUFFERED = 500
@@ -109,12 +109,17 @@ class DlqTarget:
     table: str = ""  # the topic, for kafka
     # Client settings (kafka: --kafka_setting); may hold secrets, never described.
     client_settings: Tuple[Tuple[str, str], ...] = ()
+    # kafka ?format=avro_registry: envelopes as registry-framed Avro, with this
+    # schema registry (a RegistryConfig); json otherwise.
+    value_format: str = "json"
+    registry: Optional[object] = None
 
     def describe(self) -> str:
         if self.kind == "jsonl":
             return self.location
         if self.kind == "kafka":
-            return f"kafka://{self.location}/{self.table}"
+            shown = f"kafka://{self.location}/{self.table}"
+            return shown + ("?format=avro_registry" if self.value_format == "avro_registry" else "")
         return f"{self.kind} {redact_url(self.location)} (table {self.table})"
 
     def __repr__(self) -> str:
@@ -133,8 +138,11 @@ def parse_dlq_target(text: str) -> DlqTarget:
     if scheme == "kafka":
         from onceflow.io.kafka_config import parse_kafka_url
 
-        topic = parse_kafka_url(text)
-        return DlqTarget("kafka", topic.bootstrap_servers, topic.topic)
+        value_format = query_params(text, ("format",)).get("format", "json")
+        if value_format not in ("json", "avro_registry"):
+            raise ValueError(f"format {value_format!r}: a Kafka dead-letter topic is written as json or avro_registry")
+        topic = parse_kafka_url(urllib.parse.urlunsplit(urllib.parse.urlsplit(text)._replace(query="")))
+        return DlqTarget("kafka", topic.bootstrap_servers, topic.topic, value_format=value_format)
     if scheme not in DLQ_SCHEMES:
         raise ValueError(f"{redact_url(text)!r} has an unknown scheme; use {DLQ_FORMS}")
     location, table = parse_postgres_url(text, DEFAULT_DLQ_TABLE)
@@ -187,8 +195,11 @@ class WriteDeadLetters(beam.PTransform):
             from onceflow.io.kafka_sink import write_dead_letters_to_kafka
 
             self._label = "ProduceToKafka"
+            if target.value_format == "avro_registry" and target.registry is None:
+                raise ValueError("a kafka:// dead-letter topic with ?format=avro_registry needs a schema registry")
             self._transform = write_dead_letters_to_kafka(
-                KafkaTopic(target.location, target.table), pipeline, pipeline_version, dict(target.client_settings))
+                KafkaTopic(target.location, target.table), pipeline, pipeline_version, dict(target.client_settings),
+                target.registry if target.value_format == "avro_registry" else None)
         else:
             raise ValueError(f"unknown dead-letter queue kind {target.kind!r}")
 
@@ -209,11 +220,11 @@ def read_dead_letters_from(target: DlqTarget) -> Iterator[Dict[str, Any]]:
 
 def _read_dead_letters_from_kafka(target: DlqTarget) -> Iterator[Dict[str, Any]]:
     from onceflow.io.kafka_config import KafkaTopic
-    from onceflow.io.kafka_sink import read_topic_to_end
+    from onceflow.io.kafka_sink import envelope_from_message, read_topic_to_end
 
     seen = set()
     for key, value in read_topic_to_end(KafkaTopic(target.location, target.table), dict(target.client_settings)):
-        envelope = json.loads(value)
+        envelope = envelope_from_message(value, target.registry)
         if envelope["dlq_id"] not in seen:
             seen.add(envelope["dlq_id"])
             yield envelope

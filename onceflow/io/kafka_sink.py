@@ -39,13 +39,104 @@ _FLUSH_TIMEOUT_S = 60.0
 Message = Tuple[bytes, bytes]  # (key, value)
 
 
+def row_record(row: Dict[str, Any], schema: RowSchema) -> Dict[str, Any]:
+    """The row as messages carry it: window bounds as UTC text."""
+    return {column: (format_utc_ms(row[column]) if schema.column_kind(column) == "timestamp" else row[column])
+            for column in schema.columns}
+
+
+def row_message_key(record: Dict[str, Any], schema: RowSchema) -> bytes:
+    """The JSON list of the primary key: the message key whatever the value's format."""
+    return json.dumps([record[column] for column in schema.primary_key], separators=(",", ":")).encode("utf-8")
+
+
 def row_message(row: Dict[str, Any], schema: RowSchema) -> Message:
     """Key: the JSON list of the primary key (window bounds as UTC text); value:
     the row as a JSON object."""
-    record = {column: (format_utc_ms(row[column]) if schema.column_kind(column) == "timestamp" else row[column])
-              for column in schema.columns}
-    key = json.dumps([record[column] for column in schema.primary_key], separators=(",", ":"))
-    return key.encode("utf-8"), json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    record = row_record(row, schema)
+    return row_message_key(record, schema), json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+_AVRO_TYPES = {"key": "string", "timestamp": "string", "integer": "long", "number": ["long", "double"]}
+
+
+def row_avro_schema(schema: RowSchema) -> Dict[str, Any]:
+    """The Avro schema of a row message written with ``?format=avro_registry``:
+    the JSON message's fields and types (window bounds as UTC text; a number keeps
+    whether it is a long or a double)."""
+    return {"type": "record", "name": "AggregateRow", "namespace": "onceflow",
+            "fields": [{"name": column, "type": _AVRO_TYPES[schema.column_kind(column)]}
+                       for column in schema.columns]}
+
+
+class _AvroRowMessage:
+    """Rows as Avro in the schema registry's wire format. The row schema is
+    registered under ``TOPIC-value`` (the registry's default subject naming) the
+    first time a process writes a row; the registry being unreachable fails the
+    bundle, to be retried."""
+
+    def __init__(self, schema: RowSchema, registry: Any, subject: str):
+        self._schema, self._registry, self._subject = schema, registry, subject
+        self._avro = row_avro_schema(schema)
+        self._writer: Optional[Tuple[int, Any]] = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_writer": None}
+
+    def __call__(self, row: Dict[str, Any]) -> Message:
+        record = row_record(row, self._schema)
+        return row_message_key(record, self._schema), self._encode(record)
+
+    def _encode(self, record: Dict[str, Any]) -> bytes:
+        import io
+
+        import fastavro
+
+        from onceflow.io.schema_registry import frame, registry_client
+
+        if self._writer is None:
+            schema_id = registry_client(self._registry).register(
+                self._subject, json.dumps(self._avro, sort_keys=True, separators=(",", ":")))
+            self._writer = (schema_id, fastavro.parse_schema(self._avro, named_schemas={}))
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, self._writer[1], record)
+        return frame(self._writer[0], out.getvalue())
+
+
+def _decode_framed(value: bytes, registry: Any, kind: str) -> Any:
+    """A registry-framed Avro message's datum (its writer schema fetched and cached)."""
+    import io
+
+    import fastavro
+
+    from onceflow.io.schema_registry import registry_client, split_wire_format
+
+    schema_id, payload = split_wire_format(value)
+    writer = registry_client(registry).parsed(
+        kind, schema_id, lambda registered: fastavro.parse_schema(json.loads(registered.text), named_schemas={}))
+    return fastavro.schemaless_reader(io.BytesIO(bytes(payload)), writer, None)
+
+
+def row_from_message(value: Optional[bytes], registry: Any = None) -> Optional[Dict[str, Any]]:
+    """A row message's row (JSON, or with ``registry`` also registry-framed Avro);
+    None for anything else. RegistryUnavailable passes through."""
+    if value is None:
+        return None
+    if registry is not None and value[:1] == b"\x00":
+        from onceflow.io.schema_registry import RegistryUnavailable
+
+        try:
+            row = _decode_framed(value, registry, "AVRO-row")
+        except RegistryUnavailable:
+            raise
+        except Exception:  # pylint: disable=broad-except - not a row message this writer wrote
+            return None
+        return row if isinstance(row, dict) else None
+    try:
+        row = json.loads(value)
+    except (ValueError, TypeError):
+        return None
+    return row if isinstance(row, dict) else None
 
 
 class _ProduceDoFn(beam.DoFn):
@@ -159,17 +250,19 @@ _KNOWN_LOCK = threading.Lock()
 _LOAD_TIMEOUT_S = 600.0
 
 
-def _message_version(value: Optional[bytes]) -> Optional[int]:
+def _message_version(value: Optional[bytes], registry: Any = None) -> Optional[int]:
     """The ``event_count`` of a row message; None for anything else (a tombstone,
     a message some other producer wrote)."""
-    try:
-        version = json.loads(value)[EVENT_COUNT] if value is not None else None
-    except (ValueError, TypeError, KeyError):
-        return None
-    return version if isinstance(version, int) else None
+    return _row_version(row_from_message(value, registry))
 
 
-def _known_versions(writer: str, topic: KafkaTopic, settings: Mapping[str, str]) -> Dict[bytes, int]:
+def _row_version(row: Optional[Dict[str, Any]]) -> Optional[int]:
+    version = row.get(EVENT_COUNT) if row is not None else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def _known_versions(writer: str, topic: KafkaTopic, settings: Mapping[str, str],
+                    registry: Any = None) -> Dict[bytes, int]:
     """The process's table of versions for ``writer``, read from ``topic`` the first
     time it is asked for."""
     with _KNOWN_LOCK:
@@ -178,7 +271,7 @@ def _known_versions(writer: str, topic: KafkaTopic, settings: Mapping[str, str])
             known = {}
             consumer_settings = {name: value for name, value in settings.items() if name not in _PRODUCER_ONLY}
             for _, _, key, value in read_records_to_end(topic, consumer_settings, _LOAD_TIMEOUT_S):
-                version = _message_version(value)
+                version = _message_version(value, registry)
                 if key is not None and version is not None and version > known.get(key, -1):
                     known[key] = version
             _KNOWN_VERSIONS[writer] = known
@@ -192,13 +285,15 @@ _PRODUCER_ONLY = frozenset({"acks", "linger.ms", "enable.idempotence", "queue.bu
 class _ProduceRowsDoFn(_ProduceDoFn):
     """Produces aggregate rows under the ``event_count`` guard (module docstring)."""
 
-    def __init__(self, topic: KafkaTopic, to_message: Callable[[Any], Message], settings: Mapping[str, str]):
+    def __init__(self, topic: KafkaTopic, to_message: Callable[[Any], Message], settings: Mapping[str, str],
+                 registry: Any = None):
         super().__init__(topic, to_message, settings, metrics.SINK_ROWS_WRITTEN)
         self._writer = f"{topic.url}#{uuid.uuid4().hex}"  # made once, when the job is built
+        self._registry = registry
 
     def setup(self) -> None:
         super().setup()
-        self._known = _known_versions(self._writer, self._topic, self._settings)
+        self._known = _known_versions(self._writer, self._topic, self._settings, self._registry)
         self._stale = metrics.counter(metrics.SINK_ROWS_STALE)
 
     def start_bundle(self) -> None:
@@ -229,38 +324,96 @@ class _ProduceRowsDoFn(_ProduceDoFn):
 
 
 def write_rows_to_kafka(topic: KafkaTopic, schema: RowSchema,
-                        settings: Optional[Mapping[str, str]] = None) -> WriteToKafka:
+                        settings: Optional[Mapping[str, str]] = None, registry: Any = None) -> WriteToKafka:
     """Aggregate rows keyed by their deterministic key, guarded by ``event_count``:
     a row with a lower ``event_count`` than the topic held for its key when the
     writer's process started, or than this process produced since, is not produced
     (an equal one is: a harmless rewrite). See the module docstring for what the
-    guard cannot see and the consumer rule that covers it (:func:`latest_rows`)."""
-    to_message = _RowMessage(schema)
+    guard cannot see and the consumer rule that covers it (:func:`latest_rows`).
+    With ``registry`` (a RegistryConfig) the values are registry-framed Avro
+    (:func:`row_avro_schema`), the keys the same JSON text."""
+    to_message = _RowMessage(schema) if registry is None else _AvroRowMessage(schema, registry, f"{topic.topic}-value")
     return WriteToKafka(topic, to_message, settings,
-                        fn=_ProduceRowsDoFn(topic, to_message, settings or {}))
+                        fn=_ProduceRowsDoFn(topic, to_message, settings or {}, registry))
 
 
 def latest_rows(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,
-                timeout_s: float = 30.0) -> Dict[bytes, Dict[str, Any]]:
+                timeout_s: float = 30.0, registry: Any = None) -> Dict[bytes, Dict[str, Any]]:
     """What a consumer of an aggregates topic must do to read the freshest rows:
     read the topic to its end and keep, per message key, the row with the greatest
     ``event_count`` (on a tie the later one, as the other sinks' upserts keep).
-    Rows as JSON objects (window bounds as UTC text), by message key."""
+    Rows as JSON objects (window bounds as UTC text), by message key; with
+    ``registry``, registry-framed Avro rows are read too."""
     latest: Dict[bytes, Dict[str, Any]] = {}
     for key, value in read_topic_to_end(topic, settings, timeout_s):
-        version = _message_version(value)
+        row = row_from_message(value, registry)
+        version = _row_version(row)
         if key is None or version is None:
             continue
         kept = latest.get(key)
         if kept is None or version >= kept[EVENT_COUNT]:
-            latest[key] = json.loads(value)
+            latest[key] = row
     return latest
 
 
 def write_dead_letters_to_kafka(topic: KafkaTopic, pipeline: str, version: str,
-                                settings: Optional[Mapping[str, str]] = None) -> WriteToKafka:
-    """Dead-letter envelopes (JSON) keyed by ``dlq_id``."""
-    return WriteToKafka(topic, _DeadLetterMessage(pipeline, version), settings, metrics.DLQ_WRITTEN)
+                                settings: Optional[Mapping[str, str]] = None, registry: Any = None) -> WriteToKafka:
+    """Dead-letter envelopes (JSON, or with ``registry`` registry-framed Avro:
+    :data:`DEAD_LETTER_AVRO_SCHEMA`) keyed by ``dlq_id``."""
+    to_message = (_DeadLetterMessage(pipeline, version) if registry is None
+                  else _AvroDeadLetterMessage(pipeline, version, registry, f"{topic.topic}-value"))
+    return WriteToKafka(topic, to_message, settings, metrics.DLQ_WRITTEN)
+
+
+# The envelope as Avro: the JSON envelope's fields, but the raw bytes as bytes (not
+# base64) and the source as its JSON text (its values mix types).
+DEAD_LETTER_AVRO_SCHEMA = {
+    "type": "record", "name": "DeadLetter", "namespace": "onceflow",
+    "fields": [
+        {"name": "dlq_id", "type": "string"}, {"name": "reason", "type": "string"},
+        {"name": "error_class", "type": "string"}, {"name": "message", "type": "string"},
+        {"name": "stage", "type": "string"}, {"name": "source_json", "type": "string"},
+        {"name": "raw", "type": "bytes"}, {"name": "raw_preview", "type": "string"},
+        {"name": "event_id", "type": ["null", "string"], "default": None},
+        {"name": "event_time", "type": ["null", "string"], "default": None},
+        {"name": "failed_at", "type": "string"}, {"name": "pipeline", "type": "string"},
+        {"name": "pipeline_version", "type": "string"},
+    ],
+}
+
+
+class _AvroDeadLetterMessage(_AvroRowMessage):
+    """Dead letters as Avro in the registry's wire format (schema registered under
+    ``TOPIC-value`` on first use, like rows)."""
+
+    def __init__(self, pipeline: str, version: str, registry: Any, subject: str):
+        self._pipeline, self._version = pipeline, version
+        self._registry, self._subject = registry, subject
+        self._avro = DEAD_LETTER_AVRO_SCHEMA
+        self._writer = None
+
+    def __call__(self, letter: DeadLetter) -> Message:
+        import base64
+
+        envelope = to_envelope(letter, self._pipeline, self._version)
+        record = {name: value for name, value in envelope.items() if name not in ("source", "raw_base64")}
+        record["source_json"] = json.dumps(envelope["source"], sort_keys=True, separators=(",", ":"))
+        record["raw"] = base64.b64decode(envelope["raw_base64"])
+        return envelope["dlq_id"].encode("ascii"), self._encode(record)
+
+
+def envelope_from_message(value: bytes, registry: Any = None) -> Dict[str, Any]:
+    """A dead-letter topic's message as the JSON envelope (also from Avro with
+    ``registry``)."""
+    if registry is not None and value[:1] == b"\x00":
+        import base64
+
+        record = _decode_framed(value, registry, "AVRO-dead-letter")
+        envelope = {name: item for name, item in record.items() if name not in ("source_json", "raw")}
+        envelope["source"] = json.loads(record["source_json"])
+        envelope["raw_base64"] = base64.b64encode(record["raw"]).decode("ascii")
+        return envelope
+    return json.loads(value)
 
 
 def read_topic_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,

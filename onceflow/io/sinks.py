@@ -10,6 +10,7 @@ client (psycopg, google-cloud-bigquery) matters only to its own sink.
     bigquery://PROJECT.DATASET.TABLE                        [?method=merge|cdc]
     file:///ABS/DIR | file:REL/DIR                          [?format=parquet|avro]
     kafka://HOST:PORT/TOPIC                                 (messages keyed by the row key)
+    kafka://HOST:PORT/TOPIC?format=avro_registry            (values: registry-framed Avro)
 
 Every sink is an idempotent upsert on the row key guarded by ``event_count``.
 """
@@ -26,6 +27,7 @@ from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, quer
 from onceflow.rows import RowSchema, check_identifier
 
 DEFAULT_TABLE = "aggregates"
+KAFKA_ROW_FORMATS = ("json", "avro_registry")  # a kafka:// sink's ?format=
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -40,6 +42,8 @@ class SinkTarget:
     options: Tuple[Tuple[str, str], ...] = ()
     # Client settings (kafka: --kafka_setting); may hold secrets, never described.
     client_settings: Tuple[Tuple[str, str], ...] = ()
+    # kafka ?format=avro_registry: the schema registry (a RegistryConfig) the row schema is registered with.
+    registry: Optional[object] = None
 
     def option(self, name: str) -> Optional[str]:
         return dict(self.options).get(name)
@@ -204,8 +208,13 @@ def _write_file(target: SinkTarget, schema: RowSchema, batch_size: int):
 def _parse_kafka(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
     from onceflow.io.kafka_config import parse_kafka_url
 
-    topic = parse_kafka_url(url)
-    return SinkTarget("kafka", topic.bootstrap_servers, topic.topic)
+    query = query_params(url, ("format",))
+    value_format = query.get("format", "json")
+    if value_format not in KAFKA_ROW_FORMATS:
+        raise ValueError(f"format {value_format!r}: a Kafka sink writes {' or '.join(KAFKA_ROW_FORMATS)}")
+    topic = parse_kafka_url(urllib.parse.urlunsplit(parsed._replace(query="")))
+    options = (("format", value_format),) if value_format != "json" else ()
+    return SinkTarget("kafka", topic.bootstrap_servers, topic.topic, options)
 
 
 def _prepare_kafka(target: SinkTarget, _schema: RowSchema) -> None:
@@ -223,8 +232,13 @@ def _write_kafka(target: SinkTarget, schema: RowSchema, batch_size: int):
     from onceflow.io.kafka_config import KafkaTopic
     from onceflow.io.kafka_sink import write_rows_to_kafka
 
+    registry = None
+    if target.option("format") == "avro_registry":
+        if target.registry is None:
+            raise ValueError("a kafka:// sink with ?format=avro_registry needs --schema_registry_url")
+        registry = target.registry
     return "WriteToKafka", write_rows_to_kafka(KafkaTopic(target.location, target.table), schema,
-                                               dict(target.client_settings))
+                                               dict(target.client_settings), registry)
 
 
 # -- the registry ---------------------------------------------------------------
@@ -239,7 +253,7 @@ SINKS: Dict[str, SinkKind] = {
     "postgres": _POSTGRES,
     "bigquery": SinkKind("bigquery://PROJECT.DATASET.TABLE", _parse_bigquery, _prepare_bigquery, _write_bigquery),
     "file": SinkKind("file:///DIR?format=parquet|avro", _parse_file, _prepare_file, _write_file),
-    "kafka": SinkKind("kafka://HOST:PORT/TOPIC", _parse_kafka, _prepare_kafka, _write_kafka),
+    "kafka": SinkKind("kafka://HOST:PORT/TOPIC[?format=avro_registry]", _parse_kafka, _prepare_kafka, _write_kafka),
 }
 
 

@@ -14,16 +14,18 @@ summary. ``--help`` lists the flags.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
+import fastavro
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError, exit_status
-from onceflow.events import EventContract, format_utc_ms
+from onceflow.events import REGISTRY_FORMATS, EventContract, format_utc_ms
 from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
@@ -34,6 +36,7 @@ from onceflow.io.kafka_config import (
 from onceflow.io.kafka_source import (
     ReadBatchesFromKafka, RetentionGapError, describe_gaps, describe_topic, resolve_partition_reads,
 )
+from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
 from onceflow.io.sinks import SinkTarget, WriteRows, last_window_end, parse_sink_url, prepare_sink
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
@@ -138,8 +141,33 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     writer_schema = None
     if input_format == "avro":
         if kafka_topic is not None:
-            raise UsageError("--input_format: Avro from Kafka is not supported yet; produce JSON records")
+            raise UsageError("--input_format: plain Avro from Kafka has no writer schema; produce records in the "
+                             "schema registry's wire format and use --input_format avro_registry")
         writer_schema = _first_avro_schema(input_pattern)
+    kafka_options = options.view_as(KafkaOptions)
+    try:
+        kafka_settings = client_settings_from_flags(kafka_options.kafka_setting, kafka_options.kafka_config_file)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    try:
+        sink = parse_sink_url(output.sink)
+    except ValueError as error:
+        raise flag_error("--sink", error) from None
+    try:
+        dlq = parse_dlq_target(optional_text(output.dlq) or "")
+    except ValueError as error:
+        raise flag_error("--dlq", error) from None
+    sink_avro = sink.scheme == "kafka" and sink.option("format") == "avro_registry"
+    dlq_avro = dlq.kind == "kafka" and dlq.value_format == "avro_registry"
+    registry, reader_schema = _registry_options(source, input_format, kafka_settings, sink_avro or dlq_avro)
+    if sink_avro:
+        sink = dataclasses.replace(sink, registry=registry)
+    if dlq_avro:
+        dlq = dataclasses.replace(dlq, registry=registry)
+    if input_format in REGISTRY_FORMATS and kafka_topic is None and not is_archive(input_pattern):
+        raise UsageError(f"--input_format {input_format}: registry-framed records are read from a "
+                         "kafka://HOST:PORT/TOPIC input (or an archive of one)")
+    kafka_settings = tuple(kafka_settings_without_registry(kafka_settings).items())
 
     key_fields = split_fields(event.key_fields, "--key_fields")
     try:
@@ -150,28 +178,23 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
             id_field=optional_text(event.id_field),
             input_format=input_format,
             avro_writer_schema=writer_schema,
+            registry=registry if input_format in REGISTRY_FORMATS else None,
+            avro_reader_schema=reader_schema,
         )
     except ValueError as error:
         raise UsageError(f"--key_fields/--time_field/--aggregate: {error}") from None
 
     try:
-        sink = parse_sink_url(output.sink)
-    except ValueError as error:
-        raise flag_error("--sink", error) from None
-    try:
-        RowSchema(contract.key_fields, aggregates)
+        row_schema = RowSchema(contract.key_fields, aggregates)
     except ValueError as error:
         raise UsageError(f"--key_fields/--aggregate: {error}") from None
-    try:
-        dlq = parse_dlq_target(optional_text(output.dlq) or "")
-    except ValueError as error:
-        raise flag_error("--dlq", error) from None
-    kafka_options = options.view_as(KafkaOptions)
-    try:
-        kafka_settings = tuple(client_settings_from_flags(kafka_options.kafka_setting,
-                                                          kafka_options.kafka_config_file).items())
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    if sink_avro:
+        from onceflow.io.kafka_sink import row_avro_schema
+
+        try:
+            fastavro.parse_schema(row_avro_schema(row_schema), named_schemas={})
+        except Exception as error:  # a column name Avro does not allow
+            raise UsageError(f"--sink: ?format=avro_registry: the rows have no valid Avro schema: {error}") from None
     if sink.scheme == "kafka":
         sink = dataclasses.replace(sink, client_settings=kafka_settings)
     if dlq.kind == "kafka":
@@ -229,6 +252,47 @@ def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions,
                                allow_retention_gaps=bool(source.allow_retention_gaps))
     except ValueError as error:
         raise UsageError(f"--from/--to: {error}") from None
+
+
+def _registry_options(source: InputOptions, input_format: str, kafka_settings: Dict[str, str],
+                      sink_avro: bool = False):
+    """The schema registry (of --input_format avro_registry or json_registry, or of
+    a kafka:// sink or DLQ with ?format=avro_registry) and the reader schema;
+    refused when nothing uses them. UsageError never shows a credential."""
+    url = optional_text(source.schema_registry_url)
+    reader_path = optional_text(source.avro_reader_schema)
+    if input_format not in REGISTRY_FORMATS:
+        if reader_path:
+            raise UsageError("--avro_reader_schema: only --input_format avro_registry takes a reader schema")
+        if not sink_avro:
+            if url or source.schema_registry_setting:
+                raise UsageError("--schema_registry_url: only --input_format avro_registry or json_registry, or a "
+                                 "kafka:// sink or DLQ with ?format=avro_registry, uses a schema registry")
+            return None, None
+    if not url:
+        needer = f"--input_format {input_format}" if input_format in REGISTRY_FORMATS else \
+            "a kafka:// sink or DLQ with ?format=avro_registry"
+        raise UsageError(f"--schema_registry_url: {needer} needs the registry's URL, e.g. http://127.0.0.1:8081")
+    try:
+        settings = registry_settings(source.schema_registry_setting, kafka_settings)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    try:
+        registry = RegistryConfig(url, settings)
+    except ValueError as error:
+        raise flag_error("--schema_registry_url", error) from None
+    reader_schema = None
+    if reader_path:
+        if input_format != "avro_registry":
+            raise UsageError("--avro_reader_schema: only --input_format avro_registry takes a reader schema")
+        try:
+            with open(reader_path, encoding="utf-8") as handle:
+                reader_schema = json.load(handle)
+            fastavro.parse_schema(reader_schema, named_schemas={})
+        except (OSError, ValueError, fastavro.schema.SchemaParseException) as error:
+            raise UsageError(f"--avro_reader_schema: {reader_path!r} is not a readable Avro schema: "
+                             f"{error}"[:300]) from None
+    return registry, reader_schema
 
 
 def _first_avro_schema(pattern: str) -> dict:
@@ -430,11 +494,14 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                 print("aggregate: stopping...", file=sys.stderr)
                 if not _cancel(result):
                     raise KeyboardInterrupt from None  # one line, status 130 (see exit_status)
-        except Exception as error:  # retention deleted part of the range while it was being read
-            gap = _retention_gap_line(error)
-            if gap is None:
-                raise
-            raise ServiceError(f"--from/--to: {gap}") from None
+        except Exception as error:  # a worker's error comes back wrapped by the runner
+            gap = _retention_gap_line(error)  # retention deleted part of the range while it was read
+            if gap is not None:
+                raise ServiceError(f"--from/--to: {gap}") from None
+            failure = _registry_failure(error)
+            if failure:  # transient or setup, never a bad record: one line, status 1
+                raise ServiceError(f"{failure}; no record was dead-lettered for it: rerun when it answers") from None
+            raise
         return monitor.finish(collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
                                               job.dlq.describe()))
 
@@ -447,6 +514,20 @@ def _retention_gap_line(error: BaseException) -> Optional[str]:
     for line in str(error).splitlines():
         if RetentionGapError.__name__ + ":" in line and "lost to retention" in line:
             return line.split(RetentionGapError.__name__ + ":", 1)[1].strip()
+    return None
+
+
+def _registry_failure(error: BaseException) -> Optional[str]:
+    """The line of a :class:`RegistryUnavailable` inside a runner's error, if any."""
+    import re
+
+    seen = 0
+    while error is not None and seen < 10:
+        found = re.search(r"schema registry \S+ did not give schema \d+ after [^\n]*", str(error))
+        if found:
+            return found.group(0)
+        error = error.__cause__ or error.__context__
+        seen += 1
     return None
 
 

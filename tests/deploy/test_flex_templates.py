@@ -151,7 +151,10 @@ _NEEDS_KAFKA = {"from", "to", "kafka_group", "kafka_setting", "kafka_time_source
 
 
 # Flags naming a file the job reads: validated with an existing file in its place.
-_NEEDS_FILE = {"kafka_config_file": "security.protocol=PLAINTEXT\n"}
+_NEEDS_FILE = {"kafka_config_file": "security.protocol=PLAINTEXT\n",
+               "avro_reader_schema": '{"type": "record", "name": "Order", "fields": []}'}
+# Flags that only an avro_registry read from Kafka takes.
+_NEEDS_REGISTRY = {"schema_registry_url", "schema_registry_setting", "avro_reader_schema"}
 
 
 @pytest.mark.parametrize("name", sorted(flex_templates.RULES))
@@ -166,6 +169,9 @@ def test_each_example_passes_the_flag_validator(name, tmp_path):
     argv = [f"--{name}={example}"]
     if name in _NEEDS_KAFKA:
         argv.insert(0, _KAFKA_INPUT)
+    if name in _NEEDS_REGISTRY:
+        argv = [_KAFKA_INPUT, "--input_format=avro_registry", "--schema_registry_url=http://127.0.0.1:8081",
+                *argv[-1:]]
     job_from_options(parse_pipeline_args(argv))
 
 
