@@ -43,7 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    return exit_status("onceflow", lambda: args.handler(args))
+    try:
+        return exit_status("onceflow", lambda: args.handler(args))
+    except BrokenPipeError:  # output piped into a reader that stopped early (e.g. `| head`)
+        sys.stderr.close()  # nothing more to say, and Python must not complain at exit
+        return 0
 
 
 if __name__ == "__main__":

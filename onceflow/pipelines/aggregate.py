@@ -554,9 +554,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _refusing_client_errors(action, args):
     """``action(args)``, a Kafka client's refusal of the settings as a one-line
-    UsageError (secrets scrubbed) instead of a traceback."""
-    from confluent_kafka import KafkaException
-
+    UsageError (secrets scrubbed) instead of a traceback. Without the kafka extra
+    installed there is no Kafka client to refuse anything."""
+    try:
+        from confluent_kafka import KafkaException
+    except ImportError:
+        return action(args)
     try:
         return action(args)
     except KafkaException as error:
