@@ -173,7 +173,7 @@ class _AccumulatePanesDoFn(beam.DoFn):
         early.set(Timestamp.now() + Duration(micros=self._early_firing_ms * 1000))
 
 
-class _KeyAndWindowToRowDoFn(beam.DoFn):
+class KeyAndWindowToRowDoFn(beam.DoFn):
     """The window was folded into the key: ((key, start, end), columns) to a row."""
 
     def __init__(self, key_fields: Sequence[str]):
@@ -270,5 +270,5 @@ class WindowedAggregate(beam.PTransform):
         else:
             columns = keyed | "AccumulatePerKeyAndWindow" >> beam.ParDo(_AccumulatePanesDoFn(
                 self._aggregates, self._spec.allowed_lateness_ms, self._early_firing_ms))
-        rows = columns | "ToRows" >> beam.ParDo(_KeyAndWindowToRowDoFn(self._key_fields))
+        rows = columns | "ToRows" >> beam.ParDo(KeyAndWindowToRowDoFn(self._key_fields))
         return Aggregated(rows=rows, dead_letters=screened[_TOO_LATE])

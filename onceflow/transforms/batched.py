@@ -24,7 +24,7 @@ from onceflow.batches import Decoded, RecordBatch, batch_from_records, paused_gc
 from onceflow.deadletter import DeadLetter
 from onceflow.events import EventContract
 from onceflow.transforms.aggregate import (
-    Aggregated, _KeyAndWindowToRowDoFn, check_aggregate_arguments, too_late_letter,
+    Aggregated, KeyAndWindowToRowDoFn, check_aggregate_arguments, too_late_letter,
 )
 from onceflow.transforms.parse import STAGE as PARSE_STAGE
 from onceflow.windowing import WindowSpec
@@ -82,6 +82,8 @@ class _ScreenAndSplitDoFn(beam.DoFn):
                 continue
             parsed += 1
             event_id, moment, key, values = verdict
+            # WindowSpec.windows_for and is_too_late, inlined for the hot loop (the
+            # bit-for-bit test against the per-event path holds them to the same rule).
             first_start = ((moment - size) // step + 1) * step
             high_water = high_waters[index]
             if high_water is not None and first_start + size + lateness <= high_water:
@@ -337,7 +339,7 @@ class AggregateBatches(beam.PTransform):
         else:
             columns = split.sub_batches | "AggregatePerShardWindow" >> beam.ParDo(_AccumulateShardWindowsDoFn(
                 self._aggregates, self._spec.allowed_lateness_ms, self._early_firing_ms))
-        rows = columns | "ToRows" >> beam.ParDo(_KeyAndWindowToRowDoFn(self._key_fields))
+        rows = columns | "ToRows" >> beam.ParDo(KeyAndWindowToRowDoFn(self._key_fields))
         return Aggregated(rows=rows, dead_letters=split[_DEAD_LETTERS])
 
 
