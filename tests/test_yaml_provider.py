@@ -3,7 +3,6 @@ and the transforms by name from Python."""
 
 import json
 import pathlib
-import sqlite3
 import subprocess
 import sys
 
@@ -16,19 +15,10 @@ import apache_beam as beam  # noqa: E402
 from onceflow.io.dlq import read_dead_letters  # noqa: E402
 from onceflow.options import SAMPLE_INPUT  # noqa: E402
 from onceflow import yaml_provider  # noqa: E402
+from tests.pipelines.test_aggregate_job import table_rows  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "templates" / "yaml" / "aggregate.yaml"
-
-
-def table_rows(db_path, table="aggregates"):
-    """Every row without the wall-clock written_at column."""
-    with sqlite3.connect(db_path) as connection:
-        connection.row_factory = sqlite3.Row
-        return sorted(
-            tuple((k, r[k]) for k in r.keys() if k != "written_at")
-            for r in connection.execute(f'SELECT * FROM "{table}"')
-        )
 
 
 def dead_letters(path):
