@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 START_MS = 1_793_610_000_000  # 2026-11-02T09:00:00Z, as in bench_aggregate.py
 PARTITIONS = 3

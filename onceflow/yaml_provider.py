@@ -54,7 +54,7 @@ from onceflow import transforms
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields as aggregate_value_fields
 from onceflow.deadletter import DeadLetter
 from onceflow.events import Event, EventContract, SourceRecord
-from onceflow.rows import EVENT_COUNT, WINDOW_END, WINDOW_START, RowSchema
+from onceflow.rows import RowSchema
 from onceflow.versions import ONCEFLOW_VERSION
 from onceflow.windowing import WindowSpec, parse_duration_ms
 
