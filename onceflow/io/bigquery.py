@@ -2,7 +2,7 @@
 
 NOTE: nothing in this module has ever run against BigQuery. It is tested up to the
 network boundary (schema mapping, the generated SQL, name validation, and the
-sequence of client calls against a fake client); see README, "Sinks".
+sequence of client calls against a fake client); see docs/operating.md, "Sinks".
 
 Two methods (``bigquery://PROJECT.DATASET.TABLE?method=merge|cdc``):
 

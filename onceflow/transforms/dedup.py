@@ -66,7 +66,7 @@ class DedupByEventId(beam.PTransform):
     State: on unbounded input, one small value per ID inside the horizon
     (event-time timers only, so it runs on Prism, Flink and Dataflow alike; on
     Prism 2.77 only with ``--experiments=prism_disable_sdf_split``, or a bundle
-    split can lose a state update: see the README). On
+    split can lose a state update: see docs/torture.md). On
     bounded input (a backfill) every copy is present, so a combiner keeps one copy
     per ID instead, with element timestamps reset to the event time: the same
     result without per-ID state. Delivery stays at-least-once across runs: a replay
