@@ -185,15 +185,21 @@ def reference_verdict(contract: EventContract, raw: bytes) -> Verdict:
 def high_waters(verdicts: Sequence[Verdict], start: Optional[int]) -> Tuple[List[Optional[int]], Optional[int]]:
     """Each record's high water (the greatest valid event time before it, starting
     from ``start``), and the high water after the last record."""
+    return running_high_water([verdict.event_time_ms if type(verdict) is Decoded else None
+                               for verdict in verdicts], start)
+
+
+def running_high_water(event_times: Sequence[Optional[int]],
+                       start: Optional[int]) -> Tuple[List[Optional[int]], Optional[int]]:
+    """Each record's high water (the greatest event time before it, None times
+    skipped, starting from ``start``), and the high water after the last record."""
     marks: List[Optional[int]] = []
     append = marks.append
     high = start
-    for verdict in verdicts:
+    for millis in event_times:
         append(high)
-        if type(verdict) is Decoded:
-            millis = verdict.event_time_ms
-            if high is None or millis > high:
-                high = millis
+        if millis is not None and (high is None or millis > high):
+            high = millis
     return marks, high
 
 

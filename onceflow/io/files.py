@@ -33,33 +33,25 @@ class _ReadFileBatchesDoFn(beam.DoFn):
         path = readable.metadata.path
         with readable.open(compression_type=CompressionTypes.AUTO) as handle:
             if self._contract.input_format == "avro":
-                slices = self._avro_records(path, handle)
+                records = self._avro_records(path, handle)
                 origin = (FILE_RECORDS, path)
             else:
-                slices = self._json_lines(handle)
+                records = self._json_lines(handle)
                 origin = (FILE_LINES, path)
             high_water: Optional[int] = None
-            for positions, values in slices:
+            for positions, values in _slices(records, self._batch_records):
                 verdicts = decode_values(self._contract, values)
                 marks, high_water = high_waters(verdicts, high_water)
                 yield RecordBatch(origin, values, positions, marks, verdicts)
 
-    def _json_lines(self, handle) -> Iterator[Tuple[List[int], List[bytes]]]:
-        positions: List[int] = []
-        values: List[bytes] = []
+    @staticmethod
+    def _json_lines(handle) -> Iterator[Tuple[int, bytes]]:
         for line_number, line in enumerate(iter(handle.readline, b""), start=1):
             raw = line.rstrip(b"\r\n") if line.endswith(b"\n") else line
-            if not raw.strip():
-                continue  # a blank line is not a record
-            positions.append(line_number)
-            values.append(raw)
-            if len(values) >= self._batch_records:
-                yield positions, values
-                positions, values = [], []
-        if values:
-            yield positions, values
+            if raw.strip():  # a blank line is not a record
+                yield line_number, raw
 
-    def _avro_records(self, path: str, handle) -> Iterator[Tuple[List[int], List[bytes]]]:
+    def _avro_records(self, path: str, handle) -> Iterator[Tuple[int, bytes]]:
         reader = fastavro.reader(handle)
         expected = to_parsing_canonical_form(fastavro.parse_schema(dict(self._contract.avro_writer_schema)))
         found = to_parsing_canonical_form(fastavro.parse_schema(dict(reader.writer_schema)))
@@ -67,18 +59,24 @@ class _ReadFileBatchesDoFn(beam.DoFn):
             raise ValueError(f"{path} has a different Avro schema from the first input file; "
                              "read files of one schema per run")
         parsed = fastavro.parse_schema(dict(reader.writer_schema))
-        positions: List[int] = []
-        values: List[bytes] = []
         for number, datum in enumerate(reader, start=1):
             buffer = io.BytesIO()
             fastavro.schemaless_writer(buffer, parsed, datum)  # the exact datum bytes
-            positions.append(number)
-            values.append(buffer.getvalue())
-            if len(values) >= self._batch_records:
-                yield positions, values
-                positions, values = [], []
-        if values:
+            yield number, buffer.getvalue()
+
+
+def _slices(records: Iterator[Tuple[int, bytes]], size: int) -> Iterator[Tuple[List[int], List[bytes]]]:
+    """(positions, values) of at most ``size`` consecutive records at a time."""
+    positions: List[int] = []
+    values: List[bytes] = []
+    for position, value in records:
+        positions.append(position)
+        values.append(value)
+        if len(values) >= size:
             yield positions, values
+            positions, values = [], []
+    if values:
+        yield positions, values
 
 
 class ReadRecordBatchesFromFiles(beam.PTransform):

@@ -22,7 +22,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from onceflow import metrics
-from onceflow.batches import KAFKA, RecordBatch, decode_values, high_waters
+from onceflow.batches import KAFKA, RecordBatch, decode_values, high_waters, running_high_water
 from onceflow.events import EventContract
 from onceflow.io.kafka_config import KafkaReadConfig, Position, redact
 from onceflow.io.kafka_errors import ClientErrors
@@ -749,21 +749,10 @@ def _decode_run(config: KafkaReadConfig, contract: Optional[EventContract], run:
     if config.time_source == "record" or verdicts is None:
         event_times = [stamp if kind != 0 and stamp >= 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
                        for kind, stamp in (message.timestamp() for message in run)]
-        marks, high = _running_high_water(event_times, start)
+        marks, high = running_high_water(event_times, start)
     else:
         marks, high = high_waters(verdicts, start)
     return verdicts, marks, high
-
-
-def _running_high_water(event_times: List[Optional[int]], start: Optional[int]):
-    """Each record's high water and the one after the last, from event times."""
-    marks: List[Optional[int]] = []
-    high = start
-    for millis in event_times:
-        marks.append(high)
-        if millis is not None and (high is None or millis > high):
-            high = millis
-    return marks, high
 
 
 def _advance_watermark(watermark, millis: Optional[int]) -> None:

@@ -511,23 +511,26 @@ def _retention_gap_line(error: BaseException) -> Optional[str]:
     raised (it arrives as text inside the runner's own error)."""
     if isinstance(error, RetentionGapError):
         return str(error)
-    for line in str(error).splitlines():
-        if RetentionGapError.__name__ + ":" in line and "lost to retention" in line:
-            return line.split(RetentionGapError.__name__ + ":", 1)[1].strip()
-    return None
+    return _line_in_error(error, RetentionGapError.__name__ + r": ([^\n]*lost to retention[^\n]*)")
 
 
 def _registry_failure(error: BaseException) -> Optional[str]:
     """The line of a :class:`RegistryUnavailable` inside a runner's error, if any."""
+    return _line_in_error(error, r"(schema registry \S+ did not give schema \d+ after [^\n]*)")
+
+
+def _line_in_error(error: Optional[BaseException], pattern: str) -> Optional[str]:
+    """The first group of ``pattern`` in the text of ``error`` or of the errors it
+    was raised from (a worker's error comes back wrapped by the runner)."""
     import re
 
-    seen = 0
-    while error is not None and seen < 10:
-        found = re.search(r"schema registry \S+ did not give schema \d+ after [^\n]*", str(error))
+    for _ in range(10):
+        if error is None:
+            return None
+        found = re.search(pattern, str(error))
         if found:
-            return found.group(0)
+            return found.group(1).strip()
         error = error.__cause__ or error.__context__
-        seen += 1
     return None
 
 

@@ -136,6 +136,24 @@ def absorb(aggregation: Aggregation, by_key: Dict[str, list], rows: Sequence[Row
     return changed, duplicates
 
 
+def absorb_sub_batches(aggregation: Aggregation, by_key: Dict[str, list], sub_batches: Iterable[Sequence[Row]],
+                       duplicates_counter, unique_counter) -> set:
+    """:func:`absorb` for each sub-batch, counting duplicates dropped and events
+    kept; the keys changed."""
+    changed: set = set()
+    rows = duplicates = 0
+    for sub_batch in sub_batches:
+        more, dropped = absorb(aggregation, by_key, sub_batch)
+        changed |= more
+        rows += len(sub_batch)
+        duplicates += dropped
+    if duplicates:
+        duplicates_counter.inc(duplicates)
+    if rows:
+        unique_counter.inc(rows - duplicates)
+    return changed
+
+
 class _AggregateShardWindowDoFn(beam.DoFn):
     """Bounded input: every sub-batch of a shard window at once (after a
     GroupByKey), one row per key; no state or timers."""
@@ -148,14 +166,7 @@ class _AggregateShardWindowDoFn(beam.DoFn):
     def process(self, element: Tuple[ShardWindow, Iterable[List[Row]]]):
         (_, start_ms, end_ms), sub_batches = element
         by_key: Dict[str, list] = {}
-        rows = duplicates = 0
-        for sub_batch in sub_batches:
-            _, more = absorb(self._aggregation, by_key, sub_batch)
-            rows += len(sub_batch)
-            duplicates += more
-        if duplicates:
-            self._duplicates.inc(duplicates)
-        self._unique.inc(rows - duplicates)
+        absorb_sub_batches(self._aggregation, by_key, sub_batches, self._duplicates, self._unique)
         for key_text in sorted(by_key):
             yield (key_text, start_ms, end_ms), self._aggregation.extract(by_key[key_text][0])
 
@@ -240,18 +251,8 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
 
     def _absorb_pending(self, by_key: Dict[str, list], pending) -> set:
         """Adds the bag's sub-batches to ``by_key`` and empties the bag; the keys changed."""
-        changed: set = set()
-        rows = duplicates = 0
-        for sub_batch in pending.read():
-            more, dropped = absorb(self._aggregation, by_key, sub_batch)
-            changed |= more
-            rows += len(sub_batch)
-            duplicates += dropped
+        changed = absorb_sub_batches(self._aggregation, by_key, pending.read(), self._duplicates, self._unique)
         pending.clear()
-        if duplicates:
-            self._duplicates.inc(duplicates)
-        if rows:
-            self._unique.inc(rows - duplicates)
         return changed
 
     def _panes(self, by_key: Dict[str, list], keys, start_ms: int, end_ms: int):
