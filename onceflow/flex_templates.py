@@ -122,8 +122,6 @@ RULES: Dict[str, ParameterRule] = {
         note="A path inside the launcher image (the launcher reads it when it builds the job)."),
     "kafka_time_source": ParameterRule("Kafka event time source", r"^(field|record)$", "record",
                                        invalid=("broker",)),
-    "kafka_rewind_margin": ParameterRule("Kafka rewind margin", rf"^(0|{_DURATION})$", "5m",
-                                         invalid=("5", "5 min")),
     "kafka_idle_timeout": ParameterRule("Kafka idle partition timeout", rf"^{_POSITIVE_DURATION}$", "30s",
                                         invalid=("0", "30", "30 sec")),
     # event contract

@@ -107,12 +107,6 @@ class KafkaOptions(PipelineOptions):
             help="Event time of Kafka records: the --time_field of the record (field) or the "
                  "Kafka record timestamp (record). Default: field.")
         group.add_argument(
-            "--kafka_rewind_margin", default="5m",
-            help="Live reads that resume from committed offsets first rewind to the last window "
-                 "the sink holds minus the window size, the allowed lateness and this margin (by "
-                 "Kafka record timestamp), so windows a crash left unwritten are re-read in full. "
-                 "Cover the gap between record timestamps and event times. Default: 5m.")
-        group.add_argument(
             "--kafka_readers", default="1",
             help="How many readers the topic's partitions are dealt to (at most the partition "
                  "count; each reader owns its partitions, never sharing one). More than 1 reads "
@@ -329,6 +323,13 @@ def help_text(prog: str, description: str, option_classes: Optional[Sequence[typ
     return parser.format_help()
 
 
+# Flags of earlier versions, and what to do instead.
+RETIRED_FLAGS = {
+    "--kafka_rewind_margin": "no longer used: a live job resumes from the positions it stores with its rows "
+                             "(onceflow.io.progress), not by rewinding; remove the flag",
+}
+
+
 def parse_pipeline_args(argv: Sequence[str]) -> PipelineOptions:
     """PipelineOptions from the command line, refusing mistyped or malformed flags.
 
@@ -343,6 +344,8 @@ def parse_pipeline_args(argv: Sequence[str]) -> PipelineOptions:
     passed_on = []
     for item in unknown:
         name = item.split("=", 1)[0]
+        if name in RETIRED_FLAGS:
+            raise UsageError(f"{name}: {RETIRED_FLAGS[name]}")
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
         if not name.startswith("--"):
             if passed_on and "=" not in passed_on[-1]:

@@ -38,14 +38,17 @@ import datetime
 import fcntl
 import hashlib
 import io
+import json
 import os
 import tempfile
+import time
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import apache_beam as beam
 
 from onceflow.events import format_utc_ms
 from onceflow.io.batching import UpsertRowsDoFn
+from onceflow.io.progress import Position
 from onceflow.rows import (
     EVENT_COUNT, WINDOW_END, WINDOW_START, RowSchema, check_columns, newest_per_key, utc_millis,
 )
@@ -276,3 +279,46 @@ class WriteRowsToFiles(beam.PTransform):
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         return rows | "WriteWindowFiles" >> beam.ParDo(_FileUpsertDoFn(*self._args))
+
+
+# -- progress -------------------------------------------------------------------
+
+PROGRESS_MANIFEST = "_onceflow_progress.json"
+
+
+class FileProgress:
+    """The positions of live jobs writing window files into ``directory``, in the
+    manifest ``DIR/_onceflow_progress.json`` (see :mod:`onceflow.io.progress`):
+    read and replaced whole (temp file, fsync, rename) under the directory's lock,
+    after the window files it covers were replaced the same way."""
+
+    def __init__(self, directory: str):
+        self._directory = directory
+
+    def _load(self) -> Dict[str, Any]:
+        path = os.path.join(self._directory, PROGRESS_MANIFEST)
+        if not os.path.exists(path):
+            return {}
+        with open(path, "rb") as handle:
+            return json.loads(handle.read())
+
+    def read(self, job: str, topic: str) -> Dict[int, Position]:
+        with _locked(self._directory):
+            stored = self._load().get(job, {}).get(topic, {})
+        return {int(p): Position(topic, int(p), entry["next_offset"], entry["high_water_ms"],
+                                 entry.get("final_through_ms")) for p, entry in stored.items()}
+
+    def write(self, job: str, positions: Sequence[Position]) -> None:
+        with _locked(self._directory):
+            manifest = self._load()
+            for position in positions:
+                entries = manifest.setdefault(job, {}).setdefault(position.topic, {})
+                held = entries.get(str(position.partition))
+                if held is not None and held["next_offset"] > position.next_offset:
+                    continue  # a stored offset never moves back
+                entries[str(position.partition)] = {
+                    "next_offset": position.next_offset, "high_water_ms": position.high_water_ms,
+                    "final_through_ms": position.final_through_ms,
+                    "updated_at": format_utc_ms(int(time.time() * 1000))}
+            data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+            _replace_atomically(self._directory, PROGRESS_MANIFEST, data)

@@ -286,10 +286,12 @@ class KafkaReadConfig:
     ``time_source`` is ``field`` (the event contract's time field) or ``record``
     (the Kafka record timestamp); it drives element timestamps and the watermark.
     ``client_settings`` are passed to the consumer as they are (SASL, SSL, ...);
-    :func:`redact` them before logging. ``rewind_to_ms`` (live reads from committed
-    offsets): start each partition no later than its first record whose Kafka
-    timestamp is at or after this time, so that windows a crash left unwritten
-    are read again in full. ``allow_retention_gaps`` (bounded reads): read what
+    :func:`redact` them before logging. ``resume`` (live reads): the positions the
+    job stored with its results (``(partition, next offset, high water)``, see
+    :mod:`onceflow.io.progress`); when set, each partition starts there with that
+    high water, and a partition with no stored position (added to the topic
+    since) starts at its log start, whatever the group has committed.
+    ``allow_retention_gaps`` (bounded reads): read what
     is left of a range that retention has partly deleted, reporting the gap,
     instead of failing (a live read always goes on and reports it).
     """
@@ -301,7 +303,7 @@ class KafkaReadConfig:
     group_id: Optional[str] = None
     time_source: str = "field"
     client_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    rewind_to_ms: Optional[int] = None
+    resume: Optional[Tuple[Tuple[int, int, Optional[int]], ...]] = None
     allow_retention_gaps: bool = False
 
     def __post_init__(self) -> None:

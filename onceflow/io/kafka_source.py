@@ -169,19 +169,21 @@ def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
         bounds = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=_METADATA_TIMEOUT_S)
                   for p in partitions}
         committed: Dict[int, int] = {}
-        if config.start.kind == "committed":
+        if config.start.kind == "committed" and config.resume is None:
             for tp in consumer.committed([TopicPartition(topic, p) for p in partitions],
                                          timeout=_METADATA_TIMEOUT_S):
                 if tp.offset >= 0:
                     committed[tp.partition] = tp.offset
+        resume = {p: (offset, high_water) for p, offset, high_water in config.resume or ()}
         reads = []
         for p in partitions:
             low, high = bounds[p]
-            if p in committed:
+            high_water = None
+            if config.resume is not None:  # the job's stored positions decide, not the group's
+                start, high_water = resume.get(p, (low, None))
+                requested = start
+            elif p in committed:
                 start = requested = committed[p]
-                if config.rewind_to_ms is not None:
-                    rewind = _offset_at(consumer, topic, p, Position("timestamp", config.rewind_to_ms), low, high)
-                    start = min(start, rewind)
             else:
                 start_position = config.start_fallback if config.start.kind == "committed" else config.start
                 start = requested = _offset_at(consumer, topic, p, start_position, low, high)
@@ -197,7 +199,7 @@ def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
             start = max(start, low)
             if stop is not None:
                 stop = max(stop, start)
-            reads.append(KafkaPartitionRead(topic, p, start, stop, retention_gap=gap))
+            reads.append(KafkaPartitionRead(topic, p, start, stop, high_water_ms=high_water, retention_gap=gap))
         return reads
     finally:
         if own_consumer:

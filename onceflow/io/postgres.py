@@ -32,7 +32,6 @@ superseded by a newer version in the same batch), ``sink_retries``.
 from __future__ import annotations
 
 import datetime
-import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import apache_beam as beam
@@ -44,10 +43,12 @@ from onceflow import metrics
 from onceflow.deadletter import DeadLetter, to_envelope
 from onceflow.events import format_utc_ms
 from onceflow.io.batching import BatchWriteDoFn, UpsertRowsDoFn
+from onceflow.io.progress import PROGRESS_TABLE, Position
+from onceflow.io.retry import call_with_retries
 from onceflow.io.urls import redact_url
 from onceflow.rows import (
     EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
-    WINDOW_END, WINDOW_START, utc_datetime, utc_millis,
+    WINDOW_END, utc_datetime, utc_millis,
 )
 
 _SQL_TYPES = {"key": "TEXT NOT NULL", "timestamp": "TIMESTAMPTZ NOT NULL", "integer": "BIGINT",
@@ -246,6 +247,60 @@ class WriteRowsToPostgres(beam.PTransform):
         return rows | "UpsertRows" >> beam.ParDo(_PostgresUpsertDoFn(*self._args))
 
 
+# -- progress -------------------------------------------------------------------
+
+_PROGRESS_CREATE = sql.SQL(
+    "CREATE TABLE IF NOT EXISTS {} (job TEXT NOT NULL, rows_table TEXT NOT NULL, topic TEXT NOT NULL, "
+    "kafka_partition INTEGER NOT NULL, next_offset BIGINT NOT NULL, high_water_ms BIGINT, "
+    "final_through_ms BIGINT, updated_at TIMESTAMPTZ NOT NULL, "
+    "PRIMARY KEY (job, rows_table, topic, kafka_partition))").format(sql.Identifier(PROGRESS_TABLE))
+_PROGRESS_UPSERT = sql.SQL(
+    "INSERT INTO {0} AS p (job, rows_table, topic, kafka_partition, next_offset, high_water_ms, final_through_ms, "
+    "updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now()) "
+    "ON CONFLICT (job, rows_table, topic, kafka_partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, "
+    "high_water_ms = EXCLUDED.high_water_ms, final_through_ms = EXCLUDED.final_through_ms, "
+    "updated_at = EXCLUDED.updated_at WHERE EXCLUDED.next_offset >= p.next_offset").format(
+        sql.Identifier(PROGRESS_TABLE))
+
+
+class PostgresProgress:
+    """The positions of live jobs writing to ``rows_table``, in the table
+    ``onceflow_progress`` of the same database (see :mod:`onceflow.io.progress`).
+    Transient errors are retried like the rows' writes."""
+
+    def __init__(self, dsn: str, rows_table: str):
+        self._dsn = dsn
+        self._rows_table = check_identifier(rows_table, "table name")
+        self._session = _Session(dsn, rows_table)
+
+    def _create(self) -> None:
+        with connect(self._dsn, application_name(self._rows_table)) as connection:
+            with connection.transaction():
+                connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROGRESS_TABLE,))
+                connection.execute(_PROGRESS_CREATE)
+
+    def read(self, job: str, topic: str) -> Dict[int, Position]:
+        self._create()
+        with connect(self._dsn, application_name(self._rows_table)) as connection:
+            found = connection.execute(sql.SQL(
+                "SELECT kafka_partition, next_offset, high_water_ms, final_through_ms FROM {} "
+                "WHERE job = %s AND rows_table = %s AND topic = %s").format(sql.Identifier(PROGRESS_TABLE)),
+                (job, self._rows_table, topic)).fetchall()
+        return {p: Position(topic, p, offset, high, final) for p, offset, high, final in found}
+
+    def write(self, job: str, positions: Sequence[Position]) -> None:
+        values = [(job, self._rows_table, p.topic, p.partition, p.next_offset, p.high_water_ms, p.final_through_ms)
+                  for p in positions]
+        if not getattr(self, "_created", False):
+            call_with_retries(self._create, is_transient, what=f"create {PROGRESS_TABLE}")
+            self._created = True
+        call_with_retries(lambda: self._session.execute_batch(_PROGRESS_UPSERT, values), is_transient,
+                          what=f"store positions in {PROGRESS_TABLE}", on_retry=self._session.recover)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "_created": False}
+
+
 # -- dead letters ---------------------------------------------------------------
 
 # The envelope of onceflow.deadletter, one column per field.
@@ -368,48 +423,3 @@ def read_dead_letters(dsn: str, table: str) -> Iterator[Dict[str, Any]]:
                 envelope["event_time"] = format_utc_ms(utc_millis(envelope["event_time"]))
             envelope["failed_at"] = envelope["failed_at"].astimezone(datetime.timezone.utc).strftime(_ENVELOPE_TIME)
             yield envelope
-
-
-# -- fault injection and inspection (the torture run) -----------------------------
-
-
-def read_rows(dsn: str, table: str) -> List[Dict[str, Any]]:
-    """Every row of a rows table, window bounds as epoch milliseconds."""
-    check_identifier(table, "table name")
-    with connect(dsn, application_name(table) + ":reader") as connection:
-        cursor = connection.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(table)))
-        names = [column.name for column in cursor.description]
-        rows = [dict(zip(names, values)) for values in cursor]
-    for row in rows:
-        for name in (WINDOW_START, WINDOW_END):
-            row[name] = utc_millis(row[name])
-    return rows
-
-
-def hold_table_lock(dsn: str, table: str, seconds: float) -> None:
-    """Holds an EXCLUSIVE lock on ``table`` for ``seconds``: every write to it waits
-    until the lock is released; reads go on."""
-    check_identifier(table, "table name")
-    with connect(dsn, application_name(table) + ":lock") as connection:
-        with connection.transaction():
-            connection.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.Identifier(table)))
-            time.sleep(seconds)
-
-
-def counted_events(dsn: str, table: str) -> int:
-    """The sum of ``event_count`` over a rows table: the events its rows count."""
-    check_identifier(table, "table name")
-    with connect(dsn, application_name(table) + ":reader") as connection:
-        (total,) = connection.execute(sql.SQL("SELECT COALESCE(SUM({}), 0) FROM {}").format(
-            sql.Identifier(EVENT_COUNT), sql.Identifier(table))).fetchone()
-    return int(total)
-
-
-def terminate_sessions(dsn: str, table: str) -> int:
-    """Kills the server side of every session the sink of ``table`` holds
-    (``pg_terminate_backend``); returns how many were killed."""
-    with connect(dsn, application_name(table) + ":admin") as connection:
-        (killed,) = connection.execute(
-            "SELECT COUNT(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = %s AND pid <> pg_backend_pid()", (application_name(table),)).fetchone()
-    return killed

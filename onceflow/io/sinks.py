@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import apache_beam as beam
 
+from onceflow.io.progress import ProgressStore
 from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, query_params, redact_url
 from onceflow.rows import RowSchema, check_identifier
 
@@ -70,6 +71,9 @@ class SinkKind:
     # The latest window_end the sink holds (epoch ms): where a restarted live job
     # must re-read from. None for sinks that cannot say.
     last_window_end: Optional[Callable[[SinkTarget], Optional[int]]] = None
+    # Where a live job keeps its source positions with the rows (onceflow.io.progress);
+    # None for sinks that cannot hold them: a live job refuses those.
+    progress: Optional[Callable[[SinkTarget], ProgressStore]] = None
 
 
 # -- sqlite ---------------------------------------------------------------------
@@ -96,6 +100,12 @@ def _last_window_end_sqlite(target: SinkTarget) -> Optional[int]:
     from onceflow.io.sqlite import last_window_end_ms
 
     return last_window_end_ms(target.location, target.table)
+
+
+def _progress_sqlite(target: SinkTarget):
+    from onceflow.io.sqlite import SqliteProgress
+
+    return SqliteProgress(target.location, target.table)
 
 
 def _write_sqlite(target: SinkTarget, schema: RowSchema, batch_size: int):
@@ -125,6 +135,12 @@ def _last_window_end_postgres(target: SinkTarget) -> Optional[int]:
     from onceflow.io.postgres import last_window_end_ms
 
     return last_window_end_ms(target.location, target.table)
+
+
+def _progress_postgres(target: SinkTarget):
+    from onceflow.io.postgres import PostgresProgress
+
+    return PostgresProgress(target.location, target.table)
 
 
 def _write_postgres(target: SinkTarget, schema: RowSchema, batch_size: int):
@@ -196,6 +212,12 @@ def _prepare_file(target: SinkTarget, _schema: RowSchema) -> None:
     prepare_directory(target.location)
 
 
+def _progress_file(target: SinkTarget):
+    from onceflow.io.file_sink import FileProgress
+
+    return FileProgress(target.location)
+
+
 def _write_file(target: SinkTarget, schema: RowSchema, batch_size: int):
     from onceflow.io.file_sink import WriteRowsToFiles
 
@@ -244,15 +266,16 @@ def _write_kafka(target: SinkTarget, schema: RowSchema, batch_size: int):
 # -- the registry ---------------------------------------------------------------
 
 _POSTGRES = SinkKind(POSTGRES_FORM, _parse_postgres, _prepare_postgres,
-                     _write_postgres, _last_window_end_postgres)
+                     _write_postgres, _last_window_end_postgres, _progress_postgres)
 
 SINKS: Dict[str, SinkKind] = {
     "sqlite": SinkKind("sqlite:///PATH.db?table=NAME", _parse_sqlite, _prepare_sqlite, _write_sqlite,
-                       _last_window_end_sqlite),
+                       _last_window_end_sqlite, _progress_sqlite),
     "postgresql": _POSTGRES,
     "postgres": _POSTGRES,
     "bigquery": SinkKind("bigquery://PROJECT.DATASET.TABLE", _parse_bigquery, _prepare_bigquery, _write_bigquery),
-    "file": SinkKind("file:///DIR?format=parquet|avro", _parse_file, _prepare_file, _write_file),
+    "file": SinkKind("file:///DIR?format=parquet|avro", _parse_file, _prepare_file, _write_file,
+                     progress=_progress_file),
     "kafka": SinkKind("kafka://HOST:PORT/TOPIC[?format=avro_registry]", _parse_kafka, _prepare_kafka, _write_kafka),
 }
 
@@ -288,6 +311,18 @@ def last_window_end(target: SinkTarget) -> Optional[int]:
     cannot say (BigQuery, Kafka, files)."""
     reader = _kind(target).last_window_end
     return None if reader is None else reader(target)
+
+
+def progress_store(target: SinkTarget) -> Optional[ProgressStore]:
+    """Where a live job writing to ``target`` keeps its source positions; None
+    when the sink cannot hold them (see :func:`position_sinks`)."""
+    factory = _kind(target).progress
+    return None if factory is None else factory(target)
+
+
+def position_sinks() -> str:
+    """The URL forms of the sinks that keep a live job's positions, for messages."""
+    return ", ".join(dict.fromkeys(kind.form for kind in SINKS.values() if kind.progress is not None))
 
 
 def prepare_sink(target: SinkTarget, schema: RowSchema) -> None:

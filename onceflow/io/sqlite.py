@@ -5,12 +5,15 @@ from __future__ import annotations
 import datetime
 import os
 import sqlite3
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import apache_beam as beam
 
 from onceflow.events import format_utc_ms, parse_event_time_ms
 from onceflow.io.batching import UpsertRowsDoFn
+from onceflow.io.progress import PROGRESS_TABLE, Position
+from onceflow.io.retry import call_with_retries
 from onceflow.rows import EVENT_COUNT, WINDOW_END, WRITTEN_AT, RowSchema, check_columns, check_identifier, row_values
 
 _SQL_TYPES = {"key": "TEXT NOT NULL", "timestamp": "TEXT NOT NULL", "integer": "INTEGER", "number": "NUMERIC"}
@@ -132,3 +135,63 @@ class WriteRowsToSqlite(beam.PTransform):
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         return rows | "UpsertRows" >> beam.ParDo(_SqliteUpsertDoFn(*self._args))
+
+
+# -- progress -------------------------------------------------------------------
+
+
+class SqliteProgress:
+    """The positions of live jobs writing to ``rows_table``, in the table
+    ``onceflow_progress`` of the same database file (see :mod:`onceflow.io.progress`)."""
+
+    def __init__(self, path: str, rows_table: str):
+        self._path = path
+        self._rows_table = check_identifier(rows_table, "table name")
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self._path, timeout=60, isolation_level=None)
+        connection.execute(f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE} (job TEXT NOT NULL, rows_table TEXT NOT NULL, "
+                           "topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, "
+                           "high_water_ms INTEGER, final_through_ms INTEGER, updated_at TEXT NOT NULL, "
+                           "PRIMARY KEY (job, rows_table, topic, kafka_partition))")
+        return connection
+
+    def read(self, job: str, topic: str) -> Dict[int, Position]:
+        connection = self._connect()
+        try:
+            found = connection.execute(
+                f"SELECT kafka_partition, next_offset, high_water_ms, final_through_ms FROM {PROGRESS_TABLE} "
+                "WHERE job = ? AND rows_table = ? AND topic = ?", (job, self._rows_table, topic)).fetchall()
+        finally:
+            connection.close()
+        return {p: Position(topic, p, offset, high, final) for p, offset, high, final in found}
+
+    def write(self, job: str, positions: Sequence[Position]) -> None:
+        stamp = format_utc_ms(int(time.time() * 1000))
+        values = [(job, self._rows_table, p.topic, p.partition, p.next_offset, p.high_water_ms, p.final_through_ms,
+                   stamp) for p in positions]
+
+        def write() -> None:
+            connection = self._connect()
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    connection.executemany(_PROGRESS_UPSERT, values)
+                    connection.execute("COMMIT")
+                except BaseException:
+                    connection.execute("ROLLBACK")
+                    raise
+            finally:
+                connection.close()
+
+        call_with_retries(write, _is_transient, what=f"store positions in {PROGRESS_TABLE}")
+
+
+_PROGRESS_UPSERT = (
+    f"INSERT INTO {PROGRESS_TABLE} (job, rows_table, topic, kafka_partition, next_offset, high_water_ms, "
+    "final_through_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (job, rows_table, topic, kafka_partition) DO UPDATE SET next_offset = excluded.next_offset, "
+    "high_water_ms = excluded.high_water_ms, final_through_ms = excluded.final_through_ms, "
+    "updated_at = excluded.updated_at "
+    f"WHERE excluded.next_offset >= {PROGRESS_TABLE}.next_offset"
+)

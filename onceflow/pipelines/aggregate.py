@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError, exit_status
-from onceflow.events import REGISTRY_FORMATS, EventContract, format_utc_ms
+from onceflow.events import REGISTRY_FORMATS, EventContract
 from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
@@ -37,7 +37,8 @@ from onceflow.io.kafka_source import (
     ReadBatchesFromKafka, RetentionGapError, describe_gaps, describe_topic, resolve_partition_reads,
 )
 from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
-from onceflow.io.sinks import SinkTarget, WriteRows, last_window_end, parse_sink_url, prepare_sink
+from onceflow.io.progress import KeepProgress, Position
+from onceflow.io.sinks import SinkTarget, WriteRows, parse_sink_url, position_sinks, prepare_sink, progress_store
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
     AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions, WindowOptions,
@@ -68,7 +69,6 @@ class AggregateJob:
     kafka: Optional[KafkaReadConfig] = None  # set when --input is kafka://...
     from_archive: bool = False  # --input is an archive folder (onceflow.pipelines.archive)
     kafka_idle_timeout_ms: int = 30_000
-    kafka_rewind_margin_ms: int = 300_000
     shards: int = DEFAULT_SHARDS
     kafka_readers: int = 1
 
@@ -208,15 +208,14 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
             raise ValueError("the idle timeout must be more than 0")
     except ValueError as error:
         raise flag_error("--kafka_idle_timeout", error) from None
-    try:
-        rewind_margin_ms = parse_duration_ms(kafka_options.kafka_rewind_margin)
-    except ValueError as error:
-        raise flag_error("--kafka_rewind_margin", error) from None
+    if kafka is not None and not kafka.bounded and progress_store(sink) is None:
+        raise UsageError(f"--sink: a live job keeps its Kafka positions with its rows, and {sink.scheme}:// sinks "
+                         f"cannot hold them; write to one that can ({position_sinks()}), or backfill into it "
+                         "with --from/--to")
     return AggregateJob(
         kafka=kafka,
         from_archive=kafka is None and is_archive(input_pattern),
         kafka_idle_timeout_ms=idle_ms,
-        kafka_rewind_margin_ms=rewind_margin_ms,
         input_pattern=input_pattern,
         contract=contract,
         window_spec=window_spec,
@@ -331,9 +330,12 @@ def build(pipeline: beam.Pipeline, job: AggregateJob) -> AggregateOutputs:
     else:
         batches = pipeline | "ReadFiles" >> ReadRecordBatchesFromFiles(job.input_pattern, job.contract)
     outputs = aggregate_events(batches, job)
-    outputs.rows | "WriteRows" >> WriteRows(job.sink, job.row_schema, job.sink_batch_size)
-    outputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
+    written_rows = outputs.rows | "WriteRows" >> WriteRows(job.sink, job.row_schema, job.sink_batch_size)
+    written_letters = outputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
         job.dlq, PIPELINE_NAME, ONCEFLOW_VERSION)
+    if job.is_live:  # positions stored once the rows and dead letters before them are written
+        (batches, written_rows, written_letters) | "KeepPositions" >> KeepProgress(
+            progress_store(job.sink), job.kafka.group_id, job.window_spec, job.kafka.time_source)
     return outputs
 
 
@@ -346,20 +348,37 @@ def _check_input_exists(pattern: str) -> None:
         raise UsageError(f"--input: nothing matches {pattern!r}; give a file path or glob")
 
 
-def with_rewind(job: AggregateJob) -> AggregateJob:
-    """Crash safety on runners that keep no state (Prism keeps windows in memory
-    only): a live job resuming from committed offsets first re-reads from the last
-    window the sink holds, minus window size, allowed lateness and a margin. Every
-    window that a crash may have left unwritten is then read again in full; dedup
-    and the sink's version guard make the re-read harmless."""
-    written = last_window_end(job.sink)
-    if written is None:
-        return job
-    spec = job.window_spec
-    rewind_to = written - spec.size_ms - spec.allowed_lateness_ms - job.kafka_rewind_margin_ms
-    print(f"aggregate: the sink holds windows up to {format_utc_ms(written)}; partitions resume no later than "
-          f"their records from {format_utc_ms(rewind_to)}", file=sys.stderr)
-    return dataclasses.replace(job, kafka=dataclasses.replace(job.kafka, rewind_to_ms=rewind_to))
+def with_stored_positions(job: AggregateJob, partitions: List[int]) -> AggregateJob:
+    """A live job resumes from the positions stored with its rows (see
+    :mod:`onceflow.io.progress`), keyed by its consumer group: never later than a
+    record whose window is not final in the sink, with the high water the lateness
+    rule had there. A job's first start on a sink resolves its start as before
+    (the group's committed offsets, else ``--from``) and stores it before it reads
+    anything, so a kill before the first row loses nothing either."""
+    store = progress_store(job.sink)
+    config = job.kafka
+    topic = config.topic.topic
+    try:
+        stored = store.read(config.group_id, topic)
+        if not stored:
+            reads = resolve_partition_reads(config, partitions)
+            stored = {r.partition: Position(topic, r.partition, r.start_offset, None) for r in reads}
+            store.write(config.group_id, list(stored.values()))
+            where = "first start on this sink: stored its start positions"
+        else:
+            where = "resuming from the positions stored with the rows"
+    except (OSError, ValueError) as error:
+        raise ServiceError(f"--sink: cannot read or store the job's positions in {job.sink.describe()}: "
+                           f"{str(error).splitlines()[0]}") from None
+    except Exception as error:  # a database client's own error class: one line
+        if type(error).__module__.split(".")[0] not in ("psycopg", "sqlite3"):
+            raise
+        raise ServiceError(f"--sink: cannot read or store the job's positions in {job.sink.describe()}: "
+                           f"{str(error).splitlines()[0]}") from None
+    offsets = ", ".join(f"{p}@{stored[p].next_offset}" for p in sorted(stored))
+    print(f"aggregate: job {config.group_id!r}, {where} (partition@offset: {offsets})", file=sys.stderr)
+    resume = tuple((p, stored[p].next_offset, stored[p].high_water_ms) for p in sorted(stored))
+    return dataclasses.replace(job, kafka=dataclasses.replace(config, resume=resume))
 
 
 def _choose_streaming_runner(options: PipelineOptions) -> None:
@@ -439,11 +458,21 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     options = parse_pipeline_args(args)
     job = job_from_options(options)
     expected_records = None
+    try:
+        prepare_sink(job.sink, job.row_schema)
+    except (ValueError, OSError) as error:
+        raise flag_error("--sink", error) from None
+    try:
+        prepare_dlq(job.dlq)
+    except (ValueError, OSError) as error:
+        raise flag_error("--dlq", error) from None
     if job.kafka is not None:
         try:
             partitions = describe_topic(job.kafka)
         except RuntimeError as error:
             raise ServiceError(f"--input: {error}") from None
+        if job.is_live:
+            job = with_stored_positions(job, partitions)
         reads = resolve_partition_reads(job.kafka, partitions)
         gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
         if gaps and job.kafka.bounded and not job.kafka.allow_retention_gaps:
@@ -452,7 +481,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         if gaps:
             print(f"aggregate: warning: {describe_gaps(gaps)}" + (
                 "; reading what is left" if job.kafka.bounded else
-                "; the group's committed offsets point at deleted records: resuming from the log start"),
+                "; the job's stored positions point at deleted records: resuming from the log start"),
                 file=sys.stderr)
         if job.kafka.bounded:  # the backfill's size, for its progress line
             expected_records = sum(read.stop_offset - read.start_offset for read in reads)
@@ -470,16 +499,6 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         raise UsageError("--kafka_readers: Prism (Beam 2.77) takes a reader stage's watermark from the latest "
                          "bundle's readers only and could close windows early with several; use 1 on Prism, "
                          "or more on Flink or Dataflow")
-    try:
-        prepare_sink(job.sink, job.row_schema)
-    except (ValueError, OSError) as error:
-        raise flag_error("--sink", error) from None
-    try:
-        prepare_dlq(job.dlq)
-    except (ValueError, OSError) as error:
-        raise flag_error("--dlq", error) from None
-    if job.is_live:
-        job = with_rewind(job)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)

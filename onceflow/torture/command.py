@@ -26,6 +26,7 @@ from onceflow.errors import ServiceError, UsageError
 from onceflow.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL, Fault, fault_schedule
 from onceflow.torture.job import LiveJob
 from onceflow.torture.plot import write_plot
+from onceflow.torture.sinks import AGGREGATE, SINK_KINDS, TortureSink, torture_sink
 from onceflow.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned, StreamMix, StreamPlan
 from onceflow.torture.timeline import Sample, Timeline
 from onceflow.torture import truth
@@ -62,8 +63,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stops and starts of the dev stack's broker (default 1)")
     parser.add_argument("--stalls", type=_count, default=1, metavar="N",
                         help="times the sink table is locked for --stall-seconds (default 1)")
-    parser.add_argument("--connection-kills", type=_count, default=1, metavar="N",
-                        help="times the sink's database sessions are terminated (default 1)")
+    parser.add_argument("--connection-kills", type=_count, default=None, metavar="N",
+                        help="times the sink's database sessions are terminated (default 1 with the "
+                             "postgres sink; other sinks have no sessions)")
+    parser.add_argument("--sink", choices=SINK_KINDS, default="postgres",
+                        help="where the job writes: postgres (a table, default), sqlite (a database file), "
+                             "parquet or avro (window files); the DLQ is a table with postgres, else a "
+                             "JSON-lines file beside the sink")
+    parser.add_argument("--early-firing", default=None, metavar="DURATION",
+                        help="the job's --early_firing (default none): open windows are written every "
+                             "DURATION and overwritten as they fill")
+    parser.add_argument("--kill-early", action="store_true",
+                        help="the first kill lands after the job has read records and before it has "
+                             "written any row")
     parser.add_argument("--stall-seconds", type=_positive_int, default=20, metavar="S",
                         help="how long each stall holds the lock (default 20)")
     parser.add_argument("--runner", choices=("prism", "flink"), default="prism",
@@ -79,10 +91,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--allowed-lateness", default="60s", metavar="DURATION",
                         help="the job's --allowed_lateness (default 60s; the stream's late events are at "
                              "most 20 s late)")
-    parser.add_argument("--rewind-margin", default="30s", metavar="DURATION",
-                        help="the job's --kafka_rewind_margin (default 30s: the stream's Kafka timestamps "
-                             "are its event times; the job's own default is 5m). A restart re-reads window "
-                             "+ lateness + margin of stream")
     parser.add_argument("--bootstrap-server", default=None, metavar="HOST:PORT",
                         help="the Kafka broker (default: the dev stack's)")
     parser.add_argument("--postgres", default=None, metavar="DSN",
@@ -113,6 +121,7 @@ class _Setup:
     table: str
     group: str
     out: pathlib.Path
+    sink: TortureSink
     runner_flags: List[str]
     job_endpoint: Optional[str]
 
@@ -123,11 +132,19 @@ def _setup(args: argparse.Namespace) -> _Setup:
     from onceflow.devstack.common import home
     from onceflow.devstack.prism import prism_location
 
-    for flag, value in (("--allowed-lateness", args.allowed_lateness), ("--rewind-margin", args.rewind_margin)):
+    for flag, value in (("--allowed-lateness", args.allowed_lateness), ("--early-firing", args.early_firing)):
         try:
-            parse_duration_ms(value)
+            if value is not None:
+                parse_duration_ms(value)
         except ValueError as error:
             raise UsageError(f"{flag}: {error}") from None
+    if args.connection_kills is None:
+        args.connection_kills = 1 if args.sink == "postgres" else 0
+    elif args.connection_kills and args.sink != "postgres":
+        raise UsageError(f"--connection-kills: a {args.sink} sink has no database sessions to kill; "
+                         "pass 0 or use --sink postgres")
+    if args.kill_early and not args.kills:
+        raise UsageError("--kill-early: it moves the first of --kills; pass --kills 1 or more")
     dev_bootstrap = devstack.kafka_bootstrap_servers()
     bootstrap = args.bootstrap_server or dev_bootstrap
     if args.broker_restarts and bootstrap != dev_bootstrap:
@@ -150,8 +167,10 @@ def _setup(args: argparse.Namespace) -> _Setup:
     run_id = f"{time.strftime('%Y%m%d_%H%M%S')}_s{args.seed}"
     out = pathlib.Path(args.out) if args.out else home() / "torture" / run_id
     out.mkdir(parents=True, exist_ok=True)
-    return _Setup(run_id, bootstrap, args.postgres or devstack.postgres_dsn(), f"torture-{run_id}".replace("_", "-"),
-                  f"torture_{run_id}", f"onceflow-torture-{run_id}", out, runner_flags, endpoint)
+    dsn = args.postgres or devstack.postgres_dsn()
+    table = f"torture_{run_id}"
+    return _Setup(run_id, bootstrap, dsn, f"torture-{run_id}".replace("_", "-"), table,
+                  f"onceflow-torture-{run_id}", out, torture_sink(args.sink, out, dsn, table), runner_flags, endpoint)
 
 
 def run_torture(args: argparse.Namespace) -> int:
@@ -178,13 +197,14 @@ class TortureRun:
         self._done = threading.Event()
         self._job_lock = threading.Lock()
         self._latest: Optional[Sample] = None
-        self.contract_flags = ["--key_fields=k", "--time_field=t", "--id_field=id", "--aggregate=count,sum:v",
+        self.contract_flags = ["--key_fields=k", "--time_field=t", "--id_field=id", f"--aggregate={AGGREGATE}",
                                f"--window={WINDOW_S}s", f"--allowed_lateness={args.allowed_lateness}"]
-        self.output_flags = [f"--sink={_with_table(setup.dsn, setup.table)}",
-                             f"--dlq={_with_table(setup.dsn, setup.table + '_dlq')}"]
+        self.sink = setup.sink
+        self.output_flags = [f"--sink={self.sink.sink_url()}", f"--dlq={self.sink.dlq_url()}"]
         self.input_url = f"kafka://{setup.bootstrap}/{setup.topic}"
+        early = [f"--early_firing={args.early_firing}"] if args.early_firing else []
         self.job = LiveJob([f"--input={self.input_url}", f"--kafka_group={setup.group}",
-                            f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", f"--kafka_rewind_margin={args.rewind_margin}",
+                            f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", *early,
                             *self.contract_flags, *self.output_flags,
                             *setup.runner_flags],
                            setup.out / "job.log", setup.job_endpoint, job_name=f"onceflow-torture-{setup.run_id}")
@@ -206,13 +226,17 @@ class TortureRun:
         production_s = args.events / args.rate
         counts = {KILL: args.kills, BROKER_RESTART: args.broker_restarts, STALL: args.stalls,
                   CONNECTION_KILL: args.connection_kills}
+        if args.kill_early:
+            counts[KILL] -= 1  # the first kill: see _kill_early
         schedule = fault_schedule(counts, production_s, args.seed)
-        self.say(f"topic {setup.topic} ({args.partitions} partitions), sink table {setup.table}, "
+        self.say(f"topic {setup.topic} ({args.partitions} partitions), {args.sink} sink {self.sink.sink_url()}, "
                  f"runner {args.runner}, {args.events} records at {args.rate}/s (~{production_s:.0f}s), "
-                 f"faults: {', '.join(f'{f.kind} at {f.at_s}s' for f in schedule) or 'none'}; output in {setup.out}")
+                 f"faults: {'kill before the first row, ' if args.kill_early else ''}"
+                 f"{', '.join(f'{f.kind} at {f.at_s}s' for f in schedule) or 'none'}; output in {setup.out}")
         self._t0 = time.monotonic()
         sampler = threading.Thread(target=self._sample_loop, name="torture-sampler", daemon=True)
-        faults = threading.Thread(target=self._inject, args=(schedule,), name="torture-faults", daemon=True)
+        faults = threading.Thread(target=self._inject, args=(schedule, args.kill_early), name="torture-faults",
+                                  daemon=True)
         try:
             self._start_job()
             sampler.start()
@@ -310,7 +334,9 @@ class TortureRun:
 
     # -- faults ----------------------------------------------------------------------
 
-    def _inject(self, schedule: List[Fault]) -> None:
+    def _inject(self, schedule: List[Fault], kill_early: bool) -> None:
+        if kill_early:
+            self._kill_early()
         for fault in schedule:
             while self.now_s() < fault.at_s:
                 time.sleep(0.2)
@@ -325,9 +351,37 @@ class TortureRun:
             mark.end_s = self.now_s()
             self.say(f"{fault.kind.replace('_', ' ')}: {mark.note} ({mark.end_s - mark.start_s:.1f}s)")
 
-    def _apply(self, kind: str) -> str:
-        from onceflow.io import postgres
+    def _kill_early(self) -> None:
+        """SIGKILLs the job once it has read records (its group has committed an
+        offset) and before the sink holds a row; if a row comes first, the fault
+        could not be injected and the run fails."""
+        probe = _LagProbe(self.setup.bootstrap, self.setup.group, self.setup.topic, self.args.partitions)
+        mark = None
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                consumed, _ = probe.read()
+                if self.sink.counted_events():
+                    break
+                if consumed:
+                    mark = self.timeline.begin(KILL, self.now_s())
+                    with self._job_lock:
+                        self.job.kill()
+                        time.sleep(2)
+                        self._start_job()
+                    mark.note = (f"before the first row ({consumed} records read): job killed with SIGKILL and "
+                                 f"started again (start {self.job.starts})")
+                    break
+                time.sleep(0.1)
+        finally:
+            probe.close()
+        if mark is None:
+            mark = self.timeline.begin(KILL, self.now_s())
+            mark.note = "could not be injected: the sink held a row before any offset was committed"
+        mark.end_s = self.now_s()
+        self.say(f"kill: {mark.note}")
 
+    def _apply(self, kind: str) -> str:
         if kind == KILL:
             with self._job_lock:
                 self.job.kill()
@@ -342,13 +396,12 @@ class TortureRun:
             kafka.up()
             return "broker stopped and started"
         if kind == STALL:
-            postgres.hold_table_lock(self.setup.dsn, self.setup.table, self.args.stall_seconds)
-            return f"sink table locked for {self.args.stall_seconds}s"
+            return self.sink.stall(self.args.stall_seconds)
         if kind == CONNECTION_KILL:
             # Right after a restart the job may hold no session yet: wait for one.
             deadline = time.monotonic() + SESSION_WAIT_S
             while True:
-                killed = postgres.terminate_sessions(self.setup.dsn, self.setup.table)
+                killed = self.sink.kill_sessions()
                 if killed:
                     return f"{killed} sink session(s) terminated"
                 if time.monotonic() > deadline:
@@ -359,16 +412,11 @@ class TortureRun:
     # -- watching --------------------------------------------------------------------
 
     def _sample_loop(self) -> None:
-        from onceflow.io import postgres
-
         probe = _LagProbe(self.setup.bootstrap, self.setup.group, self.setup.topic, self.args.partitions)
         try:
             while not self._done.is_set():
                 consumed, lag = probe.read()
-                try:
-                    in_sink: Optional[int] = postgres.counted_events(self.setup.dsn, self.setup.table)
-                except Exception:  # not created yet, or the database is away
-                    in_sink = None
+                in_sink = self.sink.counted_events()
                 backlog = None if in_sink is None else max(0, self.good_delivered - in_sink)
                 self._latest = Sample(self.now_s(), self.produced, consumed, lag, self.job.rss_bytes(), in_sink,
                                       backlog)
@@ -394,13 +442,7 @@ class TortureRun:
             self._job_lock.release()
 
     def _found(self):
-        from onceflow.io import postgres
-
-        rows = {(row["k"], row["window_start"]): (row["count"], round(row["sum_v"]))
-                for row in postgres.read_rows(self.setup.dsn, self.setup.table)}
-        letters = {(int(e["source"]["partition"]), int(e["source"]["offset"])): e["reason"]
-                   for e in postgres.read_dead_letters(self.setup.dsn, self.setup.table + "_dlq")}
-        return rows, letters
+        return self.sink.rows(), self.sink.dead_letters()
 
     def _compare(self) -> truth.Comparison:
         rows, letters = self._found()
@@ -499,7 +541,8 @@ class TortureRun:
         if missed:
             failures.append("faults not injected: " + ", ".join(missed))
         report = {
-            "runner": args.runner, "seed": args.seed, "topic": setup.topic, "sink_table": setup.table,
+            "runner": args.runner, "seed": args.seed, "topic": setup.topic, "sink": args.sink,
+            "sink_url": self.sink.sink_url(), "early_firing": args.early_firing, "kill_early": args.kill_early,
             "records_produced": len(self.ledger), "records_in_topic": len(self.in_topic),
             "missing_from_topic": self.missing_from_topic, "good_events": kinds.get(GOOD, 0),
             "duplicates": kinds.get(DUPLICATE, 0), "malformed": kinds.get(BAD, 0),
@@ -579,8 +622,3 @@ class _LagProbe:
 
     def close(self) -> None:
         self._consumer.close()
-
-
-def _with_table(dsn: str, table: str) -> str:
-    separator = "&" if "?" in dsn else "?"
-    return f"{dsn}{separator}table={table}"

@@ -28,7 +28,7 @@ def test_sigkill_mid_stream_then_restart_ends_with_the_true_table(kafka_bootstra
     group = f"g-{topic.topic}"
     db, dlq = tmp_path / "live.db", tmp_path / "dlq.jsonl"
     flags = ("--key_fields=k", "--time_field=t", "--id_field=id", "--aggregate=count,sum:v", "--window=10s",
-             "--allowed_lateness=10s", "--kafka_idle_timeout=3s", "--kafka_rewind_margin=5s")
+             "--allowed_lateness=10s", "--kafka_idle_timeout=3s")
     rng = random.Random(5)
     truth = {}
     producer = producer_for(topic)

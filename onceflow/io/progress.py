@@ -1,0 +1,208 @@
+"""Source positions kept with the results: where a restarted live job resumes.
+
+A live job keeps, per (job, rows table, topic, partition), a progress record in
+its sink (:class:`Position`): the offset from which a restarted job must read so
+that every window not yet final in the sink is rebuilt in full, and the
+partition's high water at that offset (the state of the lateness rule, so the
+restarted job refuses as too late exactly what the first run refused).
+
+How a position becomes safe to store: the reader's batches carry the next offset
+and the high water ``h`` after them (:class:`ProgressMarks`). Every valid event
+before that offset has an event time at most ``h``, so every window it falls in
+ends at the latest at the last window end of ``h``; its last pane is emitted when
+the watermark passes that end plus the allowed lateness. A dead letter of a
+record before the offset carries its batch's timestamp, at most ``h``.
+:class:`KeepProgress` holds each mark until the watermark of the *written* rows
+and dead letters passes that point (``final_at_ms``): by then every row and dead
+letter the mark covers has been committed by the sink's writer (a writer's output
+watermark moves only after its bundle, which writes before it completes). Only
+then is the position written. A crash before that leaves the previous position:
+the restart re-reads a little more, which dedup, the row guard and the dead
+letters' IDs absorb; it never resumes later than a record whose window is not
+final. With early firing the same holds: a position moves past an event only once
+its windows are final, whatever early panes wrote.
+
+The store is the sink's own: a table ``onceflow_progress`` in the same SQLite file
+or PostgreSQL database, a manifest file in a file sink's directory. A sink that
+cannot hold positions (a Kafka topic) is refused for live jobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+
+from onceflow.batches import KAFKA, RecordBatch
+from onceflow.windowing import WindowSpec
+
+PROGRESS_TABLE = "onceflow_progress"
+
+
+class Position(NamedTuple):
+    """Where a partition resumes: read from ``next_offset`` with the partition's
+    high water ``high_water_ms`` (None: no valid event before it). ``final_through_ms``:
+    every window that ended at or before it is final in the sink (None at a job's
+    first start)."""
+
+    topic: str
+    partition: int
+    next_offset: int
+    high_water_ms: Optional[int]
+    final_through_ms: Optional[int] = None
+
+
+class ProgressStore(Protocol):
+    """Where a sink keeps the positions of the live jobs that write to it."""
+
+    def read(self, job: str, topic: str) -> Dict[int, Position]:
+        """The stored positions of ``job`` on ``topic``, by partition (empty: none)."""
+
+    def write(self, job: str, positions: Sequence[Position]) -> None:
+        """Stores ``positions`` (a partition's stored offset never moves back)."""
+
+
+class Mark(NamedTuple):
+    """A position the reader has passed, and the watermark (epoch ms) after which
+    every row and dead letter of the records before it has been written."""
+
+    final_at_ms: int
+    next_offset: int
+    high_water_ms: Optional[int]
+
+
+def final_at_ms(spec: WindowSpec, high_water_ms: Optional[int], batch_time_ms: int) -> int:
+    """The watermark after which every window of an event at or before
+    ``high_water_ms`` has emitted its last pane (its end plus the allowed lateness),
+    and the batch's dead letters (timestamped ``batch_time_ms``) have passed."""
+    if high_water_ms is None:
+        return batch_time_ms + 1
+    last_end = max(end for _, end in spec.windows_for(high_water_ms))
+    return max(batch_time_ms, last_end + spec.allowed_lateness_ms) + 1
+
+
+def high_water_after(batch: RecordBatch, time_source: str = "field") -> Optional[int]:
+    """A Kafka batch's partition high water after its last record: the reader's
+    rule (the greatest valid event time, or Kafka timestamp with ``time_source``
+    ``record``), continued from the last record's own high water."""
+    index = len(batch.values) - 1
+    high = batch.high_waters[index]
+    if time_source == "record" or batch.verdicts is None:
+        stamp = batch.timestamps[index] if batch.timestamps is not None else -1
+        moment = stamp if stamp is not None and stamp >= 0 else None
+    else:
+        moment = getattr(batch.verdicts[index], "event_time_ms", None)
+    if moment is not None and (high is None or moment > high):
+        return moment
+    return high
+
+
+class _MarksDoFn(beam.DoFn):
+    """Per bundle, the latest mark of each (partition, final_at) of the Kafka
+    batches it saw: a few marks per bundle, not one per batch."""
+
+    def __init__(self, spec: WindowSpec, time_source: str):
+        self._spec = spec
+        self._time_source = time_source
+
+    def start_bundle(self) -> None:
+        self._latest: Dict[Tuple[str, int, int], Tuple[Mark, Timestamp]] = {}
+
+    def process(self, batch: RecordBatch, timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
+        if batch.origin[0] != KAFKA or not batch.values:
+            return
+        _, topic, partition = batch.origin
+        high = high_water_after(batch, self._time_source)
+        final_at = final_at_ms(self._spec, high, timestamp.micros // 1000)
+        key = (topic, partition, final_at)
+        held = self._latest.get(key)
+        next_offset = batch.positions[-1] + 1
+        if held is None or held[0].next_offset < next_offset:
+            self._latest[key] = (Mark(final_at, next_offset, high), timestamp)
+        return
+        yield  # a generator: marks leave in finish_bundle
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        latest, self._latest = self._latest, {}
+        for (topic, partition, _), (mark, timestamp) in latest.items():
+            yield WindowedValue(((topic, partition), mark), timestamp, [GlobalWindow()])
+
+
+class _KeepProgressDoFn(beam.DoFn):
+    """Per partition: holds marks until the watermark passes their ``final_at_ms``,
+    then stores the furthest one that is final (see the module docstring)."""
+
+    PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())  # [Mark], by final_at
+    FINAL = TimerSpec("final", TimeDomain.WATERMARK)
+
+    def __init__(self, store: ProgressStore, job: str):
+        self._store = store
+        self._job = job
+
+    def process(self, element: Tuple[Tuple[str, int], Optional[Mark]],
+                pending=beam.DoFn.StateParam(PENDING), final=beam.DoFn.TimerParam(FINAL)):
+        _, mark = element
+        if mark is None:  # the writers' outputs are flattened in for their watermark only
+            return
+        by_final = {m.final_at_ms: m for m in pending.read() or []}
+        held = by_final.get(mark.final_at_ms)
+        if held is None or held.next_offset < mark.next_offset:
+            by_final[mark.final_at_ms] = mark
+        marks = sorted(by_final.values())
+        pending.write(marks)
+        final.set(Timestamp(micros=marks[0].final_at_ms * 1000))
+
+    @on_timer(FINAL)
+    def on_final(self, key=beam.DoFn.KeyParam, fired_at=beam.DoFn.TimestampParam,
+                 pending=beam.DoFn.StateParam(PENDING), final=beam.DoFn.TimerParam(FINAL)):
+        topic, partition = key
+        marks: List[Mark] = pending.read() or []
+        now_ms = fired_at.micros // 1000
+        ready = [m for m in marks if m.final_at_ms <= now_ms]
+        rest = [m for m in marks if m.final_at_ms > now_ms]
+        if ready:
+            furthest = max(ready, key=lambda m: m.next_offset)
+            self._store.write(self._job, [Position(topic, partition, furthest.next_offset, furthest.high_water_ms,
+                                                   now_ms - 1)])
+        if rest:
+            pending.write(rest)
+            final.set(Timestamp(micros=rest[0].final_at_ms * 1000))
+        else:
+            pending.clear()
+
+
+class KeepProgress(beam.PTransform):
+    """Stores each Kafka partition's resume position in ``store`` once every row
+    and dead letter of the records before it has been written.
+
+    Input: ``(batches, *written)``: the reader's ``PCollection[RecordBatch]``, and
+    the outputs of the steps that write rows and dead letters (their elements are
+    ignored; their watermark says what has been written). ``job`` keys the
+    records (the consumer group), so two jobs writing to one table do not mix.
+    """
+
+    def __init__(self, store: ProgressStore, job: str, spec: WindowSpec, time_source: str = "field"):
+        super().__init__()
+        self._store = store
+        self._job = job
+        self._spec = spec
+        self._time_source = time_source
+
+    def expand(self, inputs: Tuple[beam.PCollection, ...]) -> beam.PCollection:
+        batches, *written = inputs
+        key_and_mark = Tuple[Tuple[str, int], Any]
+        marks = batches | "Marks" >> beam.ParDo(_MarksDoFn(self._spec, self._time_source)).with_output_types(
+            key_and_mark)
+        signals = [
+            pcoll | f"WrittenSignal{index}" >> beam.Map(lambda _: (("", -1), None)).with_output_types(key_and_mark)
+            for index, pcoll in enumerate(written)
+        ]
+        return ((marks, *signals)
+                | "FlattenMarksAndWrites" >> beam.Flatten().with_output_types(key_and_mark)
+                | "StoreFinalPositions" >> beam.ParDo(_KeepProgressDoFn(self._store, self._job)))
