@@ -305,17 +305,18 @@ def run_logged(
         fail(f"{what} failed (exit status {completed.returncode})", log)
 
 
-def grpc_answers(address: str, method: str, timeout: float) -> bool:
-    """True when a gRPC service at ``address`` answers ``method`` called with an
-    empty request (b"" is an empty protobuf message). Raw calls keep apache_beam,
-    slow to import, out of ``onceflow dev status``."""
+def grpc_answers(port: int, method: str, timeout: float) -> bool:
+    """True when a gRPC service on ``127.0.0.1:port`` accepts a connection and
+    answers ``method`` called with an empty request (b"" is an empty protobuf
+    message). Raw calls keep apache_beam, slow to import, out of ``onceflow dev status``."""
+    if not can_connect(port):
+        return False
     import grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(f"{HOST}:{port}") as channel:
         call = channel.unary_unary(method, request_serializer=lambda _: b"", response_deserializer=lambda raw: raw)
         try:
             call(None, timeout=timeout)
         except grpc.RpcError:
             return False
     return True
-

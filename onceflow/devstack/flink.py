@@ -37,7 +37,6 @@ from onceflow.devstack import maven
 from onceflow.devstack.beam_java import FLINK_VERSION, JAVA_OPENS, JOB_SERVER_BEAM_VERSION, job_server_jars
 from onceflow.devstack.common import (
     HOST,
-    can_connect,
     env_port,
     grpc_answers,
     progress,
@@ -126,11 +125,9 @@ def _master_file() -> pathlib.Path:
 _GET_JOBS = "/org.apache.beam.model.job_management.v1.JobService/GetJobs"
 
 
-def _answers(timeout: float = 2.0) -> bool:
+def _answers() -> bool:
     """True when a Beam JobService answers GetJobs on the job port."""
-    if not can_connect(job_port()):
-        return False
-    return grpc_answers(job_endpoint(), _GET_JOBS, timeout)
+    return grpc_answers(job_port(), _GET_JOBS, timeout=2.0)
 
 
 def up() -> bool:

@@ -45,7 +45,6 @@ from onceflow.devstack.beam_java import JAVA_OPENS, JOB_SERVER_BEAM_VERSION, job
 from onceflow.devstack.common import (
     HOST,
     cache_dir,
-    can_connect,
     env_port,
     grpc_answers,
     progress,
@@ -131,11 +130,9 @@ def classpath() -> str:
 _DISCOVER = "/org.apache.beam.model.expansion.v1.ExpansionService/DiscoverSchemaTransform"
 
 
-def _answers(timeout: float = 5.0) -> bool:
+def _answers() -> bool:
     """True when a Beam expansion service answers on the port."""
-    if not can_connect(port()):
-        return False
-    return grpc_answers(address(), _DISCOVER, timeout)
+    return grpc_answers(port(), _DISCOVER, timeout=5.0)
 
 
 def up() -> bool:
