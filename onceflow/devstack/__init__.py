@@ -34,6 +34,14 @@ Ports (all on 127.0.0.1; environment variable, default):
 ``ONCEFLOW_FLINK_TM_RPC_PORT``     16125    Flink cluster TaskManager RPC
 =================================  =======  ===========================
 
+Modules: one per service (``kafka``, ``postgres``, ``prism``, ``flink``,
+``flink_cluster``, ``kafka_expansion``), each with ``up``, ``down`` and ``status``
+and, but for ``prism`` (a binary, not a process), its process described by a
+:class:`~onceflow.devstack.service.ManagedService`; ``common`` (folder, ports, pid
+files, waiting, logged commands), ``maven`` (jars from Maven), ``beam_java`` (the
+Beam Java release the Java services share), ``kafka_secure`` (the broker's secured
+listeners) and ``command`` (``onceflow dev``).
+
 Other settings: ``ONCEFLOW_FLINK_MASTER`` (job server's Flink, default ``[local]``),
 ``ONCEFLOW_PG_BINDIR`` (PostgreSQL binaries), ``ONCEFLOW_KEEP_SERVICES=1`` (tests
 leave the services they started running).

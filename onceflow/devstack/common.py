@@ -1,5 +1,6 @@
-"""What every dev service shares: the project-local folder, ports, pid files,
-waiting on a condition with a deadline, starting a logged background process.
+"""The helpers every dev service uses: the project-local folder, ports, tools,
+pid files, waiting on a condition with a deadline, running logged commands.
+:mod:`onceflow.devstack.service` builds a service's process on them.
 
 Layout under the project-local folder (``$ONCEFLOW_HOME``, else ``./.onceflow``)::
 
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 from onceflow.errors import ServiceError
 
@@ -110,6 +111,11 @@ def require_tool(name: str, hint: str, extra_dirs: Sequence[str] = ()) -> str:
     if found is None:
         raise ServiceError(f"'{name}' is not installed or not on PATH: {hint}")
     return found
+
+
+def require_java() -> str:
+    """The path of ``java``, else ServiceError saying how to install it."""
+    return require_tool("java", "install a Java 17+ runtime (Debian: apt-get install -y openjdk-17-jre-headless)")
 
 
 # --- pid files -----------------------------------------------------------------------
@@ -240,6 +246,15 @@ def log_tail(path: pathlib.Path, lines: int = 25) -> str:
 # --- running commands ------------------------------------------------------------------
 
 
+def _open_log(log: pathlib.Path, command: Sequence[str]) -> BinaryIO:
+    """``log`` opened for appending, after a line with the time and ``command``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = log.open("ab")
+    out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n".encode())
+    out.flush()
+    return out
+
+
 def start_background(
     command: Sequence[str], log: pathlib.Path, cwd: pathlib.Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -249,10 +264,7 @@ def start_background(
     While it starts, check liveness with ``process.poll() is None``, not with
     the pid file: until ``exec`` completes its command line is still ours.
     """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n".encode())
-        out.flush()
+    with _open_log(log, command) as out:
         process = subprocess.Popen(
             list(command),
             cwd=cwd,
@@ -275,10 +287,7 @@ def run_logged(
 ) -> None:
     """Run a command to completion with its output appended to ``log``;
     ServiceError (with the log's tail printed) when it fails or overruns."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n".encode())
-        out.flush()
+    with _open_log(log, command) as out:
         try:
             completed = subprocess.run(
                 list(command),
@@ -296,38 +305,18 @@ def run_logged(
         fail(f"{what} failed (exit status {completed.returncode})", log)
 
 
-def grpc_answers(address: str, method: str, timeout: float) -> bool:
-    """True when a gRPC service at ``address`` answers ``method`` called with an
-    empty request (b"" is an empty protobuf message). Raw calls keep apache_beam,
-    slow to import, out of ``onceflow dev status``."""
+def grpc_answers(port: int, method: str, timeout: float) -> bool:
+    """True when a gRPC service on ``127.0.0.1:port`` accepts a connection and
+    answers ``method`` called with an empty request (b"" is an empty protobuf
+    message). Raw calls keep apache_beam, slow to import, out of ``onceflow dev status``."""
+    if not can_connect(port):
+        return False
     import grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(f"{HOST}:{port}") as channel:
         call = channel.unary_unary(method, request_serializer=lambda _: b"", response_deserializer=lambda raw: raw)
         try:
             call(None, timeout=timeout)
         except grpc.RpcError:
             return False
-    return True
-
-
-def start_and_wait(command: list, log: pathlib.Path, workdir: pathlib.Path, pid_file: pathlib.Path,
-                   answers: Callable[[], bool], timeout: float, what: str) -> subprocess.Popen:
-    """Starts a managed process, records its pid, and waits (with a deadline) until
-    ``answers()``; fails with the log's last lines if it dies or never answers."""
-    process = start_background(command, log, workdir)
-    write_pid(pid_file, process.pid)
-    wait_until(answers, timeout, what, alive=lambda: process.poll() is None, log=log)
-    return process
-
-
-def stop_managed(pid_file: pathlib.Path, marker: str, what: str, timeout: float = 30.0) -> bool:
-    """Stops the process recorded in ``pid_file`` if it is ours (its command line
-    holds ``marker``); True when something was stopped."""
-    pid = running_pid(pid_file, marker)
-    if pid is None:
-        return False
-    progress(f"stopping {what} (pid {pid})...")
-    stop_process(pid, marker, timeout=timeout)
-    pid_file.unlink(missing_ok=True)
     return True

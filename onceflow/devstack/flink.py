@@ -1,21 +1,14 @@
 """Beam's Flink job server with an embedded Flink (``--flink-master=[local]``).
 
-Versions, and why. The project pins Beam 2.77.0, but this machine's Maven
-mirror serves no ``beam-runners-flink-<flink>-job-server`` jar for any version
-(2.43-2.77, Flink 1.15-2.0), no Beam Java artifact at 2.77 at all, and
-``beam-runners-java-job-service`` (which the Flink runner needs) only up to
-2.65.0. ``beam-runners-flink-1.19`` is served at 2.62.0 and 2.70.0; 2.70.0
-depends on ``beam-runners-java-job-service:2.70.0``, which is missing. So the
-newest complete set is:
+Beam 2.62.0 Java with Flink 1.19.0: why these versions, and the jars, are
+in :mod:`onceflow.devstack.beam_java`. The main class
+``org.apache.beam.runners.flink.FlinkJobServerDriver`` lives in the runner module
+itself, so ``java -cp '<jars>/*' FlinkJobServerDriver`` is the job server that
+the (unserved) shaded job-server jar would have been. Beam's Java KafkaIO jars
+(:func:`onceflow.devstack.kafka_expansion.resolve_kafka_io_jars`) follow on its
+classpath: with the ``EMBEDDED`` environment the Java transforms of
+:mod:`onceflow.io.kafka_java` run in this JVM.
 
-* ``org.apache.beam:beam-runners-flink-1.19:2.62.0`` with its runtime
-  dependencies (which bring Flink 1.19.0 and ``beam-runners-java-job-service``
-  2.62.0), resolved by ``mvn`` into ``cache/flink-jobserver-2.62.0-flink1.19``;
-* ``org.slf4j:slf4j-simple:1.7.30`` so the job server's log is not silent.
-
-The main class ``org.apache.beam.runners.flink.FlinkJobServerDriver`` lives in
-the runner module itself, so ``java -cp '<jars>/*' FlinkJobServerDriver`` is
-the job server that the (unserved) shaded job-server jar would have been.
 The Python 2.77.0 SDK runs through it with the portable protocol, batch and
 streaming (``PeriodicImpulse`` + windowed ``GroupByKey`` emitting each window
 while the source still produces), checked by ``tests/devstack/test_flink.py``::
@@ -41,48 +34,24 @@ import re
 from typing import Any, NamedTuple
 
 from onceflow.devstack import maven
+from onceflow.devstack.beam_java import FLINK_VERSION, JAVA_OPENS, JOB_SERVER_BEAM_VERSION, job_server_jars
 from onceflow.devstack.common import (
     HOST,
-    cache_dir,
-    can_connect,
     env_port,
     grpc_answers,
     progress,
     require_free_ports,
-    require_tool,
-    running_pid,
+    require_java,
     service_dir,
-    start_and_wait,
-    stop_managed,
 )
-from onceflow.errors import ServiceError
+from onceflow.devstack.kafka_expansion import resolve_kafka_io_jars
+from onceflow.devstack.service import ManagedService
 
 _LOGGER = logging.getLogger(__name__)
 
 NAME = "flink"
-JOB_SERVER_BEAM_VERSION = "2.62.0"
-FLINK_MINOR = "1.19"
-FLINK_VERSION = "1.19.0"  # what beam-runners-flink-1.19:2.62.0 depends on
 MAIN_CLASS = "org.apache.beam.runners.flink.FlinkJobServerDriver"
-ARTIFACTS = (
-    f"org.apache.beam:beam-runners-flink-{FLINK_MINOR}:{JOB_SERVER_BEAM_VERSION}",
-    "org.slf4j:slf4j-simple:1.7.30",
-)
 START_TIMEOUT = 120.0
-# Flink 1.19 on Java 17 needs these opened, as Flink's own scripts do.
-JAVA_OPENS = [
-    f"--add-opens=java.base/{package}=ALL-UNNAMED"
-    for package in (
-        "java.lang",
-        "java.util",
-        "java.lang.reflect",
-        "java.io",
-        "java.net",
-        "java.nio",
-        "java.time",
-        "java.util.concurrent",
-    )
-]
 
 
 def job_port() -> int:
@@ -119,21 +88,16 @@ def _dir() -> pathlib.Path:
     return service_dir(NAME)
 
 
-def _pid_file() -> pathlib.Path:
-    return _dir() / "jobserver.pid"
-
-
-def _log() -> pathlib.Path:
-    return _dir() / "jobserver.log"
-
-
 def _artifacts() -> pathlib.Path:
     return _dir() / "artifacts"
 
 
-def _marker() -> str:
-    # The artifacts dir is on the job server's command line and unique to this folder.
-    return str(_artifacts())
+def _service() -> ManagedService:
+    """The job server process; the artifacts folder on its command line marks it as ours."""
+    folder = _dir()
+    return ManagedService(name=NAME, label="the Flink job server", folder=folder,
+                          pid_file=folder / "jobserver.pid", log=folder / "jobserver.log",
+                          marker=str(_artifacts()), address=job_endpoint(), answers=_answers)
 
 
 def _write_flink_conf() -> pathlib.Path:
@@ -152,20 +116,8 @@ def _write_flink_conf() -> pathlib.Path:
 
 
 def _master_file() -> pathlib.Path:
+    """The ``--flink-master`` the running job server was started with."""
     return _dir() / "jobserver.master"
-
-
-def _jars_folder() -> pathlib.Path:
-    return cache_dir(f"flink-jobserver-{JOB_SERVER_BEAM_VERSION}-flink{FLINK_MINOR}")
-
-
-def resolve_jars() -> pathlib.Path:
-    """The job server's jars (Beam runner, Flink 1.19 runtime, ...), resolved once."""
-    return maven.resolve_jars(
-        _jars_folder(),
-        ARTIFACTS,
-        f"Beam {JOB_SERVER_BEAM_VERSION} Flink {FLINK_MINOR} job server",
-    )
 
 
 # JobService.GetJobs; an empty GetJobsRequest serializes to b"". Calling it raw
@@ -173,44 +125,32 @@ def resolve_jars() -> pathlib.Path:
 _GET_JOBS = "/org.apache.beam.model.job_management.v1.JobService/GetJobs"
 
 
-def _answers(timeout: float = 2.0) -> bool:
+def _answers() -> bool:
     """True when a Beam JobService answers GetJobs on the job port."""
-    if not can_connect(job_port()):
-        return False
-    return grpc_answers(job_endpoint(), _GET_JOBS, timeout)
+    return grpc_answers(job_port(), _GET_JOBS, timeout=2.0)
 
 
 def up() -> bool:
     """Start the job server unless it already runs; True when this call started it."""
-    if running_pid(_pid_file(), _marker()) is not None:
-        if _answers():
-            return False
-        raise ServiceError(
-            f"the Flink job server is running (pid file {_pid_file()}) but does not answer "
-            f"on {job_endpoint()}; run 'onceflow dev down --services flink' and retry"
-        )
+    service = _service()
+    if service.is_up():
+        return False
     require_free_ports(
-        "the Flink job server",
+        service.label,
         {
             "ONCEFLOW_FLINK_JOB_PORT": job_port(),
             "ONCEFLOW_FLINK_ARTIFACT_PORT": artifact_port(),
             "ONCEFLOW_FLINK_EXPANSION_PORT": expansion_port(),
         },
     )
-    jars = resolve_jars()
-    # Beam's Java KafkaIO (onceflow.io.kafka_java) runs in this JVM (EMBEDDED
-    # environment): its jars follow the runner's on the classpath.
-    from onceflow.devstack import kafka_expansion
-
-    kafka_io_jars = kafka_expansion.resolve_kafka_io_jars()
-    java = require_tool("java", "install a Java 17+ runtime (Debian: apt-get install -y openjdk-17-jre-headless)")
+    classpath = maven.classpath(job_server_jars()) + os.pathsep + maven.classpath(resolve_kafka_io_jars())
     _artifacts().mkdir(parents=True, exist_ok=True)
     command = [
-        java,
+        require_java(),
         "-Xmx2g",
         *JAVA_OPENS,
         "-cp",
-        maven.classpath(jars) + os.pathsep + maven.classpath(kafka_io_jars),
+        classpath,
         MAIN_CLASS,
         f"--flink-master={flink_master()}",
         f"--job-host={HOST}",
@@ -225,34 +165,31 @@ def up() -> bool:
         f"{job_endpoint()} (flink master {flink_master()})..."
     )
     _master_file().write_text(flink_master() + "\n", encoding="utf-8")
-    start_and_wait(command, _log(), _dir(), _pid_file(), _answers, START_TIMEOUT,
-                   f"the Flink job server to answer on {job_endpoint()}")
+    service.start(command, START_TIMEOUT)
     return True
 
 
 def down() -> bool:
     """Stop the job server if this package started it; True when something was stopped."""
-    return stop_managed(_pid_file(), _marker(), "the Flink job server")
+    return _service().stop()
 
 
 def status() -> dict[str, Any]:
     """Whether the job server runs and answers, and the flags that select it."""
-    pid = running_pid(_pid_file(), _marker())
-    healthy = pid is not None and _answers()
-    return {
-        "healthy": healthy,
-        "pid": pid,
+    info = _service().status()
+    running = info["pid"] is not None
+    info.update({
         "job_endpoint": job_endpoint(),
         "artifact_port": artifact_port(),
         "expansion_port": expansion_port(),
         "job_server_beam_version": JOB_SERVER_BEAM_VERSION,
         "flink_version": FLINK_VERSION,
         "flink_master": _master_file().read_text(encoding="utf-8").strip()
-        if pid is not None and _master_file().exists()
+        if running and _master_file().exists()
         else flink_master(),
         "pipeline_args": pipeline_args(),
-        "log": str(_log()),
-    }
+    })
+    return info
 
 
 # The first checkpoint of a streaming job must not start while the job's first
@@ -311,7 +248,7 @@ def flink_rest_endpoints() -> list[str]:
     if master != "[local]":
         return [master]
     try:
-        log = _log().read_text(encoding="utf-8", errors="replace")
+        log = _service().log.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
     ports = dict.fromkeys(re.findall(r"Rest endpoint listening at localhost:(\d+)", log))

@@ -21,26 +21,14 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 
-from onceflow.devstack import flink, maven
-from onceflow.devstack.common import (
-    HOST,
-    env_port,
-    progress,
-    require_free_ports,
-    require_tool,
-    running_pid,
-    service_dir,
-    start_background,
-    stop_process,
-    wait_until,
-    write_pid,
-)
-from onceflow.errors import ServiceError
+from onceflow.devstack import maven
+from onceflow.devstack.beam_java import FLINK_VERSION, JAVA_OPENS, job_server_jars
+from onceflow.devstack.common import HOST, env_port, progress, require_free_ports, require_java, service_dir
+from onceflow.devstack.service import ManagedService
 
 NAME = "flink-cluster"
 START_TIMEOUT = 120.0
@@ -105,16 +93,23 @@ def _conf_dir() -> pathlib.Path:
     return _dir() / "conf"
 
 
-def _marker() -> str:
-    return str(_conf_dir())
+def _jobmanager() -> ManagedService:
+    """The JobManager process; it answers once the REST API does."""
+    return _role("jobmanager", "the Flink JobManager", lambda: overview() is not None)
 
 
-def _pid_file(role: str) -> pathlib.Path:
-    return _dir() / f"{role}.pid"
+def _taskmanager() -> ManagedService:
+    """The TaskManager process; it answers once the cluster shows its task slots."""
+    return _role("taskmanager", "the Flink TaskManager", _has_slots)
 
 
-def _log(role: str) -> pathlib.Path:
-    return _dir() / f"{role}.log"
+def _role(role: str, label: str, answers: Callable[[], bool]) -> ManagedService:
+    """A process of the cluster: ``<role>.pid`` and ``<role>.log`` in the service
+    folder; the config folder on its command line marks it as ours."""
+    folder = _dir()
+    return ManagedService(name=NAME, label=label, folder=folder, pid_file=folder / f"{role}.pid",
+                          log=folder / f"{role}.log", marker=str(_conf_dir()), address=f"http://{master()}",
+                          answers=answers)
 
 
 def overview(timeout: float = 2.0) -> dict[str, Any] | None:
@@ -131,28 +126,20 @@ def _has_slots() -> bool:
     return bool(info and info.get("taskmanagers", 0) >= 1 and info.get("slots-total", 0) >= 1)
 
 
-def _start(role: str, main: str, jvm: list[str], jars: pathlib.Path) -> subprocess.Popen[bytes]:
-    java = require_tool("java", "install a Java 17+ runtime (Debian: apt-get install -y openjdk-17-jre-headless)")
-    command = [java, *jvm, *flink.JAVA_OPENS, "-cp", maven.classpath(jars), main, "--configDir", str(_conf_dir())]
-    process = start_background(command, _log(role), _dir())
-    write_pid(_pid_file(role), process.pid)
-    return process
+def _command(main: str, jvm: list[str], jars: pathlib.Path) -> list[str]:
+    return [require_java(), *jvm, *JAVA_OPENS, "-cp", maven.classpath(jars), main, "--configDir", str(_conf_dir())]
 
 
 def up() -> bool:
     """Start JobManager and TaskManager unless they run; True when this call started them."""
-    roles = [running_pid(_pid_file(role), _marker()) for role in ("jobmanager", "taskmanager")]
-    if all(roles):
-        if _has_slots():
-            return False
-        raise ServiceError(
-            f"the Flink cluster is running but {master()} shows no task slots; "
-            "run 'onceflow dev down --services flink-cluster' and retry"
-        )
-    if any(roles):
+    jobmanager, taskmanager = _jobmanager(), _taskmanager()
+    running = [jobmanager.pid() is not None, taskmanager.pid() is not None]
+    if all(running) and taskmanager.is_up():
+        return False
+    if any(running):
         down()
     require_free_ports("the Flink cluster", _ports())
-    jars = flink.resolve_jars()
+    jars = job_server_jars()
     ports = _ports()
     (_dir() / "tmp").mkdir(parents=True, exist_ok=True)
     _conf_dir().mkdir(parents=True, exist_ok=True)
@@ -167,51 +154,30 @@ def up() -> bool:
         ),
         encoding="utf-8",
     )
-    progress(f"starting a standalone Flink {flink.FLINK_VERSION} cluster on {master()}...")
-    jobmanager = _start("jobmanager", _JOBMANAGER, _JM_JVM, jars)
-    wait_until(
-        lambda: overview() is not None,
-        START_TIMEOUT,
-        f"the Flink JobManager to answer on http://{master()}",
-        alive=lambda: jobmanager.poll() is None,
-        log=_log("jobmanager"),
-    )
-    taskmanager = _start("taskmanager", _TASKMANAGER, _TM_JVM, jars)
-    wait_until(
-        _has_slots,
-        START_TIMEOUT,
-        f"a Flink TaskManager to register with {master()}",
-        alive=lambda: taskmanager.poll() is None,
-        log=_log("taskmanager"),
-    )
+    progress(f"starting a standalone Flink {FLINK_VERSION} cluster on {master()}...")
+    jobmanager.start(_command(_JOBMANAGER, _JM_JVM, jars), START_TIMEOUT)
+    taskmanager.start(_command(_TASKMANAGER, _TM_JVM, jars), START_TIMEOUT)
     return True
 
 
 def down() -> bool:
     """Stop the TaskManager and JobManager this package started; True if any was stopped."""
-    stopped = False
-    for role in ("taskmanager", "jobmanager"):
-        pid = running_pid(_pid_file(role), _marker())
-        if pid is None:
-            continue
-        progress(f"stopping the Flink {role} (pid {pid})...")
-        stop_process(pid, _marker(), timeout=30.0)
-        _pid_file(role).unlink(missing_ok=True)
-        stopped = True
-    return stopped
+    stopped = [_taskmanager().stop(), _jobmanager().stop()]
+    return any(stopped)
 
 
 def status() -> dict[str, Any]:
     """Whether the cluster runs with task slots, and its REST address."""
-    pids = {role: running_pid(_pid_file(role), _marker()) for role in ("jobmanager", "taskmanager")}
+    jobmanager, taskmanager = _jobmanager(), _taskmanager()
+    pids = {"jobmanager": jobmanager.pid(), "taskmanager": taskmanager.pid()}
     info = overview() if all(pids.values()) else None
     return {
         "healthy": bool(info and info.get("slots-total", 0) >= 1),
         "pids": pids,
         "flink_master": master(),
         "rest_url": f"http://{master()}",
-        "flink_version": (info or {}).get("flink-version", flink.FLINK_VERSION),
+        "flink_version": (info or {}).get("flink-version", FLINK_VERSION),
         "task_managers": (info or {}).get("taskmanagers", 0),
         "slots": (info or {}).get("slots-total", 0),
-        "logs": [str(_log("jobmanager")), str(_log("taskmanager"))],
+        "logs": [str(jobmanager.log), str(taskmanager.log)],
     }

@@ -36,14 +36,12 @@ from onceflow.devstack.common import (
     env_port,
     progress,
     require_free_ports,
-    require_tool,
+    require_java,
     run_logged,
-    running_pid,
     service_dir,
-    start_and_wait,
-    stop_managed,
     wait_until,
 )
+from onceflow.devstack.service import ManagedService
 from onceflow.errors import ServiceError, UsageError
 from onceflow.versions import KAFKA_VERSION
 
@@ -71,25 +69,17 @@ def _dir() -> pathlib.Path:
     return service_dir(NAME)
 
 
-def _pid_file() -> pathlib.Path:
-    return _dir() / "kafka.pid"
-
-
-def _log() -> pathlib.Path:
-    return _dir() / "kafka.log"
-
-
 def _config() -> pathlib.Path:
     return _dir() / "server.properties"
 
 
-def _marker() -> str:
-    # The config path is on the broker's command line and unique to this folder.
-    return str(_config())
-
-
-def _jars_folder() -> pathlib.Path:
-    return cache_dir(f"kafka-{KAFKA_VERSION}")
+def _service() -> ManagedService:
+    """The broker process; its config path, on its command line and unique to
+    this folder, marks it as ours."""
+    folder = _dir()
+    return ManagedService(name=NAME, label="Kafka", folder=folder, pid_file=folder / "kafka.pid",
+                          log=folder / "kafka.log", marker=str(_config()), address=bootstrap_servers(),
+                          answers=_answers)
 
 
 def server_properties(data_dir: pathlib.Path, client_port: int, ctl_port: int,
@@ -161,9 +151,8 @@ def cluster_id_on_disk() -> str | None:
 
 
 def _java_command(jars: pathlib.Path, main: str, *args: str) -> list[str]:
-    java = require_tool("java", "install a Java 17+ runtime (Debian: apt-get install -y openjdk-17-jre-headless)")
     return [
-        java,
+        require_java(),
         "-Xms256m",
         "-Xmx1g",
         "-XX:+UseG1GC",
@@ -177,7 +166,7 @@ def _java_command(jars: pathlib.Path, main: str, *args: str) -> list[str]:
     ]
 
 
-def _answers(timeout: float = 2.0) -> bool:
+def _answers(timeout: float = 3.0) -> bool:
     """True when the broker answers a metadata request through confluent-kafka."""
     try:
         from confluent_kafka.admin import AdminClient
@@ -227,12 +216,8 @@ def up(secure: bool | None = None) -> bool:
     """
     if secure is None:
         secure = configured_secure()
-    if running_pid(_pid_file(), _marker()) is not None:
-        if not _answers():
-            raise ServiceError(
-                f"Kafka is running (pid file {_pid_file()}) but does not answer on "
-                f"{bootstrap_servers()}; run 'onceflow dev down --services kafka' and retry"
-            )
+    service = _service()
+    if service.is_up():
         if secure and not configured_secure():
             raise ServiceError(
                 f"Kafka runs on {bootstrap_servers()} without the secured listeners; restart it with them: "
@@ -243,17 +228,17 @@ def up(secure: bool | None = None) -> bool:
     if secure:
         ports.update({"ONCEFLOW_KAFKA_SASL_PORT": kafka_secure.sasl_port(),
                       "ONCEFLOW_KAFKA_MTLS_PORT": kafka_secure.mtls_port()})
-    require_free_ports("Kafka", ports)
+    require_free_ports(service.label, ports)
     material = None
     if secure:
         progress("making the throwaway CA, certificates and credentials of the secured listeners...")
         material = kafka_secure.prepare(_secure_dir())
     jars = maven.resolve_jars(
-        _jars_folder(),
+        cache_dir(f"kafka-{KAFKA_VERSION}"),
         [f"org.apache.kafka:kafka_2.13:{KAFKA_VERSION}", _LOG4J_SLF4J],
         f"Kafka {KAFKA_VERSION}",
     )
-    folder = _dir()
+    folder = service.folder
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     _config().write_text(server_properties(data, port(), controller_port(), material), encoding="utf-8")
@@ -264,19 +249,18 @@ def up(secure: bool | None = None) -> bool:
             _java_command(
                 jars, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(_config())
             ),
-            _log(),
+            service.log,
             "formatting Kafka storage",
             cwd=folder,
         )
     progress(f"starting Kafka {KAFKA_VERSION} on {bootstrap_servers()}...")
-    process = start_and_wait(_java_command(jars, "kafka.Kafka", str(_config())), _log(), folder, _pid_file(),
-                             _answers, START_TIMEOUT, f"Kafka to answer on {bootstrap_servers()}")
+    process = service.start(_java_command(jars, "kafka.Kafka", str(_config())), START_TIMEOUT)
     if material is not None:
         kafka_secure.create_scram_credential(bootstrap_servers(), material)
         settings = kafka_secure.sasl_client_settings(material)
         wait_until(lambda: kafka_secure.answers(kafka_secure.sasl_bootstrap_servers(), settings), START_TIMEOUT,
                    f"the SASL_SSL listener to answer on {kafka_secure.sasl_bootstrap_servers()}",
-                   alive=lambda: process.poll() is None, log=_log())
+                   alive=lambda: process.poll() is None, log=service.log)
         progress(f"secured listeners: SASL_SSL on {kafka_secure.sasl_bootstrap_servers()}, mutual TLS on "
                  f"{kafka_secure.mtls_bootstrap_servers()}; client settings in {material.sasl_properties}")
     return True
@@ -284,7 +268,7 @@ def up(secure: bool | None = None) -> bool:
 
 def down() -> bool:
     """Stop the broker if this package started it; True when something was stopped."""
-    return stop_managed(_pid_file(), _marker(), "Kafka", timeout=60.0)
+    return _service().stop(timeout=60.0)
 
 
 def broker_version() -> str | None:
@@ -294,7 +278,7 @@ def broker_version() -> str | None:
     last such line in ``kafka.log`` belongs to the current process.
     """
     try:
-        text = _log().read_text(encoding="utf-8", errors="replace")
+        text = _service().log.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     found = re.findall(r"Kafka version: (\S+)", text)
@@ -303,22 +287,19 @@ def broker_version() -> str | None:
 
 def status() -> dict[str, Any]:
     """Whether the broker runs and answers, and how to reach it."""
-    pid = running_pid(_pid_file(), _marker())
-    healthy = pid is not None and _answers(timeout=3.0)
-    return {
-        "healthy": healthy,
-        "pid": pid,
+    info = _service().status()
+    info.update({
         "bootstrap_servers": bootstrap_servers(),
         "version": KAFKA_VERSION,
-        "reported_version": broker_version() if pid is not None else None,
+        "reported_version": broker_version() if info["pid"] is not None else None,
         "cluster_id": cluster_id_on_disk(),
         "controller_port": controller_port(),
         "data_dir": str(_dir() / "data"),
-        "log": str(_log()),
         # How to reach the SASL_SSL listener (and, under "mtls", the mutual-TLS one);
         # None when the broker runs (or last ran) without them.
-        "secure": kafka_secure.status(secure_material(), healthy) if configured_secure() else None,
-    }
+        "secure": kafka_secure.status(secure_material(), info["healthy"]) if configured_secure() else None,
+    })
+    return info
 
 
 def create_topic(

@@ -37,10 +37,10 @@ from onceflow.devstack.common import (
     progress,
     require_free_ports,
     run_logged,
-    running_pid,
     service_dir,
     wait_until,
 )
+from onceflow.devstack.service import ManagedService
 from onceflow.errors import ServiceError
 
 NAME = "postgres"
@@ -86,19 +86,13 @@ def _log() -> pathlib.Path:
     return _dir() / "postgres.log"
 
 
-def _pid_file() -> pathlib.Path:
-    # Written by the postmaster itself; its first line is the postmaster's pid.
-    return _data() / "postmaster.pid"
-
-
-def _marker() -> str:
-    # "postgres -D <data dir>" is on the postmaster's command line.
-    return str(_data())
-
-
-def _running() -> int | None:
-    # The postmaster owns postmaster.pid: never delete it from here.
-    return running_pid(_pid_file(), _marker(), remove_stale=False)
+def _service() -> ManagedService:
+    """The postmaster, as ``pg_ctl`` starts it: it writes (and removes) its own
+    ``postmaster.pid``, and ``postgres -D <data dir>`` on its command line marks
+    it as ours. Started and stopped with ``pg_ctl``, not as a background process."""
+    return ManagedService(name=NAME, label="PostgreSQL", folder=_dir(), pid_file=_data() / "postmaster.pid",
+                          log=_log(), marker=str(_data()), address=f"{HOST}:{port()}",
+                          answers=_accepts_connections, server_writes_pid_file=True)
 
 
 def find_bindir() -> pathlib.Path | None:
@@ -199,6 +193,12 @@ def _ready(bindir: pathlib.Path) -> bool:
     return result.returncode == 0
 
 
+def _accepts_connections() -> bool:
+    """True when the server binaries are found and the server accepts connections."""
+    bindir = find_bindir()
+    return bindir is not None and _ready(bindir)
+
+
 def _psql(bindir: pathlib.Path, sql: str, database: str = "postgres") -> str:
     result = subprocess.run(
         [str(bindir / "psql"), "-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1", "-c", sql,
@@ -216,14 +216,10 @@ def _psql(bindir: pathlib.Path, sql: str, database: str = "postgres") -> str:
 def up() -> bool:
     """Start the cluster unless it already runs; True when this call started it."""
     bindir = _ensure_bindir()
-    if _running() is not None:
-        if _ready(bindir):
-            return False
-        raise ServiceError(
-            f"PostgreSQL is running (data dir {_data()}) but does not accept connections "
-            f"on {HOST}:{port()}; run 'onceflow dev down --services postgres' and retry"
-        )
-    require_free_ports("PostgreSQL", {"ONCEFLOW_POSTGRES_PORT": port()})
+    service = _service()
+    if service.is_up():
+        return False
+    require_free_ports(service.label, {"ONCEFLOW_POSTGRES_PORT": port()})
     _prepare_dirs()
     if not (_data() / "PG_VERSION").exists():
         progress(f"creating a PostgreSQL cluster in {_data()}...")
@@ -247,10 +243,10 @@ def up() -> bool:
         lambda: _ready(bindir),
         START_TIMEOUT,
         f"PostgreSQL to accept connections on {HOST}:{port()}",
-        alive=lambda: _running() is not None,
+        alive=lambda: service.pid() is not None,
         log=_log(),
     )
-    if _running() is None:
+    if service.pid() is None:
         fail("PostgreSQL answered, but not the cluster started here", _log())
     if _psql(bindir, f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'") != "1":
         _psql(bindir, f'CREATE DATABASE "{DATABASE}"')
@@ -259,7 +255,7 @@ def up() -> bool:
 
 def down() -> bool:
     """Stop the cluster if it runs from this folder; True when something was stopped."""
-    pid = _running()
+    pid = _service().pid()
     if pid is None:
         return False
     bindir = find_bindir()
@@ -285,16 +281,12 @@ def server_version() -> str | None:
 
 def status() -> dict[str, Any]:
     """Whether the cluster runs and accepts connections, and how to reach it."""
-    pid = _running()
-    bindir = find_bindir()
-    healthy = pid is not None and bindir is not None and _ready(bindir)
-    return {
-        "healthy": healthy,
-        "pid": pid,
+    info = _service().status()
+    info.update({
         "dsn": dsn(),
         "port": port(),
-        "server_version": server_version() if healthy else None,
+        "server_version": server_version() if info["healthy"] else None,
         "auth": "trust (loopback only, throwaway cluster)",
         "data_dir": str(_data()),
-        "log": str(_log()),
-    }
+    })
+    return info

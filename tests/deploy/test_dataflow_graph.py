@@ -64,17 +64,65 @@ def test_kafka_input_graph_for_dataflow_is_streaming(tmp_path):
     assert counts["dofn"] > 5
 
 
-def test_the_proto_round_trips(tmp_path):
+def read_graph(graph: pathlib.Path):
+    """The pipeline proto in ``graph``, its transforms by label, and the leaf
+    transform (label, output tag) that produces each PCollection."""
     from apache_beam.portability.api import beam_runner_api_pb2
 
-    build_graph(sys.executable, tmp_path / "graph", DATAFLOW_FLAGS, tmp_path)
-    raw = (tmp_path / "graph" / "pipeline.pb").read_bytes()
-    proto = beam_runner_api_pb2.Pipeline.FromString(raw)
-    assert proto.SerializeToString(deterministic=True) == \
-        beam_runner_api_pb2.Pipeline.FromString(proto.SerializeToString()).SerializeToString(deterministic=True)
-    for transform in proto.components.transforms.values():
-        assert transform.unique_name
-        transform.spec.SerializeToString()
+    proto = beam_runner_api_pb2.Pipeline.FromString((graph / "pipeline.pb").read_bytes())
+    transforms = {t.unique_name: t for t in proto.components.transforms.values()}
+    producers = {pcollection: (t.unique_name, tag) for t in transforms.values() if not t.subtransforms
+                 for tag, pcollection in t.outputs.items()}
+    return proto, transforms, producers
+
+
+def only_input(transform):
+    (pcollection,) = transform.inputs.values()
+    return pcollection
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["file_backfill", "kafka_live"])
+def test_the_graph_wires_onceflows_steps(tmp_path, live):
+    """The steps of the main job, under their labels, wired as the job needs: a
+    file backfill groups each shard window and aggregates it once, statelessly; a
+    live Kafka read is unbounded all the way and aggregates with the per-shard-window
+    state and timers; rows come from ToRows, dead letters from ScreenAndSplit."""
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    flags = [*DATAFLOW_FLAGS, "--input=kafka://broker-1:9092/orders", "--kafka_group=g"] if live \
+        else DATAFLOW_FLAGS
+    build_graph(sys.executable, tmp_path / "graph", flags, tmp_path)
+    proto, transforms, producers = read_graph(tmp_path / "graph")
+    pcollections = proto.components.pcollections
+    read = "ReadKafka/" if live else "ReadFiles/"
+    bounded = beam_runner_api_pb2.IsBounded.UNBOUNDED if live else beam_runner_api_pb2.IsBounded.BOUNDED
+
+    split = producers[only_input(transforms["AggregateBatches/AggregatePerShardWindow"])]
+    if live:
+        assert split == ("AggregateBatches/ScreenAndSplit/ParDo(_ScreenAndSplitDoFn)", "None")
+        assert "AggregateBatches/GroupPerShardWindow" not in transforms
+    else:
+        assert split == ("AggregateBatches/GroupPerShardWindow", "None")
+        assert producers[only_input(transforms["AggregateBatches/GroupPerShardWindow"])][0] == \
+            "AggregateBatches/ScreenAndSplit/ParDo(_ScreenAndSplitDoFn)"
+    assert producers[only_input(transforms["AggregateBatches"])][0].startswith(read)
+    assert producers[only_input(transforms["WriteRows"])][0] == "AggregateBatches/ToRows"
+    assert producers[only_input(transforms["WriteDeadLetters"])] == \
+        ("AggregateBatches/ScreenAndSplit/ParDo(_ScreenAndSplitDoFn)", "dead_letters")
+    for step in ("AggregateBatches", "AggregateBatches/AggregatePerShardWindow", "WriteRows", "WriteDeadLetters"):
+        assert pcollections[only_input(transforms[step])].is_bounded == bounded, step
+
+    aggregate = transforms["AggregateBatches/AggregatePerShardWindow"]
+    assert aggregate.spec.urn == "beam:transform:pardo:v1"
+    payload = beam_runner_api_pb2.ParDoPayload.FromString(aggregate.spec.payload)
+    timers = {name.removeprefix("ts-"): spec.time_domain for name, spec in payload.timer_family_specs.items()}
+    if live:
+        assert set(payload.state_specs) == {"pending", "panes"}
+        assert timers == {"window": beam_runner_api_pb2.TimeDomain.EVENT_TIME,
+                          "early": beam_runner_api_pb2.TimeDomain.PROCESSING_TIME}
+        assert "beam:requirement:pardo:stateful:v1" in proto.requirements
+    else:
+        assert not payload.state_specs and not timers
 
 
 @pytest.mark.parametrize("flag", ["--window=banana", "--sink=bigquery://p.d.t"])
