@@ -95,3 +95,20 @@ def describe_security_error(error) -> Optional[str]:
         return ("the broker refused the TLS client certificate: check ssl.certificate.location and "
                 f"ssl.key.location (a certificate signed by a CA the broker trusts) {_SETTINGS_HINT}")
     return None
+
+
+def is_broker_away(error: BaseException) -> bool:
+    """Whether a client call failed because a broker or partition leader is away
+    for now (a restart, a leader election): worth trying again, not a setting to
+    fix."""
+    try:
+        from confluent_kafka import KafkaError, KafkaException
+    except ImportError:
+        return False
+    if not isinstance(error, KafkaException) or not error.args or not isinstance(error.args[0], KafkaError):
+        return False
+    kafka_error = error.args[0]
+    away = {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN,
+            KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._WAIT_COORD,
+            KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR, KafkaError.REQUEST_TIMED_OUT}
+    return kafka_error.code() in away or bool(kafka_error.retriable())

@@ -118,6 +118,11 @@ class BrokerUnreachable(RuntimeError):
     """The broker did not answer in time (it may be restarting)."""
 
 
+class BrokerRefused(BrokerUnreachable):
+    """The broker answered and refused the client (a login or certificate problem):
+    trying again will not help."""
+
+
 def describe_topic(config: KafkaReadConfig, timeout_s: float = _METADATA_TIMEOUT_S) -> List[int]:
     """The topic's partition numbers; :class:`BrokerUnreachable` when the broker
     cannot be reached within ``timeout_s``, RuntimeError when the topic does not
@@ -132,7 +137,7 @@ def describe_topic(config: KafkaReadConfig, timeout_s: float = _METADATA_TIMEOUT
         except KafkaException as error:
             refused = errors.security_problem(consumer, config.client_settings)
             if refused:  # a login or certificate problem: retrying will not help
-                raise BrokerUnreachable(f"Kafka at {config.topic.bootstrap_servers} refused the connection: "
+                raise BrokerRefused(f"Kafka at {config.topic.bootstrap_servers} refused the connection: "
                                         f"{refused}") from None
             raise BrokerUnreachable(
                 f"cannot reach Kafka at {config.topic.bootstrap_servers} within {timeout_s:.0f}s "

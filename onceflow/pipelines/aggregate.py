@@ -33,8 +33,10 @@ from onceflow.io.kafka_config import (
     COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_settings_from_flags, is_kafka_url, parse_kafka_url,
     parse_position,
 )
+from onceflow.io.kafka_errors import is_broker_away
 from onceflow.io.kafka_source import (
-    ReadBatchesFromKafka, RetentionGapError, describe_gaps, describe_topic, resolve_partition_reads,
+    BrokerRefused, BrokerUnreachable, ReadBatchesFromKafka, RetentionGapError, describe_gaps, describe_topic,
+    resolve_partition_reads,
 )
 from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
 from onceflow.io.progress import KeepProgress, Position
@@ -467,13 +469,9 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     except (ValueError, OSError) as error:
         raise flag_error("--dlq", error) from None
     if job.kafka is not None:
-        try:
-            partitions = describe_topic(job.kafka)
-        except RuntimeError as error:
-            raise ServiceError(f"--input: {error}") from None
-        if job.is_live:
-            job = with_stored_positions(job, partitions)
-        reads = resolve_partition_reads(job.kafka, partitions)
+        # A live job (kept running by a supervisor) waits out a broker restart; a backfill fails at once.
+        job, reads = _retrying_while_broker_away(lambda: _resolve_kafka_start(job),
+                                                 BROKER_WAIT_S if job.is_live else 0)
         gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
         if gaps and job.kafka.bounded and not job.kafka.allow_retention_gaps:
             raise ServiceError(f"--from/--to: {describe_gaps(gaps)}; pass --allow_retention_gaps to read what is "
@@ -523,6 +521,49 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             raise
         return monitor.finish(collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
                                               job.dlq.describe()))
+
+
+def _resolve_kafka_start(job: AggregateJob):
+    """The job with its stored positions (live) and where each partition's read
+    starts and stops."""
+    try:
+        partitions = describe_topic(job.kafka)
+    except BrokerUnreachable:
+        raise
+    except RuntimeError as error:
+        raise ServiceError(f"--input: {error}") from None
+    if job.is_live:
+        job = with_stored_positions(job, partitions)
+    return job, resolve_partition_reads(job.kafka, partitions)
+
+
+BROKER_WAIT_S = 120
+
+
+def _retrying_while_broker_away(action, wait_s: float = BROKER_WAIT_S):
+    """``action()``, tried again every few seconds for up to ``wait_s`` while the
+    broker or a partition leader is away (a restart, a leader election), so a job
+    started during a broker restart starts once it is back instead of exiting."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return action()
+        except Exception as error:  # the client's KafkaException, or our BrokerUnreachable
+            away = isinstance(error, BrokerUnreachable) and not isinstance(error, BrokerRefused)
+            if not (away or is_broker_away(error)):
+                raise
+            if time.monotonic() > deadline:
+                if isinstance(error, BrokerUnreachable):
+                    raise ServiceError(f"--input: {error}") from None
+                raise ServiceError(f"--input: Kafka did not answer for {wait_s:.0f}s: {first_line_of(error)}") \
+                    from None
+            print(f"aggregate: waiting for Kafka (up to {wait_s:.0f}s): {first_line_of(error)}", file=sys.stderr)
+            time.sleep(3)
+
+
+def first_line_of(error: BaseException) -> str:
+    text = str(error.args[0].str()) if error.args and hasattr(error.args[0], "str") else str(error)
+    return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
 def _retention_gap_line(error: BaseException) -> Optional[str]:
@@ -585,6 +626,8 @@ def _refusing_client_errors(action, args):
     try:
         return action(args)
     except KafkaException as error:
+        if is_broker_away(error):  # not a setting: the broker or a partition leader is away
+            raise ServiceError(f"Kafka did not answer: {first_line_of(error)}; is the broker up?") from None
         options = parse_pipeline_args(args).view_as(KafkaOptions)
         settings = client_settings_from_flags(options.kafka_setting, options.kafka_config_file)
         raise UsageError(client_error_line(error, settings)) from None

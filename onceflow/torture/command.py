@@ -28,7 +28,7 @@ from onceflow.torture.job import LiveJob
 from onceflow.torture.plot import write_plot
 from onceflow.torture.sinks import AGGREGATE, SINK_KINDS, TortureSink, torture_sink
 from onceflow.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned, StreamMix, StreamPlan
-from onceflow.torture.timeline import Sample, Timeline
+from onceflow.torture.timeline import FaultMark, Sample, Timeline
 from onceflow.torture import truth
 from onceflow.windowing import parse_duration_ms
 
@@ -345,7 +345,7 @@ class TortureRun:
                     time.sleep(0.2)
             mark = self.timeline.begin(fault.kind, self.now_s())
             try:
-                mark.note = self._apply(fault.kind)
+                mark.note = self._apply(fault.kind, mark)
             except Exception as error:  # a fault that could not be injected is reported, not fatal
                 mark.note = f"could not be injected: {error}"
             mark.end_s = self.now_s()
@@ -365,6 +365,7 @@ class TortureRun:
                     break
                 if consumed:
                     mark = self.timeline.begin(KILL, self.now_s())
+                    mark.re_read = self._records_to_re_read()
                     with self._job_lock:
                         self.job.kill()
                         time.sleep(2)
@@ -381,13 +382,34 @@ class TortureRun:
         mark.end_s = self.now_s()
         self.say(f"kill: {mark.note}")
 
-    def _apply(self, kind: str) -> str:
+    def _records_to_re_read(self) -> Optional[int]:
+        """What a restart now would read again: the group's committed offsets (what
+        the job has read) minus the positions stored with the rows (where it would
+        resume); None when either cannot be read."""
+        from onceflow.io.sinks import parse_sink_url, progress_store
+
+        probe = _LagProbe(self.setup.bootstrap, self.setup.group, self.setup.topic, self.args.partitions)
+        try:
+            offsets = probe.committed_offsets()
+        finally:
+            probe.close()
+        try:
+            stored = progress_store(parse_sink_url(self.sink.sink_url())).read(self.setup.group, self.setup.topic)
+        except Exception:  # the sink is away (a stall, a restart): unknown
+            return None
+        if offsets is None:
+            return None
+        return sum(max(0, offset - (stored[p].next_offset if p in stored else 0)) for p, offset in enumerate(offsets))
+
+    def _apply(self, kind: str, mark: FaultMark) -> str:
         if kind == KILL:
+            re_read = mark.re_read = self._records_to_re_read()
             with self._job_lock:
                 self.job.kill()
                 time.sleep(2)
                 self._start_job()
-            return f"job killed with SIGKILL and started again (start {self.job.starts})"
+            return (f"job killed with SIGKILL and started again (start {self.job.starts}); it reads "
+                    f"{'?' if re_read is None else f'{re_read:,}'} records again")
         if kind == BROKER_RESTART:
             from onceflow.devstack import kafka
 
@@ -556,6 +578,8 @@ class TortureRun:
             "after_backfill": dataclasses.asdict(after_backfill) | {"exact": after_backfill.exact},
             "max_consumer_lag": self.timeline.max_lag(), "max_sink_backlog": self.timeline.max_backlog(),
             "stall_memory": stalls, "memory_bound_mib": args.memory_bound_mib,
+            "re_read_at_kills": [m.re_read for m in self.timeline.faults if m.kind == KILL],
+            "re_read_bound_records": self._re_read_bound(),
             "faults": [dataclasses.asdict(m) for m in self.timeline.faults],
             "failures": failures, "ok": not failures,
         }
@@ -563,9 +587,12 @@ class TortureRun:
         (setup.out / "timeline.json").write_text(json.dumps([dataclasses.asdict(s) for s in self.timeline.samples]),
                                                  encoding="utf-8")
         plot_note = self._plot()
+        re_reads = ", ".join("?" if m.re_read is None else f"{m.re_read:,}" for m in self.timeline.faults
+                             if m.kind == KILL)
         lines = [
             "",
-            f"onceflow torture: {'PASS' if not failures else 'FAIL'} on {args.runner} (seed {args.seed})",
+            f"onceflow torture: {'PASS' if not failures else 'FAIL'} on {args.runner}, {args.sink} sink"
+            f"{f', early firing {args.early_firing}' if args.early_firing else ''} (seed {args.seed})",
             f"  records produced   {len(self.ledger)}: {kinds.get(GOOD, 0)} good events ({late} late within the "
             f"lateness), {kinds.get(DUPLICATE, 0)} duplicates, {kinds.get(BAD, 0)} malformed or schema-violating, "
             f"{kinds.get(TOO_LATE, 0)} too late",
@@ -574,6 +601,8 @@ class TortureRun:
             f"connection kills; job started {self.job.starts} times",
             *(f"  live               {line}" for line in live.lines()),
             *(f"  after backfill     {line}" for line in after_backfill.lines()),
+            f"  restarts re-read   {re_reads or '-'} records (a window + the lateness + a 30 s margin at "
+            f"{args.rate}/s: {self._re_read_bound():,})",
             f"  max consumer lag   {self.timeline.max_lag()} records; max sink backlog "
             f"{self.timeline.max_backlog()} events (produced, not yet counted in the sink)",
             *(f"  stall {i + 1}            {s['end_s'] - s['start_s']:.0f}s: job RSS {s['rss_before_mib']} MiB "
@@ -587,6 +616,13 @@ class TortureRun:
         ]
         print("\n".join(lines), flush=True)
         return 0 if not failures else 1
+
+    def _re_read_bound(self) -> int:
+        """Records in a window, the allowed lateness and a 30 s margin of stream: the
+        most a restart should read again (the margin covers the stream's 20 s
+        event-time jitter, a reader bundle and the writes in flight)."""
+        seconds = WINDOW_S + parse_duration_ms(self.args.allowed_lateness) / 1000 + 30
+        return int(seconds * self.args.rate)
 
     def _plot(self) -> str:
         path = self.setup.out / "plot.png"
@@ -608,6 +644,15 @@ class _LagProbe:
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
                                    "log_level": 0, "error_cb": lambda error: None})
         self._partitions = [TopicPartition(topic, p) for p in range(partitions)]
+
+    def committed_offsets(self) -> Optional[List[int]]:
+        """Each partition's committed offset (0 for none), None while the broker does not answer."""
+        from confluent_kafka import KafkaException
+
+        try:
+            return [max(tp.offset, 0) for tp in self._consumer.committed(self._partitions, timeout=2)]
+        except KafkaException:
+            return None
 
     def read(self):
         """(records committed, lag) or (None, None) while the broker does not answer."""

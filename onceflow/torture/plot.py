@@ -42,6 +42,10 @@ def write_plot(timeline: Timeline, path: pathlib.Path, title: str) -> None:
              linewidth=1)
     lag.plot(times, [float("nan") if s.backlog is None else s.backlog for s in samples],
              label="sink backlog (events not yet counted)", linewidth=1)
+    kills = [m for m in timeline.faults if m.re_read is not None]
+    if kills:
+        lag.scatter([m.start_s for m in kills], [m.re_read for m in kills], marker="v", color="tab:red", zorder=3,
+                    label="records re-read after a kill (committed minus stored positions)")
     lag.set_ylabel("records / events")
     lag.legend(loc="upper right")
     memory.plot(times, [s.rss_bytes / 2**20 for s in samples], color="tab:green", linewidth=1)

@@ -26,6 +26,9 @@ class FaultMark:
     start_s: float
     end_s: Optional[float] = None
     note: str = ""
+    # A kill: how many records the restarted job reads again (the group's committed
+    # offsets minus the positions stored with the rows, at the kill).
+    re_read: Optional[int] = None
 
 
 class Timeline:

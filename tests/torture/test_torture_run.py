@@ -38,7 +38,34 @@ def test_a_short_torture_run_ends_exact_live_and_after_the_backfill(kafka_bootst
     assert "onceflow torture: PASS" in run.stdout
 
 
+@pytest.mark.kafka
+@pytest.mark.prism
+@pytest.mark.slow
+def test_a_kill_before_the_first_row_loses_nothing_with_a_parquet_sink(kafka_bootstrap, postgres_dsn, prism_path,
+                                                                      tmp_path):
+    """The issue's second check: 5 SIGKILLs, the first after the job has read
+    records and before it has written a row, into Parquet window files (their
+    positions in the directory's manifest), with a broker restart and a stall of
+    the directory's lock."""
+    out = tmp_path / "run"
+    run = subprocess.run([*COMMAND, "--events", "20000", "--kills", "5", "--kill-early", "--sink", "parquet",
+                          "--out", str(out)], capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and report["sink"] == "parquet" and report["kill_early"]
+    assert (report["kills"], report["broker_restarts"], report["stalls"], report["connection_kills"]) == (5, 1, 1, 0)
+    kills = [fault for fault in report["faults"] if fault["kind"] == "kill"]
+    assert kills[0]["note"].startswith("before the first row")
+    for phase in ("live", "after_backfill"):
+        assert report[phase]["exact"] and report[phase]["rows_found"] == report[phase]["rows_expected"] > 0
+    (job,) = json.loads((out / "sink" / "_onceflow_progress.json").read_text()).values()
+    assert sorted(job[report["topic"]]) == ["0", "1", "2"]  # the job's positions, kept in the sink's directory
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--sink", "parquet", "--connection-kills", "1"], "--connection-kills: a parquet sink has no database sessions"),
+    (["--kill-early", "--kills", "0"], "--kill-early: it moves the first of --kills"),
+    (["--early-firing", "soon"], "--early-firing:"),
     (["--events", "0"], "is not a whole number above 0"),
     (["--kills", "-1"], "is not a whole number (0 or more)"),
     (["--runner", "spark"], "invalid choice: 'spark'"),
