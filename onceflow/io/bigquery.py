@@ -54,6 +54,8 @@ import apache_beam as beam
 
 from onceflow.events import format_utc_ms
 from onceflow.io.batching import UpsertRowsDoFn
+from onceflow.io.progress import PROGRESS_TABLE, Position
+from onceflow.io.retry import call_with_retries
 from onceflow.rows import (
     EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
 )
@@ -339,3 +341,87 @@ class WriteRowsToBigQuery(beam.PTransform):
                     | "StorageWriteCdc" >> cdc_write(*self._where, self._schema))
         return rows | "MergeRows" >> beam.ParDo(
             _BigQueryMergeDoFn(*self._where, self._schema, self._batch_size, self._client_factory))
+
+
+# -- progress -------------------------------------------------------------------
+
+_PROGRESS_FIELDS = (("job", "STRING NOT NULL"), ("rows_table", "STRING NOT NULL"), ("topic", "STRING NOT NULL"),
+                    ("kafka_partition", "INT64 NOT NULL"), ("next_offset", "INT64 NOT NULL"),
+                    ("high_water_ms", "INT64"), ("final_through_ms", "INT64"), ("updated_at", "TIMESTAMP NOT NULL"))
+_PROGRESS_KEY = ("job", "rows_table", "topic", "kafka_partition")
+
+
+def create_progress_ddl(project: str, dataset: str) -> str:
+    columns = ", ".join(f"{_q(name)} {kind}" for name, kind in _PROGRESS_FIELDS)
+    key = ", ".join(_q(c) for c in _PROGRESS_KEY)
+    return (f"CREATE TABLE IF NOT EXISTS {_quoted_table(project, dataset, PROGRESS_TABLE)} "
+            f"({columns}, PRIMARY KEY ({key}) NOT ENFORCED)")
+
+
+def merge_progress_sql(project: str, dataset: str, staging: str) -> str:
+    """The ``MERGE`` of staged positions: a stored offset never moves back."""
+    names = [name for name, _ in _PROGRESS_FIELDS]
+    on = " AND ".join(f"T.{_q(c)} = S.{_q(c)}" for c in _PROGRESS_KEY)
+    updates = ", ".join(f"{_q(c)} = S.{_q(c)}" for c in names if c not in _PROGRESS_KEY)
+    return (
+        f"MERGE {_quoted_table(project, dataset, PROGRESS_TABLE)} AS T "
+        f"USING {_quoted_table(project, dataset, _check_staging(staging))} AS S ON {on} "
+        f"WHEN MATCHED AND S.{_q('next_offset')} >= T.{_q('next_offset')} THEN UPDATE SET {updates} "
+        f"WHEN NOT MATCHED THEN INSERT ({', '.join(_q(c) for c in names)}) "
+        f"VALUES ({', '.join(f'S.{_q(c)}' for c in names)})"
+    )
+
+
+class BigQueryProgress:
+    """The positions of live jobs writing to ``rows_table`` (``?method=merge``), in
+    the table ``onceflow_progress`` of the same dataset, written the way rows are:
+    a load into a staging table named after its content, then a guarded MERGE
+    (values never enter SQL text). Never run against BigQuery: tested against a
+    fake client, like the rows."""
+
+    def __init__(self, project: str, dataset: str, rows_table: str, client_factory: ClientFactory = default_client):
+        self._where = (project, dataset)
+        self._rows_table = check_identifier(rows_table, "table name")
+        self._client_factory = client_factory
+        self._client = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def _connected(self):
+        if self._client is None:
+            self._client = self._client_factory(self._where[0])
+            self._client.query(create_progress_ddl(*self._where)).result()
+        return self._client
+
+    def read(self, job: str, topic: str) -> Dict[int, Position]:
+        client = self._connected()
+        found = {}
+        for row in client.list_rows(table_id(*self._where, PROGRESS_TABLE)):
+            if (row["job"], row["rows_table"], row["topic"]) == (job, self._rows_table, topic):
+                partition = int(row["kafka_partition"])
+                found[partition] = Position(topic, partition, int(row["next_offset"]), row["high_water_ms"],
+                                            row["final_through_ms"])
+        return found
+
+    def write(self, job: str, positions: Sequence[Position]) -> None:
+        from onceflow.rows import utc_now  # pylint: disable=import-outside-toplevel
+
+        stamp = utc_now().strftime(_TIMESTAMP_TEXT)
+        rows = [{"job": job, "rows_table": self._rows_table, "topic": p.topic, "kafka_partition": p.partition,
+                 "next_offset": p.next_offset, "high_water_ms": p.high_water_ms,
+                 "final_through_ms": p.final_through_ms, "updated_at": stamp} for p in positions]
+        identity = json.dumps([[r[c] for c in (*_PROGRESS_KEY, "next_offset")] for r in rows], default=str)
+        staging = f"{PROGRESS_TABLE}__staging_{hashlib.sha256(identity.encode('utf-8')).hexdigest()[:16]}"
+
+        def write() -> None:
+            client = self._connected()
+            columns = ", ".join(f"{_q(name)} {kind.replace(' NOT NULL', '')}" for name, kind in _PROGRESS_FIELDS)
+            client.query(f"CREATE OR REPLACE TABLE {_quoted_table(*self._where, staging)} ({columns}) "
+                         f"OPTIONS (expiration_timestamp = TIMESTAMP_ADD(CURRENT_TIMESTAMP(), {STAGING_EXPIRY}))"
+                         ).result()
+            client.load_table_from_json(rows, table_id(*self._where, staging)).result()
+            client.query(merge_progress_sql(*self._where, staging)).result()
+            client.delete_table(table_id(*self._where, staging), not_found_ok=True)
+
+        call_with_retries(write, is_transient, what=f"store positions in {PROGRESS_TABLE}")

@@ -181,6 +181,17 @@ def _prepare_bigquery(target: SinkTarget, schema: RowSchema) -> None:
         raise ValueError(f"cannot use {target.describe()}: {first_line(error)}") from None
 
 
+def _progress_bigquery(target: SinkTarget):
+    """Positions go with ``?method=merge`` (each batch written before its bundle
+    completes); ``cdc`` hands rows to the Storage Write API, whose writes the
+    pipeline cannot order positions after: no positions."""
+    if target.option("method") != "merge":
+        return None
+    from onceflow.io.bigquery import BigQueryProgress
+
+    return BigQueryProgress(*_bigquery_parts(target))
+
+
 def _write_bigquery(target: SinkTarget, schema: RowSchema, batch_size: int):
     from onceflow.io.bigquery import WriteRowsToBigQuery
 
@@ -273,7 +284,8 @@ SINKS: Dict[str, SinkKind] = {
                        _last_window_end_sqlite, _progress_sqlite),
     "postgresql": _POSTGRES,
     "postgres": _POSTGRES,
-    "bigquery": SinkKind("bigquery://PROJECT.DATASET.TABLE", _parse_bigquery, _prepare_bigquery, _write_bigquery),
+    "bigquery": SinkKind("bigquery://PROJECT.DATASET.TABLE", _parse_bigquery, _prepare_bigquery, _write_bigquery,
+                         progress=_progress_bigquery),
     "file": SinkKind("file:///DIR?format=parquet|avro", _parse_file, _prepare_file, _write_file,
                      progress=_progress_file),
     "kafka": SinkKind("kafka://HOST:PORT/TOPIC[?format=avro_registry]", _parse_kafka, _prepare_kafka, _write_kafka),
@@ -322,7 +334,9 @@ def progress_store(target: SinkTarget) -> Optional[ProgressStore]:
 
 def position_sinks() -> str:
     """The URL forms of the sinks that keep a live job's positions, for messages."""
-    return ", ".join(dict.fromkeys(kind.form for kind in SINKS.values() if kind.progress is not None))
+    forms = [kind.form + ("?method=merge" if kind.form.startswith("bigquery") else "")
+             for kind in SINKS.values() if kind.progress is not None]
+    return ", ".join(dict.fromkeys(forms))
 
 
 def prepare_sink(target: SinkTarget, schema: RowSchema) -> None:

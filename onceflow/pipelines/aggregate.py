@@ -211,9 +211,9 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     except ValueError as error:
         raise flag_error("--kafka_idle_timeout", error) from None
     if kafka is not None and not kafka.bounded and progress_store(sink) is None:
-        raise UsageError(f"--sink: a live job keeps its Kafka positions with its rows, and {sink.scheme}:// sinks "
-                         f"cannot hold them; write to one that can ({position_sinks()}), or backfill into it "
-                         "with --from/--to")
+        which = "bigquery:// sinks with ?method=cdc" if sink.scheme == "bigquery" else f"{sink.scheme}:// sinks"
+        raise UsageError(f"--sink: a live job keeps its Kafka positions with its rows, and {which} cannot hold "
+                         f"them; write to one that can ({position_sinks()}), or backfill into it with --from/--to")
     return AggregateJob(
         kafka=kafka,
         from_archive=kafka is None and is_archive(input_pattern),

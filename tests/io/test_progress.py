@@ -3,6 +3,7 @@ is safe to store, how each sink stores it, and the watermark rule on a streaming
 pipeline."""
 
 import json
+import types
 
 import apache_beam as beam
 import pytest
@@ -11,6 +12,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
 from onceflow.batches import KAFKA, Decoded, RecordBatch, Refusal
+from onceflow.io.bigquery import BigQueryProgress
 from onceflow.io.file_sink import FileProgress
 from onceflow.io.progress import KeepProgress, Position, final_at_ms, high_water_after
 from onceflow.io.sqlite import SqliteProgress
@@ -133,3 +135,54 @@ def test_positions_are_stored_only_once_the_written_outputs_watermark_passes_the
     stored = store.read("job", "orders")
     assert stored == {0: Position("orders", 0, 3, t0 + MINUTE + 5, stored[0].final_through_ms)}
     assert stored[0].final_through_ms >= t0 + 2 * MINUTE + 30_000
+
+
+class _FakeBigQuery:
+    """A stand-in BigQuery client (no BigQuery runs here): records the calls, keeps
+    loaded rows per table and applies the progress MERGE's guard, to check the
+    sequence the store sends and that it reads back what it wrote."""
+
+    def __init__(self, project):
+        self.calls, self.tables = [], {}
+
+    def query(self, sql):
+        self.calls.append(sql.split(" ", 1)[0] + " " + sql.split("`")[1])
+        if sql.startswith("MERGE"):
+            target, staging = sql.split("`")[1], sql.split("`")[3]
+            assert "WHEN MATCHED AND S.`next_offset` >= T.`next_offset`" in sql
+            stored = {tuple(r[c] for c in ("job", "rows_table", "topic", "kafka_partition")): r
+                      for r in self.tables.get(target, [])}
+            for row in self.tables[staging]:
+                key = tuple(row[c] for c in ("job", "rows_table", "topic", "kafka_partition"))
+                if key not in stored or row["next_offset"] >= stored[key]["next_offset"]:
+                    stored[key] = row
+            self.tables[target] = list(stored.values())
+        return types.SimpleNamespace(result=lambda: None)
+
+    def load_table_from_json(self, rows, destination):
+        self.calls.append(f"LOAD {destination}")
+        self.tables[destination] = list(rows)
+        return types.SimpleNamespace(result=lambda: None)
+
+    def delete_table(self, table, not_found_ok=False):
+        self.calls.append(f"DELETE {table}")
+        self.tables.pop(table, None)
+
+    def list_rows(self, table):
+        return list(self.tables.get(table, []))
+
+
+def test_bigquery_keeps_positions_through_a_staging_load_and_a_guarded_merge():
+    client = _FakeBigQuery("my-project")
+    store = BigQueryProgress("my-project", "d", "agg", client_factory=lambda project: client)
+    assert store.read("job", "orders") == {}
+    store.write("job", [Position("orders", 0, 10, None), Position("orders", 1, 5, 1000, 900)])
+    store.write("job", [Position("orders", 0, 4, 3)])  # behind: the MERGE's guard keeps 10
+    assert store.read("job", "orders") == {0: Position("orders", 0, 10, None), 1: Position("orders", 1, 5, 1000, 900)}
+    assert BigQueryProgress("my-project", "d", "other", client_factory=lambda project: client).read("job", "orders") \
+        == {}
+    create, create_staging, load, merge, delete = client.calls[:5]
+    assert create == "CREATE my-project.d.onceflow_progress"
+    assert create_staging.startswith("CREATE my-project.d.onceflow_progress__staging_")
+    assert load == "LOAD " + create_staging.split(" ")[1] and merge == "MERGE my-project.d.onceflow_progress"
+    assert delete == "DELETE " + create_staging.split(" ")[1]

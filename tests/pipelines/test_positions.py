@@ -18,14 +18,15 @@ from tests.livejob import (
 LIVE = ["--input=kafka://127.0.0.1:9/orders", "--kafka_group=g"]
 
 
-@pytest.mark.parametrize("sink, scheme", [("kafka://127.0.0.1:9/rows", "kafka"),
-                                          ("bigquery://my-project.d.t", "bigquery")])
-def test_a_live_job_refuses_a_sink_that_cannot_keep_its_positions(sink, scheme):
+@pytest.mark.parametrize("sink, which", [("kafka://127.0.0.1:9/rows", "kafka:// sinks"),
+                                         ("bigquery://my-project.d.t?method=cdc", "bigquery:// sinks with ?method=cdc")])
+def test_a_live_job_refuses_a_sink_that_cannot_keep_its_positions(sink, which):
     with pytest.raises(UsageError) as refused:
         run([*LIVE, f"--sink={sink}"])
     message = str(refused.value)
-    assert message.startswith(f"--sink: a live job keeps its Kafka positions with its rows, and {scheme}:// sinks")
-    assert "sqlite:///PATH.db" in message and "file:///DIR" in message and "--from/--to" in message
+    assert message.startswith(f"--sink: a live job keeps its Kafka positions with its rows, and {which} cannot")
+    assert "sqlite:///PATH.db" in message and "file:///DIR" in message and "bigquery://PROJECT.DATASET.TABLE?method" \
+        "=merge" in message and "--from/--to" in message
 
 
 def test_the_retired_rewind_flag_says_what_replaced_it():
