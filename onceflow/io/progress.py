@@ -114,7 +114,7 @@ class _MarksDoFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._latest: Dict[Tuple[str, int, int], Tuple[Mark, Timestamp]] = {}
 
-    def process(self, batch: RecordBatch, timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
+    def process(self, batch: RecordBatch, timestamp=beam.DoFn.TimestampParam) -> None:
         if batch.origin[0] != KAFKA or not batch.values:
             return
         _, topic, partition = batch.origin
@@ -124,9 +124,7 @@ class _MarksDoFn(beam.DoFn):
         held = self._latest.get(key)
         next_offset = batch.positions[-1] + 1
         if held is None or held[0].next_offset < next_offset:
-            self._latest[key] = (Mark(final_at, next_offset, high), timestamp)
-        return
-        yield  # a generator: marks leave in finish_bundle
+            self._latest[key] = (Mark(final_at, next_offset, high), timestamp)  # emitted in finish_bundle
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
         latest, self._latest = self._latest, {}
@@ -141,9 +139,10 @@ class _KeepProgressDoFn(beam.DoFn):
     PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())  # [Mark], by final_at
     FINAL = TimerSpec("final", TimeDomain.WATERMARK)
 
-    def __init__(self, store: ProgressStore, job: str):
+    def __init__(self, store: ProgressStore, job: str, allowed_lateness_ms: int):
         self._store = store
         self._job = job
+        self._lateness_ms = allowed_lateness_ms
 
     def process(self, element: Tuple[Tuple[str, int], Optional[Mark]],
                 pending=beam.DoFn.StateParam(PENDING), final=beam.DoFn.TimerParam(FINAL)):
@@ -168,8 +167,10 @@ class _KeepProgressDoFn(beam.DoFn):
         rest = [m for m in marks if m.final_at_ms > now_ms]
         if ready:
             furthest = max(ready, key=lambda m: m.next_offset)
+            # The watermark has passed now_ms - 1: windows ending by then minus the lateness are final.
+            final_through = now_ms - 1 - self._lateness_ms
             self._store.write(self._job, [Position(topic, partition, furthest.next_offset, furthest.high_water_ms,
-                                                   now_ms - 1)])
+                                                   final_through)])
         if rest:
             pending.write(rest)
             final.set(Timestamp(micros=rest[0].final_at_ms * 1000))
@@ -205,4 +206,5 @@ class KeepProgress(beam.PTransform):
         ]
         return ((marks, *signals)
                 | "FlattenMarksAndWrites" >> beam.Flatten().with_output_types(key_and_mark)
-                | "StoreFinalPositions" >> beam.ParDo(_KeepProgressDoFn(self._store, self._job)))
+                | "StoreFinalPositions" >> beam.ParDo(
+                    _KeepProgressDoFn(self._store, self._job, self._spec.allowed_lateness_ms)))

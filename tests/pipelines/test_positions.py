@@ -88,3 +88,19 @@ def test_a_first_start_stores_its_start_positions_before_it_reads(kafka_bootstra
     stored = SqliteProgress(str(db), "aggregates").read(group, topic.topic)
     assert {p: (s.next_offset, s.high_water_ms) for p, s in stored.items()} == {0: (100, None), 1: (100, None),
                                                                                 2: (100, None)}
+
+
+@pytest.mark.kafka
+def test_reads_start_at_the_stored_positions_and_an_unstored_partition_at_its_log_start(kafka_bootstrap):
+    from onceflow.io.kafka_config import COMMITTED, KafkaReadConfig
+    from onceflow.io.kafka_source import resolve_partition_reads
+
+    topic = new_topic(kafka_bootstrap)
+    produce(topic, [(n % 3, b'{"x": 1}', None) for n in range(30)])
+    group = f"g-{topic.topic}"
+    committer = Consumer({"bootstrap.servers": topic.bootstrap_servers, "group.id": group})
+    committer.commit(offsets=[TopicPartition(topic.topic, p, 9) for p in range(3)], asynchronous=False)
+    committer.close()
+    config = KafkaReadConfig(topic, start=COMMITTED, group_id=group, resume=((0, 5, 123),))
+    reads = resolve_partition_reads(config, [0, 1, 2])
+    assert [(r.partition, r.start_offset, r.high_water_ms) for r in reads] == [(0, 5, 123), (1, 0, None), (2, 0, None)]
