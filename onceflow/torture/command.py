@@ -627,7 +627,8 @@ class TortureRun:
     def _plot(self) -> str:
         path = self.setup.out / "plot.png"
         try:
-            write_plot(self.timeline, path, f"onceflow torture on {self.args.runner}, seed {self.args.seed}")
+            write_plot(self.timeline, path, f"onceflow torture on {self.args.runner}, {self.args.sink} sink, "
+                       f"seed {self.args.seed}", self._re_read_bound())
         except ImportError:
             return "not written: matplotlib is missing (pip install 'onceflow[dev]')"
         return str(path)

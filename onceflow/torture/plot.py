@@ -4,6 +4,7 @@ with the faults marked. Needs matplotlib (in the ``dev`` extra)."""
 from __future__ import annotations
 
 import pathlib
+from typing import Optional
 
 from onceflow.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL
 from onceflow.torture.timeline import Timeline
@@ -22,7 +23,7 @@ def _per_second(times, counts, span=5):
     return times[span:], rates
 
 
-def write_plot(timeline: Timeline, path: pathlib.Path, title: str) -> None:
+def write_plot(timeline: Timeline, path: pathlib.Path, title: str, re_read_bound: Optional[int] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,6 +47,9 @@ def write_plot(timeline: Timeline, path: pathlib.Path, title: str) -> None:
     if kills:
         lag.scatter([m.start_s for m in kills], [m.re_read for m in kills], marker="v", color="tab:red", zorder=3,
                     label="records re-read after a kill (committed minus stored positions)")
+        if re_read_bound is not None:
+            lag.axhline(re_read_bound, color="tab:red", linewidth=0.8, linestyle=":",
+                        label="a window + the lateness + 30 s of stream")
     lag.set_ylabel("records / events")
     lag.legend(loc="upper right")
     memory.plot(times, [s.rss_bytes / 2**20 for s in samples], color="tab:green", linewidth=1)
