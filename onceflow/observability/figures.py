@@ -35,9 +35,9 @@ class Stage:
 
 STAGES: Tuple[Stage, ...] = (
     Stage("read", "ReadKafka", (), (metrics.KAFKA_RECORDS_READ,), "records"),
-    Stage("parse", "AggregateBatches/ScreenAndSplit", (metrics.RECORDS_READ,), (metrics.EVENTS_PARSED,), "records"),
-    Stage("dedup", "AggregateBatches/AggregatePerShardWindow", (metrics.EVENTS_TIMELY,), (metrics.EVENTS_UNIQUE,)),
-    Stage("aggregate", "AggregateBatches", (metrics.EVENTS_TIMELY, TOO_LATE), (metrics.ROWS_EMITTED,)),
+    Stage("parse", "AggregateEvents/ScreenAndSplit", (metrics.RECORDS_READ,), (metrics.EVENTS_PARSED,), "records"),
+    Stage("dedup", "AggregateEvents/AggregatePerShardWindow", (metrics.EVENTS_TIMELY,), (metrics.EVENTS_UNIQUE,)),
+    Stage("aggregate", "AggregateEvents", (metrics.EVENTS_TIMELY, TOO_LATE), (metrics.ROWS_EMITTED,)),
     Stage("sink", "WriteRows", (metrics.SINK_ROWS_WRITTEN, metrics.SINK_ROWS_STALE), (metrics.SINK_ROWS_WRITTEN,),
           "rows"),
     Stage("dlq", "WriteDeadLetters", (DEAD_LETTERS_ALL,), (metrics.DLQ_WRITTEN,), "dead letters"),

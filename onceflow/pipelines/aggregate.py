@@ -17,7 +17,7 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import fastavro
@@ -48,7 +48,7 @@ from onceflow.options import (
 )
 from onceflow.pipelines.summary import RunSummary, collect_summary
 from onceflow.rows import RowSchema
-from onceflow.transforms import AggregateBatches, BatchRecords
+from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
 from onceflow.transforms.batched import DEFAULT_SHARDS
 from onceflow.versions import ONCEFLOW_VERSION
 from onceflow.windowing import WindowSpec, parse_duration_ms
@@ -82,11 +82,6 @@ class AggregateJob:
     def is_live(self) -> bool:
         """A live (unbounded) Kafka read: the job runs until stopped."""
         return self.kafka is not None and not self.kafka.bounded
-
-
-class AggregateOutputs(NamedTuple):
-    rows: beam.PCollection
-    dead_letters: beam.PCollection
 
 
 def job_from_options(options: PipelineOptions) -> AggregateJob:
@@ -306,20 +301,7 @@ def _first_avro_schema(pattern: str) -> dict:
         raise UsageError(f"--input: cannot read an Avro header from {pattern!r}: {error}") from None
 
 
-def aggregate_events(batches: beam.PCollection, job: AggregateJob) -> AggregateOutputs:
-    """The transforms of the job, from record batches to rows and dead letters.
-
-    Shared by every source (files, Kafka, archives), so live runs, backfills and
-    replays compute the same rows.
-    """
-    aggregated = batches | "AggregateBatches" >> AggregateBatches(
-        job.contract.key_fields, job.window_spec, job.aggregates, early_firing_ms=job.early_firing_ms,
-        shards=job.shards,
-    )
-    return AggregateOutputs(aggregated.rows, aggregated.dead_letters)
-
-
-def build(pipeline: beam.Pipeline, job: AggregateJob) -> AggregateOutputs:
+def build(pipeline: beam.Pipeline, job: AggregateJob) -> Aggregated:
     """Adds the whole job (read, transform, write) to ``pipeline``."""
     if job.kafka is not None:
         batches = pipeline | "ReadKafka" >> ReadBatchesFromKafka(
@@ -331,7 +313,9 @@ def build(pipeline: beam.Pipeline, job: AggregateJob) -> AggregateOutputs:
                    | "BatchRecords" >> BatchRecords(job.contract))
     else:
         batches = pipeline | "ReadFiles" >> ReadRecordBatchesFromFiles(job.input_pattern, job.contract)
-    outputs = aggregate_events(batches, job)
+    # One composite for every source (files, Kafka, archives): live runs, backfills and replays compute the same rows.
+    outputs = batches | "AggregateEvents" >> AggregateEvents(
+        job.contract, job.window_spec, job.aggregates, early_firing_ms=job.early_firing_ms, shards=job.shards)
     written_rows = outputs.rows | "WriteRows" >> WriteRows(job.sink, job.row_schema, job.sink_batch_size)
     written_letters = outputs.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
         job.dlq, PIPELINE_NAME, ONCEFLOW_VERSION)

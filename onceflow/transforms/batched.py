@@ -364,3 +364,21 @@ class BatchRecords(beam.PTransform):
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._max_records)
             | "Decode" >> beam.Map(lambda chunk: batch_from_records(chunk, contract))
         )
+
+
+class AggregateEvents(AggregateBatches):
+    """The main job's transforms as one step, for your own Beam job: decoded record
+    batches (from :class:`~onceflow.io.kafka_source.ReadBatchesFromKafka`,
+    :class:`~onceflow.io.files.ReadRecordBatchesFromFiles`, or
+    :class:`BatchRecords` over your own records, each decoded with ``contract``) to
+    :class:`~onceflow.transforms.Aggregated` rows and dead letters, keyed by the
+    contract's key fields. Exactly :class:`AggregateBatches`, with its
+    guarantees::
+
+        batches = pipeline | ReadRecordBatchesFromFiles("events/*.jsonl", contract)
+        aggregated = batches | AggregateEvents(contract, WindowSpec(60_000), parse_aggregates("count,sum:qty"))
+    """
+
+    def __init__(self, contract: EventContract, window_spec: WindowSpec, aggregates: Sequence[AggregateSpec],
+                 early_firing_ms: Optional[int] = None, shards: int = DEFAULT_SHARDS):
+        super().__init__(contract.key_fields, window_spec, aggregates, early_firing_ms=early_firing_ms, shards=shards)

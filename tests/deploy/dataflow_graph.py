@@ -27,7 +27,7 @@ import pathlib
 import sys
 from typing import Any, Dict, List
 
-TOP_LEVEL = ("ReadFiles", "ReadKafka", "AggregateBatches", "WriteRows", "WriteDeadLetters")
+TOP_LEVEL = ("ReadFiles", "ReadKafka", "AggregateEvents", "WriteRows", "WriteDeadLetters", "KeepPositions")
 
 
 def build_for_dataflow(argv: List[str]):

@@ -57,9 +57,9 @@ def test_metrics_of_the_sample_run_equal_the_known_counts(tmp_path):
     assert written["dead_letters"] == {"total": n["bad"] + n["too_late"], "by_reason": dead_letters}
     assert (written["records_read"], written["duplicates_dropped"], written["too_late"]) == (2492, 45, 2)
     assert {name: (stage["step"], stage["in"], stage["out"]) for name, stage in written["stages"].items()} == {
-        "parse": ("AggregateBatches/ScreenAndSplit", n["records"], n["records"] - n["bad"]),
-        "dedup": ("AggregateBatches/AggregatePerShardWindow", n["timely"], n["unique"]),
-        "aggregate": ("AggregateBatches", n["records"] - n["bad"], n["rows"]),
+        "parse": ("AggregateEvents/ScreenAndSplit", n["records"], n["records"] - n["bad"]),
+        "dedup": ("AggregateEvents/AggregatePerShardWindow", n["timely"], n["unique"]),
+        "aggregate": ("AggregateEvents", n["records"] - n["bad"], n["rows"]),
         "sink": ("WriteRows", n["rows"], n["rows"]),
         "dlq": ("WriteDeadLetters", n["bad"] + n["too_late"], n["bad"] + n["too_late"]),
     }
