@@ -16,7 +16,7 @@ import argparse
 import difflib
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
@@ -376,6 +376,47 @@ def optional_text(value: Optional[str]) -> Optional[str]:
         return None
     value = str(value).strip()
     return value or None
+
+
+# -- parsers: flag text to a value, ValueError saying what is wrong ------------------
+
+T = TypeVar("T")
+
+
+def parse_flag(flag: str, parser: Callable[[str], T], text: Optional[str]) -> T:
+    """``parser(text)``, its ValueError as a one-line UsageError naming ``flag``."""
+    try:
+        return parser(text)
+    except ValueError as error:
+        raise flag_error(flag, error) from None
+
+
+def parse_optional_flag(flag: str, parser: Callable[[str], T], text: Optional[str]) -> Optional[T]:
+    """:func:`parse_flag`, or None when the flag is empty or unset."""
+    return parse_flag(flag, parser, text) if optional_text(text) else None
+
+
+def duration_ms(text: str) -> int:
+    """``90s``, ``5m``, ``0``... in milliseconds (0 or more)."""
+    from onceflow.windowing import parse_duration_ms
+
+    return parse_duration_ms(text)
+
+
+def positive_duration_ms(text: str) -> int:
+    """A duration above 0."""
+    millis = duration_ms(text)
+    if millis <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return millis
+
+
+def whole_seconds_ms(text: str) -> int:
+    """A duration above 0 that is a whole number of seconds (processing-time grids)."""
+    millis = positive_duration_ms(text)
+    if millis % 1000:
+        raise ValueError(f"{text!r} must be a whole number of seconds, e.g. 10s")
+    return millis
 
 
 def positive_int(text: str, flag: str) -> int:

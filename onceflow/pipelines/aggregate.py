@@ -44,14 +44,15 @@ from onceflow.io.sinks import SinkTarget, WriteRows, parse_sink_url, position_si
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
     AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions, WindowOptions,
-    flag_error, help_text, optional_text, parse_pipeline_args, positive_int, split_fields,
+    duration_ms, flag_error, help_text, optional_text, parse_flag, parse_optional_flag, parse_pipeline_args,
+    positive_duration_ms, positive_int, split_fields, whole_seconds_ms,
 )
 from onceflow.pipelines.summary import RunSummary, collect_summary
 from onceflow.rows import RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
 from onceflow.transforms.batched import DEFAULT_SHARDS
 from onceflow.versions import ONCEFLOW_VERSION
-from onceflow.windowing import WindowSpec, parse_duration_ms
+from onceflow.windowing import WindowSpec
 
 PIPELINE_NAME = "aggregate"
 
@@ -92,46 +93,20 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     output = options.view_as(OutputOptions)
     aggregate_text = options.view_as(AggregateOptions).aggregate
 
-    try:
-        aggregates = parse_aggregates(aggregate_text)
-    except ValueError as error:
-        raise flag_error("--aggregate", error) from None
-    try:
-        size_ms = parse_duration_ms(windows.window)
-        if size_ms <= 0:
-            raise ValueError("the window size must be more than 0")
-    except ValueError as error:
-        raise flag_error("--window", error) from None
-    period_ms = None
-    if optional_text(windows.window_period):
-        try:
-            period_ms = parse_duration_ms(windows.window_period)
-        except ValueError as error:
-            raise flag_error("--window_period", error) from None
-    try:
-        lateness_ms = parse_duration_ms(windows.allowed_lateness)
-    except ValueError as error:
-        raise flag_error("--allowed_lateness", error) from None
-    early_ms = None
-    if optional_text(windows.early_firing):
-        try:
-            early_ms = parse_duration_ms(windows.early_firing)
-            if early_ms <= 0 or early_ms % 1000:
-                raise ValueError("the early firing interval must be a whole number of seconds, e.g. 10s")
-        except ValueError as error:
-            raise flag_error("--early_firing", error) from None
+    aggregates = parse_flag("--aggregate", parse_aggregates, aggregate_text)
+    size_ms = parse_flag("--window", positive_duration_ms, windows.window)
+    period_ms = parse_optional_flag("--window_period", duration_ms, windows.window_period)
+    lateness_ms = parse_flag("--allowed_lateness", duration_ms, windows.allowed_lateness)
+    early_ms = parse_optional_flag("--early_firing", whole_seconds_ms, windows.early_firing)
     try:
         window_spec = WindowSpec(size_ms, period_ms, lateness_ms)
-    except ValueError as error:
+    except ValueError as error:  # the period does not divide the size, or is larger
         raise flag_error("--window_period", error) from None
 
     input_pattern = str(source.input)
     kafka_topic = None
     if is_kafka_url(input_pattern):
-        try:
-            kafka_topic = parse_kafka_url(input_pattern)
-        except ValueError as error:
-            raise flag_error("--input", error) from None
+        kafka_topic = parse_flag("--input", parse_kafka_url, input_pattern)
     elif source.read_from or source.read_to:
         raise UsageError("--from/--to: only a kafka://HOST:PORT/TOPIC input reads a range")
     input_format = source.input_format or ("avro" if input_pattern.endswith(".avro") else "json")
@@ -146,14 +121,8 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         kafka_settings = client_settings_from_flags(kafka_options.kafka_setting, kafka_options.kafka_config_file)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    try:
-        sink = parse_sink_url(output.sink)
-    except ValueError as error:
-        raise flag_error("--sink", error) from None
-    try:
-        dlq = parse_dlq_target(optional_text(output.dlq) or "")
-    except ValueError as error:
-        raise flag_error("--dlq", error) from None
+    sink = parse_flag("--sink", parse_sink_url, output.sink)
+    dlq = parse_flag("--dlq", parse_dlq_target, optional_text(output.dlq) or "")
     sink_avro = sink.scheme == "kafka" and sink.option("format") == "avro_registry"
     dlq_avro = dlq.kind == "kafka" and dlq.value_format == "avro_registry"
     registry, reader_schema = _registry_options(source, input_format, kafka_settings, sink_avro or dlq_avro)
@@ -199,12 +168,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     kafka = None
     if kafka_topic is not None:
         kafka = _kafka_read_config(kafka_topic, source, kafka_options, dict(kafka_settings))
-    try:
-        idle_ms = parse_duration_ms(kafka_options.kafka_idle_timeout)
-        if idle_ms <= 0:
-            raise ValueError("the idle timeout must be more than 0")
-    except ValueError as error:
-        raise flag_error("--kafka_idle_timeout", error) from None
+    idle_ms = parse_flag("--kafka_idle_timeout", positive_duration_ms, kafka_options.kafka_idle_timeout)
     if kafka is not None and not kafka.bounded and progress_store(sink) is None:
         which = "bigquery:// sinks with ?method=cdc" if sink.scheme == "bigquery" else f"{sink.scheme}:// sinks"
         raise UsageError(f"--sink: a live job keeps its Kafka positions with its rows, and {which} cannot hold "
