@@ -212,8 +212,14 @@ def up(secure: bool | None = None) -> bool:
     ``secure``: with the SASL_SSL and mutual-TLS listeners (True), without (False),
     or as the previous start (None; plain the first time). A running broker is
     never restarted: asking for the secured listeners of one started without them
-    is an error saying what to run.
+    is an error saying what to run. Starts and stops from several processes take
+    turns (:meth:`ManagedService.locked`).
     """
+    with _service().locked():
+        return _up(secure)
+
+
+def _up(secure: bool | None) -> bool:
     if secure is None:
         secure = configured_secure()
     service = _service()
@@ -268,7 +274,9 @@ def up(secure: bool | None = None) -> bool:
 
 def down() -> bool:
     """Stop the broker if this package started it; True when something was stopped."""
-    return _service().stop(timeout=60.0)
+    service = _service()
+    with service.locked():
+        return service.stop(timeout=60.0)
 
 
 def broker_version() -> str | None:

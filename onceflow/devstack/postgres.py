@@ -214,7 +214,13 @@ def _psql(bindir: pathlib.Path, sql: str, database: str = "postgres") -> str:
 
 
 def up() -> bool:
-    """Start the cluster unless it already runs; True when this call started it."""
+    """Start the cluster unless it already runs; True when this call started it.
+    Starts and stops from several processes take turns."""
+    with _service().locked():
+        return _up()
+
+
+def _up() -> bool:
     bindir = _ensure_bindir()
     service = _service()
     if service.is_up():
@@ -255,6 +261,11 @@ def up() -> bool:
 
 def down() -> bool:
     """Stop the cluster if it runs from this folder; True when something was stopped."""
+    with _service().locked():
+        return _down()
+
+
+def _down() -> bool:
     pid = _service().pid()
     if pid is None:
         return False

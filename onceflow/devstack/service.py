@@ -9,10 +9,12 @@ and waiting until it answers, stopping, and the status fields all share.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import pathlib
 import subprocess
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from onceflow.devstack.common import (
     progress,
@@ -47,6 +49,21 @@ class ManagedService:
     address: str
     answers: Callable[[], bool]
     server_writes_pid_file: bool = False
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds the service's lock (``FOLDER/.lock``, ``flock``): a start or stop in
+        another process waits for this one. Without it two processes starting the
+        service at once (a test fixture and the torture's broker restart) each wrote
+        the pid file, one start failed on the taken port, and the running server was
+        left with no pid file: `onceflow dev` then called it down."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / ".lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def pid(self) -> int | None:
         """The pid of the running process if it is ours, else None."""
