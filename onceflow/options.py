@@ -291,6 +291,39 @@ class MonitoringOptions(PipelineOptions):
                  "Default: 30m.")
 
 
+class FlinkSavepointOptions(PipelineOptions):
+    """Stopping a live job on Flink with a savepoint, and resuming from one.
+
+    ``--savepoint_path`` and ``--allow_non_restored_state`` are Beam Java's
+    FlinkPipelineOptions (savepointPath, allowNonRestoredState): defined here for
+    their help text and checks, they reach the Flink job server under the same
+    names. Not in the Dataflow template (see :data:`ONCEFLOW_OPTION_CLASSES`)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("flink savepoints")
+        group.add_argument(
+            "--flink_savepoint_dir", default=None, metavar="DIR",
+            help="Live jobs on Flink: on Ctrl-C or SIGTERM, stop the job with a savepoint in DIR (an "
+                 "absolute path or a URI the JobManager can write, e.g. file:///..., s3://...) instead "
+                 "of cancelling it, print its path and exit 0; needs --flink_rest_url. Default: none "
+                 "(the job is cancelled).")
+        group.add_argument(
+            "--flink_rest_url", default=None, metavar="URL",
+            help="Flink's REST address (http://HOST:PORT, the JobManager's, e.g. a session "
+                 "cluster's :8081) through which --flink_savepoint_dir stops the job, found there by "
+                 "its --job_name. Default: none.")
+        group.add_argument(
+            "--savepoint_path", default=None, metavar="PATH",
+            help="Flink: start the job from this savepoint (the path a stop with "
+                 "--flink_savepoint_dir printed), with its state: the Kafka readers' positions, open "
+                 "windows, dedup state. Beam's Flink runner option. Default: none.")
+        group.add_argument(
+            "--allow_non_restored_state", action="store_true", default=False,
+            help="Flink, with --savepoint_path: start even if the savepoint holds state of "
+                 "steps the job no longer has (Beam's Flink runner option). Default: off.")
+
+
 ONCEFLOW_OPTION_CLASSES = (InputOptions, KafkaOptions, EventOptions, WindowOptions, AggregateOptions, OutputOptions,
                            MonitoringOptions)
 
@@ -432,6 +465,7 @@ def positive_int(text: str, flag: str) -> int:
 __all__: List[str] = [
     "AggregateOptions",
     "EventOptions",
+    "FlinkSavepointOptions",
     "InputOptions",
     "KafkaOptions",
     "MonitoringOptions",

@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import socket
+import subprocess
+import sys
 from typing import Iterator
 
 import pytest
@@ -121,3 +124,39 @@ def flink_cluster_master() -> Iterator[str]:
 
     with _service("flink-cluster"):
         yield flink_cluster.master()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def cluster_job_endpoint(flink_cluster_master, tmp_path) -> Iterator[str]:
+    """``127.0.0.1:<port>`` of a Beam Flink job server of the test's own that
+    submits to the standalone cluster: its own ONCEFLOW_HOME under tmp_path (the
+    jar cache linked) and ports, ``ONCEFLOW_FLINK_MASTER`` the cluster's REST
+    address; stopped at the end. The shared job server is left alone."""
+    from onceflow.devstack.common import home
+
+    own_home = tmp_path / "home"
+    own_home.mkdir()
+    (own_home / "cache").symlink_to(home() / "cache", target_is_directory=True)
+    env = {
+        **os.environ,
+        "ONCEFLOW_HOME": str(own_home),
+        "ONCEFLOW_FLINK_MASTER": flink_cluster_master,
+        "ONCEFLOW_FLINK_JOB_PORT": str(_free_port()),
+        "ONCEFLOW_FLINK_ARTIFACT_PORT": str(_free_port()),
+        "ONCEFLOW_FLINK_EXPANSION_PORT": str(_free_port()),
+    }
+    command = [sys.executable, "-m", "onceflow.cli", "dev"]
+    started = subprocess.run([*command, "up", "--services", "flink"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        yield f"127.0.0.1:{env['ONCEFLOW_FLINK_JOB_PORT']}"
+    finally:
+        subprocess.run([*command, "down", "--services", "flink"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)

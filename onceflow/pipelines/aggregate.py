@@ -13,9 +13,12 @@ summary. ``--help`` lists the flags.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -29,6 +32,7 @@ from onceflow.events import REGISTRY_FORMATS, EventContract
 from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
+from onceflow.io.flink_rest import FlinkRestError
 from onceflow.io.kafka_config import (
     COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_settings_from_flags, is_kafka_url, parse_kafka_url,
     parse_position,
@@ -43,10 +47,12 @@ from onceflow.io.progress import KeepProgress, Position
 from onceflow.io.sinks import SinkTarget, WriteRows, parse_sink_url, position_sinks, prepare_sink, progress_store
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
-    AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions, WindowOptions,
-    duration_ms, flag_error, help_text, optional_text, parse_flag, parse_optional_flag, parse_pipeline_args,
-    positive_duration_ms, positive_int, split_fields, whole_seconds_ms,
+    ONCEFLOW_OPTION_CLASSES, AggregateOptions, EventOptions, FlinkSavepointOptions, InputOptions, KafkaOptions,
+    OutputOptions, WindowOptions, duration_ms, flag_error, help_text, optional_text, parse_flag, parse_optional_flag,
+    parse_pipeline_args, positive_duration_ms, positive_int, split_fields, whole_seconds_ms,
 )
+from onceflow.pipelines import flink_savepoint
+from onceflow.pipelines.flink_savepoint import SavepointStop
 from onceflow.pipelines.summary import RunSummary, collect_summary
 from onceflow.rows import RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
@@ -298,13 +304,15 @@ def _check_input_exists(pattern: str) -> None:
         raise UsageError(f"--input: nothing matches {pattern!r}; give a file path or glob")
 
 
-def with_stored_positions(job: AggregateJob, partitions: List[int]) -> AggregateJob:
+def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: Optional[str] = None) -> AggregateJob:
     """A live job resumes from the positions stored with its rows (see
     :mod:`onceflow.io.progress`), keyed by its consumer group: never later than a
     record whose window is not final in the sink, with the high water the lateness
     rule had there. A job's first start on a sink resolves its start as before
     (the group's committed offsets, else ``--from``) and stores it before it reads
-    anything, so a kill before the first row loses nothing either."""
+    anything, so a kill before the first row loses nothing either. Started from
+    a Flink ``savepoint``, the job reads on from the savepoint's positions; the
+    stored ones are then only used if Flink starts it without that state."""
     store = progress_store(job.sink)
     config = job.kafka
     topic = config.topic.topic
@@ -326,6 +334,9 @@ def with_stored_positions(job: AggregateJob, partitions: List[int]) -> Aggregate
         raise ServiceError(f"--sink: cannot read or store the job's positions in {job.sink.describe()}: "
                            f"{str(error).splitlines()[0]}") from None
     offsets = ", ".join(f"{p}@{stored[p].next_offset}" for p in sorted(stored))
+    if savepoint is not None:
+        where = (f"starting from the savepoint {savepoint}; the positions stored with the rows count only if "
+                 "Flink starts it without that state")
     print(f"aggregate: job {config.group_id!r}, {where} (partition@offset: {offsets})", file=sys.stderr)
     resume = tuple((p, stored[p].next_offset, stored[p].high_water_ms) for p in sorted(stored))
     return dataclasses.replace(job, kafka=dataclasses.replace(config, resume=resume))
@@ -407,6 +418,9 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
     options = parse_pipeline_args(args)
     job = job_from_options(options)
+    savepoints = flink_savepoint.savepoint_stop_from_options(options, job.is_live)
+    if savepoints is not None:
+        flink_savepoint.check_reachable(savepoints)
     expected_records = None
     try:
         prepare_sink(job.sink, job.row_schema)
@@ -418,7 +432,8 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         raise flag_error("--dlq", error) from None
     if job.kafka is not None:
         # A live job (kept running by a supervisor) waits out a broker restart; a backfill fails at once.
-        job, reads = _retrying_while_broker_away(lambda: _resolve_kafka_start(job),
+        savepoint = optional_text(options.view_as(FlinkSavepointOptions).savepoint_path)
+        job, reads = _retrying_while_broker_away(lambda: _resolve_kafka_start(job, savepoint),
                                                  BROKER_WAIT_S if job.is_live else 0)
         gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
         if gaps and job.kafka.bounded and not job.kafka.allow_retention_gaps:
@@ -449,15 +464,20 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
     build(pipeline, job)
-    with Monitor(options, runner, expected_records=expected_records) as monitor:
+    with Monitor(options, runner, expected_records=expected_records) as monitor, \
+            _sigterm_as_interrupt(job.is_live):
         try:
             result = pipeline.run()
             monitor.watch(result)
             try:
+                if savepoints is not None:
+                    _attach_to_flink(savepoints, result)
                 result.wait_until_finish()
             except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
-                print("aggregate: stopping...", file=sys.stderr)
-                if not _cancel(result):
+                print("aggregate: stopping" + (" with a savepoint..." if savepoints else "..."), file=sys.stderr)
+                if savepoints is not None:
+                    _stop_with_savepoint(savepoints, result)
+                elif not _cancel(result):
                     raise KeyboardInterrupt from None  # one line, status 130 (see exit_status)
         except Exception as error:  # a worker's error comes back wrapped by the runner
             gap = _retention_gap_line(error)  # retention deleted part of the range while it was read
@@ -471,9 +491,9 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                                               job.dlq.describe()))
 
 
-def _resolve_kafka_start(job: AggregateJob):
+def _resolve_kafka_start(job: AggregateJob, savepoint: Optional[str] = None):
     """The job with its stored positions (live) and where each partition's read
-    starts and stops."""
+    starts and stops (``savepoint``: the one Flink starts it from, if any)."""
     try:
         partitions = describe_topic(job.kafka)
     except BrokerUnreachable:
@@ -481,7 +501,7 @@ def _resolve_kafka_start(job: AggregateJob):
     except RuntimeError as error:
         raise ServiceError(f"--input: {error}") from None
     if job.is_live:
-        job = with_stored_positions(job, partitions)
+        job = with_stored_positions(job, partitions, savepoint)
     return job, resolve_partition_reads(job.kafka, partitions)
 
 
@@ -542,6 +562,74 @@ def _line_in_error(error: Optional[BaseException], pattern: str) -> Optional[str
     return None
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt(live: bool):
+    """While a live job runs, SIGTERM (what supervisors send) stops it the way
+    Ctrl-C does: with a savepoint or cancelled, then the summary. Elsewhere, and
+    off the main thread (where no handler can be set), SIGTERM is left alone."""
+    if not live or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _attach_to_flink(savepoints: SavepointStop, result: beam.runners.runner.PipelineResult) -> None:
+    """Waits until Flink runs the job (see :func:`flink_savepoint.attach`); when
+    its REST API cannot show it, cancels the job and raises the one-line error."""
+    try:
+        flink_savepoint.attach(savepoints, lambda: _has_ended(result))
+    except ServiceError:
+        _cancel(result)
+        flink_savepoint.cancel_on_flink(savepoints)
+        raise
+
+
+def _stop_with_savepoint(savepoints: SavepointStop, result: beam.runners.runner.PipelineResult) -> None:
+    """Stops the job with a savepoint and prints where it is and how to resume,
+    then waits for the runner to see the job end. When Flink cannot take the
+    savepoint, or a second interrupt comes first, the job is cancelled as
+    without the flag and a one-line error (status 1) or the interrupt (130) follows."""
+    try:
+        location = flink_savepoint.stop_with_savepoint(savepoints)
+    except FlinkRestError as error:
+        _cancel(result)
+        flink_savepoint.cancel_on_flink(savepoints)
+        raise ServiceError(f"--flink_savepoint_dir: could not stop with a savepoint: {error}; the job was cancelled "
+                           "instead (a restart resumes from the positions stored with its rows)") from None
+    except KeyboardInterrupt:
+        _cancel(result)
+        flink_savepoint.cancel_on_flink(savepoints)
+        raise KeyboardInterrupt from None
+    print(flink_savepoint.resume_hint(location), file=sys.stderr)
+    _wait_for_the_end(result, timeout_s=60.0)
+
+
+def _wait_for_the_end(result: beam.runners.runner.PipelineResult, timeout_s: float) -> None:
+    """Waits (at most ``timeout_s``) until the runner reports the job ended, so
+    the summary has its last counters."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not _has_ended(result):
+        time.sleep(0.5)
+
+
+def _has_ended(result: beam.runners.runner.PipelineResult) -> bool:
+    """Whether the runner reports the job in a final state (or no longer answers)."""
+    from apache_beam.runners.runner import PipelineState
+
+    try:
+        return PipelineState.is_terminal(result.state)
+    except Exception:  # the job service went away: nothing more to wait for
+        return True
+
+
 def _cancel(result: beam.runners.runner.PipelineResult) -> bool:
     """Cancels the pipeline; False when the runner is gone already (a Ctrl-C in a
     terminal reaches Prism too, and Beam stops the Prism it started), so there is
@@ -558,7 +646,8 @@ def _cancel(result: beam.runners.runner.PipelineResult) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
-        print(help_text("python -m onceflow.pipelines.aggregate", __doc__.strip().splitlines()[0]))
+        print(help_text("python -m onceflow.pipelines.aggregate", __doc__.strip().splitlines()[0],
+                        (*ONCEFLOW_OPTION_CLASSES, FlinkSavepointOptions)))
         return 0
     return exit_status("aggregate", lambda: print(_refusing_client_errors(run, args).render()))
 

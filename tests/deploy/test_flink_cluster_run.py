@@ -3,8 +3,9 @@
 What runs where: the dev stack's ``flink-cluster`` (a Flink 1.19 JobManager and
 TaskManager, REST 127.0.0.1:18081) executes the job; a second Beam 2.62 Flink job
 server, started here with its own ONCEFLOW_HOME under tmp_path (reusing the jar
-cache) and ``--flink-master=<cluster REST>``, translates it and submits it there;
-the shared job server (embedded Flink) is left alone. Python SDK workers run in
+cache) and ``--flink-master=<cluster REST>`` (the ``cluster_job_endpoint`` fixture
+of ``tests/conftest.py``), translates it and submits it there; the shared job
+server (embedded Flink) is left alone. Python SDK workers run in
 the submitting process (``--environment_type=LOOPBACK``), which the TaskManager
 reaches on 127.0.0.1. The rows must equal a local DirectRunner run's.
 """
@@ -12,10 +13,8 @@ reaches on 127.0.0.1. The rows must equal a local DirectRunner run's.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -30,43 +29,10 @@ pytestmark = [pytest.mark.flink, pytest.mark.slow]
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _finished_jobs(master: str) -> dict:
     with urllib.request.urlopen(f"http://{master}/jobs/overview", timeout=10) as response:
         jobs = json.loads(response.read())["jobs"]
     return {job["jid"]: job for job in jobs if job["state"] == "FINISHED"}
-
-
-@pytest.fixture
-def cluster_job_endpoint(flink_cluster_master, tmp_path):
-    """A job server of its own that submits to the standalone cluster."""
-    from onceflow.devstack.common import home
-
-    own_home = tmp_path / "home"
-    own_home.mkdir()
-    (own_home / "cache").symlink_to(home() / "cache", target_is_directory=True)
-    env = {
-        **os.environ,
-        "ONCEFLOW_HOME": str(own_home),
-        "ONCEFLOW_FLINK_MASTER": flink_cluster_master,
-        "ONCEFLOW_FLINK_JOB_PORT": str(_free_port()),
-        "ONCEFLOW_FLINK_ARTIFACT_PORT": str(_free_port()),
-        "ONCEFLOW_FLINK_EXPANSION_PORT": str(_free_port()),
-    }
-    command = [sys.executable, "-m", "onceflow.cli", "dev"]
-    started = subprocess.run([*command, "up", "--services", "flink"], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
-    assert started.returncode == 0, started.stderr[-3000:]
-    try:
-        yield f"127.0.0.1:{env['ONCEFLOW_FLINK_JOB_PORT']}"
-    finally:
-        subprocess.run([*command, "down", "--services", "flink"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
 
 
 def _run_aggregate(cwd: pathlib.Path, db: pathlib.Path, *runner_flags: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 from onceflow.devstack.flink import cancel_running_jobs, streaming_job_flags
 from onceflow.pipelines.aggregate import run
 from tests.livejob import (
-    committed, counted_events, new_topic, produce, producer_for, sample_lines, start_live_job, stop,
+    committed, counted_events, job_output, new_topic, produce, producer_for, sample_lines, start_live_job, stop,
     table_rows, wait_for,
 )
 
@@ -148,3 +148,23 @@ def test_early_firing_writes_an_open_window_and_then_its_on_time_row(kafka_boots
         stop(job)
     rows = [dict(r) for r in table_rows(db)]
     assert [(r["k"], r["count"], r["sum_v"]) for r in rows] == [("a", 50, 100)]
+
+
+@pytest.mark.prism
+def test_sigterm_stops_a_live_job_like_ctrl_c(kafka_bootstrap, prism_path, tmp_path):
+    """A supervisor's SIGTERM to the job's process: the job cancels its pipeline,
+    prints the summary and exits 0, as on Ctrl-C (it used to end at once)."""
+    topic = new_topic(kafka_bootstrap)
+    produce(topic, [(n % 3, line, None) for n, line in enumerate(sample_lines()[:300])])
+    db = tmp_path / "live.db"
+    job = start_live_job(topic, f"g-{topic.topic}", f"sqlite:///{db}", tmp_path / "dlq.jsonl", "--status=off",
+                         "--kafka_idle_timeout=3s")
+    try:
+        wait_for(lambda: counted_events(db) > 0, "the first rows", 120, job)
+        job.send_signal(signal.SIGTERM)  # the job's own process, not its group (Prism would go too)
+        status = job.wait(120)
+    finally:
+        stop(job)
+    output = job_output(job, 20_000)
+    assert status == 0, output
+    assert "aggregate: stopping..." in output and "onceflow aggregate: done in" in output

@@ -1,0 +1,203 @@
+"""Stopping a live job on Flink with a savepoint, and resuming from one.
+
+The flags are :class:`onceflow.options.FlinkSavepointOptions`;
+:func:`savepoint_stop_from_options` checks them into a :class:`SavepointStop`
+(or None: the job is cancelled on Ctrl-C as before). The main job then
+
+1. checks that Flink's REST API answers before submitting (:func:`check_reachable`),
+   and after submitting waits until it lists the job as running under its
+   ``--job_name`` (:func:`attach`), so a wrong address fails at the start, not at
+   the stop; with ``--savepoint_path`` it says whether Flink restored the job
+   from it;
+2. on Ctrl-C or SIGTERM, asks Flink to stop the job with a savepoint
+   (:func:`stop_with_savepoint`) and prints the savepoint's path and the flag that
+   resumes from it.
+
+Flink does the work; the REST calls are in :mod:`onceflow.io.flink_rest`. The
+positions the job stores with its rows (:mod:`onceflow.io.progress`) stay the
+safety net: a job started without its state resumes from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import urllib.parse
+import uuid
+from typing import Callable, Optional
+
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
+
+from onceflow.errors import ServiceError, UsageError
+from onceflow.io import flink_rest
+from onceflow.io.flink_rest import FlinkJob, FlinkRestError
+from onceflow.options import FlinkSavepointOptions, optional_text
+
+# How long after submission Flink may take to list the job as running (a session
+# cluster receives the job server's jars first), and a savepoint to complete.
+ATTACH_TIMEOUT_S = 180.0
+SAVEPOINT_TIMEOUT_S = 600.0
+# Flink reports the restore with the job's checkpoint statistics, at the latest
+# just after it runs.
+_RESTORE_REPORT_GRACE_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SavepointStop:
+    """How a live job on Flink is stopped: with a savepoint in ``savepoint_dir``,
+    through the REST API at ``rest_url``, where it runs as ``job_name``.
+    ``restore_from``: the ``--savepoint_path`` it was started from, if any."""
+
+    rest_url: str
+    savepoint_dir: str
+    job_name: str
+    restore_from: Optional[str] = None
+
+
+def runs_on_flink(options: PipelineOptions) -> bool:
+    """Whether ``--runner`` can be Flink: FlinkRunner, or PortableRunner (a job
+    server: Flink's, for these flags to mean anything)."""
+    runner = (options.view_as(StandardOptions).runner or "").lower()
+    if runner and not runner.endswith("runner"):
+        runner += "runner"
+    return runner.rsplit(".", 1)[-1] in ("flinkrunner", "portablerunner")
+
+
+def _check_directory(text: str) -> str:
+    """An absolute path or a URI with a scheme (file://, s3://, hdfs://, ...)."""
+    value = text.strip()
+    scheme = urllib.parse.urlsplit(value).scheme
+    if (scheme and len(scheme) > 1) or os.path.isabs(value):
+        return value
+    raise UsageError(f"--flink_savepoint_dir: {text!r} is relative; give an absolute path or a URI the "
+                     "JobManager can write, e.g. file:///var/onceflow/savepoints or s3://bucket/savepoints")
+
+
+def savepoint_stop_from_options(options: PipelineOptions, live: bool) -> Optional[SavepointStop]:
+    """Checks the savepoint flags (one-line UsageError naming the flag) and
+    returns how to stop the job, or None when ``--flink_savepoint_dir`` is not
+    set. A job without ``--job_name`` gets a unique one here, by which the stop
+    finds it on Flink."""
+    flags = options.view_as(FlinkSavepointOptions)
+    directory = optional_text(flags.flink_savepoint_dir)
+    rest_url = optional_text(flags.flink_rest_url)
+    restore_from = optional_text(flags.savepoint_path)
+    flink = runs_on_flink(options)
+    runner = options.view_as(StandardOptions).runner
+    runner = f"the runner is {runner}" if runner else "no --runner is given (a live job would run on Prism)"
+    if restore_from is not None:
+        if not live:
+            raise UsageError("--savepoint_path: only a live kafka:// job (no --to) resumes from a savepoint")
+        if not flink:
+            raise UsageError(f"--savepoint_path: only Flink restores a savepoint; {runner} "
+                             "(use --runner=PortableRunner --job_endpoint=<Flink job server>)")
+    elif flags.allow_non_restored_state:
+        raise UsageError("--allow_non_restored_state: only means something with --savepoint_path")
+    if directory is None:
+        if rest_url is not None:
+            raise UsageError("--flink_rest_url: only used to stop the job with a savepoint; add "
+                             "--flink_savepoint_dir=DIR, or leave it out")
+        return None
+    if not live:
+        raise UsageError("--flink_savepoint_dir: only a live kafka:// job (no --to) is stopped with a savepoint; "
+                         "a bounded job ends by itself")
+    if not flink:
+        raise UsageError(f"--flink_savepoint_dir: stopping with a savepoint needs Flink; {runner} "
+                         "(use --runner=PortableRunner --job_endpoint=<Flink job server>)")
+    if rest_url is None:
+        raise UsageError("--flink_savepoint_dir: needs --flink_rest_url=http://HOST:PORT, Flink's REST address "
+                         "(the JobManager's), to ask for the savepoint")
+    try:
+        rest_url = flink_rest.check_rest_url(rest_url)
+    except ValueError as error:
+        raise UsageError(f"--flink_rest_url: {error}") from None
+    cloud = options.view_as(GoogleCloudOptions)
+    job_name = optional_text(cloud.job_name)
+    if job_name is None:
+        job_name = f"onceflow-aggregate-{uuid.uuid4().hex[:12]}"
+        cloud.job_name = job_name
+    return SavepointStop(rest_url, _check_directory(directory), job_name, restore_from)
+
+
+def check_reachable(stop: SavepointStop) -> None:
+    """ServiceError (one line) unless Flink's REST API answers: checked before the
+    job is submitted, so a wrong address never leaves a job that cannot be stopped
+    with a savepoint (nor cancelled through it)."""
+    try:
+        flink_rest.flink_version(stop.rest_url)
+    except FlinkRestError as error:
+        raise ServiceError(f"--flink_rest_url: {error}") from None
+
+
+def attach(stop: SavepointStop, ended: Callable[[], bool]) -> Optional[FlinkJob]:
+    """Waits until Flink runs the job, then prints where it runs and, with
+    ``--savepoint_path``, whether Flink restored it from the savepoint. None when
+    the pipeline ended first (``ended()``: its failure is then reported by the
+    runner). ServiceError (one line) when the REST API does not answer or does
+    not list the job within :data:`ATTACH_TIMEOUT_S`."""
+    deadline = time.monotonic() + ATTACH_TIMEOUT_S
+    try:
+        while True:
+            job = flink_rest.find_job(stop.rest_url, stop.job_name)
+            if job is not None and job.state == "RUNNING":
+                break
+            if ended():
+                return None
+            if time.monotonic() > deadline:
+                seen = f"it is {job.state}" if job is not None else "no such job is listed"
+                raise ServiceError(f"--flink_rest_url: Flink at {stop.rest_url} does not run a job named "
+                                   f"{stop.job_name!r} {ATTACH_TIMEOUT_S:.0f}s after submission ({seen}); is it "
+                                   "the REST address of the Flink the job server submits to?")
+            time.sleep(1.0)
+        print(f"aggregate: Flink runs the job as {stop.job_name!r} ({job.job_id}) at {stop.rest_url}; Ctrl-C or "
+              f"SIGTERM stops it with a savepoint in {stop.savepoint_dir}", file=sys.stderr)
+        if stop.restore_from is not None:
+            _report_restore(stop, job)
+        return job
+    except FlinkRestError as error:
+        raise ServiceError(f"--flink_rest_url: {error}") from None
+
+
+def _report_restore(stop: SavepointStop, job: FlinkJob) -> None:
+    """One line: the savepoint Flink restored the job from, or a warning that it
+    started without state (it then resumes from the positions in the sink)."""
+    deadline = time.monotonic() + _RESTORE_REPORT_GRACE_S
+    while True:
+        restored = flink_rest.restored_savepoint(stop.rest_url, job.job_id)
+        if restored is not None:
+            print(f"aggregate: Flink restored the job from the savepoint {restored}", file=sys.stderr)
+            return
+        if time.monotonic() > deadline:
+            print(f"aggregate: warning: Flink reports no restore from {stop.restore_from}: the job started "
+                  "without its state and resumes from the positions stored with its rows", file=sys.stderr)
+            return
+        time.sleep(1.0)
+
+
+def stop_with_savepoint(stop: SavepointStop) -> str:
+    """Stops the job with a savepoint and returns its path; FlinkRestError (one
+    line) when no running job has the name, or the savepoint failed."""
+    job = flink_rest.find_job(stop.rest_url, stop.job_name)
+    if job is None or job.state != "RUNNING":
+        seen = f"it is {job.state}" if job is not None else "none is listed"
+        raise FlinkRestError(f"Flink at {stop.rest_url} runs no job named {stop.job_name!r} ({seen})")
+    return flink_rest.stop_with_savepoint(stop.rest_url, job.job_id, stop.savepoint_dir, SAVEPOINT_TIMEOUT_S)
+
+
+def cancel_on_flink(stop: SavepointStop) -> None:
+    """Cancels the job through Flink's REST API too, if Flink still runs it and
+    answers (the 2.62 job server's own cancel leaves a Flink job running)."""
+    try:
+        job = flink_rest.find_job(stop.rest_url, stop.job_name)
+        if job is not None:
+            flink_rest.cancel_job(stop.rest_url, job.job_id)
+    except FlinkRestError:
+        pass
+
+
+def resume_hint(location: str) -> str:
+    """The one line printed after a stop with a savepoint."""
+    return (f"aggregate: stopped with a savepoint at {location}; resume with the same flags and "
+            f"--savepoint_path={location}")

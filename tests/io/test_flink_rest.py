@@ -1,0 +1,166 @@
+"""onceflow.io.flink_rest against a stand-in for Flink's REST API (answers as
+Flink 1.19 gives them, recorded from the dev stack's cluster)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+
+import pytest
+
+from onceflow.io import flink_rest
+from onceflow.io.flink_rest import FlinkJob, FlinkRestError
+
+
+class _FakeFlink:
+    """Answers ``routes[(method, path)]``: a (status, JSON body) pair, or a list
+    of them served one per request (the last one repeated). Records each request."""
+
+    def __init__(self, routes):
+        self.routes = routes
+        self.requests = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                fake.requests.append((self.command, self.path, body))
+                answer = fake.routes.get((self.command, self.path), (404, {"errors": ["Not found: " + self.path]}))
+                if isinstance(answer, list):
+                    answer = answer.pop(0) if len(answer) > 1 else answer[0]
+                status, payload = answer
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_flink():
+    servers = []
+
+    def start(routes):
+        servers.append(_FakeFlink(routes))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _overview(*jobs):
+    return (200, {"jobs": [{"jid": jid, "name": name, "state": state} for jid, name, state in jobs]})
+
+
+def test_check_rest_url_takes_only_http_host_port():
+    assert flink_rest.check_rest_url("http://127.0.0.1:8081/") == "http://127.0.0.1:8081"
+    assert flink_rest.check_rest_url(" https://jm.example:443 ") == "https://jm.example:443"
+    for bad in ("127.0.0.1:8081", "http://127.0.0.1", "http://127.0.0.1:8081/jobs", "ftp://h:1", "http://h:x"):
+        with pytest.raises(ValueError, match="http://HOST:PORT"):
+            flink_rest.check_rest_url(bad)
+
+
+def test_find_job_takes_the_unfinished_job_of_that_name(fake_flink):
+    flink = fake_flink({("GET", "/jobs/overview"): _overview(
+        ("a1", "job-a", "FINISHED"), ("a2", "job-a", "RUNNING"), ("b1", "job-b", "RUNNING"),
+        ("c1", "job-c", "CANCELED"))})
+    assert flink_rest.find_job(flink.url, "job-a") == FlinkJob("a2", "job-a", "RUNNING")
+    assert flink_rest.find_job(flink.url, "job-c") is None
+    assert flink_rest.find_job(flink.url, "job") is None  # names match exactly, not by prefix
+
+
+def test_two_running_jobs_of_one_name_are_refused(fake_flink):
+    flink = fake_flink({("GET", "/jobs/overview"): _overview(("x1", "twin", "RUNNING"), ("x2", "twin", "RESTARTING"))})
+    with pytest.raises(FlinkRestError, match="2 jobs named 'twin'.*give each job its own --job_name"):
+        flink_rest.find_job(flink.url, "twin")
+
+
+def test_stop_with_savepoint_posts_the_stop_and_polls_until_complete(fake_flink):
+    location = "file:/savepoints/savepoint-8d724a-0aac8e8b0e4d"
+    flink = fake_flink({
+        ("POST", "/jobs/j1/stop"): (202, {"request-id": "r1"}),
+        ("GET", "/jobs/j1/savepoints/r1"): [(200, {"status": {"id": "IN_PROGRESS"}}),
+                                             (200, {"status": {"id": "IN_PROGRESS"}}),
+                                             (200, {"status": {"id": "COMPLETED"}, "operation": {"location": location}})],
+    })
+    found = flink_rest.stop_with_savepoint(flink.url, "j1", "file:///savepoints", poll_s=0, sleep=lambda s: None)
+    assert found == location
+    assert flink.requests[0] == ("POST", "/jobs/j1/stop", {"targetDirectory": "file:///savepoints", "drain": False})
+    assert [r[1] for r in flink.requests].count("/jobs/j1/savepoints/r1") == 3
+
+
+def test_a_failed_savepoint_is_one_line_with_its_cause(fake_flink):
+    trace = ("java.util.concurrent.CompletionException: java.util.concurrent.CompletionException: "
+             "org.apache.flink.runtime.checkpoint.CheckpointException: An Exception occurred while triggering the "
+             "checkpoint. IO-problem detected.\n\tat org.apache.flink...\n"
+             "Caused by: org.apache.flink.runtime.checkpoint.CheckpointException: An Exception occurred ...\n"
+             "\tat org.apache.flink...\n"
+             "Caused by: java.io.IOException: Failed to create savepoint directory at /proc/sp\n\t... 12 more")
+    flink = fake_flink({
+        ("POST", "/jobs/j1/stop"): (202, {"request-id": "r1"}),
+        ("GET", "/jobs/j1/savepoints/r1"): (200, {"status": {"id": "COMPLETED"}, "operation": {
+            "failure-cause": {"class": "java.util.concurrent.CompletionException", "stack-trace": trace}}}),
+    })
+    with pytest.raises(FlinkRestError) as raised:
+        flink_rest.stop_with_savepoint(flink.url, "j1", "/nowhere", poll_s=0, sleep=lambda s: None)
+    assert str(raised.value) == (
+        "the savepoint of job j1 failed: org.apache.flink.runtime.checkpoint.CheckpointException: An Exception "
+        "occurred while triggering the checkpoint. IO-problem detected. (caused by java.io.IOException: Failed to "
+        "create savepoint directory at /proc/sp)")
+
+
+def test_a_savepoint_that_never_completes_times_out(fake_flink):
+    flink = fake_flink({("POST", "/jobs/j1/stop"): (202, {"request-id": "r1"}),
+                        ("GET", "/jobs/j1/savepoints/r1"): (200, {"status": {"id": "IN_PROGRESS"}})})
+    with pytest.raises(FlinkRestError, match="not complete after 0s"):
+        flink_rest.stop_with_savepoint(flink.url, "j1", "/sp", timeout_s=0, poll_s=0, sleep=lambda s: None)
+
+
+def test_flinks_own_error_text_is_kept(fake_flink):
+    flink = fake_flink({("POST", "/jobs/j1/stop"): (
+        409, {"errors": ["Job j1 is not in a state that allows a savepoint\nmore detail"]})})
+    with pytest.raises(FlinkRestError) as raised:
+        flink_rest.stop_with_savepoint(flink.url, "j1", "/sp", poll_s=0, sleep=lambda s: None)
+    assert str(raised.value) == (f"POST {flink.url}/jobs/j1/stop answered HTTP 409: Job j1 is not in a state "
+                                 "that allows a savepoint")
+
+
+def test_an_unreachable_rest_api_is_one_line():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    with pytest.raises(FlinkRestError, match=rf"REST API at http://127.0.0.1:{port}/config did not answer"):
+        flink_rest.flink_version(f"http://127.0.0.1:{port}")
+
+
+def test_restored_savepoint_and_cancel(fake_flink):
+    flink = fake_flink({
+        ("GET", "/jobs/j1/checkpoints"): (200, {"latest": {"completed": None, "restored": {
+            "id": 3, "is_savepoint": True, "external_path": "file:/sp/savepoint-1"}}}),
+        ("GET", "/jobs/j2/checkpoints"): (200, {"latest": {"completed": None, "restored": None}}),
+        ("PATCH", "/jobs/j1?mode=cancel"): (202, {}),
+        ("GET", "/config"): (200, {"flink-version": "1.19.0"}),
+    })
+    assert flink_rest.restored_savepoint(flink.url, "j1") == "file:/sp/savepoint-1"
+    assert flink_rest.restored_savepoint(flink.url, "j2") is None
+    flink_rest.cancel_job(flink.url, "j1")
+    assert ("PATCH", "/jobs/j1?mode=cancel", None) in flink.requests
+    assert flink_rest.flink_version(flink.url) == "1.19.0"

@@ -1,0 +1,104 @@
+"""The Flink savepoint flags: checked into one-line errors before anything runs."""
+
+import subprocess
+import sys
+
+import pytest
+
+from onceflow.errors import UsageError
+from onceflow.options import parse_pipeline_args
+from onceflow.pipelines.flink_savepoint import SavepointStop, runs_on_flink, savepoint_stop_from_options
+
+FLINK = ("--runner=PortableRunner", "--job_endpoint=127.0.0.1:18099")
+LIVE = ("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g")
+REST = "--flink_rest_url=http://127.0.0.1:18081"
+
+
+def _stop(*flags, live=True):
+    return savepoint_stop_from_options(parse_pipeline_args(list(flags)), live)
+
+
+def test_no_savepoint_flags_mean_no_savepoint_stop():
+    assert _stop(*FLINK) is None
+    assert _stop() is None
+
+
+def test_the_flags_become_a_savepoint_stop():
+    stop = _stop(*FLINK, "--flink_savepoint_dir=/var/sp", REST + "/", "--job_name=orders-live",
+                 "--savepoint_path=file:/var/sp/savepoint-1", "--allow_non_restored_state")
+    assert stop == SavepointStop("http://127.0.0.1:18081", "/var/sp", "orders-live", "file:/var/sp/savepoint-1")
+    assert _stop(*FLINK, "--flink_savepoint_dir=s3://bucket/sp", REST, "--job_name=j").savepoint_dir == "s3://bucket/sp"
+
+
+def test_a_job_without_a_name_gets_a_unique_one_on_flink():
+    options = parse_pipeline_args([*FLINK, "--flink_savepoint_dir=/var/sp", REST])
+    first = savepoint_stop_from_options(options, live=True).job_name
+    assert first.startswith("onceflow-aggregate-")
+    assert options.get_all_options()["job_name"] == first  # what the job server names the Flink job
+    assert _stop(*FLINK, "--flink_savepoint_dir=/var/sp", REST).job_name != first
+
+
+@pytest.mark.parametrize("runner, flink", [("PortableRunner", True), ("portable", True), ("FlinkRunner", True),
+                                           ("flink", True), ("PrismRunner", False), ("DirectRunner", False),
+                                           ("DataflowRunner", False), (None, False)])
+def test_which_runners_count_as_flink(runner, flink):
+    assert runs_on_flink(parse_pipeline_args([f"--runner={runner}"] if runner else [])) is flink
+
+
+@pytest.mark.parametrize("flags, live, fragment", [
+    (("--flink_savepoint_dir=/var/sp", REST), True,
+     "--flink_savepoint_dir: stopping with a savepoint needs Flink; no --runner is given"),
+    (("--runner=PrismRunner", "--flink_savepoint_dir=/var/sp", REST), True, "the runner is PrismRunner"),
+    ((*FLINK, "--flink_savepoint_dir=/var/sp"), True, "--flink_savepoint_dir: needs --flink_rest_url=http://HOST:PORT"),
+    ((*FLINK, "--flink_savepoint_dir=/var/sp", REST), False, "--flink_savepoint_dir: only a live kafka:// job"),
+    ((*FLINK, "--flink_savepoint_dir=sp", REST), True, "--flink_savepoint_dir: 'sp' is relative"),
+    ((*FLINK, "--flink_savepoint_dir=/var/sp", "--flink_rest_url=127.0.0.1:8081"), True,
+     "--flink_rest_url: '127.0.0.1:8081' is not Flink's REST address"),
+    ((*FLINK, REST), True, "--flink_rest_url: only used to stop the job with a savepoint"),
+    (("--savepoint_path=/var/sp/savepoint-1",), True, "--savepoint_path: only Flink restores a savepoint"),
+    ((*FLINK, "--savepoint_path=/var/sp/savepoint-1"), False, "--savepoint_path: only a live kafka:// job"),
+    ((*FLINK, "--allow_non_restored_state"), True, "--allow_non_restored_state: only means something with"),
+])
+def test_bad_combinations_are_refused(flags, live, fragment):
+    with pytest.raises(UsageError) as raised:
+        _stop(*flags, live=live)
+    assert fragment in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "onceflow.pipelines.aggregate", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _lines(stderr):
+    return [line for line in stderr.splitlines()
+            if line.strip() and "apitools" not in line and not line.startswith("onceflow: passing flags")]
+
+
+def test_the_job_refuses_them_in_one_line_before_it_reads(tmp_path):
+    result = _run_cli(*LIVE, f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl",
+                      "--runner=PrismRunner", f"--flink_savepoint_dir={tmp_path}", REST)
+    assert result.returncode == 2
+    assert _lines(result.stderr) == ["aggregate: error: --flink_savepoint_dir: stopping with a savepoint needs "
+                                     "Flink; the runner is PrismRunner (use --runner=PortableRunner "
+                                     "--job_endpoint=<Flink job server>)"], result.stderr
+    assert not (tmp_path / "out.db").exists()
+
+
+def test_an_unreachable_rest_api_stops_the_job_before_it_is_submitted(tmp_path):
+    """Checked first: a job whose REST address is wrong could be neither stopped
+    with a savepoint nor cancelled through Flink."""
+    result = _run_cli(*LIVE, *FLINK, f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl",
+                      f"--flink_savepoint_dir={tmp_path}", "--flink_rest_url=http://127.0.0.1:9")
+    assert result.returncode == 1
+    lines = _lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("aggregate: --flink_rest_url: Flink's REST API at http://127.0.0.1:9/config did "
+                               "not answer: ")
+
+
+def test_help_lists_the_savepoint_flags():
+    result = _run_cli("--help")
+    for flag in ("--flink_savepoint_dir", "--flink_rest_url", "--savepoint_path", "--allow_non_restored_state"):
+        assert flag in result.stdout
