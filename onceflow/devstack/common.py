@@ -22,15 +22,14 @@ import time
 from typing import BinaryIO, Callable, Sequence
 
 from onceflow.errors import ServiceError
+from onceflow.runners import onceflow_home
 
 HOST = "127.0.0.1"
 
 
 def home() -> pathlib.Path:
     """The project-local folder: ``$ONCEFLOW_HOME`` if set, else ``./.onceflow``."""
-    configured = os.environ.get("ONCEFLOW_HOME")
-    path = pathlib.Path(configured) if configured else pathlib.Path.cwd() / ".onceflow"
-    return path.resolve()
+    return onceflow_home()
 
 
 def cache_dir(name: str) -> pathlib.Path:

@@ -275,7 +275,7 @@ def _up(secure: bool | None) -> bool:
 def down() -> bool:
     """Stop the broker if this package started it; True when something was stopped."""
     service = _service()
-    with service.locked():
+    with service.locked(create=False):
         return service.stop(timeout=60.0)
 
 

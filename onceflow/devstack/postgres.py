@@ -261,7 +261,7 @@ def _up() -> bool:
 
 def down() -> bool:
     """Stop the cluster if it runs from this folder; True when something was stopped."""
-    with _service().locked():
+    with _service().locked(create=False):
         return _down()
 
 

@@ -19,8 +19,9 @@ import pathlib
 import subprocess
 from typing import Any
 
-from onceflow.devstack.common import cache_dir, progress, require_tool, run_logged
+from onceflow.devstack.common import progress, require_tool, run_logged
 from onceflow.errors import ServiceError
+from onceflow.runners import built_prism, prism_binary_path
 from onceflow.versions import BEAM_VERSION
 
 NAME = "prism"
@@ -28,21 +29,19 @@ MODULE = "github.com/apache/beam/sdks/v2/go/cmd/prism"
 BUILD_TIMEOUT = 900.0
 
 
-def _folder() -> pathlib.Path:
-    return cache_dir(f"prism-{BEAM_VERSION}")
-
-
 def binary_path() -> pathlib.Path:
-    """Where the prism binary for BEAM_VERSION is (or will be) built."""
-    return _folder() / "bin" / "prism"
+    """Where the prism binary for BEAM_VERSION is (or will be) built: the place
+    the main job looks for it (:func:`onceflow.runners.prism_binary_path`)."""
+    return prism_binary_path()
+
+
+def _folder() -> pathlib.Path:
+    return binary_path().parent.parent
 
 
 def prism_location() -> str | None:
     """The path of the built prism binary, or None when it has not been built yet."""
-    path = binary_path()
-    if path.is_file() and os.access(path, os.X_OK):
-        return str(path)
-    return None
+    return built_prism()
 
 
 def runs(path: pathlib.Path) -> bool:

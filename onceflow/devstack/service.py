@@ -51,12 +51,16 @@ class ManagedService:
     server_writes_pid_file: bool = False
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, create: bool = True) -> Iterator[None]:
         """Holds the service's lock (``FOLDER/.lock``, ``flock``): a start or stop in
         another process waits for this one. Without it two processes starting the
         service at once (a test fixture and the torture's broker restart) each wrote
         the pid file, one start failed on the taken port, and the running server was
-        left with no pid file: `onceflow dev` then called it down."""
+        left with no pid file: `onceflow dev` then called it down. ``create``: make
+        the folder if it is missing (a start); a stop leaves a missing one alone."""
+        if not create and not self.folder.exists():
+            yield  # nothing ever ran from here: nothing to stop, nothing to create
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / ".lock", "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -103,9 +103,35 @@ def high_water_after(batch: RecordBatch, time_source: str = "field") -> Optional
     return high
 
 
+def batch_marks(batch: RecordBatch, spec: WindowSpec, time_source: str, batch_time_ms: int) -> List[Mark]:
+    """The positions a Kafka batch passes, at the grain of the final point: before
+    each record whose high water moves into a later window step than the next
+    record's (the furthest position of each final point), and after the batch.
+    A batch read while catching up can span minutes of event time; one mark per
+    batch would hold the whole batch until its last window is final, so after a
+    restart the positions could not move until a window plus the lateness after
+    the restart. The position before record ``i`` covers the records before it,
+    whose high water is ``high_waters[i]``."""
+    positions, high_waters = batch.positions, batch.high_waters
+    step = spec.step_ms
+    marks: List[Mark] = []
+    last = len(positions) - 1
+    for index in range(1, last + 1):
+        high = high_waters[index]
+        if index < last:
+            following = high_waters[index + 1]
+            if (None if high is None else high // step) == (None if following is None else following // step):
+                continue  # a later position has the same final point
+        marks.append(Mark(final_at_ms(spec, high, batch_time_ms), positions[index], high))
+    high = high_water_after(batch, time_source)
+    marks.append(Mark(final_at_ms(spec, high, batch_time_ms), positions[-1] + 1, high))
+    return marks
+
+
 class _MarksDoFn(beam.DoFn):
-    """Per bundle, the latest mark of each (partition, final_at) of the Kafka
-    batches it saw: a few marks per bundle, not one per batch."""
+    """Per bundle, the furthest mark of each (partition, final point) of the Kafka
+    batches it saw (:func:`batch_marks`): a few marks per bundle, not one per
+    record."""
 
     def __init__(self, spec: WindowSpec, time_source: str):
         self._spec = spec
@@ -118,13 +144,11 @@ class _MarksDoFn(beam.DoFn):
         if batch.origin[0] != KAFKA or not batch.values:
             return
         _, topic, partition = batch.origin
-        high = high_water_after(batch, self._time_source)
-        final_at = final_at_ms(self._spec, high, timestamp.micros // 1000)
-        key = (topic, partition, final_at)
-        held = self._latest.get(key)
-        next_offset = batch.positions[-1] + 1
-        if held is None or held[0].next_offset < next_offset:
-            self._latest[key] = (Mark(final_at, next_offset, high), timestamp)  # emitted in finish_bundle
+        for mark in batch_marks(batch, self._spec, self._time_source, timestamp.micros // 1000):
+            key = (topic, partition, mark.final_at_ms)
+            held = self._latest.get(key)
+            if held is None or held[0].next_offset < mark.next_offset:
+                self._latest[key] = (mark, timestamp)  # emitted in finish_bundle
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
         latest, self._latest = self._latest, {}

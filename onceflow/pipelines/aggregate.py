@@ -54,6 +54,7 @@ from onceflow.options import (
 from onceflow.pipelines import flink_savepoint
 from onceflow.pipelines.flink_savepoint import SavepointStop
 from onceflow.pipelines.summary import RunSummary, collect_summary
+from onceflow.runners import prepare_runner, runs_on_prism
 from onceflow.rows import RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
 from onceflow.transforms.batched import DEFAULT_SHARDS
@@ -342,77 +343,6 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
     return dataclasses.replace(job, kafka=dataclasses.replace(config, resume=resume))
 
 
-def _choose_streaming_runner(options: PipelineOptions) -> None:
-    """A live read needs a streaming runner. With no --runner, use Prism built by
-    ``onceflow dev up --services prism`` (the DirectRunner would silently run a
-    live read in batch mode and never emit a window)."""
-    standard = options.view_as(StandardOptions)
-    standard.streaming = True
-    if standard.runner is not None:
-        return
-    from apache_beam.options.pipeline_options import PrismRunnerOptions
-
-    from onceflow.devstack.prism import prism_location
-
-    prism = options.view_as(PrismRunnerOptions)
-    location = prism.prism_location or prism_location()
-    if location is None:
-        raise UsageError("a live kafka:// read needs a streaming runner: run `onceflow dev up --services prism` "
-                         "(builds Prism), or pass --runner=PrismRunner --prism_location=PATH, or another runner")
-    standard.runner = "PrismRunner"
-    prism.prism_location = location
-
-
-# Beam's portable client (Prism, job servers) opens a job's state and message
-# streams with --job_server_timeout as their deadline, 300 s by default: a live
-# job then fails after five minutes with DEADLINE_EXCEEDED ("Stream removed").
-# Found by the long torture run. A live job gets ten years unless the flag is set.
-LIVE_JOB_SERVER_TIMEOUT_S = 10 * 365 * 24 * 3600
-
-
-def keep_live_job_streams_open(options: PipelineOptions) -> None:
-    """Raises ``--job_server_timeout`` for a live job unless set to another value
-    than Beam's default (see above)."""
-    from apache_beam.options.pipeline_options import PortableOptions
-
-    if "job_server_timeout" not in options.get_all_options(drop_default=True):
-        options.view_as(PortableOptions).job_server_timeout = LIVE_JOB_SERVER_TIMEOUT_S
-
-
-def _runs_direct_multi_processing(options: PipelineOptions) -> bool:
-    from apache_beam.options.pipeline_options import DirectOptions
-
-    return options.view_as(DirectOptions).direct_running_mode == "multi_processing"
-
-
-def runs_on_prism(options: PipelineOptions) -> bool:
-    """Whether ``--runner`` names Prism."""
-    runner = options.view_as(StandardOptions).runner
-    return runner is not None and runner.lower() in ("prismrunner", "prism")
-
-
-# Prism 2.77 splits a slow bundle at an element and hands the rest to a new bundle,
-# releasing the rest's keys although the first bundle may still hold (unwritten)
-# state of the same key (engine/elementmanager.go, stageState.splitBundle): two
-# bundles then update one key's state at once and one update is lost, with no
-# error. In a torture of this job it dropped a few events from a window in about
-# one backlog start in three. Runner-initiated splits are off for every stage
-# with this experiment; the Kafka reader still checkpoints itself.
-PRISM_NO_SPLITS_EXPERIMENT = "prism_disable_sdf_split"
-
-
-def keep_prism_from_splitting(options: PipelineOptions) -> None:
-    """On Prism, turns runner-initiated bundle splits off (see above): the
-    stateful dedup and aggregation steps are only exact without them."""
-    from apache_beam.options.pipeline_options import DebugOptions
-
-    if not runs_on_prism(options):
-        return
-    debug = options.view_as(DebugOptions)
-    if not debug.lookup_experiment(PRISM_NO_SPLITS_EXPERIMENT):
-        debug.add_experiment(PRISM_NO_SPLITS_EXPERIMENT)
-
-
 def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     """Parses flags, runs the job to completion and returns its summary."""
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
@@ -448,18 +378,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             expected_records = sum(read.stop_offset - read.start_offset for read in reads)
     elif not job.from_archive:
         _check_input_exists(job.input_pattern)
-    if job.is_live:
-        _choose_streaming_runner(options)
-        keep_live_job_streams_open(options)
-    keep_prism_from_splitting(options)
-    if job.kafka is not None and _runs_direct_multi_processing(options):
-        raise UsageError("--direct_running_mode=multi_processing: the DirectRunner's worker processes lost "
-                         "Kafka records in a backfill here (the same run in one process is exact); run a "
-                         "Kafka input in_memory (the default) or on Flink")
-    if job.kafka_readers > 1 and runs_on_prism(options):
-        raise UsageError("--kafka_readers: Prism (Beam 2.77) takes a reader stage's watermark from the latest "
-                         "bundle's readers only and could close windows early with several; use 1 on Prism, "
-                         "or more on Flink or Dataflow")
+    prepare_runner(options, job.is_live, job.kafka is not None, job.kafka_readers)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)

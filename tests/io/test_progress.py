@@ -14,7 +14,7 @@ from apache_beam.transforms.window import TimestampedValue
 from onceflow.batches import KAFKA, Decoded, RecordBatch, Refusal
 from onceflow.io.bigquery import BigQueryProgress
 from onceflow.io.file_sink import FileProgress
-from onceflow.io.progress import KeepProgress, Position, final_at_ms, high_water_after
+from onceflow.io.progress import KeepProgress, Mark, Position, batch_marks, final_at_ms, high_water_after
 from onceflow.io.sqlite import SqliteProgress
 from onceflow.windowing import WindowSpec
 
@@ -186,3 +186,20 @@ def test_bigquery_keeps_positions_through_a_staging_load_and_a_guarded_merge():
     assert create_staging.startswith("CREATE my-project.d.onceflow_progress__staging_")
     assert load == "LOAD " + create_staging.split(" ")[1] and merge == "MERGE my-project.d.onceflow_progress"
     assert delete == "DELETE " + create_staging.split(" ")[1]
+
+
+def test_a_batch_spanning_windows_passes_a_position_per_window_step():
+    """A catch-up batch over three windows: the positions before the first record of
+    each later window step, and after the batch, each final once its own window is."""
+    t0 = 100 * MINUTE
+    times = [t0 + 1, t0 + 2, t0 + MINUTE + 1, None, t0 + MINUTE + 3, t0 + 2 * MINUTE + 1]
+    marks = batch_marks(batch(0, range(10, 16), times), SPEC, "field", t0 + 2 * MINUTE + 1)
+    after = t0 + 2 * MINUTE + 1
+    assert marks == [
+        Mark(final_at_ms(SPEC, t0 + 2, after), 12, t0 + 2),  # offsets 10-11: the first window
+        Mark(final_at_ms(SPEC, t0 + MINUTE + 3, after), 15, t0 + MINUTE + 3),  # 12-14: the second
+        Mark(final_at_ms(SPEC, after, after), 16, after),  # the whole batch
+    ]
+    # The batch's dead letters carry its timestamp (after), so nothing is final before that has passed;
+    # but the first positions are not held until the batch's last window + lateness.
+    assert [m.final_at_ms for m in marks] == [after + 1, t0 + 2 * MINUTE + 30_001, t0 + 3 * MINUTE + 30_001]

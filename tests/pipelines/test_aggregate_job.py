@@ -127,7 +127,7 @@ def test_a_live_job_keeps_its_runner_streams_open_past_beams_default_timeout():
     keeps a value the user chose."""
     from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions
 
-    from onceflow.pipelines.aggregate import LIVE_JOB_SERVER_TIMEOUT_S, keep_live_job_streams_open
+    from onceflow.runners import LIVE_JOB_SERVER_TIMEOUT_S, keep_live_job_streams_open
 
     options = PipelineOptions(["--runner=PrismRunner"])
     keep_live_job_streams_open(options)

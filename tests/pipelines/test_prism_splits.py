@@ -23,7 +23,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 
 from onceflow.pipelines import aggregate
-from onceflow.pipelines.aggregate import PRISM_NO_SPLITS_EXPERIMENT, keep_prism_from_splitting
+from onceflow.runners import PRISM_NO_SPLITS_EXPERIMENT, keep_prism_from_splitting
 
 ELEMENTS = 400
 EMIT_AT = Timestamp(seconds=10**9)  # after every element, before the global window's end

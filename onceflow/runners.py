@@ -1,0 +1,134 @@
+"""What each runner needs from a job, in one place.
+
+Every workaround here names the runner and version it is for and why; the main
+job applies them all through :func:`prepare_runner`. Findings behind them:
+docs/runner-findings.md.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import TYPE_CHECKING, Optional
+
+from onceflow.errors import UsageError
+from onceflow.versions import BEAM_VERSION
+
+if TYPE_CHECKING:  # apache_beam is imported where it is used: `onceflow dev` reads the paths below without it
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+
+def onceflow_home() -> pathlib.Path:
+    """The project-local folder of the dev services and their builds:
+    ``$ONCEFLOW_HOME`` if set, else ``./.onceflow``."""
+    configured = os.environ.get("ONCEFLOW_HOME")
+    path = pathlib.Path(configured) if configured else pathlib.Path.cwd() / ".onceflow"
+    return path.resolve()
+
+
+def prism_binary_path() -> pathlib.Path:
+    """Where ``onceflow dev up --services prism`` builds Prism for BEAM_VERSION."""
+    return onceflow_home() / "cache" / f"prism-{BEAM_VERSION}" / "bin" / "prism"
+
+
+def built_prism() -> Optional[str]:
+    """The path of the built Prism binary, or None when it has not been built."""
+    path = prism_binary_path()
+    return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def runs_on_prism(options: PipelineOptions) -> bool:
+    """Whether ``--runner`` names Prism."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    return runner is not None and runner.lower() in ("prismrunner", "prism")
+
+
+def choose_streaming_runner(options: PipelineOptions) -> None:
+    """A live read needs a streaming runner. With no ``--runner``, use the Prism
+    that ``onceflow dev up --services prism`` built: Beam 2.77's DirectRunner
+    would silently run a live read in batch mode and never emit a window."""
+    from apache_beam.options.pipeline_options import PrismRunnerOptions, StandardOptions
+
+    standard = options.view_as(StandardOptions)
+    standard.streaming = True
+    if standard.runner is not None:
+        return
+
+    prism = options.view_as(PrismRunnerOptions)
+    location = prism.prism_location or built_prism()
+    if location is None:
+        raise UsageError("a live kafka:// read needs a streaming runner: run `onceflow dev up --services prism` "
+                         "(builds Prism), or pass --runner=PrismRunner --prism_location=PATH, or another runner")
+    standard.runner = "PrismRunner"
+    prism.prism_location = location
+
+
+# Beam's portable client (Prism, job servers) opens a job's state and message
+# streams with --job_server_timeout as their deadline, 300 s by default: a live
+# job then fails after five minutes with DEADLINE_EXCEEDED ("Stream removed").
+# Found by the long torture run. A live job gets ten years unless the flag is set.
+LIVE_JOB_SERVER_TIMEOUT_S = 10 * 365 * 24 * 3600
+
+
+def keep_live_job_streams_open(options: PipelineOptions) -> None:
+    """Raises ``--job_server_timeout`` for a live job unless set to another value
+    than Beam's default (see above)."""
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    if "job_server_timeout" not in options.get_all_options(drop_default=True):
+        options.view_as(PortableOptions).job_server_timeout = LIVE_JOB_SERVER_TIMEOUT_S
+
+
+# Prism 2.77 splits a slow bundle at an element and hands the rest to a new bundle,
+# releasing the rest's keys although the first bundle may still hold (unwritten)
+# state of the same key (engine/elementmanager.go, stageState.splitBundle): two
+# bundles then update one key's state at once and one update is lost, with no
+# error. In a torture of this job it dropped a few events from a window in about
+# one backlog start in three. Runner-initiated splits are off for every stage
+# with this experiment; the Kafka reader still checkpoints itself.
+PRISM_NO_SPLITS_EXPERIMENT = "prism_disable_sdf_split"
+
+
+def keep_prism_from_splitting(options: PipelineOptions) -> None:
+    """On Prism, turns runner-initiated bundle splits off (see above): the
+    stateful dedup and aggregation steps are only exact without them."""
+    from apache_beam.options.pipeline_options import DebugOptions
+
+    if not runs_on_prism(options):
+        return
+    debug = options.view_as(DebugOptions)
+    if not debug.lookup_experiment(PRISM_NO_SPLITS_EXPERIMENT):
+        debug.add_experiment(PRISM_NO_SPLITS_EXPERIMENT)
+
+
+def _runs_direct_multi_processing(options: PipelineOptions) -> bool:
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    return options.view_as(DirectOptions).direct_running_mode == "multi_processing"
+
+
+def prepare_runner(options: PipelineOptions, live: bool, reads_kafka: bool, kafka_readers: int) -> None:
+    """Applies every workaround a job needs on the runner its options name, and
+    refuses, in one line, the combinations that lose records:
+
+    * a live job gets a streaming runner and long-lived job streams;
+    * Prism 2.77 gets no runner-initiated splits;
+    * the DirectRunner's ``multi_processing`` mode lost Kafka records in a backfill
+      here (the same run in one process is exact): refused for a Kafka input;
+    * Prism 2.77 takes a reader stage's watermark from the latest bundle's readers
+      only, so with several Kafka readers it could close windows early: refused.
+    """
+    if live:
+        choose_streaming_runner(options)
+        keep_live_job_streams_open(options)
+    keep_prism_from_splitting(options)
+    if reads_kafka and _runs_direct_multi_processing(options):
+        raise UsageError("--direct_running_mode=multi_processing: the DirectRunner's worker processes lost "
+                         "Kafka records in a backfill here (the same run in one process is exact); run a "
+                         "Kafka input in_memory (the default) or on Flink")
+    if kafka_readers > 1 and runs_on_prism(options):
+        raise UsageError("--kafka_readers: Prism (Beam 2.77) takes a reader stage's watermark from the latest "
+                         "bundle's readers only and could close windows early with several; use 1 on Prism, "
+                         "or more on Flink or Dataflow")
