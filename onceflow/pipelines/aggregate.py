@@ -562,10 +562,10 @@ def _cancel(result: beam.runners.runner.PipelineResult) -> bool:
         return False
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m onceflow.pipelines.aggregate") -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
-        print(help_text("python -m onceflow.pipelines.aggregate", __doc__.strip().splitlines()[0],
+        print(help_text(prog, __doc__.strip().splitlines()[0],
                         (*ONCEFLOW_OPTION_CLASSES, FlinkSavepointOptions)))
         return 0
     return exit_status("aggregate", lambda: print(_refusing_client_errors(run, args).render()))

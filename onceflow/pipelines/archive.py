@@ -99,10 +99,10 @@ def files_written(result: PipelineResult) -> int:
     return int(snapshot.counters.get(metrics.ARCHIVE_FILES_WRITTEN, 0))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m onceflow.pipelines.archive") -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
-        print(help_text("python -m onceflow.pipelines.archive", __doc__.strip().splitlines()[0],
+        print(help_text(prog, __doc__.strip().splitlines()[0],
                         (InputOptions, KafkaOptions, ArchiveOptions)))
         return 0
     return exit_status("archive", lambda: _succeeded(_refusing_client_errors(args)))

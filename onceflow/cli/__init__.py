@@ -20,7 +20,8 @@ _SUBCOMMAND_MODULES = (
     "onceflow.devstack.command",
     "onceflow.observability.command",
     "onceflow.deadletter_command",
-    "onceflow.flex_templates_command",
+    "onceflow.cli.run",
+    "onceflow.cli.templates",
     "onceflow.torture.command",
 )
 

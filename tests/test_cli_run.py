@@ -1,0 +1,35 @@
+"""``onceflow run JOB``: the pipelines as subcommands, their flags passed through."""
+
+import sqlite3
+import subprocess
+import sys
+
+COMMAND = [sys.executable, "-m", "onceflow.cli", "run"]
+
+
+def test_run_aggregate_help_names_the_subcommand():
+    shown = subprocess.run([*COMMAND, "aggregate", "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0
+    assert shown.stdout.startswith("usage: onceflow run aggregate") and "--kafka_group" in shown.stdout
+
+
+def test_run_aggregate_runs_the_main_job_on_its_sample(tmp_path):
+    ran = subprocess.run([*COMMAND, "aggregate", "--status=off"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    with sqlite3.connect(tmp_path / "onceflow-output" / "aggregates.db") as connection:
+        assert connection.execute("SELECT COUNT(*) FROM aggregates").fetchone() == (707,)
+
+
+def test_run_passes_a_bad_flag_to_the_job_which_refuses_it_in_one_line(tmp_path):
+    ran = subprocess.run([*COMMAND, "aggregate", "--window=banana"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert ran.returncode == 2
+    assert ran.stderr.strip().splitlines() == [ran.stderr.strip()] and "--window" in ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
+def test_run_archive_help_and_an_unknown_job():
+    assert subprocess.run([*COMMAND, "archive", "--help"], capture_output=True, timeout=120).returncode == 0
+    unknown = subprocess.run([*COMMAND, "nope"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "invalid choice: 'nope'" in unknown.stderr
