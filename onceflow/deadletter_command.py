@@ -33,7 +33,7 @@ import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from onceflow.errors import ServiceError, UsageError
-from onceflow.io.kafka_config import scrub_secrets
+from onceflow.io.kafka.config import scrub_secrets
 from onceflow.io.urls import first_line
 from onceflow.events import RecordError, format_utc_ms, parse_event_time_ms
 from onceflow.windowing import parse_duration_ms
@@ -107,7 +107,7 @@ def _time_flag(text: Optional[str], flag: str) -> Optional[int]:
 def _target(args):
     """The queue ``--dlq`` names, with the Kafka client settings of the flags."""
     from onceflow.io.dlq import parse_dlq_target
-    from onceflow.io.kafka_config import client_settings_from_flags
+    from onceflow.io.kafka.config import client_settings_from_flags
 
     try:
         target = parse_dlq_target(args.dlq)

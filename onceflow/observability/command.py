@@ -14,7 +14,9 @@ import argparse
 import json
 import sys
 
-from onceflow.io.kafka_config import parse_client_settings, read_properties_file
+from onceflow.io.kafka.admin import consumer_group_lag
+from onceflow.io.kafka.config import parse_client_settings, read_properties_file
+from onceflow.io.kafka.errors import BrokerUnreachable, UnknownGroupOrTopic
 from onceflow.observability import lag as lag_module
 
 
@@ -64,13 +66,16 @@ def run_lag(args: argparse.Namespace) -> int:
         print(f"onceflow lag: error: {error}", file=sys.stderr)
         return 2
     try:
-        found = lag_module.consumer_group_lag(args.bootstrap_server, args.group, args.topic,
-                                              timeout_s=args.timeout, settings=settings)
-    except lag_module.LagError as error:
+        found = consumer_group_lag(args.bootstrap_server, args.group, args.topic, timeout_s=args.timeout,
+                                   settings=settings)
+    except UnknownGroupOrTopic as error:
         print(f"onceflow lag: {error}", file=sys.stderr)
-        return error.exit_code
+        return lag_module.EXIT_UNKNOWN
+    except BrokerUnreachable as error:
+        print(f"onceflow lag: {error}", file=sys.stderr)
+        return lag_module.EXIT_UNREACHABLE
     if args.json:
-        print(json.dumps(found.to_json(args.max_lag), sort_keys=True))
+        print(json.dumps(lag_module.to_json(found, args.max_lag), sort_keys=True))
     else:
         print(lag_module.render(found, args.max_lag))
     return lag_module.exit_status(found, args.max_lag)

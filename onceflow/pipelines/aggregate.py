@@ -29,15 +29,13 @@ from onceflow.events import REGISTRY_FORMATS, EventContract
 from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
-from onceflow.io.kafka_config import (
+from onceflow.io.kafka.config import (
     COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_settings_from_flags, is_kafka_url, parse_kafka_url,
     parse_position,
 )
-from onceflow.io.kafka_errors import is_broker_away
-from onceflow.io.kafka_source import (
-    BrokerRefused, BrokerUnreachable, ReadBatchesFromKafka, RetentionGapError, describe_gaps, describe_topic,
-    resolve_partition_reads,
-)
+from onceflow.io.kafka.admin import describe_gaps, describe_topic, resolve_partition_reads
+from onceflow.io.kafka.errors import BrokerRefused, BrokerUnreachable, is_broker_away
+from onceflow.io.kafka.read import ReadBatchesFromKafka, RetentionGapError
 from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
 from onceflow.io.progress import KeepProgress, Position
 from onceflow.io.sinks import SinkTarget, WriteRows, parse_sink_url, position_sinks, prepare_sink, progress_store
@@ -191,7 +189,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     except ValueError as error:
         raise UsageError(f"--key_fields/--aggregate: {error}") from None
     if sink_avro:
-        from onceflow.io.kafka_sink import row_avro_schema
+        from onceflow.io.kafka.write import row_avro_schema
 
         try:
             fastavro.parse_schema(row_avro_schema(row_schema), named_schemas={})

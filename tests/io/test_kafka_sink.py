@@ -12,8 +12,9 @@ from confluent_kafka import Producer
 
 from onceflow import devstack, metrics
 from onceflow.aggregates import parse_aggregates
-from onceflow.io.kafka_config import KafkaTopic
-from onceflow.io.kafka_sink import latest_rows, read_records_to_end, write_rows_to_kafka
+from onceflow.io.kafka.config import KafkaTopic
+from onceflow.io.kafka.admin import read_records_to_end
+from onceflow.io.kafka.write import latest_rows, write_rows_to_kafka
 from onceflow.rows import RowSchema
 
 pytestmark = pytest.mark.kafka
