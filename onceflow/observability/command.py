@@ -1,7 +1,7 @@
 """``onceflow lag``: a consumer group's lag per partition and in total, from the broker.
 
     onceflow lag --bootstrap-server HOST:PORT --group GROUP [--topic T] [--max-lag N] [--json]
-                 [--kafka-config-file PATH] [--kafka-setting NAME=VALUE ...]
+                 [--kafka_config_file PATH] [--kafka_setting NAME=VALUE ...]
 
 Exit status: 0 (within --max-lag, or no --max-lag), 1 (total lag above --max-lag),
 2 (a wrong flag), 3 (the broker cannot be reached or refused a request),
@@ -43,12 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long to wait for the broker (default 10)")
-    parser.add_argument("--kafka-setting", "--kafka_setting", dest="kafka_setting", action="append", default=None,
-                        metavar="NAME=VALUE",
+    parser.add_argument("--kafka_setting", action="append", default=None, metavar="NAME=VALUE",
                         help="a client setting passed as is (repeatable), e.g. security.protocol=SASL_SSL")
-    parser.add_argument("--kafka-config-file", "--kafka_config_file", dest="kafka_config_file", metavar="PATH",
+    parser.add_argument("--kafka_config_file", metavar="PATH",
                         help="a Kafka client properties file (key=value lines, librdkafka names), as the "
-                             "job's --kafka_config_file; --kafka-setting wins")
+                             "job's --kafka_config_file; --kafka_setting wins")
     parser.set_defaults(handler=run_lag)
 
 
@@ -60,8 +59,8 @@ def _non_negative_int(text: str) -> int:
 
 def run_lag(args: argparse.Namespace) -> int:
     try:
-        settings = read_properties_file(args.kafka_config_file, "--kafka-config-file") if args.kafka_config_file else {}
-        settings.update(parse_client_settings(args.kafka_setting, "--kafka-setting"))
+        settings = read_properties_file(args.kafka_config_file) if args.kafka_config_file else {}
+        settings.update(parse_client_settings(args.kafka_setting, "--kafka_setting"))
     except ValueError as error:
         print(f"onceflow lag: error: {error}", file=sys.stderr)
         return 2
