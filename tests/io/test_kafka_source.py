@@ -15,8 +15,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from onceflow.deadletter import DeadLetter
 from onceflow.events import EventContract, SourceRecord
 from onceflow.io.dlq import parse_dlq_target, read_dead_letters_from
-from onceflow.io.kafka.config import KafkaReadConfig, KafkaTopic, parse_position
 from onceflow.io.kafka.admin import describe_topic, read_topic_to_end
+from onceflow.io.kafka.config import KafkaReadConfig, KafkaTopic, parse_position
 from onceflow.io.kafka.read import (
     LIVE_END, PartitionSpan, PartitionsRestriction, ReadFromKafka, _PartitionsTracker, backlog,
 )

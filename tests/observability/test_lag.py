@@ -88,3 +88,16 @@ def test_the_kafka_flags_are_spelled_as_the_job_spells_them(capsys):
         with pytest.raises(SystemExit) as exit:
             cli.main(["lag", "--bootstrap-server", "127.0.0.1:9", "--group", "g", dashed, "x"])
         assert exit.value.code == 2 and f"unrecognized arguments: {dashed}" in capsys.readouterr().err
+
+
+def test_the_tortures_probe_counts_the_same_lag_with_one_consumer_kept(group_at_known_position):
+    from onceflow.torture.command import _LagProbe
+
+    bootstrap, topic, group = group_at_known_position
+    probe = _LagProbe(bootstrap, group, topic, 3)
+    try:
+        assert probe.committed_offsets() == [20, 20, 0]
+        assert probe.read() == (40, 60)
+        assert probe.read() == (40, 60)  # sampled again with the same consumer
+    finally:
+        probe.close()
