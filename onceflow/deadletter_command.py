@@ -1,6 +1,6 @@
 """``onceflow dlq``: list, count and replay dead letters.
 
-    onceflow dlq count  --dlq TARGET [--kafka_config_file PATH] [--kafka-setting NAME=VALUE ...]
+    onceflow dlq count  --dlq TARGET [--kafka_config_file PATH] [--kafka_setting NAME=VALUE ...]
     onceflow dlq list   --dlq TARGET [--reason R] [--since T] [--until T] [--limit N] [--json]
     onceflow dlq replay --dlq TARGET [--reason R] [--since T] [--until T] [--margin 1h] -- JOB FLAGS
 
@@ -8,7 +8,7 @@ TARGET is what the job's ``--dlq`` was: a JSON-lines file, ``postgresql://...``
 or ``kafka://HOST:PORT/TOPIC``. ``--since``/``--until`` select by the time the
 record failed. A Kafka queue on a secured cluster is read with the client
 settings of ``--kafka_config_file`` (a Kafka client properties file) and
-``--kafka-setting NAME=VALUE`` (which wins), as the main job takes them; for
+``--kafka_setting NAME=VALUE`` (which wins), as the main job takes them; for
 ``replay`` they read the queue only: the job's own Kafka flags go after ``--``.
 
 Replay recomputes history through the (fixed) job instead of pushing single
@@ -33,7 +33,7 @@ import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from onceflow.errors import ServiceError, UsageError
-from onceflow.io.kafka_config import scrub_secrets
+from onceflow.io.kafka.config import scrub_secrets
 from onceflow.io.urls import first_line
 from onceflow.events import RecordError, format_utc_ms, parse_event_time_ms
 from onceflow.windowing import parse_duration_ms
@@ -50,9 +50,9 @@ def register(subparsers) -> None:
         sub.add_argument("--reason", action="append", help="only this reason (repeatable)")
         sub.add_argument("--since", help="only records that failed at or after this ISO-8601 time")
         sub.add_argument("--until", help="only records that failed before this ISO-8601 time")
-        sub.add_argument("--kafka-setting", "--kafka_setting", dest="kafka_setting", action="append",
+        sub.add_argument("--kafka_setting", action="append",
                          metavar="NAME=VALUE", help="a Kafka client setting for a kafka:// queue (repeatable)")
-        sub.add_argument("--kafka-config-file", "--kafka_config_file", dest="kafka_config_file", metavar="PATH",
+        sub.add_argument("--kafka_config_file", metavar="PATH",
                          help="a Kafka client properties file (key=value lines) for a kafka:// queue")
         sub.add_argument("--schema-registry-url", "--schema_registry_url", dest="schema_registry_url",
                          metavar="URL", help="the schema registry of a kafka://...?format=avro_registry queue")
@@ -107,18 +107,18 @@ def _time_flag(text: Optional[str], flag: str) -> Optional[int]:
 def _target(args):
     """The queue ``--dlq`` names, with the Kafka client settings of the flags."""
     from onceflow.io.dlq import parse_dlq_target
-    from onceflow.io.kafka_config import client_settings_from_flags
+    from onceflow.io.kafka.config import client_settings_from_flags
 
     try:
         target = parse_dlq_target(args.dlq)
     except ValueError as error:
         raise UsageError(f"--dlq: {error}") from None
     try:
-        settings = client_settings_from_flags(args.kafka_setting, args.kafka_config_file, "--kafka-setting")
+        settings = client_settings_from_flags(args.kafka_setting, args.kafka_config_file)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if settings and target.kind != "kafka":
-        raise UsageError("--kafka-setting/--kafka_config_file: only a kafka:// queue takes Kafka settings")
+        raise UsageError("--kafka_setting/--kafka_config_file: only a kafka:// queue takes Kafka settings")
     registry = None
     if target.kind == "kafka" and target.value_format == "avro_registry":
         from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings

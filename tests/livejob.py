@@ -8,10 +8,11 @@ import sys
 import time
 import uuid
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from onceflow import devstack
-from onceflow.io.kafka_config import KafkaTopic
+from onceflow.io.kafka.admin import committed_offsets, new_consumer
+from onceflow.io.kafka.config import KafkaReadConfig, KafkaTopic
 from onceflow.options import SAMPLE_INPUT
 
 
@@ -79,12 +80,13 @@ def table_rows(db, table="aggregates"):
 
 
 def committed(topic, group, partitions=3):
-    consumer = Consumer({"bootstrap.servers": topic.bootstrap_servers, "group.id": group})
+    """The group's committed offset of each partition (0 where it has none)."""
+    consumer = new_consumer(KafkaReadConfig(topic, group_id=group), "test")
     try:
-        return [tp.offset for tp in consumer.committed(
-            [TopicPartition(topic.topic, p) for p in range(partitions)], timeout=10)]
+        found = committed_offsets(consumer, topic.topic, range(partitions), timeout_s=10)
     finally:
         consumer.close()
+    return [found.get(p, 0) for p in range(partitions)]
 
 
 def wait_for(condition, what, deadline_s, job=None):

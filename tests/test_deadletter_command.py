@@ -102,7 +102,7 @@ def test_the_dlq_command_passes_its_kafka_settings_to_the_client(kafka_bootstrap
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and len(err) == 1 and "no.such.setting" in err[0], err
     assert "planted-s3cr3t" not in err[0]
-    assert cli.main(["dlq", "count", "--dlq", queue.url, "--kafka-setting", "enable.auto.commit=true"]) == 2
+    assert cli.main(["dlq", "count", "--dlq", queue.url, "--kafka_setting", "enable.auto.commit=true"]) == 2
     assert "enable.auto.commit must stay false" in capsys.readouterr().err
-    assert cli.main(["dlq", "count", "--dlq", str(tmp_path / "dlq.jsonl"), "--kafka-setting", "client.id=x"]) == 2
+    assert cli.main(["dlq", "count", "--dlq", str(tmp_path / "dlq.jsonl"), "--kafka_setting", "client.id=x"]) == 2
     assert "only a kafka:// queue" in capsys.readouterr().err

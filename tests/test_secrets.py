@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from onceflow.io.kafka_config import redact
+from onceflow.io.kafka.config import redact
 from onceflow.io.postgres import connect
 from onceflow.io.sinks import parse_sink_url
 from onceflow.pipelines.aggregate import main

@@ -7,7 +7,7 @@ itself, so ``java -cp '<jars>/*' FlinkJobServerDriver`` is the job server that
 the (unserved) shaded job-server jar would have been. Beam's Java KafkaIO jars
 (:func:`onceflow.devstack.kafka_expansion.resolve_kafka_io_jars`) follow on its
 classpath: with the ``EMBEDDED`` environment the Java transforms of
-:mod:`onceflow.io.kafka_java` run in this JVM.
+:mod:`onceflow.io.kafka.java` run in this JVM.
 
 The Python 2.77.0 SDK runs through it with the portable protocol, batch and
 streaming (``PeriodicImpulse`` + windowed ``GroupByKey`` emitting each window

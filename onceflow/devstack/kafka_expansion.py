@@ -1,6 +1,6 @@
 """A Java expansion service for Beam's KafkaIO, matched to the Flink job server.
 
-Used by :class:`onceflow.io.kafka_java.ReadFromKafkaWithJava`: a Python pipeline
+Used by :class:`onceflow.io.kafka.java.ReadFromKafkaWithJava`: a Python pipeline
 asks it (at construction) to expand the Java Kafka read, then runs it on the
 ``flink`` service, where the Java part executes inside the job server.
 

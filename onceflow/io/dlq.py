@@ -136,7 +136,7 @@ def parse_dlq_target(text: str) -> DlqTarget:
         return DlqTarget("jsonl", text)
     scheme = urllib.parse.urlsplit(text).scheme
     if scheme == "kafka":
-        from onceflow.io.kafka_config import parse_kafka_url
+        from onceflow.io.kafka.config import parse_kafka_url
 
         value_format = query_params(text, ("format",)).get("format", "json")
         if value_format not in ("json", "avro_registry"):
@@ -156,14 +156,10 @@ def prepare_dlq(target: DlqTarget) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(target.location)), exist_ok=True)
         return
     if target.kind == "kafka":
-        from onceflow.io.kafka_config import EARLIEST, KafkaReadConfig, KafkaTopic
-        from onceflow.io.kafka_source import describe_topic
+        from onceflow.io.kafka.admin import require_topic
+        from onceflow.io.kafka.config import KafkaTopic
 
-        try:
-            describe_topic(KafkaReadConfig(KafkaTopic(target.location, target.table), start=EARLIEST,
-                                           client_settings=dict(target.client_settings)))
-        except RuntimeError as error:
-            raise ValueError(str(error)) from None
+        require_topic(KafkaTopic(target.location, target.table), dict(target.client_settings))
         return
     from onceflow.io import postgres
 
@@ -191,8 +187,8 @@ class WriteDeadLetters(beam.PTransform):
             self._label = "InsertIntoPostgres"
             self._transform = WriteDeadLettersToPostgres(target.location, target.table, pipeline, pipeline_version)
         elif target.kind == "kafka":
-            from onceflow.io.kafka_config import KafkaTopic
-            from onceflow.io.kafka_sink import write_dead_letters_to_kafka
+            from onceflow.io.kafka.config import KafkaTopic
+            from onceflow.io.kafka.write import write_dead_letters_to_kafka
 
             self._label = "ProduceToKafka"
             if target.value_format == "avro_registry" and target.registry is None:
@@ -219,8 +215,9 @@ def read_dead_letters_from(target: DlqTarget) -> Iterator[Dict[str, Any]]:
 
 
 def _read_dead_letters_from_kafka(target: DlqTarget) -> Iterator[Dict[str, Any]]:
-    from onceflow.io.kafka_config import KafkaTopic
-    from onceflow.io.kafka_sink import envelope_from_message, read_topic_to_end
+    from onceflow.io.kafka.admin import read_topic_to_end
+    from onceflow.io.kafka.config import KafkaTopic
+    from onceflow.io.kafka.write import envelope_from_message
 
     seen = set()
     for key, value in read_topic_to_end(KafkaTopic(target.location, target.table), dict(target.client_settings)):

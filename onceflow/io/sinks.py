@@ -239,7 +239,7 @@ def _write_file(target: SinkTarget, schema: RowSchema, batch_size: int):
 
 
 def _parse_kafka(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
-    from onceflow.io.kafka_config import parse_kafka_url
+    from onceflow.io.kafka.config import parse_kafka_url
 
     query = query_params(url, ("format",))
     value_format = query.get("format", "json")
@@ -251,19 +251,15 @@ def _parse_kafka(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
 
 
 def _prepare_kafka(target: SinkTarget, _schema: RowSchema) -> None:
-    from onceflow.io.kafka_config import EARLIEST, KafkaReadConfig, KafkaTopic
-    from onceflow.io.kafka_source import describe_topic
+    from onceflow.io.kafka.admin import require_topic
+    from onceflow.io.kafka.config import KafkaTopic
 
-    try:
-        describe_topic(KafkaReadConfig(KafkaTopic(target.location, target.table), start=EARLIEST,
-                                       client_settings=dict(target.client_settings)))
-    except RuntimeError as error:
-        raise ValueError(str(error)) from None
+    require_topic(KafkaTopic(target.location, target.table), dict(target.client_settings))
 
 
 def _write_kafka(target: SinkTarget, schema: RowSchema, batch_size: int):
-    from onceflow.io.kafka_config import KafkaTopic
-    from onceflow.io.kafka_sink import write_rows_to_kafka
+    from onceflow.io.kafka.config import KafkaTopic
+    from onceflow.io.kafka.write import write_rows_to_kafka
 
     registry = None
     if target.option("format") == "avro_registry":

@@ -8,5 +8,6 @@
 - :mod:`~onceflow.observability.health`: health thresholds, ``/healthz`` and
   ``/metrics`` (Prometheus text) on 127.0.0.1.
 - :mod:`~onceflow.observability.monitor`: the background poller ``run()`` uses.
-- :mod:`~onceflow.observability.lag` and ``command``: ``onceflow lag``.
+- :mod:`~onceflow.observability.lag` and ``command``: ``onceflow lag`` (the lag
+  itself is asked in :mod:`onceflow.io.kafka.admin`).
 """

@@ -1,7 +1,7 @@
 """``onceflow lag``: a consumer group's lag per partition and in total, from the broker.
 
     onceflow lag --bootstrap-server HOST:PORT --group GROUP [--topic T] [--max-lag N] [--json]
-                 [--kafka-config-file PATH] [--kafka-setting NAME=VALUE ...]
+                 [--kafka_config_file PATH] [--kafka_setting NAME=VALUE ...]
 
 Exit status: 0 (within --max-lag, or no --max-lag), 1 (total lag above --max-lag),
 2 (a wrong flag), 3 (the broker cannot be reached or refused a request),
@@ -14,7 +14,9 @@ import argparse
 import json
 import sys
 
-from onceflow.io.kafka_config import parse_client_settings, read_properties_file
+from onceflow.io.kafka.admin import consumer_group_lag
+from onceflow.io.kafka.config import parse_client_settings, read_properties_file
+from onceflow.io.kafka.errors import BrokerUnreachable, UnknownGroupOrTopic
 from onceflow.observability import lag as lag_module
 
 
@@ -41,12 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long to wait for the broker (default 10)")
-    parser.add_argument("--kafka-setting", "--kafka_setting", dest="kafka_setting", action="append", default=None,
-                        metavar="NAME=VALUE",
+    parser.add_argument("--kafka_setting", action="append", default=None, metavar="NAME=VALUE",
                         help="a client setting passed as is (repeatable), e.g. security.protocol=SASL_SSL")
-    parser.add_argument("--kafka-config-file", "--kafka_config_file", dest="kafka_config_file", metavar="PATH",
+    parser.add_argument("--kafka_config_file", metavar="PATH",
                         help="a Kafka client properties file (key=value lines, librdkafka names), as the "
-                             "job's --kafka_config_file; --kafka-setting wins")
+                             "job's --kafka_config_file; --kafka_setting wins")
     parser.set_defaults(handler=run_lag)
 
 
@@ -58,19 +59,22 @@ def _non_negative_int(text: str) -> int:
 
 def run_lag(args: argparse.Namespace) -> int:
     try:
-        settings = read_properties_file(args.kafka_config_file, "--kafka-config-file") if args.kafka_config_file else {}
-        settings.update(parse_client_settings(args.kafka_setting, "--kafka-setting"))
+        settings = read_properties_file(args.kafka_config_file) if args.kafka_config_file else {}
+        settings.update(parse_client_settings(args.kafka_setting, "--kafka_setting"))
     except ValueError as error:
         print(f"onceflow lag: error: {error}", file=sys.stderr)
         return 2
     try:
-        found = lag_module.consumer_group_lag(args.bootstrap_server, args.group, args.topic,
-                                              timeout_s=args.timeout, settings=settings)
-    except lag_module.LagError as error:
+        found = consumer_group_lag(args.bootstrap_server, args.group, args.topic, timeout_s=args.timeout,
+                                   settings=settings)
+    except UnknownGroupOrTopic as error:
         print(f"onceflow lag: {error}", file=sys.stderr)
-        return error.exit_code
+        return lag_module.EXIT_UNKNOWN
+    except BrokerUnreachable as error:
+        print(f"onceflow lag: {error}", file=sys.stderr)
+        return lag_module.EXIT_UNREACHABLE
     if args.json:
-        print(json.dumps(found.to_json(args.max_lag), sort_keys=True))
+        print(json.dumps(lag_module.to_json(found, args.max_lag), sort_keys=True))
     else:
         print(lag_module.render(found, args.max_lag))
     return lag_module.exit_status(found, args.max_lag)

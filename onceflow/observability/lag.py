@@ -1,17 +1,20 @@
-"""A consumer group's lag, from the broker: per partition, committed offset, log
-end offset and the records in between.
+"""How ``onceflow lag`` shows a consumer group's lag: a table, JSON, an exit status.
 
-A partition the group has no committed offset for counts from the log start
-offset (``lag = end - start``): a reader that resumes from committed offsets
-starts such a partition at ``earliest`` by default, so all of it is still to
-read. A committed offset below the log start (records removed by retention)
-also counts from the log start.
+The lag itself is asked of the broker by
+:func:`onceflow.io.kafka.admin.consumer_group_lag`: per partition, committed
+offset, log start and end offsets and the records in between. A partition the
+group has no committed offset for counts from the log start offset
+(``lag = end - start``): a reader that resumes from committed offsets starts such
+a partition at ``earliest`` by default, so all of it is still to read. A
+committed offset below the log start (records removed by retention) also counts
+from the log start.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Optional
+
+from onceflow.io.kafka.admin import GroupLag
 
 EXIT_OK = 0
 EXIT_OVER_MAX_LAG = 1
@@ -19,60 +22,20 @@ EXIT_UNREACHABLE = 3  # the broker cannot be reached, or it refused a request
 EXIT_UNKNOWN = 4  # no such consumer group or topic
 
 
-class LagError(Exception):
-    """One line for people, and the exit status it gets."""
-
-    exit_code = EXIT_UNREACHABLE
-
-
-class BrokerUnreachable(LagError):
-    exit_code = EXIT_UNREACHABLE
-
-
-class UnknownGroupOrTopic(LagError):
-    exit_code = EXIT_UNKNOWN
-
-
-@dataclasses.dataclass(frozen=True)
-class PartitionLag:
-    topic: str
-    partition: int
-    committed: Optional[int]  # None: the group has committed no offset here
-    start: int  # the log start offset
-    end: int  # the log end offset (high watermark)
-
-    @property
-    def lag(self) -> int:
-        """Records from the group's position (the log start when it has none, or
-        when its offset is below the start) to the log end."""
-        position = self.start if self.committed is None else max(self.committed, self.start)
-        return max(0, self.end - position)
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupLag:
-    bootstrap_servers: str
-    group: str
-    partitions: Tuple[PartitionLag, ...]
-    missing_topics: Tuple[str, ...] = ()  # committed to once, deleted since
-
-    @property
-    def total(self) -> int:
-        return sum(p.lag for p in self.partitions)
-
-    def to_json(self, max_lag: Optional[int] = None) -> Dict:
-        return {
-            "bootstrap_servers": self.bootstrap_servers,
-            "group": self.group,
-            "partitions": [
-                {"topic": p.topic, "partition": p.partition, "committed": p.committed, "start": p.start,
-                 "end": p.end, "lag": p.lag} for p in self.partitions
-            ],
-            "total_lag": self.total,
-            "missing_topics": list(self.missing_topics),
-            "max_lag": max_lag,
-            "over_max_lag": None if max_lag is None else self.total > max_lag,
-        }
+def to_json(lag: GroupLag, max_lag: Optional[int] = None) -> Dict:
+    """The lag as one JSON object, with the verdict against ``max_lag``."""
+    return {
+        "bootstrap_servers": lag.bootstrap_servers,
+        "group": lag.group,
+        "partitions": [
+            {"topic": p.topic, "partition": p.partition, "committed": p.committed, "start": p.start,
+             "end": p.end, "lag": p.lag} for p in lag.partitions
+        ],
+        "total_lag": lag.total,
+        "missing_topics": list(lag.missing_topics),
+        "max_lag": max_lag,
+        "over_max_lag": None if max_lag is None else lag.total > max_lag,
+    }
 
 
 def render(lag: GroupLag, max_lag: Optional[int] = None) -> str:
@@ -98,77 +61,3 @@ def render(lag: GroupLag, max_lag: Optional[int] = None) -> str:
 
 def exit_status(lag: GroupLag, max_lag: Optional[int]) -> int:
     return EXIT_OVER_MAX_LAG if max_lag is not None and lag.total > max_lag else EXIT_OK
-
-
-def _kafka_message(error) -> str:
-    inner = error.args[0] if getattr(error, "args", None) else error
-    return inner.str() if hasattr(inner, "str") else str(inner)
-
-
-def consumer_group_lag(bootstrap_servers: str, group: str, topic: Optional[str] = None,
-                       timeout_s: float = 10.0, settings: Optional[Mapping[str, str]] = None) -> GroupLag:
-    """The lag of ``group`` on ``topic`` (every partition of it), or on every topic
-    the group has committed offsets for. Raises :class:`BrokerUnreachable` or
-    :class:`UnknownGroupOrTopic`."""
-    from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-    from confluent_kafka.admin import AdminClient, OffsetSpec
-
-    from onceflow.io.kafka_errors import ClientErrors
-
-    # librdkafka logs each failed connection attempt; the one-line error below says it once.
-    errors = ClientErrors()
-    quiet = {"log_level": 0, "error_cb": errors}
-    admin = AdminClient({**quiet, **dict(settings or {}), "bootstrap.servers": bootstrap_servers})
-    try:
-        metadata = admin.list_topics(timeout=timeout_s)  # all topics: never auto-creates one
-    except KafkaException as error:
-        refused = errors.security_problem(admin, settings)
-        if refused:
-            raise BrokerUnreachable(f"Kafka at {bootstrap_servers} refused the connection: {refused}") from None
-        raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap_servers} within {timeout_s:g}s "
-                                f"({_kafka_message(error)})") from None
-    existing = {name: t for name, t in metadata.topics.items() if t.error is None}
-    if topic is not None and topic not in existing:
-        raise UnknownGroupOrTopic(f"topic {topic!r} does not exist on {bootstrap_servers}")
-    try:
-        offsets = admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group)], request_timeout=timeout_s)[group].result()
-        committed: Dict[Tuple[str, int], int] = {
-            (tp.topic, tp.partition): tp.offset for tp in offsets.topic_partitions if tp.offset >= 0}
-        if not committed:
-            state = admin.describe_consumer_groups([group], request_timeout=timeout_s)[group].result().state
-            if state.name in ("DEAD", "UNKNOWN"):
-                raise UnknownGroupOrTopic(f"consumer group {group!r} is not known to {bootstrap_servers}")
-    except KafkaException as error:
-        raise BrokerUnreachable(f"Kafka at {bootstrap_servers} refused the group's offsets "
-                                f"({_kafka_message(error)})") from None
-
-    missing: List[str] = []
-    if topic is not None:
-        topics = [topic]
-    else:
-        named = sorted({t for t, _ in committed})
-        if not named:
-            raise UnknownGroupOrTopic(f"consumer group {group!r} has committed no offsets; give --topic "
-                                      "to count a topic's lag from the log start")
-        topics = [t for t in named if t in existing]
-        missing = [t for t in named if t not in existing]
-    wanted = [TopicPartition(t, p) for t in topics for p in sorted(existing[t].partitions)]
-    try:
-        ends = _list_offsets(admin, wanted, OffsetSpec.latest(), timeout_s)
-        starts = _list_offsets(admin, wanted, OffsetSpec.earliest(), timeout_s)
-    except KafkaException as error:
-        raise BrokerUnreachable(f"Kafka at {bootstrap_servers} did not give the offsets of "
-                                f"{', '.join(topics)} ({_kafka_message(error)})") from None
-    partitions = tuple(
-        PartitionLag(tp.topic, tp.partition, committed.get((tp.topic, tp.partition)),
-                     starts[(tp.topic, tp.partition)], ends[(tp.topic, tp.partition)])
-        for tp in wanted)
-    return GroupLag(bootstrap_servers, group, partitions, tuple(missing))
-
-
-def _list_offsets(admin, partitions, spec, timeout_s: float) -> Dict[Tuple[str, int], int]:
-    if not partitions:
-        return {}
-    futures = admin.list_offsets({tp: spec for tp in partitions}, request_timeout=timeout_s)
-    return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}

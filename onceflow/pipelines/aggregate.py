@@ -33,15 +33,13 @@ from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
 from onceflow.io.flink_rest import FlinkRestError
-from onceflow.io.kafka_config import (
+from onceflow.io.kafka.config import (
     COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_settings_from_flags, is_kafka_url, parse_kafka_url,
     parse_position,
 )
-from onceflow.io.kafka_errors import is_broker_away
-from onceflow.io.kafka_source import (
-    BrokerRefused, BrokerUnreachable, ReadBatchesFromKafka, RetentionGapError, describe_gaps, describe_topic,
-    resolve_partition_reads,
-)
+from onceflow.io.kafka.admin import describe_gaps, describe_topic, resolve_partition_reads
+from onceflow.io.kafka.errors import BrokerRefused, BrokerUnreachable, is_broker_away
+from onceflow.io.kafka.read import ReadBatchesFromKafka, RetentionGapError
 from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
 from onceflow.io.progress import KeepProgress, Position
 from onceflow.io.sinks import SinkTarget, WriteRows, parse_sink_url, position_sinks, prepare_sink, progress_store
@@ -162,7 +160,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     except ValueError as error:
         raise UsageError(f"--key_fields/--aggregate: {error}") from None
     if sink_avro:
-        from onceflow.io.kafka_sink import row_avro_schema
+        from onceflow.io.kafka.write import row_avro_schema
 
         try:
             fastavro.parse_schema(row_avro_schema(row_schema), named_schemas={})
@@ -321,7 +319,9 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
         stored = store.read(config.group_id, topic)
         if not stored:
             reads = resolve_partition_reads(config, partitions)
-            stored = {r.partition: Position(topic, r.partition, r.start_offset, None) for r in reads}
+            # A committed offset retention has deleted is stored as it is: the read reports the gap.
+            stored = {r.partition: Position(topic, r.partition, r.retention_gap.first if r.retention_gap else
+                                            r.start_offset, None) for r in reads}
             store.write(config.group_id, list(stored.values()))
             where = "first start on this sink: stored its start positions"
         else:
@@ -352,6 +352,10 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     if savepoints is not None:
         flink_savepoint.check_reachable(savepoints)
     expected_records = None
+    # A live job (kept running by a supervisor) waits out a broker restart; a backfill fails at once.
+    broker_wait_s = BROKER_WAIT_S if job.is_live else 0
+    if job.kafka is not None:  # the input first: a refused login is about it, before any output
+        partitions = _retrying_while_broker_away(lambda: _describe_input(job), broker_wait_s)
     try:
         prepare_sink(job.sink, job.row_schema)
     except (ValueError, OSError) as error:
@@ -360,11 +364,10 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         prepare_dlq(job.dlq)
     except (ValueError, OSError) as error:
         raise flag_error("--dlq", error) from None
-    if job.kafka is not None:
-        # A live job (kept running by a supervisor) waits out a broker restart; a backfill fails at once.
+    if job.kafka is not None:  # then the positions, kept in the prepared sink
         savepoint = optional_text(options.view_as(FlinkSavepointOptions).savepoint_path)
-        job, reads = _retrying_while_broker_away(lambda: _resolve_kafka_start(job, savepoint),
-                                                 BROKER_WAIT_S if job.is_live else 0)
+        job, reads = _retrying_while_broker_away(lambda: _resolve_kafka_start(job, partitions, savepoint),
+                                                 broker_wait_s)
         gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
         if gaps and job.kafka.bounded and not job.kafka.allow_retention_gaps:
             raise ServiceError(f"--from/--to: {describe_gaps(gaps)}; pass --allow_retention_gaps to read what is "
@@ -410,15 +413,19 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                                               job.dlq.describe()))
 
 
-def _resolve_kafka_start(job: AggregateJob, savepoint: Optional[str] = None):
-    """The job with its stored positions (live) and where each partition's read
-    starts and stops (``savepoint``: the one Flink starts it from, if any)."""
+def _describe_input(job: AggregateJob) -> List[int]:
+    """The input topic's partitions; ServiceError naming --input when it is missing."""
     try:
-        partitions = describe_topic(job.kafka)
+        return describe_topic(job.kafka)
     except BrokerUnreachable:
         raise
     except RuntimeError as error:
         raise ServiceError(f"--input: {error}") from None
+
+
+def _resolve_kafka_start(job: AggregateJob, partitions: List[int], savepoint: Optional[str] = None):
+    """The job with its stored positions (live) and where each partition's read
+    starts and stops (``savepoint``: the one Flink starts it from, if any)."""
     if job.is_live:
         job = with_stored_positions(job, partitions, savepoint)
     return job, resolve_partition_reads(job.kafka, partitions)

@@ -25,9 +25,10 @@ from apache_beam.runners.runner import PipelineResult
 from onceflow import metrics
 from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.io.archive import FORMATS, WriteArchive, write_marker
-from onceflow.io.kafka_config import (EARLIEST, LATEST, KafkaReadConfig, client_error_line, client_settings_from_flags, parse_kafka_url,
+from onceflow.io.kafka.admin import describe_topic
+from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, client_error_line, client_settings_from_flags, parse_kafka_url,
                                       parse_position)
-from onceflow.io.kafka_source import ReadFromKafka, describe_topic
+from onceflow.io.kafka.read import ReadFromKafka
 from onceflow.observability.snapshot import snapshot_from_query
 from onceflow.options import InputOptions, KafkaOptions, help_text, parse_pipeline_args
 

@@ -320,8 +320,8 @@ class TortureRun:
         self._read_topic_back()
 
     def _read_topic_back(self) -> None:
-        from onceflow.io.kafka_config import KafkaTopic
-        from onceflow.io.kafka_sink import read_records_to_end
+        from onceflow.io.kafka.admin import read_records_to_end
+        from onceflow.io.kafka.config import KafkaTopic
 
         records = [(partition, offset, value or b"") for partition, offset, _, value in
                    read_records_to_end(KafkaTopic(self.setup.bootstrap, self.setup.topic), timeout_s=600)]
@@ -635,36 +635,43 @@ class TortureRun:
 
 
 class _LagProbe:
-    """The group's committed offsets and the log end offsets, from one consumer kept
-    for the whole run (it never joins the group: it only asks)."""
+    """The group's committed offsets and lag, asked of
+    :mod:`onceflow.io.kafka.admin` with one consumer kept for the whole run (it
+    samples every second; it never joins the group: it only asks)."""
 
     def __init__(self, bootstrap: str, group: str, topic: str, partitions: int):
-        from confluent_kafka import Consumer, TopicPartition
+        from onceflow.io.kafka.admin import new_consumer
+        from onceflow.io.kafka.config import KafkaReadConfig, KafkaTopic
 
-        # log_level 0: the broker restarts on purpose; its connection errors are not news.
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                                   "log_level": 0, "error_cb": lambda error: None})
-        self._partitions = [TopicPartition(topic, p) for p in range(partitions)]
+        # quiet, errors ignored: the broker restarts on purpose; its connection errors are not news.
+        self._consumer = new_consumer(KafkaReadConfig(KafkaTopic(bootstrap, topic), group_id=group), "torture-lag",
+                                      error_cb=lambda error: None, quiet=True)
+        self._topic = topic
+        self._partitions = list(range(partitions))
 
     def committed_offsets(self) -> Optional[List[int]]:
         """Each partition's committed offset (0 for none), None while the broker does not answer."""
         from confluent_kafka import KafkaException
 
+        from onceflow.io.kafka.admin import committed_offsets
+
         try:
-            return [max(tp.offset, 0) for tp in self._consumer.committed(self._partitions, timeout=2)]
+            found = committed_offsets(self._consumer, self._topic, self._partitions, timeout_s=2)
         except KafkaException:
             return None
+        return [found.get(p, 0) for p in self._partitions]
 
     def read(self):
         """(records committed, lag) or (None, None) while the broker does not answer."""
         from confluent_kafka import KafkaException
 
+        from onceflow.io.kafka.admin import partition_lags
+
         try:
-            committed = [max(tp.offset, 0) for tp in self._consumer.committed(self._partitions, timeout=2)]
-            ends = [self._consumer.get_watermark_offsets(tp, timeout=2, cached=False)[1] for tp in self._partitions]
+            lags = partition_lags(self._consumer, self._topic, self._partitions, timeout_s=2)
         except KafkaException:
             return None, None
-        return sum(committed), sum(max(0, end - c) for end, c in zip(ends, committed))
+        return sum(p.committed or 0 for p in lags), sum(p.lag for p in lags)
 
     def close(self) -> None:
         self._consumer.close()

@@ -368,7 +368,7 @@ class BatchRecords(beam.PTransform):
 
 class AggregateEvents(AggregateBatches):
     """The main job's transforms as one step, for your own Beam job: decoded record
-    batches (from :class:`~onceflow.io.kafka_source.ReadBatchesFromKafka`,
+    batches (from :class:`~onceflow.io.kafka.read.ReadBatchesFromKafka`,
     :class:`~onceflow.io.files.ReadRecordBatchesFromFiles`, or
     :class:`BatchRecords` over your own records, each decoded with ``contract``) to
     :class:`~onceflow.transforms.Aggregated` rows and dead letters, keyed by the

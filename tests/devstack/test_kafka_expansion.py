@@ -25,8 +25,8 @@ def test_service_expands_the_kafka_read():
     import apache_beam as beam
 
     from onceflow import devstack
-    from onceflow.io.kafka_config import EARLIEST, KafkaReadConfig, KafkaTopic
-    from onceflow.io.kafka_java import ReadFromKafkaWithJava
+    from onceflow.io.kafka.config import EARLIEST, KafkaReadConfig, KafkaTopic
+    from onceflow.io.kafka.java import ReadFromKafkaWithJava
 
     devstack.ensure_up(["kafka-expansion"])
     assert devstack.status(["kafka-expansion"])["kafka-expansion"]["healthy"]

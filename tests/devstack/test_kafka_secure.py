@@ -18,9 +18,9 @@ from confluent_kafka.admin import AdminClient
 
 from onceflow import cli
 from onceflow.devstack import kafka_secure as secure_listeners
-from onceflow.io.kafka_config import KafkaTopic, read_properties_file
-from onceflow.io.kafka_errors import ClientErrors
-from onceflow.io.kafka_sink import read_topic_to_end
+from onceflow.io.kafka.admin import read_topic_to_end
+from onceflow.io.kafka.config import KafkaTopic, read_properties_file
+from onceflow.io.kafka.errors import ClientErrors
 from onceflow.pipelines.aggregate import main as aggregate_main
 from tests.livejob import new_topic, sample_lines, table_rows
 

@@ -4,7 +4,7 @@ makes it say them: see tests/devstack/test_kafka_secure.py)."""
 
 import pytest
 
-from onceflow.io.kafka_errors import ClientErrors, describe_security_error
+from onceflow.io.kafka.errors import ClientErrors, describe_security_error
 
 
 class FakeError:

@@ -23,8 +23,8 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from onceflow.events import EventContract, SourceRecord
-from onceflow.io import kafka_java
-from onceflow.io.kafka_config import (
+from onceflow.io.kafka import java
+from onceflow.io.kafka.config import (
     COMMITTED,
     EARLIEST,
     LATEST,
@@ -32,7 +32,7 @@ from onceflow.io.kafka_config import (
     KafkaTopic,
     Position,
 )
-from onceflow.io.kafka_java import HighWater, ReadFromKafkaWithJava
+from onceflow.io.kafka.java import HighWater, ReadFromKafkaWithJava
 
 CONTRACT = EventContract(time_field="ts", key_fields=("k",), value_fields=("v",), id_field="id")
 TOPIC = KafkaTopic("127.0.0.1:19092", "orders")
@@ -50,7 +50,7 @@ def _config(**changes) -> KafkaReadConfig:
 def test_committed_start_uses_group_and_fallback_and_commits_in_finalize():
     config = _config(start=COMMITTED, start_fallback=LATEST, group_id="g1",
                      client_settings={"security.protocol": "SASL_SSL", "sasl.jaas.config": "secret!"})
-    payload = kafka_java.payload(config)
+    payload = java.payload(config)
     assert payload.topics == ["orders"]
     assert payload.consumer_config == {
         "bootstrap.servers": "127.0.0.1:19092",
@@ -63,7 +63,7 @@ def test_committed_start_uses_group_and_fallback_and_commits_in_finalize():
     assert payload.commit_offset_in_finalize is True
     assert payload.start_read_time is None
     assert payload.timestamp_policy == "CreateTime"
-    assert payload.key_deserializer == payload.value_deserializer == kafka_java.BYTE_ARRAY_DESERIALIZER
+    assert payload.key_deserializer == payload.value_deserializer == java.BYTE_ARRAY_DESERIALIZER
 
 
 def test_describe_redacts_secrets():
@@ -75,14 +75,14 @@ def test_describe_redacts_secrets():
 
 def test_earliest_and_latest_without_group_never_commit():
     for start in (EARLIEST, LATEST):
-        payload = kafka_java.payload(_config(start=start))
+        payload = java.payload(_config(start=start))
         assert payload.consumer_config["auto.offset.reset"] == start.kind
         assert "group.id" not in payload.consumer_config
         assert payload.commit_offset_in_finalize is False
 
 
 def test_timestamp_start_is_start_read_time():
-    payload = kafka_java.payload(_config(start=Position("timestamp", 1_700_000_000_000)))
+    payload = java.payload(_config(start=Position("timestamp", 1_700_000_000_000)))
     assert payload.start_read_time == 1_700_000_000_000
 
 
@@ -92,12 +92,12 @@ def test_payload_has_only_fields_a_2_62_expansion_service_accepts():
                 "stop_read_time", "max_num_records", "max_read_time", "commit_offset_in_finalize",
                 "timestamp_policy", "consumer_polling_timeout", "redistribute_num_keys", "redistribute",
                 "allow_duplicates"}
-    assert set(kafka_java.KafkaReadPayload._fields) <= accepted
+    assert set(java.KafkaReadPayload._fields) <= accepted
 
 
 @pytest.mark.parametrize("stop", [LATEST, Position("timestamp", 1_700_000_000_000), Position("offsets", {0: 5})])
 def test_bounded_read_is_refused_with_a_clear_message(stop):
-    with pytest.raises(ValueError, match="cannot do a bounded read .*no stop offset.*kafka_source.ReadFromKafka"):
+    with pytest.raises(ValueError, match="cannot do a bounded read .*no stop offset.*kafka.read.ReadFromKafka"):
         ReadFromKafkaWithJava(_config(stop=stop), CONTRACT, expansion_service="127.0.0.1:1")
 
 
@@ -275,8 +275,8 @@ def test_prism_cannot_run_the_java_read(prism_path, tmp_path):
     script = (
         "import apache_beam as beam\n"
         "from apache_beam.options.pipeline_options import PipelineOptions\n"
-        "from onceflow.io.kafka_config import EARLIEST, KafkaReadConfig, KafkaTopic\n"
-        "from onceflow.io.kafka_java import ReadFromKafkaWithJava\n"
+        "from onceflow.io.kafka.config import EARLIEST, KafkaReadConfig, KafkaTopic\n"
+        "from onceflow.io.kafka.java import ReadFromKafkaWithJava\n"
         "config = KafkaReadConfig(KafkaTopic('127.0.0.1:19092', 'orders'), start=EARLIEST, time_source='record')\n"
         f"options = PipelineOptions(['--runner=PrismRunner', '--prism_location={prism_path}', '--streaming'])\n"
         "pipeline = beam.Pipeline(options=options)\n"

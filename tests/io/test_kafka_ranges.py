@@ -138,8 +138,8 @@ def test_records_deleted_after_the_range_was_resolved_are_reported_not_waited_fo
     (a topic emptied by time retention while the backfill starts): the reader used
     to be reset to the log end and wait for offsets that no longer exist, forever."""
     from onceflow import metrics
-    from onceflow.io.kafka_config import KafkaReadConfig, parse_position
-    from onceflow.io.kafka_source import PartitionSpan, PartitionsRestriction, RetentionGapError, _ReadPartitionsDoFn
+    from onceflow.io.kafka.config import KafkaReadConfig, parse_position
+    from onceflow.io.kafka.read import PartitionSpan, PartitionsRestriction, RetentionGapError, _ReadPartitionsDoFn
     from tests.io.test_kafka_source import CONTRACT
 
     topic = new_topic(kafka_bootstrap, partitions=1)

@@ -3,7 +3,7 @@ break the reader's or writer's guarantees, refused with a one-line reason."""
 
 import pytest
 
-from onceflow.io.kafka_config import (GUARDED_SETTINGS, KafkaReadConfig, KafkaTopic, client_settings_from_flags,
+from onceflow.io.kafka.config import (GUARDED_SETTINGS, KafkaReadConfig, KafkaTopic, client_settings_from_flags,
                                       read_properties_file)
 from onceflow.pipelines import archive
 from onceflow.pipelines.aggregate import main

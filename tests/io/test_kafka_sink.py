@@ -12,8 +12,9 @@ from confluent_kafka import Producer
 
 from onceflow import devstack, metrics
 from onceflow.aggregates import parse_aggregates
-from onceflow.io.kafka_config import KafkaTopic
-from onceflow.io.kafka_sink import latest_rows, read_records_to_end, write_rows_to_kafka
+from onceflow.io.kafka.admin import read_records_to_end
+from onceflow.io.kafka.config import KafkaTopic
+from onceflow.io.kafka.write import latest_rows, write_rows_to_kafka
 from onceflow.rows import RowSchema
 
 pytestmark = pytest.mark.kafka
@@ -131,3 +132,17 @@ def test_a_compacted_topic_keeps_the_freshest_version(kafka_bootstrap):
             break
     assert found == [8], f"the topic still holds versions {found} of the key after compaction"
     assert latest_rows(topic)[KEY]["event_count"] == 8
+
+
+def test_a_sink_or_dead_letter_topic_that_does_not_exist_is_refused_before_the_job_starts(kafka_bootstrap):
+    from onceflow.io.dlq import parse_dlq_target, prepare_dlq
+    from onceflow.io.sinks import parse_sink_url, prepare_sink
+
+    missing = f"kafka://{kafka_bootstrap}/no-such-{uuid.uuid4().hex[:10]}"
+    with pytest.raises(ValueError, match="does not exist"):
+        prepare_sink(parse_sink_url(missing), SCHEMA)
+    with pytest.raises(ValueError, match="does not exist"):
+        prepare_dlq(parse_dlq_target(missing))
+    existing = topic_for(kafka_bootstrap).url
+    prepare_sink(parse_sink_url(existing), SCHEMA)
+    prepare_dlq(parse_dlq_target(existing))

@@ -15,11 +15,12 @@ from apache_beam.testing.util import assert_that, equal_to
 from onceflow.deadletter import DeadLetter
 from onceflow.events import EventContract, SourceRecord
 from onceflow.io.dlq import parse_dlq_target, read_dead_letters_from
-from onceflow.io.kafka_config import KafkaReadConfig, KafkaTopic, parse_position
-from onceflow.io.kafka_sink import read_topic_to_end, write_dead_letters_to_kafka
-from onceflow.io.kafka_source import (
-    LIVE_END, PartitionSpan, PartitionsRestriction, ReadFromKafka, _PartitionsTracker, backlog, describe_topic,
+from onceflow.io.kafka.admin import describe_topic, read_topic_to_end
+from onceflow.io.kafka.config import KafkaReadConfig, KafkaTopic, parse_position
+from onceflow.io.kafka.read import (
+    LIVE_END, PartitionSpan, PartitionsRestriction, ReadFromKafka, _PartitionsTracker, backlog,
 )
+from onceflow.io.kafka.write import write_dead_letters_to_kafka
 from tests.livejob import (
     committed, counted_events, new_topic, produce, sample_lines, start_live_job, stop, wait_for,
 )
@@ -237,7 +238,7 @@ def test_a_checkpoint_in_the_middle_of_a_fetched_batch_loses_nothing(kafka_boots
     fetched poll, before the other's: the same reader instance (a runner may hand
     the residual straight back) reads on from exactly the residual's first offset,
     on every partition."""
-    from onceflow.io.kafka_source import _ReadPartitionsDoFn
+    from onceflow.io.kafka.read import _ReadPartitionsDoFn
 
     topic = new_topic(kafka_bootstrap, partitions=2)
     produce(topic, [(n % 2, event(n, 1_000 + n), None) for n in range(400)])
@@ -261,7 +262,7 @@ def test_a_checkpoint_in_the_middle_of_a_fetched_batch_loses_nothing(kafka_boots
 def test_commits_never_move_a_partition_back(kafka_bootstrap):
     """Bundles finalized out of order, or re-read after a rewind, commit older
     offsets: the group's offset stays at the highest."""
-    from onceflow.io.kafka_source import _ReadPartitionsDoFn
+    from onceflow.io.kafka.read import _ReadPartitionsDoFn
 
     topic = new_topic(kafka_bootstrap, partitions=2)
     produce(topic, [(n % 2, event(n, 1_000 + n), None) for n in range(40)])

@@ -73,3 +73,31 @@ def test_unknown_group_or_topic_and_unreachable_broker_get_one_line_and_their_ow
     assert (status, out) == (4, "") and "does not exist" in err
     status, out, err = lag(capsys, "--bootstrap-server", "127.0.0.1:9", "--group", "g", "--timeout", "2")
     assert (status, out) == (3, "") and err.startswith("onceflow lag: cannot reach Kafka at 127.0.0.1:9")
+
+
+def test_the_kafka_flags_are_spelled_as_the_job_spells_them(capsys):
+    """--kafka_setting and --kafka_config_file, as the job takes them; the dashed
+    spellings are not flags (nothing reaches the broker in either case)."""
+    status, out, err = lag(capsys, "--bootstrap-server", "127.0.0.1:9", "--group", "g",
+                           "--kafka_setting", "no-equals-sign")
+    assert (status, out) == (2, "") and "--kafka_setting:" in err
+    status, out, err = lag(capsys, "--bootstrap-server", "127.0.0.1:9", "--group", "g",
+                           "--kafka_config_file", "/no/such/client.properties")
+    assert (status, out) == (2, "") and "--kafka_config_file" in err
+    for dashed in ("--kafka-setting", "--kafka-config-file"):
+        with pytest.raises(SystemExit) as exit:
+            cli.main(["lag", "--bootstrap-server", "127.0.0.1:9", "--group", "g", dashed, "x"])
+        assert exit.value.code == 2 and f"unrecognized arguments: {dashed}" in capsys.readouterr().err
+
+
+def test_the_tortures_probe_counts_the_same_lag_with_one_consumer_kept(group_at_known_position):
+    from onceflow.torture.command import _LagProbe
+
+    bootstrap, topic, group = group_at_known_position
+    probe = _LagProbe(bootstrap, group, topic, 3)
+    try:
+        assert probe.committed_offsets() == [20, 20, 0]
+        assert probe.read() == (40, 60)
+        assert probe.read() == (40, 60)  # sampled again with the same consumer
+    finally:
+        probe.close()

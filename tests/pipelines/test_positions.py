@@ -92,8 +92,8 @@ def test_a_first_start_stores_its_start_positions_before_it_reads(kafka_bootstra
 
 @pytest.mark.kafka
 def test_reads_start_at_the_stored_positions_and_an_unstored_partition_at_its_log_start(kafka_bootstrap):
-    from onceflow.io.kafka_config import COMMITTED, KafkaReadConfig
-    from onceflow.io.kafka_source import resolve_partition_reads
+    from onceflow.io.kafka.admin import resolve_partition_reads
+    from onceflow.io.kafka.config import COMMITTED, KafkaReadConfig
 
     topic = new_topic(kafka_bootstrap)
     produce(topic, [(n % 3, b'{"x": 1}', None) for n in range(30)])

@@ -134,9 +134,9 @@ def test_rows_topic_as_registry_framed_avro(kafka_bootstrap, tmp_path):
     """--sink kafka://...?format=avro_registry: row values are registry-framed Avro
     under the topic's -value subject; a second run (the version guard reads the Avro
     rows back) leaves the latest rows unchanged."""
-    from onceflow.io.kafka_sink import latest_rows
+    from onceflow.io.kafka.write import latest_rows
     from onceflow.io.schema_registry import RegistryConfig
-    from onceflow.io.kafka_sink import read_topic_to_end
+    from onceflow.io.kafka.admin import read_topic_to_end
 
     source, rows_topic = new_topic(kafka_bootstrap, partitions=1), new_topic(kafka_bootstrap, partitions=1)
     with RegistryStandIn() as registry:
@@ -160,7 +160,7 @@ def test_rows_topic_as_registry_framed_avro(kafka_bootstrap, tmp_path):
         row_schema = fastavro.parse_schema(json.loads(registry.schemas[row_ids.pop()][1]), named_schemas={})
         messages = list(read_topic_to_end(rows_topic))
         # what the writer's version guard reads back from the topic: each message's event_count
-        from onceflow.io.kafka_sink import _message_version
+        from onceflow.io.kafka.write import _message_version
         versions = [_message_version(value, config) for _, value in messages]
     expected = defaultdict(lambda: [0, 0, []])
     for r in records:
@@ -207,7 +207,7 @@ def test_dead_letter_topic_as_registry_framed_avro(kafka_bootstrap, tmp_path):
         counted = subprocess.run(
             [sys.executable, "-m", "onceflow.cli", "dlq", "count", f"--dlq={dlq_url}",
              f"--schema-registry-url={registry.url}"], capture_output=True, text=True, timeout=120)
-        from onceflow.io.kafka_sink import read_topic_to_end
+        from onceflow.io.kafka.admin import read_topic_to_end
         raw_messages = [value for _, value in read_topic_to_end(dlq_topic)]
     assert counted.returncode == 0, counted.stderr[-2000:]
     assert "unknown_schema" in counted.stdout and "bad_wire_format" in counted.stdout

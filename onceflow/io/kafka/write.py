@@ -15,6 +15,11 @@ after this one started (two jobs writing the same keys at once): a consumer that
 must be exact whatever runs concurrently keeps, per key, the message with the
 greatest ``event_count`` (:func:`latest_rows`), on a topic that is not compacted
 away before it reads.
+
+Also here: how the messages are made and read back (:func:`row_message`,
+:func:`row_from_message`, :func:`envelope_from_message`, the Avro schemas of
+``?format=avro_registry``). Reading a topic to its end is
+:func:`onceflow.io.kafka.admin.read_records_to_end`.
 """
 
 from __future__ import annotations
@@ -23,14 +28,15 @@ import json
 import logging
 import threading
 import uuid
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import apache_beam as beam
 
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter, to_envelope, to_json_line
 from onceflow.events import format_utc_ms
-from onceflow.io.kafka_config import KafkaTopic, check_guarded_settings, redact
+from onceflow.io.kafka.admin import read_records_to_end, read_topic_to_end
+from onceflow.io.kafka.config import KafkaTopic, check_guarded_settings, redact
 from onceflow.rows import EVENT_COUNT, WINDOW_END, RowSchema
 
 _LOGGER = logging.getLogger(__name__)
@@ -414,56 +420,3 @@ def envelope_from_message(value: bytes, registry: Any = None) -> Dict[str, Any]:
         envelope["raw_base64"] = base64.b64encode(record["raw"]).decode("ascii")
         return envelope
     return json.loads(value)
-
-
-def read_topic_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,
-                      timeout_s: float = 30.0) -> Iterator[Tuple[Optional[bytes], bytes]]:
-    """Every (key, value) in the topic from the beginning to the end offsets as of
-    the call. For tools and tests (dead-letter listing), not pipelines."""
-    for _, _, key, value in read_records_to_end(topic, settings, timeout_s):
-        yield key, value
-
-
-def read_records_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,
-                        timeout_s: float = 30.0) -> Iterator[Tuple[int, int, Optional[bytes], Optional[bytes]]]:
-    """Every (partition, offset, key, value) in the topic from the beginning to the
-    end offsets as of the call; RuntimeError when that takes over ``timeout_s``."""
-    import time
-
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
-
-    from onceflow.io.kafka_errors import ClientErrors
-
-    errors = ClientErrors()  # a refused login or certificate: one line below, not a log line per retry
-    consumer = Consumer({"bootstrap.servers": topic.bootstrap_servers, "group.id": "onceflow-reader",
-                         "enable.auto.commit": False, "log_level": 0, "error_cb": errors, **dict(settings or {})})
-    try:
-        try:
-            metadata = consumer.list_topics(topic.topic, timeout=timeout_s).topics.get(topic.topic)
-        except KafkaException:
-            refused = errors.security_problem(consumer, settings)
-            if refused:
-                raise RuntimeError(f"Kafka at {topic.bootstrap_servers} refused the connection: {refused}") from None
-            raise
-        if metadata is None or metadata.error is not None:
-            return
-        ends: Dict[int, int] = {}
-        assignment = []
-        for partition in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic.topic, partition), timeout=timeout_s)
-            if high > low:
-                ends[partition] = high
-                assignment.append(TopicPartition(topic.topic, partition, low))
-        consumer.assign(assignment)
-        deadline = time.monotonic() + timeout_s
-        while ends and time.monotonic() < deadline:
-            for message in consumer.consume(500, timeout=0.5):
-                if message.error() is not None:
-                    continue
-                if message.offset() + 1 >= ends.get(message.partition(), 0):
-                    ends.pop(message.partition(), None)
-                yield message.partition(), message.offset(), message.key(), message.value()
-        if ends:
-            raise RuntimeError(f"timed out reading {topic.url} to its end")
-    finally:
-        consumer.close()

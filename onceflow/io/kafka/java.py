@@ -1,5 +1,5 @@
 """A Kafka reader backed by Beam's Java KafkaIO (cross-language), same interface as
-:class:`onceflow.io.kafka_source.ReadFromKafka`: ``PCollection[SourceRecord]``.
+:class:`onceflow.io.kafka.read.ReadFromKafka`: ``PCollection[SourceRecord]``.
 
 For users on Flink (or Dataflow) who prefer the Java reader. See
 :class:`ReadFromKafkaWithJava` for what it can and cannot do.
@@ -17,7 +17,7 @@ from apache_beam.transforms import window
 from apache_beam.transforms.external import ExternalTransform, NamedTupleBasedPayloadBuilder
 
 from onceflow.events import EventContract, SourceRecord
-from onceflow.io.kafka_config import KafkaReadConfig, redact
+from onceflow.io.kafka.config import KafkaReadConfig, redact
 
 _LOG = logging.getLogger(__name__)
 
@@ -74,12 +74,12 @@ def check_supported(config: KafkaReadConfig) -> None:
             "Beam's cross-language KafkaIO has no stop offset; its stop time is ignored by the "
             "legacy source Flink runs (the read would never end) and fails the pipeline when a "
             "partition has no record at or after it; max_num_records is a count, not a position. "
-            "Use onceflow.io.kafka_source.ReadFromKafka for backfills"
+            "Use onceflow.io.kafka.read.ReadFromKafka for backfills"
         )
     if config.start.kind == "offsets":
         raise ValueError(
             "the Java Kafka reader cannot start at given offsets (cross-language KafkaIO takes "
-            "no start offsets); use onceflow.io.kafka_source.ReadFromKafka, or start at committed, "
+            "no start offsets); use onceflow.io.kafka.read.ReadFromKafka, or start at committed, "
             "earliest, latest or a timestamp"
         )
     if config.start.kind == "committed" and config.start_fallback.kind == "timestamp":
@@ -160,7 +160,7 @@ class _ToSourceRecordDoFn(beam.DoFn):
 class ReadFromKafkaWithJava(beam.PTransform):
     """Reads a Kafka topic with Beam's Java KafkaIO as ``PCollection[SourceRecord]``.
 
-    Same records as :class:`onceflow.io.kafka_source.ReadFromKafka`: ``value`` is
+    Same records as :class:`onceflow.io.kafka.read.ReadFromKafka`: ``value`` is
     the raw record bytes, ``source`` is ``{"topic", "partition", "offset",
     "timestamp_ms", "key", "headers"}`` (key and header values base64, or None).
 

@@ -1,9 +1,10 @@
 """What a Kafka read or write is pointed at: URLs, positions, consumer settings.
 
 Pure parsing and validation, shared by the Python reader
-(:mod:`onceflow.io.kafka_source`), the Java-backed reader
-(:mod:`onceflow.io.kafka_java`), the writer and the command line. Nothing here
-connects to a broker.
+(:mod:`onceflow.io.kafka.read`), the Java-backed reader
+(:mod:`onceflow.io.kafka.java`), the writer (:mod:`onceflow.io.kafka.write`),
+the broker queries (:mod:`onceflow.io.kafka.admin`) and the command line.
+Nothing here connects to a broker.
 """
 
 from __future__ import annotations

@@ -3,7 +3,12 @@
 Runs on every Beam runner with no Java: each restriction owns a set of partitions
 (an offset range per partition, split up front), offsets are committed only in
 bundle finalization, the backlog of each restriction is reported. See
-:class:`ReadFromKafka` for the guarantees.
+:class:`ReadFromKafka` for the guarantees. Here: the transforms
+(:class:`ReadBatchesFromKafka`, :class:`ReadFromKafka`), the restriction and its
+tracker, the readers, partition discovery, the high water a read starts with
+(:func:`seed_high_waters`) and what a read does with retention gaps
+(:func:`report_gaps`). Where a read starts and stops is asked of the broker in
+:mod:`onceflow.io.kafka.admin`.
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from onceflow import metrics
 from onceflow.batches import KAFKA, RecordBatch, decode_values, high_waters, running_high_water
 from onceflow.events import EventContract
-from onceflow.io.kafka_config import KafkaReadConfig, Position, redact
-from onceflow.io.kafka_errors import ClientErrors
+from onceflow.io.kafka.admin import (
+    METADATA_TIMEOUT_S, KafkaPartitionRead, RetentionGap, committed_offsets, describe_gaps, describe_topic,
+    log_client_error, new_consumer, resolve_partition_reads,
+)
+from onceflow.io.kafka.config import KafkaReadConfig, redact
+from onceflow.io.kafka.errors import BrokerUnreachable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -35,47 +44,8 @@ _MAX_SECONDS_PER_BUNDLE = 2.0
 _POLL_INTERVAL_S = 0.5
 _CONSUME_BATCH = 5000  # at most this many records per poll, so per batch
 _CONSUME_TIMEOUT_S = 0.2
-_METADATA_TIMEOUT_S = 10.0
 _DISCOVERY_INTERVAL_S = 10.0
 _COMMIT_LOCK = threading.Lock()
-
-
-class KafkaPartitionRead(NamedTuple):
-    """One partition to read, from ``start_offset`` to ``stop_offset`` (exclusive;
-    ``None`` for a live read that never ends). ``high_water_ms``: the partition's
-    high water at ``start_offset`` (see :func:`seed_high_waters`); None reads as
-    "nothing read before"."""
-
-    topic: str
-    partition: int
-    start_offset: int
-    stop_offset: Optional[int]
-    high_water_ms: Optional[int] = None
-    retention_gap: Optional["RetentionGap"] = None
-
-
-class RetentionGap(NamedTuple):
-    """Offsets ``[first, end)`` of a partition that a read should have read but
-    retention (or ``delete_records``) had deleted."""
-
-    topic: str
-    partition: int
-    first: int
-    end: int
-
-    @property
-    def records(self) -> int:
-        return self.end - self.first
-
-
-def describe_gaps(gaps: List[RetentionGap]) -> str:
-    """One line: ``topic t: 1,500 records lost to retention (partition 0 offsets
-    0-499: 500 records; ...)``."""
-    parts = "; ".join(f"partition {g.partition} offsets {g.first}-{g.end - 1}: {g.records:,} records"
-                      for g in sorted(gaps, key=lambda g: (g.partition, g.first)))
-    total = sum(g.records for g in gaps)
-    topics = ",".join(sorted({g.topic for g in gaps}))
-    return f"topic {topics}: {total:,} records lost to retention ({parts})"
 
 
 class RetentionGapError(RuntimeError):
@@ -93,138 +63,6 @@ def report_gaps(gaps: List[RetentionGap], refuse: bool) -> None:
         raise RetentionGapError(f"{line}; pass --allow_retention_gaps to read what is left")
     _LOGGER.warning("%s", line)
     metrics.counter(metrics.RETENTION_GAP_RECORDS).inc(sum(g.records for g in gaps))
-
-
-def _consumer(config: KafkaReadConfig, purpose: str, error_cb=None, quiet: bool = False,
-              offset_reset: Optional[str] = None):
-    from confluent_kafka import Consumer  # the kafka extra
-
-    settings = config.consumer_settings()
-    settings.setdefault("client.id", f"onceflow-{purpose}")
-    if offset_reset is not None:
-        settings["auto.offset.reset"] = offset_reset
-    settings["error_cb"] = error_cb or _log_client_error
-    if quiet:  # a short-lived client: its errors reach error_cb; librdkafka's log would repeat each retry
-        settings["log_level"] = 0
-    return Consumer(settings)
-
-
-def _log_client_error(error) -> None:
-    # librdkafka retries on its own (broker restarts, lost connections); log only.
-    _LOGGER.warning("Kafka client: %s", error)
-
-
-class BrokerUnreachable(RuntimeError):
-    """The broker did not answer in time (it may be restarting)."""
-
-
-class BrokerRefused(BrokerUnreachable):
-    """The broker answered and refused the client (a login or certificate problem):
-    trying again will not help."""
-
-
-def describe_topic(config: KafkaReadConfig, timeout_s: float = _METADATA_TIMEOUT_S) -> List[int]:
-    """The topic's partition numbers; :class:`BrokerUnreachable` when the broker
-    cannot be reached within ``timeout_s``, RuntimeError when the topic does not
-    exist, each with a clear message."""
-    from confluent_kafka import KafkaException
-
-    errors = ClientErrors()  # reported below, in one line, if they stop the request
-    consumer = _consumer(config, "metadata", errors, quiet=True)
-    try:
-        try:
-            metadata = consumer.list_topics(config.topic.topic, timeout=timeout_s)
-        except KafkaException as error:
-            refused = errors.security_problem(consumer, config.client_settings)
-            if refused:  # a login or certificate problem: retrying will not help
-                raise BrokerRefused(f"Kafka at {config.topic.bootstrap_servers} refused the connection: "
-                                        f"{refused}") from None
-            raise BrokerUnreachable(
-                f"cannot reach Kafka at {config.topic.bootstrap_servers} within {timeout_s:.0f}s "
-                f"({error.args[0].str() if error.args else error}); is the broker up?"
-            ) from None
-        topic = metadata.topics.get(config.topic.topic)
-        if topic is None or topic.error is not None or not topic.partitions:
-            raise RuntimeError(
-                f"topic {config.topic.topic!r} does not exist on {config.topic.bootstrap_servers}; "
-                "create it first (e.g. onceflow dev topic create NAME --partitions N)"
-            )
-        return sorted(topic.partitions)
-    finally:
-        consumer.close()
-
-
-def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
-                            consumer=None) -> List[KafkaPartitionRead]:
-    """Start and stop offsets of each partition, from the config's positions.
-
-    ``latest`` as a stop means the end offsets now (when the read begins). A start
-    past the stop gives an empty range, which is fine. A start below the
-    partition's log start (a committed offset or an ``offsets:`` start whose
-    records retention has deleted) starts at the log start, and the read carries
-    the deleted part of its range as ``retention_gap``. A timestamp start cannot
-    tell: Kafka keeps no timestamps of deleted records.
-    """
-    from confluent_kafka import TopicPartition
-
-    own_consumer = consumer is None
-    consumer = consumer or _consumer(config, "offsets", quiet=True)
-    try:
-        topic = config.topic.topic
-        bounds = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=_METADATA_TIMEOUT_S)
-                  for p in partitions}
-        committed: Dict[int, int] = {}
-        if config.start.kind == "committed" and config.resume is None:
-            for tp in consumer.committed([TopicPartition(topic, p) for p in partitions],
-                                         timeout=_METADATA_TIMEOUT_S):
-                if tp.offset >= 0:
-                    committed[tp.partition] = tp.offset
-        resume = {p: (offset, high_water) for p, offset, high_water in config.resume or ()}
-        reads = []
-        for p in partitions:
-            low, high = bounds[p]
-            high_water = None
-            if config.resume is not None:  # the job's stored positions decide, not the group's
-                start, high_water = resume.get(p, (low, None))
-                requested = start
-            elif p in committed:
-                start = requested = committed[p]
-            else:
-                start_position = config.start_fallback if config.start.kind == "committed" else config.start
-                start = requested = _offset_at(consumer, topic, p, start_position, low, high)
-                if start_position.kind == "offsets":
-                    requested = int(start_position.value.get(p, low))
-            stop = gap_end = None
-            if config.stop is not None:
-                stop = gap_end = _offset_at(consumer, topic, p, config.stop, low, high)
-                if config.stop.kind == "offsets":
-                    gap_end = int(config.stop.value.get(p, low))
-            gap_end = low if gap_end is None else min(low, gap_end)
-            gap = RetentionGap(topic, p, requested, gap_end) if requested < gap_end else None
-            start = max(start, low)
-            if stop is not None:
-                stop = max(stop, start)
-            reads.append(KafkaPartitionRead(topic, p, start, stop, high_water_ms=high_water, retention_gap=gap))
-        return reads
-    finally:
-        if own_consumer:
-            consumer.close()
-
-
-def _offset_at(consumer, topic: str, partition: int, position: Position, low: int, high: int) -> int:
-    from confluent_kafka import TopicPartition
-
-    if position.kind == "earliest":
-        return low
-    if position.kind == "latest":
-        return high
-    if position.kind == "offsets":
-        return min(max(int(position.value.get(partition, low)), low), high)
-    if position.kind == "timestamp":
-        found = consumer.offsets_for_times([TopicPartition(topic, partition, int(position.value))],
-                                           timeout=_METADATA_TIMEOUT_S)[0]
-        return high if found.offset < 0 else found.offset
-    raise ValueError(f"cannot resolve position {position.kind!r} to an offset")
 
 
 _SEED_TIMEOUT_S = 600.0
@@ -259,14 +97,14 @@ def seed_high_waters(config: KafkaReadConfig, contract: Optional[EventContract],
     if not wanted:
         return list(reads)
     settings = config.consumer_settings()
-    settings.update({"client.id": "onceflow-seed", "auto.offset.reset": "earliest", "error_cb": _log_client_error})
+    settings.update({"client.id": "onceflow-seed", "auto.offset.reset": "earliest", "error_cb": log_client_error})
     consumer = Consumer(settings)
     seeds: Dict[int, Optional[int]] = {}
     try:
         topic = wanted[0].topic
         starts = {}
         for read in wanted:
-            low, _ = consumer.get_watermark_offsets(TopicPartition(topic, read.partition), timeout=_METADATA_TIMEOUT_S)
+            low, _ = consumer.get_watermark_offsets(TopicPartition(topic, read.partition), timeout=METADATA_TIMEOUT_S)
             seeds[read.partition] = read.high_water_ms
             if low < read.start_offset:
                 starts[read.partition] = (low, read.start_offset)
@@ -551,9 +389,8 @@ class _ReadPartitionsDoFn(beam.DoFn):
 
         with _COMMIT_LOCK:  # one read-compare-commit at a time in this process
             if self._committer is None:
-                self._committer = _consumer(self._config, "commit")
-            committed = {tp.partition: tp.offset for tp in self._committer.committed(
-                [TopicPartition(topic, p) for p in sorted(next_offsets)], timeout=_METADATA_TIMEOUT_S)}
+                self._committer = new_consumer(self._config, "commit")
+            committed = committed_offsets(self._committer, topic, sorted(next_offsets))
             ahead = [TopicPartition(topic, p, o) for p, o in sorted(next_offsets.items()) if o > committed.get(p, -1)]
             if ahead:
                 self._committer.commit(offsets=ahead, asynchronous=False)
@@ -567,7 +404,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
         consumer = self._consumers.get(key)
         if consumer is None:
             # An offset retention has deleted is an error, not a silent jump to the end.
-            consumer = self._consumers[key] = _consumer(self._config, "read", offset_reset="error")
+            consumer = self._consumers[key] = new_consumer(self._config, "read", offset_reset="error")
             _LOGGER.info("reading %s partitions %s from offsets %s with settings %s", topic, list(key),
                          next_offsets, redact(self._config.client_settings))
         if self._positions.get(key) != next_offsets:
@@ -692,7 +529,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
         ``allow_retention_gaps`` fails), then go on from the log start."""
         from confluent_kafka import TopicPartition
 
-        low = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=_METADATA_TIMEOUT_S,
+        low = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S,
                                              cached=False)[0]
         position, stop = inner.next_offsets()[partition], inner.stop(partition)
         end = min(low, stop)

@@ -1,4 +1,11 @@
-"""Why a Kafka client could not connect, in one line naming the setting to fix.
+"""The errors of talking to Kafka: the exceptions every caller catches, and why a
+client could not connect, in one line naming the setting to fix.
+
+:class:`BrokerUnreachable` (the broker did not answer in time) and its subclass
+:class:`BrokerRefused` (it answered and refused the client: retrying will not
+help), :class:`UnknownGroupOrTopic` (the broker answered: no such topic or
+consumer group) are raised by :mod:`onceflow.io.kafka.admin` and the readers;
+each carries one line for people, secret values scrubbed.
 
 librdkafka reports a refused login or an untrusted certificate only through its
 error callback, and keeps retrying; the call that waited (a metadata request)
@@ -19,6 +26,19 @@ from typing import Any, List, Mapping, Optional
 _BROKER_PREFIX = re.compile(r"^\s*[a-z_]+://[^ ]+?: ")
 _AFTER_STATE = re.compile(r"\s*\(after \d+ms in state [A-Z_]+\)\s*$")
 _SETTINGS_HINT = "(in --kafka_config_file or --kafka_setting)"
+
+
+class BrokerUnreachable(RuntimeError):
+    """The broker did not answer in time (it may be restarting)."""
+
+
+class BrokerRefused(BrokerUnreachable):
+    """The broker answered and refused the client (a login or certificate problem):
+    trying again will not help."""
+
+
+class UnknownGroupOrTopic(RuntimeError):
+    """The broker answered: the topic (or the consumer group) does not exist."""
 
 
 class ClientErrors:
@@ -60,7 +80,7 @@ def _clean(text: str) -> str:
 
 
 def _scrub(text: str, settings: Mapping[str, str]) -> str:
-    from onceflow.io.kafka_config import scrub_secrets
+    from onceflow.io.kafka.config import scrub_secrets
 
     return scrub_secrets(text, settings)
 
