@@ -417,8 +417,10 @@ def _describe_input(job: AggregateJob) -> List[int]:
     """The input topic's partitions; ServiceError naming --input when it is missing."""
     try:
         return describe_topic(job.kafka)
+    except BrokerRefused as error:  # a login or certificate problem: one line, no waiting
+        raise ServiceError(f"--input: {error}") from None
     except BrokerUnreachable:
-        raise
+        raise  # maybe restarting: the caller waits for it
     except RuntimeError as error:
         raise ServiceError(f"--input: {error}") from None
 
