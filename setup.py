@@ -8,6 +8,8 @@ versions are read from ``onceflow/versions.py`` as text, not imported.
 import pathlib
 import re
 
+import sys
+
 import setuptools
 
 _HERE = pathlib.Path(__file__).resolve().parent
@@ -23,6 +25,17 @@ def _pinned(name: str) -> str:
 
 BEAM_VERSION = _pinned("BEAM_VERSION")
 
+def _packages():
+    """The runtime package, and the development tools (``onceflow_dev``: ``onceflow
+    dev``, ``onceflow torture``) except in an sdist: an sdist is the worker package
+    Beam builds from ``--setup_file ./setup.py`` (``python setup.py sdist``, or
+    ``python -m build --sdist``), and workers never need the dev tools."""
+    include = ["onceflow", "onceflow.*"]
+    if "sdist" not in sys.argv:
+        include += ["onceflow_dev", "onceflow_dev.*"]
+    return setuptools.find_namespace_packages(include=include)
+
+
 setuptools.setup(
     name="onceflow",
     version=_pinned("ONCEFLOW_VERSION"),
@@ -36,7 +49,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=setuptools.find_namespace_packages(include=["onceflow", "onceflow.*"]),
+    packages=_packages(),
     package_data={"onceflow": ["sample_data/*"]},
     include_package_data=True,
     install_requires=[

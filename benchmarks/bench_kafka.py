@@ -737,7 +737,7 @@ def cancel_flink_job(job_endpoint: str, job_name: str) -> None:
     if not job_endpoint:
         return
     try:
-        from onceflow.devstack.flink import cancel_running_jobs
+        from onceflow_dev.devstack.flink import cancel_running_jobs
 
         cancel_running_jobs(job_endpoint, name_prefix=job_name)
     except Exception as error:  # noqa: BLE001

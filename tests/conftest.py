@@ -1,6 +1,6 @@
 """Shared pytest setup: markers and session fixtures for the real local services.
 
-The service fixtures start a service through ``onceflow.devstack`` (or reuse it
+The service fixtures start a service through ``onceflow_dev.devstack`` (or reuse it
 when it is already up) and FAIL, never skip, when it cannot start. Services a
 session started are stopped at its end unless ``ONCEFLOW_KEEP_SERVICES=1``;
 services that were already up are left alone. The project-local folder
@@ -41,7 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @contextlib.contextmanager
 def _service(name: str, secure: bool | None = None) -> Iterator[None]:
     """Bring ``name`` up for the session; stop it afterwards if we started it."""
-    from onceflow import devstack
+    from onceflow_dev import devstack
     from onceflow.errors import ServiceError
 
     try:
@@ -64,8 +64,8 @@ def kafka_bootstrap() -> Iterator[str]:
     """``127.0.0.1:<port>`` of a running single-node Kafka broker (its plain listener).
     A broker this session starts has the secured listeners too (``kafka_secure``);
     one already running is used as it is."""
-    from onceflow import devstack
-    from onceflow.devstack import kafka
+    from onceflow_dev import devstack
+    from onceflow_dev.devstack import kafka
 
     with _service("kafka", secure=None if kafka.status()["pid"] else True):
         yield devstack.kafka_bootstrap_servers()
@@ -77,7 +77,7 @@ def kafka_secure(kafka_bootstrap) -> dict:
     them: SASL_SSL ``bootstrap_servers``, ``username``, ``password``, ``ca_file``,
     ``client_properties``, and ``mtls`` (mutual TLS). Fails, saying how to restart
     it, when the broker was started without them by someone else."""
-    from onceflow.devstack import kafka
+    from onceflow_dev.devstack import kafka
 
     info = kafka.status().get("secure") if kafka.configured_secure() else None
     if not info or not info["healthy"]:
@@ -90,7 +90,7 @@ def kafka_secure(kafka_bootstrap) -> dict:
 @pytest.fixture(scope="session")
 def postgres_dsn() -> Iterator[str]:
     """DSN of a running throwaway PostgreSQL cluster (database ``onceflow``)."""
-    from onceflow import devstack
+    from onceflow_dev import devstack
 
     with _service("postgres"):
         yield devstack.postgres_dsn()
@@ -99,7 +99,7 @@ def postgres_dsn() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def prism_path() -> Iterator[str]:
     """Path of a Prism binary built at the pinned Beam version."""
-    from onceflow import devstack
+    from onceflow_dev import devstack
 
     with _service("prism"):
         location = devstack.prism_location()
@@ -111,7 +111,7 @@ def prism_path() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def flink_job_endpoint() -> Iterator[str]:
     """``127.0.0.1:<port>`` of a running Beam Flink job server (embedded Flink)."""
-    from onceflow import devstack
+    from onceflow_dev import devstack
 
     with _service("flink"):
         yield devstack.flink_job_endpoint()
@@ -120,7 +120,7 @@ def flink_job_endpoint() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def flink_cluster_master() -> Iterator[str]:
     """``127.0.0.1:<rest port>`` of a standalone Flink session cluster (1 JM, 1 TM)."""
-    from onceflow.devstack import flink_cluster
+    from onceflow_dev.devstack import flink_cluster
 
     with _service("flink-cluster"):
         yield flink_cluster.master()
@@ -138,7 +138,7 @@ def cluster_job_endpoint(flink_cluster_master, tmp_path) -> Iterator[str]:
     submits to the standalone cluster: its own ONCEFLOW_HOME under tmp_path (the
     jar cache linked) and ports, ``ONCEFLOW_FLINK_MASTER`` the cluster's REST
     address; stopped at the end. The shared job server is left alone."""
-    from onceflow.devstack.common import home
+    from onceflow_dev.devstack.common import home
 
     own_home = tmp_path / "home"
     own_home.mkdir()

@@ -10,7 +10,7 @@ import uuid
 
 from confluent_kafka import Producer
 
-from onceflow import devstack
+from onceflow_dev import devstack
 from onceflow.io.kafka.admin import committed_offsets, new_consumer
 from onceflow.io.kafka.config import KafkaReadConfig, KafkaTopic
 from onceflow.options import SAMPLE_INPUT

@@ -17,25 +17,51 @@ from onceflow.versions import ONCEFLOW_VERSION
 
 # Subcommand modules, in the order `onceflow --help` lists them.
 _SUBCOMMAND_MODULES = (
-    "onceflow.devstack.command",
-    "onceflow.observability.command",
-    "onceflow.deadletter_command",
     "onceflow.cli.run",
+    "onceflow.cli.lag",
+    "onceflow.cli.dlq",
     "onceflow.cli.templates",
-    "onceflow.torture.command",
 )
+# The development tools' subcommands (package onceflow_dev): absent from the worker
+# package, so each says in one line how to get them when it is not installed.
+_DEV_SUBCOMMAND_MODULES = {
+    "dev": ("onceflow_dev.devstack.command", "local Kafka, PostgreSQL, Prism and Flink for development"),
+    "torture": ("onceflow_dev.torture.command", "faults injected into a live run, the sink compared with the truth"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onceflow",
-        description="Operations for onceflow pipelines (dev services, lag, DLQ, checks).",
+        description="Operations for onceflow pipelines (jobs, lag, DLQ, templates, dev services, torture).",
     )
     parser.add_argument("--version", action="version", version=f"onceflow {ONCEFLOW_VERSION}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in _SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    for name, (module_name, summary) in _DEV_SUBCOMMAND_MODULES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if not (error.name or "").startswith("onceflow_dev"):
+                raise
+            _register_missing(subparsers, name, summary)
+        else:
+            module.register(subparsers)
     return parser
+
+
+def _register_missing(subparsers: argparse._SubParsersAction, name: str, summary: str) -> None:
+    """A subcommand of the development tools where they are not installed."""
+    parser = subparsers.add_parser(name, help=f"{summary} (not installed here)", add_help=False)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def handler(_args) -> int:
+        print(f"onceflow {name}: the development tools (package onceflow_dev) are not installed here; they "
+              "come with a source checkout: pip install -e .", file=sys.stderr)
+        return 2
+
+    parser.set_defaults(handler=handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,6 +70,24 @@ def test_sdist_contains_every_module_and_the_sample(sdist):
     assert "setup.py" in names and "onceflow/versions.py" in names
 
 
+def test_the_worker_package_leaves_the_development_tools_out(sdist, venv, tmp_path):
+    """The sdist (what --setup_file ships to workers) has no onceflow_dev; installed,
+    the main job imports nothing of it, and `onceflow dev` says in one line where
+    the tools come from."""
+    with tarfile.open(sdist) as archive:
+        names = archive.getnames()
+    assert not [name for name in names if "onceflow_dev" in name or "/devstack/" in name or "/torture/" in name]
+    imported = _run([venv, "-c", "import sys, onceflow.pipelines.aggregate, onceflow.cli; "
+                                 "print(sorted(m for m in sys.modules if m.startswith('onceflow_dev')))"],
+                    cwd=tmp_path).stdout.strip()
+    assert imported == "[]"
+    refused = subprocess.run([str(venv.parent / "onceflow"), "dev", "status"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("onceflow dev: the development tools (package onceflow_dev) are not installed "
+                                      "here; they come with a source checkout: pip install -e .")
+
+
 def test_installed_package_is_the_sdist_not_the_source_tree(venv, tmp_path):
     shown = _run([venv, "-c", "import onceflow, apache_beam; print(onceflow.__file__); "
                               "print(apache_beam.__version__)"], cwd=tmp_path).stdout.split()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from onceflow.devstack.common import wait_until
+from onceflow_dev.devstack.common import wait_until
 
 SCRIPT = pathlib.Path(__file__).with_name("windowed_stream.py")
 DURATION = 20  # seconds the source produces

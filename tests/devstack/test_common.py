@@ -1,4 +1,4 @@
-"""Unit tests of the pure parts of onceflow.devstack (no services needed)."""
+"""Unit tests of the pure parts of onceflow_dev.devstack (no services needed)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from onceflow import cli, devstack
-from onceflow.devstack import common, kafka, maven
+from onceflow import cli
+from onceflow_dev import devstack
+from onceflow_dev.devstack import common, kafka, maven
 from onceflow.errors import ServiceError, UsageError
 
 
@@ -196,7 +197,7 @@ def test_down_with_nothing_running_is_a_no_op(monkeypatch, tmp_path, capsys):
 
 
 def test_server_properties_with_the_secured_listeners(tmp_path, monkeypatch):
-    from onceflow.devstack import kafka_secure
+    from onceflow_dev.devstack import kafka_secure
 
     monkeypatch.setenv("ONCEFLOW_KAFKA_SASL_PORT", "3333")
     monkeypatch.setenv("ONCEFLOW_KAFKA_MTLS_PORT", "4444")
@@ -220,7 +221,7 @@ def test_server_properties_with_the_secured_listeners(tmp_path, monkeypatch):
 def test_the_secured_material_is_made_once_with_openssl(tmp_path):
     import subprocess
 
-    from onceflow.devstack import kafka_secure
+    from onceflow_dev.devstack import kafka_secure
 
     material = kafka_secure.prepare(tmp_path / "secure")
     assert material.complete() and material.password()

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from onceflow.devstack import flink, flink_cluster
+from onceflow_dev.devstack import flink, flink_cluster
 
 pytestmark = [pytest.mark.flink, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""The modules of onceflow.devstack import each other without a cycle.
+"""The modules of onceflow_dev.devstack import each other without a cycle.
 
 Read from the source with ``ast`` (imports inside functions count too), so a
 cycle fails here even where a deferred import would hide it at run time.
@@ -9,10 +9,10 @@ from __future__ import annotations
 import ast
 import pathlib
 
-import onceflow.devstack
+import onceflow_dev.devstack
 
-PACKAGE = "onceflow.devstack"
-FOLDER = pathlib.Path(onceflow.devstack.__file__).parent
+PACKAGE = "onceflow_dev.devstack"
+FOLDER = pathlib.Path(onceflow_dev.devstack.__file__).parent
 MODULES = sorted(path.stem for path in FOLDER.glob("*.py"))
 
 
@@ -73,7 +73,7 @@ def test_the_import_graph_is_read():
 def test_no_import_cycle_in_devstack():
     graph = {module: _imported(module) for module in MODULES}
     cycle = _cycle(graph)
-    assert not cycle, "import cycle in onceflow/devstack: " + " -> ".join(cycle)
+    assert not cycle, "import cycle in onceflow_dev/devstack: " + " -> ".join(cycle)
 
 
 def test_the_cycle_finder_finds_one():

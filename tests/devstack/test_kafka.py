@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from onceflow.devstack import kafka
+from onceflow_dev.devstack import kafka
 from onceflow.versions import KAFKA_VERSION
 
 pytestmark = [pytest.mark.kafka]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from onceflow.devstack import kafka_expansion
+from onceflow_dev.devstack import kafka_expansion
 
 
 def test_jar_names_drop_versions():
@@ -24,7 +24,7 @@ def test_pom_excludes_confluent_artifacts():
 def test_service_expands_the_kafka_read():
     import apache_beam as beam
 
-    from onceflow import devstack
+    from onceflow_dev import devstack
     from onceflow.io.kafka.config import EARLIEST, KafkaReadConfig, KafkaTopic
     from onceflow.io.kafka.java import ReadFromKafkaWithJava
 

@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from onceflow import cli
-from onceflow.devstack import kafka_secure as secure_listeners
+from onceflow_dev.devstack import kafka_secure as secure_listeners
 from onceflow.io.kafka.admin import read_topic_to_end
 from onceflow.io.kafka.config import KafkaTopic, read_properties_file
 from onceflow.io.kafka.errors import ClientErrors

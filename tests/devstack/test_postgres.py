@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from onceflow.devstack import postgres
+from onceflow_dev.devstack import postgres
 
 pytestmark = [pytest.mark.postgres]
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from onceflow import devstack
+from onceflow_dev import devstack
 from onceflow.versions import BEAM_VERSION
 from tests.devstack.streaming import run_and_observe
 

@@ -201,8 +201,8 @@ def _read(folder: pathlib.Path) -> list:
 @pytest.mark.flink
 @pytest.mark.slow
 def test_reads_every_record_on_flink(kafka_bootstrap, flink_job_endpoint, tmp_path):
-    from onceflow import devstack
-    from onceflow.devstack import kafka_expansion
+    from onceflow_dev import devstack
+    from onceflow_dev.devstack import kafka_expansion
 
     devstack.ensure_up(["kafka-expansion"])
     topic = f"java-read-{uuid.uuid4().hex[:10]}"
@@ -266,8 +266,8 @@ def test_prism_cannot_run_the_java_read(prism_path, tmp_path):
     expansion it fails with ``environment ... with urn EMBEDDED unimplemented``
     (seen by hand); a DOCKER Java environment needs Docker, absent here.
     """
-    from onceflow import devstack
-    from onceflow.devstack import kafka_expansion
+    from onceflow_dev import devstack
+    from onceflow_dev.devstack import kafka_expansion
 
     devstack.ensure_up(["kafka-expansion"])
     # In a process of its own: Beam caches Prism job servers per process, so an

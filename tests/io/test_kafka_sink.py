@@ -10,7 +10,7 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from confluent_kafka import Producer
 
-from onceflow import devstack, metrics
+from onceflow_dev import devstack, metrics
 from onceflow.aggregates import parse_aggregates
 from onceflow.io.kafka.admin import read_records_to_end
 from onceflow.io.kafka.config import KafkaTopic

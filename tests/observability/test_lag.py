@@ -16,7 +16,7 @@ def group_at_known_position(kafka_bootstrap):
     partitions 0 and 1 and nothing on 2: lag 14 + 13 + 33 = 60."""
     from confluent_kafka import Consumer, Producer, TopicPartition
 
-    from onceflow.devstack import create_topic
+    from onceflow_dev.devstack import create_topic
 
     topic = f"obs-lag-{uuid.uuid4().hex[:10]}"
     group = f"obs-lag-group-{uuid.uuid4().hex[:10]}"
@@ -91,7 +91,7 @@ def test_the_kafka_flags_are_spelled_as_the_job_spells_them(capsys):
 
 
 def test_the_tortures_probe_counts_the_same_lag_with_one_consumer_kept(group_at_known_position):
-    from onceflow.torture.command import _LagProbe
+    from onceflow_dev.torture.command import _LagProbe
 
     bootstrap, topic, group = group_at_known_position
     probe = _LagProbe(bootstrap, group, topic, 3)

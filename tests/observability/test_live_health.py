@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from onceflow.devstack import kafka
+from onceflow_dev.devstack import kafka
 from tests.io.test_kafka_ranges import free_port, http_get
 from tests.livejob import counted_events, job_output, new_topic, produce, start_live_job, stop, wait_for
 

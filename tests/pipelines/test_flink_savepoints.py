@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from onceflow.devstack.flink import cancel_running_jobs, flink_jobs, streaming_job_flags
+from onceflow_dev.devstack.flink import cancel_running_jobs, flink_jobs, streaming_job_flags
 from onceflow.io import flink_rest
 from tests.livejob import (
     counted_events, job_output, new_topic, produce, producer_for, sample_lines, start_live_job, stop, table_rows,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from onceflow.devstack.flink import cancel_running_jobs, streaming_job_flags
+from onceflow_dev.devstack.flink import cancel_running_jobs, streaming_job_flags
 from onceflow.pipelines.aggregate import run
 from tests.livejob import (
     committed, counted_events, job_output, new_topic, produce, producer_for, sample_lines, start_live_job, stop,
@@ -103,7 +103,7 @@ def test_a_killed_clients_job_does_not_keep_running_on_flink(kafka_bootstrap, fl
     """A supervisor that SIGKILLs a client and cancels its job leaves nothing behind
     on Flink (the 2.62 job server alone marks the job cancelled but the embedded
     Flink job goes on restarting)."""
-    from onceflow.devstack.flink import flink_jobs
+    from onceflow_dev.devstack.flink import flink_jobs
 
     topic = new_topic(kafka_bootstrap)
     lines = sample_lines()

@@ -1,6 +1,6 @@
 """The seeded fault schedule."""
 
-from onceflow.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL, fault_schedule
+from onceflow_dev.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL, fault_schedule
 
 COUNTS = {KILL: 3, BROKER_RESTART: 1, STALL: 1, CONNECTION_KILL: 1}
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from onceflow.events import RecordError, SourceRecord
-from onceflow.torture.stream import BAD, BAD_RECORDS, DUPLICATE, GOOD, TOO_LATE, TOO_LATE_AGE_MS, StreamMix, StreamPlan
+from onceflow_dev.torture.stream import BAD, BAD_RECORDS, DUPLICATE, GOOD, TOO_LATE, TOO_LATE_AGE_MS, StreamMix, StreamPlan
 from tests.transforms.helpers import CONTRACT
 
 NOW = 1_800_000_000_000

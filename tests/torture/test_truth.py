@@ -1,7 +1,7 @@
 """The truth from the ledger, and a comparison that finds every kind of discrepancy."""
 
-from onceflow.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned
-from onceflow.torture.truth import compare, expected_dead_letters, expected_rows
+from onceflow_dev.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned
+from onceflow_dev.torture.truth import compare, expected_dead_letters, expected_rows
 
 
 def _good(n, t, k, v, partition=0, kind=GOOD):
@@ -54,7 +54,7 @@ def test_every_discrepancy_is_found():
 def test_the_truth_is_what_the_topic_holds():
     """A record the broker holds twice counts once as an event and twice as a dead
     letter; a planned record the topic lacks is reported."""
-    from onceflow.torture.truth import in_topic
+    from onceflow_dev.torture.truth import in_topic
 
     plan = [_good(0, 10_000, "a", 5), Planned(1, BAD, b"{", 15_000, 0, label="truncated_json"),
             _good(2, 11_000, "a", 1)]

@@ -170,7 +170,7 @@ class ReadFromKafkaWithJava(beam.PTransform):
     ``expansion_service`` = a Beam 2.62 Java expansion service started with
     ``--defaultEnvironmentType=EMBEDDED --experiments=use_deprecated_read`` and the
     Kafka IO jars on the job server's classpath: the dev stack's ``kafka-expansion``
-    service (:func:`onceflow.devstack.kafka_expansion.address`) and ``flink``
+    service (:func:`onceflow_dev.devstack.kafka_expansion.address`) and ``flink``
     service. Flink then reads with KafkaIO's legacy ``UnboundedSource`` natively,
     inside the job server; the small Java conversion step runs in an in-process
     Java harness; the Python steps run in the LOOPBACK workers. KafkaIO's

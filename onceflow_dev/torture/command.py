@@ -23,13 +23,13 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from onceflow.errors import ServiceError, UsageError
-from onceflow.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL, Fault, fault_schedule
-from onceflow.torture.job import LiveJob
-from onceflow.torture.plot import write_plot
-from onceflow.torture.sinks import AGGREGATE, SINK_KINDS, TortureSink, torture_sink
-from onceflow.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned, StreamMix, StreamPlan
-from onceflow.torture.timeline import FaultMark, Sample, Timeline
-from onceflow.torture import truth
+from onceflow_dev.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL, Fault, fault_schedule
+from onceflow_dev.torture.job import LiveJob
+from onceflow_dev.torture.plot import write_plot
+from onceflow_dev.torture.sinks import AGGREGATE, SINK_KINDS, TortureSink, torture_sink
+from onceflow_dev.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned, StreamMix, StreamPlan
+from onceflow_dev.torture.timeline import FaultMark, Sample, Timeline
+from onceflow_dev.torture import truth
 from onceflow.windowing import parse_duration_ms
 
 WINDOW_S, IDLE_TIMEOUT_S = 10, 10
@@ -127,10 +127,10 @@ class _Setup:
 
 
 def _setup(args: argparse.Namespace) -> _Setup:
-    from onceflow import devstack
-    from onceflow.devstack import kafka
-    from onceflow.devstack.common import home
-    from onceflow.devstack.prism import prism_location
+    from onceflow_dev import devstack
+    from onceflow_dev.devstack import kafka
+    from onceflow_dev.devstack.common import home
+    from onceflow_dev.devstack.prism import prism_location
 
     for flag, value in (("--allowed-lateness", args.allowed_lateness), ("--early-firing", args.early_firing)):
         try:
@@ -158,7 +158,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
             raise ServiceError("Prism is not built: run `onceflow dev up --services prism`")
         runner_flags, endpoint = [f"--prism_location={location}"], None
     else:
-        from onceflow.devstack import flink
+        from onceflow_dev.devstack import flink
 
         endpoint = devstack.flink_job_endpoint()
         if not flink.status()["healthy"]:
@@ -218,7 +218,7 @@ class TortureRun:
     # -- the run -------------------------------------------------------------------
 
     def run(self) -> int:
-        from onceflow import devstack
+        from onceflow_dev import devstack
 
         faulthandler.enable()  # a crash in a native client library still says where
         args, setup = self.args, self.setup
@@ -411,7 +411,7 @@ class TortureRun:
             return (f"job killed with SIGKILL and started again (start {self.job.starts}); it reads "
                     f"{'?' if re_read is None else f'{re_read:,}'} records again")
         if kind == BROKER_RESTART:
-            from onceflow.devstack import kafka
+            from onceflow_dev.devstack import kafka
 
             kafka.down()
             time.sleep(2)

@@ -98,7 +98,7 @@ class LiveJob:
 
     def _cancel_on_service(self) -> None:
         if self._job_endpoint:
-            from onceflow.devstack.flink import cancel_running_jobs
+            from onceflow_dev.devstack.flink import cancel_running_jobs
 
             cancel_running_jobs(self._job_endpoint, name_prefix=self._job_name)
 

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from typing import Dict, Optional, Tuple
 
-from onceflow.torture.truth import Aggregates, RowKey
+from onceflow_dev.torture.truth import Aggregates, RowKey
 
 SINK_KINDS = ("postgres", "sqlite", "parquet", "avro")
 AGGREGATE = "count,sum:v"

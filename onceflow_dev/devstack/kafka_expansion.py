@@ -22,7 +22,7 @@ it are the same Java release:
   this folder, so the job server's versions are the only ones on its classpath.
 
 The same Kafka IO jars are put on the ``flink`` job server's classpath (see
-:mod:`onceflow.devstack.flink`): with the ``EMBEDDED`` environment the Java
+:mod:`onceflow_dev.devstack.flink`): with the ``EMBEDDED`` environment the Java
 transforms run in the job server's JVM, in process. The service is started as
 ``java -cp ... org.apache.beam.sdk.expansion.service.ExpansionService PORT
 --defaultEnvironmentType=EMBEDDED --experiments=use_deprecated_read``: a
@@ -40,9 +40,9 @@ import os
 import pathlib
 from typing import Any, Sequence
 
-from onceflow.devstack import maven
-from onceflow.devstack.beam_java import JAVA_OPENS, JOB_SERVER_BEAM_VERSION, job_server_jars
-from onceflow.devstack.common import (
+from onceflow_dev.devstack import maven
+from onceflow_dev.devstack.beam_java import JAVA_OPENS, JOB_SERVER_BEAM_VERSION, job_server_jars
+from onceflow_dev.devstack.common import (
     HOST,
     cache_dir,
     env_port,
@@ -52,7 +52,7 @@ from onceflow.devstack.common import (
     require_java,
     service_dir,
 )
-from onceflow.devstack.service import ManagedService
+from onceflow_dev.devstack.service import ManagedService
 
 NAME = "kafka-expansion"
 BEAM_JAVA_VERSION = JOB_SERVER_BEAM_VERSION  # 2.62.0: the runner's release
@@ -100,12 +100,12 @@ def _service() -> ManagedService:
 
 def pom_xml(name: str, coordinates: Sequence[str], exclusions: Sequence[str]) -> str:
     """A pom whose dependencies are ``coordinates``, each excluding ``exclusions``
-    (:func:`onceflow.devstack.maven.pom_xml`)."""
+    (:func:`onceflow_dev.devstack.maven.pom_xml`)."""
     return maven.pom_xml(name, coordinates, exclusions)
 
 
 def jar_name(filename: str) -> str:
-    """``kafka-clients-3.9.1.jar`` -> ``kafka-clients`` (:func:`onceflow.devstack.maven.jar_name`)."""
+    """``kafka-clients-3.9.1.jar`` -> ``kafka-clients`` (:func:`onceflow_dev.devstack.maven.jar_name`)."""
     return maven.jar_name(filename)
 
 

@@ -13,8 +13,8 @@ import argparse
 import json
 from typing import Any
 
-from onceflow import devstack
-from onceflow.devstack import kafka
+from onceflow_dev import devstack
+from onceflow_dev.devstack import kafka
 
 _SERVICES_HELP = (
     f"comma-separated, from {','.join(devstack.SERVICES)}"

@@ -1,8 +1,8 @@
 """The Beam Java release the Java dev services run from, its jars and JVM flags.
 
-The Flink job server (:mod:`onceflow.devstack.flink`), the standalone Flink
-cluster (:mod:`onceflow.devstack.flink_cluster`) and the Kafka expansion service
-(:mod:`onceflow.devstack.kafka_expansion`) all run from the job server's jars,
+The Flink job server (:mod:`onceflow_dev.devstack.flink`), the standalone Flink
+cluster (:mod:`onceflow_dev.devstack.flink_cluster`) and the Kafka expansion service
+(:mod:`onceflow_dev.devstack.kafka_expansion`) all run from the job server's jars,
 so they are defined here, once, and none of those modules imports another for them.
 
 Versions, and why. The project pins Beam 2.77.0, but this machine's Maven
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import pathlib
 
-from onceflow.devstack import maven
-from onceflow.devstack.common import cache_dir
+from onceflow_dev.devstack import maven
+from onceflow_dev.devstack.common import cache_dir
 
 JOB_SERVER_BEAM_VERSION = "2.62.0"
 FLINK_MINOR = "1.19"

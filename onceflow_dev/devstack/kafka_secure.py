@@ -32,7 +32,7 @@ import secrets
 import subprocess
 from typing import Any, Dict
 
-from onceflow.devstack.common import HOST, env_port, require_tool, run_logged
+from onceflow_dev.devstack.common import HOST, env_port, require_tool, run_logged
 from onceflow.errors import ServiceError
 
 USERNAME = "onceflow"

@@ -19,7 +19,7 @@ import pathlib
 import subprocess
 from typing import Any
 
-from onceflow.devstack.common import progress, require_tool, run_logged
+from onceflow_dev.devstack.common import progress, require_tool, run_logged
 from onceflow.errors import ServiceError
 from onceflow.runners import built_prism, prism_binary_path
 from onceflow.versions import BEAM_VERSION

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Iterable, List, Mapping, Tuple
 
-from onceflow.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned
+from onceflow_dev.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned
 
 RowKey = Tuple[str, int]  # (key, window start ms)
 Aggregates = Tuple[int, int]  # (count, sum of v)

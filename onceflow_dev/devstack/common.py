@@ -1,6 +1,6 @@
 """The helpers every dev service uses: the project-local folder, ports, tools,
 pid files, waiting on a condition with a deadline, running logged commands.
-:mod:`onceflow.devstack.service` builds a service's process on them.
+:mod:`onceflow_dev.devstack.service` builds a service's process on them.
 
 Layout under the project-local folder (``$ONCEFLOW_HOME``, else ``./.onceflow``)::
 

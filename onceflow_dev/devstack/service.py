@@ -16,7 +16,7 @@ import pathlib
 import subprocess
 from typing import Any, Callable, Iterator, Sequence
 
-from onceflow.devstack.common import (
+from onceflow_dev.devstack.common import (
     progress,
     running_pid,
     start_background,

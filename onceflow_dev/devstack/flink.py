@@ -1,11 +1,11 @@
 """Beam's Flink job server with an embedded Flink (``--flink-master=[local]``).
 
 Beam 2.62.0 Java with Flink 1.19.0: why these versions, and the jars, are
-in :mod:`onceflow.devstack.beam_java`. The main class
+in :mod:`onceflow_dev.devstack.beam_java`. The main class
 ``org.apache.beam.runners.flink.FlinkJobServerDriver`` lives in the runner module
 itself, so ``java -cp '<jars>/*' FlinkJobServerDriver`` is the job server that
 the (unserved) shaded job-server jar would have been. Beam's Java KafkaIO jars
-(:func:`onceflow.devstack.kafka_expansion.resolve_kafka_io_jars`) follow on its
+(:func:`onceflow_dev.devstack.kafka_expansion.resolve_kafka_io_jars`) follow on its
 classpath: with the ``EMBEDDED`` environment the Java transforms of
 :mod:`onceflow.io.kafka.java` run in this JVM.
 
@@ -33,9 +33,9 @@ import pathlib
 import re
 from typing import Any, NamedTuple
 
-from onceflow.devstack import maven
-from onceflow.devstack.beam_java import FLINK_VERSION, JAVA_OPENS, JOB_SERVER_BEAM_VERSION, job_server_jars
-from onceflow.devstack.common import (
+from onceflow_dev.devstack import maven
+from onceflow_dev.devstack.beam_java import FLINK_VERSION, JAVA_OPENS, JOB_SERVER_BEAM_VERSION, job_server_jars
+from onceflow_dev.devstack.common import (
     HOST,
     env_port,
     grpc_answers,
@@ -44,8 +44,8 @@ from onceflow.devstack.common import (
     require_java,
     service_dir,
 )
-from onceflow.devstack.kafka_expansion import resolve_kafka_io_jars
-from onceflow.devstack.service import ManagedService
+from onceflow_dev.devstack.kafka_expansion import resolve_kafka_io_jars
+from onceflow_dev.devstack.service import ManagedService
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pathlib
 from typing import Optional
 
-from onceflow.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL
-from onceflow.torture.timeline import Timeline
+from onceflow_dev.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, STALL
+from onceflow_dev.torture.timeline import Timeline
 
 _FAULT_COLOURS = {KILL: "tab:red", BROKER_RESTART: "tab:purple", STALL: "tab:orange", CONNECTION_KILL: "tab:brown"}
 

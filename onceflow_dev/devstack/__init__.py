@@ -2,11 +2,11 @@
 
 Command line: ``onceflow dev up|status|down [--services kafka,postgres,prism,flink,flink-cluster]``
 (``up`` defaults to kafka,postgres; ``up --secure`` adds Kafka's SASL_SSL and
-mutual-TLS listeners, see :mod:`onceflow.devstack.kafka_secure`). ``flink`` is Beam's Flink job server with an
+mutual-TLS listeners, see :mod:`onceflow_dev.devstack.kafka_secure`). ``flink`` is Beam's Flink job server with an
 embedded Flink; ``flink-cluster`` a standalone Flink session cluster it can target
 (``ONCEFLOW_FLINK_MASTER=127.0.0.1:18081``). From Python::
 
-    from onceflow import devstack
+    from onceflow_dev import devstack
     devstack.ensure_up(["kafka", "postgres"])      # idempotent
     devstack.status()["kafka"]["bootstrap_servers"]  # '127.0.0.1:19092'
     devstack.create_topic("events", partitions=3)
@@ -37,7 +37,7 @@ Ports (all on 127.0.0.1; environment variable, default):
 Modules: one per service (``kafka``, ``postgres``, ``prism``, ``flink``,
 ``flink_cluster``, ``kafka_expansion``), each with ``up``, ``down`` and ``status``
 and, but for ``prism`` (a binary, not a process), its process described by a
-:class:`~onceflow.devstack.service.ManagedService`; ``common`` (folder, ports, pid
+:class:`~onceflow_dev.devstack.service.ManagedService`; ``common`` (folder, ports, pid
 files, waiting, logged commands), ``maven`` (jars from Maven), ``beam_java`` (the
 Beam Java release the Java services share), ``kafka_secure`` (the broker's secured
 listeners) and ``command`` (``onceflow dev``).
@@ -52,9 +52,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Iterable
 
-from onceflow.devstack import flink, flink_cluster, kafka, kafka_expansion, postgres, prism
-from onceflow.devstack.kafka import create_topic
-from onceflow.devstack.prism import prism_location
+from onceflow_dev.devstack import flink, flink_cluster, kafka, kafka_expansion, postgres, prism
+from onceflow_dev.devstack.kafka import create_topic
+from onceflow_dev.devstack.prism import prism_location
 from onceflow.errors import UsageError
 
 # Service name -> module with up() -> bool, down() -> bool, status() -> dict.

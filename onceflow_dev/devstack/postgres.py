@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 from typing import Any
 
-from onceflow.devstack.common import (
+from onceflow_dev.devstack.common import (
     HOST,
     env_port,
     fail,
@@ -40,7 +40,7 @@ from onceflow.devstack.common import (
     service_dir,
     wait_until,
 )
-from onceflow.devstack.service import ManagedService
+from onceflow_dev.devstack.service import ManagedService
 from onceflow.errors import ServiceError
 
 NAME = "postgres"
