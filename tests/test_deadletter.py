@@ -3,7 +3,8 @@
 import datetime
 import json
 
-from onceflow.deadletter import DeadLetter, from_envelope, to_envelope, to_json_line
+from onceflow.deadletter import DeadLetter
+from onceflow.io.dlq.envelope import from_envelope, to_envelope, to_json_line
 from onceflow.events import SourceRecord
 
 RAW = b'{"broken": \xff\xfe'

@@ -6,9 +6,9 @@ import sqlite3
 import pytest
 
 from onceflow import cli
-from onceflow.deadletter_command import replay_flags, select
+from onceflow.cli.dlq import replay_flags, select
 from onceflow.errors import UsageError
-from onceflow.io.dlq import read_dead_letters
+from onceflow.io.dlq.jsonl import read_dead_letters
 from onceflow.pipelines.aggregate import run
 from tests.livejob import new_topic, produce, sample_lines
 

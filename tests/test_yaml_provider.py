@@ -12,7 +12,7 @@ pytest.importorskip("jinja2", reason="Beam YAML needs the yaml extra: pip instal
 
 import apache_beam as beam  # noqa: E402
 
-from onceflow.io.dlq import read_dead_letters  # noqa: E402
+from onceflow.io.dlq.jsonl import read_dead_letters  # noqa: E402
 from onceflow.options import SAMPLE_INPUT  # noqa: E402
 from onceflow import yaml_provider  # noqa: E402
 from tests.pipelines.test_aggregate_job import table_rows  # noqa: E402

@@ -117,10 +117,10 @@ def _target(args):
         settings = client_settings_from_flags(args.kafka_setting, args.kafka_config_file)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if settings and target.kind != "kafka":
+    if settings and target.scheme != "kafka":
         raise UsageError("--kafka_setting/--kafka_config_file: only a kafka:// queue takes Kafka settings")
     registry = None
-    if target.kind == "kafka" and target.value_format == "avro_registry":
+    if target.scheme == "kafka" and target.option("format") == "avro_registry":
         from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
 
         if not args.schema_registry_url:
@@ -145,7 +145,7 @@ def _selected(args) -> List[Dict[str, Any]]:
     try:
         return select(read_dead_letters_from(target), args.reason, since, until)
     except Exception as error:  # the Kafka client refusing a setting, a broker out of reach
-        if target.kind != "kafka" or not _is_kafka_error(error):
+        if target.scheme != "kafka" or not _is_kafka_error(error):
             raise
         message = scrub_secrets(first_line(error), dict(target.client_settings))
         raise ServiceError(f"cannot read {target.describe()}: {message}") from None

@@ -1,5 +1,6 @@
-"""PostgreSQL sinks (psycopg 3): guarded upserts of aggregate rows, and a
-dead-letter table.
+"""PostgreSQL sinks (psycopg 3): guarded upserts of aggregate rows, the positions
+of live jobs, and the connections, sessions and retries the dead-letter table
+(:mod:`onceflow.io.dlq.postgres`) shares.
 
 Rows: ``INSERT ... ON CONFLICT (key fields, window_start, window_end) DO UPDATE
 SET ... WHERE EXCLUDED.event_count >= t.event_count``, one transaction per batch
@@ -32,17 +33,13 @@ superseded by a newer version in the same batch), ``sink_retries``.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import apache_beam as beam
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
-from onceflow import metrics
-from onceflow.deadletter import DeadLetter, to_envelope
-from onceflow.events import format_utc_ms
-from onceflow.io.batching import BatchWriteDoFn, UpsertRowsDoFn
+from onceflow.io.batching import UpsertRowsDoFn
 from onceflow.io.progress import PROGRESS_TABLE, Position
 from onceflow.io.retry import call_with_retries
 from onceflow.io.urls import redact_url
@@ -125,7 +122,9 @@ def _table_columns(connection: psycopg.Connection, table: str) -> List[str]:
     return [name for (name,) in rows]
 
 
-def _create_checked(dsn: str, table: str, create: sql.Composed, expected: Sequence[str]) -> None:
+def create_checked(dsn: str, table: str, create: sql.Composed, expected: Sequence[str]) -> None:
+    """Runs ``create`` (a ``CREATE TABLE IF NOT EXISTS``) under a lock, then
+    ValueError (one line) if the table's columns are not ``expected``."""
     with connect(dsn, application_name(table)) as connection:
         with connection.transaction():
             # Serialises concurrent CREATE TABLE IF NOT EXISTS from several workers.
@@ -138,7 +137,7 @@ def _create_checked(dsn: str, table: str, create: sql.Composed, expected: Sequen
 def ensure_table(dsn: str, table: str, schema: RowSchema) -> None:
     """Creates the rows table if absent; ValueError (one line) if it exists with
     other columns. Connection errors are raised as they are."""
-    _create_checked(dsn, table, create_table_sql(table, schema), [*schema.columns, WRITTEN_AT])
+    create_checked(dsn, table, create_table_sql(table, schema), [*schema.columns, WRITTEN_AT])
 
 
 def last_window_end_ms(dsn: str, table: str) -> Optional[int]:
@@ -154,7 +153,7 @@ def to_pg_values(row: Dict[str, Any], schema: RowSchema, written_at: datetime.da
     return [*row_values(row, schema, utc_datetime), written_at]
 
 
-class _Session:
+class Session:
     """One connection, opened on first use and reopened after it broke."""
 
     def __init__(self, dsn: str, table: str):
@@ -190,10 +189,10 @@ class _Session:
                 pass
 
 
-class _SessionHooks:
-    """The retry hooks of a batch writer that holds a :class:`_Session` as ``_session``."""
+class SessionHooks:
+    """The retry hooks of a batch writer that holds a :class:`Session` as ``_session``."""
 
-    _session: _Session
+    _session: Session
 
     def is_transient(self, error: BaseException) -> bool:
         return is_transient(error)
@@ -205,13 +204,13 @@ class _SessionHooks:
         self._session.close()
 
 
-class _PostgresUpsertDoFn(_SessionHooks, UpsertRowsDoFn):
+class _PostgresUpsertDoFn(SessionHooks, UpsertRowsDoFn):
     def __init__(self, dsn: str, table: str, schema: RowSchema, batch_size: int):
         super().__init__(batch_size, what=f"upsert into {table}")
         self._dsn = dsn
         self._table = table
         self._schema = schema
-        self._session = _Session(dsn, table)
+        self._session = Session(dsn, table)
 
     def open(self) -> None:
         ensure_table(self._dsn, self._table, self._schema)
@@ -271,7 +270,7 @@ class PostgresProgress:
     def __init__(self, dsn: str, rows_table: str):
         self._dsn = dsn
         self._rows_table = check_identifier(rows_table, "table name")
-        self._session = _Session(dsn, rows_table)
+        self._session = Session(dsn, rows_table)
 
     def _create(self) -> None:
         with connect(self._dsn, application_name(self._rows_table)) as connection:
@@ -299,127 +298,3 @@ class PostgresProgress:
 
     def __getstate__(self) -> Dict[str, Any]:
         return {**self.__dict__, "_created": False}
-
-
-# -- dead letters ---------------------------------------------------------------
-
-# The envelope of onceflow.deadletter, one column per field.
-DLQ_COLUMNS = (
-    ("dlq_id", "TEXT PRIMARY KEY"),
-    ("reason", "TEXT NOT NULL"),
-    ("error_class", "TEXT NOT NULL"),
-    ("message", "TEXT NOT NULL"),
-    ("stage", "TEXT NOT NULL"),
-    ("source", "JSONB NOT NULL"),
-    ("raw_base64", "TEXT NOT NULL"),
-    ("raw_preview", "TEXT NOT NULL"),
-    ("event_id", "TEXT"),
-    ("event_time", "TIMESTAMPTZ"),
-    ("failed_at", "TIMESTAMPTZ NOT NULL"),
-    ("pipeline", "TEXT NOT NULL"),
-    ("pipeline_version", "TEXT NOT NULL"),
-)
-_DLQ_NAMES = tuple(name for name, _ in DLQ_COLUMNS)
-_ENVELOPE_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
-
-
-def create_dlq_table_sql(table: str) -> sql.Composed:
-    check_identifier(table, "table name")
-    return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
-        sql.Identifier(table),
-        sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in DLQ_COLUMNS))
-
-
-def insert_dlq_sql(table: str) -> sql.Composed:
-    """``INSERT ... ON CONFLICT (dlq_id) DO NOTHING``: each dead letter stored once."""
-    check_identifier(table, "table name")
-    return sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO NOTHING").format(
-        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, _DLQ_NAMES)),
-        sql.SQL(", ").join(sql.Placeholder() for _ in _DLQ_NAMES), sql.Identifier("dlq_id"))
-
-
-def ensure_dlq_table(dsn: str, table: str) -> None:
-    """Creates the dead-letter table if absent; ValueError if it has other columns."""
-    _create_checked(dsn, table, create_dlq_table_sql(table), _DLQ_NAMES)
-
-
-def _text(value: Optional[str]) -> Optional[str]:
-    # PostgreSQL text cannot hold NUL; only the people-facing fields can contain
-    # one (raw_base64 keeps the exact bytes).
-    return None if value is None else value.replace("\x00", "\ufffd")
-
-
-def _parse_envelope_time(text: Optional[str]) -> Optional[datetime.datetime]:
-    if text is None:
-        return None
-    return datetime.datetime.strptime(text, _ENVELOPE_TIME).replace(tzinfo=datetime.timezone.utc)
-
-
-def envelope_values(envelope: Dict[str, Any]) -> List[Any]:
-    values: List[Any] = []
-    for name in _DLQ_NAMES:
-        value = envelope[name]
-        if name == "source":
-            value = Jsonb(value)
-        elif name in ("event_time", "failed_at"):
-            value = _parse_envelope_time(value)
-        elif isinstance(value, str):
-            value = _text(value)
-        values.append(value)
-    return values
-
-
-class _PostgresDeadLetterDoFn(_SessionHooks, BatchWriteDoFn):
-    def __init__(self, dsn: str, table: str, pipeline: str, pipeline_version: str, batch_size: int):
-        super().__init__(batch_size, what=f"insert into {table}")
-        self._dsn = dsn
-        self._table = table
-        self._pipeline = pipeline
-        self._version = pipeline_version
-        self._session = _Session(dsn, table)
-        self._delivered = metrics.counter(metrics.DLQ_WRITTEN)
-
-    def open(self) -> None:
-        ensure_dlq_table(self._dsn, self._table)
-        self._statement = insert_dlq_sql(self._table)
-
-
-    def write_batch(self, batch: Sequence[DeadLetter]) -> None:
-        values = [envelope_values(to_envelope(letter, self._pipeline, self._version)) for letter in batch]
-        self._session.execute_batch(self._statement, values)
-        self._delivered.inc(len(batch))
-
-
-class WriteDeadLettersToPostgres(beam.PTransform):
-    """Inserts dead letters (the envelope of :mod:`onceflow.deadletter`, one
-    column per field) into a PostgreSQL table, created if absent.
-
-    ``dlq_id`` is the primary key and the insert is ``ON CONFLICT (dlq_id) DO
-    NOTHING``, so a retried bundle or a second run stores each dead letter once
-    (the first ``failed_at`` is kept). Batches, transactions and retries as for
-    rows; ``dlq_written`` counts dead letters delivered.
-    """
-
-    def __init__(self, dsn: str, table: str, pipeline: str, pipeline_version: str, batch_size: int = 500):
-        super().__init__()
-        check_identifier(table, "table name")
-        self._args = (dsn, table, pipeline, pipeline_version, batch_size)
-
-    def expand(self, letters: beam.PCollection) -> beam.PCollection:
-        return letters | "InsertDeadLetters" >> beam.ParDo(_PostgresDeadLetterDoFn(*self._args))
-
-
-def read_dead_letters(dsn: str, table: str) -> Iterator[Dict[str, Any]]:
-    """Each envelope in a dead-letter table once, oldest first, in the same shape as
-    :func:`onceflow.io.dlq.read_dead_letters` returns from a file."""
-    check_identifier(table, "table name")
-    query = sql.SQL("SELECT {} FROM {} ORDER BY {}, {}").format(
-        sql.SQL(", ").join(map(sql.Identifier, _DLQ_NAMES)), sql.Identifier(table),
-        sql.Identifier("failed_at"), sql.Identifier("dlq_id"))
-    with connect(dsn, application_name(table)) as connection:
-        for values in connection.execute(query):
-            envelope = dict(zip(_DLQ_NAMES, values))
-            if envelope["event_time"] is not None:
-                envelope["event_time"] = format_utc_ms(utc_millis(envelope["event_time"]))
-            envelope["failed_at"] = envelope["failed_at"].astimezone(datetime.timezone.utc).strftime(_ENVELOPE_TIME)
-            yield envelope

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 import apache_beam as beam
 
 from onceflow.io.progress import ProgressStore
+from onceflow.io.targets import Target
 from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, query_params, redact_url
 from onceflow.rows import RowSchema, check_identifier
 
@@ -31,55 +32,26 @@ DEFAULT_TABLE = "aggregates"
 KAFKA_ROW_FORMATS = ("json", "avro_registry")  # a kafka:// sink's ?format=
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
-class SinkTarget:
-    """A parsed ``--sink`` URL. ``location`` is a file path (sqlite), a libpq URI
-    without ``table`` (postgresql, may hold a password: print :meth:`describe`,
-    never the field), ``PROJECT.DATASET`` (bigquery) or a directory (file)."""
-
-    scheme: str
-    location: str
-    table: Optional[str] = None
-    options: Tuple[Tuple[str, str], ...] = ()
-    # Client settings (kafka: --kafka_setting); may hold secrets, never described.
-    client_settings: Tuple[Tuple[str, str], ...] = ()
-    # kafka ?format=avro_registry: the schema registry (a RegistryConfig) the row schema is registered with.
-    registry: Optional[object] = None
-
-    def option(self, name: str) -> Optional[str]:
-        return dict(self.options).get(name)
-
-    def describe(self) -> str:
-        """For people and logs; passwords redacted."""
-        detail = f"table {self.table}" if self.table else ""
-        extra = ", ".join(f"{k} {v}" for k, v in self.options)
-        inside = "; ".join(part for part in (detail, extra) if part)
-        return f"{self.scheme} {redact_url(self.location)}" + (f" ({inside})" if inside else "")
-
-    def __repr__(self) -> str:
-        return f"SinkTarget({self.describe()!r})"
-
-
 @dataclasses.dataclass(frozen=True)
 class SinkKind:
     """One scheme: the URL form (for messages), and how to parse, prepare and write."""
 
     form: str
-    parse: Callable[[str, urllib.parse.SplitResult], SinkTarget]
-    prepare: Callable[[SinkTarget, RowSchema], None]
-    write: Callable[[SinkTarget, RowSchema, int], Tuple[str, beam.PTransform]]
+    parse: Callable[[str, urllib.parse.SplitResult], Target]
+    prepare: Callable[[Target, RowSchema], None]
+    write: Callable[[Target, RowSchema, int], Tuple[str, beam.PTransform]]
     # The latest window_end the sink holds (epoch ms): where a restarted live job
     # must re-read from. None for sinks that cannot say.
-    last_window_end: Optional[Callable[[SinkTarget], Optional[int]]] = None
+    last_window_end: Optional[Callable[[Target], Optional[int]]] = None
     # Where a live job keeps its source positions with the rows (onceflow.io.progress);
     # None for sinks that cannot hold them: a live job refuses those.
-    progress: Optional[Callable[[SinkTarget], ProgressStore]] = None
+    progress: Optional[Callable[[Target], ProgressStore]] = None
 
 
 # -- sqlite ---------------------------------------------------------------------
 
 
-def _parse_sqlite(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
+def _parse_sqlite(url: str, parsed: urllib.parse.SplitResult) -> Target:
     query = query_params(url, ("table",))
     table = check_identifier(query.get("table", DEFAULT_TABLE), "table name")
     if parsed.netloc:
@@ -87,28 +59,28 @@ def _parse_sqlite(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
     path = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
     if not path or path.endswith("/"):
         raise ValueError(f"{url!r} names no database file; e.g. sqlite:///out/aggregates.db")
-    return SinkTarget("sqlite", path, table)
+    return Target("sqlite", path, table)
 
 
-def _prepare_sqlite(target: SinkTarget, schema: RowSchema) -> None:
+def _prepare_sqlite(target: Target, schema: RowSchema) -> None:
     from onceflow.io.sqlite import ensure_table
 
     ensure_table(target.location, target.table, schema)
 
 
-def _last_window_end_sqlite(target: SinkTarget) -> Optional[int]:
+def _last_window_end_sqlite(target: Target) -> Optional[int]:
     from onceflow.io.sqlite import last_window_end_ms
 
     return last_window_end_ms(target.location, target.table)
 
 
-def _progress_sqlite(target: SinkTarget):
+def _progress_sqlite(target: Target):
     from onceflow.io.sqlite import SqliteProgress
 
     return SqliteProgress(target.location, target.table)
 
 
-def _write_sqlite(target: SinkTarget, schema: RowSchema, batch_size: int):
+def _write_sqlite(target: Target, schema: RowSchema, batch_size: int):
     from onceflow.io.sqlite import WriteRowsToSqlite
 
     return "WriteToSqlite", WriteRowsToSqlite(target.location, target.table, schema, batch_size)
@@ -117,12 +89,12 @@ def _write_sqlite(target: SinkTarget, schema: RowSchema, batch_size: int):
 # -- postgresql -----------------------------------------------------------------
 
 
-def _parse_postgres(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
+def _parse_postgres(url: str, parsed: urllib.parse.SplitResult) -> Target:
     location, table = parse_postgres_url(url, DEFAULT_TABLE)
-    return SinkTarget("postgresql", location, check_identifier(table, "table name"))
+    return Target("postgresql", location, check_identifier(table, "table name"))
 
 
-def _prepare_postgres(target: SinkTarget, schema: RowSchema) -> None:
+def _prepare_postgres(target: Target, schema: RowSchema) -> None:
     from onceflow.io import postgres
 
     try:
@@ -131,19 +103,19 @@ def _prepare_postgres(target: SinkTarget, schema: RowSchema) -> None:
         raise ValueError(f"cannot use {target.describe()}: {first_line(error)}") from None
 
 
-def _last_window_end_postgres(target: SinkTarget) -> Optional[int]:
+def _last_window_end_postgres(target: Target) -> Optional[int]:
     from onceflow.io.postgres import last_window_end_ms
 
     return last_window_end_ms(target.location, target.table)
 
 
-def _progress_postgres(target: SinkTarget):
+def _progress_postgres(target: Target):
     from onceflow.io.postgres import PostgresProgress
 
     return PostgresProgress(target.location, target.table)
 
 
-def _write_postgres(target: SinkTarget, schema: RowSchema, batch_size: int):
+def _write_postgres(target: Target, schema: RowSchema, batch_size: int):
     from onceflow.io.postgres import WriteRowsToPostgres
 
     return "WriteToPostgres", WriteRowsToPostgres(target.location, target.table, schema, batch_size)
@@ -152,7 +124,7 @@ def _write_postgres(target: SinkTarget, schema: RowSchema, batch_size: int):
 # -- bigquery -------------------------------------------------------------------
 
 
-def _parse_bigquery(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
+def _parse_bigquery(url: str, parsed: urllib.parse.SplitResult) -> Target:
     from onceflow.io.bigquery import METHODS, TABLE_FORM, parse_table_spec
 
     query = query_params(url, ("method",))
@@ -162,15 +134,15 @@ def _parse_bigquery(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
     method = query.get("method", "merge")
     if method not in METHODS:
         raise ValueError(f"{url!r}: method {method!r} is not supported; use {' or '.join(METHODS)}")
-    return SinkTarget("bigquery", f"{project}.{dataset}", table, (("method", method),))
+    return Target("bigquery", f"{project}.{dataset}", table, (("method", method),))
 
 
-def _bigquery_parts(target: SinkTarget) -> Tuple[str, str, str]:
+def _bigquery_parts(target: Target) -> Tuple[str, str, str]:
     project, dataset = target.location.split(".")
     return project, dataset, target.table
 
 
-def _prepare_bigquery(target: SinkTarget, schema: RowSchema) -> None:
+def _prepare_bigquery(target: Target, schema: RowSchema) -> None:
     from onceflow.io.bigquery import ensure_table
 
     try:
@@ -181,7 +153,7 @@ def _prepare_bigquery(target: SinkTarget, schema: RowSchema) -> None:
         raise ValueError(f"cannot use {target.describe()}: {first_line(error)}") from None
 
 
-def _progress_bigquery(target: SinkTarget):
+def _progress_bigquery(target: Target):
     """Positions go with ``?method=merge`` (each batch written before its bundle
     completes); ``cdc`` hands rows to the Storage Write API, whose writes the
     pipeline cannot order positions after: no positions."""
@@ -192,7 +164,7 @@ def _progress_bigquery(target: SinkTarget):
     return BigQueryProgress(*_bigquery_parts(target))
 
 
-def _write_bigquery(target: SinkTarget, schema: RowSchema, batch_size: int):
+def _write_bigquery(target: Target, schema: RowSchema, batch_size: int):
     from onceflow.io.bigquery import WriteRowsToBigQuery
 
     return "WriteToBigQuery", WriteRowsToBigQuery(*_bigquery_parts(target), schema, batch_size,
@@ -202,7 +174,7 @@ def _write_bigquery(target: SinkTarget, schema: RowSchema, batch_size: int):
 # -- files ----------------------------------------------------------------------
 
 
-def _parse_file(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
+def _parse_file(url: str, parsed: urllib.parse.SplitResult) -> Target:
     from onceflow.io.file_sink import FORMATS
 
     query = query_params(url, ("format",))
@@ -214,22 +186,22 @@ def _parse_file(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
     file_format = query.get("format", "parquet")
     if file_format not in FORMATS:
         raise ValueError(f"{url!r}: format {file_format!r} is not supported; use ?format=parquet or ?format=avro")
-    return SinkTarget("file", directory, None, (("format", file_format),))
+    return Target("file", directory, None, (("format", file_format),))
 
 
-def _prepare_file(target: SinkTarget, _schema: RowSchema) -> None:
+def _prepare_file(target: Target, _schema: RowSchema) -> None:
     from onceflow.io.file_sink import prepare_directory
 
     prepare_directory(target.location)
 
 
-def _progress_file(target: SinkTarget):
+def _progress_file(target: Target):
     from onceflow.io.file_sink import FileProgress
 
     return FileProgress(target.location)
 
 
-def _write_file(target: SinkTarget, schema: RowSchema, batch_size: int):
+def _write_file(target: Target, schema: RowSchema, batch_size: int):
     from onceflow.io.file_sink import WriteRowsToFiles
 
     return "WriteToFiles", WriteRowsToFiles(target.location, schema, target.option("format"), batch_size)
@@ -238,7 +210,7 @@ def _write_file(target: SinkTarget, schema: RowSchema, batch_size: int):
 # -- kafka ----------------------------------------------------------------------
 
 
-def _parse_kafka(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
+def _parse_kafka(url: str, parsed: urllib.parse.SplitResult) -> Target:
     from onceflow.io.kafka.config import parse_kafka_url
 
     query = query_params(url, ("format",))
@@ -247,17 +219,17 @@ def _parse_kafka(url: str, parsed: urllib.parse.SplitResult) -> SinkTarget:
         raise ValueError(f"format {value_format!r}: a Kafka sink writes {' or '.join(KAFKA_ROW_FORMATS)}")
     topic = parse_kafka_url(urllib.parse.urlunsplit(parsed._replace(query="")))
     options = (("format", value_format),) if value_format != "json" else ()
-    return SinkTarget("kafka", topic.bootstrap_servers, topic.topic, options)
+    return Target("kafka", topic.bootstrap_servers, topic.topic, options)
 
 
-def _prepare_kafka(target: SinkTarget, _schema: RowSchema) -> None:
+def _prepare_kafka(target: Target, _schema: RowSchema) -> None:
     from onceflow.io.kafka.admin import require_topic
     from onceflow.io.kafka.config import KafkaTopic
 
     require_topic(KafkaTopic(target.location, target.table), dict(target.client_settings))
 
 
-def _write_kafka(target: SinkTarget, schema: RowSchema, batch_size: int):
+def _write_kafka(target: Target, schema: RowSchema, batch_size: int):
     from onceflow.io.kafka.config import KafkaTopic
     from onceflow.io.kafka.write import write_rows_to_kafka
 
@@ -293,8 +265,8 @@ def expected_forms() -> str:
     return ", ".join(forms)
 
 
-def parse_sink_url(url: str) -> SinkTarget:
-    """A :class:`SinkTarget` from a ``--sink`` URL (forms in the module docstring).
+def parse_sink_url(url: str) -> Target:
+    """A :class:`Target` from a ``--sink`` URL (forms in the module docstring).
 
     Raises ValueError whose message says what is wrong and the expected forms
     (passwords redacted).
@@ -307,21 +279,21 @@ def parse_sink_url(url: str) -> SinkTarget:
     return kind.parse(text, parsed)
 
 
-def _kind(target: SinkTarget) -> SinkKind:
+def _kind(target: Target) -> SinkKind:
     kind = SINKS.get(target.scheme)
     if kind is None:
         raise ValueError(f"{target.scheme} sinks are not supported")
     return kind
 
 
-def last_window_end(target: SinkTarget) -> Optional[int]:
+def last_window_end(target: Target) -> Optional[int]:
     """The latest window end the sink holds (epoch ms); None when it is empty or
     cannot say (BigQuery, Kafka, files)."""
     reader = _kind(target).last_window_end
     return None if reader is None else reader(target)
 
 
-def progress_store(target: SinkTarget) -> Optional[ProgressStore]:
+def progress_store(target: Target) -> Optional[ProgressStore]:
     """Where a live job writing to ``target`` keeps its source positions; None
     when the sink cannot hold them (see :func:`position_sinks`)."""
     factory = _kind(target).progress
@@ -335,7 +307,7 @@ def position_sinks() -> str:
     return ", ".join(dict.fromkeys(forms))
 
 
-def prepare_sink(target: SinkTarget, schema: RowSchema) -> None:
+def prepare_sink(target: Target, schema: RowSchema) -> None:
     """Checks the sink is usable before the pipeline starts: creates the table or
     directory, refuses a table with other columns. Raises ValueError or OSError
     with a one-line message (passwords redacted)."""
@@ -343,10 +315,10 @@ def prepare_sink(target: SinkTarget, schema: RowSchema) -> None:
 
 
 class WriteRows(beam.PTransform):
-    """Writes aggregate rows to the sink a :class:`SinkTarget` names, as an
+    """Writes aggregate rows to the sink a :class:`Target` names, as an
     idempotent upsert guarded by ``event_count`` (see each sink's docstring)."""
 
-    def __init__(self, target: SinkTarget, schema: RowSchema, batch_size: int = 500):
+    def __init__(self, target: Target, schema: RowSchema, batch_size: int = 500):
         super().__init__()
         self._label, self._transform = _kind(target).write(target, schema, batch_size)
 

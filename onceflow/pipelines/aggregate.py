@@ -30,7 +30,7 @@ from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.events import REGISTRY_FORMATS, EventContract
 from onceflow.io.archive import ReadArchive, is_archive
-from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
+from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
 from onceflow.io.flink_rest import FlinkRestError
 from onceflow.io.kafka.config import (
@@ -42,7 +42,8 @@ from onceflow.io.kafka.errors import BrokerRefused, BrokerUnreachable, is_broker
 from onceflow.io.kafka.read import ReadBatchesFromKafka, RetentionGapError
 from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
 from onceflow.io.progress import KeepProgress, Position
-from onceflow.io.sinks import SinkTarget, WriteRows, parse_sink_url, position_sinks, prepare_sink, progress_store
+from onceflow.io.sinks import WriteRows, parse_sink_url, position_sinks, prepare_sink, progress_store
+from onceflow.io.targets import Target
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
     ONCEFLOW_OPTION_CLASSES, AggregateOptions, EventOptions, FlinkSavepointOptions, InputOptions, KafkaOptions,
@@ -70,8 +71,8 @@ class AggregateJob:
     contract: EventContract
     window_spec: WindowSpec
     aggregates: Tuple[AggregateSpec, ...]
-    sink: SinkTarget
-    dlq: DlqTarget
+    sink: Target
+    dlq: Target
     early_firing_ms: Optional[int] = None
     sink_batch_size: int = 500
     kafka: Optional[KafkaReadConfig] = None  # set when --input is kafka://...
@@ -129,7 +130,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     sink = parse_flag("--sink", parse_sink_url, output.sink)
     dlq = parse_flag("--dlq", parse_dlq_target, optional_text(output.dlq) or "")
     sink_avro = sink.scheme == "kafka" and sink.option("format") == "avro_registry"
-    dlq_avro = dlq.kind == "kafka" and dlq.value_format == "avro_registry"
+    dlq_avro = dlq.scheme == "kafka" and dlq.option("format") == "avro_registry"
     registry, reader_schema = _registry_options(source, input_format, kafka_settings, sink_avro or dlq_avro)
     if sink_avro:
         sink = dataclasses.replace(sink, registry=registry)
@@ -168,7 +169,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
             raise UsageError(f"--sink: ?format=avro_registry: the rows have no valid Avro schema: {error}") from None
     if sink.scheme == "kafka":
         sink = dataclasses.replace(sink, client_settings=kafka_settings)
-    if dlq.kind == "kafka":
+    if dlq.scheme == "kafka":
         dlq = dataclasses.replace(dlq, client_settings=kafka_settings)
     kafka = None
     if kafka_topic is not None:

@@ -63,7 +63,7 @@ class _JsonlDeadLetters:
         return str(self._dlq_path)
 
     def dead_letters(self) -> Letters:
-        from onceflow.io.dlq import read_dead_letters
+        from onceflow.io.dlq.jsonl import read_dead_letters
 
         return {(int(e["source"]["partition"]), int(e["source"]["offset"])): e["reason"]
                 for e in read_dead_letters(str(self._dlq_path))}
@@ -104,7 +104,7 @@ class PostgresSink(TortureSink):
                 for k, start, count, total in found}
 
     def dead_letters(self) -> Letters:
-        from onceflow.io.postgres import read_dead_letters
+        from onceflow.io.dlq.postgres import read_dead_letters
 
         return {(int(e["source"]["partition"]), int(e["source"]["offset"])): e["reason"]
                 for e in read_dead_letters(self._dsn, self._table + "_dlq")}

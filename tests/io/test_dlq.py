@@ -3,9 +3,10 @@
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from onceflow.deadletter import DeadLetter, from_envelope
+from onceflow.deadletter import DeadLetter
+from onceflow.io.dlq.envelope import from_envelope
 from onceflow.events import SourceRecord
-from onceflow.io.dlq import WriteDeadLettersToJsonl, read_dead_letters
+from onceflow.io.dlq.jsonl import WriteDeadLettersToJsonl, read_dead_letters
 
 LETTERS = [DeadLetter(SourceRecord(b"\xff" + bytes([n]), {"line": n}), "parse", "invalid_utf8", "E", "m")
            for n in range(5)]

@@ -20,7 +20,7 @@ from onceflow.io.kafka.config import KafkaReadConfig, KafkaTopic, parse_position
 from onceflow.io.kafka.read import (
     LIVE_END, PartitionSpan, PartitionsRestriction, ReadFromKafka, _PartitionsTracker, backlog,
 )
-from onceflow.io.kafka.write import write_dead_letters_to_kafka
+from onceflow.io.dlq.kafka import write_dead_letters_to_kafka
 from tests.livejob import (
     committed, counted_events, new_topic, produce, sample_lines, start_live_job, stop, wait_for,
 )

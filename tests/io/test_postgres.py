@@ -13,7 +13,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from onceflow import metrics
 from onceflow.aggregates import parse_aggregates
-from onceflow.deadletter import DeadLetter, from_envelope
+from onceflow.deadletter import DeadLetter
+from onceflow.io.dlq.envelope import from_envelope
 from onceflow.events import SourceRecord
 from onceflow.io import postgres
 from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, read_dead_letters_from

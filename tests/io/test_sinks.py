@@ -4,8 +4,9 @@ import pytest
 
 from onceflow.aggregates import parse_aggregates
 from onceflow.io import sinks
-from onceflow.io.dlq import DlqTarget, WriteDeadLetters, parse_dlq_target, prepare_dlq
-from onceflow.io.sinks import SinkTarget, WriteRows, parse_sink_url, prepare_sink
+from onceflow.io.dlq import DLQ_KINDS, WriteDeadLetters, parse_dlq_target, prepare_dlq
+from onceflow.io.sinks import WriteRows, parse_sink_url, prepare_sink
+from onceflow.io.targets import Target
 from onceflow.rows import RowSchema
 
 SCHEMA = RowSchema(("store",), parse_aggregates("count,sum:qty"))
@@ -27,7 +28,7 @@ SCHEMA = RowSchema(("store",), parse_aggregates("count,sum:qty"))
     ("file:out/aggregates", "file", "out/aggregates", None, (("format", "parquet"),)),
 ])
 def test_sink_urls(url, scheme, location, table, options):
-    assert parse_sink_url(url) == SinkTarget(scheme, location, table, options)
+    assert parse_sink_url(url) == Target(scheme, location, table, options)
 
 
 @pytest.mark.parametrize("url, fragment", [
@@ -100,16 +101,18 @@ def test_write_rows_dispatches_by_scheme(url, label):
 
 def test_every_scheme_is_one_registry_entry():
     assert set(sinks.SINKS) == {"sqlite", "postgresql", "postgres", "bigquery", "file", "kafka"}
-    assert parse_sink_url("kafka://127.0.0.1:19092/aggregates") == sinks.SinkTarget("kafka", "127.0.0.1:19092",
+    assert parse_sink_url("kafka://127.0.0.1:19092/aggregates") == Target("kafka", "127.0.0.1:19092",
                                                                                      "aggregates")
 
 
 @pytest.mark.parametrize("text, target", [
-    ("out/dlq.jsonl", DlqTarget("jsonl", "out/dlq.jsonl")),
-    ("/abs/dlq.jsonl", DlqTarget("jsonl", "/abs/dlq.jsonl")),
-    ("postgresql://app@h:5432/m?table=dead", DlqTarget("postgresql", "postgresql://app@h:5432/m", "dead")),
-    ("kafka://127.0.0.1:19092/dead", DlqTarget("kafka", "127.0.0.1:19092", "dead")),
-    ("postgres://app@h/m", DlqTarget("postgresql", "postgresql://app@h/m", "dead_letters")),
+    ("out/dlq.jsonl", Target("jsonl", "out/dlq.jsonl")),
+    ("/abs/dlq.jsonl", Target("jsonl", "/abs/dlq.jsonl")),
+    ("postgresql://app@h:5432/m?table=dead", Target("postgresql", "postgresql://app@h:5432/m", "dead")),
+    ("kafka://127.0.0.1:19092/dead", Target("kafka", "127.0.0.1:19092", "dead")),
+    ("kafka://127.0.0.1:19092/dead?format=avro_registry",
+     Target("kafka", "127.0.0.1:19092", "dead", (("format", "avro_registry"),))),
+    ("postgres://app@h/m", Target("postgresql", "postgresql://app@h/m", "dead_letters")),
 ])
 def test_dlq_targets(text, target):
     assert parse_dlq_target(text) == target
@@ -119,6 +122,8 @@ def test_dlq_targets(text, target):
     ("", "never dropped"),
     ("kafka://127.0.0.1:19092/", "topic names use"),
     ("s3://bucket/dlq", "unknown scheme"),
+    ("jsonl://out/dlq", "unknown scheme"),
+    ("kafka://127.0.0.1:19092/dead?format=xml", "written as json or avro_registry"),
     ("postgresql://app@h:5432/m?table=x;y", "not allowed"),
     ("postgresql://app@h:5432", "names no database"),
 ])
@@ -130,6 +135,27 @@ def test_bad_dlq_targets(text, fragment):
 def test_write_dead_letters_dispatches_by_kind():
     assert WriteDeadLetters(parse_dlq_target("x.jsonl"), "p", "1")._label == "AppendJsonLines"
     assert WriteDeadLetters(parse_dlq_target("postgresql://a@h/m"), "p", "1")._label == "InsertIntoPostgres"
+    assert WriteDeadLetters(parse_dlq_target("kafka://127.0.0.1:19092/dead"), "p", "1")._label == "ProduceToKafka"
+    with pytest.raises(ValueError, match="needs a schema registry"):
+        WriteDeadLetters(parse_dlq_target("kafka://127.0.0.1:19092/dead?format=avro_registry"), "p", "1")
+    with pytest.raises(ValueError, match="unknown dead-letter queue kind 'sqlite'"):
+        WriteDeadLetters(Target("sqlite", "x.db"), "p", "1")
+
+
+def test_every_dlq_kind_is_one_registry_entry():
+    assert set(DLQ_KINDS) == {"jsonl", "postgresql", "postgres", "kafka"}
+
+
+def test_one_target_type_describes_sinks_and_queues_without_secrets():
+    assert type(parse_sink_url("sqlite:///out.db")) is type(parse_dlq_target("x.jsonl")) is Target
+    assert parse_dlq_target("out/dlq.jsonl").describe() == "out/dlq.jsonl"
+    assert parse_dlq_target("postgresql://app:s3cret@h/m?table=dead").describe() == \
+        "postgresql postgresql://app:***@h/m (table dead)"
+    kafka = Target("kafka", "127.0.0.1:19092", "dead", (("format", "avro_registry"),),
+                   client_settings=(("sasl.password", "s3cret"),))
+    assert kafka.describe() == "kafka://127.0.0.1:19092/dead?format=avro_registry"
+    assert "s3cret" not in repr(kafka) and "s3cret" not in str(kafka)
+    assert kafka.option("format") == "avro_registry" and kafka.option("method") is None
 
 
 def test_prepare_dlq(tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from onceflow.io.dlq import read_dead_letters
+from onceflow.io.dlq.jsonl import read_dead_letters
 from onceflow.options import SAMPLE_INPUT
 from onceflow.pipelines.aggregate import run
 from tests.pipelines.reference import expected_job

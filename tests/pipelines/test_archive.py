@@ -11,7 +11,7 @@ from apache_beam.testing.util import BeamAssertException, assert_that
 
 from onceflow.events import EventContract, format_utc_ms
 from onceflow.io.archive import ReadArchive
-from onceflow.io.dlq import read_dead_letters
+from onceflow.io.dlq.jsonl import read_dead_letters
 from onceflow.pipelines import archive
 from onceflow.pipelines.aggregate import run
 from tests.livejob import counted_events, new_topic, produce, sample_lines

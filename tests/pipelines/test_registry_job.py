@@ -15,7 +15,7 @@ from collections import defaultdict
 import fastavro
 import pytest
 
-from onceflow.io.dlq import read_dead_letters
+from onceflow.io.dlq.jsonl import read_dead_letters
 from tests.livejob import new_topic, produce
 from tests.registry_standin import RegistryStandIn, register_over_http
 

@@ -11,7 +11,8 @@
   and the tests.
 - :mod:`~onceflow.io.kafka.read`: ``ReadBatchesFromKafka`` / ``ReadFromKafka``,
   the splittable-DoFn readers (Python, every runner).
-- :mod:`~onceflow.io.kafka.write`: rows and dead letters to a topic.
+- :mod:`~onceflow.io.kafka.write`: rows to a topic, and the producer a dead-letter
+  topic (:mod:`onceflow.io.dlq.kafka`) uses too.
 - :mod:`~onceflow.io.kafka.java`: ``ReadFromKafkaWithJava``, Beam's Java KafkaIO
   through cross-language expansion.
 

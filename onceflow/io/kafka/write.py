@@ -1,7 +1,8 @@
 """Writing to Kafka: an idempotent, keyed producer flushed before each bundle ends.
 
 Used for the aggregates topic (key: the row's deterministic key, so a compacted
-topic keeps each row's latest write) and for a dead-letter topic (key: ``dlq_id``).
+topic keeps each row's latest write) and, through :mod:`onceflow.io.dlq.kafka`,
+for a dead-letter topic (key: ``dlq_id``).
 
 The aggregates writer guards versions like the other sinks: Kafka cannot refuse a
 write, so the writer learns, when it starts, the greatest ``event_count`` already
@@ -16,10 +17,10 @@ must be exact whatever runs concurrently keeps, per key, the message with the
 greatest ``event_count`` (:func:`latest_rows`), on a topic that is not compacted
 away before it reads.
 
-Also here: how the messages are made and read back (:func:`row_message`,
-:func:`row_from_message`, :func:`envelope_from_message`, the Avro schemas of
-``?format=avro_registry``). Reading a topic to its end is
-:func:`onceflow.io.kafka.admin.read_records_to_end`.
+Also here: how row messages are made and read back (:func:`row_message`,
+:func:`row_from_message`, :func:`row_avro_schema`), and registry-framed Avro
+(:class:`RegistryAvroEncoder`, :func:`decode_framed`) for ``?format=avro_registry``.
+Reading a topic to its end is :func:`onceflow.io.kafka.admin.read_records_to_end`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import apache_beam as beam
 
 from onceflow import metrics
-from onceflow.deadletter import DeadLetter, to_envelope, to_json_line
 from onceflow.events import format_utc_ms
 from onceflow.io.kafka.admin import read_records_to_end, read_topic_to_end
 from onceflow.io.kafka.config import KafkaTopic, check_guarded_settings, redact
@@ -75,25 +75,21 @@ def row_avro_schema(schema: RowSchema) -> Dict[str, Any]:
                        for column in schema.columns]}
 
 
-class _AvroRowMessage:
-    """Rows as Avro in the schema registry's wire format. The row schema is
-    registered under ``TOPIC-value`` (the registry's default subject naming) the
-    first time a process writes a row; the registry being unreachable fails the
-    bundle, to be retried."""
+class RegistryAvroEncoder:
+    """Records as Avro in the schema registry's wire format. ``avro_schema`` is
+    registered under ``subject`` (``TOPIC-value``, the registry's default subject
+    naming) the first time a process encodes a record; the registry being
+    unreachable fails the bundle, to be retried."""
 
-    def __init__(self, schema: RowSchema, registry: Any, subject: str):
-        self._schema, self._registry, self._subject = schema, registry, subject
-        self._avro = row_avro_schema(schema)
+    def __init__(self, avro_schema: Dict[str, Any], registry: Any, subject: str):
+        self._avro, self._registry, self._subject = avro_schema, registry, subject
         self._writer: Optional[Tuple[int, Any]] = None
 
     def __getstate__(self):
         return {**self.__dict__, "_writer": None}
 
-    def __call__(self, row: Dict[str, Any]) -> Message:
-        record = row_record(row, self._schema)
-        return row_message_key(record, self._schema), self._encode(record)
-
-    def _encode(self, record: Dict[str, Any]) -> bytes:
+    def encode(self, record: Dict[str, Any]) -> bytes:
+        """``record`` as a registry-framed Avro message value."""
         import io
 
         import fastavro
@@ -109,7 +105,19 @@ class _AvroRowMessage:
         return frame(self._writer[0], out.getvalue())
 
 
-def _decode_framed(value: bytes, registry: Any, kind: str) -> Any:
+class _AvroRowMessage:
+    """Rows as registry-framed Avro (:func:`row_avro_schema`), keyed like JSON rows."""
+
+    def __init__(self, schema: RowSchema, registry: Any, subject: str):
+        self._schema = schema
+        self._encoder = RegistryAvroEncoder(row_avro_schema(schema), registry, subject)
+
+    def __call__(self, row: Dict[str, Any]) -> Message:
+        record = row_record(row, self._schema)
+        return row_message_key(record, self._schema), self._encoder.encode(record)
+
+
+def decode_framed(value: bytes, registry: Any, kind: str) -> Any:
     """A registry-framed Avro message's datum (its writer schema fetched and cached)."""
     import io
 
@@ -132,7 +140,7 @@ def row_from_message(value: Optional[bytes], registry: Any = None) -> Optional[D
         from onceflow.io.schema_registry import RegistryUnavailable
 
         try:
-            row = _decode_framed(value, registry, "AVRO-row")
+            row = decode_framed(value, registry, "AVRO-row")
         except RegistryUnavailable:
             raise
         except Exception:  # pylint: disable=broad-except - not a row message this writer wrote
@@ -237,15 +245,6 @@ class _RowMessage:
 
     def __call__(self, row: Dict[str, Any]) -> Message:
         return row_message(row, self._schema)
-
-
-class _DeadLetterMessage:
-    def __init__(self, pipeline: str, version: str):
-        self._pipeline, self._version = pipeline, version
-
-    def __call__(self, letter: DeadLetter) -> Message:
-        envelope = to_envelope(letter, self._pipeline, self._version)
-        return envelope["dlq_id"].encode("ascii"), to_json_line(envelope).encode("utf-8")
 
 
 # Per process and writer (one write_rows_to_kafka transform, so one job run): the
@@ -360,63 +359,3 @@ def latest_rows(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,
         if kept is None or version >= kept[EVENT_COUNT]:
             latest[key] = row
     return latest
-
-
-def write_dead_letters_to_kafka(topic: KafkaTopic, pipeline: str, version: str,
-                                settings: Optional[Mapping[str, str]] = None, registry: Any = None) -> WriteToKafka:
-    """Dead-letter envelopes (JSON, or with ``registry`` registry-framed Avro:
-    :data:`DEAD_LETTER_AVRO_SCHEMA`) keyed by ``dlq_id``."""
-    to_message = (_DeadLetterMessage(pipeline, version) if registry is None
-                  else _AvroDeadLetterMessage(pipeline, version, registry, f"{topic.topic}-value"))
-    return WriteToKafka(topic, to_message, settings, metrics.DLQ_WRITTEN)
-
-
-# The envelope as Avro: the JSON envelope's fields, but the raw bytes as bytes (not
-# base64) and the source as its JSON text (its values mix types).
-DEAD_LETTER_AVRO_SCHEMA = {
-    "type": "record", "name": "DeadLetter", "namespace": "onceflow",
-    "fields": [
-        {"name": "dlq_id", "type": "string"}, {"name": "reason", "type": "string"},
-        {"name": "error_class", "type": "string"}, {"name": "message", "type": "string"},
-        {"name": "stage", "type": "string"}, {"name": "source_json", "type": "string"},
-        {"name": "raw", "type": "bytes"}, {"name": "raw_preview", "type": "string"},
-        {"name": "event_id", "type": ["null", "string"], "default": None},
-        {"name": "event_time", "type": ["null", "string"], "default": None},
-        {"name": "failed_at", "type": "string"}, {"name": "pipeline", "type": "string"},
-        {"name": "pipeline_version", "type": "string"},
-    ],
-}
-
-
-class _AvroDeadLetterMessage(_AvroRowMessage):
-    """Dead letters as Avro in the registry's wire format (schema registered under
-    ``TOPIC-value`` on first use, like rows)."""
-
-    def __init__(self, pipeline: str, version: str, registry: Any, subject: str):
-        self._pipeline, self._version = pipeline, version
-        self._registry, self._subject = registry, subject
-        self._avro = DEAD_LETTER_AVRO_SCHEMA
-        self._writer = None
-
-    def __call__(self, letter: DeadLetter) -> Message:
-        import base64
-
-        envelope = to_envelope(letter, self._pipeline, self._version)
-        record = {name: value for name, value in envelope.items() if name not in ("source", "raw_base64")}
-        record["source_json"] = json.dumps(envelope["source"], sort_keys=True, separators=(",", ":"))
-        record["raw"] = base64.b64decode(envelope["raw_base64"])
-        return envelope["dlq_id"].encode("ascii"), self._encode(record)
-
-
-def envelope_from_message(value: bytes, registry: Any = None) -> Dict[str, Any]:
-    """A dead-letter topic's message as the JSON envelope (also from Avro with
-    ``registry``)."""
-    if registry is not None and value[:1] == b"\x00":
-        import base64
-
-        record = _decode_framed(value, registry, "AVRO-dead-letter")
-        envelope = {name: item for name, item in record.items() if name not in ("source_json", "raw")}
-        envelope["source"] = json.loads(record["source_json"])
-        envelope["raw_base64"] = base64.b64encode(record["raw"]).decode("ascii")
-        return envelope
-    return json.loads(value)
