@@ -10,7 +10,8 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from confluent_kafka import Producer
 
-from onceflow_dev import devstack, metrics
+from onceflow import metrics
+from onceflow_dev import devstack
 from onceflow.aggregates import parse_aggregates
 from onceflow.io.kafka.admin import read_records_to_end
 from onceflow.io.kafka.config import KafkaTopic
