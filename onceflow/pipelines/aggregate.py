@@ -327,14 +327,12 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
             where = "first start on this sink: stored its start positions"
         else:
             where = "resuming from the positions stored with the rows"
-    except (OSError, ValueError) as error:
-        raise ServiceError(f"--sink: cannot read or store the job's positions in {job.sink.describe()}: "
-                           f"{str(error).splitlines()[0]}") from None
-    except Exception as error:  # a database client's own error class: one line
-        if type(error).__module__.split(".")[0] not in ("psycopg", "sqlite3"):
+    except Exception as error:  # the sink's own client errors too (psycopg, sqlite3, google): one line
+        client = type(error).__module__.split(".")[0] in ("psycopg", "sqlite3", "google")
+        if not (client or isinstance(error, (OSError, ValueError))):
             raise
         raise ServiceError(f"--sink: cannot read or store the job's positions in {job.sink.describe()}: "
-                           f"{str(error).splitlines()[0]}") from None
+                           f"{(str(error).splitlines() or [type(error).__name__])[0]}") from None
     offsets = ", ".join(f"{p}@{stored[p].next_offset}" for p in sorted(stored))
     if savepoint is not None:
         where = (f"starting from the savepoint {savepoint}; the positions stored with the rows count only if "
