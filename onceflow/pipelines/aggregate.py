@@ -34,8 +34,8 @@ from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
 from onceflow.io.flink_rest import FlinkRestError
 from onceflow.io.kafka.config import (
-    COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_settings_from_flags, is_kafka_url, parse_kafka_url,
-    parse_position,
+    COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_error_text, client_settings_from_flags,
+    is_kafka_url, parse_kafka_url, parse_position,
 )
 from onceflow.io.kafka.admin import describe_gaps, describe_topic, resolve_partition_reads
 from onceflow.io.kafka.errors import BrokerRefused, BrokerUnreachable, is_broker_away
@@ -450,15 +450,10 @@ def _retrying_while_broker_away(action, wait_s: float = BROKER_WAIT_S):
             if time.monotonic() > deadline:
                 if isinstance(error, BrokerUnreachable):
                     raise ServiceError(f"--input: {error}") from None
-                raise ServiceError(f"--input: Kafka did not answer for {wait_s:.0f}s: {first_line_of(error)}") \
-                    from None
-            print(f"aggregate: waiting for Kafka (up to {wait_s:.0f}s): {first_line_of(error)}", file=sys.stderr)
+                raise ServiceError(f"--input: Kafka did not answer for {wait_s:.0f}s: "
+                                   f"{client_error_text(error)}") from None
+            print(f"aggregate: waiting for Kafka (up to {wait_s:.0f}s): {client_error_text(error)}", file=sys.stderr)
             time.sleep(3)
-
-
-def first_line_of(error: BaseException) -> str:
-    text = str(error.args[0].str()) if error.args and hasattr(error.args[0], "str") else str(error)
-    return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
 def _retention_gap_line(error: BaseException) -> Optional[str]:
@@ -591,7 +586,7 @@ def _refusing_client_errors(action, args):
         return action(args)
     except KafkaException as error:
         if is_broker_away(error):  # not a setting: the broker or a partition leader is away
-            raise ServiceError(f"Kafka did not answer: {first_line_of(error)}; is the broker up?") from None
+            raise ServiceError(f"Kafka did not answer: {client_error_text(error)}; is the broker up?") from None
         options = parse_pipeline_args(args).view_as(KafkaOptions)
         settings = client_settings_from_flags(options.kafka_setting, options.kafka_config_file)
         raise UsageError(client_error_line(error, settings)) from None

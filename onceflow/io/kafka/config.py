@@ -151,11 +151,17 @@ def scrub_secrets(text: str, settings: Mapping[str, str]) -> str:
     return text
 
 
+def client_error_text(error: BaseException) -> str:
+    """The first line of what the Kafka client said: a KafkaException's KafkaError
+    text (its ``str()`` is a tuple-like repr), else the error's message."""
+    text = str(error.args[0].str()) if error.args and hasattr(error.args[0], "str") else str(error)
+    return (text.strip().splitlines() or [type(error).__name__])[0]
+
+
 def client_error_line(error: BaseException, settings: Mapping[str, str]) -> str:
     """One line for an error the Kafka client raised where the job starts (a setting
     it does not know, a value it refuses), secret values scrubbed."""
-    text = str(error.args[0].str()) if error.args and hasattr(error.args[0], "str") else str(error)
-    first = (text.strip().splitlines() or [type(error).__name__])[0]
+    first = client_error_text(error)
     return scrub_secrets(f"the Kafka client refused the settings: {first}; check --kafka_setting and "
                          "--kafka_config_file (librdkafka names, e.g. sasl.username, not Java's sasl.jaas.config)",
                          settings)
