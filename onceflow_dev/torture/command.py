@@ -33,7 +33,6 @@ from onceflow_dev.torture import truth
 from onceflow.windowing import parse_duration_ms
 
 WINDOW_S, IDLE_TIMEOUT_S = 10, 10
-EARLY_KILL_STALL_S = 15  # how long the sink is held around the kill before the first row
 WARM_S = 20  # a stall waits until the job has run this long, so its memory is measured warm
 # How long a connection kill waits for the job to hold a sink session: while kills
 # come faster than a restart re-reads its rewind, the job writes nothing for minutes
@@ -354,22 +353,12 @@ class TortureRun:
 
     def _kill_early(self) -> None:
         """SIGKILLs the job once it has read records (its group has committed an
-        offset) and before the sink holds a row. The sink is stalled from the moment
-        the job has stored its start positions until the kill, so no row can be
-        written in between (a late event's window, already closed, is written as
-        fast as an offset is committed); if a row still comes first, the fault could
-        not be injected and the run fails."""
-        from onceflow.io.sinks import parse_sink_url, progress_store
-
-        store = progress_store(parse_sink_url(self.sink.sink_url()))
+        offset) and before the sink holds a row; if a row comes first, the fault
+        could not be injected and the run fails."""
         probe = _LagProbe(self.setup.bootstrap, self.setup.group, self.setup.topic, self.args.partitions)
         mark = None
         try:
             deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and not _quietly(lambda: store.read(self.setup.group, self.setup.topic)):
-                time.sleep(0.05)
-            stall = threading.Thread(target=self.sink.stall, args=(EARLY_KILL_STALL_S,), daemon=True)
-            stall.start()
             while time.monotonic() < deadline:
                 consumed, _ = probe.read()
                 if self.sink.counted_events():
@@ -686,11 +675,3 @@ class _LagProbe:
 
     def close(self) -> None:
         self._consumer.close()
-
-
-def _quietly(read):
-    """``read()``, or None while what it reads does not exist yet (or is away)."""
-    try:
-        return read()
-    except Exception:  # the sink's table or folder not created yet
-        return None
