@@ -106,6 +106,9 @@ class ExactSum:
 
     def add_many(self, values: Sequence[Any]) -> None:
         """The same as :meth:`add` for each value, integers summed at once."""
+        if set(map(type, values)) == {int}:
+            self.integer += sum(values)
+            return
         integers = [value for value in values if isinstance(value, int)]
         self.integer += sum(integers)
         if len(integers) != len(values):
@@ -158,10 +161,6 @@ class Accumulator:
         self.count, self.sums, self.mins, self.maxs, self.firsts, self.lasts = state
 
 
-def _stamp_of(item: Tuple[_Stamp, Any]) -> _Stamp:
-    return item[0]
-
-
 class Aggregation:
     """Computes the columns of ``specs`` for a group of events.
 
@@ -171,6 +170,7 @@ class Aggregation:
 
     def __init__(self, specs: Sequence[AggregateSpec]):
         self.specs = tuple(specs)
+        self.fields = value_fields(specs)  # the value columns :meth:`add_columns` takes, in order
         self._sum_fields = tuple({s.field: None for s in specs if s.function in ("sum", "mean")})
         self._min_fields = tuple({s.field: None for s in specs if s.function == "min"})
         self._max_fields = tuple({s.field: None for s in specs if s.function == "max"})
@@ -208,35 +208,47 @@ class Aggregation:
 
     def add_many(self, acc: Accumulator, events: Sequence[Tuple[str, int, Mapping[str, Any]]]) -> Accumulator:
         """:meth:`add` for each ``(event_id, event_time_ms, values)`` in order, with
-        the same result, a column at a time."""
+        the same result (see :meth:`add_columns`)."""
         if not events:
             return acc
-        acc.count += len(events)
+        event_ids, event_times, values = zip(*events)
+        return self.add_columns(acc, event_ids, event_times,
+                                tuple([each[name] for each in values] for name in self.fields))
+
+    def add_columns(self, acc: Accumulator, event_ids: Sequence[str], event_times: Sequence[int],
+                    columns: Sequence[Sequence[Any]]) -> Accumulator:
+        """:meth:`add` for each event of a column batch, in order, with the same
+        result, a column at a time: ``columns`` holds one sequence per name in
+        :attr:`fields`, in that order."""
+        if not event_ids:
+            return acc
+        acc.count += len(event_ids)
+        by_name = dict(zip(self.fields, columns))
         for name in self._sum_fields:
             total = acc.sums.get(name)
             if total is None:
                 total = acc.sums[name] = ExactSum()
-            total.add_many([values[name] for _, _, values in events])
+            total.add_many(by_name[name])
         for name in self._min_fields:
-            value = min([values[name] for _, _, values in events])  # the first of equal minima
+            value = min(by_name[name])  # the first of equal minima
             if name not in acc.mins or value < acc.mins[name]:
                 acc.mins[name] = value
         for name in self._max_fields:
-            value = max([values[name] for _, _, values in events])  # the first of equal maxima
+            value = max(by_name[name])  # the first of equal maxima
             if name not in acc.maxs or value > acc.maxs[name]:
                 acc.maxs[name] = value
         if self._first_fields or self._last_fields:
-            stamps = [((moment, event_id), values) for event_id, moment, values in events]
-            earliest = min(stamps, key=_stamp_of)
-            latest = max(stamps, key=_stamp_of)
+            stamps = list(zip(event_times, event_ids))
+            earliest = min(range(len(stamps)), key=stamps.__getitem__)
+            latest = max(range(len(stamps)), key=stamps.__getitem__)
             for name in self._first_fields:
                 held = acc.firsts.get(name)
-                if held is None or earliest[0] < held[0]:
-                    acc.firsts[name] = (earliest[0], earliest[1][name])
+                if held is None or stamps[earliest] < held[0]:
+                    acc.firsts[name] = (stamps[earliest], by_name[name][earliest])
             for name in self._last_fields:
                 held = acc.lasts.get(name)
-                if held is None or latest[0] > held[0]:
-                    acc.lasts[name] = (latest[0], latest[1][name])
+                if held is None or stamps[latest] > held[0]:
+                    acc.lasts[name] = (stamps[latest], by_name[name][latest])
         return acc
 
     def merge(self, accs: Iterable[Accumulator]) -> Accumulator:

@@ -29,6 +29,7 @@ import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from onceflow.options import ONCEFLOW_OPTION_CLASSES
+from onceflow.rows import DEFAULT_BATCH_ROWS
 from onceflow.versions import BEAM_VERSION
 
 # -- the registry: one line per pipeline ----------------------------------------
@@ -156,7 +157,7 @@ RULES: Dict[str, ParameterRule] = {
         required=True,
         note="On Dataflow the dead-letter queue must be remote: postgresql://...?table=NAME or "
              "kafka://HOST:PORT/TOPIC (a JSON-lines file would stay on one worker's disk)."),
-    "sink_batch_size": ParameterRule("Rows per sink transaction", r"^[0-9]*[1-9][0-9]*$", "500",
+    "sink_batch_size": ParameterRule("Rows per sink transaction", r"^[0-9]*[1-9][0-9]*$", str(DEFAULT_BATCH_ROWS),
                                      invalid=("0", "-5", "many")),
     "shards": ParameterRule("Key shards of the aggregation", r"^[0-9]*[1-9][0-9]*$", "8",
                             invalid=("0", "-2", "all")),

@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from onceflow.errors import UsageError
+from onceflow.rows import DEFAULT_BATCH_ROWS
 
 SAMPLE_INPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data", "orders.jsonl")
 DEFAULT_OUTPUT_DIR = "onceflow-output"
@@ -201,7 +202,7 @@ class OutputOptions(PipelineOptions):
                  "kafka://HOST:PORT/TOPIC (?format=avro_registry: Avro in the schema registry's wire format). "
                  f"Default: {DEFAULT_OUTPUT_DIR}/dlq.jsonl.")
         group.add_argument(
-            "--sink_batch_size", default="500",
+            "--sink_batch_size", default=str(DEFAULT_BATCH_ROWS),
             help="Rows per sink transaction (bounded batches). Default: 500.")
 
 

@@ -20,6 +20,12 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 from onceflow.aggregates import AggregateSpec
 
+# Rows per sink transaction unless --sink_batch_size says otherwise. Each commit
+# costs far more than a row: measured on the 1,000,000-record file backfill into
+# SQLite (166,597 rows), 500 rows a batch took 7.5 s, 5,000 took 6.0 s, 20,000
+# took 5.4 s. A batch never outlives its bundle, so this bounds memory, not latency.
+DEFAULT_BATCH_ROWS = 5000
+
 WINDOW_START = "window_start"
 WINDOW_END = "window_end"
 EVENT_COUNT = "event_count"
@@ -52,15 +58,15 @@ class RowSchema:
         if len(set(self.columns)) != len(self.columns):
             raise ValueError("a key field collides with a window or aggregate column name")
 
-    @property
+    @functools.cached_property  # read per row by the sinks
     def primary_key(self) -> Tuple[str, ...]:
         return (*self.key_fields, WINDOW_START, WINDOW_END)
 
-    @property
+    @functools.cached_property  # read per row by the sinks
     def value_columns(self) -> Tuple[str, ...]:
         return (EVENT_COUNT, *(spec.column for spec in self.aggregates))
 
-    @property
+    @functools.cached_property  # read per row by the sinks
     def columns(self) -> Tuple[str, ...]:
         return (*self.primary_key, *self.value_columns)
 

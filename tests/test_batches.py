@@ -1,6 +1,7 @@
 """The batched decoder against the reference, on arbitrary input (property-based)."""
 
 import json
+import pickle
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -82,3 +83,44 @@ def test_high_waters_move_only_on_valid_events():
                                         b'{"id": "d", "t": 7, "k": "a", "s": 1, "v": 1, "w": 1}'])
     assert high_waters(verdicts, None) == ([None, 5, 5, 5, 5], 7)
     assert high_waters(verdicts, 6) == ([6, 6, 6, 6, 6], 7)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_fields, min_size=1, max_size=8), st.lists(st.binary(max_size=16), max_size=2))
+def test_a_batch_decodes_as_the_reference_decodes_each_record(documents, garbage):
+    # The column checks run over the whole batch: one odd record (a missing field,
+    # an integer ID, a float time, bytes that are not JSON) must not change the
+    # verdict on the others, nor escape the reference's verdict itself.
+    raws = [raw for document in documents for raw in _spellings(document)] + garbage
+    for contract in (CONTRACT, DERIVED):
+        batched = decode_values(contract, raws)
+        assert list(batched) == [reference_verdict(contract, raw) for raw in raws]
+        assert pickle.loads(pickle.dumps(batched)) == batched
+
+
+def test_clean_columns_of_each_accepted_type_decode_as_the_reference():
+    raws = [json.dumps({"id": i, "t": 1_000 + i, "k": f"k{i % 3}", "s": i, "v": i * 2, "w": i / 4}).encode()
+            for i in range(50)]
+    verdicts = decode_values(CONTRACT, raws)
+    assert list(verdicts) == [reference_verdict(CONTRACT, raw) for raw in raws]
+    assert verdicts.event_ids[:2] == ["0", "1"] and verdicts.key_columns[1][:2] == ["0", "1"]
+    assert not verdicts.refusals
+
+
+_ODD_VALUES = ["", 0, -1, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 1.5, -0.0, 1e300, True, False, None, [], {},
+               "2026-11-02T10:00:06Z", "yesterday", float(2**63), -float(2**63), 253402300799999, 253402300800000,
+               -62135596800000, -62135596800001]
+
+
+def test_one_odd_field_in_a_clean_batch_gets_the_reference_verdict():
+    # A clean batch passes each column's check at once; one odd value must send
+    # its record (and only it) down the per-record path, to the reference's verdict.
+    clean = [{"id": f"e{i}", "t": 1_000 + i, "k": "a", "s": "b", "v": i, "w": 0.5} for i in range(5)]
+    for field in ("id", "t", "k", "s", "v", "w"):
+        for odd in _ODD_VALUES:
+            documents = [dict(document) for document in clean]
+            documents[2][field] = odd
+            raws = [json.dumps(document).encode() for document in documents]
+            for contract in (CONTRACT, DERIVED):
+                assert list(decode_values(contract, raws)) == [reference_verdict(contract, raw) for raw in raws], \
+                    (field, odd)

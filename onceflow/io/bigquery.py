@@ -57,7 +57,7 @@ from onceflow.io.batching import UpsertRowsDoFn
 from onceflow.io.progress import PROGRESS_TABLE, Position
 from onceflow.io.retry import call_with_retries
 from onceflow.rows import (
-    EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
+    DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
 )
 
 METHODS = ("merge", "cdc")
@@ -321,7 +321,7 @@ class WriteRowsToBigQuery(beam.PTransform):
     ``sink_retries``; (``cdc``) Beam's own.
     """
 
-    def __init__(self, project: str, dataset: str, table: str, schema: RowSchema, batch_size: int = 500,
+    def __init__(self, project: str, dataset: str, table: str, schema: RowSchema, batch_size: int = DEFAULT_BATCH_ROWS,
                  method: str = "merge", client_factory: ClientFactory = default_client):
         super().__init__()
         table_id(project, dataset, check_identifier(table, "table name"))

@@ -50,7 +50,7 @@ from onceflow.events import format_utc_ms
 from onceflow.io.batching import UpsertRowsDoFn
 from onceflow.io.progress import Position
 from onceflow.rows import (
-    EVENT_COUNT, WINDOW_END, WINDOW_START, RowSchema, check_columns, newest_per_key, utc_millis,
+    DEFAULT_BATCH_ROWS, EVENT_COUNT, WINDOW_END, WINDOW_START, RowSchema, check_columns, newest_per_key, utc_millis,
 )
 
 FORMATS = ("parquet", "avro")
@@ -270,7 +270,8 @@ class WriteRowsToFiles(beam.PTransform):
     written before its bundle completes.
     """
 
-    def __init__(self, directory: str, schema: RowSchema, file_format: str = "parquet", batch_size: int = 500):
+    def __init__(self, directory: str, schema: RowSchema, file_format: str = "parquet",
+                 batch_size: int = DEFAULT_BATCH_ROWS):
         super().__init__()
         _check_format(file_format)
         if batch_size <= 0:

@@ -44,7 +44,7 @@ from onceflow.io.progress import PROGRESS_TABLE, Position
 from onceflow.io.retry import call_with_retries
 from onceflow.io.urls import redact_url
 from onceflow.rows import (
-    EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
+    DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
     WINDOW_END, utc_datetime, utc_millis,
 )
 
@@ -235,7 +235,7 @@ class WriteRowsToPostgres(beam.PTransform):
     batching, retries and metrics.
     """
 
-    def __init__(self, dsn: str, table: str, schema: RowSchema, batch_size: int = 500):
+    def __init__(self, dsn: str, table: str, schema: RowSchema, batch_size: int = DEFAULT_BATCH_ROWS):
         super().__init__()
         check_identifier(table, "table name")
         if batch_size <= 0:

@@ -26,7 +26,7 @@ import apache_beam as beam
 from onceflow.io.progress import ProgressStore
 from onceflow.io.targets import Target
 from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, query_params, redact_url
-from onceflow.rows import RowSchema, check_identifier
+from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema, check_identifier
 
 DEFAULT_TABLE = "aggregates"
 KAFKA_ROW_FORMATS = ("json", "avro_registry")  # a kafka:// sink's ?format=
@@ -318,7 +318,7 @@ class WriteRows(beam.PTransform):
     """Writes aggregate rows to the sink a :class:`Target` names, as an
     idempotent upsert guarded by ``event_count`` (see each sink's docstring)."""
 
-    def __init__(self, target: Target, schema: RowSchema, batch_size: int = 500):
+    def __init__(self, target: Target, schema: RowSchema, batch_size: int = DEFAULT_BATCH_ROWS):
         super().__init__()
         self._label, self._transform = _kind(target).write(target, schema, batch_size)
 

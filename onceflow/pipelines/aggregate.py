@@ -54,7 +54,7 @@ from onceflow.pipelines import flink_savepoint
 from onceflow.pipelines.flink_savepoint import SavepointStop
 from onceflow.pipelines.summary import RunSummary, collect_summary
 from onceflow.runners import prepare_runner, runs_on_prism
-from onceflow.rows import RowSchema
+from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
 from onceflow.transforms.batched import DEFAULT_SHARDS
 from onceflow.versions import ONCEFLOW_VERSION
@@ -74,7 +74,7 @@ class AggregateJob:
     sink: Target
     dlq: Target
     early_firing_ms: Optional[int] = None
-    sink_batch_size: int = 500
+    sink_batch_size: int = DEFAULT_BATCH_ROWS
     kafka: Optional[KafkaReadConfig] = None  # set when --input is kafka://...
     from_archive: bool = False  # --input is an archive folder (onceflow.pipelines.archive)
     kafka_idle_timeout_ms: int = 30_000

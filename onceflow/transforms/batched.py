@@ -19,8 +19,8 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from apache_beam.utils.timestamp import Timestamp
 
 from onceflow import metrics
-from onceflow.aggregates import AggregateSpec, Aggregation
-from onceflow.batches import Decoded, RecordBatch, batch_from_records, paused_gc
+from onceflow.aggregates import AggregateSpec, Aggregation, value_fields
+from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc
 from onceflow.deadletter import DeadLetter
 from onceflow.events import EventContract
 from onceflow.transforms.aggregate import (
@@ -33,31 +33,35 @@ DEFAULT_SHARDS = 8
 _DEAD_LETTERS = "dead_letters"
 _KEY_CACHE_LIMIT = 100_000
 
-# A shard window: (shard, window start, window end). Its rows: (key text, event ID,
-# event time, values) of the events of one batch that fall in it.
+# A shard window: (shard, window start, window end). Its sub-batch: the events of
+# one batch that fall in it, as columns: key texts, event IDs, event times, and
+# one column per value field of the aggregation (Aggregation.fields), in order.
 ShardWindow = Tuple[int, int, int]
-Row = Tuple[str, str, int, Dict[str, Any]]
+SubBatch = Tuple[List[str], List[str], List[int], Tuple[List[Any], ...]]
 
 
 class _ScreenAndSplitDoFn(beam.DoFn):
     """Per batch: refused records and too-late events to the dead-letter output,
     every other event into the sub-batch of its (key shard, window)."""
 
-    def __init__(self, spec: WindowSpec, shards: int):
+    def __init__(self, spec: WindowSpec, shards: int, fields: Sequence[str]):
         self._spec = spec
         self._shards = shards
+        self._fields = tuple(fields)
         self._read = metrics.counter(metrics.RECORDS_READ)
         self._parsed = metrics.counter(metrics.EVENTS_PARSED)
         self._timely = metrics.counter(metrics.EVENTS_TIMELY)
 
     def setup(self) -> None:
-        self._keys: Dict[Tuple[str, ...], Tuple[str, int]] = {}
+        relax_gc()
+        # key (the key field's text, or the tuple of them) -> key text, shard
+        self._key_texts: Dict[Any, str] = {}
+        self._key_shards: Dict[Any, int] = {}
 
     def process(self, batch: RecordBatch) -> Iterator[Any]:
         if batch.verdicts is None:
             raise ValueError("AggregateBatches needs batches decoded with the event contract")
-        with paused_gc():
-            groups, letters, parsed, timely = self._split(batch)
+        groups, letters, parsed, timely = self._split(batch)
         self._read.inc(len(batch.values))
         self._parsed.inc(parsed)
         self._timely.inc(timely)
@@ -66,77 +70,121 @@ class _ScreenAndSplitDoFn(beam.DoFn):
             yield pvalue.TaggedOutput(_DEAD_LETTERS, letter)
         yield from groups.items()
 
-    def _split(self, batch: RecordBatch) -> Tuple[Dict[ShardWindow, List[Row]], List[DeadLetter], int, int]:
+    def _split(self, batch: RecordBatch) -> Tuple[Dict[ShardWindow, SubBatch], List[DeadLetter], int, int]:
         spec = self._spec
         size, step, lateness = spec.size_ms, spec.step_ms, spec.allowed_lateness_ms
-        sliding = spec.is_sliding
-        keys = self._keys
-        groups: Dict[ShardWindow, List[Row]] = {}
-        letters: List[DeadLetter] = []
-        high_waters = batch.high_waters
-        parsed = timely = 0
-        for index, verdict in enumerate(batch.verdicts):
-            if type(verdict) is not Decoded:
-                letters.append(DeadLetter(batch.record(index), PARSE_STAGE, verdict.reason, verdict.error_class,
-                                          verdict.message))
-                continue
-            parsed += 1
-            event_id, moment, key, values = verdict
-            # WindowSpec.windows_for and is_too_late, inlined for the hot loop (the
-            # bit-for-bit test against the per-event path holds them to the same rule).
-            first_start = ((moment - size) // step + 1) * step
-            high_water = high_waters[index]
-            if high_water is not None and first_start + size + lateness <= high_water:
-                letters.append(too_late_letter(spec, batch.record(index), event_id, moment))
-                continue
-            timely += 1
-            known = keys.get(key)
-            if known is None:
-                if len(keys) >= _KEY_CACHE_LIMIT:
-                    keys.clear()
-                # The key fields as one JSON text (as the per-event path keys them).
-                text = json.dumps(key, ensure_ascii=False, separators=(",", ":"))
-                known = keys[key] = (text, zlib.crc32(text.encode("utf-8")) % self._shards)
-            key_text, shard = known
-            row = (key_text, event_id, moment, values)
-            if sliding:
-                for start in range(first_start, moment + 1, step):
-                    groups.setdefault((shard, start, start + size), []).append(row)
+        verdicts = Verdicts.of(batch.verdicts)
+        # (record index, dead letter), put in record order at the end
+        letters = [(index, DeadLetter(batch.record(index), PARSE_STAGE, refusal.reason, refusal.error_class,
+                                      refusal.message)) for index, refusal in verdicts.refusals.items()]
+        columns = [verdicts.event_ids, verdicts.event_times, batch.high_waters, *verdicts.key_columns,
+                   *(verdicts.value_columns[verdicts.value_names.index(name)] for name in self._fields)]
+        kept = None
+        if verdicts.refusals:
+            kept = [index for index in range(len(verdicts)) if index not in verdicts.refusals]
+            columns = [list(map(column.__getitem__, kept)) for column in columns]
+        event_ids, event_times, marks, *rest = columns
+        key_columns, value_columns = rest[:len(verdicts.key_columns)], rest[len(verdicts.key_columns):]
+        parsed = len(event_ids)
+        # WindowSpec.windows_for and is_too_late over columns (the bit-for-bit test
+        # against the per-event path holds them to the same rule).
+        first_starts = [((moment - size) // step + 1) * step for moment in event_times]
+        # High waters only rise within a batch: the last is the greatest.
+        latest = marks[-1] if marks else None
+        if latest is not None and first_starts and min(first_starts) + size + lateness <= latest:
+            late = [index for index, (start, mark) in enumerate(zip(first_starts, marks))
+                    if mark is not None and start + size + lateness <= mark]
+            for index in late:
+                record_index = kept[index] if kept is not None else index
+                letters.append((record_index, too_late_letter(spec, batch.record(record_index), event_ids[index],
+                                                              event_times[index])))
+            if late:
+                keep = sorted(set(range(parsed)) - set(late))
+                event_ids, event_times, first_starts, *key_columns = [
+                    list(map(column.__getitem__, keep)) for column in (event_ids, event_times, first_starts,
+                                                                       *key_columns)]
+                value_columns = [list(map(column.__getitem__, keep)) for column in value_columns]
+        timely = len(event_ids)
+        keys = key_columns[0] if len(key_columns) == 1 else list(zip(*key_columns))
+        key_texts, shards = self._texts_and_shards(keys)
+        groups: Dict[ShardWindow, SubBatch] = {}
+        for group, members in _members(shards, first_starts, size, step, event_times).items():
+            pick = members.__iter__
+            groups[(group[0], group[1], group[1] + size)] = (
+                list(map(key_texts.__getitem__, pick())), list(map(event_ids.__getitem__, pick())),
+                list(map(event_times.__getitem__, pick())),
+                tuple(list(map(column.__getitem__, pick())) for column in value_columns))
+        letters.sort(key=_first)
+        return groups, [letter for _, letter in letters], parsed, timely
+
+    def _texts_and_shards(self, keys: List[Any]) -> Tuple[List[str], List[int]]:
+        """Each key's text (the key fields as one JSON text, as the per-event path
+        keys them) and shard (crc32 of the text modulo the shards)."""
+        texts, shards = self._key_texts, self._key_shards
+        missing = set(keys).difference(texts)
+        if missing:
+            if len(texts) + len(missing) > _KEY_CACHE_LIMIT:
+                texts.clear()
+                shards.clear()
+                missing = set(keys)
+            for key in missing:
+                parts = [key] if type(key) is str else list(key)
+                text = texts[key] = json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
+                shards[key] = zlib.crc32(text.encode("utf-8")) % self._shards
+        return list(map(texts.__getitem__, keys)), list(map(shards.__getitem__, keys))
+
+
+def _first(pair: Tuple[Any, Any]) -> Any:
+    return pair[0]
+
+
+def _members(shards: List[int], first_starts: List[int], size: int, step: int,
+             event_times: List[int]) -> Dict[Tuple[int, int], List[int]]:
+    """The indices of the events of each (shard, window start), in order."""
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    if step == size:  # tumbling: one window per event
+        for index, group in enumerate(zip(shards, first_starts)):
+            members = groups.get(group)
+            if members is None:
+                groups[group] = [index]
             else:
-                group = groups.get((shard, first_start, first_start + size))
-                if group is None:
-                    group = groups[(shard, first_start, first_start + size)] = []
-                group.append(row)
-        return groups, letters, parsed, timely
+                members.append(index)
+        return groups
+    for index, (shard, first_start, moment) in enumerate(zip(shards, first_starts, event_times)):
+        for start in range(first_start, moment + 1, step):
+            groups.setdefault((shard, start), []).append(index)
+    return groups
 
 
-def absorb(aggregation: Aggregation, by_key: Dict[str, list], rows: Sequence[Row]) -> Tuple[set, int]:
-    """Adds each row's event to its key's accumulator unless the key has counted
-    its ID already. ``by_key`` maps key text to ``[accumulator, emitted count,
-    counted IDs]``. Returns the keys changed and the number of duplicates."""
-    fresh: Dict[str, List[Tuple[str, int, Dict[str, Any]]]] = {}
+def absorb(aggregation: Aggregation, by_key: Dict[str, list], sub_batch: SubBatch) -> Tuple[set, int]:
+    """Adds each event of a sub-batch to its key's accumulator unless the key has
+    counted its ID already. ``by_key`` maps key text to ``[accumulator, emitted
+    count, counted IDs]``. Returns the keys changed and the number of duplicates."""
+    key_texts, event_ids, event_times, value_columns = sub_batch
+    fresh: Dict[str, List[int]] = {}
     duplicates = 0
-    with paused_gc():
-        for key_text, event_id, moment, values in rows:
-            entry = by_key.get(key_text)
-            if entry is None:
-                entry = by_key[key_text] = [aggregation.create(), 0, set()]
-            counted = entry[2]
-            if event_id in counted:
-                duplicates += 1
-                continue
-            counted.add(event_id)
-            events = fresh.get(key_text)
-            if events is None:
-                events = fresh[key_text] = []
-            events.append((event_id, moment, values))
-        for key_text, events in fresh.items():
-            aggregation.add_many(by_key[key_text][0], events)
-    changed = set(fresh)
-    return changed, duplicates
+    for index, key_text, event_id in zip(range(len(event_ids)), key_texts, event_ids):
+        entry = by_key.get(key_text)
+        if entry is None:
+            entry = by_key[key_text] = [aggregation.create(), 0, set()]
+        counted = entry[2]
+        if event_id in counted:
+            duplicates += 1
+            continue
+        counted.add(event_id)
+        members = fresh.get(key_text)
+        if members is None:
+            fresh[key_text] = [index]
+        else:
+            members.append(index)
+    for key_text, members in fresh.items():
+        aggregation.add_columns(by_key[key_text][0], list(map(event_ids.__getitem__, members)),
+                                list(map(event_times.__getitem__, members)),
+                                [list(map(column.__getitem__, members)) for column in value_columns])
+    return set(fresh), duplicates
 
 
-def absorb_sub_batches(aggregation: Aggregation, by_key: Dict[str, list], sub_batches: Iterable[Sequence[Row]],
+def absorb_sub_batches(aggregation: Aggregation, by_key: Dict[str, list], sub_batches: Iterable[SubBatch],
                        duplicates_counter, unique_counter) -> set:
     """:func:`absorb` for each sub-batch, counting duplicates dropped and events
     kept; the keys changed."""
@@ -145,7 +193,7 @@ def absorb_sub_batches(aggregation: Aggregation, by_key: Dict[str, list], sub_ba
     for sub_batch in sub_batches:
         more, dropped = absorb(aggregation, by_key, sub_batch)
         changed |= more
-        rows += len(sub_batch)
+        rows += len(sub_batch[1])
         duplicates += dropped
     if duplicates:
         duplicates_counter.inc(duplicates)
@@ -163,7 +211,10 @@ class _AggregateShardWindowDoFn(beam.DoFn):
         self._duplicates = metrics.counter(metrics.DUPLICATES_DROPPED)
         self._unique = metrics.counter(metrics.EVENTS_UNIQUE)
 
-    def process(self, element: Tuple[ShardWindow, Iterable[List[Row]]]):
+    def setup(self) -> None:
+        relax_gc()
+
+    def process(self, element: Tuple[ShardWindow, Iterable[SubBatch]]):
         (_, start_ms, end_ms), sub_batches = element
         by_key: Dict[str, list] = {}
         absorb_sub_batches(self._aggregation, by_key, sub_batches, self._duplicates, self._unique)
@@ -204,9 +255,12 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
         self._duplicates = metrics.counter(metrics.DUPLICATES_DROPPED)
         self._unique = metrics.counter(metrics.EVENTS_UNIQUE)
 
+    def setup(self) -> None:
+        relax_gc()
+
     def process(
         self,
-        element: Tuple[ShardWindow, List[Row]],
+        element: Tuple[ShardWindow, SubBatch],
         pending=beam.DoFn.StateParam(PENDING),
         window_timer=beam.DoFn.TimerParam(WINDOW_TIMER),
         early=beam.DoFn.TimerParam(EARLY),
@@ -328,7 +382,7 @@ class AggregateBatches(beam.PTransform):
     def expand(self, batches: beam.PCollection) -> Aggregated:
         # The shard window is the state key: typed, so its coder is deterministic.
         split = batches | "ScreenAndSplit" >> beam.ParDo(
-            _ScreenAndSplitDoFn(self._spec, self._shards)).with_output_types(
+            _ScreenAndSplitDoFn(self._spec, self._shards, value_fields(self._aggregates))).with_output_types(
                 Tuple[Tuple[int, int, int], Any]).with_outputs(_DEAD_LETTERS, main="sub_batches")
         if split.sub_batches.is_bounded:
             # Every record is in the input: group, then aggregate each shard window once.
