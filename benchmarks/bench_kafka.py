@@ -12,7 +12,8 @@ sum of qty per store and window) is computed here in plain Python from the produ
 lines. Each contestant reads the same topic (or the same lines from a file) and its
 result is compared row by row with the truth:
 
-  yardstick       a plain confluent-kafka consume(10000) loop, orjson (json if absent),
+  yardstick       a plain confluent-kafka consume(10000) loop (fetch.queue.backoff.ms=10, as onceflow's
+                  reader), orjson (json if absent),
                   dict dedup and dict aggregate, one process, earliest to end offsets
   kafka-backfill  python -m onceflow.pipelines.aggregate --input kafka://... --from earliest --to latest
   file-backfill   the same job over a JSON-lines file holding the same lines
@@ -272,8 +273,11 @@ def yardstick_worker(bootstrap: str, topic: str, out: str, window_ms: int) -> No
     except ImportError:
         loads = json.loads
         parser = "json"
+    # fetch.queue.backoff.ms as onceflow's reader sets it (KafkaReadConfig.consumer_settings):
+    # with librdkafka's default (1,000 ms) both would mostly wait for the broker.
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-yardstick-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "enable.partition.eof": False})
+                         "enable.auto.commit": False, "enable.partition.eof": False,
+                         "fetch.queue.backoff.ms": 10})
     ends: Dict[int, int] = {}
     assignment = []
     for p in range(PARTITIONS):
