@@ -354,6 +354,12 @@ class AggregateBatches(beam.PTransform):
     each row is emitted once, with no state. ``shards`` bounds the parallelism of
     that step.
 
+    On unbounded input a batch's element timestamp must be no later than the
+    high water before its first record (every onceflow reader stamps it so): the
+    state of a shard window is dropped once the watermark passes its end plus
+    the allowed lateness, and a later timestamp would let the watermark get there
+    before a timely event of the batch is counted.
+
     On Prism 2.77 run unbounded input with ``--experiments=prism_disable_sdf_split``
     (the main job adds it): a bundle split there can lose a state update.
 

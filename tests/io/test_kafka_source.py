@@ -259,6 +259,51 @@ def test_a_checkpoint_in_the_middle_of_a_fetched_batch_loses_nothing(kafka_boots
         reader.teardown()
 
 
+def test_a_batch_is_timestamped_no_later_than_the_high_water_of_its_first_record(kafka_bootstrap):
+    """A poll of a sparse partition spans far more event time than the allowed
+    lateness. The batch's timestamp holds the watermark downstream: were it the
+    high water after the batch, the watermark could pass a timely event's window
+    end plus the lateness (where that window's state is dropped) before the event
+    is counted. It must not be later than any record's own high water, nor than
+    the partition's first event time."""
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+
+    from onceflow.io.kafka.read import _ReadPartitionsDoFn
+    from onceflow.windowing import WindowSpec
+
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    base = 1_793_610_000_000
+    produce(topic, [(0, event(n, base + 10_000 * n), None) for n in range(300)])  # 50 minutes of events
+    spec = WindowSpec(60_000, allowed_lateness_ms=60_000)
+    reader = _ReadPartitionsDoFn(KafkaReadConfig(topic, start=parse_position("earliest"), group_id=None), CONTRACT,
+                                 idle_timeout_s=30.0)
+    reader.setup()
+    try:
+        view = _RunnerView(_PartitionsTracker(PartitionsRestriction(topic.topic, (PartitionSpan(0, 0, LIVE_END),))))
+        stamped = []
+        deadline = time.monotonic() + 30
+        while sum(len(batch.values) for batch, _ in stamped) < 300 and time.monotonic() < deadline:
+            stamped += [(value.value, value.timestamp.micros // 1000) for value in reader._read(
+                type("Finalizer", (), {"register": lambda self, callback: None})(), view,
+                ManualWatermarkEstimator(None))]
+            view = _RunnerView(_PartitionsTracker(view.residual or view.current_restriction()))
+        assert sum(len(batch.values) for batch, _ in stamped) == 300
+        for batch, millis in stamped:
+            # the first high water among its records: the partition's before the batch, or its first event time
+            assert millis == min(mark for mark in batch.high_waters if mark is not None)
+            # Every event here is timely (times rise), and the watermark this batch holds stays
+            # below each one's window end plus the lateness.
+            moments = batch.verdicts.event_times
+            assert all(millis < end + spec.allowed_lateness_ms for moment in moments
+                       for _, end in spec.windows_for(moment))
+        first_batch, first_millis = stamped[0]
+        assert first_millis == base
+        assert first_batch.verdicts.event_times[-1] - base > 2 * (60_000 + 60_000), \
+            "the poll must span more than a window and the lateness, or this test shows nothing"
+    finally:
+        reader.teardown()
+
+
 def test_commits_never_move_a_partition_back(kafka_bootstrap):
     """Bundles finalized out of order, or re-read after a rewind, commit older
     offsets: the group's offset stays at the highest."""
