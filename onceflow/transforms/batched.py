@@ -89,9 +89,11 @@ class _ScreenAndSplitDoFn(beam.DoFn):
         # WindowSpec.windows_for and is_too_late over columns (the bit-for-bit test
         # against the per-event path holds them to the same rule).
         first_starts = [((moment - size) // step + 1) * step for moment in event_times]
-        # High waters only rise within a batch: the last is the greatest.
-        latest = marks[-1] if marks else None
-        if latest is not None and first_starts and min(first_starts) + size + lateness <= latest:
+        # Look at each event only if the batch's greatest high water makes any late
+        # (a batch of records from several sources has no order among its high waters).
+        present = [mark for mark in marks if mark is not None] if None in marks else marks
+        latest = max(present) if present else None
+        if latest is not None and min(first_starts) + size + lateness <= latest:
             late = [index for index, (start, mark) in enumerate(zip(first_starts, marks))
                     if mark is not None and start + size + lateness <= mark]
             for index in late:

@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "DURATION and overwritten as they fill")
     parser.add_argument("--kill-early", action="store_true",
                         help="the first kill lands after the job has read records and before it has "
-                             "written any row")
+                             "stored any position past its start (before its first final row)")
     parser.add_argument("--stall-seconds", type=_positive_int, default=20, metavar="S",
                         help="how long each stall holds the lock (default 20)")
     parser.add_argument("--runner", choices=("prism", "flink"), default="prism",
@@ -353,32 +353,53 @@ class TortureRun:
 
     def _kill_early(self) -> None:
         """SIGKILLs the job once it has read records (its group has committed an
-        offset) and before the sink holds a row; if a row comes first, the fault
-        could not be injected and the run fails."""
+        offset, or the sink holds a row) and before any position past the start
+        is stored: the window in which a restart can only resume from the start
+        positions the first start stored. If a position moves first, the fault
+        could not be injected and the run fails.
+
+        The sink's first rows may come before the first offset commit (a late
+        event's window is already closed, and a reader's bundle is finalized after
+        the stages it feeds): a row, too, shows that records were read. A position
+        moves only once a whole window step is final, a window plus the lateness
+        after the first records: the window to kill in is wide."""
+        from onceflow.io.sinks import parse_sink_url, progress_store
+
         probe = _LagProbe(self.setup.bootstrap, self.setup.group, self.setup.topic, self.args.partitions)
+        store = progress_store(parse_sink_url(self.sink.sink_url()))
+        start = None
         mark = None
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                consumed, _ = probe.read()
-                if self.sink.counted_events():
+                try:
+                    stored = store.read(self.setup.group, self.setup.topic)
+                except Exception:  # not created yet
+                    stored = {}
+                offsets = {p: position.next_offset for p, position in stored.items()}
+                if start is None and offsets:
+                    start = offsets  # the first start stores its start positions before it reads
+                if start is not None and offsets != start:
                     break
-                if consumed:
+                consumed, _ = probe.read()
+                rows = self.sink.counted_events()
+                if start is not None and (consumed or rows):
                     mark = self.timeline.begin(KILL, self.now_s())
                     mark.re_read = self._records_to_re_read()
                     with self._job_lock:
                         self.job.kill()
                         time.sleep(2)
                         self._start_job()
-                    mark.note = (f"before the first row ({consumed} records read): job killed with SIGKILL and "
-                                 f"started again (start {self.job.starts})")
+                    mark.note = (f"before the first position past the start ({consumed} records read, "
+                                 f"{rows} events in rows): job killed with SIGKILL and started again "
+                                 f"(start {self.job.starts})")
                     break
                 time.sleep(0.1)
         finally:
             probe.close()
         if mark is None:
             mark = self.timeline.begin(KILL, self.now_s())
-            mark.note = "could not be injected: the sink held a row before any offset was committed"
+            mark.note = "could not be injected: a position past the start was stored before the kill"
         mark.end_s = self.now_s()
         self.say(f"kill: {mark.note}")
 

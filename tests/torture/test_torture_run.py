@@ -44,7 +44,7 @@ def test_a_short_torture_run_ends_exact_live_and_after_the_backfill(kafka_bootst
 def test_a_kill_before_the_first_row_loses_nothing_with_a_parquet_sink(kafka_bootstrap, postgres_dsn, prism_path,
                                                                       tmp_path):
     """The issue's second check: 5 SIGKILLs, the first after the job has read
-    records and before it has written a row, into Parquet window files (their
+    records and before it has stored a position past its start, into Parquet window files (their
     positions in the directory's manifest), with a broker restart and a stall of
     the directory's lock."""
     out = tmp_path / "run"
@@ -55,7 +55,7 @@ def test_a_kill_before_the_first_row_loses_nothing_with_a_parquet_sink(kafka_boo
     assert report["ok"] and report["sink"] == "parquet" and report["kill_early"]
     assert (report["kills"], report["broker_restarts"], report["stalls"], report["connection_kills"]) == (5, 1, 1, 0)
     kills = [fault for fault in report["faults"] if fault["kind"] == "kill"]
-    assert kills[0]["note"].startswith("before the first row")
+    assert kills[0]["note"].startswith("before the first position past the start")
     for phase in ("live", "after_backfill"):
         assert report[phase]["exact"] and report[phase]["rows_found"] == report[phase]["rows_expected"] > 0
     (job,) = json.loads((out / "sink" / "_onceflow_progress.json").read_text()).values()
