@@ -33,23 +33,16 @@ class _ReadFileBatchesDoFn(beam.DoFn):
         path = readable.metadata.path
         with readable.open(compression_type=CompressionTypes.AUTO) as handle:
             if self._contract.input_format == "avro":
-                records = self._avro_records(path, handle)
+                slices = _slices(self._avro_records(path, handle), self._batch_records)
                 origin = (FILE_RECORDS, path)
             else:
-                records = self._json_lines(handle)
+                slices = _json_line_slices(handle, self._batch_records)
                 origin = (FILE_LINES, path)
             high_water: Optional[int] = None
-            for positions, values in _slices(records, self._batch_records):
+            for positions, values in slices:
                 verdicts = decode_values(self._contract, values)
                 marks, high_water = high_waters(verdicts, high_water)
                 yield RecordBatch(origin, values, positions, marks, verdicts)
-
-    @staticmethod
-    def _json_lines(handle) -> Iterator[Tuple[int, bytes]]:
-        for line_number, line in enumerate(iter(handle.readline, b""), start=1):
-            raw = line.rstrip(b"\r\n") if line.endswith(b"\n") else line
-            if raw.strip():  # a blank line is not a record
-                yield line_number, raw
 
     def _avro_records(self, path: str, handle) -> Iterator[Tuple[int, bytes]]:
         reader = fastavro.reader(handle)
@@ -63,6 +56,44 @@ class _ReadFileBatchesDoFn(beam.DoFn):
             buffer = io.BytesIO()
             fastavro.schemaless_writer(buffer, parsed, datum)  # the exact datum bytes
             yield number, buffer.getvalue()
+
+
+_READ_BYTES = 8 << 20  # a JSON-lines file is read this much at a time
+
+
+def _json_line_slices(handle, size: int) -> Iterator[Tuple[List[int], List[bytes]]]:
+    """(line numbers, lines) of at most ``size`` records at a time: each line
+    without its line break (a trailing CR of a terminated line goes too), blank
+    lines skipped. Reads large blocks and splits them in C, not line by line."""
+    positions: List[int] = []
+    values: List[bytes] = []
+    line_number = 0
+    rest = b""
+    while True:
+        block = handle.read(_READ_BYTES)
+        if block:
+            text = rest + block
+            lines = text.split(b"\n")
+            rest = lines.pop()  # the unterminated end: it goes on in the next block
+            if b"\r" in text:
+                lines = [line.rstrip(b"\r") for line in lines]
+        elif rest:
+            lines, rest = [rest], b""  # the last line, without a line break: kept as it is
+        else:
+            break
+        numbers = range(line_number + 1, line_number + 1 + len(lines))
+        line_number += len(lines)
+        if not all(map(bytes.strip, lines)):  # a blank line is not a record
+            kept = [index for index, line in enumerate(lines) if line.strip()]
+            numbers = [numbers[index] for index in kept]
+            lines = [lines[index] for index in kept]
+        positions.extend(numbers)
+        values.extend(lines)
+        while len(values) >= size:
+            yield positions[:size], values[:size]
+            del positions[:size], values[:size]
+    if values:
+        yield positions, values
 
 
 def _slices(records: Iterator[Tuple[int, bytes]], size: int) -> Iterator[Tuple[List[int], List[bytes]]]:

@@ -8,8 +8,11 @@ import apache_beam as beam
 import fastavro
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from onceflow.events import EventContract
+from onceflow.io import files
 from onceflow.io.files import ReadRecordsFromFiles, read_avro_writer_schema
 
 CONTRACT = EventContract(time_field="t", key_fields=("k",), value_fields=("v",), id_field="id")
@@ -70,3 +73,29 @@ def test_avro_records_become_their_datum_bytes(tmp_path):
         records = pipeline | ReadRecordsFromFiles(str(path), contract)
         assert_that(records | beam.Map(lambda r: (r.source["record"], r.value, r.high_water_ms)),
                     equal_to([(1, expected[0], None), (2, expected[1], 100)]))
+
+
+def _lines_one_at_a_time(data: bytes):
+    """The reading rule, a line at a time: the line break and a terminated line's
+    trailing CRs removed, blank lines skipped, lines numbered from 1."""
+    handle = io.BytesIO(data)
+    for number, line in enumerate(iter(handle.readline, b""), start=1):
+        raw = line.rstrip(b"\r\n") if line.endswith(b"\n") else line
+        if raw.strip():
+            yield number, raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"{}", b"a", b" ", b"\r", b"\n", b"\r\n", b"\t", b"x\ry"]), max_size=40),
+       st.integers(min_value=1, max_value=7), st.integers(min_value=1, max_value=5))
+def test_json_lines_are_read_in_blocks_as_one_at_a_time(pieces, block_bytes, batch_records):
+    data = b"".join(pieces)
+    original = files._READ_BYTES
+    files._READ_BYTES = block_bytes  # block edges anywhere: inside a line, a CRLF, a blank line
+    try:
+        slices = list(files._json_line_slices(io.BytesIO(data), batch_records))
+    finally:
+        files._READ_BYTES = original
+    assert all(0 < len(values) <= batch_records for _, values in slices)
+    assert [pair for positions, values in slices for pair in zip(positions, values)] == \
+        list(_lines_one_at_a_time(data))
