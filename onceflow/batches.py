@@ -235,6 +235,11 @@ def decode_values(contract: EventContract, values: Sequence[bytes]) -> Verdicts:
     return Verdicts.of([reference_verdict(contract, raw) for raw in values])
 
 
+def take(column: Sequence[Any], indices: Sequence[int]) -> List[Any]:
+    """The items of ``column`` at ``indices``, in their order (a loop in C)."""
+    return list(map(column.__getitem__, indices))
+
+
 _GC_FIRST_GENERATION = 100_000
 
 

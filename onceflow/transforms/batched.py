@@ -20,7 +20,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation, value_fields
-from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc
+from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc, take
 from onceflow.deadletter import DeadLetter
 from onceflow.events import EventContract
 from onceflow.transforms.aggregate import (
@@ -82,7 +82,7 @@ class _ScreenAndSplitDoFn(beam.DoFn):
         kept = None
         if verdicts.refusals:
             kept = [index for index in range(len(verdicts)) if index not in verdicts.refusals]
-            columns = [list(map(column.__getitem__, kept)) for column in columns]
+            columns = [take(column, kept) for column in columns]
         event_ids, event_times, marks, *rest = columns
         key_columns, value_columns = rest[:len(verdicts.key_columns)], rest[len(verdicts.key_columns):]
         parsed = len(event_ids)
@@ -102,20 +102,18 @@ class _ScreenAndSplitDoFn(beam.DoFn):
                                                               event_times[index])))
             if late:
                 keep = sorted(set(range(parsed)) - set(late))
-                event_ids, event_times, first_starts, *key_columns = [
-                    list(map(column.__getitem__, keep)) for column in (event_ids, event_times, first_starts,
-                                                                       *key_columns)]
-                value_columns = [list(map(column.__getitem__, keep)) for column in value_columns]
+                event_ids, event_times, first_starts = take(event_ids, keep), take(event_times, keep), take(
+                    first_starts, keep)
+                key_columns = [take(column, keep) for column in key_columns]
+                value_columns = [take(column, keep) for column in value_columns]
         timely = len(event_ids)
         keys = key_columns[0] if len(key_columns) == 1 else list(zip(*key_columns))
         key_texts, shards = self._texts_and_shards(keys)
         groups: Dict[ShardWindow, SubBatch] = {}
-        for group, members in _members(shards, first_starts, size, step, event_times).items():
-            pick = members.__iter__
-            groups[(group[0], group[1], group[1] + size)] = (
-                list(map(key_texts.__getitem__, pick())), list(map(event_ids.__getitem__, pick())),
-                list(map(event_times.__getitem__, pick())),
-                tuple(list(map(column.__getitem__, pick())) for column in value_columns))
+        for (shard, start), members in _members(shards, first_starts, size, step, event_times).items():
+            groups[(shard, start, start + size)] = (
+                take(key_texts, members), take(event_ids, members), take(event_times, members),
+                tuple(take(column, members) for column in value_columns))
         letters.sort(key=_first)
         return groups, [letter for _, letter in letters], parsed, timely
 
@@ -180,9 +178,8 @@ def absorb(aggregation: Aggregation, by_key: Dict[str, list], sub_batch: SubBatc
         else:
             members.append(index)
     for key_text, members in fresh.items():
-        aggregation.add_columns(by_key[key_text][0], list(map(event_ids.__getitem__, members)),
-                                list(map(event_times.__getitem__, members)),
-                                [list(map(column.__getitem__, members)) for column in value_columns])
+        aggregation.add_columns(by_key[key_text][0], take(event_ids, members), take(event_times, members),
+                                [take(column, members) for column in value_columns])
     return set(fresh), duplicates
 
 
