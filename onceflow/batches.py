@@ -114,15 +114,6 @@ class Verdicts:
             refusals,
         )
 
-    def keys(self) -> List[Optional[Tuple[str, ...]]]:
-        """Each record's key (a tuple of the key fields' texts), None if refused."""
-        if len(self.key_columns) == 1 and not self.refusals:
-            return [(part,) for part in self.key_columns[0]]
-        keys = list(zip(*self.key_columns)) if self.key_columns else [()] * len(self.event_ids)
-        for index in self.refusals:
-            keys[index] = None
-        return keys
-
     def __len__(self) -> int:
         return len(self.event_ids)
 
@@ -159,6 +150,7 @@ class Verdicts:
 def _unpack_verdicts(event_ids, event_times, key_columns, value_names, value_columns, refusals) -> Verdicts:
     return Verdicts(event_ids, event_times, key_columns, value_names, value_columns,
                     {index: Refusal(*fields) for index, fields in refusals.items()})
+
 
 # Where a batch's records come from; ``record(i)`` builds each one's source from it.
 KAFKA = "kafka"  # origin (KAFKA, topic, partition); positions are offsets
