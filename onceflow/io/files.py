@@ -11,7 +11,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from fastavro.schema import to_parsing_canonical_form
 
-from onceflow.batches import FILE_LINES, FILE_RECORDS, RecordBatch, decode_values, high_waters
+from onceflow.batches import FILE_LINES, FILE_RECORDS, RecordBatch, decode_values, high_waters, take
 from onceflow.events import EventContract
 
 
@@ -85,8 +85,7 @@ def _json_line_slices(handle, size: int) -> Iterator[Tuple[List[int], List[bytes
         line_number += len(lines)
         if not all(map(bytes.strip, lines)):  # a blank line is not a record
             kept = [index for index, line in enumerate(lines) if line.strip()]
-            numbers = [numbers[index] for index in kept]
-            lines = [lines[index] for index in kept]
+            numbers, lines = take(numbers, kept), take(lines, kept)
         positions.extend(numbers)
         values.extend(lines)
         while len(values) >= size:
