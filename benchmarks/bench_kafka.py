@@ -635,7 +635,12 @@ class Bench:
                     last_note = time.monotonic()
                     say(f"  {tag}: {child.seconds():.0f}s, sink {rows:,}/{want_rows:,} rows, "
                         f"{counted:,}/{want_count:,} orders counted, peak memory {child.peak_bytes / 2**20:,.0f} MB")
-                time.sleep(1.0 if want_rows < 50_000 else 3.0)
+                # Far from the end, look rarely (a look reads the whole table, CPU the job
+                # would use); once 95 % of the orders are counted, four times a second.
+                if counted >= 0.95 * want_count:
+                    time.sleep(0.25)
+                else:
+                    time.sleep(1.0 if want_rows < 50_000 else 3.0)
             else:
                 result.failed = f"the sink did not equal the truth within --timeout {self.args.timeout:.0f}s"
         finally:
