@@ -203,7 +203,7 @@ class OutputOptions(PipelineOptions):
                  f"Default: {DEFAULT_OUTPUT_DIR}/dlq.jsonl.")
         group.add_argument(
             "--sink_batch_size", default=str(DEFAULT_BATCH_ROWS),
-            help="Rows per sink transaction (bounded batches). Default: 500.")
+            help=f"Rows per sink transaction (bounded batches). Default: {DEFAULT_BATCH_ROWS}.")
 
 
 class MonitoringOptions(PipelineOptions):
