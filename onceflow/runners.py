@@ -45,6 +45,17 @@ def runs_on_prism(options: PipelineOptions) -> bool:
     return runner is not None and runner.lower() in ("prismrunner", "prism")
 
 
+def runs_on_flink(options: PipelineOptions) -> bool:
+    """Whether ``--runner`` can be Flink: FlinkRunner, or PortableRunner (a job
+    server: Flink's, for Flink's flags to mean anything)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = (options.view_as(StandardOptions).runner or "").lower()
+    if runner and not runner.endswith("runner"):
+        runner += "runner"
+    return runner.rsplit(".", 1)[-1] in ("flinkrunner", "portablerunner")
+
+
 def choose_streaming_runner(options: PipelineOptions) -> None:
     """A live read needs a streaming runner. With no ``--runner``, use the Prism
     that ``onceflow dev up --services prism`` built: Beam 2.77's DirectRunner
@@ -103,6 +114,24 @@ def keep_prism_from_splitting(options: PipelineOptions) -> None:
         debug.add_experiment(PRISM_NO_SPLITS_EXPERIMENT)
 
 
+# Beam's Flink runner closes a bundle after --max_bundle_time_mills (1,000 ms by
+# default), and a live job's panes (timers) and stored positions move only between
+# bundles: the 1,000,000-order backlog of the benchmark caught up in about 45 s with
+# 1,000 ms, 22 s with 100 ms (50 ms: 25.5 s), exact each, and passed the torture's
+# kills (docs/benchmarks.md, docs/deploying.md).
+LIVE_FLINK_BUNDLE_TIME_MS = 100
+
+
+def shorten_flink_bundles(options: PipelineOptions) -> None:
+    """Sets ``--max_bundle_time_mills`` to LIVE_FLINK_BUNDLE_TIME_MS for a live job that
+    can run on Flink, unless the flag is given."""
+    from onceflow.options import FlinkOptions
+
+    flink = options.view_as(FlinkOptions)
+    if runs_on_flink(options) and flink.max_bundle_time_mills is None:
+        flink.max_bundle_time_mills = LIVE_FLINK_BUNDLE_TIME_MS
+
+
 def _runs_direct_multi_processing(options: PipelineOptions) -> bool:
     from apache_beam.options.pipeline_options import DirectOptions
 
@@ -113,7 +142,8 @@ def prepare_runner(options: PipelineOptions, live: bool, reads_kafka: bool, kafk
     """Applies every workaround a job needs on the runner its options name, and
     refuses, in one line, the combinations that lose records:
 
-    * a live job gets a streaming runner and long-lived job streams;
+    * a live job gets a streaming runner and long-lived job streams, and on Flink
+      short bundles;
     * Prism 2.77 gets no runner-initiated splits;
     * the DirectRunner's ``multi_processing`` mode lost Kafka records in a backfill
       here (the same run in one process is exact): refused for a Kafka input;
@@ -123,6 +153,7 @@ def prepare_runner(options: PipelineOptions, live: bool, reads_kafka: bool, kafk
     if live:
         choose_streaming_runner(options)
         keep_live_job_streams_open(options)
+        shorten_flink_bundles(options)
     keep_prism_from_splitting(options)
     if reads_kafka and _runs_direct_multi_processing(options):
         raise UsageError("--direct_running_mode=multi_processing: the DirectRunner's worker processes lost "

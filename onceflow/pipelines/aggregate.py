@@ -46,7 +46,7 @@ from onceflow.io.sinks import WriteRows, parse_sink_url, position_sinks, prepare
 from onceflow.io.targets import Target
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
-    ONCEFLOW_OPTION_CLASSES, AggregateOptions, EventOptions, FlinkSavepointOptions, InputOptions, KafkaOptions,
+    ONCEFLOW_OPTION_CLASSES, AggregateOptions, EventOptions, FlinkOptions, InputOptions, KafkaOptions,
     OutputOptions, WindowOptions, duration_ms, flag_error, help_text, optional_text, parse_flag, parse_optional_flag,
     parse_pipeline_args, positive_duration_ms, positive_int, split_fields, whole_seconds_ms,
 )
@@ -364,7 +364,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     except (ValueError, OSError) as error:
         raise flag_error("--dlq", error) from None
     if job.kafka is not None:  # then the positions, kept in the prepared sink
-        savepoint = optional_text(options.view_as(FlinkSavepointOptions).savepoint_path)
+        savepoint = optional_text(options.view_as(FlinkOptions).savepoint_path)
         job, reads = _retrying_while_broker_away(lambda: _resolve_kafka_start(job, partitions, savepoint),
                                                  broker_wait_s)
         gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
@@ -569,7 +569,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m onceflow.p
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
         print(help_text(prog, __doc__.strip().splitlines()[0],
-                        (*ONCEFLOW_OPTION_CLASSES, FlinkSavepointOptions)))
+                        (*ONCEFLOW_OPTION_CLASSES, FlinkOptions)))
         return 0
     return exit_status("aggregate", lambda: print(_refusing_client_errors(run, args).render()))
 

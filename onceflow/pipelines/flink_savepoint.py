@@ -1,6 +1,6 @@
 """Stopping a live job on Flink with a savepoint, and resuming from one.
 
-The flags are :class:`onceflow.options.FlinkSavepointOptions`;
+The flags are :class:`onceflow.options.FlinkOptions`;
 :func:`savepoint_stop_from_options` checks them into a :class:`SavepointStop`
 (or None: the job is cancelled on Ctrl-C as before). The main job then
 
@@ -33,7 +33,8 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from onceflow.errors import ServiceError, UsageError
 from onceflow.io import flink_rest
 from onceflow.io.flink_rest import FlinkJob, FlinkRestError
-from onceflow.options import FlinkSavepointOptions, optional_text
+from onceflow.options import FlinkOptions, optional_text
+from onceflow.runners import runs_on_flink
 
 # How long after submission Flink may take to list the job as running (a session
 # cluster receives the job server's jars first), and a savepoint to complete.
@@ -56,15 +57,6 @@ class SavepointStop:
     restore_from: Optional[str] = None
 
 
-def runs_on_flink(options: PipelineOptions) -> bool:
-    """Whether ``--runner`` can be Flink: FlinkRunner, or PortableRunner (a job
-    server: Flink's, for these flags to mean anything)."""
-    runner = (options.view_as(StandardOptions).runner or "").lower()
-    if runner and not runner.endswith("runner"):
-        runner += "runner"
-    return runner.rsplit(".", 1)[-1] in ("flinkrunner", "portablerunner")
-
-
 def _check_directory(text: str) -> str:
     """An absolute path or a URI with a scheme (file://, s3://, hdfs://, ...)."""
     value = text.strip()
@@ -80,7 +72,7 @@ def savepoint_stop_from_options(options: PipelineOptions, live: bool) -> Optiona
     returns how to stop the job, or None when ``--flink_savepoint_dir`` is not
     set. A job without ``--job_name`` gets a unique one here, by which the stop
     finds it on Flink."""
-    flags = options.view_as(FlinkSavepointOptions)
+    flags = options.view_as(FlinkOptions)
     directory = optional_text(flags.flink_savepoint_dir)
     rest_url = optional_text(flags.flink_rest_url)
     restore_from = optional_text(flags.savepoint_path)

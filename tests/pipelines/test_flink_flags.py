@@ -1,4 +1,5 @@
-"""The Flink savepoint flags: checked into one-line errors before anything runs."""
+"""The Flink flags: the savepoint flags checked into one-line errors before anything
+runs, and a live job's bundle time."""
 
 import subprocess
 import sys
@@ -7,7 +8,8 @@ import pytest
 
 from onceflow.errors import UsageError
 from onceflow.options import parse_pipeline_args
-from onceflow.pipelines.flink_savepoint import SavepointStop, runs_on_flink, savepoint_stop_from_options
+from onceflow.pipelines.flink_savepoint import SavepointStop, savepoint_stop_from_options
+from onceflow.runners import LIVE_FLINK_BUNDLE_TIME_MS, prepare_runner, runs_on_flink
 
 FLINK = ("--runner=PortableRunner", "--job_endpoint=127.0.0.1:18099")
 LIVE = ("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g")
@@ -102,3 +104,19 @@ def test_help_lists_the_savepoint_flags():
     result = _run_cli("--help")
     for flag in ("--flink_savepoint_dir", "--flink_rest_url", "--savepoint_path", "--allow_non_restored_state"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("flags, live, bundle_ms", [
+    (FLINK, True, LIVE_FLINK_BUNDLE_TIME_MS),
+    (("--runner=FlinkRunner",), True, LIVE_FLINK_BUNDLE_TIME_MS),
+    ((*FLINK, "--max_bundle_time_mills=1000"), True, 1000),
+    (FLINK, False, None),
+    (("--runner=PrismRunner", "--prism_location=/bin/true"), True, None),
+    (("--runner=DataflowRunner",), True, None),
+])
+def test_a_live_job_on_flink_gets_short_bundles_unless_told(flags, live, bundle_ms):
+    options = parse_pipeline_args(list(flags))
+    prepare_runner(options, live=live, reads_kafka=True, kafka_readers=1)
+    # what the portable runner sends the job server: every option, unknown ones too
+    sent = options.get_all_options(retain_unknown_options=True)
+    assert sent.get("max_bundle_time_mills") == bundle_ms
