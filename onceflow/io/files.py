@@ -11,6 +11,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from fastavro.schema import to_parsing_canonical_form
 
+import onceflow.coders  # noqa: F401  (registers RecordBatchCoder for the batches this module outputs)
 from onceflow.batches import FILE_LINES, FILE_RECORDS, RecordBatch, decode_values, high_waters, take
 from onceflow.events import EventContract
 
@@ -135,7 +136,8 @@ class ReadRecordBatchesFromFiles(beam.PTransform):
             pbegin
             | "MatchFiles" >> fileio.MatchFiles(self._pattern)
             | "OpenFiles" >> fileio.ReadMatches()
-            | "ReadBatches" >> beam.ParDo(_ReadFileBatchesDoFn(self._contract, self._batch_records))
+            | "ReadBatches" >> beam.ParDo(_ReadFileBatchesDoFn(self._contract, self._batch_records)).with_output_types(
+                RecordBatch)
         )
 
 

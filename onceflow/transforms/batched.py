@@ -18,6 +18,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
+import onceflow.coders  # noqa: F401  (registers RecordBatchCoder for the batches this module outputs)
 from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation, value_fields
 from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc, take
@@ -421,7 +422,7 @@ class BatchRecords(beam.PTransform):
         return (
             records
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._max_records)
-            | "Decode" >> beam.Map(lambda chunk: batch_from_records(chunk, contract))
+            | "Decode" >> beam.Map(lambda chunk: batch_from_records(chunk, contract)).with_output_types(RecordBatch)
         )
 
 

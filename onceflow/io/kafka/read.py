@@ -26,6 +26,7 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+import onceflow.coders  # noqa: F401  (registers RecordBatchCoder for the batches this module outputs)
 from onceflow import metrics
 from onceflow.batches import KAFKA, RecordBatch, decode_values, high_waters, running_high_water
 from onceflow.events import EventContract
@@ -806,7 +807,7 @@ class ReadBatchesFromKafka(beam.PTransform):
                 _DiscoverLivePartitionsDoFn(self._config, self._readers))
             reader = _ReadLivePartitionsDoFn(self._config, self._contract, self._idle_timeout_s,
                                              self._finalize_every_bundle)
-        return reads | "ReadPartitions" >> beam.ParDo(reader)
+        return reads | "ReadPartitions" >> beam.ParDo(reader).with_output_types(RecordBatch)
 
 
 class ReadFromKafka(beam.PTransform):
