@@ -173,11 +173,13 @@ class AggregateOptions(PipelineOptions):
                  "last:F; column names are count and FUNCTION_F (e.g. sum_qty). "
                  "Default: count,sum:qty,min:price,max:price,mean:price,last:price.")
         group.add_argument(
-            "--shards", default="8",
+            "--shards", default=None,
             help="How many shards the key space is split into for the aggregation: each batch "
                  "of records is split by (shard, window) and each shard window keeps one state "
                  "value. More shards spread the aggregation over more workers; fewer make larger "
-                 "sub-batches. Default: 8.")
+                 "sub-batches. The rows are the same with any number. Default: 2 on Prism (one "
+                 "worker process, where fewer, larger elements catch up faster), 8 on other "
+                 "runners. Keep it unchanged when resuming a Flink job from a savepoint.")
 
 
 class OutputOptions(PipelineOptions):

@@ -132,6 +132,25 @@ def shorten_flink_bundles(options: PipelineOptions) -> None:
         flink.max_bundle_time_mills = LIVE_FLINK_BUNDLE_TIME_MS
 
 
+# Prism runs every Python step in one SDK worker process, and each element and state
+# key costs it round trips: the 1,000,000-order catch-up took 15.7 s with 2 shards,
+# 15.6 s with 1, about 21 s with 8 and 25.4 s with 16 (docs/benchmarks.md). Other
+# runners keep 8: they spread the shards over workers, and a Flink savepoint holds
+# state per shard.
+PRISM_SHARDS = 2
+
+
+def default_shards(options: PipelineOptions, live: bool) -> int:
+    """``--shards`` when not given: PRISM_SHARDS for a job that runs on Prism (named by
+    ``--runner``, or chosen for a live job without one), else the transforms' default."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from onceflow.transforms.batched import DEFAULT_SHARDS
+
+    on_prism = runs_on_prism(options) or (live and options.view_as(StandardOptions).runner is None)
+    return PRISM_SHARDS if on_prism else DEFAULT_SHARDS
+
+
 def _runs_direct_multi_processing(options: PipelineOptions) -> bool:
     from apache_beam.options.pipeline_options import DirectOptions
 

@@ -53,7 +53,7 @@ from onceflow.options import (
 from onceflow.pipelines import flink_savepoint
 from onceflow.pipelines.flink_savepoint import SavepointStop
 from onceflow.pipelines.summary import RunSummary, collect_summary
-from onceflow.runners import prepare_runner, runs_on_prism
+from onceflow.runners import default_shards, prepare_runner, runs_on_prism
 from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
 from onceflow.transforms.batched import DEFAULT_SHARDS
@@ -191,9 +191,14 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         dlq=dlq,
         early_firing_ms=early_ms,
         sink_batch_size=positive_int(output.sink_batch_size, "--sink_batch_size"),
-        shards=positive_int(options.view_as(AggregateOptions).shards, "--shards"),
+        shards=_shards(options, live=kafka is not None and not kafka.bounded),
         kafka_readers=positive_int(kafka_options.kafka_readers, "--kafka_readers"),
     )
+
+
+def _shards(options: PipelineOptions, live: bool) -> int:
+    text = options.view_as(AggregateOptions).shards
+    return default_shards(options, live) if text is None else positive_int(text, "--shards")
 
 
 def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions,

@@ -137,6 +137,22 @@ def test_a_live_job_keeps_its_runner_streams_open_past_beams_default_timeout():
     assert chosen.view_as(PortableOptions).job_server_timeout == 86400
 
 
+@pytest.mark.parametrize("flags, shards", [
+    (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g"), 2),  # live, no --runner: Prism
+    (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g", "--runner=PrismRunner"), 2),
+    (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g", "--runner=PortableRunner"), 8),
+    (("--input=kafka://127.0.0.1:9/orders", "--from=earliest", "--to=latest"), 8),  # a backfill: DirectRunner
+    (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g", "--shards=5"), 5),
+    (("--input=x.jsonl", "--runner=PortableRunner", "--shards=3"), 3),
+])
+def test_the_number_of_shards_defaults_by_runner(flags, shards, tmp_path):
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options
+
+    sink = f"--sink=sqlite:///{tmp_path}/out.db"
+    assert job_from_options(parse_pipeline_args([*flags, sink])).shards == shards
+
+
 def shuffled_half_hour(path, count=3_000, seed=7, shuffle=True):
     """A JSON-lines file of ``count`` orders spread over 30 minutes, in random
     time order (or in time order); returns the number of lines."""
