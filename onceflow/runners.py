@@ -128,6 +128,9 @@ def shorten_flink_bundles(options: PipelineOptions) -> None:
     from onceflow.options import FlinkOptions
 
     flink = options.view_as(FlinkOptions)
+    if flink.max_bundle_time_mills is not None and flink.max_bundle_time_mills < 1:
+        raise UsageError(f"--max_bundle_time_mills: {flink.max_bundle_time_mills} is not a positive number of "
+                         f"milliseconds; try {LIVE_FLINK_BUNDLE_TIME_MS}")
     if runs_on_flink(options) and flink.max_bundle_time_mills is None:
         flink.max_bundle_time_mills = LIVE_FLINK_BUNDLE_TIME_MS
 

@@ -120,3 +120,9 @@ def test_a_live_job_on_flink_gets_short_bundles_unless_told(flags, live, bundle_
     # what the portable runner sends the job server: every option, unknown ones too
     sent = options.get_all_options(retain_unknown_options=True)
     assert sent.get("max_bundle_time_mills") == bundle_ms
+
+
+def test_a_bundle_time_below_one_millisecond_is_refused_in_one_line():
+    with pytest.raises(UsageError, match="--max_bundle_time_mills: 0 is not a positive number of milliseconds"):
+        prepare_runner(parse_pipeline_args([*FLINK, "--max_bundle_time_mills=0"]), live=True, reads_kafka=True,
+                       kafka_readers=1)
