@@ -135,8 +135,14 @@ logger.state.level = warn
 
 
 def _cluster_id() -> str:
-    """A random KRaft cluster id (a UUID in Kafka's URL-safe base64 form)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+    """A random KRaft cluster id (a UUID in Kafka's URL-safe base64 form). Like Kafka's
+    own Uuid.randomUuid, never one that starts with "-": the format tool's argument
+    parser takes such an id for a flag ("--cluster-id: expected one argument"), which
+    failed one CI run in about 64."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        if not text.startswith("-"):
+            return text
 
 
 def cluster_id_on_disk() -> str | None:

@@ -89,3 +89,13 @@ def test_up_is_idempotent(kafka_bootstrap):
     pid = kafka.status()["pid"]
     assert kafka.up() is False
     assert kafka.status()["pid"] == pid
+
+
+def test_a_cluster_id_never_starts_with_a_dash(monkeypatch):
+    """The format tool reads an id that starts with "-" as a flag: Kafka's own ids
+    never do, and neither do the dev stack's."""
+    dashed = uuid.UUID(bytes=b"\xfb" + bytes(15))  # base64url "-wAA..."
+    plain = uuid.UUID(bytes=bytes(16))
+    draws = iter([dashed, dashed, plain])
+    monkeypatch.setattr(kafka.uuid, "uuid4", lambda: next(draws))
+    assert kafka._cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
