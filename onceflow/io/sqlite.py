@@ -18,6 +18,9 @@ from onceflow.rows import (
     DEFAULT_BATCH_ROWS, EVENT_COUNT, WINDOW_END, WRITTEN_AT, RowSchema, check_columns, check_identifier, row_values,
 )
 
+SINK_CACHE_KIB = 65536  # the sink connection's page cache
+SINK_CHECKPOINT_PAGES = 10_000  # WAL pages (4 KiB) between automatic checkpoints
+
 _SQL_TYPES = {"key": "TEXT NOT NULL", "timestamp": "TEXT NOT NULL", "integer": "INTEGER", "number": "NUMERIC"}
 
 
@@ -92,6 +95,12 @@ class _SqliteUpsertDoFn(UpsertRowsDoFn):
         # loss may lose the last commits, but only a suffix of the log: the
         # positions (same file, committed after their rows) never outlive the rows.
         self._connection.execute("PRAGMA synchronous=NORMAL")
+        # SQLite's defaults (a 2 MiB page cache, a checkpoint every 1,000 WAL pages)
+        # made a backfill's upserts re-read index pages and checkpoint (with a sync)
+        # every few batches: 166,597 rows took 1.1 s, with these 0.67 s. Both are
+        # bounds: the cache is at most 64 MiB, the log is checkpointed at about 40 MiB.
+        self._connection.execute(f"PRAGMA cache_size=-{SINK_CACHE_KIB}")
+        self._connection.execute(f"PRAGMA wal_autocheckpoint={SINK_CHECKPOINT_PAGES}")
         self._statement = upsert_sql(self._table, self._schema)
 
     def close(self) -> None:

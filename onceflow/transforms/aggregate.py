@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple
 
@@ -182,12 +183,17 @@ class KeyAndWindowToRowDoFn(beam.DoFn):
 
     def process(self, element: Tuple[Tuple[str, int, int], Dict[str, Any]]):
         (key_text, start_ms, end_ms), columns = element
-        row: Dict[str, Any] = dict(zip(self._key_fields, json.loads(key_text)))
+        row: Dict[str, Any] = dict(zip(self._key_fields, _key_values(key_text)))
         row[WINDOW_START] = start_ms
         row[WINDOW_END] = end_ms
         row.update(columns)
         self._rows.inc()
         yield row
+
+
+@functools.lru_cache(maxsize=100_000)  # a key's text repeats in every window of the key
+def _key_values(key_text: str) -> Tuple[Any, ...]:
+    return tuple(json.loads(key_text))
 
 
 def check_aggregate_arguments(transform: str, key_fields: Sequence[str], aggregates: Sequence[AggregateSpec],

@@ -8,7 +8,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from onceflow.aggregates import parse_aggregates
 from onceflow.io.sinks import parse_sink_url
-from onceflow.io.sqlite import WriteRowsToSqlite, create_table_sql, ensure_table
+from onceflow.io.sqlite import (
+    SINK_CACHE_KIB, SINK_CHECKPOINT_PAGES, WriteRowsToSqlite, _SqliteUpsertDoFn, create_table_sql, ensure_table,
+)
 from onceflow.rows import RowSchema
 
 SCHEMA = RowSchema(("store",), parse_aggregates("count,sum:qty"))
@@ -79,3 +81,17 @@ def test_sink_urls(url, location, table):
 def test_bad_sink_urls(url, fragment):
     with pytest.raises(ValueError, match=fragment):
         parse_sink_url(url)
+
+
+def test_the_sink_connection_has_a_bounded_cache_and_log(tmp_path):
+    """The settings that cut a backfill's write time by about 40 % (a 64 MiB page
+    cache, a checkpoint every 10,000 WAL pages) are on the sink's connection, in WAL
+    mode."""
+    sink = _SqliteUpsertDoFn(str(tmp_path / "out.db"), "agg", SCHEMA, batch_size=10)
+    sink.setup()
+    try:
+        settings = [sink._connection.execute(f"PRAGMA {name}").fetchone()[0]
+                    for name in ("journal_mode", "cache_size", "wal_autocheckpoint")]
+    finally:
+        sink.teardown()
+    assert settings == ["wal", -SINK_CACHE_KIB, SINK_CHECKPOINT_PAGES]
