@@ -33,7 +33,7 @@ import pathlib
 import re
 from typing import Any, NamedTuple
 
-from onceflow_dev.devstack import maven
+from onceflow_dev.devstack import flink_cluster, maven
 from onceflow_dev.devstack.beam_java import FLINK_VERSION, JAVA_OPENS, JOB_SERVER_BEAM_VERSION, job_server_jars
 from onceflow_dev.devstack.common import (
     HOST,
@@ -243,16 +243,17 @@ _FLINK_DONE = {"FINISHED", "CANCELED", "CANCELLING", "FAILED"}
 def flink_rest_endpoints() -> list[str]:
     """``host:port`` of the Flink REST APIs this job server's jobs run behind: the
     cluster's, or with ``[local]`` each embedded job's own (one Flink mini cluster
-    per job, its port in the job server's log)."""
+    per job, its port in the job server's log) and the ``flink-cluster`` service's,
+    where a job given ``--flink_master`` runs."""
     master = _master_file().read_text(encoding="utf-8").strip() if _master_file().exists() else flink_master()
     if master != "[local]":
         return [master]
     try:
         log = _service().log.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return []
+        log = ""
     ports = dict.fromkeys(re.findall(r"Rest endpoint listening at localhost:(\d+)", log))
-    return [f"{HOST}:{port}" for port in ports]
+    return [*(f"{HOST}:{port}" for port in ports), flink_cluster.master()]
 
 
 class FlinkJob(NamedTuple):

@@ -27,3 +27,16 @@ def test_cluster_has_a_taskmanager_with_slots(flink_cluster_master):
     assert managers[0]["path"].startswith("pekko.tcp://flink@127.0.0.1:")
     assert flink_cluster.status()["healthy"] is True
     assert flink_cluster.up() is False
+
+
+def test_an_embedded_job_servers_jobs_are_looked_for_on_the_cluster_too(tmp_path, monkeypatch):
+    """A job given ``--flink_master`` runs on the cluster although the job server's
+    own master is ``[local]``: cancelling by name must look there as well (a left
+    job kept restarting and holding a slot)."""
+    monkeypatch.setenv("ONCEFLOW_HOME", str(tmp_path))
+    monkeypatch.delenv("ONCEFLOW_FLINK_MASTER", raising=False)
+    folder = tmp_path / "flink"
+    folder.mkdir()
+    (folder / "jobserver.master").write_text("[local]\n", encoding="utf-8")
+    (folder / "jobserver.log").write_text("INFO ... Rest endpoint listening at localhost:40001\n", encoding="utf-8")
+    assert flink.flink_rest_endpoints() == ["127.0.0.1:40001", flink_cluster.master()]
