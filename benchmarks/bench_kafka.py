@@ -394,8 +394,11 @@ class Child:
         return self.returncode
 
     def stop(self) -> None:
-        """SIGINT to the whole process group (the job stops its pipeline), SIGKILL after 60 s."""
-        for sig, grace in ((signal.SIGINT, 60), (signal.SIGKILL, 30)):
+        """SIGTERM to the whole process group (the job stops its pipeline, as on
+        Ctrl-C), SIGKILL after 60 s. Not SIGINT: a shell without job control starts
+        a background command with SIGINT ignored, and its children inherit that (a
+        benchmark run with `&` waited 60 s for each live job)."""
+        for sig, grace in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
             if self.poll() is not None:
                 break
             try:

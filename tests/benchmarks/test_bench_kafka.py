@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import signal
 import sys
 
 _PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kafka.py"
@@ -51,3 +52,17 @@ def test_compare_counts_wrong_missing_and_extra_rows():
 def test_sink_window_start_is_read_as_epoch_ms():
     assert bench.utc_ms("2026-11-02T09:00:00.000Z") == 1_793_610_000_000
     assert bench.utc_ms("2026-11-02T10:00:00+01:00") == 1_793_610_000_000
+
+
+def test_a_child_that_ignores_sigint_is_stopped_by_sigterm(tmp_path):
+    """A background shell starts commands with SIGINT ignored and children inherit
+    that: the benchmark stops a job with SIGTERM (which the job treats as Ctrl-C),
+    not with the SIGKILL that follows a minute later."""
+    code = ("import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "open(__import__('sys').argv[1], 'w').close(); time.sleep(300)")
+    ready = tmp_path / "ready"
+    child = bench.Child([sys.executable, "-c", code, str(ready)], str(tmp_path / "child.log"))
+    while not ready.exists() and child.poll() is None:
+        child.wait(0.05)
+    child.stop()
+    assert child.returncode == -signal.SIGTERM
