@@ -17,8 +17,12 @@ from onceflow.options import SAMPLE_INPUT
 
 
 def new_topic(bootstrap, partitions=3):
+    """A fresh topic that keeps its records whatever their Kafka timestamps: the
+    tests produce fixed timestamps of early November 2026, and with the broker's
+    default retention (7 days, checked every 5 minutes) a check between producing
+    and reading deleted them (a backfill then refused a "retention gap")."""
     name = f"t-{uuid.uuid4().hex[:10]}"
-    devstack.create_topic(name, partitions=partitions)
+    devstack.create_topic(name, partitions=partitions, config={"retention.ms": "-1"})
     return KafkaTopic(bootstrap, name)
 
 
