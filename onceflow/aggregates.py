@@ -220,27 +220,33 @@ class Aggregation:
         """:meth:`add` for each event of a column batch, in order, with the same
         result, a column at a time: ``columns`` holds one sequence per name in
         :attr:`fields`, in that order."""
-        if not event_ids:
+        return self.add_rows(acc, range(len(event_ids)), event_ids, event_times, columns)
+
+    def add_rows(self, acc: Accumulator, rows: Sequence[int], event_ids: Sequence[str], event_times: Sequence[int],
+                 columns: Sequence[Sequence[Any]]) -> Accumulator:
+        """:meth:`add_columns` for the events at indices ``rows`` (in that order)
+        of the columns only: no column is copied that no aggregate reads."""
+        if not rows:
             return acc
-        acc.count += len(event_ids)
+        acc.count += len(rows)
         by_name = dict(zip(self.fields, columns))
         for name in self._sum_fields:
             total = acc.sums.get(name)
             if total is None:
                 total = acc.sums[name] = ExactSum()
-            total.add_many(by_name[name])
+            total.add_many(list(map(by_name[name].__getitem__, rows)))
         for name in self._min_fields:
-            value = min(by_name[name])  # the first of equal minima
+            value = min(map(by_name[name].__getitem__, rows))  # the first of equal minima
             if name not in acc.mins or value < acc.mins[name]:
                 acc.mins[name] = value
         for name in self._max_fields:
-            value = max(by_name[name])  # the first of equal maxima
+            value = max(map(by_name[name].__getitem__, rows))  # the first of equal maxima
             if name not in acc.maxs or value > acc.maxs[name]:
                 acc.maxs[name] = value
         if self._first_fields or self._last_fields:
-            stamps = list(zip(event_times, event_ids))
-            earliest = min(range(len(stamps)), key=stamps.__getitem__)
-            latest = max(range(len(stamps)), key=stamps.__getitem__)
+            stamps = {row: (event_times[row], event_ids[row]) for row in rows}
+            earliest = min(rows, key=stamps.__getitem__)
+            latest = max(rows, key=stamps.__getitem__)
             for name in self._first_fields:
                 held = acc.firsts.get(name)
                 if held is None or stamps[earliest] < held[0]:

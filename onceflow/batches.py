@@ -32,7 +32,8 @@ import base64
 import gc
 from bisect import bisect_right
 from itertools import accumulate
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from operator import itemgetter
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from onceflow.events import (
     MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS, EventContract, RecordError,
@@ -228,8 +229,21 @@ def decode_values(contract: EventContract, values: Sequence[bytes]) -> Verdicts:
 
 
 def take(column: Sequence[Any], indices: Sequence[int]) -> List[Any]:
-    """The items of ``column`` at ``indices``, in their order (a loop in C)."""
-    return list(map(column.__getitem__, indices))
+    """The items of ``column`` at ``indices``, in their order."""
+    return taker(indices)(column)
+
+
+def taker(indices: Sequence[int]) -> Callable[[Sequence[Any]], List[Any]]:
+    """A function that takes the items at ``indices`` from a column, in their
+    order: :func:`take` for several columns at the same indices. A loop in C
+    (``itemgetter``), about twice as fast as a map of ``__getitem__``."""
+    if len(indices) > 1:
+        getter = itemgetter(*indices)
+        return lambda column: list(getter(column))
+    if indices:
+        index = indices[0]
+        return lambda column: [column[index]]
+    return lambda column: []
 
 
 _GC_FIRST_GENERATION = 100_000

@@ -1,6 +1,7 @@
 """Aggregates: exact, order-independent, with a deterministic first/last."""
 
 import math
+import pickle
 import random
 
 import pytest
@@ -113,5 +114,27 @@ def test_add_many_equals_adding_one_at_a_time():
                 fresh.append((event_id, moment, {"v": value}))
             aggregation.add_many(at_once, fresh)
         assert pickle.dumps(aggregation.extract(one_by_one)) == pickle.dumps(aggregation.extract(at_once))
+
+    check()
+
+
+def test_add_rows_is_add_columns_of_the_rows_taken():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    aggregation = Aggregation(parse_aggregates("count,sum:v,mean:v,min:v,max:v,first:v,last:v"))
+    numbers = st.one_of(st.integers(-10, 10), st.floats(-1e6, 1e6), st.sampled_from([1, 1.0, -0.0, 0, 2**53 + 1]))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 5), numbers), min_size=1, max_size=12), st.data())
+    def check(events, data):
+        event_ids = [f"e{index}" for index in range(len(events))]
+        times, values = [moment for moment, _ in events], [value for _, value in events]
+        rows = data.draw(st.lists(st.sampled_from(range(len(events))), unique=True))
+        by_rows, by_columns = aggregation.create(), aggregation.create()
+        aggregation.add_rows(by_rows, rows, event_ids, times, [values])
+        aggregation.add_columns(by_columns, [event_ids[r] for r in rows], [times[r] for r in rows],
+                                [[values[r] for r in rows]])
+        assert pickle.dumps(aggregation.extract(by_rows)) == pickle.dumps(aggregation.extract(by_columns))
 
     check()

@@ -3,10 +3,12 @@
 import json
 import pickle
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onceflow.batches import Decoded, Refusal, decode_values, high_waters, reference_verdict
+from onceflow.batches import Decoded, Refusal, decode_values, high_waters, reference_verdict, take, taker
 from onceflow.events import REASONS, EventContract
 
 CONTRACT = EventContract(time_field="t", key_fields=("k", "s"), value_fields=("v", "w"), id_field="id")
@@ -124,3 +126,12 @@ def test_one_odd_field_in_a_clean_batch_gets_the_reference_verdict():
             for contract in (CONTRACT, DERIVED):
                 assert list(decode_values(contract, raws)) == [reference_verdict(contract, raw) for raw in raws], \
                     (field, odd)
+
+
+@pytest.mark.parametrize("indices", [[], [2], [0, 3, 1], [4, 4], range(1, 4)])
+def test_take_and_taker_give_a_list_of_the_items_at_the_indices_in_order(indices):
+    column = ["a", "b", "c", "d", "e"]
+    want = [column[index] for index in indices]
+    assert take(column, indices) == want
+    assert taker(indices)(column) == want and type(taker(indices)(column)) is list
+    assert take(range(10, 15), indices) == [10 + index for index in indices]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from itertools import chain
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -21,7 +22,7 @@ from apache_beam.utils.timestamp import Timestamp
 import onceflow.coders  # noqa: F401  (registers RecordBatchCoder for the batches this module outputs)
 from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation, value_fields
-from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc, take
+from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc, take, taker
 from onceflow.deadletter import DeadLetter
 from onceflow.events import EventContract
 from onceflow.transforms.aggregate import (
@@ -112,9 +113,9 @@ class _ScreenAndSplitDoFn(beam.DoFn):
         key_texts, shards = self._texts_and_shards(keys)
         groups: Dict[ShardWindow, SubBatch] = {}
         for (shard, start), members in _members(shards, first_starts, size, step, event_times).items():
+            pick = taker(members)
             groups[(shard, start, start + size)] = (
-                take(key_texts, members), take(event_ids, members), take(event_times, members),
-                tuple(take(column, members) for column in value_columns))
+                pick(key_texts), pick(event_ids), pick(event_times), tuple(map(pick, value_columns)))
         letters.sort(key=_first)
         return groups, [letter for _, letter in letters], parsed, timely
 
@@ -179,26 +180,33 @@ def absorb(aggregation: Aggregation, by_key: Dict[str, list], sub_batch: SubBatc
         else:
             members.append(index)
     for key_text, members in fresh.items():
-        aggregation.add_columns(by_key[key_text][0], take(event_ids, members), take(event_times, members),
-                                [take(column, members) for column in value_columns])
+        aggregation.add_rows(by_key[key_text][0], members, event_ids, event_times, value_columns)
     return set(fresh), duplicates
+
+
+def concatenate(sub_batches: Iterable[SubBatch]) -> Optional[SubBatch]:
+    """The sub-batches as one, their events in order (None for none)."""
+    parts = list(sub_batches)
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    return (list(chain.from_iterable(part[0] for part in parts)), list(chain.from_iterable(part[1] for part in parts)),
+            list(chain.from_iterable(part[2] for part in parts)),
+            tuple(list(chain.from_iterable(part[3][field] for part in parts)) for field in range(len(parts[0][3]))))
 
 
 def absorb_sub_batches(aggregation: Aggregation, by_key: Dict[str, list], sub_batches: Iterable[SubBatch],
                        duplicates_counter, unique_counter) -> set:
-    """:func:`absorb` for each sub-batch, counting duplicates dropped and events
+    """:func:`absorb` for the sub-batches as one (a key's accumulator takes its
+    events of all of them in one step), counting duplicates dropped and events
     kept; the keys changed."""
-    changed: set = set()
-    rows = duplicates = 0
-    for sub_batch in sub_batches:
-        more, dropped = absorb(aggregation, by_key, sub_batch)
-        changed |= more
-        rows += len(sub_batch[1])
-        duplicates += dropped
+    sub_batch = concatenate(sub_batches)
+    if sub_batch is None:
+        return set()
+    changed, duplicates = absorb(aggregation, by_key, sub_batch)
     if duplicates:
         duplicates_counter.inc(duplicates)
-    if rows:
-        unique_counter.inc(rows - duplicates)
+    if len(sub_batch[1]) > duplicates:
+        unique_counter.inc(len(sub_batch[1]) - duplicates)
     return changed
 
 
