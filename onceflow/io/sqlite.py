@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sqlite3
@@ -54,9 +55,17 @@ def ensure_table(path: str, table: str, schema: RowSchema) -> None:
     other columns (a table from another aggregate spec)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with sqlite3.connect(path, timeout=60) as connection:
-        connection.execute(create_table_sql(table, schema))
-        found = [row[1] for row in connection.execute(f"PRAGMA table_info({_quote(table)})")]
+
+    def create() -> List[str]:
+        with contextlib.closing(sqlite3.connect(path, timeout=60, isolation_level=None)) as connection:
+            # WAL is a property of the file: set here, before any writer starts, the
+            # writers' own switch is a no-op (two writers switching at once can
+            # deadlock, and SQLite then fails one at once instead of waiting).
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(create_table_sql(table, schema))
+            return [row[1] for row in connection.execute(f"PRAGMA table_info({_quote(table)})")]
+
+    found = call_with_retries(create, _is_transient, what=f"create table {table} in {path}")
     check_columns(found, [*schema.columns, WRITTEN_AT], table, path,
                   hint="use another table (?table=NAME) or another file")
 
@@ -85,6 +94,13 @@ class _SqliteUpsertDoFn(UpsertRowsDoFn):
         self._schema = schema
 
     def open(self) -> None:
+        # Several instances may open at once (one per bundle a worker runs in
+        # parallel), and a concurrent switch to WAL can fail at once as "locked":
+        # retried like a locked write.
+        call_with_retries(self._open, _is_transient, what=f"open the SQLite sink {self._path}",
+                          on_retry=lambda _: self.close())
+
+    def _open(self) -> None:
         ensure_table(self._path, self._table, self._schema)
         # Beam may call setup, process and teardown on different threads of one worker;
         # this DoFn instance never uses the connection from two threads at once.
@@ -104,7 +120,7 @@ class _SqliteUpsertDoFn(UpsertRowsDoFn):
         self._statement = upsert_sql(self._table, self._schema)
 
     def close(self) -> None:
-        connection = getattr(self, "_connection", None)
+        connection, self._connection = getattr(self, "_connection", None), None
         if connection is not None:
             connection.close()
 

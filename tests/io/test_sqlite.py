@@ -95,3 +95,37 @@ def test_the_sink_connection_has_a_bounded_cache_and_log(tmp_path):
     finally:
         sink.teardown()
     assert settings == ["wal", -SINK_CACHE_KIB, SINK_CHECKPOINT_PAGES]
+
+
+def test_the_table_is_created_in_wal_mode(tmp_path):
+    """WAL is set once, where the table is created (the launcher, before any
+    writer): two writers switching a fresh file to WAL at once can deadlock, and
+    SQLite then fails one of them at once instead of waiting."""
+    path = str(tmp_path / "out.db")
+    ensure_table(path, "agg", SCHEMA)
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_sink_that_finds_the_file_locked_while_opening_retries(tmp_path, monkeypatch):
+    """Found in a Flink run: the sink's setup failed at once with "database is
+    locked" (two instances switching the file to WAL together) and the job failed."""
+    import onceflow.io.sqlite as sqlite_sink
+
+    calls = []
+    real = sqlite_sink.ensure_table
+
+    def locked_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return real(*args)
+
+    monkeypatch.setattr(sqlite_sink, "ensure_table", locked_once)
+    sink = _SqliteUpsertDoFn(str(tmp_path / "out.db"), "agg", SCHEMA, batch_size=10)
+    sink.setup()
+    try:
+        assert len(calls) == 2
+        assert sink._connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        sink.teardown()
