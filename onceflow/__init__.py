@@ -8,6 +8,7 @@ runnable pipelines in :mod:`onceflow.pipelines`.
 
 import logging
 
+from onceflow.runners import exit_with_job_process
 from onceflow.versions import ONCEFLOW_VERSION as __version__
 
 
@@ -20,5 +21,10 @@ class _QuietOptionalGcp(logging.Filter):
 
 
 logging.getLogger().addFilter(_QuietOptionalGcp())
+
+# A LOOPBACK worker process of --loopback_worker_processes imports onceflow to run the
+# job's steps: it ends with the job's process (see onceflow.runners); anywhere else
+# this does nothing.
+exit_with_job_process()
 
 __all__ = ["__version__"]

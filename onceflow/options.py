@@ -314,6 +314,14 @@ class FlinkOptions(PipelineOptions):
                  "bundles, so a live job catches up faster with short ones. Default for a live job on "
                  "a portable runner or FlinkRunner: 100.")
         group.add_argument(
+            "--loopback_worker_processes", type=int, default=None, metavar="N",
+            help="With --environment_type=LOOPBACK: run the job's SDK workers as N processes "
+                 "instead of threads of the job's own process, so its Python work can use N cores "
+                 "(Beam's use_loopback_process_worker experiment and --sdk_worker_parallelism=N). "
+                 "Each worker process exits when the job's process ends. Pair it with "
+                 "--parallelism and --kafka_readers to spread each step over the workers. "
+                 "Default: threads (1).")
+        group.add_argument(
             "--flink_savepoint_dir", default=None, metavar="DIR",
             help="Live jobs on Flink: on Ctrl-C or SIGTERM, stop the job with a savepoint in DIR (an "
                  "absolute path or a URI the JobManager can write, e.g. file:///..., s3://...) instead "

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
+import threading
+import time
 from typing import TYPE_CHECKING, Optional
 
 from onceflow.errors import UsageError
@@ -135,6 +138,74 @@ def shorten_flink_bundles(options: PipelineOptions) -> None:
         flink.max_bundle_time_mills = LIVE_FLINK_BUNDLE_TIME_MS
 
 
+# Beam's LOOPBACK environment runs a job's SDK workers as threads of the job's own
+# process: all of its Python work shares one interpreter lock, so a live job on Flink
+# used one core (the catch-up of the benchmark's 1,000,000 orders: the job process at
+# 100 % of a core, Flink at 20 %). With Beam's use_loopback_process_worker experiment
+# the workers are processes, --sdk_worker_parallelism of them, started as
+# `python -c ...` (the name `python` looked up on PATH); Flink hands each step's
+# instances to them in turn. Measured: 36 s -> 28 s with two processes, --parallelism=2
+# and --kafka_readers=2 (docs/benchmarks.md). A worker process outlives a killed job
+# process and would go on running the job's steps: onceflow's workers exit when the
+# job's process ends (:func:`exit_with_job_process`).
+USE_LOOPBACK_PROCESS_WORKER = "use_loopback_process_worker"
+JOB_PROCESS_ENV = "ONCEFLOW_JOB_PROCESS"  # the pid of the job process whose workers these are
+
+
+def run_loopback_workers_in_processes(options: PipelineOptions) -> None:
+    """Applies ``--loopback_worker_processes`` (see above), or refuses it in one line
+    where it cannot work."""
+    from apache_beam.options.pipeline_options import DebugOptions, PortableOptions
+
+    from onceflow.options import FlinkOptions
+
+    processes = options.view_as(FlinkOptions).loopback_worker_processes
+    if processes is None:
+        return
+    if processes < 1:
+        raise UsageError(f"--loopback_worker_processes: {processes} is not a positive number of processes; try 2")
+    portable = options.view_as(PortableOptions)
+    if not runs_on_flink(options) or (portable.environment_type or "").upper() != "LOOPBACK":
+        raise UsageError("--loopback_worker_processes needs a job on Flink with --environment_type=LOOPBACK "
+                         "(workers elsewhere are started by the runner)")
+    if processes == 1:
+        return
+    here = os.path.dirname(sys.executable)
+    beside = os.path.join(here, "python")
+    if not (os.access(beside, os.X_OK) and os.path.samefile(beside, sys.executable)):
+        raise UsageError(f"--loopback_worker_processes: Beam starts worker processes as `python`, and there is "
+                         f"none beside this interpreter ({sys.executable}); run the job from a virtualenv, or "
+                         "leave the flag out")
+    os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+    os.environ[JOB_PROCESS_ENV] = str(os.getpid())
+    debug = options.view_as(DebugOptions)
+    if not debug.lookup_experiment(USE_LOOPBACK_PROCESS_WORKER):
+        debug.add_experiment(USE_LOOPBACK_PROCESS_WORKER)
+    portable.sdk_worker_parallelism = processes
+
+
+def exit_with_job_process() -> None:
+    """In a LOOPBACK worker process started for ``--loopback_worker_processes``: a
+    daemon thread that ends this process once the job's process has ended (this
+    process is then re-parented). Elsewhere, and when called again, nothing."""
+    job_process = os.environ.get(JOB_PROCESS_ENV, "")
+    if not job_process.isdigit() or int(job_process) == os.getpid() or _WATCHING:
+        return
+    if os.getppid() != int(job_process):
+        return  # not a worker the job process started (a grandchild, or already orphaned)
+    _WATCHING.append(True)
+
+    def watch() -> None:
+        while os.getppid() == int(job_process):
+            time.sleep(1.0)
+        os._exit(3)  # the job process is gone: stop running its steps
+
+    threading.Thread(target=watch, name="onceflow-exit-with-job", daemon=True).start()
+
+
+_WATCHING: list = []
+
+
 # Prism runs every Python step in one SDK worker process, and each element and state
 # key costs it round trips: the 1,000,000-order catch-up took 15.7 s with 2 shards,
 # 15.6 s with 1, about 21 s with 8 and 25.4 s with 16 (docs/benchmarks.md). Other
@@ -177,6 +248,7 @@ def prepare_runner(options: PipelineOptions, live: bool, reads_kafka: bool, kafk
         keep_live_job_streams_open(options)
         shorten_flink_bundles(options)
     keep_prism_from_splitting(options)
+    run_loopback_workers_in_processes(options)
     if reads_kafka and _runs_direct_multi_processing(options):
         raise UsageError("--direct_running_mode=multi_processing: the DirectRunner's worker processes lost "
                          "Kafka records in a backfill here (the same run in one process is exact); run a "

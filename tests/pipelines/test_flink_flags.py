@@ -1,15 +1,20 @@
 """The Flink flags: the savepoint flags checked into one-line errors before anything
 runs, and a live job's bundle time."""
 
+import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
 from onceflow.errors import UsageError
 from onceflow.options import parse_pipeline_args
 from onceflow.pipelines.flink_savepoint import SavepointStop, savepoint_stop_from_options
-from onceflow.runners import LIVE_FLINK_BUNDLE_TIME_MS, prepare_runner, runs_on_flink
+from onceflow.runners import (
+    JOB_PROCESS_ENV, LIVE_FLINK_BUNDLE_TIME_MS, USE_LOOPBACK_PROCESS_WORKER, prepare_runner, runs_on_flink,
+)
 
 FLINK = ("--runner=PortableRunner", "--job_endpoint=127.0.0.1:18099")
 LIVE = ("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g")
@@ -126,3 +131,78 @@ def test_a_bundle_time_below_one_millisecond_is_refused_in_one_line():
     with pytest.raises(UsageError, match="--max_bundle_time_mills: 0 is not a positive number of milliseconds"):
         prepare_runner(parse_pipeline_args([*FLINK, "--max_bundle_time_mills=0"]), live=True, reads_kafka=True,
                        kafka_readers=1)
+
+
+LOOPBACK = (*FLINK, "--environment_type=LOOPBACK")
+
+
+def test_loopback_worker_processes_run_the_workers_as_processes_of_this_interpreter(monkeypatch):
+    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))
+    monkeypatch.delenv(JOB_PROCESS_ENV, raising=False)
+    options = parse_pipeline_args([*LOOPBACK, "--loopback_worker_processes=2", "--parallelism=2"])
+    prepare_runner(options, live=True, reads_kafka=True, kafka_readers=2)
+    sent = options.get_all_options(retain_unknown_options=True)
+    assert sent["sdk_worker_parallelism"] == 2
+    assert USE_LOOPBACK_PROCESS_WORKER in sent["experiments"]
+    # Beam starts each worker as `python -c ...`: the name must find this interpreter
+    assert os.path.samefile(shutil.which("python"), sys.executable)
+    assert os.environ[JOB_PROCESS_ENV] == str(os.getpid())
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    ((*LOOPBACK, "--loopback_worker_processes=0"), "0 is not a positive number of processes"),
+    ((*FLINK, "--environment_type=DOCKER", "--loopback_worker_processes=2"), "needs a job on Flink with"),
+    (("--runner=PrismRunner", "--prism_location=/bin/true", "--environment_type=LOOPBACK",
+      "--loopback_worker_processes=2"), "needs a job on Flink with"),
+])
+def test_loopback_worker_processes_where_they_cannot_work_are_refused_in_one_line(flags, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        prepare_runner(parse_pipeline_args(list(flags)), live=True, reads_kafka=True, kafka_readers=1)
+
+
+def test_without_the_flag_the_workers_stay_threads():
+    options = parse_pipeline_args(list(LOOPBACK))
+    prepare_runner(options, live=True, reads_kafka=True, kafka_readers=1)
+    sent = options.get_all_options(retain_unknown_options=True)
+    assert sent.get("sdk_worker_parallelism") == 1
+    assert USE_LOOPBACK_PROCESS_WORKER not in (sent.get("experiments") or [])
+
+
+def _exited(pid):
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as status:
+            return any(line.startswith("State:") and "Z" in line for line in status)
+    except FileNotFoundError:
+        return True
+
+
+def test_a_worker_process_ends_when_the_job_process_is_killed(tmp_path):
+    """A LOOPBACK worker process outlives a killed job process (it is re-parented)
+    and would go on running the job's steps: importing onceflow there starts a
+    watch that ends it."""
+    parent = (
+        "import os, subprocess, sys, time\n"
+        f"os.environ[{JOB_PROCESS_ENV!r}] = str(os.getpid())\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import onceflow, time; time.sleep(60)'],\n"
+        "                         stdout=subprocess.DEVNULL)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(3)\n"  # the child has imported onceflow
+        "os.kill(os.getpid(), 9)\n"
+    )
+    started = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    child = int(started.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while not _exited(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    exited = _exited(child)
+    if not exited:
+        os.kill(child, 9)
+    assert exited, "the worker process outlived the job process"
+
+
+def test_a_process_the_job_process_did_not_start_is_not_watched():
+    code = (f"import os; os.environ[{JOB_PROCESS_ENV!r}] = '1'; "
+            "import threading, onceflow; "
+            "print([t.name for t in threading.enumerate()])")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "onceflow-exit-with-job" not in found.stdout and found.returncode == 0
