@@ -80,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="how long each stall holds the lock (default 20)")
     parser.add_argument("--runner", choices=("prism", "flink"), default="prism",
                         help="prism (Beam's local streaming runner, default) or flink (the dev stack's job server)")
+    parser.add_argument("--job-flag", action="append", default=[], metavar="FLAG", dest="job_flags",
+                        help="a flag passed to the live job as is (repeatable), e.g. "
+                             "--job-flag=--shards=4 or, on flink, --job-flag=--loopback_worker_processes=2")
     parser.add_argument("--seed", type=int, default=1, help="seed of the stream and the fault schedule (default 1)")
     parser.add_argument("--partitions", type=_positive_int, default=3, metavar="N",
                         help="partitions of the new topic (default 3)")
@@ -143,6 +146,9 @@ def _setup(args: argparse.Namespace) -> _Setup:
     elif args.connection_kills and args.sink != "postgres":
         raise UsageError(f"--connection-kills: a {args.sink} sink has no database sessions to kill; "
                          "pass 0 or use --sink postgres")
+    for flag in args.job_flags:
+        if not flag.startswith("--"):
+            raise UsageError(f"--job-flag: {flag!r} is not a flag; write it as --job-flag=--name=value")
     if args.kill_early and not args.kills:
         raise UsageError("--kill-early: it moves the first of --kills; pass --kills 1 or more")
     dev_bootstrap = devstack.kafka_bootstrap_servers()
@@ -206,7 +212,7 @@ class TortureRun:
         self.job = LiveJob([f"--input={self.input_url}", f"--kafka_group={setup.group}",
                             f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", *early,
                             *self.contract_flags, *self.output_flags,
-                            *setup.runner_flags],
+                            *setup.runner_flags, *args.job_flags],
                            setup.out / "job.log", setup.job_endpoint, job_name=f"onceflow-torture-{setup.run_id}")
 
     def now_s(self) -> float:
@@ -586,6 +592,7 @@ class TortureRun:
         report = {
             "runner": args.runner, "seed": args.seed, "topic": setup.topic, "sink": args.sink,
             "sink_url": self.sink.sink_url(), "early_firing": args.early_firing, "kill_early": args.kill_early,
+            "job_flags": args.job_flags,
             "records_produced": len(self.ledger), "records_in_topic": len(self.in_topic),
             "missing_from_topic": self.missing_from_topic, "good_events": kinds.get(GOOD, 0),
             "duplicates": kinds.get(DUPLICATE, 0), "malformed": kinds.get(BAD, 0),
@@ -613,7 +620,8 @@ class TortureRun:
         lines = [
             "",
             f"onceflow torture: {'PASS' if not failures else 'FAIL'} on {args.runner}, {args.sink} sink"
-            f"{f', early firing {args.early_firing}' if args.early_firing else ''} (seed {args.seed})",
+            f"{f', early firing {args.early_firing}' if args.early_firing else ''}"
+            f"{''.join(f', {flag}' for flag in args.job_flags)} (seed {args.seed})",
             f"  records produced   {len(self.ledger)}: {kinds.get(GOOD, 0)} good events ({late} late within the "
             f"lateness), {kinds.get(DUPLICATE, 0)} duplicates, {kinds.get(BAD, 0)} malformed or schema-violating, "
             f"{kinds.get(TOO_LATE, 0)} too late",

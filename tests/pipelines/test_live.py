@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import os
 import random
 import signal
 import time
@@ -68,9 +69,15 @@ def _runner_flags(runner, request):
     return streaming_job_flags(endpoint)
 
 
-@pytest.mark.parametrize("runner", [pytest.param("prism", marks=pytest.mark.prism),
-                                    pytest.param("flink", marks=pytest.mark.flink)])
-def test_live_run_equals_a_backfill_and_a_backfill_changes_nothing(kafka_bootstrap, tmp_path, runner, request):
+WORKER_PROCESSES = ("--loopback_worker_processes=2", "--parallelism=2", "--kafka_readers=2")
+
+
+@pytest.mark.parametrize("runner, extra", [
+    pytest.param("prism", (), marks=pytest.mark.prism),
+    pytest.param("flink", (), marks=pytest.mark.flink),
+    pytest.param("flink", WORKER_PROCESSES, marks=pytest.mark.flink, id="flink-worker-processes"),
+])
+def test_live_run_equals_a_backfill_and_a_backfill_changes_nothing(kafka_bootstrap, tmp_path, runner, extra, request):
     """The sample (duplicates, late, malformed records) produced to 3 partitions:
     live until caught up into one table, a backfill over the same period into a
     second: identical (written_at aside); the backfill into the live table changes
@@ -84,7 +91,7 @@ def test_live_run_equals_a_backfill_and_a_backfill_changes_nothing(kafka_bootstr
     expected_events = counted_events(backfill_db)
     group = f"g-{topic.topic}"
     job = start_live_job(topic, group, f"sqlite:///{live_db}", tmp_path / "live-dlq.jsonl",
-                         "--kafka_idle_timeout=3s", *_runner_flags(runner, request))
+                         "--kafka_idle_timeout=3s", *_runner_flags(runner, request), *extra)
     try:
         wait_for(lambda: counted_events(live_db) == expected_events, "the live table to catch up", 300, job)
         wait_for(lambda: sum(committed(topic, group)) == len(lines), "offsets committed", 120, job)
@@ -119,6 +126,53 @@ def test_a_killed_clients_job_does_not_keep_running_on_flink(kafka_bootstrap, fl
         stop(job, signal.SIGKILL)
     cancel_running_jobs(flink_job_endpoint, name_prefix=name)
     wait_for(lambda: all(j.finished for j in flink_jobs(name)), "the Flink job to end", 60)
+
+
+def _children(pid):
+    """The pids of the live processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.flink
+def test_worker_processes_end_with_a_killed_job_process(kafka_bootstrap, flink_job_endpoint, tmp_path):
+    """With --loopback_worker_processes the SDK workers are processes of their own:
+    when the job's process alone is killed (not its process group: an OOM kill),
+    they end too instead of going on running the job's steps."""
+    topic = new_topic(kafka_bootstrap)
+    produce(topic, [(n % 3, line, None) for n, line in enumerate(sample_lines())])
+    db = tmp_path / "live.db"
+    name = f"onceflow-test-{topic.topic}"
+    cancel_running_jobs(flink_job_endpoint)
+    job = start_live_job(topic, f"g-{topic.topic}", f"sqlite:///{db}", tmp_path / "dlq.jsonl",
+                         "--kafka_idle_timeout=3s", f"--job_name={name}", *streaming_job_flags(flink_job_endpoint),
+                         *WORKER_PROCESSES)
+    try:
+        wait_for(lambda: counted_events(db) > 0, "the job to write rows", 300, job)
+        workers = _children(job.pid)
+        assert len(workers) == 2, job_output(job)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(30)
+        wait_for(lambda: not any(map(_alive, workers)), "the worker processes to end", 30)
+    finally:
+        stop(job, signal.SIGKILL)
+        cancel_running_jobs(flink_job_endpoint, name_prefix=name)
 
 
 

@@ -69,6 +69,7 @@ def test_a_kill_before_the_first_row_loses_nothing_with_a_parquet_sink(kafka_boo
     (["--events", "0"], "is not a whole number above 0"),
     (["--kills", "-1"], "is not a whole number (0 or more)"),
     (["--runner", "spark"], "invalid choice: 'spark'"),
+    (["--job-flag", "shards=4"], "--job-flag: 'shards=4' is not a flag"),
     (["--bootstrap-server", "10.0.0.1:9092"], "--broker-restarts stops and starts the dev stack's broker only"),
 ])
 def test_wrong_flags_get_one_line_and_status_2(flags, message):
