@@ -144,10 +144,12 @@ def shorten_flink_bundles(options: PipelineOptions) -> None:
 # 100 % of a core, Flink at 20 %). With Beam's use_loopback_process_worker experiment
 # the workers are processes, --sdk_worker_parallelism of them, started as
 # `python -c ...` (the name `python` looked up on PATH); Flink hands each step's
-# instances to them in turn. Measured: 36 s -> 28 s with two processes, --parallelism=2
-# and --kafka_readers=2 (docs/benchmarks.md). A worker process outlives a killed job
-# process and would go on running the job's steps: onceflow's workers exit when the
-# job's process ends (:func:`exit_with_job_process`).
+# instances to them in turn. Measured on 2 cores with two processes, --parallelism=2
+# and --kafka_readers=2: from no gain to 17 % less catch-up time, with the machine's
+# load (Flink's JVM needs the second core too; docs/benchmarks.md), so it is opt-in.
+# A worker process outlives a job process killed alone and would go on running the
+# job's steps: onceflow's workers exit when the job's process ends
+# (:func:`exit_with_job_process`).
 USE_LOOPBACK_PROCESS_WORKER = "use_loopback_process_worker"
 JOB_PROCESS_ENV = "ONCEFLOW_JOB_PROCESS"  # the pid of the job process whose workers these are
 
