@@ -138,7 +138,7 @@ LOOPBACK = (*FLINK, "--environment_type=LOOPBACK")
 
 def test_loopback_worker_processes_run_the_workers_as_processes_of_this_interpreter(monkeypatch):
     monkeypatch.setenv("PATH", os.environ.get("PATH", ""))
-    monkeypatch.delenv(JOB_PROCESS_ENV, raising=False)
+    monkeypatch.setenv(JOB_PROCESS_ENV, "")  # restored (removed) after the test
     options = parse_pipeline_args([*LOOPBACK, "--loopback_worker_processes=2", "--parallelism=2"])
     prepare_runner(options, live=True, reads_kafka=True, kafka_readers=2)
     sent = options.get_all_options(retain_unknown_options=True)
