@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import sys
 import tempfile
 import time
@@ -99,7 +98,7 @@ def stages(path: str, shards: int, db: str) -> List[Tuple[str, float, int]]:
             for row in rows:
                 sink.process(row)
             sink.finish_bundle()
-            return sqlite3.connect(db).execute("SELECT COUNT(*) FROM aggregates").fetchone()[0]
+            return sink._connection.execute("SELECT COUNT(*) FROM aggregates").fetchone()[0]
         timed("upsert into SQLite", write, int)
     finally:
         sink.teardown()

@@ -190,12 +190,13 @@ def exit_with_job_process() -> None:
     """In a LOOPBACK worker process started for ``--loopback_worker_processes``: a
     daemon thread that ends this process once the job's process has ended (this
     process is then re-parented). Elsewhere, and when called again, nothing."""
+    global _watching
     job_process = os.environ.get(JOB_PROCESS_ENV, "")
-    if not job_process.isdigit() or int(job_process) == os.getpid() or _WATCHING:
+    if not job_process.isdigit() or int(job_process) == os.getpid() or _watching:
         return
     if os.getppid() != int(job_process):
         return  # not a worker the job process started (a grandchild, or already orphaned)
-    _WATCHING.append(True)
+    _watching = True
 
     def watch() -> None:
         while os.getppid() == int(job_process):
@@ -205,7 +206,7 @@ def exit_with_job_process() -> None:
     threading.Thread(target=watch, name="onceflow-exit-with-job", daemon=True).start()
 
 
-_WATCHING: list = []
+_watching = False  # whether this process watches its job process already
 
 
 # Prism runs every Python step in one SDK worker process, and each element and state

@@ -115,3 +115,25 @@ def stop(job, sig=signal.SIGKILL):
         job.wait(60)
     except ProcessLookupError:
         pass
+
+
+def _proc_stat(pid):
+    """(state, parent pid) of a process from /proc, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def process_alive(pid):
+    """Whether ``pid`` runs (a zombie, ended but not reaped, does not)."""
+    found = _proc_stat(pid)
+    return found is not None and found[0] != "Z"
+
+
+def child_processes(pid):
+    """The pids of the live processes whose parent is ``pid``."""
+    found = {int(entry): _proc_stat(entry) for entry in os.listdir("/proc") if entry.isdigit()}
+    return [child for child, stat in found.items() if stat is not None and stat[1] == pid and stat[0] != "Z"]

@@ -105,7 +105,7 @@ class _SqliteUpsertDoFn(UpsertRowsDoFn):
         # Beam may call setup, process and teardown on different threads of one worker;
         # this DoFn instance never uses the connection from two threads at once.
         self._connection = sqlite3.connect(self._path, timeout=60, isolation_level=None, check_same_thread=False)
-        self._connection.execute("PRAGMA journal_mode=WAL")
+        # WAL: set on the file by ensure_table (a property of the file, not the connection).
         # In WAL mode NORMAL syncs at checkpoints, not at every commit (a commit was
         # most of the sink's time). A crash of the process loses nothing; a power
         # loss may lose the last commits, but only a suffix of the log: the

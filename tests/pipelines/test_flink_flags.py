@@ -12,6 +12,7 @@ import pytest
 from onceflow.errors import UsageError
 from onceflow.options import parse_pipeline_args
 from onceflow.pipelines.flink_savepoint import SavepointStop, savepoint_stop_from_options
+from tests.livejob import process_alive
 from onceflow.runners import (
     JOB_PROCESS_ENV, LIVE_FLINK_BUNDLE_TIME_MS, USE_LOOPBACK_PROCESS_WORKER, prepare_runner, runs_on_flink,
 )
@@ -168,14 +169,6 @@ def test_without_the_flag_the_workers_stay_threads():
     assert USE_LOOPBACK_PROCESS_WORKER not in (sent.get("experiments") or [])
 
 
-def _exited(pid):
-    try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as status:
-            return any(line.startswith("State:") and "Z" in line for line in status)
-    except FileNotFoundError:
-        return True
-
-
 def test_a_worker_process_ends_when_the_job_process_is_killed(tmp_path):
     """A LOOPBACK worker process outlives a killed job process (it is re-parented)
     and would go on running the job's steps: importing onceflow there starts a
@@ -192,9 +185,9 @@ def test_a_worker_process_ends_when_the_job_process_is_killed(tmp_path):
     started = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
     child = int(started.stdout.split()[0])
     deadline = time.monotonic() + 15
-    while not _exited(child) and time.monotonic() < deadline:
+    while process_alive(child) and time.monotonic() < deadline:
         time.sleep(0.2)
-    exited = _exited(child)
+    exited = not process_alive(child)
     if not exited:
         os.kill(child, 9)
     assert exited, "the worker process outlived the job process"

@@ -12,8 +12,8 @@ import pytest
 from onceflow_dev.devstack.flink import cancel_running_jobs, streaming_job_flags
 from onceflow.pipelines.aggregate import run
 from tests.livejob import (
-    committed, counted_events, job_output, new_topic, produce, producer_for, sample_lines, start_live_job, stop,
-    table_rows, wait_for,
+    child_processes, committed, counted_events, job_output, new_topic, process_alive, produce, producer_for,
+    sample_lines, start_live_job, stop, table_rows, wait_for,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -128,28 +128,6 @@ def test_a_killed_clients_job_does_not_keep_running_on_flink(kafka_bootstrap, fl
     wait_for(lambda: all(j.finished for j in flink_jobs(name)), "the Flink job to end", 60)
 
 
-def _children(pid):
-    """The pids of the live processes whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[1] == str(pid) and fields[0] != "Z":
-            found.append(int(entry))
-    return found
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.flink
 def test_worker_processes_end_with_a_killed_job_process(kafka_bootstrap, flink_job_endpoint, tmp_path):
     """With --loopback_worker_processes the SDK workers are processes of their own:
@@ -165,11 +143,11 @@ def test_worker_processes_end_with_a_killed_job_process(kafka_bootstrap, flink_j
                          *WORKER_PROCESSES)
     try:
         wait_for(lambda: counted_events(db) > 0, "the job to write rows", 300, job)
-        workers = _children(job.pid)
+        workers = child_processes(job.pid)
         assert len(workers) == 2, job_output(job)
         os.kill(job.pid, signal.SIGKILL)
         job.wait(30)
-        wait_for(lambda: not any(map(_alive, workers)), "the worker processes to end", 30)
+        wait_for(lambda: not any(map(process_alive, workers)), "the worker processes to end", 30)
     finally:
         stop(job, signal.SIGKILL)
         cancel_running_jobs(flink_job_endpoint, name_prefix=name)
