@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from operator import itemgetter
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 FUNCTIONS = ("count", "sum", "min", "max", "mean", "first", "last")
@@ -226,15 +227,40 @@ class Aggregation:
                  columns: Sequence[Sequence[Any]]) -> Accumulator:
         """:meth:`add_columns` for the events at indices ``rows`` (in that order)
         of the columns only: no column is copied that no aggregate reads."""
-        if not rows:
-            return acc
-        acc.count += len(rows)
+        self.add_groups(((acc, rows),), event_ids, event_times, columns)
+        return acc
+
+    def add_groups(self, groups: Iterable[Tuple[Accumulator, Sequence[int]]], event_ids: Sequence[str],
+                   event_times: Sequence[int], columns: Sequence[Sequence[Any]]) -> None:
+        """:meth:`add_rows` for each ``(accumulator, rows)`` of ``groups`` (many keys'
+        events in one set of columns), with the same result; what concerns a whole
+        column (which columns a sum reads, whether they hold only integers) is
+        worked out once for all the groups, not once per key."""
         by_name = dict(zip(self.fields, columns))
-        for name in self._sum_fields:
-            total = acc.sums.get(name)
-            if total is None:
-                total = acc.sums[name] = ExactSum()
-            total.add_many(list(map(by_name[name].__getitem__, rows)))
+        # (field, column, only integers): a column of integers is summed by sum() in C
+        sums = [(name, by_name[name], set(map(type, by_name[name])) == {int}) for name in self._sum_fields]
+        ordered = bool(self._min_fields or self._max_fields or self._first_fields or self._last_fields)
+        for acc, rows in groups:
+            if not rows:
+                continue
+            acc.count += len(rows)
+            pick = itemgetter(*rows) if len(rows) > 1 else None
+            for name, column, integers in sums:
+                total = acc.sums.get(name)
+                if total is None:
+                    total = acc.sums[name] = ExactSum()
+                if pick is None:
+                    total.add(column[rows[0]])
+                elif integers:
+                    total.integer += sum(pick(column))
+                else:
+                    total.add_many(pick(column))
+            if ordered:
+                self._add_order_statistics(acc, rows, event_ids, event_times, by_name)
+
+    def _add_order_statistics(self, acc: Accumulator, rows: Sequence[int], event_ids: Sequence[str],
+                              event_times: Sequence[int], by_name: Mapping[str, Sequence[Any]]) -> None:
+        """min, max, first and last of the events at ``rows``."""
         for name in self._min_fields:
             value = min(map(by_name[name].__getitem__, rows))  # the first of equal minima
             if name not in acc.mins or value < acc.mins[name]:
@@ -255,7 +281,6 @@ class Aggregation:
                 held = acc.lasts.get(name)
                 if held is None or stamps[latest] > held[0]:
                     acc.lasts[name] = (stamps[latest], by_name[name][latest])
-        return acc
 
     def merge(self, accs: Iterable[Accumulator]) -> Accumulator:
         merged = Accumulator()

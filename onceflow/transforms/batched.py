@@ -161,27 +161,50 @@ def _members(shards: List[int], first_starts: List[int], size: int, step: int,
 def absorb(aggregation: Aggregation, by_key: Dict[str, list], sub_batch: SubBatch) -> Tuple[set, int]:
     """Adds each event of a sub-batch to its key's accumulator unless the key has
     counted its ID already. ``by_key`` maps key text to ``[accumulator, emitted
-    count, counted IDs]``. Returns the keys changed and the number of duplicates."""
+    count, counted IDs]``. Returns the keys changed and the number of duplicates.
+
+    One Python step per key, not per event: a key whose IDs in the sub-batch are
+    distinct and new to it (the rule, not the exception) counts them with set
+    operations in C and adds its events in one call
+    (:meth:`Aggregation.add_groups`); only a key with a copy looks at its events
+    one by one, keeping the first copy of each ID it has not counted."""
     key_texts, event_ids, event_times, value_columns = sub_batch
-    fresh: Dict[str, List[int]] = {}
-    duplicates = 0
-    for index, key_text, event_id in zip(range(len(event_ids)), key_texts, event_ids):
-        entry = by_key.get(key_text)
-        if entry is None:
-            entry = by_key[key_text] = [aggregation.create(), 0, set()]
-        counted = entry[2]
-        if event_id in counted:
-            duplicates += 1
-            continue
-        counted.add(event_id)
-        members = fresh.get(key_text)
+    members_by_key: Dict[str, List[int]] = {}
+    for index, key_text in enumerate(key_texts):
+        members = members_by_key.get(key_text)
         if members is None:
-            fresh[key_text] = [index]
+            members_by_key[key_text] = [index]
         else:
             members.append(index)
-    for key_text, members in fresh.items():
-        aggregation.add_rows(by_key[key_text][0], members, event_ids, event_times, value_columns)
-    return set(fresh), duplicates
+    duplicates = 0
+    groups: List[Tuple[Any, List[int]]] = []
+    changed = set()
+    for key_text, members in members_by_key.items():
+        ids = take(event_ids, members)
+        distinct = set(ids)
+        entry = by_key.get(key_text)
+        if len(distinct) == len(ids) and (entry is None or entry[2].isdisjoint(distinct)):
+            if entry is None:
+                entry = by_key[key_text] = [aggregation.create(), 0, distinct]
+            else:
+                entry[2] |= distinct
+        else:
+            if entry is None:
+                entry = by_key[key_text] = [aggregation.create(), 0, set()]
+            counted = entry[2]
+            fresh = []
+            for index, event_id in zip(members, ids):
+                if event_id not in counted:
+                    counted.add(event_id)
+                    fresh.append(index)
+            duplicates += len(members) - len(fresh)
+            if not fresh:
+                continue
+            members = fresh
+        groups.append((entry[0], members))
+        changed.add(key_text)
+    aggregation.add_groups(groups, event_ids, event_times, value_columns)
+    return changed, duplicates
 
 
 def concatenate(sub_batches: Iterable[SubBatch]) -> Optional[SubBatch]:

@@ -195,3 +195,54 @@ def test_batch_records_turns_records_into_decoded_batches():
         batches = pipeline | beam.Create(records) | BatchRecords(CONTRACT)
         assert_that(batches | beam.FlatMap(lambda b: [(r, type(v).__name__) for r, v in zip(b.records(), b.verdicts)]),
                     equal_to([(records[0], "Decoded"), (records[1], "Refusal")]))
+
+
+def _absorb_one_by_one(aggregation, by_key, sub_batch):
+    """The rule ``absorb`` must keep, an event at a time: a key counts an ID once."""
+    key_texts, event_ids, event_times, value_columns = sub_batch
+    changed, duplicates = set(), 0
+    for index, (key_text, event_id) in enumerate(zip(key_texts, event_ids)):
+        entry = by_key.setdefault(key_text, [aggregation.create(), 0, set()])
+        if event_id in entry[2]:
+            duplicates += 1
+            continue
+        entry[2].add(event_id)
+        aggregation.add(entry[0], event_times[index], event_id,
+                        {name: column[index] for name, column in zip(aggregation.fields, value_columns)})
+        changed.add(key_text)
+    return changed, duplicates
+
+
+def test_absorb_is_adding_each_new_id_of_a_key_one_by_one():
+    """Sub-batches absorbed one after another into the same state (as a live shard
+    window's panes are), with IDs repeated within a sub-batch, across sub-batches
+    and across keys: the same accumulators (bit for bit), counted IDs, changed
+    keys and duplicates as adding event by event."""
+    import pickle
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from onceflow.aggregates import Aggregation
+    from onceflow.transforms.batched import absorb
+
+    aggregation = Aggregation(SPECS)
+    numbers = st.one_of(st.integers(-10, 10), st.floats(-1e6, 1e6), st.sampled_from([1, 1.0, -0.0, 0, 2**53 + 1]))
+    event = st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["e1", "e2", "e3", "e4"]),
+                      st.integers(0, 5), numbers, numbers)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.lists(event, max_size=10), max_size=4))
+    def check(sub_batches):
+        batched, one_by_one = {}, {}
+        for events in sub_batches:
+            columns = [list(column) for column in zip(*events)] if events else [[], [], [], [], []]
+            sub_batch = (columns[0], columns[1], columns[2], (columns[3], columns[4]))
+            assert absorb(aggregation, batched, sub_batch) == _absorb_one_by_one(aggregation, one_by_one, sub_batch)
+        assert list(batched) == list(one_by_one)
+        for key_text, (accumulator, _, counted) in batched.items():
+            assert counted == one_by_one[key_text][2]
+            assert (pickle.dumps(aggregation.extract(accumulator))
+                    == pickle.dumps(aggregation.extract(one_by_one[key_text][0])))
+
+    check()
