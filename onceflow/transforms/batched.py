@@ -307,9 +307,17 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
                         pending=beam.DoFn.StateParam(PENDING), panes=beam.DoFn.StateParam(PANES),
                         window_timer=beam.DoFn.TimerParam(WINDOW_TIMER)):
         _, start_ms, end_ms = shard_window
+        sub_batches = list(pending.read())
+        if not sub_batches and self._lateness_ms and fired_at.micros >= (end_ms + self._lateness_ms) * 1000:
+            # The window's end plus the allowed lateness, with no event since its last
+            # pane: nothing to emit, so the state is dropped without reading it (a
+            # catch-up fires this for every shard window, each holding every key's
+            # accumulator and counted IDs).
+            panes.clear()
+            return
         held = panes.read()
         by_key, fired = held if held is not None else ({}, False)
-        changed = self._absorb_pending(by_key, pending)
+        changed = self._absorb_pending(by_key, sub_batches, pending)
         expired = fired and fired_at.micros >= (end_ms + self._lateness_ms) * 1000
         # On-time pane: every key; then late panes: the keys that changed.
         yield from self._panes(by_key, changed if fired else by_key, start_ms, end_ms)
@@ -326,7 +334,7 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
         if held is not None and held[1]:
             return  # the on-time pane has fired: no more early panes
         by_key = held[0] if held is not None else {}
-        changed = self._absorb_pending(by_key, pending)
+        changed = self._absorb_pending(by_key, pending.read(), pending)
         if not by_key:
             return  # expired: the window timer dropped the state
         _, start_ms, end_ms = shard_window
@@ -334,9 +342,10 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
         panes.write((by_key, False))
         early.set(self._next_early_firing())
 
-    def _absorb_pending(self, by_key: Dict[str, list], pending) -> set:
-        """Adds the bag's sub-batches to ``by_key`` and empties the bag; the keys changed."""
-        changed = absorb_sub_batches(self._aggregation, by_key, pending.read(), self._duplicates, self._unique)
+    def _absorb_pending(self, by_key: Dict[str, list], sub_batches: Iterable[SubBatch], pending) -> set:
+        """Adds the bag's sub-batches (read from ``pending``) to ``by_key`` and
+        empties the bag; the keys changed."""
+        changed = absorb_sub_batches(self._aggregation, by_key, sub_batches, self._duplicates, self._unique)
         pending.clear()
         return changed
 
