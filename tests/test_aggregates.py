@@ -118,7 +118,7 @@ def test_add_many_equals_adding_one_at_a_time():
     check()
 
 
-def test_add_rows_is_add_columns_of_the_rows_taken():
+def test_add_rows_is_adding_the_rows_taken_one_by_one():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -133,8 +133,8 @@ def test_add_rows_is_add_columns_of_the_rows_taken():
         rows = data.draw(st.lists(st.sampled_from(range(len(events))), unique=True))
         by_rows, by_columns = aggregation.create(), aggregation.create()
         aggregation.add_rows(by_rows, rows, event_ids, times, [values])
-        aggregation.add_columns(by_columns, [event_ids[r] for r in rows], [times[r] for r in rows],
-                                [[values[r] for r in rows]])
+        for row in rows:  # the reference: one event at a time
+            aggregation.add(by_columns, times[row], event_ids[row], {"v": values[row]})
         assert pickle.dumps(aggregation.extract(by_rows)) == pickle.dumps(aggregation.extract(by_columns))
 
     check()
