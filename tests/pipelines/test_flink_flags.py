@@ -12,10 +12,10 @@ import pytest
 from onceflow.errors import UsageError
 from onceflow.options import parse_pipeline_args
 from onceflow.pipelines.flink_savepoint import SavepointStop, savepoint_stop_from_options
-from tests.livejob import process_alive
 from onceflow.runners import (
     JOB_PROCESS_ENV, LIVE_FLINK_BUNDLE_TIME_MS, USE_LOOPBACK_PROCESS_WORKER, prepare_runner, runs_on_flink,
 )
+from tests.livejob import process_alive
 
 FLINK = ("--runner=PortableRunner", "--job_endpoint=127.0.0.1:18099")
 LIVE = ("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g")
