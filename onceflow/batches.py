@@ -36,8 +36,8 @@ from operator import itemgetter
 from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from onceflow.events import (
-    MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS, EventContract, RecordError,
-    SourceRecord, parse_event_time_ms,
+    MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MAX_JSON_NESTING, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS,
+    EventContract, RecordError, SourceRecord, json_nests_too_deep, parse_event_time_ms,
 )
 
 try:  # the fast JSON decoder; without it every record takes the reference path
@@ -333,6 +333,8 @@ def _decode_json_columns(contract: EventContract, values: Sequence[bytes], fast)
     except Exception:  # a record orjson refuses: find it, and go on with the rest
         objects = [_loads_or_none(raw) for raw in values]
     unsure = set()
+    if max(map(len, values)) > MAX_JSON_NESTING:  # only a record this long can nest too deep
+        unsure.update(index for index, raw in enumerate(values) if json_nests_too_deep(raw))
     if set(map(type, objects)) != {dict}:
         unsure.update(index for index, obj in enumerate(objects) if type(obj) is not dict)
         objects = [obj if type(obj) is dict else {} for obj in objects]
@@ -432,6 +434,8 @@ def _fast_decoder(contract: EventContract):
     key_fields, value_fields = contract.key_fields, contract.value_fields
 
     def decode(raw: bytes) -> Optional[Decoded]:
+        if json_nests_too_deep(raw):  # orjson reads 1,024 levels; the contract refuses more than 512
+            return None
         try:
             obj = loads(raw)
         except Exception:  # orjson refuses more than json does: let the reference decide

@@ -68,6 +68,18 @@ def test_deep_nesting_and_odd_top_levels_are_refused_like_the_reference(items, d
     _agree(CONTRACT, b'{"id": "a", "t": 1, "k": "a", "s": 1, "v": 1, "w": ' + raw + b"}")
 
 
+@pytest.mark.parametrize("depth", [1, 510, 511, 512, 513, 990, 995, 1000, 1024, 1025, 5000])
+def test_nesting_near_the_limit_and_near_the_parsers_own_limits_gets_the_reference_verdict(depth):
+    """The contract's fixed limit (512 levels), not a parser's (orjson reads 1,024;
+    Python's json stops at its recursion limit less the caller's stack)."""
+    inner = b"[" * depth + b"]" * depth
+    _agree(CONTRACT, inner)
+    _agree(CONTRACT, b'{"id": "a", "t": 1, "k": "a", "s": 1, "v": 1, "w": 1, "x": ' + inner + b"}")
+    clean = b'{"id": "b", "t": 1, "k": "a", "s": 1, "v": 1, "w": 1}'
+    raws = [clean, b'{"id": "a", "t": 1, "k": "a", "s": 1, "v": 1, "w": 1, "x": ' + inner + b"}", clean]
+    assert list(decode_values(CONTRACT, raws)) == [reference_verdict(CONTRACT, raw) for raw in raws]
+
+
 def test_lone_surrogates_and_big_integers_take_the_reference_path():
     for raw in [b'{"id": "\\ud800", "t": 1, "k": "a", "s": 1, "v": 1, "w": 1}',
                 b'{"id": "a", "t": 1, "k": "a", "s": 1, "v": 123456789012345678901234567890, "w": 1}',

@@ -53,6 +53,9 @@ def test_a_valid_record_becomes_an_event():
     (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": 1, "price": 1e400}', "non_finite_number"),
     (b"[" * 100000 + b"]" * 100000, "nesting_too_deep"),
     (b'{"a": ' * 50000 + b"1" + b"}" * 50000, "nesting_too_deep"),
+    (b'{"id": "e1", "ts": 1, "store": "s1", "qty": 1, "price": 1, "x": ' + b"[" * 512 + b"]" * 512 + b"}",
+     "nesting_too_deep"),  # 513 levels with the record itself
+    (b"[" * 600, "nesting_too_deep"),  # the depth is decided before the syntax
     (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "qty": 1, "price": 1}', "schema_violation"),
     (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": null, "qty": 1, "price": 1}', "schema_violation"),
     (b'{"id": "e1", "ts": "2026-11-02T09:00:00Z", "store": "s1", "qty": "three", "price": 1}', "schema_violation"),
@@ -69,6 +72,19 @@ def test_a_valid_record_becomes_an_event():
 ])
 def test_bad_input_is_refused_with_its_reason(raw, reason):
     assert reason_of(raw) == reason
+
+
+def test_nesting_up_to_the_limit_is_accepted_wherever_the_decoder_is_called_from():
+    """512 levels (the record and 511 inside it) decode, also from deep in a caller's
+    stack; brackets inside strings do not count."""
+    deep = b'{"id": "e1", "ts": 1, "store": "s1", "qty": 1, "price": 1, "x": ' + b"[" * 511 + b"]" * 511 + b"}"
+    quoted = b'{"id": "e1", "ts": 1, "store": "s1", "qty": 1, "price": 1, "x": "' + b"[{" * 2000 + b'\\\\"}'
+
+    def nested_call(levels):
+        return nested_call(levels - 1) if levels else (to_event(deep), to_event(quoted))
+
+    for event in nested_call(300):
+        assert event.event_id == "e1"
 
 
 def test_refusals_carry_a_message_and_class():

@@ -36,13 +36,25 @@ def _millis(value):
     return round(moment.timestamp() * 1000)
 
 
+def _depth(value):
+    """How many arrays and objects are open at the deepest point of a decoded value."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            pending.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def parse_line(raw, id_field, time_field, key_field, value_fields):
     """(event id, time ms, key, values) or None for a record the DLQ must get."""
     try:
         obj = json.loads(raw.decode("utf-8"), parse_constant=_reject)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    if not isinstance(obj, dict):
+    if not isinstance(obj, dict) or _depth(obj) > 512:  # the contract refuses JSON nested deeper than 512
         return None
     t = _millis(obj.get(time_field))
     key = obj.get(key_field)
