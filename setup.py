@@ -58,6 +58,7 @@ setuptools.setup(
         "pyarrow>=14",
         "prometheus-client>=0.20",
         "orjson>=3.9",
+        "msgspec>=0.18",
     ],
     extras_require={
         "kafka": ["confluent-kafka>=2.4"],

@@ -32,8 +32,9 @@ import base64
 import gc
 from bisect import bisect_right
 from itertools import accumulate
-from operator import itemgetter
-from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from operator import attrgetter, itemgetter
+from threading import Lock
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from onceflow.events import (
     MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MAX_JSON_NESTING, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS,
@@ -44,6 +45,11 @@ try:  # the fast JSON decoder; without it every record takes the reference path
     import orjson as _orjson
 except ImportError:  # pragma: no cover - orjson is a core dependency
     _orjson = None
+
+try:  # decodes a record straight into its fields, no dict: about twice orjson's speed here
+    import msgspec as _msgspec
+except ImportError:  # pragma: no cover - msgspec is a core dependency; orjson reads every record without it
+    _msgspec = None
 
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 # orjson turns an integer literal it cannot hold in 64 bits into a float; the
@@ -326,21 +332,12 @@ def _decode_json_columns(contract: EventContract, values: Sequence[bytes], fast)
     time in range, string or 64-bit integer key fields (as text), integer (64-bit)
     or float (|x| < 2**63) values.
     """
-    loads = _orjson.loads
     relax_gc()
-    try:
-        objects = list(map(loads, values))
-    except Exception:  # a record orjson refuses: find it, and go on with the rest
-        objects = [_loads_or_none(raw) for raw in values]
-    unsure = set()
+    fields = _field_reader(contract).read(values)
+    unsure = set(index for index, obj in fields.others.items() if type(obj) is not dict)
     if max(map(len, values)) > MAX_JSON_NESTING:  # only a record this long can nest too deep
         unsure.update(index for index, raw in enumerate(values) if json_nests_too_deep(raw))
-    if set(map(type, objects)) != {dict}:
-        unsure.update(index for index, obj in enumerate(objects) if type(obj) is not dict)
-        objects = [obj if type(obj) is dict else {} for obj in objects]
-
-    def column(name: str) -> List[Any]:
-        return [obj.get(name) for obj in objects]
+    column = fields.column
 
     event_ids = _text_column(column(contract.id_field), unsure, nonempty=True)
     event_times = column(contract.time_field)
@@ -369,6 +366,106 @@ def _decode_json_columns(contract: EventContract, values: Sequence[bytes], fast)
             for each in (*key_columns, *value_columns):
                 each[index] = None
     return Verdicts(event_ids, event_times, key_columns, tuple(contract.value_fields), value_columns, refusals)
+
+
+class _Fields(NamedTuple):
+    """A batch's JSON records read into one list per field the contract names."""
+
+    columns: Dict[str, List[Any]]  # field name -> each record's value, None where it lacks the field
+    others: Dict[int, Any]  # record index -> what it is when not a JSON object (None: not JSON)
+
+    def column(self, name: str) -> List[Any]:
+        """A fresh list: the column decoder fills in the unsure records' items."""
+        return list(self.columns[name])
+
+
+class _JsonFieldReader:
+    """Reads a batch of JSON records into a column per field the contract names.
+
+    msgspec decodes each record into a struct of every field its records have shown
+    (the contract's first), each typed ``Any``: it parses and checks the whole record
+    as orjson does (UTF-8, syntax, numbers a double or Python's int holds, no
+    constants, nesting) and builds no dict. A record it refuses (a field the struct
+    lacks, or anything orjson refuses too) is read with orjson, and its fields are
+    learned for the next batches; past ``MAX_FIELDS`` fields (records with
+    free-form keys) orjson reads every record. The column decoder checks the
+    columns exactly as it checks orjson's. Without msgspec, orjson reads every record.
+    """
+
+    MAX_FIELDS = 64
+
+    def __init__(self, names: Sequence[str]):
+        self._wanted = tuple(dict.fromkeys(names))  # the contract's fields
+        self._names = list(self._wanted)  # and the others learned, in the order seen
+        self._lock = Lock()
+        self._decoder = self._build(self._names)
+
+    def _build(self, names: List[str]):
+        """(decode, one getter per wanted field, a record with every field None)."""
+        if _msgspec is None or len(names) > self.MAX_FIELDS:
+            return None
+        attributes = [f"f{index}" for index in range(len(names))]
+        struct = _msgspec.defstruct("JsonRecord", [(attribute, Any, None) for attribute in attributes],
+                                    rename=dict(zip(attributes, names)), forbid_unknown_fields=True, gc=False)
+        getters = [attrgetter(attribute) for attribute in attributes[:len(self._wanted)]]
+        return _msgspec.json.Decoder(struct).decode, getters, struct()
+
+    def read(self, values: Sequence[bytes]) -> _Fields:
+        decoder = self._decoder  # one snapshot: another thread may learn fields meanwhile
+        if decoder is None:
+            columns, objects = self._read_with_orjson(values)
+            return _Fields(columns, {index: obj for index, obj in enumerate(objects) if type(obj) is not dict})
+        decode, getters, empty = decoder
+        refused: List[int] = []
+        try:
+            records = list(map(decode, values))
+        except Exception:  # noqa: BLE001 - a record msgspec refuses: orjson reads it below
+            records = []
+            for index, raw in enumerate(values):
+                try:
+                    records.append(decode(raw))
+                except Exception:  # noqa: BLE001
+                    records.append(empty)
+                    refused.append(index)
+        columns = {name: list(map(getter, records)) for name, getter in zip(self._wanted, getters)}
+        if not refused:
+            return _Fields(columns, {})
+        read, objects = self._read_with_orjson([values[index] for index in refused])
+        for name, column in columns.items():
+            for index, item in zip(refused, read[name]):
+                column[index] = item
+        self._learn(objects)
+        return _Fields(columns, {index: obj for index, obj in zip(refused, objects) if type(obj) is not dict})
+
+    def _read_with_orjson(self, values: Sequence[bytes]) -> Tuple[Dict[str, List[Any]], List[Any]]:
+        """The wanted columns, and each record as orjson decodes it (None: refused)."""
+        try:
+            objects = list(map(_orjson.loads, values))
+        except Exception:  # noqa: BLE001 - a record orjson refuses: find it, and go on with the rest
+            objects = [_loads_or_none(raw) for raw in values]
+        dicts = [obj if type(obj) is dict else {} for obj in objects]
+        return {name: [obj.get(name) for obj in dicts] for name in self._wanted}, objects
+
+    def _learn(self, objects: Iterable[Any]) -> None:
+        """Adds the fields of these records that the struct lacks."""
+        new = [name for obj in objects if type(obj) is dict for name in obj if name not in self._names]
+        if not new:
+            return
+        with self._lock:
+            self._names = self._names + [name for name in dict.fromkeys(new) if name not in self._names]
+            self._decoder = self._build(self._names)
+
+
+_FIELD_READERS: Dict[Tuple[str, ...], _JsonFieldReader] = {}
+
+
+def _field_reader(contract: EventContract) -> _JsonFieldReader:
+    """The field reader of a contract's fields, one per process (it learns)."""
+    names = (contract.id_field, contract.time_field, *contract.key_fields, *contract.value_fields)
+    reader = _FIELD_READERS.get(names)
+    if reader is None:
+        reader = _FIELD_READERS.setdefault(names, _JsonFieldReader(names))
+    return reader
 
 
 def _loads_or_none(raw: bytes) -> Any:

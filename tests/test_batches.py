@@ -147,3 +147,64 @@ def test_take_and_taker_give_a_list_of_the_items_at_the_indices_in_order(indices
     assert take(column, indices) == want
     assert taker(indices)(column) == want and type(taker(indices)(column)) is list
     assert take(range(10, 15), indices) == [10 + index for index in indices]
+
+
+def test_records_with_fields_the_field_reader_has_not_seen_decode_as_the_reference():
+    """msgspec reads a record only into the fields learned so far; a record with
+    another field is read by orjson and teaches the reader; past MAX_FIELDS
+    (free-form keys) orjson reads every record. The verdicts never change."""
+    from onceflow import batches
+
+    contract = EventContract(time_field="t", key_fields=("k",), value_fields=("v",), id_field="id")
+    reader = batches._JsonFieldReader(("id", "t", "k", "v"))
+    assert reader._decoder is not None, "msgspec is a core dependency: the fast reader must be on"
+
+    def record(n, extra):
+        return json.dumps({"id": f"e{n}", "t": n, "k": "a", "v": n / 2, **extra}).encode()
+
+    def check(raws):
+        fields = reader.read(raws)
+        want = [reference_verdict(contract, raw) for raw in raws]
+        for index, verdict in enumerate(want):
+            if isinstance(verdict, Decoded):
+                assert fields.columns["id"][index] == verdict.event_id
+                assert fields.columns["v"][index] == verdict.values["v"]
+            else:
+                assert index in fields.others or fields.columns["id"][index] is None
+
+    first = [record(n, {"x": n}) for n in range(5)] + [b"[1]", b"not json"]
+    check(first)
+    assert "x" in reader._names
+    check([record(n, {"x": n, "y": [n]}) for n in range(5)] + [record(9, {})])
+    assert reader._names[-1] == "y"
+    check([record(n, {f"free{n}": n}) for n in range(batches._JsonFieldReader.MAX_FIELDS)])
+    assert reader._decoder is None, "past MAX_FIELDS fields orjson reads every record"
+    check([record(n, {"x": n}) for n in range(5)] + [b"{"])
+    # and the whole decoder, with and without msgspec, on the same mixed batch
+    mixed = first + [record(n, {f"other{n}": None}) for n in range(3)]
+    assert list(decode_values(contract, mixed)) == [reference_verdict(contract, raw) for raw in mixed]
+
+
+def test_the_decoder_without_msgspec_gives_the_same_verdicts(monkeypatch):
+    from onceflow import batches
+
+    raws = [json.dumps({"id": f"e{n}", "t": n, "k": "a", "s": n, "v": n, "w": 1.5, "x": [n]}).encode()
+            for n in range(20)] + [b'{"id": "", "t": 1, "k": "a", "s": 1, "v": 1, "w": 1}', b"\xff", b"[]"]
+    with_msgspec = list(decode_values(CONTRACT, raws))
+    monkeypatch.setattr(batches, "_msgspec", None)
+    monkeypatch.setattr(batches, "_FIELD_READERS", {})
+    assert list(decode_values(CONTRACT, raws)) == with_msgspec == [reference_verdict(CONTRACT, raw) for raw in raws]
+
+
+@pytest.mark.parametrize("odd", [b'"price": 1e400', b'"price": -1e309', b'"z": "\xff"', b'"z": "\xed\xa0\x80"',
+                                 b'"big": ' + b"9" * 5000, b'"deep": ' + b"[" * 600 + b"]" * 600, b'"c": "\x01"',
+                                 b'"n": NaN', b'"s": "\\udc00"'])
+def test_a_field_the_contract_does_not_read_is_checked_like_every_other(odd):
+    """A record is refused for what any of its fields holds; the fast reader must not
+    skip a field it has not learned (msgspec skips unknown fields unchecked)."""
+    clean = [b'{"id": "a%d", "t": 1, "k": "a", "s": 1, "v": 1, "w": 1, "price": 2.5}' % n for n in range(3)]
+    raws = clean + [b'{"id": "b", "t": 1, "k": "a", "s": 1, "v": 1, "w": 1, ' + odd + b"}"] + clean
+    for _ in range(2):  # before and after the reader learned the clean records' fields
+        got = list(decode_values(CONTRACT, raws))
+        assert got == [reference_verdict(CONTRACT, raw) for raw in raws]
+        assert isinstance(got[3], Refusal)
