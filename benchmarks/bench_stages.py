@@ -89,7 +89,14 @@ def stages(path: str, shards: int, db: str) -> List[Tuple[str, float, int]]:
     results = timed("dedup and aggregate",
                     lambda: [out for element in sorted(grouped.items()) for out in aggregate.process(element)], len)
     to_row = KeyAndWindowToRowDoFn(("store",))
-    rows = timed("to rows", lambda: [row for result in results for row in to_row.process(result)], len)
+
+    def to_rows() -> List[Dict[str, Any]]:
+        to_row.start_bundle()
+        made = [row for result in results for row in to_row.process(result)]
+        to_row.finish_bundle()
+        return made
+
+    rows = timed("to rows", to_rows, len)
     sink = _SqliteUpsertDoFn(db, "aggregates", RowSchema(("store",), AGGREGATES), batch_size=5000)
     sink.setup()
     try:
