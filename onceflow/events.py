@@ -316,22 +316,36 @@ def decode_json_object(raw: bytes) -> Dict[str, Any]:
     return obj
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_JSON_BRACKETS = re.compile(rb"[\[\]{}]")
-_NESTING_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_JSON_SPECIAL = re.compile(rb'[\\"\[\]{}]')
+_QUOTE, _BACKSLASH, _OPENERS, _CLOSERS = ord('"'), ord("\\"), (ord("["), ord("{")), (ord("]"), ord("}"))
 
 
 def json_nests_too_deep(raw: bytes) -> bool:
     """Whether JSON bytes open more than :data:`MAX_JSON_NESTING` arrays and objects
     at once, outside strings (well formed or not). Two counts in C for a record that
-    cannot: fewer bytes or brackets than the limit."""
+    cannot (fewer bytes or brackets than the limit); else one pass over its quotes,
+    backslashes and brackets."""
     if len(raw) <= MAX_JSON_NESTING or raw.count(b"[") + raw.count(b"{") <= MAX_JSON_NESTING:
         return False
-    depth = 0
-    for bracket in _JSON_BRACKETS.findall(_JSON_STRING.sub(b"", raw)):
-        depth += _NESTING_STEP[bracket[0]]
-        if depth > MAX_JSON_NESTING:
-            return True
+    depth, in_string, escaped = 0, False, -1
+    for match in _JSON_SPECIAL.finditer(raw):
+        position = match.start()
+        if position == escaped:  # the character after a backslash in a string
+            continue
+        char = raw[position]
+        if in_string:
+            if char == _BACKSLASH:
+                escaped = position + 1
+            elif char == _QUOTE:
+                in_string = False
+        elif char == _QUOTE:
+            in_string = True
+        elif char in _OPENERS:
+            depth += 1
+            if depth > MAX_JSON_NESTING:
+                return True
+        elif char in _CLOSERS:
+            depth -= 1
     return False
 
 

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from onceflow.events import (
-    EventContract, RecordError, SourceRecord, derive_event_id, format_utc_ms, parse_event_time_ms,
+    EventContract, RecordError, SourceRecord, derive_event_id, format_utc_ms, json_nests_too_deep, parse_event_time_ms,
 )
 
 CONTRACT = EventContract(time_field="ts", key_fields=("store",), value_fields=("qty", "price"), id_field="id")
@@ -85,6 +85,19 @@ def test_nesting_up_to_the_limit_is_accepted_wherever_the_decoder_is_called_from
 
     for event in nested_call(300):
         assert event.event_id == "e1"
+
+
+@pytest.mark.parametrize("raw, deep", [
+    (b"[" * 513, True),
+    (b"[" * 512, False),
+    (b'{"x": "' + b"[" * 2000 + b'"}', False),  # brackets in a string
+    (b'{"x": "\\"' + b"[" * 2000 + b'"}', False),  # an escaped quote does not end the string
+    (b'{"x": "\\\\"' + b"[" * 600 + b"}", True),  # an escaped backslash does not escape the quote
+    (b'{"x": ' + b"[]" * 2000 + b"}", False),  # many brackets, never deep
+    (b'{"x": "' + b"[" * 600 + b'", "y": "' + b'\\"' * 50000 + b'"}', False),
+])
+def test_the_nesting_check_counts_brackets_outside_strings(raw, deep):
+    assert json_nests_too_deep(raw) is deep
 
 
 def test_refusals_carry_a_message_and_class():
