@@ -15,9 +15,9 @@ per record. Everything here is plain Python with no Beam in it:
   :class:`Verdicts`: a column per field (IDs, event times, each key field, each
   value field) and the refusals by index, so the steps after the reader loop over
   columns, not over a tuple per record. JSON with an ID field is checked a column
-  at a time (orjson, when installed, then one type and range check per column that
-  accepts only what the contract's Avro schema accepts); any record a column check
-  is not sure of goes through the per-record checks and then
+  at a time (msgspec or orjson read the fields, then one type and range check per
+  column that accepts only what the contract's Avro schema accepts); any record a
+  column check is not sure of goes through the per-record checks and then
   :meth:`EventContract.to_event`, the reference, so the verdict on every record is
   the reference's.
 
@@ -324,8 +324,9 @@ def _decode_json_columns(contract: EventContract, values: Sequence[bytes], fast)
     """:func:`decode_values` for JSON with an ID field, a column at a time.
 
     Each column gets one type and range check over the whole batch (C loops: set,
-    min, max); a record whose field fails its column's check (or that orjson
-    refuses, or is not an object) is "unsure" and takes ``fast`` (the per-record
+    min, max); a record whose field fails its column's check (or that neither
+    msgspec nor orjson reads, or is not an object, or may nest deeper than the
+    contract allows) is "unsure" and takes ``fast`` (the per-record
     checks) and then the reference, exactly what it took before. The column checks
     accept a subset of what the per-record checks accept, with the same result: a
     non-empty string or 64-bit integer ID (as its decimal text), an integer event
