@@ -335,7 +335,7 @@ def _decode_json_columns(contract: EventContract, values: Sequence[bytes], fast)
     """
     relax_gc()
     fields = _field_reader(contract).read(values)
-    unsure = set(index for index, obj in fields.others.items() if type(obj) is not dict)
+    unsure = set(fields.others)
     if max(map(len, values)) > MAX_JSON_NESTING:  # only a record this long can nest too deep
         unsure.update(index for index, raw in enumerate(values) if json_nests_too_deep(raw))
     column = fields.column
@@ -373,7 +373,7 @@ class _Fields(NamedTuple):
     """A batch's JSON records read into one list per field the contract names."""
 
     columns: Dict[str, List[Any]]  # field name -> each record's value, None where it lacks the field
-    others: Dict[int, Any]  # record index -> what it is when not a JSON object (None: not JSON)
+    others: set  # the indices of the records that are not JSON objects (or not JSON)
 
     def column(self, name: str) -> List[Any]:
         """A fresh list: the column decoder fills in the unsure records' items."""
@@ -415,7 +415,7 @@ class _JsonFieldReader:
         decoder = self._decoder  # one snapshot: another thread may learn fields meanwhile
         if decoder is None:
             columns, objects = self._read_with_orjson(values)
-            return _Fields(columns, {index: obj for index, obj in enumerate(objects) if type(obj) is not dict})
+            return _Fields(columns, {index for index, obj in enumerate(objects) if type(obj) is not dict})
         decode, getters, empty = decoder
         refused: List[int] = []
         try:
@@ -430,13 +430,13 @@ class _JsonFieldReader:
                     refused.append(index)
         columns = {name: list(map(getter, records)) for name, getter in zip(self._wanted, getters)}
         if not refused:
-            return _Fields(columns, {})
+            return _Fields(columns, set())
         read, objects = self._read_with_orjson([values[index] for index in refused])
         for name, column in columns.items():
             for index, item in zip(refused, read[name]):
                 column[index] = item
         self._learn(objects)
-        return _Fields(columns, {index: obj for index, obj in zip(refused, objects) if type(obj) is not dict})
+        return _Fields(columns, {index for index, obj in zip(refused, objects) if type(obj) is not dict})
 
     def _read_with_orjson(self, values: Sequence[bytes]) -> Tuple[Dict[str, List[Any]], List[Any]]:
         """The wanted columns, and each record as orjson decodes it (None: refused)."""
