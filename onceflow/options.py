@@ -177,9 +177,10 @@ class AggregateOptions(PipelineOptions):
             help="How many shards the key space is split into for the aggregation: each batch "
                  "of records is split by (shard, window) and each shard window keeps one state "
                  "value. More shards spread the aggregation over more workers; fewer make larger "
-                 "sub-batches. The rows are the same with any number. Default: 2 on Prism (one "
-                 "worker process, where fewer, larger elements catch up faster), 8 on other "
-                 "runners. Keep it unchanged when resuming a Flink job from a savepoint.")
+                 "sub-batches. The rows are the same with any number. Default: 2 for a live job on "
+                 "Prism, and on Flink (there --parallelism if that is more): fewer, larger elements "
+                 "catch up faster; 8 elsewhere. A job resumed from a Flink savepoint runs with the "
+                 "number its savepoint was taken with.")
 
 
 class OutputOptions(PipelineOptions):

@@ -209,23 +209,30 @@ def exit_with_job_process() -> None:
 _watching = False  # whether this process watches its job process already
 
 
-# Prism runs every Python step in one SDK worker process, and each element and state
-# key costs it round trips: the 1,000,000-order catch-up took 15.7 s with 2 shards,
-# 15.6 s with 1, about 21 s with 8 and 25.4 s with 16 (docs/benchmarks.md). Other
-# runners keep 8: they spread the shards over workers, and a Flink savepoint holds
-# state per shard.
-PRISM_SHARDS = 2
+# A live job on Prism, or on Flink with one LOOPBACK worker, runs every Python step in
+# one SDK worker process, and each state key (a shard's window) costs it round trips
+# and timers: the 1,000,000-order catch-up took 15.7 s on Prism with 2 shards, 15.6 s
+# with 1, about 21 s with 8 and 25.4 s with 16; on the dev Flink job server 24.7-26.4 s
+# with 2 against 34.9-41.5 s with 8 (docs/benchmarks.md). A live job on Flink gets at
+# least one shard per task slot (--parallelism), so that each window's state can spread
+# over them all. Backfills and other runners keep the transforms' default: there the
+# number of shards did not change the speed, and Dataflow spreads them over workers.
+LIVE_SHARDS = 2
 
 
 def default_shards(options: PipelineOptions, live: bool) -> int:
-    """``--shards`` when not given: PRISM_SHARDS for a job that runs on Prism (named by
-    ``--runner``, or chosen for a live job without one), else the transforms' default."""
-    from apache_beam.options.pipeline_options import StandardOptions
+    """``--shards`` when not given: LIVE_SHARDS for a job that runs on Prism (named by
+    ``--runner``, or chosen for a live job without one); for a live job on Flink,
+    LIVE_SHARDS or ``--parallelism`` if that is more; else the transforms' default."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions, StandardOptions
 
     from onceflow.transforms.batched import DEFAULT_SHARDS
 
-    on_prism = runs_on_prism(options) or (live and options.view_as(StandardOptions).runner is None)
-    return PRISM_SHARDS if on_prism else DEFAULT_SHARDS
+    if runs_on_prism(options) or (live and options.view_as(StandardOptions).runner is None):
+        return LIVE_SHARDS
+    if live and runs_on_flink(options):
+        return max(LIVE_SHARDS, options.view_as(FlinkRunnerOptions).parallelism or 0)
+    return DEFAULT_SHARDS
 
 
 def _runs_direct_multi_processing(options: PipelineOptions) -> bool:

@@ -198,7 +198,11 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
 
 def _shards(options: PipelineOptions, live: bool) -> int:
     text = options.view_as(AggregateOptions).shards
-    return default_shards(options, live) if text is None else positive_int(text, "--shards")
+    given = None if text is None else positive_int(text, "--shards")
+    savepoint = optional_text(options.view_as(FlinkOptions).savepoint_path)
+    if live and savepoint is not None:
+        return flink_savepoint.shards_to_restore(savepoint, given)
+    return default_shards(options, live) if given is None else given
 
 
 def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions,
@@ -352,7 +356,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
     options = parse_pipeline_args(args)
     job = job_from_options(options)
-    savepoints = flink_savepoint.savepoint_stop_from_options(options, job.is_live)
+    savepoints = flink_savepoint.savepoint_stop_from_options(options, job.is_live, job.shards)
     if savepoints is not None:
         flink_savepoint.check_reachable(savepoints)
     expected_records = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 import urllib.parse
@@ -43,13 +44,19 @@ SAVEPOINT_TIMEOUT_S = 600.0
 # Flink reports the restore with the job's checkpoint statistics, at the latest
 # just after it runs.
 _RESTORE_REPORT_GRACE_S = 10.0
+# A savepoint holds the aggregation's state per shard: a job restored with another
+# --shards would put a key's new events in another shard than its counted ones. So
+# savepoints go into a folder that names the number, and a restore reads it there.
+_SHARDS_FOLDER = "onceflow-shards-{}"
+_SHARDS_IN_PATH = re.compile(r"(?:^|/)onceflow-shards-([1-9][0-9]*)(?:/|$)")
 
 
 @dataclasses.dataclass(frozen=True)
 class SavepointStop:
-    """How a live job on Flink is stopped: with a savepoint in ``savepoint_dir``,
-    through the REST API at ``rest_url``, where it runs as ``job_name``.
-    ``restore_from``: the ``--savepoint_path`` it was started from, if any."""
+    """How a live job on Flink is stopped: with a savepoint in ``savepoint_dir``
+    (the ``--flink_savepoint_dir`` folder for the job's number of shards), through
+    the REST API at ``rest_url``, where it runs as ``job_name``. ``restore_from``:
+    the ``--savepoint_path`` it was started from, if any."""
 
     rest_url: str
     savepoint_dir: str
@@ -67,11 +74,35 @@ def _check_directory(text: str) -> str:
                      "JobManager can write, e.g. file:///var/onceflow/savepoints or s3://bucket/savepoints")
 
 
-def savepoint_stop_from_options(options: PipelineOptions, live: bool) -> Optional[SavepointStop]:
+def savepoint_folder(directory: str, shards: int) -> str:
+    """Where the savepoints of a job with ``shards`` shards go in ``directory``."""
+    return f"{directory.rstrip('/')}/{_SHARDS_FOLDER.format(shards)}"
+
+
+def shards_to_restore(savepoint_path: str, given: Optional[int]) -> int:
+    """The number of shards a job restored from ``savepoint_path`` runs with: the
+    one its folder names (see :func:`savepoint_folder`). UsageError (one line) when
+    ``--shards`` (``given``) says otherwise, or when the path names none and
+    ``--shards`` is not given."""
+    found = _SHARDS_IN_PATH.search(savepoint_path)
+    if found is None:
+        if given is None:
+            raise UsageError(f"--savepoint_path: {savepoint_path} does not name the job's number of shards (onceflow "
+                             "keeps its savepoints under .../onceflow-shards-N/); add --shards with the number the "
+                             "job ran with (a job started on Flink without --shards by an earlier onceflow ran with 8)")
+        return given
+    recorded = int(found.group(1))
+    if given is not None and given != recorded:
+        raise UsageError(f"--shards={given}: the savepoint {savepoint_path} holds the job's state in {recorded} "
+                         f"shards; pass --shards={recorded} or leave --shards out")
+    return recorded
+
+
+def savepoint_stop_from_options(options: PipelineOptions, live: bool, shards: int) -> Optional[SavepointStop]:
     """Checks the savepoint flags (one-line UsageError naming the flag) and
     returns how to stop the job, or None when ``--flink_savepoint_dir`` is not
     set. A job without ``--job_name`` gets a unique one here, by which the stop
-    finds it on Flink."""
+    finds it on Flink; ``shards``: the job's number of shards."""
     flags = options.view_as(FlinkOptions)
     directory = optional_text(flags.flink_savepoint_dir)
     rest_url = optional_text(flags.flink_rest_url)
@@ -110,7 +141,7 @@ def savepoint_stop_from_options(options: PipelineOptions, live: bool) -> Optiona
     if job_name is None:
         job_name = f"onceflow-aggregate-{uuid.uuid4().hex[:12]}"
         cloud.job_name = job_name
-    return SavepointStop(rest_url, _check_directory(directory), job_name, restore_from)
+    return SavepointStop(rest_url, savepoint_folder(_check_directory(directory), shards), job_name, restore_from)
 
 
 def check_reachable(stop: SavepointStop) -> None:

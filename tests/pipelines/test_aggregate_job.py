@@ -140,7 +140,11 @@ def test_a_live_job_keeps_its_runner_streams_open_past_beams_default_timeout():
 @pytest.mark.parametrize("flags, shards", [
     (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g"), 2),  # live, no --runner: Prism
     (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g", "--runner=PrismRunner"), 2),
-    (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g", "--runner=PortableRunner"), 8),
+    (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g", "--runner=PortableRunner"), 2),
+    (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g", "--runner=FlinkRunner", "--parallelism=1"), 2),
+    (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g", "--runner=FlinkRunner", "--parallelism=6"), 6),
+    (("--input=kafka://127.0.0.1:9/orders", "--from=earliest", "--to=latest", "--runner=PortableRunner"), 8),
+    (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g", "--runner=DataflowRunner"), 8),
     (("--input=kafka://127.0.0.1:9/orders", "--from=earliest", "--to=latest"), 8),  # a backfill: DirectRunner
     (("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g", "--shards=5"), 5),
     (("--input=x.jsonl", "--runner=PortableRunner", "--shards=3"), 3),

@@ -11,7 +11,7 @@ import pytest
 
 from onceflow.errors import UsageError
 from onceflow.options import parse_pipeline_args
-from onceflow.pipelines.flink_savepoint import SavepointStop, savepoint_stop_from_options
+from onceflow.pipelines.flink_savepoint import SavepointStop, savepoint_stop_from_options, shards_to_restore
 from onceflow.runners import (
     JOB_PROCESS_ENV, LIVE_FLINK_BUNDLE_TIME_MS, USE_LOOPBACK_PROCESS_WORKER, prepare_runner, runs_on_flink,
 )
@@ -22,8 +22,8 @@ LIVE = ("--input=kafka://127.0.0.1:9/orders", "--kafka_group=g")
 REST = "--flink_rest_url=http://127.0.0.1:18081"
 
 
-def _stop(*flags, live=True):
-    return savepoint_stop_from_options(parse_pipeline_args(list(flags)), live)
+def _stop(*flags, live=True, shards=2):
+    return savepoint_stop_from_options(parse_pipeline_args(list(flags)), live, shards)
 
 
 def test_no_savepoint_flags_mean_no_savepoint_stop():
@@ -34,13 +34,15 @@ def test_no_savepoint_flags_mean_no_savepoint_stop():
 def test_the_flags_become_a_savepoint_stop():
     stop = _stop(*FLINK, "--flink_savepoint_dir=/var/sp", REST + "/", "--job_name=orders-live",
                  "--savepoint_path=file:/var/sp/savepoint-1", "--allow_non_restored_state")
-    assert stop == SavepointStop("http://127.0.0.1:18081", "/var/sp", "orders-live", "file:/var/sp/savepoint-1")
-    assert _stop(*FLINK, "--flink_savepoint_dir=s3://bucket/sp", REST, "--job_name=j").savepoint_dir == "s3://bucket/sp"
+    assert stop == SavepointStop("http://127.0.0.1:18081", "/var/sp/onceflow-shards-2", "orders-live",
+                                 "file:/var/sp/savepoint-1")
+    assert _stop(*FLINK, "--flink_savepoint_dir=s3://bucket/sp/", REST, "--job_name=j",
+                 shards=8).savepoint_dir == "s3://bucket/sp/onceflow-shards-8"
 
 
 def test_a_job_without_a_name_gets_a_unique_one_on_flink():
     options = parse_pipeline_args([*FLINK, "--flink_savepoint_dir=/var/sp", REST])
-    first = savepoint_stop_from_options(options, live=True).job_name
+    first = savepoint_stop_from_options(options, live=True, shards=2).job_name
     assert first.startswith("onceflow-aggregate-")
     assert options.get_all_options()["job_name"] == first  # what the job server names the Flink job
     assert _stop(*FLINK, "--flink_savepoint_dir=/var/sp", REST).job_name != first
@@ -104,6 +106,46 @@ def test_an_unreachable_rest_api_stops_the_job_before_it_is_submitted(tmp_path):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("aggregate: --flink_rest_url: Flink's REST API at http://127.0.0.1:9/config did "
                                "not answer: ")
+
+
+@pytest.mark.parametrize("path, given, shards", [
+    ("file:/var/sp/onceflow-shards-2/savepoint-1a2b", None, 2),
+    ("s3://bucket/sp/onceflow-shards-16/savepoint-1a2b/", None, 16),
+    ("/var/sp/onceflow-shards-8/savepoint-1a2b", 8, 8),
+    ("file:/var/sp/savepoint-1a2b", 8, 8),  # taken elsewhere: --shards says it
+])
+def test_a_restored_job_runs_with_the_shards_its_savepoint_was_taken_with(path, given, shards):
+    assert shards_to_restore(path, given) == shards
+
+
+@pytest.mark.parametrize("path, given, message", [
+    ("file:/var/sp/onceflow-shards-2/savepoint-1a2b", 8,
+     "--shards=8: the savepoint file:/var/sp/onceflow-shards-2/savepoint-1a2b holds the job's state in 2 shards; "
+     "pass --shards=2 or leave --shards out"),
+    ("file:/var/sp/savepoint-1a2b", None,
+     "--savepoint_path: file:/var/sp/savepoint-1a2b does not name the job's number of shards (onceflow keeps its "
+     "savepoints under .../onceflow-shards-N/); add --shards with the number the job ran with (a job started on "
+     "Flink without --shards by an earlier onceflow ran with 8)"),
+    ("file:/var/sp/my-onceflow-shards-2/savepoint-1a2b", None, "does not name the job's number of shards"),
+])
+def test_a_restore_with_other_shards_or_none_named_is_refused(path, given, message):
+    with pytest.raises(UsageError) as refused:
+        shards_to_restore(path, given)
+    assert message in str(refused.value)
+
+
+def test_the_job_takes_its_shards_from_the_savepoint_and_refuses_others_in_one_line(tmp_path):
+    from onceflow.pipelines.aggregate import job_from_options
+
+    sink = f"--sink=sqlite:///{tmp_path}/out.db"
+    restore = f"--savepoint_path=file:{tmp_path}/onceflow-shards-3/savepoint-1a2b"
+    assert job_from_options(parse_pipeline_args([*LIVE, *FLINK, sink, restore])).shards == 3
+    result = _run_cli(*LIVE, *FLINK, sink, f"--dlq={tmp_path}/dlq.jsonl", restore, "--shards=2")
+    assert result.returncode == 2
+    assert _lines(result.stderr) == [f"aggregate: error: --shards=2: the savepoint file:{tmp_path}/onceflow-shards-3/"
+                                     "savepoint-1a2b holds the job's state in 3 shards; pass --shards=3 or leave "
+                                     "--shards out"], result.stderr
+    assert not (tmp_path / "out.db").exists()
 
 
 def test_help_lists_the_savepoint_flags():

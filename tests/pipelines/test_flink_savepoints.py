@@ -20,6 +20,7 @@ import pytest
 
 from onceflow_dev.devstack.flink import cancel_running_jobs, flink_jobs, streaming_job_flags
 from onceflow.io import flink_rest
+from onceflow.pipelines.flink_savepoint import savepoint_folder
 from tests.livejob import (
     counted_events, job_output, new_topic, produce, producer_for, sample_lines, start_live_job, stop, table_rows,
     wait_for,
@@ -120,6 +121,7 @@ def test_stopped_with_a_savepoint_and_resumed_with_its_state_on_the_cluster(
         assert status == 0, first
         location = re.search(r"aggregate: stopped with a savepoint at (\S+); resume with the same flags and "
                              r"--savepoint_path=(\S+)", first).group(1)
+        assert f"{tmp_path}/savepoints/onceflow-shards-2/" in location  # the job's shards (2, the default), for the restore
         assert [j.state for j in flink_rest.list_jobs(rest) if j.name == name] == ["FINISHED"]
         events.send(60)  # while no job runs
         job = start_live_job(topic, f"g-{topic.topic}", f"sqlite:///{db}", dlq, *flags,
@@ -196,7 +198,7 @@ def test_the_embedded_flink_writes_a_savepoint_but_does_not_restore_it(kafka_boo
         wait_for(lambda: counted_events(db) > 0, "the first rows", 300, job)
         first = running()
         location = flink_rest.stop_with_savepoint(f"http://{first.endpoint}", first.job_id,
-                                                  str(tmp_path / "savepoints"))
+                                                  savepoint_folder(str(tmp_path / "savepoints"), 2))
         assert job.wait(120) == 0, job_output(job)  # the client sees its job end
         job = start_live_job(topic, f"g-{topic.topic}", f"sqlite:///{db}", dlq, *flags,
                              f"--savepoint_path={location}")
