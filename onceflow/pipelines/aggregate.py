@@ -53,7 +53,7 @@ from onceflow.options import (
 from onceflow.pipelines import flink_savepoint
 from onceflow.pipelines.flink_savepoint import SavepointStop
 from onceflow.pipelines.summary import RunSummary, collect_summary
-from onceflow.runners import default_shards, prepare_runner, runs_on_prism
+from onceflow.runners import default_shards, local_batch_runner, prepare_runner, runs_on_prism
 from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
 from onceflow.transforms.batched import DEFAULT_SHARDS
@@ -392,7 +392,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     prepare_runner(options, job.is_live, job.kafka is not None, job.kafka_readers)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     started = time.monotonic()
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=local_batch_runner(options, job.is_live), options=options)
     build(pipeline, job)
     with Monitor(options, runner, expected_records=expected_records) as monitor, \
             _sigterm_as_interrupt(job.is_live):

@@ -31,6 +31,7 @@ from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, client_
 from onceflow.io.kafka.read import ReadFromKafka
 from onceflow.observability.snapshot import snapshot_from_query
 from onceflow.options import InputOptions, KafkaOptions, help_text, parse_pipeline_args
+from onceflow.runners import local_batch_runner
 
 PIPELINE_NAME = "archive"
 
@@ -81,7 +82,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         raise ServiceError(f"--input: {error}") from None
     write_marker(archive.output, archive.archive_format)
     started = time.monotonic()
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=local_batch_runner(options, live=False), options=options)
     build(pipeline, config, archive.output, archive.archive_format)
     result = pipeline.run()
     result.wait_until_finish()

@@ -157,6 +157,39 @@ def test_the_number_of_shards_defaults_by_runner(flags, shards, tmp_path):
     assert job_from_options(parse_pipeline_args([*flags, sink])).shards == shards
 
 
+@pytest.mark.parametrize("flags, local", [
+    ((), True),
+    (("--runner=DirectRunner",), True),
+    (("--runner=direct", "--direct_running_mode=multi_processing", "--direct_num_workers=2"), True),
+    (("--runner=PrismRunner",), False),
+    (("--runner=PortableRunner",), False),
+    (("--streaming",), False),
+])
+def test_a_backfill_on_the_direct_runner_runs_on_its_fn_api_runner(flags, local):
+    from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
+
+    from onceflow.options import parse_pipeline_args
+    from onceflow.runners import local_batch_runner
+
+    options = parse_pipeline_args(list(flags))
+    assert isinstance(local_batch_runner(options, live=False), FnApiRunner) is local
+    assert local_batch_runner(options, live=True) is None
+
+
+def test_a_backfill_never_tries_prism_first(tmp_path, caplog):
+    """Beam's DirectRunner tries Prism first, fetching its binary from GitHub: a
+    backfill would download Prism and run there where that works (slower), and
+    waits for the refusal where it does not."""
+    import logging
+
+    from onceflow import metrics
+
+    with caplog.at_level(logging.INFO, logger="apache_beam.runners.direct.direct_runner"):
+        summary = run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl", "--status=off"])
+    assert summary.count(metrics.SINK_ROWS_WRITTEN) > 0
+    assert not [r for r in caplog.records if "Prism" in r.getMessage()], caplog.text
+
+
 def shuffled_half_hour(path, count=3_000, seed=7, shuffle=True):
     """A JSON-lines file of ``count`` orders spread over 30 minutes, in random
     time order (or in time order); returns the number of lines."""
