@@ -53,7 +53,7 @@ from onceflow.options import (
 from onceflow.pipelines import flink_savepoint
 from onceflow.pipelines.flink_savepoint import SavepointStop
 from onceflow.pipelines.summary import RunSummary, collect_summary
-from onceflow.runners import default_shards, local_batch_runner, prepare_runner, runs_on_prism
+from onceflow.runners import default_shards, local_batch_runner, prepare_runner, runs_on_flink, runs_on_prism
 from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
 from onceflow.transforms.batched import DEFAULT_SHARDS
@@ -200,7 +200,7 @@ def _shards(options: PipelineOptions, live: bool) -> int:
     text = options.view_as(AggregateOptions).shards
     given = None if text is None else positive_int(text, "--shards")
     savepoint = optional_text(options.view_as(FlinkOptions).savepoint_path)
-    if live and savepoint is not None:
+    if live and savepoint is not None and runs_on_flink(options):  # elsewhere the flag is refused later
         return flink_savepoint.shards_to_restore(savepoint, given)
     return default_shards(options, live) if given is None else given
 

@@ -140,6 +140,9 @@ def test_the_job_takes_its_shards_from_the_savepoint_and_refuses_others_in_one_l
     sink = f"--sink=sqlite:///{tmp_path}/out.db"
     restore = f"--savepoint_path=file:{tmp_path}/onceflow-shards-3/savepoint-1a2b"
     assert job_from_options(parse_pipeline_args([*LIVE, *FLINK, sink, restore])).shards == 3
+    # Not on Flink: the savepoint flag is refused later, by the savepoint checks, in their words.
+    assert job_from_options(parse_pipeline_args([*LIVE, "--runner=PrismRunner", sink,
+                                                 "--savepoint_path=file:/var/sp/savepoint-1"])).shards == 2
     result = _run_cli(*LIVE, *FLINK, sink, f"--dlq={tmp_path}/dlq.jsonl", restore, "--shards=2")
     assert result.returncode == 2
     assert _lines(result.stderr) == [f"aggregate: error: --shards=2: the savepoint file:{tmp_path}/onceflow-shards-3/"
