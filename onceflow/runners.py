@@ -213,10 +213,10 @@ _watching = False  # whether this process watches its job process already
 # A live job on Prism, or on Flink with one LOOPBACK worker, runs every Python step in
 # one SDK worker process, and each state key (a shard's window) costs it round trips
 # and timers: the 1,000,000-order catch-up took 15.7 s on Prism with 2 shards, 15.6 s
-# with 1, about 21 s with 8 and 25.4 s with 16; on the dev Flink job server 24.7-26.4 s
-# with 2 against 34.9-41.5 s with 8 (docs/benchmarks.md). A live job on Flink gets at
-# least one shard per task slot (--parallelism), so that each window's state can spread
-# over them all. Backfills and other runners keep the transforms' default: there the
+# with 1, about 21 s with 8 and 25.4 s with 16; on the dev Flink job server 21.4-29.8 s
+# with 2 against 27.4-41.5 s with 8, faster in each of five interleaved pairs
+# (docs/benchmarks.md). A live job on Flink gets at least one shard per task slot
+# (--parallelism), so that each window's state can spread over them all. Backfills and other runners keep the transforms' default: there the
 # number of shards did not change the speed, and Dataflow spreads them over workers.
 LIVE_SHARDS = 2
 
