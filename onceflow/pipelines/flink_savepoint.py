@@ -48,7 +48,7 @@ _RESTORE_REPORT_GRACE_S = 10.0
 # --shards would put a key's new events in another shard than its counted ones. So
 # savepoints go into a folder that names the number, and a restore reads it there.
 _SHARDS_FOLDER = "onceflow-shards-{}"
-_SHARDS_IN_PATH = re.compile(r"(?:^|/)onceflow-shards-([1-9][0-9]*)(?:/|$)")
+_SHARDS_IN_PATH = re.compile(r"(?:^|/)onceflow-shards-([1-9][0-9]*)(?=/|$)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +84,14 @@ def shards_to_restore(savepoint_path: str, given: Optional[int]) -> int:
     one its folder names (see :func:`savepoint_folder`). UsageError (one line) when
     ``--shards`` (``given``) says otherwise, or when the path names none and
     ``--shards`` is not given."""
-    found = _SHARDS_IN_PATH.search(savepoint_path)
-    if found is None:
+    named = _SHARDS_IN_PATH.findall(savepoint_path)  # the innermost is the one onceflow added
+    if not named:
         if given is None:
             raise UsageError(f"--savepoint_path: {savepoint_path} does not name the job's number of shards (onceflow "
                              "keeps its savepoints under .../onceflow-shards-N/); add --shards with the number the "
                              "job ran with (a job started on Flink without --shards by an earlier onceflow ran with 8)")
         return given
-    recorded = int(found.group(1))
+    recorded = int(named[-1])
     if given is not None and given != recorded:
         raise UsageError(f"--shards={given}: the savepoint {savepoint_path} holds the job's state in {recorded} "
                          f"shards; pass --shards={recorded} or leave --shards out")

@@ -113,6 +113,7 @@ def test_an_unreachable_rest_api_stops_the_job_before_it_is_submitted(tmp_path):
     ("s3://bucket/sp/onceflow-shards-16/savepoint-1a2b/", None, 16),
     ("/var/sp/onceflow-shards-8/savepoint-1a2b", 8, 8),
     ("file:/var/sp/savepoint-1a2b", 8, 8),  # taken elsewhere: --shards says it
+    ("/sp/onceflow-shards-8/onceflow-shards-2/savepoint-1a2b", None, 2),  # the folder onceflow added is the innermost
 ])
 def test_a_restored_job_runs_with_the_shards_its_savepoint_was_taken_with(path, given, shards):
     assert shards_to_restore(path, given) == shards
