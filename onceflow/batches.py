@@ -34,7 +34,7 @@ from bisect import bisect_right
 from itertools import accumulate
 from operator import attrgetter, itemgetter
 from threading import Lock
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 from onceflow.events import (
     MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MAX_JSON_NESTING, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS,
@@ -373,7 +373,7 @@ class _Fields(NamedTuple):
     """A batch's JSON records read into one list per field the contract names."""
 
     columns: Dict[str, List[Any]]  # field name -> each record's value, None where it lacks the field
-    others: set  # the indices of the records that are not JSON objects (or not JSON)
+    others: Set[int]  # the indices of the records that are not JSON objects (or not JSON)
 
     def column(self, name: str) -> List[Any]:
         """A fresh list: the column decoder fills in the unsure records' items."""

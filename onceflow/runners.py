@@ -216,8 +216,9 @@ _watching = False  # whether this process watches its job process already
 # with 1, about 21 s with 8 and 25.4 s with 16; on the dev Flink job server 21.4-29.8 s
 # with 2 against 27.4-41.5 s with 8, faster in each of five interleaved pairs
 # (docs/benchmarks.md). A live job on Flink gets at least one shard per task slot
-# (--parallelism), so that each window's state can spread over them all. Backfills and other runners keep the transforms' default: there the
-# number of shards did not change the speed, and Dataflow spreads them over workers.
+# (--parallelism), so that each window's state can spread over them all. Backfills and
+# other runners keep the transforms' default: there the number of shards did not
+# change the speed, and Dataflow spreads them over workers.
 LIVE_SHARDS = 2
 
 
@@ -254,8 +255,8 @@ def local_batch_runner(options: PipelineOptions, live: bool) -> Optional[FnApiRu
     or the default); None otherwise (the runner the options name is used)."""
     from apache_beam.options.pipeline_options import StandardOptions
 
-    runner = (options.view_as(StandardOptions).runner or "DirectRunner").lower()
-    if live or options.view_as(StandardOptions).streaming or runner not in ("directrunner", "direct"):
+    standard = options.view_as(StandardOptions)
+    if live or standard.streaming or (standard.runner or "DirectRunner").lower() not in ("directrunner", "direct"):
         return None
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
