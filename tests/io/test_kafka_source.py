@@ -322,3 +322,47 @@ def test_commits_never_move_a_partition_back(kafka_bootstrap):
         assert committed(topic, group, partitions=2) == [20, 20]
     finally:
         reader.teardown()
+
+
+def test_a_caught_up_partition_of_transactions_goes_idle(kafka_bootstrap):
+    """A transaction's commit marker takes an offset that is never delivered, so
+    the last record's offset + 1 stays one below the partition's end. The reader
+    counts a partition as caught up by how far its consumer has fetched (past the
+    marker): once idle for the timeout its watermark moves to the clock, and the
+    last windows close. Fails when caught-up means the last record read + 1."""
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+    from confluent_kafka import Producer
+
+    from onceflow.io.kafka.read import _ReadPartitionsDoFn
+
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    producer = Producer({"bootstrap.servers": topic.bootstrap_servers, "transactional.id": topic.topic})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for n in range(20):
+        producer.produce(topic.topic, value=event(n, 1_000 + n), partition=0)
+    producer.commit_transaction(30)
+    reader = _ReadPartitionsDoFn(KafkaReadConfig(topic, start=parse_position("earliest"), group_id=None), CONTRACT,
+                                 idle_timeout_s=0.5)
+    reader.setup()
+    try:
+        restriction = PartitionsRestriction(topic.topic, (PartitionSpan(0, 0, LIVE_END),))
+        read = 0
+        estimator = ManualWatermarkEstimator(None)
+        started_ms = int(time.time() * 1000)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            view = _RunnerView(_PartitionsTracker(restriction))
+            finalizer = type("Finalizer", (), {"register": lambda self, callback: None})()
+            read += sum(len(value.value.values) for value in reader._read(finalizer, view, estimator))
+            restriction = view.residual or restriction
+            watermark = estimator.current_watermark()
+            if read == 20 and watermark is not None and watermark.micros // 1000 >= started_ms - 500:
+                break
+        assert read == 20
+        assert estimator.current_watermark().micros // 1000 >= started_ms - 500, \
+            "the partition never went idle: its watermark stayed at the last event time"
+        tracker = _PartitionsTracker(restriction)
+        assert tracker.current_restriction().spans[0].start == 20  # the marker (offset 20) is never claimed
+    finally:
+        reader.teardown()
