@@ -366,3 +366,44 @@ def test_a_caught_up_partition_of_transactions_goes_idle(kafka_bootstrap):
         assert tracker.current_restriction().spans[0].start == 20  # the marker (offset 20) is never claimed
     finally:
         reader.teardown()
+
+
+def test_partition_discovery_resumes_every_second_and_looks_at_the_topic_every_ten(kafka_bootstrap):
+    """Discovery resumes every second (each resume moves its wall-clock watermark,
+    which on Flink is what lets the readers' watermark out of their stage) but
+    asks the broker for the topic's partitions only every 10 s; a partition added
+    meanwhile is emitted at the next look."""
+    from apache_beam.io.restriction_trackers import OffsetRange
+    from confluent_kafka.admin import AdminClient, NewPartitions
+
+    from onceflow.io.kafka.read import _DiscoverLivePartitionsDoFn, _PartitionNumberTracker
+
+    class _View(_RunnerView):
+        def defer_remainder(self, delay=None):
+            self.delay = delay
+            super().defer_remainder(delay)
+
+    topic = new_topic(kafka_bootstrap, partitions=2)
+    config = KafkaReadConfig(topic, start=parse_position("earliest"), group_id=None)
+    discovery = _DiscoverLivePartitionsDoFn(config, readers=1)
+    discovery.setup()
+    restriction = OffsetRange(0, LIVE_END)
+
+    def resume():
+        nonlocal restriction
+        view = _View(_PartitionNumberTracker(restriction))
+        emitted = [[read.partition for read in element.reads] for element in discovery.process(None, view)]
+        restriction = view.residual
+        return emitted, view.delay.micros / 1e6
+
+    assert resume() == ([[0, 1]], 1.0)
+    admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
+    admin.create_partitions([NewPartitions(topic.topic, 3)])[topic.topic].result(30)
+    assert resume() == ([], 1.0)  # within 10 s of the last look: no request to the broker
+    discovery._next_look = 0.0  # as if 10 s had passed
+    deadline = time.monotonic() + 30
+    emitted: list = []
+    while not emitted and time.monotonic() < deadline:  # the broker's metadata may lag the new partition
+        emitted, delay = resume()
+        discovery._next_look = 0.0
+    assert emitted == [[2]] and delay == 1.0

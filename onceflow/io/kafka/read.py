@@ -49,6 +49,10 @@ _POLL_INTERVAL_S = 0.5
 _CONSUME_BATCH = 20_000
 _CONSUME_TIMEOUT_S = 0.2
 _DISCOVERY_INTERVAL_S = 10.0
+# Partition discovery resumes this often and looks at the topic every
+# _DISCOVERY_INTERVAL_S: on Flink (job server 2.62) the readers' watermark leaves
+# their stage only when discovery's wall-clock watermark moves (docs/runner-findings.md).
+_WATERMARK_TICK_S = 1.0
 _COMMIT_LOCK = threading.Lock()
 
 
@@ -712,12 +716,21 @@ class _PartitionNumbersProvider(RestrictionProvider):
 
 class _DiscoverLivePartitionsDoFn(beam.DoFn):
     """Emits the topic's partitions once, and later any partition added to it
-    (polled every ``_DISCOVERY_INTERVAL_S``). Its watermark is the wall clock, so it
-    never holds back the readers' event-time watermarks."""
+    (looked for every ``_DISCOVERY_INTERVAL_S``). Its watermark is the wall clock, so
+    it never holds back the readers' event-time watermarks.
+
+    It resumes every ``_WATERMARK_TICK_S`` and only then looks at the topic if the
+    interval has passed: each resume moves its watermark, and on Flink that is what
+    lets the readers' own watermark out of their stage (without it the windows of a
+    live job closed only every 10 s: event-to-sink latency p99 11.8 s against 4.7 s,
+    10 s windows at 2,000 events/s)."""
 
     def __init__(self, config: KafkaReadConfig, readers: int):
         self._config = config
         self._readers = readers
+
+    def setup(self) -> None:
+        self._next_look = 0.0  # time.monotonic() of the next look at the topic
 
     @beam.DoFn.unbounded_per_element()
     def process(
@@ -728,6 +741,10 @@ class _DiscoverLivePartitionsDoFn(beam.DoFn):
     ):
         from confluent_kafka import KafkaException
 
+        if time.monotonic() < self._next_look:
+            tracker.defer_remainder(Duration(seconds=_WATERMARK_TICK_S))
+            return
+        self._next_look = time.monotonic() + _DISCOVERY_INTERVAL_S
         first_new = _inner_tracker(tracker, _PartitionNumberTracker).next_partition()
         try:
             new = [p for p in describe_topic(self._config) if p >= first_new]
@@ -740,7 +757,7 @@ class _DiscoverLivePartitionsDoFn(beam.DoFn):
             new = []
         if new and tracker.try_claim(max(new)):
             yield KafkaPartitionsRead(self._config.topic.topic, tuple(reads), self._readers)
-        tracker.defer_remainder(Duration(seconds=_DISCOVERY_INTERVAL_S))
+        tracker.defer_remainder(Duration(seconds=_WATERMARK_TICK_S))
 
 
 class ReadBatchesFromKafka(beam.PTransform):
