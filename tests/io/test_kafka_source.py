@@ -407,3 +407,30 @@ def test_partition_discovery_resumes_every_second_and_looks_at_the_topic_every_t
         emitted, delay = resume()
         discovery._next_look = 0.0
     assert emitted == [[2]] and delay == 1.0
+
+
+def test_a_bundle_that_ends_on_data_reports_the_lag_left(kafka_bootstrap):
+    """The consumer lag (end offset minus the reader's position) is what a slow
+    sink shows as: a bundle that ends while records are left (here the runner
+    checkpoints it after the first partition's batch) reports them, not 0."""
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+
+    from onceflow.io.kafka.read import _ReadPartitionsDoFn
+
+    topic = new_topic(kafka_bootstrap, partitions=2)
+    produce(topic, [(n % 2, event(n, 1_000 + n), None) for n in range(400)])
+    reader = _ReadPartitionsDoFn(KafkaReadConfig(topic, start=parse_position("earliest"), group_id=None), CONTRACT,
+                                 idle_timeout_s=30.0)
+    reader.setup()
+    try:
+        restriction = PartitionsRestriction(topic.topic, (PartitionSpan(0, 0, LIVE_END), PartitionSpan(1, 0, LIVE_END)))
+        view = _RunnerView(_PartitionsTracker(restriction), checkpoint_after=1)
+        finalizer = type("Finalizer", (), {"register": lambda self, callback: None})()
+        read = {}
+        for value in reader._read(finalizer, view, ManualWatermarkEstimator(None)):
+            read[value.value.origin[2]] = read.get(value.value.origin[2], 0) + len(value.value.values)
+        assert view.residual is not None and len(read) == 1
+        (first,) = read
+        assert view._restriction_tracker.backlog() == {first: 200 - read[first], 1 - first: 200}
+    finally:
+        reader.teardown()

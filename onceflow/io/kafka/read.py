@@ -186,7 +186,7 @@ class _PartitionsTracker(RestrictionTracker):
         self._finish_after: Dict[int, int] = {}
         self._checkpointed = False
         self.end_offsets: Dict[int, int] = {}  # latest end offsets seen, for the backlog
-        self.fetched: Dict[int, int] = {}  # the reading consumer's positions when they were seen
+        self.fetched: Dict[int, int] = {}  # the reading consumer's positions at an empty poll
 
     # Standard tracker interface ---------------------------------------------------
 
@@ -502,6 +502,8 @@ class _ReadPartitionsDoFn(beam.DoFn):
         finally:
             if emitted:
                 self._records.inc(emitted)
+            if read_any and not inner.end_offsets:  # a bundle that ended on data: the lag as it stands
+                self._refresh_end_offsets(topic, inner)
             for partition, lag in inner.backlog().items():
                 metrics.consumer_lag_gauge(topic, partition).set(lag)
             metrics.record_watermark(inner.watermark_ms())
@@ -576,23 +578,30 @@ class _ReadPartitionsDoFn(beam.DoFn):
         self._positions[key][partition] = max(low, position)
 
     def _refresh_backlog(self, consumer, topic: str, inner: _PartitionsTracker) -> None:
-        """Asks the broker for each open partition's end offset, and notes how far
-        ``consumer`` has fetched past transaction markers (a marker takes an offset
-        but is never delivered, so the last record's offset + 1 stays below the end).
+        """At an empty poll (every record fetched has been claimed): notes how far
+        ``consumer`` has read each open partition, past transaction markers (a
+        marker takes an offset but is never delivered, so the last record's offset
+        + 1 stays below the end), and asks the broker for the partitions' ends."""
+        from confluent_kafka import TopicPartition
 
-        The ends are asked through a client of their own: the reading consumer's
-        connection holds a fetch that the broker keeps open while there is nothing
-        to read (up to ``fetch.wait.max.ms``, 500 ms), and a request sent behind it
-        waits for it: 0.3-0.5 s per partition, so a reader of three caught-up
-        partitions spent 1.5 s per empty poll before it could declare them idle."""
-        from confluent_kafka import KafkaException, TopicPartition
-
-        if self._offsets_client is None:
-            self._offsets_client = new_consumer(self._config, "offsets")
         open_partitions = inner.open_partitions()
         positions = consumer.position([TopicPartition(topic, p) for p in open_partitions])
         for partition, fetched in zip(open_partitions, positions):
             inner.fetched[partition] = fetched.offset  # negative: nothing fetched yet
+        self._refresh_end_offsets(topic, inner)
+
+    def _refresh_end_offsets(self, topic: str, inner: _PartitionsTracker) -> None:
+        """Asks the broker for each open partition's end offset, through a client of
+        its own: the reading consumer's connection holds a fetch that the broker
+        keeps open while there is nothing to read (up to ``fetch.wait.max.ms``, 500
+        ms), and a request sent behind it waits for it: 0.3-0.5 s per partition, so
+        a reader of three caught-up partitions spent 1.5 s per empty poll before it
+        could declare them idle."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        if self._offsets_client is None:
+            self._offsets_client = new_consumer(self._config, "offsets")
+        for partition in inner.open_partitions():
             try:
                 inner.end_offsets[partition] = self._offsets_client.get_watermark_offsets(
                     TopicPartition(topic, partition), timeout=1.0, cached=False)[1]
