@@ -218,15 +218,17 @@ class _RunnerView:
         return self._restriction_tracker.current_restriction()
 
 
+class _Finalizer:
+    """A bundle finalizer that keeps nothing (these reads have no group to commit to)."""
+
+    def register(self, callback):
+        pass
+
+
 def _read_bundle(reader, restriction, checkpoint_after=None):
     from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 
     view = _RunnerView(_PartitionsTracker(restriction), checkpoint_after)
-
-    class _Finalizer:
-        def register(self, callback):
-            pass
-
     offsets = [(value.value.origin[2], offset)
                for value in reader._read(_Finalizer(), view, ManualWatermarkEstimator(None))
                for offset in value.value.positions]
@@ -283,9 +285,8 @@ def test_a_batch_is_timestamped_no_later_than_the_high_water_of_its_first_record
         stamped = []
         deadline = time.monotonic() + 30
         while sum(len(batch.values) for batch, _ in stamped) < 300 and time.monotonic() < deadline:
-            stamped += [(value.value, value.timestamp.micros // 1000) for value in reader._read(
-                type("Finalizer", (), {"register": lambda self, callback: None})(), view,
-                ManualWatermarkEstimator(None))]
+            stamped += [(value.value, value.timestamp.micros // 1000)
+                        for value in reader._read(_Finalizer(), view, ManualWatermarkEstimator(None))]
             view = _RunnerView(_PartitionsTracker(view.residual or view.current_restriction()))
         assert sum(len(batch.values) for batch, _ in stamped) == 300
         for batch, millis in stamped:
@@ -353,8 +354,7 @@ def test_a_caught_up_partition_of_transactions_goes_idle(kafka_bootstrap):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             view = _RunnerView(_PartitionsTracker(restriction))
-            finalizer = type("Finalizer", (), {"register": lambda self, callback: None})()
-            read += sum(len(value.value.values) for value in reader._read(finalizer, view, estimator))
+            read += sum(len(value.value.values) for value in reader._read(_Finalizer(), view, estimator))
             restriction = view.residual or restriction
             watermark = estimator.current_watermark()
             if read == 20 and watermark is not None and watermark.micros // 1000 >= started_ms - 500:
@@ -425,9 +425,8 @@ def test_a_bundle_that_ends_on_data_reports_the_lag_left(kafka_bootstrap):
     try:
         restriction = PartitionsRestriction(topic.topic, (PartitionSpan(0, 0, LIVE_END), PartitionSpan(1, 0, LIVE_END)))
         view = _RunnerView(_PartitionsTracker(restriction), checkpoint_after=1)
-        finalizer = type("Finalizer", (), {"register": lambda self, callback: None})()
         read = {}
-        for value in reader._read(finalizer, view, ManualWatermarkEstimator(None)):
+        for value in reader._read(_Finalizer(), view, ManualWatermarkEstimator(None)):
             read[value.value.origin[2]] = read.get(value.value.origin[2], 0) + len(value.value.values)
         assert view.residual is not None and len(read) == 1
         (first,) = read

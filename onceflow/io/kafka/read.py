@@ -502,15 +502,15 @@ class _ReadPartitionsDoFn(beam.DoFn):
         finally:
             if emitted:
                 self._records.inc(emitted)
+            if read_any and self._config.group_id:
+                bundle_finalizer.register(_CommitOffsets(self, topic, inner.next_offsets()))
+            elif self._finalize_every_bundle:
+                bundle_finalizer.register(_nothing_to_commit)
             if read_any and not inner.end_offsets:  # a bundle that ended on data: the lag as it stands
                 self._refresh_end_offsets(topic, inner)
             for partition, lag in inner.backlog().items():
                 metrics.consumer_lag_gauge(topic, partition).set(lag)
             metrics.record_watermark(inner.watermark_ms())
-            if read_any and self._config.group_id:
-                bundle_finalizer.register(_CommitOffsets(self, topic, inner.next_offsets()))
-            elif self._finalize_every_bundle:
-                bundle_finalizer.register(_nothing_to_commit)
 
     def _batch(self, topic: str, partition: int, run: list, inner: "_PartitionsTracker") -> RecordBatch:
         """One partition's consecutive records as a batch, decoded; moves the
