@@ -34,7 +34,9 @@ from bisect import bisect_right
 from itertools import accumulate
 from operator import attrgetter, itemgetter
 from threading import Lock
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import (
+    Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union,
+)
 
 from onceflow.events import (
     MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MAX_JSON_NESTING, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS,

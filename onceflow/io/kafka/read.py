@@ -288,9 +288,13 @@ class _PartitionsTracker(RestrictionTracker):
         marks = [self._high_water[p] for p in open_partitions]
         return None if any(m is None for m in marks) else min(marks)
 
+    def read_to(self, partition: int) -> int:
+        """The offset the partition has been read to: the next to claim, or past it
+        the consumer's position at an empty poll (transaction markers skipped)."""
+        return max(self._next[partition], self.fetched.get(partition, -1))
+
     def backlog(self) -> Dict[int, int]:
-        return {p: backlog(max(self._next[p], self.fetched.get(p, -1)), self._stops[p], self.end_offsets.get(p))
-                for p in self._stops}
+        return {p: backlog(self.read_to(p), self._stops[p], self.end_offsets.get(p)) for p in self._stops}
 
 
 def backlog(position: int, stop: int, end_offset: Optional[int]) -> int:
@@ -632,8 +636,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
         for partition in inner.open_partitions():
             end = inner.end_offsets.get(partition)
             last = self._last_data_at.setdefault(partition, now)
-            read_to = max(inner.next_offsets()[partition], inner.fetched.get(partition, -1))
-            if end is None or read_to < end or now - last < self._idle_timeout_s:
+            if end is None or inner.read_to(partition) < end or now - last < self._idle_timeout_s:
                 continue
             inner.observe(partition, idle_mark)
 
