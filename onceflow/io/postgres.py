@@ -92,7 +92,7 @@ def create_table_sql(table: str, schema: RowSchema) -> sql.Composed:
     columns.append(sql.SQL("{} TIMESTAMPTZ NOT NULL").format(sql.Identifier(WRITTEN_AT)))
     return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
         sql.Identifier(table), sql.SQL(", ").join(columns),
-        sql.SQL(", ").join(map(sql.Identifier, schema.primary_key)))
+        sql.SQL(", ").join(map(sql.Identifier, schema.table_key)))
 
 
 def upsert_sql(table: str, schema: RowSchema) -> sql.Composed:

@@ -33,7 +33,7 @@ def create_table_sql(table: str, schema: RowSchema) -> str:
     check_identifier(table, "table name")
     columns = [f"{_quote(c)} {_SQL_TYPES[schema.column_kind(c)]}" for c in schema.columns]
     columns.append(f"{_quote(WRITTEN_AT)} TEXT NOT NULL")
-    primary_key = ", ".join(_quote(c) for c in schema.primary_key)
+    primary_key = ", ".join(_quote(c) for c in schema.table_key)
     return f"CREATE TABLE IF NOT EXISTS {_quote(table)} ({', '.join(columns)}, PRIMARY KEY ({primary_key}))"
 
 

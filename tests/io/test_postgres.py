@@ -76,6 +76,29 @@ def test_an_older_version_never_overwrites_a_newer_one(postgres_dsn, table):
     assert counters[metrics.SINK_ROWS_STALE] == 1 and counters[metrics.SINK_ROWS_WRITTEN] == 1
 
 
+def test_the_table_is_keyed_window_first(postgres_dsn, table):
+    """Rows come window after window: a window-first index grows at its end."""
+    run_pipeline(postgres_dsn, table, [row("a", 0, 1, 1)])
+    with psycopg.connect(postgres_dsn) as connection:
+        columns = [name for (name,) in connection.execute(
+            "SELECT a.attname FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+            "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY k.n", (f'"{table}"',))]
+    assert columns == ["window_start", "window_end", "store"]
+
+
+def test_a_table_keyed_key_first_by_an_earlier_version_still_takes_guarded_upserts(postgres_dsn, table):
+    with psycopg.connect(postgres_dsn) as connection:
+        connection.execute(
+            f'CREATE TABLE "{table}" (store TEXT, window_start TIMESTAMPTZ, window_end TIMESTAMPTZ, '
+            'event_count BIGINT, "count" BIGINT, sum_qty DOUBLE PRECISION, mean_price DOUBLE PRECISION, '
+            'written_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (store, window_start, window_end))')
+    run_pipeline(postgres_dsn, table, [row("a", 0, 3, 30), row("b", 0, 1, 5)])
+    counters = run_pipeline(postgres_dsn, table, [row("a", 0, 2, 20), row("b", 0, 4, 50)])
+    assert read(postgres_dsn, table) == [("a", 0, MINUTE, 3, 3, 30.0, 1.5), ("b", 0, MINUTE, 4, 4, 50.0, 1.5)]
+    assert counters[metrics.SINK_ROWS_STALE] == 1 and counters[metrics.SINK_ROWS_WRITTEN] == 1
+
+
 def test_two_versions_in_one_batch_keep_the_newer(postgres_dsn, table):
     run_pipeline(postgres_dsn, table, [row("a", 0, 5, 50), row("a", 0, 2, 20)], batch_size=10)
     assert read(postgres_dsn, table) == [("a", 0, MINUTE, 5, 5, 50.0, 1.5)]
