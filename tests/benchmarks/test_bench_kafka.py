@@ -66,3 +66,21 @@ def test_a_child_that_ignores_sigint_is_stopped_by_sigterm(tmp_path):
         child.wait(0.05)
     child.stop()
     assert child.returncode == -signal.SIGTERM
+
+
+def test_a_live_run_is_timed_to_the_sinks_last_write(tmp_path):
+    """The harness looks at the sink every few seconds; a live run's time is the
+    job's last write (the rows' greatest written_at), not the look that found it."""
+    import datetime
+    import sqlite3
+
+    db = tmp_path / "sink.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE aggregates (store TEXT, written_at TEXT)")
+        connection.executemany("INSERT INTO aggregates VALUES (?, ?)", [
+            ("s1", "2026-12-03T17:00:01.250000Z"), ("s2", "2026-12-03T17:00:03.500000Z")])
+    expected = datetime.datetime(2026, 12, 3, 17, 0, 3, 500000, tzinfo=datetime.timezone.utc).timestamp()
+    assert bench.last_write(str(db)) == expected
+    with sqlite3.connect(db) as connection:
+        connection.execute("DELETE FROM aggregates")
+    assert bench.last_write(str(db)) is None
