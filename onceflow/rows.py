@@ -67,7 +67,7 @@ class RowSchema:
         """The primary key in the order a SQL table indexes it: the window first.
         A sink's rows come window after window, so a window-first index grows at
         its end; key-first, each transaction dirtied pages all over it (a backfill's
-        166,597 rows: 0.85 s into SQLite, 0.30 s window first; PostgreSQL 1.59 s,
+        166,597 rows: 0.80-0.85 s into SQLite, 0.30 s window first; PostgreSQL 1.59 s,
         1.40 s). An upsert's conflict target is the same columns in any order."""
         return (WINDOW_START, WINDOW_END, *self.key_fields)
 

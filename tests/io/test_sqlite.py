@@ -52,14 +52,18 @@ def test_replaying_the_same_rows_changes_nothing_but_written_at(tmp_path):
     assert read(path) == first and len(first) == 7
 
 
+def key_columns(path):
+    """The columns of the table's primary key index, in index order."""
+    with sqlite3.connect(path) as connection:
+        (index,) = [name for _, name, *_ in connection.execute("PRAGMA index_list(agg)")]
+        return [name for _, _, name in connection.execute(f"PRAGMA index_info({index})")]
+
+
 def test_the_table_is_keyed_window_first(tmp_path):
     """Rows come window after window: a window-first index grows at its end."""
     path = str(tmp_path / "out.db")
     ensure_table(path, "agg", SCHEMA)
-    with sqlite3.connect(path) as connection:
-        (index,) = [name for _, name, *_ in connection.execute("PRAGMA index_list(agg)")]
-        columns = [name for _, _, name in connection.execute(f"PRAGMA index_info({index})")]
-    assert columns == ["window_start", "window_end", "store"]
+    assert key_columns(path) == ["window_start", "window_end", "store"]
 
 
 def test_a_table_keyed_key_first_by_an_earlier_version_still_takes_guarded_upserts(tmp_path):
@@ -68,6 +72,7 @@ def test_a_table_keyed_key_first_by_an_earlier_version_still_takes_guarded_upser
         connection.execute(create_table_sql("agg", SCHEMA).replace(
             "PRIMARY KEY (\"window_start\", \"window_end\", \"store\")",
             "PRIMARY KEY (\"store\", \"window_start\", \"window_end\")"))
+    assert key_columns(path) == ["store", "window_start", "window_end"]
     write(path, [row("a", 0, 3, 30), row("b", 0, 1, 5)])
     write(path, [row("a", 0, 2, 20), row("b", 0, 4, 50)])  # a: stale version; b: newer
     assert read(path) == [
