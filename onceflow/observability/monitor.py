@@ -18,6 +18,7 @@ runs). Each snapshot feeds the status line and ``/healthz``/``/metrics``;
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import sys
 import threading
@@ -109,8 +110,18 @@ class Monitor:
         return self._figures
 
     def finish(self, summary):
-        """Stops the status line and writes ``summary`` to ``--metrics_out``; returns it."""
+        """Stops the status line and writes ``summary`` to ``--metrics_out``; returns it.
+
+        A summary without a counter, from a runner that says nothing once a live job
+        is cancelled (Beam's Flink job server), takes the figures this monitor sees
+        last instead: the runner's last answer, else this process's mirror (the
+        DoFns of a LOOPBACK worker), ``values`` saying which."""
         self._halt()
+        if not summary.counters and self._local is not None:
+            seen = self._snapshot()
+            if seen.counters:
+                summary = dataclasses.replace(summary, counters=dict(seen.counters), values=seen.values,
+                                              gauges={name: value for name, (value, _) in seen.gauges.items()})
         if self._metrics_out:
             summary.write_json(self._metrics_out)
         return summary

@@ -12,7 +12,7 @@ from apache_beam.metrics.metric import MetricsFilter
 
 from onceflow import metrics
 from onceflow.observability.figures import STAGES, consumer_lag, dead_letters_by_reason, total
-from onceflow.observability.snapshot import COMMITTED, snapshot_from_query
+from onceflow.observability.snapshot import COMMITTED, LOCAL, snapshot_from_query
 
 JSON_FORMAT = "onceflow-run-summary/1"
 # The share of records read that went to the DLQ as too_late from which the
@@ -24,7 +24,9 @@ TOO_LATE_NOTE_SHARE = 0.10
 class RunSummary:
     """Counters of one run (namespace ``onceflow``), its gauges' last values, and
     where the output is. ``values`` is ``committed`` when every counter is the
-    runner's committed value, ``attempted`` otherwise."""
+    runner's committed value, ``attempted`` otherwise, ``local`` when the runner
+    gave none at the end and they were counted in this process (see
+    :meth:`onceflow.observability.monitor.Monitor.finish`)."""
 
     runner: str
     seconds: float
@@ -96,17 +98,22 @@ class RunSummary:
         return "\n".join(lines)
 
     def notes(self) -> List[str]:
-        """Hints for a run whose figures suggest a flag is wrong for the input: when
-        too-late records are at least :data:`TOO_LATE_NOTE_SHARE` of the records read."""
+        """Where the figures came from when not from the runner, and hints for a run
+        whose figures suggest a flag is wrong for the input: when too-late records are
+        at least :data:`TOO_LATE_NOTE_SHARE` of the records read."""
+        found = []
+        if self.values == LOCAL:
+            found.append("the runner gave no figures once the job stopped: these were counted in this process "
+                         "while it ran")
         read = self.count(metrics.RECORDS_READ)
         too_late = self.dead_letters_by_reason.get("too_late", 0)
         if read <= 0 or too_late < TOO_LATE_NOTE_SHARE * read:
-            return []
-        return [f"{too_late:,} of {read:,} records ({too_late / read:.0%}) went to the dead-letter queue as "
-                "too_late. Lateness is measured against the newest event time before a record in its file "
-                "or Kafka partition, so out-of-order input looks late; if the input is out of order by more "
-                "than --allowed_lateness (default 5m), raise it (e.g. --allowed_lateness=1h), then replay "
-                "them with onceflow dlq replay --reason too_late."]
+            return found
+        return found + [f"{too_late:,} of {read:,} records ({too_late / read:.0%}) went to the dead-letter queue as "
+                        "too_late. Lateness is measured against the newest event time before a record in its file "
+                        "or Kafka partition, so out-of-order input looks late; if the input is out of order by more "
+                        "than --allowed_lateness (default 5m), raise it (e.g. --allowed_lateness=1h), then replay "
+                        "them with onceflow dlq replay --reason too_late."]
 
     def to_json(self) -> Dict[str, Any]:
         """Everything above as JSON-ready data (what ``--metrics_out`` writes)."""

@@ -10,6 +10,7 @@ from onceflow.errors import UsageError
 from onceflow.observability.monitor import Monitor
 from onceflow.observability.status import StatusWriter
 from onceflow.options import MonitoringOptions, parse_pipeline_args
+from onceflow.pipelines.summary import RunSummary, collect_summary
 from tests.observability.fakes import FakeMetricsSource
 
 
@@ -27,6 +28,38 @@ def test_without_a_result_the_monitor_counts_what_runs_in_this_process():
     assert figures.dead_letters_by_reason == {"malformed_json": 1}
     assert figures.consumer_lag == {("orders.eu", 2): 40}
     assert monitor.figures() is figures
+
+
+class _SaysNothing:
+    """What Beam's Flink job server answers for a live job it cancelled: no metrics."""
+
+    def metrics(self):
+        return self
+
+    def query(self, _filter=None):
+        return {"counters": [], "gauges": [], "distributions": []}
+
+
+def test_a_runner_that_says_nothing_at_the_end_gets_the_figures_counted_in_this_process():
+    """A live Flink job stopped with Ctrl-C summed up as 'records read 0' although
+    its LOOPBACK worker, in this process, had read every record."""
+    result = _SaysNothing()
+    with Monitor(PipelineOptions(["--status=off"]), "PortableRunner", stream=io.StringIO()) as monitor:
+        monitor.watch(result)
+        metrics.counter(metrics.RECORDS_READ).inc(9)
+        metrics.consumer_lag_gauge("orders", 0).set(4)
+        summary = monitor.finish(collect_summary(result, "PortableRunner", 2.0, "sink", "dlq"))
+    assert summary.count(metrics.RECORDS_READ) == 9 and summary.values == "local"
+    assert summary.consumer_lag() == {"orders": {"0": 4}}
+    assert "note: the runner gave no figures once the job stopped" in summary.render()
+
+
+def test_the_runners_final_figures_are_kept():
+    with Monitor(PipelineOptions(["--status=off"]), "PortableRunner", stream=io.StringIO()) as monitor:
+        metrics.counter(metrics.RECORDS_READ).inc(9)
+        final = RunSummary("PortableRunner", 2.0, {metrics.RECORDS_READ: 7}, "sink", "dlq")
+        assert monitor.finish(final) is final
+    assert "note" not in final.render()
 
 
 def test_the_monitor_reads_health_thresholds_from_the_flags():
