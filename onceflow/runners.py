@@ -222,6 +222,45 @@ _watching = False  # whether this process watches its job process already
 LIVE_SHARDS = 2
 
 
+# The Python SDK's worker threads and data plane, whose streams the runner closes
+# when a job is cancelled (LOOPBACK runs them in the job's process).
+_WORKER_LOGGERS = ("apache_beam.runners.worker.data_plane", "apache_beam.runners.worker.sdk_worker")
+
+
+def quiet_worker_teardown() -> None:
+    """Keeps the runner's hang-up of a job being stopped from printing tracebacks.
+
+    When a live job is cancelled (Ctrl-C, SIGTERM, a failed savepoint), Prism and
+    Beam's Flink job server close the SDK worker's gRPC streams; with LOOPBACK the
+    worker's threads run in this process and each prints the closed stream
+    (``CANCELLED``, ``UNAVAILABLE``) as a traceback, between onceflow's one-line
+    messages. Call this once the job is being stopped: from then on those two
+    errors, and only those, are dropped from worker threads' uncaught exceptions
+    and from the worker's logs. Anything else still prints.
+    """
+    import logging
+
+    import grpc
+
+    def is_hang_up(error: Optional[BaseException]) -> bool:
+        return isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)) and error.code() in (
+            grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+    previous = threading.excepthook
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if not is_hang_up(args.exc_value):
+            previous(args)
+
+    threading.excepthook = excepthook
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (record.exc_info and is_hang_up(record.exc_info[1]))
+
+    for name in _WORKER_LOGGERS:
+        logging.getLogger(name).addFilter(keep)
+
+
 def default_shards(options: PipelineOptions, live: bool) -> int:
     """``--shards`` when not given: LIVE_SHARDS for a job that runs on Prism (named by
     ``--runner``, or chosen for a live job without one); for a live job on Flink,

@@ -53,7 +53,9 @@ from onceflow.options import (
 from onceflow.pipelines import flink_savepoint
 from onceflow.pipelines.flink_savepoint import SavepointStop
 from onceflow.pipelines.summary import RunSummary, collect_summary
-from onceflow.runners import default_shards, local_batch_runner, prepare_runner, runs_on_flink, runs_on_prism
+from onceflow.runners import (
+    default_shards, local_batch_runner, prepare_runner, quiet_worker_teardown, runs_on_flink, runs_on_prism,
+)
 from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
 from onceflow.transforms.batched import DEFAULT_SHARDS
@@ -404,6 +406,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                     _attach_to_flink(savepoints, result)
                 result.wait_until_finish()
             except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
+                quiet_worker_teardown()
                 print("aggregate: stopping" + (" with a savepoint..." if savepoints else "..."), file=sys.stderr)
                 if savepoints is not None:
                     _stop_with_savepoint(savepoints, result)
