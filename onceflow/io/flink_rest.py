@@ -37,6 +37,11 @@ class FlinkRestError(RuntimeError):
     """Flink's REST API did not do what was asked; the message is one line."""
 
 
+class FlinkUnreachable(FlinkRestError):
+    """Flink's REST API did not answer at all (refused, reset, timed out): worth
+    asking again, unlike an answer that refuses."""
+
+
 class FlinkJob(NamedTuple):
     """A job as ``/jobs/overview`` lists it."""
 
@@ -70,7 +75,7 @@ def _request(url: str, method: str = "GET", body: Optional[dict] = None) -> Any:
         raise FlinkRestError(f"{method} {url} answered HTTP {error.code}: {_flink_errors(error)}") from None
     except (OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", None) or error
-        raise FlinkRestError(f"Flink's REST API at {url} did not answer: {reason}") from None
+        raise FlinkUnreachable(f"Flink's REST API at {url} did not answer: {reason}") from None
     try:
         return json.loads(text) if text.strip() else {}
     except ValueError:

@@ -33,7 +33,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from onceflow.errors import ServiceError, UsageError
 from onceflow.io import flink_rest
-from onceflow.io.flink_rest import FlinkJob, FlinkRestError
+from onceflow.io.flink_rest import FlinkJob, FlinkRestError, FlinkUnreachable
 from onceflow.options import FlinkOptions, optional_text
 from onceflow.runners import runs_on_flink
 
@@ -159,16 +159,23 @@ def attach(stop: SavepointStop, ended: Callable[[], bool]) -> Optional[FlinkJob]
     ``--savepoint_path``, whether Flink restored it from the savepoint. None when
     the pipeline ended first (``ended()``: its failure is then reported by the
     runner). ServiceError (one line) when the REST API does not answer or does
-    not list the job within :data:`ATTACH_TIMEOUT_S`."""
+    not list the job within :data:`ATTACH_TIMEOUT_S`. A request that gets no
+    answer is asked again until then: one unanswered request (a busy JobManager
+    once left one past its 10 s timeout in a test run) does not end the job."""
     deadline = time.monotonic() + ATTACH_TIMEOUT_S
     try:
         while True:
-            job = flink_rest.find_job(stop.rest_url, stop.job_name)
+            try:
+                job, unanswered = flink_rest.find_job(stop.rest_url, stop.job_name), None
+            except FlinkUnreachable as error:
+                job, unanswered = None, error
             if job is not None and job.state == "RUNNING":
                 break
             if ended():
                 return None
             if time.monotonic() > deadline:
+                if unanswered is not None:
+                    raise unanswered
                 seen = f"it is {job.state}" if job is not None else "no such job is listed"
                 raise ServiceError(f"--flink_rest_url: Flink at {stop.rest_url} does not run a job named "
                                    f"{stop.job_name!r} {ATTACH_TIMEOUT_S:.0f}s after submission ({seen}); is it "

@@ -7,6 +7,7 @@ import http.server
 import json
 import socket
 import threading
+import time
 
 import pytest
 
@@ -15,8 +16,9 @@ from onceflow.io.flink_rest import FlinkJob, FlinkRestError
 
 
 class _FakeFlink:
-    """Answers ``routes[(method, path)]``: a (status, JSON body) pair, or a list
-    of them served one per request (the last one repeated). Records each request."""
+    """Answers ``routes[(method, path)]``: a (status, JSON body) pair (or a triple
+    with a delay in seconds), or a list of them served one per request (the last
+    one repeated). Records each request."""
 
     def __init__(self, routes):
         self.routes = routes
@@ -31,7 +33,9 @@ class _FakeFlink:
                 answer = fake.routes.get((self.command, self.path), (404, {"errors": ["Not found: " + self.path]}))
                 if isinstance(answer, list):
                     answer = answer.pop(0) if len(answer) > 1 else answer[0]
-                status, payload = answer
+                status, payload, *delay = answer
+                if delay:  # (status, body, seconds): answers that late
+                    time.sleep(delay[0])
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -164,3 +168,29 @@ def test_restored_savepoint_and_cancel(fake_flink):
     flink_rest.cancel_job(flink.url, "j1")
     assert ("PATCH", "/jobs/j1?mode=cancel", None) in flink.requests
     assert flink_rest.flink_version(flink.url) == "1.19.0"
+
+
+def test_attaching_asks_again_when_a_request_gets_no_answer_in_time(fake_flink, monkeypatch, capsys):
+    """A busy JobManager once left a request unanswered past its timeout, and the
+    job gave up on the REST API it had just been checked against."""
+    from onceflow.pipelines.flink_savepoint import SavepointStop, attach
+
+    monkeypatch.setattr(flink_rest, "_REQUEST_TIMEOUT_S", 0.2)
+    running = _overview(("j1", "orders", "RUNNING"))
+    flink = fake_flink({("GET", "/jobs/overview"): [(*running, 1.0), running]})
+    job = attach(SavepointStop(flink.url, "/tmp/savepoints", "orders"), ended=lambda: False)
+    assert job == FlinkJob("j1", "orders", "RUNNING")
+    assert len(flink.requests) >= 2
+    assert "Flink runs the job as 'orders' (j1)" in capsys.readouterr().err
+
+
+def test_attaching_to_a_rest_api_that_never_answers_ends_in_one_line(monkeypatch):
+    from onceflow.errors import ServiceError
+    from onceflow.pipelines import flink_savepoint
+
+    monkeypatch.setattr(flink_savepoint, "ATTACH_TIMEOUT_S", 0.5)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with pytest.raises(ServiceError, match=r"^--flink_rest_url: Flink's REST API at .* did not answer"):
+        flink_savepoint.attach(flink_savepoint.SavepointStop(url, "/tmp/savepoints", "orders"), ended=lambda: False)
