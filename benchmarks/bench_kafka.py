@@ -196,10 +196,7 @@ def last_write(db: str, table: str = "aggregates") -> Optional[float]:
     last row (the harness looks only every few seconds), None when empty."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
         (latest,) = connection.execute(f'SELECT MAX(written_at) FROM "{table}"').fetchone()
-    if latest is None:
-        return None
-    return datetime.datetime.strptime(latest, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-        tzinfo=datetime.timezone.utc).timestamp()
+    return None if latest is None else utc_ms(latest) / 1000
 
 
 def dlq_count(path: str) -> int:
