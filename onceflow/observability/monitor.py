@@ -109,6 +109,11 @@ class Monitor:
         """The latest figures (None before the first snapshot)."""
         return self._figures
 
+    def mirror(self) -> Optional[MetricsSnapshot]:
+        """What this process counted and set since the monitor started (None
+        outside its context)."""
+        return self._local.snapshot() if self._local is not None else None
+
     def finish(self, summary):
         """Stops the status line and writes ``summary`` to ``--metrics_out``; returns it.
 

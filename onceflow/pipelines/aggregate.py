@@ -421,7 +421,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                 raise ServiceError(f"{failure}; no record was dead-lettered for it: rerun when it answers") from None
             raise
         return monitor.finish(collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
-                                              job.dlq.describe()))
+                                              job.dlq.describe(), mirror=monitor.mirror()))
 
 
 def _describe_input(job: AggregateJob) -> List[int]:

@@ -6,13 +6,13 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from apache_beam.metrics.metric import MetricsFilter
 
 from onceflow import metrics
 from onceflow.observability.figures import STAGES, consumer_lag, dead_letters_by_reason, total
-from onceflow.observability.snapshot import COMMITTED, LOCAL, snapshot_from_query
+from onceflow.observability.snapshot import COMMITTED, LOCAL, MetricsSnapshot, snapshot_from_query
 
 JSON_FORMAT = "onceflow-run-summary/1"
 # The share of records read that went to the DLQ as too_late from which the
@@ -164,14 +164,24 @@ class RunSummary:
             raise
 
 
-def collect_summary(result, runner: str, seconds: float, sink: str, dlq: str) -> RunSummary:
+def collect_summary(result, runner: str, seconds: float, sink: str, dlq: str,
+                    mirror: Optional[MetricsSnapshot] = None) -> RunSummary:
     """Sums each ``onceflow`` counter over steps (committed values where the runner
     reports them, attempted otherwise) and keeps each gauge's latest value. A run
-    with no job to ask (e.g. Dataflow only writing a template) has no counters."""
+    with no job to ask (e.g. Dataflow only writing a template) has no counters.
+
+    ``mirror``: the gauges this process saw set (its in-process workers'). A gauge
+    is the newer of the runner's value and the mirror's: Beam's FnApiRunner
+    reports each gauge as the first bundle of a step set it, so a backfill read in
+    several bundles ended with the consumer lag of its first bundle."""
     if getattr(result, "has_job", True) is False:
         return RunSummary(runner, seconds, {}, sink, dlq)
     query = result.metrics().query(MetricsFilter().with_namespace(metrics.NAMESPACE))
     snapshot = snapshot_from_query(query, 0.0, prefer_committed=True)
+    gauges = dict(snapshot.gauges)
+    for name, (value, stamp) in (mirror.gauges.items() if mirror is not None else ()):
+        if name not in gauges or stamp > gauges[name][1]:
+            gauges[name] = (value, stamp)
     return RunSummary(runner, seconds, dict(snapshot.counters), sink, dlq,
-                      gauges={name: value for name, (value, _) in snapshot.gauges.items()},
+                      gauges={name: value for name, (value, _) in sorted(gauges.items())},
                       values=snapshot.values)

@@ -2,8 +2,11 @@
 
 import io
 
+import apache_beam as beam
 import pytest
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.core import RestrictionProvider
 
 from onceflow import metrics
 from onceflow.errors import UsageError
@@ -52,6 +55,44 @@ def test_a_runner_that_says_nothing_at_the_end_gets_the_figures_counted_in_this_
     assert summary.count(metrics.RECORDS_READ) == 9 and summary.values == "local"
     assert summary.consumer_lag() == {"orders": {"0": 4}}
     assert "note: the runner gave no figures once the job stopped" in summary.render()
+
+
+class _Countdown(RestrictionProvider):
+    def initial_restriction(self, element):
+        return OffsetRange(0, element)
+
+    def create_tracker(self, restriction):
+        return OffsetRestrictionTracker(restriction)
+
+    def restriction_size(self, element, restriction):
+        return restriction.size()
+
+
+class _LagPerBundle(beam.DoFn):
+    """Claims one position per bundle and sets the lag to the positions left, as
+    the Kafka reader sets it at the end of each bundle."""
+
+    def process(self, element, tracker=beam.DoFn.RestrictionParam(_Countdown())):
+        position = tracker.current_restriction().start
+        if tracker.try_claim(position):
+            metrics.consumer_lag_gauge("orders", 0).set(element - position - 1)
+            tracker.defer_remainder()
+        yield from ()
+
+
+def test_the_summary_keeps_each_gauges_last_value_over_the_runners_first():
+    """A Kafka backfill on the DirectRunner summed up with the consumer lag of its
+    first bundle (949,933 of 1,009,933 records, all of them read): Beam's
+    FnApiRunner reports the value a step set in its first bundle."""
+    options = PipelineOptions(["--status=off"])
+    pipeline = beam.Pipeline(runner="FnApiRunner", options=options)
+    _ = pipeline | beam.Create([4]) | beam.ParDo(_LagPerBundle())
+    with Monitor(options, "DirectRunner", stream=io.StringIO()) as monitor:
+        result = pipeline.run()
+        result.wait_until_finish()
+        assert collect_summary(result, "DirectRunner", 1.0, "sink", "dlq").consumer_lag() == {"orders": {"0": 3}}
+        summary = monitor.finish(collect_summary(result, "DirectRunner", 1.0, "sink", "dlq", mirror=monitor.mirror()))
+    assert summary.consumer_lag() == {"orders": {"0": 0}}
 
 
 def test_the_runners_final_figures_are_kept():
