@@ -187,17 +187,24 @@ class KeyAndWindowToRowDoFn(beam.DoFn):
 
     def process(self, element: Tuple[Tuple[str, int, int], Dict[str, Any]]):
         (key_text, start_ms, end_ms), columns = element
-        row: Dict[str, Any] = dict(zip(self._key_fields, _key_values(key_text)))
-        row[WINDOW_START] = start_ms
-        row[WINDOW_END] = end_ms
-        row.update(columns)
         self._emitted += 1
-        yield row
+        yield window_row(self._key_fields, key_text, start_ms, end_ms, columns)
 
     def finish_bundle(self) -> None:
         if self._emitted:
             self._rows.inc(self._emitted)
             self._emitted = 0
+
+
+def window_row(key_fields: Sequence[str], key_text: str, start_ms: int, end_ms: int,
+               columns: Dict[str, Any]) -> Dict[str, Any]:
+    """The row of one key and window: the key fields, the window's bounds, the
+    aggregate columns."""
+    row: Dict[str, Any] = dict(zip(key_fields, _key_values(key_text)))
+    row[WINDOW_START] = start_ms
+    row[WINDOW_END] = end_ms
+    row.update(columns)
+    return row
 
 
 @functools.lru_cache(maxsize=100_000)  # a key's text repeats in every window of the key

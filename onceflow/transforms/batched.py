@@ -26,7 +26,7 @@ from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc
 from onceflow.deadletter import DeadLetter
 from onceflow.events import EventContract
 from onceflow.transforms.aggregate import (
-    Aggregated, KeyAndWindowToRowDoFn, check_aggregate_arguments, too_late_letter,
+    Aggregated, check_aggregate_arguments, too_late_letter, window_row,
 )
 from onceflow.transforms.parse import STAGE as PARSE_STAGE
 from onceflow.windowing import WindowSpec
@@ -237,10 +237,12 @@ class _AggregateShardWindowDoFn(beam.DoFn):
     """Bounded input: every sub-batch of a shard window at once (after a
     GroupByKey), one row per key; no state or timers."""
 
-    def __init__(self, aggregates: Sequence[AggregateSpec]):
+    def __init__(self, key_fields: Sequence[str], aggregates: Sequence[AggregateSpec]):
+        self._key_fields = tuple(key_fields)
         self._aggregation = Aggregation(aggregates)
         self._duplicates = metrics.counter(metrics.DUPLICATES_DROPPED)
         self._unique = metrics.counter(metrics.EVENTS_UNIQUE)
+        self._rows = metrics.counter(metrics.ROWS_EMITTED)
 
     def setup(self) -> None:
         relax_gc()
@@ -249,8 +251,10 @@ class _AggregateShardWindowDoFn(beam.DoFn):
         (_, start_ms, end_ms), sub_batches = element
         by_key: Dict[str, list] = {}
         absorb_sub_batches(self._aggregation, by_key, sub_batches, self._duplicates, self._unique)
+        extract, key_fields = self._aggregation.extract, self._key_fields
+        self._rows.inc(len(by_key))
         for key_text in sorted(by_key):
-            yield (key_text, start_ms, end_ms), self._aggregation.extract(by_key[key_text][0])
+            yield window_row(key_fields, key_text, start_ms, end_ms, extract(by_key[key_text][0]))
 
 
 class _AccumulateShardWindowsDoFn(beam.DoFn):
@@ -278,8 +282,10 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
     WINDOW_TIMER = TimerSpec("window", TimeDomain.WATERMARK)
     EARLY = TimerSpec("early", TimeDomain.REAL_TIME)
 
-    def __init__(self, aggregates: Sequence[AggregateSpec], allowed_lateness_ms: int,
+    def __init__(self, key_fields: Sequence[str], aggregates: Sequence[AggregateSpec], allowed_lateness_ms: int,
                  early_firing_ms: Optional[int]):
+        self._key_fields = tuple(key_fields)
+        self._rows = metrics.counter(metrics.ROWS_EMITTED)
         self._aggregation = Aggregation(aggregates)
         self._lateness_ms = allowed_lateness_ms
         self._early_firing_ms = early_firing_ms
@@ -351,10 +357,14 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
         return changed
 
     def _panes(self, by_key: Dict[str, list], keys, start_ms: int, end_ms: int):
+        emitted = 0
         for key_text in sorted(keys):
             entry = by_key[key_text]
             entry[1] = entry[0].count
-            yield (key_text, start_ms, end_ms), self._aggregation.extract(entry[0])
+            emitted += 1
+            yield window_row(self._key_fields, key_text, start_ms, end_ms, self._aggregation.extract(entry[0]))
+        if emitted:
+            self._rows.inc(emitted)
 
     def _next_early_firing(self) -> Timestamp:
         """The next point of a fixed processing-time grid: setting it again within
@@ -433,15 +443,14 @@ class AggregateBatches(beam.PTransform):
                 Tuple[Tuple[int, int, int], Any]).with_outputs(_DEAD_LETTERS, main="sub_batches")
         if split.sub_batches.is_bounded:
             # Every record is in the input: group, then aggregate each shard window once.
-            columns = (
+            rows = (
                 split.sub_batches
                 | "GroupPerShardWindow" >> beam.GroupByKey()
-                | "AggregatePerShardWindow" >> beam.ParDo(_AggregateShardWindowDoFn(self._aggregates))
+                | "AggregatePerShardWindow" >> beam.ParDo(_AggregateShardWindowDoFn(self._key_fields, self._aggregates))
             )
         else:
-            columns = split.sub_batches | "AggregatePerShardWindow" >> beam.ParDo(_AccumulateShardWindowsDoFn(
-                self._aggregates, self._spec.allowed_lateness_ms, self._early_firing_ms))
-        rows = columns | "ToRows" >> beam.ParDo(KeyAndWindowToRowDoFn(self._key_fields))
+            rows = split.sub_batches | "AggregatePerShardWindow" >> beam.ParDo(_AccumulateShardWindowsDoFn(
+                self._key_fields, self._aggregates, self._spec.allowed_lateness_ms, self._early_firing_ms))
         return Aggregated(rows=rows, dead_letters=split[_DEAD_LETTERS])
 
 

@@ -88,7 +88,8 @@ def test_the_graph_wires_onceflows_steps(tmp_path, live):
     """The steps of the main job, under their labels, wired as the job needs: a
     file backfill groups each shard window and aggregates it once, statelessly; a
     live Kafka read is unbounded all the way and aggregates with the per-shard-window
-    state and timers; rows come from ToRows, dead letters from ScreenAndSplit."""
+    state and timers; rows come from AggregatePerShardWindow, dead letters from
+    ScreenAndSplit."""
     from apache_beam.portability.api import beam_runner_api_pb2
 
     flags = [*DATAFLOW_FLAGS, "--input=kafka://broker-1:9092/orders", "--kafka_group=g"] if live \
@@ -108,7 +109,7 @@ def test_the_graph_wires_onceflows_steps(tmp_path, live):
         assert producers[only_input(transforms["AggregateEvents/GroupPerShardWindow"])][0] == \
             "AggregateEvents/ScreenAndSplit/ParDo(_ScreenAndSplitDoFn)"
     assert producers[only_input(transforms["AggregateEvents"])][0].startswith(read)
-    assert producers[only_input(transforms["WriteRows"])][0] == "AggregateEvents/ToRows"
+    assert producers[only_input(transforms["WriteRows"])][0] == "AggregateEvents/AggregatePerShardWindow"
     assert producers[only_input(transforms["WriteDeadLetters"])] == \
         ("AggregateEvents/ScreenAndSplit/ParDo(_ScreenAndSplitDoFn)", "dead_letters")
     for step in ("AggregateEvents", "AggregateEvents/AggregatePerShardWindow", "WriteRows", "WriteDeadLetters"):
