@@ -227,25 +227,41 @@ LIVE_SHARDS = 2
 _WORKER_LOGGERS = ("apache_beam.runners.worker.data_plane", "apache_beam.runners.worker.sdk_worker")
 
 
+_QUIETED = False  # quiet_worker_teardown has run in this process
+
+
+def is_hang_up(error: Optional[BaseException]) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a gRPC stream the
+    other side closed: ``CANCELLED`` or ``UNAVAILABLE``."""
+    import grpc
+
+    while error is not None:
+        if isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)) and error.code() in (
+                grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def quiet_worker_teardown() -> None:
     """Keeps the runner's hang-up of a job being stopped from printing tracebacks.
 
-    When a live job is cancelled (Ctrl-C, SIGTERM, a failed savepoint), Prism and
-    Beam's Flink job server close the SDK worker's gRPC streams; with LOOPBACK the
-    worker's threads run in this process and each prints the closed stream
-    (``CANCELLED``, ``UNAVAILABLE``) as a traceback, between onceflow's one-line
-    messages. Call this once the job is being stopped: from then on those two
-    errors, and only those, are dropped from worker threads' uncaught exceptions
-    and from the worker's logs. Anything else still prints.
+    When a live job is cancelled (Ctrl-C, SIGTERM, a failed savepoint), or the
+    runner goes away, Prism and Beam's Flink job server close the SDK worker's
+    gRPC streams; with LOOPBACK the worker's threads run in this process and each
+    prints the closed stream (``CANCELLED``, ``UNAVAILABLE``) as a traceback,
+    between onceflow's one-line messages. Call this once the job runs (the job's
+    own wait for the runner reports a runner gone, in one line): from then on
+    those two errors, and only those, are dropped from worker threads' uncaught
+    exceptions and from the worker's logs. Anything else still prints. Calls
+    after the first do nothing.
     """
     import logging
 
-    import grpc
-
-    def is_hang_up(error: Optional[BaseException]) -> bool:
-        return isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)) and error.code() in (
-            grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
-
+    global _QUIETED
+    if _QUIETED:
+        return
+    _QUIETED = True
     previous = threading.excepthook
 
     def excepthook(args: threading.ExceptHookArgs) -> None:

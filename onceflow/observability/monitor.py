@@ -118,12 +118,15 @@ class Monitor:
         """Stops the status line and writes ``summary`` to ``--metrics_out``; returns it.
 
         A summary without a counter, from a runner that says nothing once a live job
-        is cancelled (Beam's Flink job server), takes the figures this monitor sees
-        last instead: the runner's last answer, else this process's mirror (the
-        DoFns of a LOOPBACK worker), ``values`` saying which."""
+        is cancelled (Beam's Flink job server) or has gone (a Prism stopped with the
+        job), takes the figures this monitor sees last instead: this process's
+        mirror when the job's DoFns ran here (a LOOPBACK worker: counted up to the
+        end), else the runner's last answer, ``values`` saying which."""
         self._halt()
         if not summary.counters and self._local is not None:
-            seen = self._snapshot()
+            seen = self._local.snapshot()
+            if not seen.counters:
+                seen = self._snapshot()
             if seen.counters:
                 summary = dataclasses.replace(summary, counters=dict(seen.counters), values=seen.values,
                                               gauges={name: value for name, (value, _) in seen.gauges.items()})

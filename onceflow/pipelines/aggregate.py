@@ -54,7 +54,8 @@ from onceflow.pipelines import flink_savepoint
 from onceflow.pipelines.flink_savepoint import SavepointStop
 from onceflow.pipelines.summary import RunSummary, collect_summary
 from onceflow.runners import (
-    default_shards, local_batch_runner, prepare_runner, quiet_worker_teardown, runs_on_flink, runs_on_prism,
+    default_shards, is_hang_up, local_batch_runner, prepare_runner, quiet_worker_teardown, runs_on_flink,
+    runs_on_prism,
 )
 from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
@@ -397,22 +398,31 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     pipeline = beam.Pipeline(runner=local_batch_runner(options, job.is_live), options=options)
     build(pipeline, job)
     with Monitor(options, runner, expected_records=expected_records) as monitor, \
-            _sigterm_as_interrupt(job.is_live):
+            _stop_signals_as_interrupt(job.is_live, signal.SIGTERM) as stop:
         try:
             result = pipeline.run()
             monitor.watch(result)
-            try:
-                if savepoints is not None:
-                    _attach_to_flink(savepoints, result)
-                result.wait_until_finish()
-            except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
-                quiet_worker_teardown()
-                print("aggregate: stopping" + (" with a savepoint..." if savepoints else "..."), file=sys.stderr)
-                if savepoints is not None:
-                    _stop_with_savepoint(savepoints, result)
-                elif not _cancel(result):
-                    raise KeyboardInterrupt from None  # one line, status 130 (see exit_status)
+            quiet_worker_teardown()  # the runner's hang-up is reported once, below, not by each worker thread
+            # After run(): Beam's Prism job server sets a SIGINT handler there that stops Prism first.
+            with _stop_signals_as_interrupt(job.is_live, signal.SIGINT, stop):
+                try:
+                    if savepoints is not None:
+                        _attach_to_flink(savepoints, result)
+                    result.wait_until_finish()
+                except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
+                    print("aggregate: stopping" + (" with a savepoint..." if savepoints else "..."), file=sys.stderr)
+                    if savepoints is not None:
+                        _stop_with_savepoint(savepoints, result)
+                    elif not _cancel(result):
+                        return monitor.finish(_runner_gone_summary(runner, started, job))
         except Exception as error:  # a worker's error comes back wrapped by the runner
+            if is_hang_up(error):
+                if stop.asked:  # the runner went with the stop signal: the job stopped as asked
+                    print("aggregate: stopping...", file=sys.stderr)
+                    return monitor.finish(_runner_gone_summary(runner, started, job))
+                raise ServiceError(f"{runner} stopped answering ({_grpc_status(error)}): the job ended there; "
+                                   "rows written stay in the sink; run it again (a live job resumes from its "
+                                   "stored positions, a backfill rewrites the same rows)") from None
             gap = _retention_gap_line(error)  # retention deleted part of the range while it was read
             if gap is not None:
                 raise ServiceError(f"--from/--to: {gap}") from None
@@ -496,23 +506,52 @@ def _line_in_error(error: Optional[BaseException], pattern: str) -> Optional[str
     return None
 
 
+class _StopAsked:
+    """Whether a stop signal has reached the live job."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt(live: bool):
-    """While a live job runs, SIGTERM (what supervisors send) stops it the way
-    Ctrl-C does: with a savepoint or cancelled, then the summary. Elsewhere, and
-    off the main thread (where no handler can be set), SIGTERM is left alone."""
+def _stop_signals_as_interrupt(live: bool, signum: int, stop: Optional[_StopAsked] = None):
+    """While a live job runs, ``signum`` stops it the way Ctrl-C does: with a
+    savepoint or cancelled, then the summary. For SIGTERM (what supervisors send);
+    for SIGINT once ``pipeline.run()`` has returned, in place of the handler Beam's
+    Prism job server sets there, which stops Prism before the job can cancel its
+    pipeline. The handler records the stop in the yielded :class:`_StopAsked`.
+    Elsewhere, and off the main thread (where no handler can be set), the signal
+    is left alone."""
+    stop = stop if stop is not None else _StopAsked()
     if not live or threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    def interrupt(_signum, _frame):
+        stop.asked = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signum, interrupt)
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _grpc_status(error: BaseException) -> str:
+    """``CODE: details`` of the gRPC error in ``error``'s chain."""
+    while error is not None:
+        if callable(getattr(error, "code", None)) and callable(getattr(error, "details", None)):
+            return f"{error.code().name}: {error.details()}"
+        error = error.__cause__ or error.__context__
+    return "no answer"
+
+
+def _runner_gone_summary(runner: str, started: float, job: AggregateJob) -> RunSummary:
+    """A live job's summary when the runner stopped with the signal that stopped
+    the job (a Ctrl-C in a terminal reaches Prism too): nothing is left to cancel
+    or to ask, so :meth:`Monitor.finish` fills in the figures it saw last."""
+    return RunSummary(runner, time.monotonic() - started, {}, job.sink.describe(), job.dlq.describe())
 
 
 def _attach_to_flink(savepoints: SavepointStop, result: beam.runners.runner.PipelineResult) -> None:

@@ -101,11 +101,14 @@ def test_live_run_equals_a_backfill_and_a_backfill_changes_nothing(kafka_bootstr
         stop(job, signal.SIGINT)
     live_rows = table_rows(live_db)
     assert live_rows == table_rows(backfill_db)
-    if runner == "flink" and not extra:
-        # The job server reports nothing for a cancelled job: the summary counts what
-        # ran in the job's process (not with worker processes; on Prism the signal to
-        # the group stops Prism too, and the job exits as interrupted, with no summary).
+    if not extra:
+        # SIGINT to the group, as a terminal's Ctrl-C: the job cancels its pipeline and
+        # sums up every record (Prism ignores the signal; Beam's own SIGINT handler used
+        # to stop it first, and the job ended in a traceback). Neither runner reports
+        # figures for a cancelled job: the summary counts what ran in the job's process
+        # (not with worker processes: they are other processes).
         output = job_output(job)
+        assert job.returncode == 0, output
         read = re.search(r"^  records read\s+([\d,]+)", output, re.MULTILINE)
         assert read and int(read.group(1).replace(",", "")) == len(lines), output
         assert "note: the runner gave no figures once the job stopped" in output
@@ -136,6 +139,39 @@ def test_a_killed_clients_job_does_not_keep_running_on_flink(kafka_bootstrap, fl
         stop(job, signal.SIGKILL)
     cancel_running_jobs(flink_job_endpoint, name_prefix=name)
     wait_for(lambda: all(j.finished for j in flink_jobs(name)), "the Flink job to end", 60)
+
+
+@pytest.mark.prism
+def test_a_runner_gone_mid_run_ends_the_job_with_one_line(kafka_bootstrap, prism_path, tmp_path):
+    """Prism killed under a running job: one line naming the runner and what to do,
+    exit status 1, no traceback from the job or its worker's threads (there were
+    six); what was written stays."""
+    topic = new_topic(kafka_bootstrap)
+    produce(topic, [(n % 3, line, None) for n, line in enumerate(sample_lines()[:300])])
+    db = tmp_path / "live.db"
+    job = start_live_job(topic, f"g-{topic.topic}", f"sqlite:///{db}", tmp_path / "dlq.jsonl", "--status=off",
+                         "--kafka_idle_timeout=3s")
+    try:
+        wait_for(lambda: counted_events(db) > 0, "the first rows", 120, job)
+        prisms = [pid for pid in child_processes(job.pid) if b"prism" in _cmdline(pid)]
+        assert len(prisms) == 1, job_output(job)
+        os.kill(prisms[0], signal.SIGKILL)
+        status = job.wait(120)
+    finally:
+        stop(job)
+    output = job_output(job, 20_000)
+    assert status == 1, output
+    assert "aggregate: PrismRunner stopped answering (" in output and "run it again" in output, output
+    assert "Traceback" not in output
+    assert counted_events(db) > 0
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read()
+    except OSError:
+        return b""
 
 
 @pytest.mark.flink
