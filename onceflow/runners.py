@@ -231,16 +231,12 @@ _QUIETED = False  # quiet_worker_teardown has run in this process
 
 
 def is_hang_up(error: Optional[BaseException]) -> bool:
-    """Whether ``error`` (or an error it was raised from) is a gRPC stream the
-    other side closed: ``CANCELLED`` or ``UNAVAILABLE``."""
+    """Whether ``error`` is a gRPC stream the other side closed: ``CANCELLED`` or
+    ``UNAVAILABLE``."""
     import grpc
 
-    while error is not None:
-        if isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)) and error.code() in (
-                grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)) and error.code() in (
+        grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
 
 
 def quiet_worker_teardown() -> None:

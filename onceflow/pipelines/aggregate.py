@@ -415,14 +415,18 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                         _stop_with_savepoint(savepoints, result)
                     elif not _cancel(result):
                         return monitor.finish(_runner_gone_summary(runner, started, job))
+                except Exception as error:
+                    # The job service's stream broke (a worker's error comes back as a failed job instead).
+                    if not is_hang_up(error):
+                        raise
+                    if stop.asked:  # the runner went with the stop signal: the job stopped as asked
+                        print("aggregate: stopping...", file=sys.stderr)
+                        return monitor.finish(_runner_gone_summary(runner, started, job))
+                    raise ServiceError(f"{runner} stopped answering ({error.code().name}: {error.details()}): the "
+                                       "job ended there; rows written stay in the sink; run it again (a live job "
+                                       "resumes from its stored positions, a backfill rewrites the same rows)"
+                                       ) from None
         except Exception as error:  # a worker's error comes back wrapped by the runner
-            if is_hang_up(error):
-                if stop.asked:  # the runner went with the stop signal: the job stopped as asked
-                    print("aggregate: stopping...", file=sys.stderr)
-                    return monitor.finish(_runner_gone_summary(runner, started, job))
-                raise ServiceError(f"{runner} stopped answering ({_grpc_status(error)}): the job ended there; "
-                                   "rows written stay in the sink; run it again (a live job resumes from its "
-                                   "stored positions, a backfill rewrites the same rows)") from None
             gap = _retention_gap_line(error)  # retention deleted part of the range while it was read
             if gap is not None:
                 raise ServiceError(f"--from/--to: {gap}") from None
@@ -536,15 +540,6 @@ def _stop_signals_as_interrupt(live: bool, signum: int, stop: Optional[_StopAske
         yield stop
     finally:
         signal.signal(signum, previous)
-
-
-def _grpc_status(error: BaseException) -> str:
-    """``CODE: details`` of the gRPC error in ``error``'s chain."""
-    while error is not None:
-        if callable(getattr(error, "code", None)) and callable(getattr(error, "details", None)):
-            return f"{error.code().name}: {error.details()}"
-        error = error.__cause__ or error.__context__
-    return "no answer"
 
 
 def _runner_gone_summary(runner: str, started: float, job: AggregateJob) -> RunSummary:
