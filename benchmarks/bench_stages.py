@@ -7,8 +7,7 @@ JSON-lines file, then runs, in this process and in order, what the file
 backfill's steps run per batch: splitting the file into lines, decoding them
 with the event contract (and the high water per record), screening and
 splitting each batch by (shard, window), deduplicating and aggregating each
-shard window's sub-batches, turning the results into rows, and upserting the
-rows into SQLite. No Beam runner is involved: the figures are the floor of the
+shard window's sub-batches into rows, and upserting the rows into SQLite. No Beam runner is involved: the figures are the floor of the
 job's own work, and their sum against the job's run time is what Beam costs
 (bench_kafka.py measures the whole job).
 
@@ -37,7 +36,6 @@ from onceflow.events import EventContract  # noqa: E402
 from onceflow.io.files import BATCH_RECORDS, _json_line_slices  # noqa: E402
 from onceflow.io.sqlite import _SqliteUpsertDoFn  # noqa: E402
 from onceflow.rows import RowSchema  # noqa: E402
-from onceflow.transforms.aggregate import KeyAndWindowToRowDoFn  # noqa: E402
 from onceflow.transforms.batched import (  # noqa: E402
     DEFAULT_SHARDS, _AggregateShardWindowDoFn, _ScreenAndSplitDoFn,
 )
@@ -84,19 +82,10 @@ def stages(path: str, shards: int, db: str) -> List[Tuple[str, float, int]]:
         return grouped
 
     grouped = timed("screen and split", split, lambda out: sum(len(each) for each in out.values()))
-    aggregate = _AggregateShardWindowDoFn(AGGREGATES)
+    aggregate = _AggregateShardWindowDoFn(("store",), AGGREGATES)
     aggregate.setup()
-    results = timed("dedup and aggregate",
-                    lambda: [out for element in sorted(grouped.items()) for out in aggregate.process(element)], len)
-    to_row = KeyAndWindowToRowDoFn(("store",))
-
-    def to_rows() -> List[Dict[str, Any]]:
-        to_row.start_bundle()
-        made = [row for result in results for row in to_row.process(result)]
-        to_row.finish_bundle()
-        return made
-
-    rows = timed("to rows", to_rows, len)
+    rows = timed("aggregate into rows",
+                 lambda: [row for element in sorted(grouped.items()) for row in aggregate.process(element)], len)
     sink = _SqliteUpsertDoFn(db, "aggregates", RowSchema(("store",), AGGREGATES), batch_size=5000)
     sink.setup()
     try:

@@ -101,7 +101,22 @@ def wait_for(condition, what, deadline_s, job=None):
         if job is not None and job.poll() is not None:
             raise AssertionError(f"the live job exited while waiting for {what}: {job_output(job)}")
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}" + (f": {job_output(job)}" if job is not None else ""))
+    raise AssertionError(f"timed out waiting for {what}" + (f": {job_output(job)}{job_stacks(job)}"
+                                                            if job is not None else ""))
+
+
+def job_stacks(job):
+    """The stacks of the running job's threads (``kill -USR1`` makes the job print
+    them), to see what a job that makes no progress waits for; empty once it has ended."""
+    if job.poll() is not None:
+        return ""
+    with open(job.log_path, "rb") as log:
+        printed = len(log.read())
+    os.kill(job.pid, signal.SIGUSR1)
+    time.sleep(2)
+    with open(job.log_path, "rb") as log:
+        log.seek(printed)
+        return "\nthe job's threads:\n" + log.read().decode(errors="replace")[-20_000:]
 
 
 def stop(job, sig=signal.SIGKILL):

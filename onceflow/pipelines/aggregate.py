@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import signal
 import sys
@@ -617,7 +618,16 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m onceflow.p
         print(help_text(prog, __doc__.strip().splitlines()[0],
                         (*ONCEFLOW_OPTION_CLASSES, FlinkOptions)))
         return 0
+    _stacks_on_sigusr1()
     return exit_status("aggregate", lambda: print(_refusing_client_errors(run, args).render()))
+
+
+def _stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints the stack of every thread of the job's process to
+    stderr and the job goes on: what a job that makes no progress is waiting for
+    (with LOOPBACK, the SDK worker's threads are among them)."""
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
 
 def _refusing_client_errors(action, args):

@@ -24,7 +24,7 @@ def test_the_stages_write_the_truth_to_sqlite(tmp_path):
     with open(path, "rb") as handle:
         truth = kafka.truth_from_lines(handle)
     assert [name for name, _, _ in timings] == [
-        "split into lines", "decode", "screen and split", "dedup and aggregate", "to rows", "upsert into SQLite"]
+        "split into lines", "decode", "screen and split", "aggregate into rows", "upsert into SQLite"]
     assert timings[0][2] == truth.records > 3000  # every line, re-sends included
     assert timings[-1][2] == len(truth.table)
     assert kafka.compare(truth.table, kafka.read_sink(str(db))).exact

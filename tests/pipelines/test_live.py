@@ -13,8 +13,8 @@ import pytest
 from onceflow_dev.devstack.flink import cancel_running_jobs, streaming_job_flags
 from onceflow.pipelines.aggregate import run
 from tests.livejob import (
-    child_processes, committed, counted_events, job_output, new_topic, process_alive, produce, producer_for,
-    sample_lines, start_live_job, stop, table_rows, wait_for,
+    child_processes, committed, counted_events, job_output, job_stacks, new_topic, process_alive, produce,
+    producer_for, sample_lines, start_live_job, stop, table_rows, wait_for,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -146,13 +146,8 @@ def test_a_runner_gone_mid_run_ends_the_job_with_one_line(kafka_bootstrap, prism
     """Prism killed under a running job: one line naming the runner and what to do,
     exit status 1, no traceback from the job or its worker's threads (there were
     six); what was written stays."""
-    topic = new_topic(kafka_bootstrap)
-    produce(topic, [(n % 3, line, None) for n, line in enumerate(sample_lines()[:300])])
-    db = tmp_path / "live.db"
-    job = start_live_job(topic, f"g-{topic.topic}", f"sqlite:///{db}", tmp_path / "dlq.jsonl", "--status=off",
-                         "--kafka_idle_timeout=3s")
+    job, db = _small_live_job_writing(kafka_bootstrap, tmp_path)
     try:
-        wait_for(lambda: counted_events(db) > 0, "the first rows", 120, job)
         prisms = [pid for pid in child_processes(job.pid) if b"prism" in _cmdline(pid)]
         assert len(prisms) == 1, job_output(job)
         os.kill(prisms[0], signal.SIGKILL)
@@ -164,6 +159,35 @@ def test_a_runner_gone_mid_run_ends_the_job_with_one_line(kafka_bootstrap, prism
     assert "aggregate: PrismRunner stopped answering (" in output and "run it again" in output, output
     assert "Traceback" not in output
     assert counted_events(db) > 0
+
+
+@pytest.mark.prism
+def test_sigusr1_prints_every_threads_stack_and_the_job_goes_on(kafka_bootstrap, prism_path, tmp_path):
+    """What a live job that makes no progress waits for, without stopping it."""
+    job, db = _small_live_job_writing(kafka_bootstrap, tmp_path)
+    try:
+        stacks = job_stacks(job)
+        assert job.poll() is None, job_output(job)
+        assert "Current thread" in stacks and "most recent call first" in stacks, stacks
+        assert "wait_until_finish" in stacks, stacks  # the main thread waits for the runner
+        assert stacks.count("Thread 0x") >= 5, stacks  # and the worker's threads
+    finally:
+        stop(job)
+
+
+def _small_live_job_writing(kafka_bootstrap, tmp_path):
+    """A live job on Prism over 300 sample records, once it has written rows: (job, its sink)."""
+    topic = new_topic(kafka_bootstrap)
+    produce(topic, [(n % 3, line, None) for n, line in enumerate(sample_lines()[:300])])
+    db = tmp_path / "live.db"
+    job = start_live_job(topic, f"g-{topic.topic}", f"sqlite:///{db}", tmp_path / "dlq.jsonl", "--status=off",
+                         "--kafka_idle_timeout=3s")
+    try:
+        wait_for(lambda: counted_events(db) > 0, "the first rows", 120, job)
+    except BaseException:
+        stop(job)
+        raise
+    return job, db
 
 
 def _cmdline(pid):
@@ -232,13 +256,8 @@ def test_early_firing_writes_an_open_window_and_then_its_on_time_row(kafka_boots
 def test_sigterm_stops_a_live_job_like_ctrl_c(kafka_bootstrap, prism_path, tmp_path):
     """A supervisor's SIGTERM to the job's process: the job cancels its pipeline,
     prints the summary and exits 0, as on Ctrl-C (it used to end at once)."""
-    topic = new_topic(kafka_bootstrap)
-    produce(topic, [(n % 3, line, None) for n, line in enumerate(sample_lines()[:300])])
-    db = tmp_path / "live.db"
-    job = start_live_job(topic, f"g-{topic.topic}", f"sqlite:///{db}", tmp_path / "dlq.jsonl", "--status=off",
-                         "--kafka_idle_timeout=3s")
+    job, db = _small_live_job_writing(kafka_bootstrap, tmp_path)
     try:
-        wait_for(lambda: counted_events(db) > 0, "the first rows", 120, job)
         job.send_signal(signal.SIGTERM)  # the job's own process, not its group (Prism would go too)
         status = job.wait(120)
     finally:
