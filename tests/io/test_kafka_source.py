@@ -433,3 +433,27 @@ def test_a_bundle_that_ends_on_data_reports_the_lag_left(kafka_bootstrap):
         assert view._restriction_tracker.backlog() == {first: 200 - read[first], 1 - first: 200}
     finally:
         reader.teardown()
+
+
+def test_an_offsets_client_that_gets_no_answer_is_replaced(monkeypatch):
+    """Without the end offsets no partition counts as caught up, and idle
+    partitions stop moving the watermark. A client that has had no answer for
+    ``_OFFSETS_CLIENT_RENEW_S`` is replaced (here a broker that is not there, and
+    no wait)."""
+    from onceflow.io.kafka import read as reader_module
+
+    monkeypatch.setattr(reader_module, "_OFFSETS_CLIENT_RENEW_S", 0.0)
+    reader = reader_module._ReadPartitionsDoFn(
+        KafkaReadConfig(KafkaTopic("127.0.0.1:9", "t"), start=parse_position("earliest")), CONTRACT, idle_timeout_s=2.0)
+    reader.setup()
+    try:
+        tracker = _PartitionsTracker(PartitionsRestriction("t", (PartitionSpan(0, 0, LIVE_END),)))
+        reader._refresh_end_offsets("t", tracker)
+        first = reader._offsets_client
+        assert first is not None and tracker.end_offsets == {}  # no answer: no end offset, kept for now
+        reader._refresh_end_offsets("t", tracker)
+        assert reader._offsets_client is None  # replaced: the next refresh makes a new one
+        reader._refresh_end_offsets("t", tracker)
+        assert reader._offsets_client is not None and reader._offsets_client is not first
+    finally:
+        reader.teardown()

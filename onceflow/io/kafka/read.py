@@ -54,6 +54,9 @@ _DISCOVERY_INTERVAL_S = 10.0
 # their stage only when discovery's wall-clock watermark moves (docs/runner-findings.md).
 _WATERMARK_TICK_S = 1.0
 _COMMIT_LOCK = threading.Lock()
+# An offsets client that has had no answer this long is replaced by a new one (see
+# _ReadPartitionsDoFn._renew_offsets_client_unless).
+_OFFSETS_CLIENT_RENEW_S = 10.0
 
 
 class RetentionGapError(RuntimeError):
@@ -382,6 +385,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
         self._last_data_at: Dict[int, float] = {}
         self._committer = None
         self._offsets_client = None
+        self._offsets_failing_since: Optional[float] = None
 
     def teardown(self) -> None:
         for consumer in [*getattr(self, "_consumers", {}).values(), getattr(self, "_committer", None),
@@ -605,12 +609,37 @@ class _ReadPartitionsDoFn(beam.DoFn):
 
         if self._offsets_client is None:
             self._offsets_client = new_consumer(self._config, "offsets")
+        answered = True
         for partition in inner.open_partitions():
             try:
                 inner.end_offsets[partition] = self._offsets_client.get_watermark_offsets(
                     TopicPartition(topic, partition), timeout=1.0, cached=False)[1]
             except KafkaException:
                 inner.end_offsets.pop(partition, None)  # broker unreachable: no claim
+                answered = False
+        self._renew_offsets_client_unless(answered)
+
+    def _renew_offsets_client_unless(self, answered: bool) -> None:
+        """Replaces the offsets client once it has had no answer for
+        ``_OFFSETS_CLIENT_RENEW_S``. Without its answers no partition is known to
+        be caught up, so idle partitions stop moving the watermark. A guard: after 2
+        of 11 broker restarts under load a live job read every new record, reported a lag of 0 (what it reports with no end offset
+        known) and closed no window again; that its offsets client had stopped
+        answering fits, but was not seen."""
+        now = time.monotonic()
+        if answered:
+            self._offsets_failing_since = None
+            return
+        if self._offsets_failing_since is None:
+            self._offsets_failing_since = now
+        elif now - self._offsets_failing_since >= _OFFSETS_CLIENT_RENEW_S:
+            _LOGGER.info("the Kafka offsets client had no answer for %.0f s: starting a new one",
+                         now - self._offsets_failing_since)
+            client, self._offsets_client, self._offsets_failing_since = self._offsets_client, None, None
+            try:
+                client.close()
+            except Exception:  # closing is best effort
+                _LOGGER.debug("closing the Kafka offsets client failed", exc_info=True)
 
     def _finish_partitions_at_stop(self, consumer, topic: str, inner: _PartitionsTracker) -> None:
         """A bounded partition whose consumer position passed its stop is done, even
