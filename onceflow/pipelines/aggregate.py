@@ -626,8 +626,13 @@ def _stacks_on_sigusr1() -> None:
     """``kill -USR1 PID`` prints the stack of every thread of the job's process to
     stderr and the job goes on: what a job that makes no progress is waiting for
     (with LOOPBACK, the SDK worker's threads are among them)."""
-    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    stderr = sys.__stderr__  # the process's own: faulthandler writes to its file descriptor
+    if stderr is None or not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, file=stderr, all_threads=True)
+    except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor: no stacks
+        pass
 
 
 def _refusing_client_errors(action, args):
