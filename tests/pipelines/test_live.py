@@ -103,7 +103,7 @@ def test_live_run_equals_a_backfill_and_a_backfill_changes_nothing(kafka_bootstr
     assert live_rows == table_rows(backfill_db)
     if not extra:
         # SIGINT to the group, as a terminal's Ctrl-C: the job cancels its pipeline and
-        # sums up every record (Prism ignores the signal; Beam's own SIGINT handler used
+        # sums up every record (Prism does not stop on it; Beam's own SIGINT handler used
         # to stop it first, and the job ended in a traceback). Neither runner reports
         # figures for a cancelled job: the summary counts what ran in the job's process
         # (not with worker processes: they are other processes).
