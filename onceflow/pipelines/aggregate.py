@@ -406,27 +406,10 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             quiet_worker_teardown()  # the runner's hang-up is reported once, below, not by each worker thread
             # After run(): Beam's Prism job server sets a SIGINT handler there that stops Prism first.
             with _stop_signals_as_interrupt(job.is_live, signal.SIGINT, stop):
-                try:
-                    if savepoints is not None:
-                        _attach_to_flink(savepoints, result)
-                    result.wait_until_finish()
-                except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
-                    print("aggregate: stopping" + (" with a savepoint..." if savepoints else "..."), file=sys.stderr)
-                    if savepoints is not None:
-                        _stop_with_savepoint(savepoints, result)
-                    elif not _cancel(result):
-                        return monitor.finish(_runner_gone_summary(runner, started, job))
-                except Exception as error:
-                    # The job service's stream broke (a worker's error comes back as a failed job instead).
-                    if not is_hang_up(error):
-                        raise
-                    if stop.asked:  # the runner went with the stop signal: the job stopped as asked
-                        print("aggregate: stopping...", file=sys.stderr)
-                        return monitor.finish(_runner_gone_summary(runner, started, job))
-                    raise ServiceError(f"{runner} stopped answering ({error.code().name}: {error.details()}): the "
-                                       "job ended there; rows written stay in the sink; run it again (a live job "
-                                       "resumes from its stored positions, a backfill rewrites the same rows)"
-                                       ) from None
+                runner_answers = _wait_or_stop(result, savepoints, stop, runner)
+            if not runner_answers:  # nothing is left to cancel or to ask: Monitor.finish fills in its figures
+                return monitor.finish(RunSummary(runner, time.monotonic() - started, {}, job.sink.describe(),
+                                                 job.dlq.describe()))
         except Exception as error:  # a worker's error comes back wrapped by the runner
             gap = _retention_gap_line(error)  # retention deleted part of the range while it was read
             if gap is not None:
@@ -543,11 +526,33 @@ def _stop_signals_as_interrupt(live: bool, signum: int, stop: Optional[_StopAske
         signal.signal(signum, previous)
 
 
-def _runner_gone_summary(runner: str, started: float, job: AggregateJob) -> RunSummary:
-    """A live job's summary when the runner stopped with the signal that stopped
-    the job (a Ctrl-C in a terminal reaches Prism too): nothing is left to cancel
-    or to ask, so :meth:`Monitor.finish` fills in the figures it saw last."""
-    return RunSummary(runner, time.monotonic() - started, {}, job.sink.describe(), job.dlq.describe())
+def _wait_or_stop(result: beam.runners.runner.PipelineResult, savepoints: Optional[SavepointStop],
+                  stop: _StopAsked, runner: str) -> bool:
+    """Waits until the job ends, or until a stop signal stops it (with a savepoint
+    or cancelled). False when the runner went away with the stop signal, so that
+    nothing is left to cancel or to ask for figures; a runner gone without one is
+    a one-line ServiceError. A worker's error comes back from the runner as a
+    failed job and is raised as it is."""
+    try:
+        if savepoints is not None:
+            _attach_to_flink(savepoints, result)
+        result.wait_until_finish()
+        return True
+    except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
+        print("aggregate: stopping" + (" with a savepoint..." if savepoints else "..."), file=sys.stderr)
+        if savepoints is not None:
+            _stop_with_savepoint(savepoints, result)
+            return True
+        return _cancel(result)
+    except Exception as error:
+        if not is_hang_up(error):  # the job service's stream broke: the runner has gone
+            raise
+        if not stop.asked:
+            raise ServiceError(f"{runner} stopped answering ({error.code().name}: {error.details()}): the job ended "
+                               "there; rows written stay in the sink; run it again (a live job resumes from its "
+                               "stored positions, a backfill rewrites the same rows)") from None
+        print("aggregate: stopping...", file=sys.stderr)
+        return False
 
 
 def _attach_to_flink(savepoints: SavepointStop, result: beam.runners.runner.PipelineResult) -> None:

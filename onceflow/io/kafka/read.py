@@ -622,10 +622,11 @@ class _ReadPartitionsDoFn(beam.DoFn):
     def _renew_offsets_client_unless(self, answered: bool) -> None:
         """Replaces the offsets client once it has had no answer for
         ``_OFFSETS_CLIENT_RENEW_S``. Without its answers no partition is known to
-        be caught up, so idle partitions stop moving the watermark. A guard: after 2
-        of 11 broker restarts under load a live job read every new record, reported a lag of 0 (what it reports with no end offset
-        known) and closed no window again; that its offsets client had stopped
-        answering fits, but was not seen."""
+        be caught up, so idle partitions stop moving the watermark. A guard: after
+        2 of 11 broker restarts under load a live job read every new record,
+        reported a lag of 0 (what it reports with no end offset known) and closed
+        no window again; that its offsets client had stopped answering fits, but
+        was not seen."""
         now = time.monotonic()
         if answered:
             self._offsets_failing_since = None
