@@ -6,10 +6,11 @@ tests compute aggregates with the same code.
 
 Results do not depend on the order events are added or accumulators merged:
 
-* sums are exact (integers stay integers; floats are summed with Shewchuk's
-  error-free partials and rounded once at the end, like ``math.fsum``), so a live
-  run that merges panes and a backfill that adds events in file order agree to the
-  last bit;
+* sums are exact (integers stay integers within the 64-bit range; floats, and
+  integer sums past that range, are summed with Shewchuk's error-free partials and
+  rounded once at the end, like ``math.fsum``, to an infinity past the largest
+  double), so a live run that merges panes and a backfill that adds events in file
+  order agree to the last bit;
 * ``first``/``last`` pick the value of the event with the smallest / greatest
   ``(event_time, event_id)``: ties in event time are broken by event ID.
 """
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from operator import itemgetter
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from onceflow.events import LONG_MAX, LONG_MIN
 
 FUNCTIONS = ("count", "sum", "min", "max", "mean", "first", "last")
 
@@ -72,24 +76,50 @@ def value_fields(specs: Sequence[AggregateSpec]) -> Tuple[str, ...]:
 # -- exact summation -------------------------------------------------------------
 
 
-def _add_to_partials(partials: List[float], value: float) -> None:
+def _add_to_partials(partials: List[float], value: float) -> int:
     """Shewchuk's algorithm (as in ``math.fsum``): keeps ``partials`` a list of
-    non-overlapping floats whose exact sum is the exact sum of every value added."""
+    non-overlapping finite floats whose exact sum, plus the integer returned, is
+    the exact sum of every value added. The integer is 0 unless two floats summed
+    past the largest double: both are then whole numbers (a float that large has no
+    fraction, and only one that large can round the sum past it), carried exactly."""
+    carry = 0
     kept = 0
     for partial in partials:
         if abs(value) < abs(partial):
             value, partial = partial, value
         high = value + partial
+        if high == _INF or high == -_INF:
+            carry += int(value) + int(partial)
+            value = 0.0
+            continue
         low = partial - (high - value)
         if low:
             partials[kept] = low
             kept += 1
         value = high
     partials[kept:] = [value]
+    return carry
+
+
+_INF = math.inf
+
+
+def _nearest_float(exact: Fraction) -> float:
+    """The double nearest ``exact`` (ties to even), or an infinity past the largest."""
+    try:
+        return float(exact)
+    except OverflowError:
+        return _INF if exact > 0 else -_INF
 
 
 class ExactSum:
-    """A sum that is exact whatever the order of additions and merges."""
+    """A sum that is exact whatever the order of additions and merges.
+
+    Its :meth:`value` is the exact sum of integers while it stays within the
+    64-bit range (a ``long``, as every sink stores one); otherwise, and as soon as
+    a float was added, the double nearest the exact sum, rounded once (ties to
+    even, as ``math.fsum``), or an infinity when the exact sum is past the largest
+    double."""
 
     __slots__ = ("integer", "partials", "has_float")
 
@@ -103,7 +133,7 @@ class ExactSum:
             self.integer += value
         else:
             self.has_float = True
-            _add_to_partials(self.partials, float(value))
+            self.integer += _add_to_partials(self.partials, float(value))
 
     def add_many(self, values: Sequence[Any]) -> None:
         """The same as :meth:`add` for each value, integers summed at once."""
@@ -117,18 +147,38 @@ class ExactSum:
             partials = self.partials
             for value in values:
                 if not isinstance(value, int):
-                    _add_to_partials(partials, float(value))
+                    self.integer += _add_to_partials(partials, float(value))
 
     def merge(self, other: "ExactSum") -> None:
         self.integer += other.integer
         self.has_float = self.has_float or other.has_float
         for partial in other.partials:
-            _add_to_partials(self.partials, partial)
+            self.integer += _add_to_partials(self.partials, partial)
 
     def value(self) -> Any:
-        if not self.has_float:
+        if not self.has_float and LONG_MIN <= self.integer <= LONG_MAX:
             return self.integer
-        return math.fsum([*self.partials, self.integer])
+        pieces = list(self.partials)
+        rest = self.integer
+        try:
+            while rest:  # the integer part as floats that add up to it exactly
+                head = float(rest)
+                pieces.append(head)
+                rest -= int(head)
+            return math.fsum(pieces)
+        except OverflowError:  # a part or a partial sum past the largest double: decide exactly
+            return _nearest_float(self._exact())
+
+    def mean(self, count: int) -> Any:
+        """``value() / count``; when the sum is past the largest double, the
+        double nearest the exact mean (which may well be within it)."""
+        total = self.value()
+        if total == _INF or total == -_INF:
+            return _nearest_float(self._exact() / count)
+        return total / count
+
+    def _exact(self) -> Fraction:
+        return sum(map(Fraction, self.partials), Fraction(self.integer))
 
     def __getstate__(self) -> Tuple[int, List[float], bool]:
         return self.integer, self.partials, self.has_float
@@ -314,7 +364,7 @@ class Aggregation:
             elif spec.function == "sum":
                 out[spec.column] = acc.sums[spec.field].value() if acc.count else 0
             elif spec.function == "mean":
-                out[spec.column] = acc.sums[spec.field].value() / acc.count if acc.count else None
+                out[spec.column] = acc.sums[spec.field].mean(acc.count) if acc.count else None
             elif spec.function == "min":
                 out[spec.column] = acc.mins.get(spec.field)
             elif spec.function == "max":

@@ -39,8 +39,9 @@ from typing import (
 )
 
 from onceflow.events import (
-    MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MAX_JSON_NESTING, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS,
-    EventContract, RecordError, SourceRecord, json_nests_too_deep, parse_event_time_ms,
+    LONG_MAX as _LONG_MAX, LONG_MIN as _LONG_MIN, MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MAX_JSON_NESTING,
+    MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS, EventContract, RecordError, SourceRecord, json_nests_too_deep,
+    parse_event_time_ms,
 )
 
 try:  # the fast JSON decoder; without it every record takes the reference path
@@ -53,7 +54,6 @@ try:  # decodes a record straight into its fields, no dict: about twice orjson's
 except ImportError:  # pragma: no cover - msgspec is a core dependency; orjson reads every record without it
     _msgspec = None
 
-_LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 # orjson turns an integer literal it cannot hold in 64 bits into a float; the
 # reference (json) keeps it an int. A float this large may be such a literal.
 _FLOAT_FROM_BIG_INT = float(2**63)

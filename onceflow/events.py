@@ -64,6 +64,7 @@ INPUT_FORMATS = ("json", "avro", "avro_registry", "json_registry")
 REGISTRY_FORMATS = ("avro_registry", "json_registry")
 
 # Event times must fit Beam's timestamps and Python's datetime: years 1..9999.
+LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1  # Avro's long: IDs, keys and integer values
 MIN_EVENT_TIME_MS = -62135596800000  # 0001-01-01T00:00:00Z
 MAX_EVENT_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -247,6 +248,7 @@ class EventContract:
 
     def _validate(self, obj: Dict[str, Any]) -> None:
         if avro_validate(obj, self._event_schema, raise_errors=False):  # type: ignore[attr-defined]
+            self._check_long_values(obj)
             return
         # Say which field is wrong: check the fields one at a time.
         for field in self.event_avro_schema()["fields"]:
@@ -264,6 +266,21 @@ class EventContract:
                     "WrongType",
                 )
         raise RecordError(REASON_SCHEMA_VIOLATION, "record does not match the event schema")
+
+    def _check_long_values(self, obj: Dict[str, Any]) -> None:
+        """Avro's ``double`` takes any integer, so an integer value outside the
+        64-bit range (which ``long`` refuses) passes the schema; the contract
+        refuses it, as it does for IDs and keys: no sink column holds it."""
+        for name in self.value_fields:
+            value = obj[name]
+            if type(value) is int and not LONG_MIN <= value <= LONG_MAX:
+                raise RecordError(
+                    REASON_SCHEMA_VIOLATION,
+                    f"field {name!r} must be long or double, got an integer outside the 64-bit range "
+                    f"({_describe(value)}); send it as a number with a decimal point or exponent to read it as a "
+                    "double",
+                    "WrongType",
+                )
 
     def _event_id(self, obj: Dict[str, Any]) -> str:
         if self.id_field:
@@ -477,7 +494,9 @@ def _datetime_to_ms(moment: datetime.datetime) -> int:
 def format_utc_ms(millis: int) -> str:
     """Epoch milliseconds as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (fixed width, sortable)."""
     moment = _EPOCH + datetime.timedelta(milliseconds=millis)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # Not strftime: its %Y does not pad years before 1000 to four digits.
+    return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:{moment.minute:02d}:"
+            f"{moment.second:02d}.{moment.microsecond // 1000:03d}Z")
 
 
 def derive_event_id(obj: Mapping[str, Any]) -> str:

@@ -102,11 +102,18 @@ def consumer_lag_gauge(topic: str, partition: int) -> _Gauge:
     return _Gauge(f"{CONSUMER_LAG}.{topic}.{partition}")
 
 
-def record_sink_window_end(window_end_ms: int) -> None:
-    """Sets ``sink_window_end_ms``: the newest window end a sink writer has written
-    (its caller keeps the greatest, so a late pane of an old window does not
-    lower it). Now minus it is how far behind the sink's results are."""
-    gauge(SINK_WINDOW_END_MS).set(window_end_ms)
+class SinkWindowEnd:
+    """``sink_window_end_ms`` of one sink writer: the newest window end it has
+    written (a late pane of an old window does not lower it; a window before 1970
+    has a negative end). Now minus it is how far behind the sink's results are."""
+
+    def __init__(self) -> None:
+        self._newest: Optional[int] = None
+
+    def record(self, window_end_ms: int) -> None:
+        if self._newest is None or window_end_ms > self._newest:
+            self._newest = window_end_ms
+        gauge(SINK_WINDOW_END_MS).set(self._newest)
 
 
 def record_watermark(watermark_ms: Optional[int]) -> None:

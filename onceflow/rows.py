@@ -55,8 +55,10 @@ class RowSchema:
     def __post_init__(self) -> None:
         for name in self.columns:
             check_identifier(name, "column name")
-        if len(set(self.columns)) != len(self.columns):
-            raise ValueError("a key field collides with a window or aggregate column name")
+        taken = [name for name in self.columns if name == WRITTEN_AT or self.columns.count(name) > 1]
+        if taken:
+            raise ValueError(f"{taken[0]!r} names two columns (a key field and a window, aggregate or the sinks' "
+                             f"{WRITTEN_AT} column): rename the field in --key_fields or --aggregate")
 
     @functools.cached_property  # read per row by the sinks
     def primary_key(self) -> Tuple[str, ...]:

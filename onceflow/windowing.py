@@ -23,6 +23,8 @@ import dataclasses
 import re
 from typing import List, Optional, Tuple
 
+from onceflow.events import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS
+
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
@@ -93,6 +95,15 @@ class WindowSpec:
 
     def earliest_window_end(self, event_time_ms: int) -> int:
         return self._first_start(event_time_ms) + self.size_ms
+
+    def fits_calendar(self, event_time_ms: int) -> bool:
+        """Whether every window containing the time starts and ends within the
+        years 1 to 9999, as every sink stores a window's bounds. The event contract
+        accepts any time in those years; a window of one near either end may reach
+        past them (a 1m window of an event at 9999-12-31T23:59:30Z ends in the year
+        10000), and such an event goes to the dead-letter queue."""
+        last_start = event_time_ms // self.step_ms * self.step_ms
+        return self._first_start(event_time_ms) >= MIN_EVENT_TIME_MS and last_start + self.size_ms <= MAX_EVENT_TIME_MS
 
     def _first_start(self, event_time_ms: int) -> int:
         # The smallest multiple of the step greater than event_time - size.

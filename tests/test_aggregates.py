@@ -51,6 +51,45 @@ def test_integer_sums_stay_integers():
     assert total.value() == 6 and isinstance(total.value(), int)
 
 
+def test_an_integer_sum_past_the_64_bit_range_is_the_nearest_double():
+    total = ExactSum()
+    total.add(2**62)
+    total.add(2**62)
+    assert total.value() == float(2**63) and isinstance(total.value(), float)  # no sink column holds 2**63
+    total.add(-1)
+    assert total.value() == 2**63 - 1 and isinstance(total.value(), int)
+
+
+def test_integers_and_floats_are_summed_exactly_and_rounded_once():
+    total = ExactSum()
+    for value in (9007199254740993, 0.5):  # 2**53 + 1: float() alone would round it first
+        total.add(value)
+    assert total.value() == 9007199254740994.0
+    assert total.mean(2) == 4503599627370497.0
+
+
+@pytest.mark.parametrize("values, expected_sum, expected_mean", [
+    ([1e308, 1e308], math.inf, 1e308),
+    ([-1e308, -1e308, -1e308], -math.inf, -1e308),
+    ([1e308, 1e308, -1e308], 1e308, 1e308 / 3),  # past the largest double on the way, back within it
+    ([1.7976931348623157e308, 1e292, -1e292], 1.7976931348623157e308, 1.7976931348623157e308 / 3),
+])
+def test_float_sums_past_the_largest_double(values, expected_sum, expected_mean):
+    for order in (values, values[::-1]):
+        total = ExactSum()
+        for value in order:
+            total.add(value)
+        assert total.value() == expected_sum
+        assert total.mean(len(values)) == expected_mean
+        merged = ExactSum()
+        for value in order:  # one value per accumulator, merged: as panes and bundles combine
+            part = ExactSum()
+            part.add(value)
+            merged.merge(part)
+        assert merged.value() == expected_sum
+        assert pickle.loads(pickle.dumps(merged)).value() == expected_sum
+
+
 def run_aggregation(specs, events, split_every=None):
     aggregation = Aggregation(specs)
     if split_every is None:

@@ -10,6 +10,8 @@ from onceflow.events import (
     EventContract, RecordError, SourceRecord, derive_event_id, format_utc_ms, json_nests_too_deep, parse_event_time_ms,
 )
 
+from onceflow.batches import decode_values
+
 CONTRACT = EventContract(time_field="ts", key_fields=("store",), value_fields=("qty", "price"), id_field="id")
 
 
@@ -72,6 +74,22 @@ def test_a_valid_record_becomes_an_event():
 ])
 def test_bad_input_is_refused_with_its_reason(raw, reason):
     assert reason_of(raw) == reason
+
+
+@pytest.mark.parametrize("qty, accepted", [
+    (9223372036854775807, True), (-9223372036854775808, True), (9223372036854775808, False),
+    (-9223372036854775809, False), (10**400, False), (9.3e18, True), (1e308, True),
+])
+def test_integer_values_must_be_64_bit_as_avro_long_says(qty, accepted):
+    raw = b'{"id": "e1", "ts": 5, "store": "s1", "qty": %s, "price": 1}' % str(qty).encode()
+    if accepted:
+        assert CONTRACT.to_event(SourceRecord(raw, {})).values["qty"] == qty
+    else:
+        with pytest.raises(RecordError, match="integer outside the 64-bit range") as refused:
+            CONTRACT.to_event(SourceRecord(raw, {}))
+        assert refused.value.reason == "schema_violation"
+    # the batched decoder gives the same verdict
+    assert (type(decode_values(CONTRACT, [raw])[0]).__name__ == "Decoded") == accepted
 
 
 def test_nesting_up_to_the_limit_is_accepted_wherever_the_decoder_is_called_from():

@@ -4,6 +4,7 @@ import pytest
 from apache_beam.transforms.window import FixedWindows, SlidingWindows
 from apache_beam.utils.timestamp import Timestamp
 
+from onceflow.events import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS
 from onceflow.windowing import WindowSpec, format_duration_ms, parse_duration_ms
 
 
@@ -76,3 +77,15 @@ def test_dedup_horizon_covers_every_window_and_the_lateness():
 def test_bad_specs(kwargs):
     with pytest.raises(ValueError):
         WindowSpec(**kwargs)
+
+
+def test_windows_must_fit_the_calendar_a_sink_stores():
+    minute, day = 60_000, 86_400_000
+    fixed, sliding = WindowSpec(minute), WindowSpec(2 * day, day)
+    assert fixed.fits_calendar(MIN_EVENT_TIME_MS)  # [0001-01-01T00:00, 00:01)
+    assert not fixed.fits_calendar(MAX_EVENT_TIME_MS)  # its window ends at 10000-01-01
+    assert not fixed.fits_calendar(MAX_EVENT_TIME_MS - minute + 1)
+    assert fixed.fits_calendar(MAX_EVENT_TIME_MS - minute)
+    assert not sliding.fits_calendar(MIN_EVENT_TIME_MS)  # one of its windows starts the day before
+    assert sliding.fits_calendar(MIN_EVENT_TIME_MS + day)
+    assert fixed.fits_calendar(-1) and sliding.fits_calendar(-1)  # 1969

@@ -94,6 +94,7 @@ class UpsertRowsDoFn(BatchWriteDoFn):
         super().__init__(batch_size, what)
         self._written = metrics.counter(metrics.SINK_ROWS_WRITTEN)
         self._stale = metrics.counter(metrics.SINK_ROWS_STALE)
+        self._window_end = metrics.SinkWindowEnd()
 
     def upsert(self, rows: Sequence[Dict[str, Any]], written_at) -> int:
         raise NotImplementedError
@@ -102,7 +103,4 @@ class UpsertRowsDoFn(BatchWriteDoFn):
         written = self.upsert(batch, utc_now())
         self._written.inc(written)
         self._stale.inc(len(batch) - written)
-        newest = max(int(row[WINDOW_END]) for row in batch)
-        if newest > getattr(self, "_newest_window_end", -1):
-            self._newest_window_end = newest
-        metrics.record_sink_window_end(self._newest_window_end)
+        self._window_end.record(max(int(row[WINDOW_END]) for row in batch))

@@ -17,7 +17,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation
 from onceflow.deadletter import DeadLetter
-from onceflow.events import REASON_TOO_LATE, Event, SourceRecord, format_utc_ms
+from onceflow.events import REASON_BAD_TIMESTAMP, REASON_TOO_LATE, Event, SourceRecord, format_utc_ms
 from onceflow.rows import WINDOW_END, WINDOW_START
 from onceflow.transforms.dedup import DedupByEventId
 from onceflow.windowing import WindowSpec, format_duration_ms
@@ -35,22 +35,37 @@ class Aggregated(NamedTuple):
 
 
 class _RejectTooLateDoFn(beam.DoFn):
-    """Sets each event's timestamp to its event time; sends too-late ones aside."""
+    """Sets each event's timestamp to its event time; sends aside the events
+    whose windows no sink can store (:meth:`WindowSpec.fits_calendar`), then the
+    too-late ones."""
 
     def __init__(self, spec: WindowSpec):
         self._spec = spec
         self._timely = metrics.counter(metrics.EVENTS_TIMELY)
-        self._too_late = metrics.dead_letter_counter(REASON_TOO_LATE)
 
     def process(self, event: Event):
-        high_water_ms = event.record.high_water_ms
-        if self._spec.is_too_late(event.event_time_ms, high_water_ms):
-            self._too_late.inc()
-            yield pvalue.TaggedOutput(_TOO_LATE, too_late_letter(
-                self._spec, event.record, event.event_id, event.event_time_ms))
+        letter = refusal_letter(self._spec, event.record, event.event_id, event.event_time_ms)
+        if letter is not None:
+            metrics.dead_letter_counter(letter.reason).inc()
+            yield pvalue.TaggedOutput(_TOO_LATE, letter)
             return
         self._timely.inc()
         yield window.TimestampedValue(event, event.event_time_ms / 1000.0)
+
+
+def refusal_letter(spec: WindowSpec, record: SourceRecord, event_id: str, event_time_ms: int) -> Optional[DeadLetter]:
+    """The dead letter of an event the aggregation refuses, or None: first an
+    event with a window outside the calendar, then a too-late one."""
+    if not spec.fits_calendar(event_time_ms):
+        return DeadLetter(
+            record, STAGE, REASON_BAD_TIMESTAMP, "WindowOutOfRange",
+            f"event time {format_utc_ms(event_time_ms)} falls in a window ({spec.describe()}) that starts before "
+            "0001-01-01 or ends after 9999-12-31T23:59:59.999Z, which no sink can store",
+            event_id, event_time_ms,
+        )
+    if spec.is_too_late(event_time_ms, record.high_water_ms):
+        return too_late_letter(spec, record, event_id, event_time_ms)
+    return None
 
 
 def too_late_letter(spec: WindowSpec, record: SourceRecord, event_id: str, event_time_ms: int) -> DeadLetter:

@@ -26,7 +26,7 @@ from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc
 from onceflow.deadletter import DeadLetter
 from onceflow.events import EventContract
 from onceflow.transforms.aggregate import (
-    Aggregated, check_aggregate_arguments, too_late_letter, window_row,
+    Aggregated, check_aggregate_arguments, refusal_letter, window_row,
 )
 from onceflow.transforms.parse import STAGE as PARSE_STAGE
 from onceflow.windowing import WindowSpec
@@ -88,26 +88,33 @@ class _ScreenAndSplitDoFn(beam.DoFn):
         event_ids, event_times, marks, *rest = columns
         key_columns, value_columns = rest[:len(verdicts.key_columns)], rest[len(verdicts.key_columns):]
         parsed = len(event_ids)
-        # WindowSpec.windows_for and is_too_late over columns (the bit-for-bit test
-        # against the per-event path holds them to the same rule).
+        # WindowSpec.windows_for and refusal_letter's rules over columns (the
+        # bit-for-bit test against the per-event path holds them to the same rules).
         first_starts = [((moment - size) // step + 1) * step for moment in event_times]
         # Look at each event only if the batch's greatest high water makes any late
-        # (a batch of records from several sources has no order among its high waters).
+        # (a batch of records from several sources has no order among its high
+        # waters), or its earliest or latest event has a window outside the calendar.
         present = [mark for mark in marks if mark is not None] if None in marks else marks
         latest = max(present) if present else None
+        suspects: Iterable[int] = ()
         if latest is not None and min(first_starts) + size + lateness <= latest:
-            late = [index for index, (start, mark) in enumerate(zip(first_starts, marks))
-                    if mark is not None and start + size + lateness <= mark]
-            for index in late:
-                record_index = kept[index] if kept is not None else index
-                letters.append((record_index, too_late_letter(spec, batch.record(record_index), event_ids[index],
-                                                              event_times[index])))
-            if late:
-                keep = sorted(set(range(parsed)) - set(late))
-                event_ids, event_times, first_starts = take(event_ids, keep), take(event_times, keep), take(
-                    first_starts, keep)
-                key_columns = [take(column, keep) for column in key_columns]
-                value_columns = [take(column, keep) for column in value_columns]
+            suspects = [index for index, (start, mark) in enumerate(zip(first_starts, marks))
+                        if mark is not None and start + size + lateness <= mark]
+        if event_times and not (spec.fits_calendar(min(event_times)) and spec.fits_calendar(max(event_times))):
+            suspects = range(parsed)
+        refused = []
+        for index in suspects:
+            record_index = kept[index] if kept is not None else index
+            letter = refusal_letter(spec, batch.record(record_index), event_ids[index], event_times[index])
+            if letter is not None:
+                refused.append(index)
+                letters.append((record_index, letter))
+        if refused:
+            keep = sorted(set(range(parsed)) - set(refused))
+            event_ids, event_times, first_starts = take(event_ids, keep), take(event_times, keep), take(
+                first_starts, keep)
+            key_columns = [take(column, keep) for column in key_columns]
+            value_columns = [take(column, keep) for column in value_columns]
         timely = len(event_ids)
         keys = key_columns[0] if len(key_columns) == 1 else list(zip(*key_columns))
         key_texts, shards = self._texts_and_shards(keys)

@@ -93,6 +93,8 @@ def run_cli(*args, cwd=None):
     (["--key_fields=a,,b"], "--key_fields"),
     (["--early_firing=1500ms"], "--early_firing"),
     (["--window=10m", "--window_period=20m"], "--window_period"),
+    (["--key_fields=written_at"], "'written_at' names two columns"),
+    (["--key_fields=window_start"], "'window_start' names two columns"),
 ])
 def test_bad_flags_get_one_line(flags, fragment, tmp_path):
     result = run_cli(*flags, cwd=tmp_path)

@@ -2,6 +2,7 @@
 letters, bit for bit, on one input full of duplicates, garbage and late events."""
 
 import json
+import math
 import random
 
 import apache_beam as beam
@@ -133,6 +134,44 @@ def _same(element):
 ])
 def test_batched_and_per_event_paths_agree_bit_for_bit(seed, spec, size):
     run_both(batches_of(stream(seed), size), spec)
+
+
+def _edge_partitions():
+    """Events at both ends of the calendar, before 1970, and values whose sums
+    pass the 64-bit range and the largest double; each end in its own partition
+    (a time in the year 9999 makes every later event of its partition too late)."""
+    def raw(event_id, moment, key, v, w):
+        return json.dumps({"id": event_id, "t": moment, "k": key, "r": 0, "v": v, "w": w}).encode()
+    return [
+        [raw("y1", "0001-01-01T00:00:30Z", "first", 1, 1.5), raw("y2", "0001-01-02T00:00:30Z", "first", 2, 2.5)],
+        [raw("m1", "1969-07-20T20:17:00Z", "moon", 2**62, 1e308), raw("m2", "1969-07-20T20:17:01Z", "moon", 2**62, 1e308),
+         raw("m3", "1969-07-20T20:17:02Z", "moon", 5, -1e308), raw("m1", "1969-07-20T20:17:00Z", "moon", 2**62, 1e308),
+         raw("n1", "1969-07-20T20:17:03Z", "sea", 1, 1e308), raw("n2", "1969-07-20T20:17:04Z", "sea", 1, 1e308)],
+        [raw("z1", "9999-12-31T23:58:30Z", "last", 3, 0.5), raw("z2", "9999-12-31T23:59:30Z", "last", 4, 0.25)],
+    ]
+
+
+@pytest.mark.parametrize("spec", [WindowSpec(MINUTE), WindowSpec(2 * 86_400_000, 86_400_000)])
+def test_the_ends_of_the_calendar_and_sums_past_a_double(spec):
+    batches = batches_of(_edge_partitions(), 4)
+    run_both(batches, spec)
+    with TestPipeline() as pipeline:
+        aggregated = pipeline | beam.Create(batches) | AggregateBatches(("k", "r"), spec, SPECS, shards=3)
+        rows = aggregated.rows | "Rows" >> beam.Map(lambda row: (row["k"], row["window_start"], row))
+        letters = aggregated.dead_letters | "Letters" >> beam.Map(lambda letter: (letter.event_id, letter.reason))
+        if spec.is_sliding:  # the first events' windows start before the year 1, the last ones' end after 9999
+            assert_that(letters, equal_to([("y1", "bad_timestamp"), ("z1", "bad_timestamp"),
+                                           ("z2", "bad_timestamp")]), label="Refused")
+        else:
+            assert_that(letters, equal_to([("z2", "bad_timestamp")]), label="Refused")
+        assert_that(rows | beam.Filter(lambda item: item[0] == "moon" and item[1] < 0)
+                    | beam.Map(lambda item: (item[2]["event_count"], item[2]["sum_v"], item[2]["sum_w"],
+                                             item[2]["mean_w"], item[2]["max_w"])),
+                    equal_to([(3, 2**63 + 5.0, 1e308, 1e308 / 3, 1e308)] if not spec.is_sliding else
+                             [(3, 2**63 + 5.0, 1e308, 1e308 / 3, 1e308)] * 2), label="Moon")
+        assert_that(rows | "Sea" >> beam.Filter(lambda item: item[0] == "sea")
+                    | "SeaSums" >> beam.Map(lambda item: (item[2]["sum_w"], item[2]["mean_w"])),
+                    equal_to([(math.inf, 1e308)] * (2 if spec.is_sliding else 1)), label="SeaSums")
 
 
 def test_exact_resends_are_counted_once_across_batches_and_partitions():

@@ -300,6 +300,7 @@ class _ProduceRowsDoFn(_ProduceDoFn):
         super().setup()
         self._known = _known_versions(self._writer, self._topic, self._settings, self._registry)
         self._stale = metrics.counter(metrics.SINK_ROWS_STALE)
+        self._window_end = metrics.SinkWindowEnd()
 
     def start_bundle(self) -> None:
         super().start_bundle()
@@ -307,10 +308,8 @@ class _ProduceRowsDoFn(_ProduceDoFn):
 
     def finish_bundle(self) -> None:
         super().finish_bundle()  # every message acknowledged
-        if self._bundle_window_end is not None and self._bundle_window_end > getattr(self, "_newest_window_end", -1):
-            self._newest_window_end = self._bundle_window_end
         if self._bundle_window_end is not None:
-            metrics.record_sink_window_end(self._newest_window_end)
+            self._window_end.record(self._bundle_window_end)
 
     def admit(self, key: bytes, element: Any) -> bool:
         end = int(element[WINDOW_END])
