@@ -37,6 +37,34 @@ def test_replay_after_a_fix_moves_the_records_into_the_sink(tmp_path, capsys):
     assert len(list(read_dead_letters(str(dlq)))) == 11
 
 
+def test_replay_of_dead_letters_from_several_files_needs_the_jobs_own_input(tmp_path, capsys):
+    """Each window is recomputed from every file it was computed from: with the
+    dead letters in two of three files, replay takes the job's original glob and
+    refuses to guess it."""
+    def event(event_id, minute):
+        return json.dumps({"order_id": event_id, "event_time": f"2026-11-02T{minute}:00Z", "store": "s",
+                           "qty": 1, "price": 1.0})
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join([event("a1", "10:00"), event("a2", "09:00")]) + "\n")
+    (tmp_path / "in" / "b.jsonl").write_text("\n".join([event("b1", "10:00"), event("b2", "09:00")]) + "\n")
+    (tmp_path / "in" / "c.jsonl").write_text(event("c1", "09:00") + "\n")  # no dead letter, same window
+    db, dlq = tmp_path / "out.db", tmp_path / "dlq.jsonl"
+    job = [f"--sink=sqlite:///{db}", f"--dlq={dlq}", "--status=off", "--allowed_lateness=5m"]
+    run([*job, f"--input={tmp_path}/in/*.jsonl"])
+    assert len(list(read_dead_letters(str(dlq)))) == 2  # a2 and b2, each after a later event of its file
+    capsys.readouterr()
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", *job, "--allowed_lateness=3h"]) == 2
+    assert "dead letters come from 2 files" in capsys.readouterr().err
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", *job, f"--input={tmp_path}/in/a.jsonl",
+                     "--allowed_lateness=3h"]) == 2
+    assert "/in/a.jsonl (after --) does not match" in capsys.readouterr().err
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", *job, "--input_format=json",
+                     f"--input={tmp_path}/in/*.jsonl", "--allowed_lateness=3h"]) == 0
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT event_count FROM aggregates WHERE window_start = "
+                                  "'2026-11-02T09:00:00.000Z'").fetchall() == [(3,)]  # a2, b2 and c1
+
+
 def test_list_filters_by_reason(tmp_path, capsys):
     dlq = tmp_path / "dlq.jsonl"
     run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off"])

@@ -17,7 +17,8 @@ together with the rest of its window. ``replay`` runs the aggregate job, with th
 flags after ``--``, as a bounded read over the span of the selected records'
 sources: for Kafka records the time range of their Kafka timestamps widened by
 ``--margin`` (which must cover a window and its lateness), for file records the
-files they came from. A record that now passes reaches the sink exactly as in a
+job's own ``--input`` after ``--`` (the path or glob it ran with, which must match
+every file the records came from), or without one the one file they came from. A record that now passes reaches the sink exactly as in a
 live run (the guarded upsert replaces each affected row by its more complete
 version); one that still fails is written to the queue again under the same
 ``dlq_id``, so it is listed once.
@@ -28,7 +29,9 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import glob
 import json
+import os
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -205,6 +208,17 @@ def replay_flags(envelopes: Sequence[Dict[str, Any]], margin_ms: int) -> List[st
     return [f"--from={format_utc_ms(min(stamps) - margin_ms)}", f"--to={format_utc_ms(max(stamps) + margin_ms)}"]
 
 
+def _job_input(flags: Sequence[str]) -> Optional[str]:
+    """The value of the job's ``--input`` among ``flags`` (``--input=X`` or
+    ``--input X``), or None."""
+    for index, flag in enumerate(flags):
+        if flag.startswith("--input="):
+            return flag.partition("=")[2]
+        if flag == "--input" and index + 1 < len(flags):
+            return flags[index + 1]
+    return None
+
+
 def _replay(args) -> int:
     from onceflow.pipelines.aggregate import run
 
@@ -220,8 +234,20 @@ def _replay(args) -> int:
         print("no dead letters match: nothing to replay")
         return 0
     input_flags = replay_flags(chosen, margin_ms)
-    if any(flag.startswith("--input") for flag in input_flags):
-        flags = [flag for flag in flags if not flag.startswith("--input")]
+    files = [flag.partition("=")[2] for flag in input_flags if flag.startswith("--input=")]
+    given = _job_input(flags)
+    if files and given is not None:
+        matched = {os.path.abspath(path) for path in glob.glob(given, recursive=True)}
+        missed = [path for path in files if os.path.abspath(path) not in matched]
+        if missed:
+            raise UsageError(f"--input {given} (after --) does not match {missed[0]}, where dead letters of the "
+                             "selection came from: give the job's original --input, or no --input")
+        input_flags = []  # the job's own input: every file its windows were computed from
+    elif len(files) > 1:
+        shown = ", ".join(files[:2]) + (", ..." if len(files) > 2 else "")
+        raise UsageError(f"the selection's dead letters come from {len(files)} files ({shown}): "
+                         "give the job's original --input after -- (the path or glob it ran with), so that each "
+                         "window is recomputed from all of its events")
     print(f"replaying {len(chosen)} dead letters: re-running the job with {' '.join(input_flags)}",
           file=sys.stderr)
     summary = run([*flags, *input_flags])
