@@ -421,6 +421,8 @@ def split_fields(text: str, flag: str) -> Tuple[str, ...]:
 
 
 def flag_error(flag: str, error: Exception) -> UsageError:
+    if isinstance(error, OSError) and error.strerror and error.filename:  # not "[Errno 21] Is a directory: 'x'"
+        return UsageError(f"{flag}: {error.filename}: {error.strerror.lower()}")
     return UsageError(f"{flag}: {error}")
 
 

@@ -12,7 +12,7 @@ import pathlib
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from onceflow.errors import UsageError
 from onceflow.versions import BEAM_VERSION
@@ -271,6 +271,28 @@ def quiet_worker_teardown() -> None:
 
     for name in _WORKER_LOGGERS:
         logging.getLogger(name).addFilter(keep)
+
+
+_ONE_LINE_ERRORS: Tuple[type, ...] = ()  # the worker errors the job reports itself, in one line
+
+
+def quiet_worker_errors_reported_in_one_line(*kinds: type) -> None:
+    """Keeps Beam from logging a worker's error of one of ``kinds`` with its
+    traceback (the DirectRunner's workers log it before the job fails): the job
+    reports those itself, in one line. Anything else still prints."""
+    import logging
+
+    global _ONE_LINE_ERRORS
+    new = tuple(kind for kind in kinds if kind not in _ONE_LINE_ERRORS)
+    if not new:
+        return
+    if not _ONE_LINE_ERRORS:
+        def keep(record: logging.LogRecord) -> bool:
+            return not (record.exc_info and isinstance(record.exc_info[1], _ONE_LINE_ERRORS))
+
+        for name in ("apache_beam.runners.common", *_WORKER_LOGGERS):
+            logging.getLogger(name).addFilter(keep)
+    _ONE_LINE_ERRORS += new
 
 
 def default_shards(options: PipelineOptions, live: bool) -> int:

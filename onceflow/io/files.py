@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import io
-from typing import Iterator, List, Optional, Tuple
+import zlib
+from typing import Any, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 import fastavro
@@ -25,6 +29,35 @@ def read_avro_writer_schema(path: str) -> dict:
 BATCH_RECORDS = 10_000  # records per batch a file is read in
 
 
+class UnreadableInputFile(ValueError):
+    """An input file that cannot be read to its end (a compressed file cut off or
+    not compressed as its name says, a read error). Its records are not dead
+    letters: the run fails, naming the file, so that nothing is silently left out."""
+
+
+@contextlib.contextmanager
+def _open_decompressed(readable: fileio.ReadableFile) -> Iterator[Any]:
+    """The file's bytes, decompressed by its name (.gz, .bz2) with Python's own
+    modules, which raise EOFError on a stream cut off (Beam's decompressor ends it
+    quietly there: half a file read as a whole one); other names as Beam opens them."""
+    name = readable.metadata.path.lower()
+    if not name.endswith((".gz", ".bz2")):
+        with readable.open(compression_type=CompressionTypes.AUTO) as handle:
+            yield handle
+        return
+    with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+        with (gzip.GzipFile(fileobj=raw, mode="rb") if name.endswith(".gz") else bz2.BZ2File(raw, mode="rb")) as handle:
+            yield handle
+
+
+def _reading_error(error: BaseException) -> str:
+    if isinstance(error, EOFError):
+        return f"the compressed file is cut off ({error}); restore the whole file and run again"
+    if isinstance(error, (zlib.error, gzip.BadGzipFile)) or "Invalid data stream" in str(error):
+        return f"not compressed as its name says ({error}); fix the file or its name and run again"
+    return f"cannot be read ({error}); fix the file and run again"
+
+
 class _ReadFileBatchesDoFn(beam.DoFn):
     def __init__(self, contract: EventContract, batch_records: int):
         self._contract = contract
@@ -32,18 +65,21 @@ class _ReadFileBatchesDoFn(beam.DoFn):
 
     def process(self, readable: fileio.ReadableFile) -> Iterator[RecordBatch]:
         path = readable.metadata.path
-        with readable.open(compression_type=CompressionTypes.AUTO) as handle:
-            if self._contract.input_format == "avro":
-                slices = _slices(self._avro_records(path, handle), self._batch_records)
-                origin = (FILE_RECORDS, path)
-            else:
-                slices = _json_line_slices(handle, self._batch_records)
-                origin = (FILE_LINES, path)
-            high_water: Optional[int] = None
-            for positions, values in slices:
-                verdicts = decode_values(self._contract, values)
-                marks, high_water = high_waters(verdicts, high_water)
-                yield RecordBatch(origin, values, positions, marks, verdicts)
+        try:
+            with _open_decompressed(readable) as handle:
+                if self._contract.input_format == "avro":
+                    slices = _slices(self._avro_records(path, handle), self._batch_records)
+                    origin = (FILE_RECORDS, path)
+                else:
+                    slices = _json_line_slices(handle, self._batch_records)
+                    origin = (FILE_LINES, path)
+                high_water: Optional[int] = None
+                for positions, values in slices:
+                    verdicts = decode_values(self._contract, values)
+                    marks, high_water = high_waters(verdicts, high_water)
+                    yield RecordBatch(origin, values, positions, marks, verdicts)
+        except (OSError, EOFError, zlib.error) as error:  # a file is not a record: it fails the run
+            raise UnreadableInputFile(f"{path}: {_reading_error(error)}") from error
 
     def _avro_records(self, path: str, handle) -> Iterator[Tuple[int, bytes]]:
         reader = fastavro.reader(handle)

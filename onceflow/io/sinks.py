@@ -18,6 +18,7 @@ Every sink is an idempotent upsert on the row key guarded by ``event_count``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import urllib.parse
 from typing import Callable, Dict, Optional, Tuple
 
@@ -63,9 +64,18 @@ def _parse_sqlite(url: str, parsed: urllib.parse.SplitResult) -> Target:
 
 
 def _prepare_sqlite(target: Target, schema: RowSchema) -> None:
+    import sqlite3
+
     from onceflow.io.sqlite import ensure_table
 
-    ensure_table(target.location, target.table, schema)
+    if os.path.isdir(target.location):
+        raise ValueError(f"{target.location} is a directory; name a database file in it, e.g. "
+                         f"sqlite:///{os.path.join(target.location, 'aggregates.db')}")
+    try:
+        ensure_table(target.location, target.table, schema)
+    except sqlite3.DatabaseError as error:  # not a database, or a file this user cannot create or write
+        raise ValueError(f"cannot use {target.location} as an SQLite database ({error}); give a new file in a "
+                         "folder you can write, or an SQLite database") from None
 
 
 def _last_window_end_sqlite(target: Target) -> Optional[int]:

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import faulthandler
 import json
+import os
 import signal
 import sys
 import threading
@@ -32,7 +33,7 @@ from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.events import REGISTRY_FORMATS, EventContract
 from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
-from onceflow.io.files import ReadRecordBatchesFromFiles, read_avro_writer_schema
+from onceflow.io.files import ReadRecordBatchesFromFiles, UnreadableInputFile, read_avro_writer_schema
 from onceflow.io.flink_rest import FlinkRestError
 from onceflow.io.kafka.config import (
     COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_error_text, client_settings_from_flags,
@@ -47,7 +48,7 @@ from onceflow.io.sinks import WriteRows, parse_sink_url, position_sinks, prepare
 from onceflow.io.targets import Target
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
-    ONCEFLOW_OPTION_CLASSES, AggregateOptions, EventOptions, FlinkOptions, InputOptions, KafkaOptions,
+    ONCEFLOW_OPTION_CLASSES, AggregateOptions, EventOptions, FlinkOptions, InputOptions, KafkaOptions, MonitoringOptions,
     OutputOptions, WindowOptions, duration_ms, flag_error, help_text, optional_text, parse_flag, parse_optional_flag,
     parse_pipeline_args, positive_duration_ms, positive_int, split_fields, whole_seconds_ms,
 )
@@ -55,8 +56,8 @@ from onceflow.pipelines import flink_savepoint
 from onceflow.pipelines.flink_savepoint import SavepointStop
 from onceflow.pipelines.summary import RunSummary, collect_summary
 from onceflow.runners import (
-    default_shards, is_hang_up, local_batch_runner, prepare_runner, quiet_worker_teardown, runs_on_flink,
-    runs_on_prism,
+    default_shards, is_hang_up, local_batch_runner, prepare_runner, quiet_worker_errors_reported_in_one_line,
+    quiet_worker_teardown, runs_on_flink, runs_on_prism,
 )
 from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
@@ -308,6 +309,23 @@ def build(pipeline: beam.Pipeline, job: AggregateJob) -> Aggregated:
     return outputs
 
 
+def _check_metrics_out(path: Optional[str]) -> None:
+    """Refuses a ``--metrics_out`` the summary could not be written to, before
+    the job runs rather than after."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"--metrics_out: {path} is a directory; name a file in it, e.g. "
+                         f"--metrics_out={os.path.join(path, 'metrics.json')}")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise flag_error("--metrics_out", error) from None
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"--metrics_out: cannot write in {directory}; name a file in a folder you can write")
+
+
 def _check_input_exists(pattern: str) -> None:
     try:
         found = beam.io.filesystems.FileSystems.match([pattern])[0].metadata_list
@@ -315,6 +333,10 @@ def _check_input_exists(pattern: str) -> None:
         raise UsageError(f"--input: cannot list {pattern!r}: {error}") from None
     if not found:
         raise UsageError(f"--input: nothing matches {pattern!r}; give a file path or glob")
+    folders = [match.path for match in found if os.path.isdir(match.path)]  # local paths; others are objects
+    if folders:
+        raise UsageError(f"--input: {folders[0]} is a directory; give its files, e.g. "
+                         f"--input={os.path.join(folders[0], '*.jsonl')}")
 
 
 def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: Optional[str] = None) -> AggregateJob:
@@ -376,6 +398,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         prepare_dlq(job.dlq)
     except (ValueError, OSError) as error:
         raise flag_error("--dlq", error) from None
+    _check_metrics_out(options.view_as(MonitoringOptions).metrics_out)
     if job.kafka is not None:  # then the positions, kept in the prepared sink
         savepoint = optional_text(options.view_as(FlinkOptions).savepoint_path)
         job, reads = _retrying_while_broker_away(lambda: _resolve_kafka_start(job, partitions, savepoint),
@@ -398,6 +421,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     started = time.monotonic()
     pipeline = beam.Pipeline(runner=local_batch_runner(options, job.is_live), options=options)
     build(pipeline, job)
+    quiet_worker_errors_reported_in_one_line(UnreadableInputFile, RetentionGapError)
     with Monitor(options, runner, expected_records=expected_records) as monitor, \
             _stop_signals_as_interrupt(job.is_live, signal.SIGTERM) as stop:
         try:
@@ -414,6 +438,9 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             gap = _retention_gap_line(error)  # retention deleted part of the range while it was read
             if gap is not None:
                 raise ServiceError(f"--from/--to: {gap}") from None
+            unreadable = _worker_error_line(error, UnreadableInputFile)
+            if unreadable is not None:
+                raise UsageError(f"--input: {unreadable}") from None
             failure = _registry_failure(error)
             if failure:  # transient or setup, never a bad record: one line, status 1
                 raise ServiceError(f"{failure}; no record was dead-lettered for it: rerun when it answers") from None
@@ -477,6 +504,23 @@ def _retention_gap_line(error: BaseException) -> Optional[str]:
 def _registry_failure(error: BaseException) -> Optional[str]:
     """The line of a :class:`RegistryUnavailable` inside a runner's error, if any."""
     return _line_in_error(error, r"(schema registry \S+ did not give schema \d+ after [^\n]*)")
+
+
+def _worker_error_line(error: BaseException, kind: type) -> Optional[str]:
+    """The message of a ``kind`` error a worker raised, found in the runner's
+    error: as the error itself or one it was raised from (the DirectRunner's
+    workers run in this process), or as text in its message (the others)."""
+    import re
+
+    found = _line_in_error(error, kind.__name__ + r": ([^\n]*)")
+    cause: Optional[BaseException] = error
+    for _ in range(10):
+        if cause is None or isinstance(cause, kind):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, kind):
+        found = str(cause).strip()
+    return None if found is None else re.sub(r"\s*\[while running [^\]]*\]$", "", found)
 
 
 def _line_in_error(error: Optional[BaseException], pattern: str) -> Optional[str]:

@@ -105,6 +105,42 @@ def test_bad_flags_get_one_line(flags, fragment, tmp_path):
     assert fragment in lines[0]
 
 
+def _bad_paths(folder):
+    """Files a user may point the job at by mistake, in ``folder``."""
+    import bz2
+    import gzip
+
+    data = open(SAMPLE_INPUT, "rb").read() * 20
+    packed = gzip.compress(data)
+    (folder / "half.jsonl.gz").write_bytes(packed[:len(packed) // 2])
+    packed = bz2.compress(data)
+    (folder / "half.jsonl.bz2").write_bytes(packed[:len(packed) // 2])
+    (folder / "plain.jsonl.gz").write_bytes(data[:5000])
+    (folder / "folder").mkdir()
+    (folder / "notes.txt").write_text("not a dead letter\n")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--input=half.jsonl.gz"], "--input: half.jsonl.gz: the compressed file is cut off"),
+    (["--input=half.jsonl.bz2"], "--input: half.jsonl.bz2: the compressed file is cut off"),
+    (["--input=plain.jsonl.gz"], "--input: plain.jsonl.gz: not compressed as its name says"),
+    (["--input=folder"], "--input: folder is a directory; give its files, e.g. --input=folder/*.jsonl"),
+    (["--sink=sqlite:///folder"], "--sink: folder is a directory"),
+    (["--sink=sqlite:///notes.txt"], "--sink: cannot use notes.txt as an SQLite database (file is not a database)"),
+    (["--dlq=notes.txt"], "--dlq: notes.txt is not a dead-letter queue"),
+    (["--dlq=folder"], "--dlq: folder: is a directory"),
+    (["--metrics_out=folder"], "--metrics_out: folder is a directory"),
+])
+def test_bad_files_and_paths_get_one_line_and_nothing_is_half_read(flags, fragment, tmp_path):
+    _bad_paths(tmp_path)
+    result = run_cli(*flags, "--status=off", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip() and "apitools" not in l]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "not a dead letter\n"  # never appended to
+
+
 def test_help_lists_the_flags():
     result = run_cli("--help")
     assert result.returncode == 0
@@ -229,7 +265,7 @@ def test_the_summary_explains_lateness_when_out_of_order_input_goes_to_the_dlq(t
     ordered = tmp_path / "ordered.jsonl"
     shuffled_half_hour(ordered, shuffle=False)
     summary = run([f"--input={ordered}", f"--sink=sqlite:///{tmp_path}/ordered.db",
-                   f"--dlq={tmp_path}/ordered.jsonl", "--status=off"])
+                   f"--dlq={tmp_path}/ordered-dlq.jsonl", "--status=off"])
     assert "note:" not in summary.render()
 
 
