@@ -7,7 +7,10 @@ import pytest
 
 from onceflow import cli
 from onceflow.cli.dlq import replay_flags, select
+from onceflow.deadletter import DeadLetter
 from onceflow.errors import UsageError
+from onceflow.events import SourceRecord
+from onceflow.io.dlq.envelope import to_envelope, to_json_line
 from onceflow.io.dlq.jsonl import read_dead_letters
 from onceflow.pipelines.aggregate import run
 from tests.livejob import new_topic, produce, sample_lines
@@ -128,9 +131,102 @@ def test_the_dlq_command_passes_its_kafka_settings_to_the_client(kafka_bootstrap
     properties.write_text("sasl.password=planted-s3cr3t\nno.such.setting=1\n")
     status = cli.main(["dlq", "count", "--dlq", queue.url, "--kafka_config_file", str(properties)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 1 and len(err) == 1 and "no.such.setting" in err[0], err
+    assert status == 2 and len(err) == 1 and "no.such.setting" in err[0], err
     assert "planted-s3cr3t" not in err[0]
     assert cli.main(["dlq", "count", "--dlq", queue.url, "--kafka_setting", "enable.auto.commit=true"]) == 2
     assert "enable.auto.commit must stay false" in capsys.readouterr().err
     assert cli.main(["dlq", "count", "--dlq", str(tmp_path / "dlq.jsonl"), "--kafka_setting", "client.id=x"]) == 2
     assert "only a kafka:// queue" in capsys.readouterr().err
+
+
+# -- bad input: one line on stderr and a non-zero status, never a traceback ----------
+
+GOOD_LINE = to_json_line(to_envelope(DeadLetter(SourceRecord(b"x", {"file": "in.jsonl", "line": 1}), "parse",
+                                                "malformed_json", "E", "m"), "aggregate", "0.1.0"))
+COMMANDS = [["count"], ["list"], ["replay", "--", "--sink=sqlite:///unused.db"]]
+
+
+def one_error_line(capsys) -> str:
+    """The one line the command wrote to stderr (and that it is one, without a traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda command: command[0])
+@pytest.mark.parametrize("content, expected", [
+    (f"{GOOD_LINE}\n{{not json\n".encode(), "line 2 is not a dead letter: not JSON"),
+    (b"hello, world\nnot a queue\n", "line 1 is not a dead letter: not JSON"),
+    (f"{GOOD_LINE}\n{GOOD_LINE[:40]}".encode(), "line 2 is not a dead letter: it ends mid-record (the file "
+                                                 "looks cut off)"),
+    (f"{GOOD_LINE}\n{GOOD_LINE[:20]}".encode(), "line 2 is not a dead letter: it ends mid-record"),  # in a string
+    (b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01", "line 1 is not a dead letter: it is not UTF-8 text"),
+    (b'{"dlq_id": "a"}\n', "line 1 is not a dead letter: no 'reason' field"),
+    (b"[1, 2]\n", "line 1 is not a dead letter: a JSON list"),
+], ids=["corrupt", "text", "truncated", "truncated-in-string", "binary", "other-json", "not-an-object"])
+def test_a_file_that_is_not_a_queue_is_one_line_naming_the_file_and_line(tmp_path, capsys, command, content,
+                                                                          expected):
+    path = tmp_path / "dlq.jsonl"
+    path.write_bytes(content)
+    assert cli.main(["dlq", command[0], f"--dlq={path}", *command[1:]]) == 2
+    assert f"--dlq: {path} {expected}" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda command: command[0])
+def test_a_directory_or_a_missing_file_is_not_an_empty_queue(tmp_path, capsys, command):
+    assert cli.main(["dlq", command[0], f"--dlq={tmp_path}", *command[1:]]) == 2
+    assert f"--dlq: cannot read {tmp_path}: Is a directory" in one_error_line(capsys)
+    missing = tmp_path / "missing.jsonl"
+    assert cli.main(["dlq", command[0], f"--dlq={missing}", *command[1:]]) == 2
+    assert f"--dlq: {missing} does not exist" in one_error_line(capsys)
+
+
+def test_a_job_that_dead_letters_nothing_leaves_an_empty_queue(tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"order_id": "a", "event_time": "2026-11-02T10:00:00Z",
+                                                   "store": "s", "qty": 1, "price": 1.0}) + "\n")
+    dlq = tmp_path / "dlq.jsonl"
+    run([f"--input={tmp_path}/in.jsonl", f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off"])
+    capsys.readouterr()
+    assert cli.main(["dlq", "count", f"--dlq={dlq}"]) == 0
+    assert capsys.readouterr().out.split() == ["total", "0"]
+
+
+def test_a_negative_limit_is_refused(tmp_path, capsys):
+    path = tmp_path / "dlq.jsonl"
+    path.write_text(GOOD_LINE + "\n")
+    assert cli.main(["dlq", "list", f"--dlq={path}", "--limit=-5"]) == 2
+    assert "--limit: -5 is negative" in one_error_line(capsys)
+
+
+def test_a_postgresql_server_out_of_reach_is_one_line(capsys):
+    assert cli.main(["dlq", "count", "--dlq=postgresql://onceflow:s3cret@127.0.0.1:1/onceflow"]) == 1
+    line = one_error_line(capsys)
+    assert "--dlq: cannot read postgresql postgresql://onceflow:***@127.0.0.1:1/onceflow" in line
+    assert "Connection refused" in line and "s3cret" not in line
+
+
+@pytest.mark.postgres
+def test_a_missing_database_or_dead_letter_table_is_one_line(postgres_dsn, capsys):
+    other_database = postgres_dsn.rpartition("/")[0] + "/nosuchdb"
+    assert cli.main(["dlq", "count", f"--dlq={other_database}"]) == 1
+    assert 'database "nosuchdb" does not exist' in one_error_line(capsys)
+    assert cli.main(["dlq", "list", f"--dlq={postgres_dsn}?table=test_nosuch_table_xyz"]) == 2
+    assert (f"--dlq: no dead-letter table 'test_nosuch_table_xyz' exists in {postgres_dsn}: check ?table="
+            in one_error_line(capsys))
+
+
+def test_an_unreachable_broker_is_one_line_naming_it(capsys):
+    """The client's own wait (the metadata request's), then what failed: no
+    KafkaError{...} repr. Needs no broker: nothing listens on port 1."""
+    assert cli.main(["dlq", "count", "--dlq=kafka://127.0.0.1:1/dlq"]) == 1
+    line = one_error_line(capsys)
+    assert "--dlq: cannot read kafka://127.0.0.1:1/dlq: cannot reach Kafka at 127.0.0.1:1 within 10s" in line
+    assert "KafkaError{" not in line
+
+
+def test_a_client_setting_the_kafka_client_refuses_is_a_usage_error(capsys):
+    assert cli.main(["dlq", "count", "--dlq=kafka://127.0.0.1:1/dlq", "--kafka_setting", "no.such.setting=1",
+                     "--kafka_setting", "sasl.password=planted-s3cr3t"]) == 2
+    line = one_error_line(capsys)
+    assert "the Kafka client refused the settings" in line and "no.such.setting" in line
+    assert "planted-s3cr3t" not in line

@@ -141,23 +141,49 @@ def _target(args):
 
 
 def _selected(args) -> List[Dict[str, Any]]:
-    from onceflow.io.dlq import read_dead_letters_from
+    """The selected envelopes of the queue ``--dlq`` names. A file that does not
+    exist or does not hold dead letters, a table that does not exist or a Kafka
+    setting the client refuses is a UsageError; a server or broker that cannot be
+    reached or refuses the login a ServiceError; each one line, secrets scrubbed."""
+    from onceflow.io.dlq import JSONL, read_dead_letters_from
 
     target = _target(args)
     since, until = _time_flag(args.since, "--since"), _time_flag(args.until, "--until")
+    if target.scheme == JSONL and not os.path.exists(target.location):
+        raise UsageError(f"--dlq: {target.location} does not exist: give the path of the job's --dlq file "
+                         "(a job creates it when it starts)")
     try:
         return select(read_dead_letters_from(target), args.reason, since, until)
-    except Exception as error:  # the Kafka client refusing a setting, a broker out of reach
-        if target.scheme != "kafka" or not _is_kafka_error(error):
-            raise
-        message = scrub_secrets(first_line(error), dict(target.client_settings))
-        raise ServiceError(f"cannot read {target.describe()}: {message}") from None
+    except ValueError as error:  # a line or message that is not a dead letter, a table that does not exist
+        raise UsageError(f"--dlq: {error}") from None
+    except OSError as error:  # a directory, a file without read permission
+        raise UsageError(f"--dlq: cannot read {target.location}: {error.strerror or first_line(error)}") from None
+    except Exception as error:  # the Kafka client refusing a setting, a broker or server out of reach
+        if target.scheme == "kafka" and _is_kafka_error(error):
+            raise _kafka_error(error, target) from None
+        if type(error).__module__.split(".")[0] == "psycopg":  # libpq's line says what failed
+            raise ServiceError(f"--dlq: cannot read {target.describe()}: {first_line(error)}") from None
+        raise
 
 
 def _is_kafka_error(error: BaseException) -> bool:
     from confluent_kafka import KafkaException
 
     return isinstance(error, (KafkaException, RuntimeError))
+
+
+def _kafka_error(error: BaseException, target) -> Exception:
+    """The one-line error for a Kafka client's failure, as the aggregate job reports
+    it: a refused setting is a UsageError, a broker out of reach a ServiceError."""
+    from confluent_kafka import KafkaException
+
+    from onceflow.io.kafka.config import client_error_line, client_error_text
+    from onceflow.io.kafka.errors import is_broker_away
+
+    settings = dict(target.client_settings)
+    if isinstance(error, KafkaException) and not is_broker_away(error):
+        return UsageError(client_error_line(error, settings))
+    return ServiceError(f"--dlq: cannot read {target.describe()}: {scrub_secrets(client_error_text(error), settings)}")
 
 
 def _describe_source(source: Dict[str, Any]) -> str:
@@ -178,6 +204,8 @@ def _count(args) -> int:
 
 
 def _list(args) -> int:
+    if args.limit < 0:
+        raise UsageError(f"--limit: {args.limit} is negative; give how many to show, or 0 for all")
     envelopes = _selected(args)
     shown = envelopes if args.limit == 0 else envelopes[:args.limit]
     for envelope in shown:

@@ -1,12 +1,15 @@
 """The JSONL dead-letter sink: appends, and readers see each dead letter once."""
 
 import apache_beam as beam
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from onceflow.deadletter import DeadLetter
-from onceflow.io.dlq.envelope import from_envelope
+from onceflow.io.dlq import kafka as kafka_dlq
+from onceflow.io.dlq.envelope import from_envelope, to_envelope, to_json_line
 from onceflow.events import SourceRecord
-from onceflow.io.dlq.jsonl import WriteDeadLettersToJsonl, read_dead_letters
+from onceflow.io.dlq.jsonl import WriteDeadLettersToJsonl, prepare_file, read_dead_letters
+from onceflow.io.kafka.config import KafkaTopic
 
 LETTERS = [DeadLetter(SourceRecord(b"\xff" + bytes([n]), {"line": n}), "parse", "invalid_utf8", "E", "m")
            for n in range(5)]
@@ -29,3 +32,34 @@ def test_written_twice_read_once_with_exact_bytes(tmp_path):
 
 def test_missing_file_reads_as_empty(tmp_path):
     assert list(read_dead_letters(str(tmp_path / "none.jsonl"))) == []
+
+
+def test_prepare_creates_an_empty_queue_and_keeps_an_existing_one(tmp_path):
+    path = tmp_path / "new" / "dead.jsonl"
+    prepare_file(str(path))
+    assert path.read_bytes() == b"" and list(read_dead_letters(str(path))) == []
+    path.write_text(to_json_line(to_envelope(LETTERS[0], "aggregate", "0.1.0")) + "\n")
+    prepare_file(str(path))
+    assert len(list(read_dead_letters(str(path)))) == 1
+
+
+def test_a_line_that_is_not_a_dead_letter_is_named_after_the_good_ones(tmp_path):
+    path = tmp_path / "dead.jsonl"
+    good = to_json_line(to_envelope(LETTERS[0], "aggregate", "0.1.0"))
+    path.write_text(f"{good}\n\n{good.replace('failed_at', 'failed')}\n")
+    letters = read_dead_letters(str(path))
+    assert next(letters)["dlq_id"] == LETTERS[0].dlq_id
+    with pytest.raises(ValueError, match=f"^{path} line 3 is not a dead letter: no 'failed_at' field"):
+        next(letters)
+
+
+def test_a_kafka_message_that_is_not_a_dead_letter_names_its_partition_and_offset(monkeypatch):
+    topic = KafkaTopic("127.0.0.1:1", "dlq")
+    good = to_json_line(to_envelope(LETTERS[0], "aggregate", "0.1.0")).encode()
+    monkeypatch.setattr(kafka_dlq, "describe_topic", lambda config: [0])
+    monkeypatch.setattr(kafka_dlq, "read_records_to_end",
+                        lambda topic, settings: iter([(0, 7, b"k", good), (0, 8, b"k", b"plain text")]))
+    letters = kafka_dlq.read_dead_letters(topic)
+    assert next(letters)["dlq_id"] == LETTERS[0].dlq_id
+    with pytest.raises(ValueError, match=r"^kafka://127.0.0.1:1/dlq partition 0 offset 8 is not a dead letter"):
+        next(letters)

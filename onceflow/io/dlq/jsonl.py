@@ -9,6 +9,7 @@ once, so readers see every refused record exactly once.
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import json
 import os
@@ -18,14 +19,18 @@ import apache_beam as beam
 
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter
-from onceflow.io.dlq.envelope import to_envelope, to_json_line
+from onceflow.io.dlq.envelope import ENVELOPE_TIME, to_envelope, to_json_line
 
 _MAX_BUFFERED = 500
 
 
 def prepare_file(path: str) -> None:
-    """Creates the folder the file goes in; OSError if it cannot."""
+    """Creates the folder the file goes in and the file itself, empty if it is new
+    (so a job that dead-letters nothing leaves an empty queue, not a missing one);
+    OSError if it cannot."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "ab"):
+        pass
 
 
 class AppendJsonlDoFn(beam.DoFn):
@@ -76,18 +81,54 @@ class WriteDeadLettersToJsonl(beam.PTransform):
         return letters | "AppendJsonLines" >> beam.ParDo(AppendJsonlDoFn(*self._args))
 
 
+# The envelope's fields a reader relies on, with their JSON types.
+_ENVELOPE_TYPES = (("dlq_id", str), ("reason", str), ("message", str), ("stage", str), ("source", dict),
+                   ("raw_base64", str), ("failed_at", str))
+
+
 def read_dead_letters(path: str) -> Iterator[Dict[str, Any]]:
     """Each envelope in a DLQ file once (first occurrence of each ``dlq_id``);
-    nothing when the file does not exist."""
+    nothing when the file does not exist. A line that is not a dead letter (not
+    UTF-8, not JSON, not an envelope) raises ValueError naming the file and the
+    line, and a last line cut off mid-record says the file looks cut off; a file
+    that cannot be read (a directory, no permission) raises OSError."""
     if not os.path.exists(path):
         return
     seen = set()
     with open(path, "rb") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            envelope = json.loads(line)
+            envelope = _envelope(line, f"{path} line {number}")
             if envelope["dlq_id"] in seen:
                 continue
             seen.add(envelope["dlq_id"])
             yield envelope
+
+
+def _envelope(line: bytes, where: str) -> Dict[str, Any]:
+    """The envelope on one line of a DLQ file; ValueError (one line, naming
+    ``where``) when the line is not one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{where} is not a dead letter: it is not UTF-8 text (is this a dead-letter file?)") from None
+    try:
+        envelope = json.loads(text)
+    except json.JSONDecodeError as error:
+        ended_early = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")
+        if ended_early and not line.endswith(b"\n"):  # the last line, cut off mid-record
+            raise ValueError(f"{where} is not a dead letter: it ends mid-record (the file looks cut off)") from None
+        raise ValueError(f"{where} is not a dead letter: not JSON ({error.msg} at column {error.colno}); "
+                         "is this a dead-letter file?") from None
+    if not isinstance(envelope, dict):
+        raise ValueError(f"{where} is not a dead letter: a JSON {type(envelope).__name__}, not an envelope object")
+    for name, kind in _ENVELOPE_TYPES:
+        if not isinstance(envelope.get(name), kind):
+            raise ValueError(f"{where} is not a dead letter: no {name!r} field of an envelope")
+    try:
+        datetime.datetime.strptime(envelope["failed_at"], ENVELOPE_TIME)
+    except ValueError:
+        raise ValueError(f"{where} is not a dead letter: failed_at {envelope['failed_at']!r} is not a time "
+                         "like 2026-11-02T09:00:00.000000Z") from None
+    return envelope

@@ -17,8 +17,8 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter
 from onceflow.io.dlq.envelope import to_envelope, to_json_line
-from onceflow.io.kafka.admin import read_topic_to_end
-from onceflow.io.kafka.config import KafkaTopic
+from onceflow.io.kafka.admin import describe_topic, read_records_to_end
+from onceflow.io.kafka.config import EARLIEST, KafkaReadConfig, KafkaTopic
 from onceflow.io.kafka.write import Message, RegistryAvroEncoder, WriteToKafka, decode_framed
 
 # The envelope as Avro: the JSON envelope's fields, but the raw bytes as bytes (not
@@ -87,10 +87,21 @@ def envelope_from_message(value: bytes, registry: Any = None) -> Dict[str, Any]:
 def read_dead_letters(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,
                       registry: Any = None) -> Iterator[Dict[str, Any]]:
     """Each envelope on the topic once (first occurrence of each ``dlq_id``), the
-    topic read to its end."""
+    topic read to its end. The broker is asked for the topic first, as a job's
+    start does (:func:`~onceflow.io.kafka.admin.describe_topic`): a broker out of
+    reach raises :class:`~onceflow.io.kafka.errors.BrokerUnreachable`, a missing
+    topic :class:`~onceflow.io.kafka.errors.UnknownGroupOrTopic`, each one line;
+    a message that is not a dead letter raises ValueError naming its partition and
+    offset."""
+    describe_topic(KafkaReadConfig(topic, start=EARLIEST, client_settings=dict(settings or {})))
     seen = set()
-    for _key, value in read_topic_to_end(topic, dict(settings or {})):
-        envelope = envelope_from_message(value, registry)
-        if envelope["dlq_id"] not in seen:
-            seen.add(envelope["dlq_id"])
+    for partition, offset, _key, value in read_records_to_end(topic, dict(settings or {})):
+        try:
+            envelope = envelope_from_message(value or b"", registry)
+            dlq_id = envelope["dlq_id"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{topic.url} partition {partition} offset {offset} is not a dead letter "
+                             f"({type(error).__name__}: {error}); is this the job's dead-letter topic?") from None
+        if dlq_id not in seen:
+            seen.add(dlq_id)
             yield envelope

@@ -14,6 +14,7 @@ import datetime
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import apache_beam as beam
+import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
@@ -23,6 +24,7 @@ from onceflow.events import format_utc_ms
 from onceflow.io.batching import BatchWriteDoFn
 from onceflow.io.dlq.envelope import ENVELOPE_TIME, to_envelope
 from onceflow.io.postgres import Session, SessionHooks, application_name, connect, create_checked
+from onceflow.io.urls import redact_url
 from onceflow.rows import check_identifier, utc_millis
 
 # The envelope (onceflow.io.dlq.envelope), one column per field.
@@ -133,13 +135,20 @@ class WriteDeadLettersToPostgres(beam.PTransform):
 
 def read_dead_letters(dsn: str, table: str) -> Iterator[Dict[str, Any]]:
     """Each envelope in a dead-letter table once, oldest first, in the same shape as
-    :func:`onceflow.io.dlq.jsonl.read_dead_letters` returns from a file."""
+    :func:`onceflow.io.dlq.jsonl.read_dead_letters` returns from a file. ValueError
+    (one line, password redacted) when the database has no table of that name;
+    other errors are psycopg's (the server out of reach, no such database)."""
     check_identifier(table, "table name")
     query = sql.SQL("SELECT {} FROM {} ORDER BY {}, {}").format(
         sql.SQL(", ").join(map(sql.Identifier, _DLQ_NAMES)), sql.Identifier(table),
         sql.Identifier("failed_at"), sql.Identifier("dlq_id"))
     with connect(dsn, application_name(table)) as connection:
-        for values in connection.execute(query):
+        try:
+            rows = connection.execute(query)
+        except psycopg.errors.UndefinedTable:
+            raise ValueError(f"no dead-letter table {table!r} exists in {redact_url(dsn)}: check ?table= "
+                             "(a job creates its table when it starts; the default is dead_letters)") from None
+        for values in rows:
             envelope = dict(zip(_DLQ_NAMES, values))
             if envelope["event_time"] is not None:
                 envelope["event_time"] = format_utc_ms(utc_millis(envelope["event_time"]))
