@@ -276,16 +276,22 @@ def metadata_text(pipeline: TemplatePipeline) -> str:
 _BEAM_ARG = re.compile(r"^ARG BEAM_VERSION=(\S*)$", re.MULTILINE)
 
 
+class DockerfileError(ValueError):
+    """The templates folder's Dockerfile cannot be read as text or has no
+    ``ARG BEAM_VERSION=`` line; the message is one line naming its path."""
+
+
 def dockerfile_beam_version(text: str) -> Optional[str]:
     """The default of ``ARG BEAM_VERSION`` in a Dockerfile's text, if any."""
     match = _BEAM_ARG.search(text)
     return match.group(1) if match else None
 
 
-def pin_dockerfile(text: str, version: str = BEAM_VERSION) -> str:
-    """``text`` with ``ARG BEAM_VERSION=<version>``; ValueError if the line is missing."""
+def pin_dockerfile(text: str, version: str = BEAM_VERSION, path: str = "templates/Dockerfile") -> str:
+    """``text`` with ``ARG BEAM_VERSION=<version>``; :class:`DockerfileError` naming
+    ``path`` (the file the text came from) if the line is missing."""
     if dockerfile_beam_version(text) is None:
-        raise ValueError("templates/Dockerfile has no 'ARG BEAM_VERSION=...' line")
+        raise DockerfileError(f"{path} has no 'ARG BEAM_VERSION=...' line; add one, e.g. ARG BEAM_VERSION={version}")
     return _BEAM_ARG.sub(f"ARG BEAM_VERSION={version}", text, count=1)
 
 
@@ -301,22 +307,40 @@ def metadata_path(pipeline: TemplatePipeline) -> str:
 def render(templates_dir: pathlib.Path,
            pipelines: Sequence[TemplatePipeline] = PIPELINES) -> Dict[str, str]:
     """Every generated file's expected text, keyed by its path under ``templates_dir``.
-    The Dockerfile is read (only its BEAM_VERSION line is generated)."""
+    The Dockerfile is read (only its BEAM_VERSION line is generated);
+    :class:`DockerfileError` when it cannot be read as text or has no
+    BEAM_VERSION line."""
     files = {metadata_path(pipeline): metadata_text(pipeline) for pipeline in pipelines}
     dockerfile = templates_dir / DOCKERFILE
-    files[DOCKERFILE] = pin_dockerfile(dockerfile.read_text(encoding="utf-8"))
+    try:
+        text = dockerfile.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise DockerfileError(f"{dockerfile} is a folder, not a Dockerfile") from None
+    except OSError as error:
+        raise DockerfileError(f"cannot read {dockerfile}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise DockerfileError(f"{dockerfile} is not UTF-8 text; is it the Dockerfile?") from None
+    files[DOCKERFILE] = pin_dockerfile(text, path=str(dockerfile))
     return files
 
 
 def stale(templates_dir: pathlib.Path,
           pipelines: Sequence[TemplatePipeline] = PIPELINES) -> List[str]:
-    """Paths (relative to ``templates_dir``) whose content differs from :func:`render`."""
+    """Paths (relative to ``templates_dir``) whose content differs from :func:`render`
+    (a file that is not UTF-8 text differs)."""
     out = []
     for relative, text in render(templates_dir, pipelines).items():
         path = templates_dir / relative
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
+        if not path.exists() or _text_or_none(path) != text:
             out.append(relative)
     return out
+
+
+def _text_or_none(path: pathlib.Path) -> Optional[str]:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def write(templates_dir: pathlib.Path,
@@ -340,6 +364,7 @@ def default_templates_dir() -> pathlib.Path:
 
 
 __all__ = [
+    "DockerfileError",
     "PIPELINES",
     "RULES",
     "ParameterRule",

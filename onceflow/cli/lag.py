@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from onceflow.io.kafka.admin import consumer_group_lag
-from onceflow.io.kafka.config import parse_client_settings, read_properties_file
+from onceflow.io.kafka.config import client_error_line, parse_client_settings, parse_kafka_url, read_properties_file
 from onceflow.io.kafka.errors import BrokerUnreachable, UnknownGroupOrTopic
 from onceflow.observability import lag as lag_module
+from onceflow.windowing import parse_duration_ms
+
+MAX_TIMEOUT_S = 3600.0  # a longer --timeout is refused: a probe waiting over an hour is a hang
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "2 wrong flags, 3 broker unreachable, 4 unknown group or topic."
         ),
     )
-    parser.add_argument("--bootstrap-server", required=True, metavar="HOST:PORT",
+    parser.add_argument("--bootstrap-server", required=True, metavar="HOST:PORT", type=_bootstrap_servers,
                         help="the Kafka broker(s), comma-separated")
     parser.add_argument("--group", required=True, help="the consumer group, e.g. onceflow-aggregate")
     parser.add_argument("--topic", default=None,
@@ -41,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-lag", type=_non_negative_int, default=None, metavar="N",
                         help="exit with status 1 when the total lag is above N records")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="how long to wait for the broker (default 10)")
+    parser.add_argument("--timeout", type=_timeout_seconds, default=10.0, metavar="SECONDS",
+                        help="how long to wait for the broker: seconds above 0, or a duration such as 500ms "
+                             f"or 2m; at most {MAX_TIMEOUT_S:.0f} (default 10)")
     parser.add_argument("--kafka_setting", action="append", default=None, metavar="NAME=VALUE",
                         help="a client setting passed as is (repeatable), e.g. security.protocol=SASL_SSL")
     parser.add_argument("--kafka_config_file", metavar="PATH",
@@ -57,6 +62,38 @@ def _non_negative_int(text: str) -> int:
     return int(text)
 
 
+def _bootstrap_servers(text: str) -> str:
+    """``HOST:PORT[,HOST:PORT...]``, checked as the job checks the brokers of its
+    kafka:// URLs (:func:`parse_kafka_url`); ArgumentTypeError otherwise."""
+    try:
+        # "lag" is only a topic name for the URL check; the brokers are what is checked.
+        return parse_kafka_url(f"kafka://{text}/lag").bootstrap_servers
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT (comma-separated for several brokers), e.g. 127.0.0.1:9092") from None
+
+
+def _timeout_seconds(text: str) -> float:
+    """Seconds above 0 and at most :data:`MAX_TIMEOUT_S`, from a number (``10``,
+    ``2.5``) or a duration with a unit (``500ms``, ``2m``); ArgumentTypeError
+    otherwise. (The client takes 0 as "do not wait" and a negative timeout as
+    "wait forever".)"""
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = parse_duration_ms(text) / 1000
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds; e.g. --timeout=10 or --timeout=500ms") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds above 0, e.g. --timeout=10")
+    if seconds > MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than {MAX_TIMEOUT_S:.0f} seconds (an hour); give at most --timeout={MAX_TIMEOUT_S:.0f}")
+    return seconds
+
+
 def run_lag(args: argparse.Namespace) -> int:
     try:
         settings = read_properties_file(args.kafka_config_file) if args.kafka_config_file else {}
@@ -64,9 +101,14 @@ def run_lag(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"onceflow lag: error: {error}", file=sys.stderr)
         return 2
+    from confluent_kafka import KafkaException  # the kafka extra, as consumer_group_lag needs
+
     try:
         found = consumer_group_lag(args.bootstrap_server, args.group, args.topic, timeout_s=args.timeout,
                                    settings=settings)
+    except KafkaException as error:  # the client refused a setting; the broker's errors are the two below
+        print(f"onceflow lag: error: {client_error_line(error, settings)}", file=sys.stderr)
+        return 2
     except UnknownGroupOrTopic as error:
         print(f"onceflow lag: {error}", file=sys.stderr)
         return lag_module.EXIT_UNKNOWN

@@ -79,6 +79,63 @@ def test_generate_writes_the_specs_and_pins_the_dockerfile(tmp_path):
     assert _cli("templates", "generate", "--check", "--dir", str(folder)).returncode == 0
 
 
+def _error_lines(result: subprocess.CompletedProcess) -> list:
+    return [line for line in result.stderr.splitlines() if not line.startswith("WARNING:")]
+
+
+@pytest.mark.parametrize("check", [[], ["--check"]], ids=["generate", "check"])
+def test_a_dockerfile_without_the_beam_version_line_is_named_in_one_line(tmp_path, check):
+    (tmp_path / "Dockerfile").write_text("FROM python:3.11-slim\n")
+    result = _cli("templates", "generate", *check, f"--dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert _error_lines(result) == [f"onceflow: error: {tmp_path / 'Dockerfile'} has no 'ARG BEAM_VERSION=...' "
+                                    f"line; add one, e.g. ARG BEAM_VERSION={BEAM_VERSION}"]
+
+
+def test_a_dockerfile_that_is_a_folder_is_named_in_one_line(tmp_path):
+    (tmp_path / "Dockerfile").mkdir()
+    result = _cli("templates", "generate", f"--dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert _error_lines(result) == [f"onceflow: error: {tmp_path / 'Dockerfile'} is a folder, not a Dockerfile"]
+
+
+def test_a_generated_file_that_cannot_be_written_is_named_in_one_line(tmp_path):
+    (tmp_path / "Dockerfile").write_text(DOCKERFILE.read_text())
+    (tmp_path / "aggregate" / "metadata.json").mkdir(parents=True)
+    result = _cli("templates", "generate", f"--dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert _error_lines(result) == [
+        f"onceflow: error: cannot read or write {tmp_path / 'aggregate' / 'metadata.json'}: Is a directory"]
+
+
+def test_a_dir_without_a_dockerfile_is_named_without_asking_for_dir_again(tmp_path):
+    result = _cli("templates", "generate", f"--dir={tmp_path}")
+    assert result.returncode == 2
+    assert _error_lines(result) == [f"onceflow: error: --dir: {tmp_path / 'Dockerfile'} not found; --dir must be "
+                                    "the templates folder that holds the Dockerfile"]
+    result = _cli("templates", "generate", f"--dir={tmp_path / 'nope'}")
+    assert result.returncode == 2 and _error_lines(result) == [
+        f"onceflow: error: --dir: {tmp_path / 'nope'} is not a folder; give the templates folder that holds the "
+        "Dockerfile"]
+
+
+def test_an_empty_dir_is_refused_not_taken_as_the_current_folder(tmp_path):
+    shutil.copy(DOCKERFILE, tmp_path / "Dockerfile")
+    result = _cli("templates", "generate", "--dir=", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert _error_lines(result)[-1] == ("onceflow templates generate: error: argument --dir: '' is empty; give the "
+                                        "templates folder, e.g. --dir=templates")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["Dockerfile"]  # nothing written there
+
+
+def test_an_unknown_flag_shows_the_actions_own_usage():
+    result = _cli("templates", "generate", "--bogus")
+    assert result.returncode == 2
+    lines = _error_lines(result)
+    assert lines[0].startswith("usage: onceflow templates generate ")
+    assert lines[-1] == "onceflow templates generate: error: unrecognized arguments: --bogus"
+
+
 # -- metadata ---------------------------------------------------------------------------
 
 
@@ -146,7 +203,8 @@ def test_every_parameter_with_an_example_accepts_it():
 
 # Flags that only make sense with a Kafka input are validated with one.
 _KAFKA_INPUT = "--input=kafka://127.0.0.1:9092/orders"
-_NEEDS_KAFKA = {"from", "to", "kafka_group", "kafka_setting", "kafka_time_source", "kafka_idle_timeout"}
+_NEEDS_KAFKA = {"from", "to", "kafka_group", "kafka_setting", "kafka_time_source", "kafka_idle_timeout", "kafka_readers",
+                "allow_retention_gaps"}
 
 
 # Flags naming a file the job reads: validated with an existing file in its place.

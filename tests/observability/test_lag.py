@@ -1,6 +1,8 @@
 """``onceflow lag`` against the real local broker, at known committed offsets."""
 
 import json
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -101,3 +103,61 @@ def test_the_tortures_probe_counts_the_same_lag_with_one_consumer_kept(group_at_
         assert probe.read() == (40, 60)  # sampled again with the same consumer
     finally:
         probe.close()
+
+
+# -- wrong flags: one line and status 2, before any broker is asked (no broker needed) --------
+
+
+def _lag_process(*args: str) -> subprocess.CompletedProcess:
+    """``onceflow lag`` in its own process: a hang fails the test instead of stopping it."""
+    return subprocess.run([sys.executable, "-m", "onceflow.cli", "lag", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("-1", "'-1' must be a number of seconds above 0, e.g. --timeout=10"),  # the client waited forever
+    ("0", "'0' must be a number of seconds above 0, e.g. --timeout=10"),
+    ("nan", "'nan' must be a number of seconds above 0, e.g. --timeout=10"),
+    ("inf", "'inf' must be a number of seconds above 0, e.g. --timeout=10"),
+    ("1e9", "'1e9' is more than 3600 seconds (an hour); give at most --timeout=3600"),
+    ("soon", "'soon' is not a number of seconds; e.g. --timeout=10 or --timeout=500ms"),
+])
+def test_a_timeout_that_is_not_a_positive_duration_is_refused_in_one_line(value, message):
+    result = _lag_process("--bootstrap-server=127.0.0.1:1", "--group=g", f"--timeout={value}")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == f"onceflow lag: error: argument --timeout: {message}"
+    assert "Traceback" not in result.stderr
+
+
+def test_a_timeout_takes_seconds_or_a_duration_up_to_an_hour():
+    from onceflow.cli.lag import _timeout_seconds
+
+    assert [_timeout_seconds(text) for text in ("10", "2.5", "500ms", "2m", "3600")] == [10, 2.5, 0.5, 120, 3600]
+
+
+def test_a_setting_the_kafka_client_refuses_is_one_line_as_the_job_says_it(capsys):
+    status, out, err = lag(capsys, "--bootstrap-server", "127.0.0.1:1", "--group", "g", "--kafka_setting", "bogus=1")
+    assert (status, out) == (2, "") and len(err.strip().splitlines()) == 1
+    assert err.startswith('onceflow lag: error: the Kafka client refused the settings: No such configuration '
+                          'property: "bogus"; check --kafka_setting and --kafka_config_file')
+    # the job's helper: a secret's value is scrubbed even where the client repeats it
+    status, out, err = lag(capsys, "--bootstrap-server", "127.0.0.1:1", "--group", "g",
+                           "--kafka_setting", "sasl.password=hunter2", "--kafka_setting", "security.protocol=hunter2")
+    assert status == 2 and "hunter2" not in err and 'Invalid value "***"' in err
+
+
+@pytest.mark.parametrize("servers", ["127.0.0.1", "", "broker-1:9092,broker-2", "127.0.0.1:9092/orders"])
+def test_a_bootstrap_server_without_a_port_is_refused_before_connecting(servers, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["lag", f"--bootstrap-server={servers}", "--group", "g"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"onceflow lag: error: argument --bootstrap-server: {servers!r} is not HOST:PORT "
+                                    "(comma-separated for several brokers), e.g. 127.0.0.1:9092")
+
+
+def test_the_bootstrap_servers_are_checked_as_the_jobs_kafka_urls():
+    from onceflow.cli.lag import _bootstrap_servers
+
+    for servers in ("127.0.0.1:9092", "broker-1:9092,broker-2:9093", "[::1]:9092"):
+        assert _bootstrap_servers(servers) == servers
