@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
-from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 
 from onceflow.errors import UsageError
 from onceflow.rows import DEFAULT_BATCH_ROWS
@@ -388,8 +388,10 @@ def parse_pipeline_args(argv: Sequence[str]) -> PipelineOptions:
 
     Beam itself only logs a warning for a flag it does not know, so a typo would
     silently run with a default. Here an unknown flag close to a known one is an
-    error with a suggestion; any other unknown flag (a runner's own, such as
-    Flink's ``--checkpointing_interval``) is passed on with a one-line notice.
+    error with a suggestion; any other unknown flag is passed on, with a one-line
+    notice, to a runner that reads its own (Flink's ``--checkpointing_interval``,
+    Dataflow's service options), and is an error on the others, which would drop
+    it. An unknown ``--runner`` is an error too.
     """
     parser = _all_options_parser()
     _, unknown = parser.parse_known_args(list(argv))
@@ -407,10 +409,31 @@ def parse_pipeline_args(argv: Sequence[str]) -> PipelineOptions:
         if close:
             raise UsageError(f"unknown flag {name}; did you mean {close[0]}?")
         passed_on.append(item)
+    options = PipelineOptions(list(argv))
+    runner = options.view_as(StandardOptions).runner
+    if runner is not None:
+        _check_runner(runner)
     if passed_on:
-        print("onceflow: passing flags unknown to Beam's Python SDK on to the runner: "
-              + " ".join(flag.split("=", 1)[0] for flag in passed_on), file=sys.stderr)
-    return PipelineOptions(list(argv))
+        names = [flag.split("=", 1)[0] for flag in passed_on]
+        if not any(kind in (runner or "").lower() for kind in _RUNNERS_WITH_OWN_FLAGS):
+            raise UsageError(f"unknown flag {names[0]}; see --help (a flag Beam's Python SDK does not know is passed "
+                             "on only to a runner that reads its own: --runner=FlinkRunner, DataflowRunner or "
+                             "PortableRunner)")
+        print("onceflow: passing flags unknown to Beam's Python SDK on to the runner: " + " ".join(names),
+              file=sys.stderr)
+    return options
+
+
+_RUNNERS_WITH_OWN_FLAGS = ("flink", "dataflow", "portable")
+
+
+def _check_runner(name: str) -> None:
+    """Refuses a ``--runner`` Beam would not find (a class's dotted path is taken as is)."""
+    known = {path.rsplit(".", 1)[1].lower(): path.rsplit(".", 1)[1] for path in StandardOptions.ALL_KNOWN_RUNNERS}
+    if "." in name or name.lower() in known or name.lower() + "runner" in known:
+        return
+    raise UsageError(f"--runner: unknown runner {name!r}; use DirectRunner, PrismRunner, FlinkRunner or "
+                     "DataflowRunner (or a runner class's dotted path)")
 
 
 def split_fields(text: str, flag: str) -> Tuple[str, ...]:

@@ -120,6 +120,11 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         kafka_topic = parse_flag("--input", parse_kafka_url, input_pattern)
     elif source.read_from or source.read_to:
         raise UsageError("--from/--to: only a kafka://HOST:PORT/TOPIC input reads a range")
+    else:
+        given = options.get_all_options(drop_default=True)
+        misplaced = [name for name in _KAFKA_INPUT_FLAGS if given.get(name) is not None]
+        if misplaced:
+            raise UsageError(f"--{misplaced[0]}: only a kafka://HOST:PORT/TOPIC input reads with it; remove it")
     input_format = source.input_format or ("avro" if input_pattern.endswith(".avro") else "json")
     writer_schema = None
     if input_format == "avro":
@@ -199,6 +204,11 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         shards=_shards(options, live=kafka is not None and not kafka.bounded),
         kafka_readers=positive_int(kafka_options.kafka_readers, "--kafka_readers"),
     )
+
+
+# The flags of reading a topic, refused with any other input (not silently ignored).
+_KAFKA_INPUT_FLAGS = ("kafka_group", "kafka_readers", "kafka_idle_timeout", "kafka_time_source",
+                      "allow_retention_gaps")
 
 
 def _shards(options: PipelineOptions, live: bool) -> int:
@@ -438,6 +448,11 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             gap = _retention_gap_line(error)  # retention deleted part of the range while it was read
             if gap is not None:
                 raise ServiceError(f"--from/--to: {gap}") from None
+            jar = _line_in_error(error, r"(Unable to fetch remote job server jar at \S+: [^\n]*?)\. ")
+            if jar is not None:  # Beam downloads the job server of the Flink it is told, or of its default
+                raise ServiceError(f"--runner: {jar}; give --flink_version (of the Flink at --flink_master), or "
+                                   "--flink_job_server_jar, or --runner=PortableRunner --job_endpoint=HOST:PORT "
+                                   "of a running job server") from None
             unreadable = _worker_error_line(error, UnreadableInputFile)
             if unreadable is not None:
                 raise UsageError(f"--input: {unreadable}") from None

@@ -94,6 +94,10 @@ def run_cli(*args, cwd=None):
     (["--early_firing=1500ms"], "--early_firing"),
     (["--window=10m", "--window_period=20m"], "--window_period"),
     (["--key_fields=written_at"], "'written_at' names two columns"),
+    (["--runner=NoSuchRunner"], "--runner: unknown runner 'NoSuchRunner'"),
+    (["--bogus=1"], "unknown flag --bogus; see --help"),
+    (["--kafka_group=mine"], "--kafka_group: only a kafka://HOST:PORT/TOPIC input reads with it"),
+    (["--kafka_readers=2"], "--kafka_readers: only a kafka://HOST:PORT/TOPIC input reads with it"),
     (["--key_fields=window_start"], "'window_start' names two columns"),
 ])
 def test_bad_flags_get_one_line(flags, fragment, tmp_path):

@@ -27,10 +27,18 @@ _MAX_BUFFERED = 500
 def prepare_file(path: str) -> None:
     """Creates the folder the file goes in and the file itself, empty if it is new
     (so a job that dead-letters nothing leaves an empty queue, not a missing one);
-    OSError if it cannot."""
+    OSError if it cannot, ValueError if the file holds something other than dead
+    letters (dead letters are appended: a wrong path would corrupt that file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "ab"):
-        pass
+    with open(path, "ab+") as handle:
+        handle.seek(0)
+        first = handle.readline(1 << 20)
+    if first.strip():
+        try:
+            _envelope(first, "its first line")
+        except ValueError as error:
+            raise ValueError(f"{path} is not a dead-letter queue ({error}); give a new file or the queue of an "
+                             "earlier run") from None
 
 
 class AppendJsonlDoFn(beam.DoFn):
