@@ -501,7 +501,8 @@ def _retrying_while_broker_away(action, wait_s: float = BROKER_WAIT_S):
                 raise
             if time.monotonic() > deadline:
                 if isinstance(error, BrokerUnreachable):
-                    raise ServiceError(f"--input: {error}") from None
+                    waited = f"still no answer after {wait_s:.0f}s of tries: " if wait_s else ""
+                    raise ServiceError(f"--input: {waited}{error}") from None
                 raise ServiceError(f"--input: Kafka did not answer for {wait_s:.0f}s: "
                                    f"{client_error_text(error)}") from None
             print(f"aggregate: waiting for Kafka (up to {wait_s:.0f}s): {client_error_text(error)}", file=sys.stderr)
