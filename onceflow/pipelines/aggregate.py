@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError, exit_status
-from onceflow.events import REGISTRY_FORMATS, EventContract
+from onceflow.events import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS, REGISTRY_FORMATS, EventContract
 from onceflow.io.archive import ReadArchive, is_archive
 from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, UnreadableInputFile, read_avro_writer_schema
@@ -106,6 +106,8 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
 
     aggregates = parse_flag("--aggregate", parse_aggregates, aggregate_text)
     size_ms = parse_flag("--window", positive_duration_ms, windows.window)
+    if size_ms > MAX_EVENT_TIME_MS - MIN_EVENT_TIME_MS:  # no window of it fits: every event would be refused
+        raise UsageError(f"--window: {windows.window} is longer than the years 1 to 9999 that windows are stored in")
     period_ms = parse_optional_flag("--window_period", duration_ms, windows.window_period)
     lateness_ms = parse_flag("--allowed_lateness", duration_ms, windows.allowed_lateness)
     early_ms = parse_optional_flag("--early_firing", whole_seconds_ms, windows.early_firing)
@@ -289,10 +291,12 @@ def _first_avro_schema(pattern: str) -> dict:
     matches = beam.io.filesystems.FileSystems.match([pattern])[0].metadata_list
     if not matches:
         raise UsageError(f"--input: nothing matches {pattern!r}")
+    first = sorted(m.path for m in matches)[0]
     try:
-        return read_avro_writer_schema(sorted(m.path for m in matches)[0])
+        return read_avro_writer_schema(first)
     except Exception as error:  # a corrupt or non-Avro file: say so in one line
-        raise UsageError(f"--input: cannot read an Avro header from {pattern!r}: {error}") from None
+        raise UsageError(f"--input: {first} is not an Avro container file ({error}); for JSON lines give "
+                         "--input_format=json") from None
 
 
 def build(pipeline: beam.Pipeline, job: AggregateJob) -> Aggregated:

@@ -95,6 +95,8 @@ def run_cli(*args, cwd=None):
     (["--window=10m", "--window_period=20m"], "--window_period"),
     (["--key_fields=written_at"], "'written_at' names two columns"),
     (["--runner=NoSuchRunner"], "--runner: unknown runner 'NoSuchRunner'"),
+    (["--window=99999999999d"], "--window: 99999999999d is longer than the years 1 to 9999"),
+    (["--input_format=avro"], "is not an Avro container file"),
     (["--bogus=1"], "unknown flag --bogus; see --help"),
     (["--kafka_group=mine"], "--kafka_group: only a kafka://HOST:PORT/TOPIC input reads with it"),
     (["--kafka_readers=2"], "--kafka_readers: only a kafka://HOST:PORT/TOPIC input reads with it"),
