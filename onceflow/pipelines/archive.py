@@ -50,6 +50,8 @@ class ArchiveOptions(PipelineOptions):
 def config_from_options(options: PipelineOptions) -> KafkaReadConfig:
     source = options.view_as(InputOptions)
     kafka = options.view_as(KafkaOptions)
+    if options.get_all_options(drop_default=True).get("input") is None:  # the main job's default is a file
+        raise UsageError("--input: the archive job copies a Kafka topic: give --input=kafka://HOST:PORT/TOPIC")
     try:
         topic = parse_kafka_url(source.input)
     except ValueError as error:

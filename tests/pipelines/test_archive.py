@@ -113,3 +113,10 @@ def test_archive_reads_every_record_once_in_offset_order_when_timestamps_go_back
     run([f"--input={folder}", f"--sink=sqlite:///{db}", f"--dlq={dlq}", "--status=off", "--allowed_lateness=3h"])
     assert counted_events(db) == 600
     assert list(read_dead_letters(str(dlq))) == []
+
+
+def test_the_archive_job_without_an_input_asks_for_a_topic(capsys):
+    """Its --input is the main job's flag, whose default is the bundled file sample."""
+    assert archive.main(["--output=unused"]) == 2
+    assert capsys.readouterr().err.strip() == ("archive: error: --input: the archive job copies a Kafka topic: give "
+                                               "--input=kafka://HOST:PORT/TOPIC")
