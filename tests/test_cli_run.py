@@ -4,6 +4,10 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
+
+from onceflow import cli
+
 COMMAND = [sys.executable, "-m", "onceflow.cli", "run"]
 
 
@@ -33,3 +37,12 @@ def test_run_archive_help_and_an_unknown_job():
     assert subprocess.run([*COMMAND, "archive", "--help"], capture_output=True, timeout=120).returncode == 0
     unknown = subprocess.run([*COMMAND, "nope"], capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2 and "invalid choice: 'nope'" in unknown.stderr
+
+
+def test_an_unknown_flag_is_shown_with_its_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["dlq", "list", "--dlq=queue.jsonl", "--bogus"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: onceflow dlq list") and err.rstrip().endswith(
+        "onceflow dlq list: error: unrecognized arguments: --bogus")

@@ -64,9 +64,23 @@ def _register_missing(subparsers: argparse._SubParsersAction, name: str, summary
     parser.set_defaults(handler=handler)
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the innermost subcommand ``args`` chose (``dlq list``'s for
+    ``onceflow dlq list ...``)."""
+    while True:
+        choices = next((action for action in parser._actions if isinstance(action, argparse._SubParsersAction)),
+                       None)
+        chosen = None if choices is None else getattr(args, choices.dest, None)
+        if chosen not in getattr(choices, "choices", {}):
+            return parser
+        parser = choices.choices[chosen]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # with the usage of the subcommand they were given to, not the top level's
+        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
