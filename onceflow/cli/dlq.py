@@ -18,10 +18,10 @@ flags after ``--``, as a bounded read over the span of the selected records'
 sources: for Kafka records the time range of their Kafka timestamps widened by
 ``--margin`` (which must cover a window and its lateness), for file records the
 job's own ``--input`` after ``--`` (the path or glob it ran with, which must match
-every file the records came from), or without one the one file they came from. A record that now passes reaches the sink exactly as in a
-live run (the guarded upsert replaces each affected row by its more complete
-version); one that still fails is written to the queue again under the same
-``dlq_id``, so it is listed once.
+every file the records came from), or without one the one file they came from. A
+record that now passes reaches the sink exactly as in a live run (the guarded upsert
+replaces each affected row by its more complete version); one that still fails is
+written to the queue again under the same ``dlq_id``, so it is listed once.
 """
 
 from __future__ import annotations

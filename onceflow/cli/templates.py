@@ -11,29 +11,16 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-from typing import List, Optional, Sequence, Tuple
 
 from onceflow import flex_templates
 from onceflow.errors import UsageError
-
-
-class _WholeArgsParser(argparse.ArgumentParser):
-    """A sub-command's parser that refuses an argument it does not know itself, so
-    the error comes with its own usage line rather than the top-level one."""
-
-    def parse_known_args(self, args: Optional[Sequence[str]] = None,
-                         namespace: Optional[argparse.Namespace] = None) -> Tuple[argparse.Namespace, List[str]]:
-        parsed, extras = super().parse_known_args(args, namespace)
-        if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return parsed, extras
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # pylint: disable=protected-access
     templates = subparsers.add_parser(
         "templates", help="Dataflow Flex Template specs generated from the pipeline flags",
         description="Dataflow Flex Template specs generated from the pipelines' PipelineOptions classes.")
-    actions = templates.add_subparsers(dest="templates_command", metavar="ACTION", parser_class=_WholeArgsParser)
+    actions = templates.add_subparsers(dest="templates_command", metavar="ACTION")
     generate = actions.add_parser(
         "generate", help="write templates/<pipeline>/metadata.json and pin the Dockerfile's Beam version",
         description="Write templates/<pipeline>/metadata.json for every pipeline and set the default of "
