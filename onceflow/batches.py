@@ -481,16 +481,17 @@ def _loads_or_none(raw: bytes) -> Any:
 def _text_column(items: List[Any], unsure: set, nonempty: bool = False) -> List[Optional[str]]:
     """A column of text fields: strings as they are, 64-bit integers as their
     decimal text; the index of anything else (or of an empty string, with
-    ``nonempty``) added to ``unsure``."""
+    ``nonempty``, or of a string with a NUL character, which the contract refuses)
+    added to ``unsure``."""
     kinds = set(map(type, items))
-    if kinds == {str} and not (nonempty and "" in items):
+    if kinds == {str} and not (nonempty and "" in items) and "\x00" not in "".join(items):
         return items
     if kinds == {int} and _LONG_MIN <= min(items) and max(items) <= _LONG_MAX:
         return list(map(str, items))
     texts: List[Optional[str]] = []
     for index, item in enumerate(items):
         kind = type(item)
-        if kind is str and (item or not nonempty):
+        if kind is str and (item or not nonempty) and "\x00" not in item:
             texts.append(item)
         elif kind is int and _LONG_MIN <= item <= _LONG_MAX:
             texts.append(str(item))
@@ -548,7 +549,7 @@ def _fast_decoder(contract: EventContract):
             if not _LONG_MIN <= event_id <= _LONG_MAX:
                 return None
             event_id = str(event_id)
-        elif kind is not str or not event_id:
+        elif kind is not str or not event_id or "\x00" in event_id:
             return None
         moment = obj.get(time_field)
         kind = type(moment)
@@ -567,7 +568,7 @@ def _fast_decoder(contract: EventContract):
         for name in key_fields:
             part = obj.get(name)
             kind = type(part)
-            if kind is str:
+            if kind is str and "\x00" not in part:
                 key.append(part)
             elif kind is int and _LONG_MIN <= part <= _LONG_MAX:
                 key.append(str(part))

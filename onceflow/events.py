@@ -233,7 +233,12 @@ class EventContract:
         event_time_ms = parse_event_time_ms(obj[self.time_field], self.time_field)
         key = tuple(_key_text(obj[name]) for name in self.key_fields)
         values = {name: obj[name] for name in self.value_fields}
-        return Event(self._event_id(obj), event_time_ms, key, values, record)
+        event_id = self._event_id(obj)
+        for name, text in ((self.id_field, event_id), *zip(self.key_fields, key)):
+            if "\x00" in text:  # every sink stores keys, and the DLQ IDs, as text; PostgreSQL's holds no NUL
+                raise RecordError(REASON_SCHEMA_VIOLATION, f"field {name!r} holds a NUL character (U+0000), which "
+                                  "a key or ID may not", "WrongType")
+        return Event(event_id, event_time_ms, key, values, record)
 
     def peek_event_time_ms(self, raw: bytes) -> Optional[int]:
         """The event time of a raw record if it is a valid event, else None.

@@ -228,3 +228,18 @@ def test_peek_gives_the_time_of_valid_events_only():
 def test_contract_refuses_inconsistent_configuration(kwargs):
     with pytest.raises(ValueError):
         EventContract(**kwargs)
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"id": "e1", "ts": 5, "store": "a\\u0000b", "qty": 1, "price": 1}', "store"),
+    (b'{"id": "e\\u0000", "ts": 5, "store": "s1", "qty": 1, "price": 1}', "id"),
+])
+def test_a_nul_character_in_a_key_or_id_is_refused(raw, field):
+    """No text column of PostgreSQL holds one; every sink stores keys as text."""
+    with pytest.raises(RecordError, match=f"field '{field}' holds a NUL character") as refused:
+        CONTRACT.to_event(SourceRecord(raw, {}))
+    assert refused.value.reason == "schema_violation"
+    good = b'{"id": "e2", "ts": 5, "store": "s1", "qty": 1, "price": 1}'
+    verdicts = decode_values(CONTRACT, [good, raw, good])  # the column decoder, one bad record among good ones
+    assert [type(verdict).__name__ for verdict in verdicts] == ["Decoded", "Refusal", "Decoded"]
+    assert verdicts[1].message == refused.value.message

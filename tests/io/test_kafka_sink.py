@@ -15,7 +15,7 @@ from onceflow_dev import devstack
 from onceflow.aggregates import parse_aggregates
 from onceflow.io.kafka.admin import read_records_to_end
 from onceflow.io.kafka.config import KafkaTopic
-from onceflow.io.kafka.write import latest_rows, write_rows_to_kafka
+from onceflow.io.kafka.write import latest_rows, row_message, write_rows_to_kafka
 from onceflow.rows import RowSchema
 
 pytestmark = pytest.mark.kafka
@@ -66,6 +66,14 @@ def test_rows_are_keyed_by_the_row_key_and_valued_as_json(kafka_bootstrap):
     assert found[KEY] == {"store": "oslo-01", "window_start": "2026-11-02T09:00:00.000Z",
                           "window_end": "2026-11-02T09:01:00.000Z", "event_count": 3, "count": 3, "sum_qty": 7}
     assert set(found) == {KEY, KEY.replace(b"oslo-01", b"paris-02")}
+
+
+def test_a_sum_past_the_largest_double_is_null_in_strict_json():
+    key, value = row_message(row("oslo-01", 3, float("inf")), SCHEMA)
+    assert key == KEY
+    assert json.loads(value, parse_constant=lambda name: pytest.fail(f"{name} is not JSON")) == {
+        "store": "oslo-01", "window_start": "2026-11-02T09:00:00.000Z", "window_end": "2026-11-02T09:01:00.000Z",
+        "event_count": 3, "count": 3, "sum_qty": None}
 
 
 def test_the_sink_reports_the_newest_window_end_it_wrote(kafka_bootstrap):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import uuid
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -58,9 +59,15 @@ def row_message_key(record: Dict[str, Any], schema: RowSchema) -> bytes:
 
 def row_message(row: Dict[str, Any], schema: RowSchema) -> Message:
     """Key: the JSON list of the primary key (window bounds as UTC text); value:
-    the row as a JSON object."""
+    the row as a JSON object (strict JSON: an aggregate past the largest double,
+    an infinity, is null there)."""
     record = row_record(row, schema)
-    return row_message_key(record, schema), json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    try:
+        value = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # a sum past the largest double: JSON has no Infinity (Python writes one anyway)
+        value = json.dumps({column: None if isinstance(item, float) and not math.isfinite(item) else item
+                            for column, item in record.items()}, sort_keys=True, separators=(",", ":"))
+    return row_message_key(record, schema), value.encode("utf-8")
 
 
 _AVRO_TYPES = {"key": "string", "timestamp": "string", "integer": "long", "number": ["long", "double"]}
