@@ -40,8 +40,8 @@ from typing import (
 
 from onceflow.events import (
     LONG_MAX as _LONG_MAX, LONG_MIN as _LONG_MIN, MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MAX_JSON_NESTING,
-    MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS, EventContract, RecordError, SourceRecord, json_nests_too_deep,
-    parse_event_time_ms,
+    MAX_KEY_BYTES, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS, EventContract, RecordError, SourceRecord,
+    json_nests_too_deep, parse_event_time_ms,
 )
 
 try:  # the fast JSON decoder; without it every record takes the reference path
@@ -346,7 +346,8 @@ def _decode_json_columns(contract: EventContract, values: Sequence[bytes], fast)
     event_times = column(contract.time_field)
     _check(event_times, lambda item: type(item) is int and _MIN_EVENT_TIME_MS <= item <= _MAX_EVENT_TIME_MS,
            {int}, unsure, low=_MIN_EVENT_TIME_MS, high=_MAX_EVENT_TIME_MS)
-    key_columns = tuple(_text_column(column(name), unsure) for name in contract.key_fields)
+    key_chars = _key_chars_surely_short(contract)
+    key_columns = tuple(_text_column(column(name), unsure, max_chars=key_chars) for name in contract.key_fields)
     value_columns = tuple(column(name) for name in contract.value_fields)
     for numbers in value_columns:
         _check(numbers, _plain_number, {int, float}, unsure, low=-_FLOAT_FROM_BIG_INT, high=_FLOAT_FROM_BIG_INT,
@@ -478,20 +479,23 @@ def _loads_or_none(raw: bytes) -> Any:
         return None
 
 
-def _text_column(items: List[Any], unsure: set, nonempty: bool = False) -> List[Optional[str]]:
+def _text_column(items: List[Any], unsure: set, nonempty: bool = False,
+                 max_chars: Optional[int] = None) -> List[Optional[str]]:
     """A column of text fields: strings as they are, 64-bit integers as their
     decimal text; the index of anything else (or of an empty string, with
-    ``nonempty``, or of a string with a NUL character, which the contract refuses)
-    added to ``unsure``."""
+    ``nonempty``, of a string with a NUL character, or of one longer than
+    ``max_chars``, which the contract may refuse) added to ``unsure``."""
     kinds = set(map(type, items))
-    if kinds == {str} and not (nonempty and "" in items) and "\x00" not in "".join(items):
+    if (kinds == {str} and not (nonempty and "" in items) and "\x00" not in "".join(items)
+            and (max_chars is None or max(map(len, items)) <= max_chars)):
         return items
     if kinds == {int} and _LONG_MIN <= min(items) and max(items) <= _LONG_MAX:
         return list(map(str, items))
     texts: List[Optional[str]] = []
     for index, item in enumerate(items):
         kind = type(item)
-        if kind is str and (item or not nonempty) and "\x00" not in item:
+        if (kind is str and (item or not nonempty) and "\x00" not in item
+                and (max_chars is None or len(item) <= max_chars)):
             texts.append(item)
         elif kind is int and _LONG_MIN <= item <= _LONG_MAX:
             texts.append(str(item))
@@ -499,6 +503,13 @@ def _text_column(items: List[Any], unsure: set, nonempty: bool = False) -> List[
             unsure.add(index)
             texts.append(None)
     return texts
+
+
+def _key_chars_surely_short(contract: EventContract) -> int:
+    """How many characters each key field may have for the key to be surely within
+    MAX_KEY_BYTES (4 bytes a character at most in UTF-8); a longer one is checked
+    exactly, by the per-record path."""
+    return MAX_KEY_BYTES // (4 * len(contract.key_fields))
 
 
 def _plain_number(item: Any) -> bool:
@@ -533,6 +544,7 @@ def _fast_decoder(contract: EventContract):
     new_decoded = tuple.__new__  # a NamedTuple without its keyword-parsing constructor
     id_field, time_field = contract.id_field, contract.time_field
     key_fields, value_fields = contract.key_fields, contract.value_fields
+    key_chars = _key_chars_surely_short(contract)
 
     def decode(raw: bytes) -> Optional[Decoded]:
         if json_nests_too_deep(raw):  # orjson reads 1,024 levels; the contract refuses more than 512
@@ -568,7 +580,7 @@ def _fast_decoder(contract: EventContract):
         for name in key_fields:
             part = obj.get(name)
             kind = type(part)
-            if kind is str and "\x00" not in part:
+            if kind is str and "\x00" not in part and len(part) <= key_chars:
                 key.append(part)
             elif kind is int and _LONG_MIN <= part <= _LONG_MAX:
                 key.append(str(part))

@@ -65,6 +65,9 @@ REGISTRY_FORMATS = ("avro_registry", "json_registry")
 
 # Event times must fit Beam's timestamps and Python's datetime: years 1..9999.
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1  # Avro's long: IDs, keys and integer values
+# The key fields' text together, in UTF-8: every sink indexes it in the row's primary
+# key, and PostgreSQL refuses an index entry past about 2,700 bytes.
+MAX_KEY_BYTES = 2000
 MIN_EVENT_TIME_MS = -62135596800000  # 0001-01-01T00:00:00Z
 MAX_EVENT_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -238,6 +241,10 @@ class EventContract:
             if "\x00" in text:  # every sink stores keys, and the DLQ IDs, as text; PostgreSQL's holds no NUL
                 raise RecordError(REASON_SCHEMA_VIOLATION, f"field {name!r} holds a NUL character (U+0000), which "
                                   "a key or ID may not", "WrongType")
+        size = sum(len(part.encode("utf-8")) for part in key)
+        if size > MAX_KEY_BYTES:
+            raise RecordError(REASON_SCHEMA_VIOLATION, f"the key ({', '.join(self.key_fields)}) is {size} bytes of "
+                              f"text; a key may have at most {MAX_KEY_BYTES} (every sink indexes it)", "KeyTooLong")
         return Event(event_id, event_time_ms, key, values, record)
 
     def peek_event_time_ms(self, raw: bytes) -> Optional[int]:

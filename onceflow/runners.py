@@ -274,25 +274,33 @@ def quiet_worker_teardown() -> None:
 
 
 _ONE_LINE_ERRORS: Tuple[type, ...] = ()  # the worker errors the job reports itself, in one line
+_ONE_LINE_STEPS: Tuple[str, ...] = ()  # and the steps whose errors it reports so
 
 
-def quiet_worker_errors_reported_in_one_line(*kinds: type) -> None:
-    """Keeps Beam from logging a worker's error of one of ``kinds`` with its
-    traceback (the DirectRunner's workers log it before the job fails): the job
-    reports those itself, in one line. Anything else still prints."""
+def quiet_worker_errors_reported_in_one_line(kinds: Tuple[type, ...] = (), steps: Tuple[str, ...] = ()) -> None:
+    """Keeps Beam from logging, with its traceback, a worker's error of one of
+    ``kinds`` or raised in a step named ``steps`` (or a step inside one of them):
+    the DirectRunner's workers log it before the job fails, and the job reports
+    those itself, in one line. Anything else still prints."""
     import logging
 
-    global _ONE_LINE_ERRORS
-    new = tuple(kind for kind in kinds if kind not in _ONE_LINE_ERRORS)
-    if not new:
+    global _ONE_LINE_ERRORS, _ONE_LINE_STEPS
+    first = not (_ONE_LINE_ERRORS or _ONE_LINE_STEPS)
+    _ONE_LINE_ERRORS += tuple(kind for kind in kinds if kind not in _ONE_LINE_ERRORS)
+    _ONE_LINE_STEPS += tuple(step for step in steps if step not in _ONE_LINE_STEPS)
+    if not first:
         return
-    if not _ONE_LINE_ERRORS:
-        def keep(record: logging.LogRecord) -> bool:
-            return not (record.exc_info and isinstance(record.exc_info[1], _ONE_LINE_ERRORS))
 
-        for name in ("apache_beam.runners.common", *_WORKER_LOGGERS):
-            logging.getLogger(name).addFilter(keep)
-    _ONE_LINE_ERRORS += new
+    def keep(record: logging.LogRecord) -> bool:
+        if not record.exc_info:
+            return True
+        if isinstance(record.exc_info[1], _ONE_LINE_ERRORS):
+            return False
+        message = record.getMessage()
+        return not any(f"[while running '{step}" in message for step in _ONE_LINE_STEPS)
+
+    for name in ("apache_beam.runners.common", *_WORKER_LOGGERS):
+        logging.getLogger(name).addFilter(keep)
 
 
 def default_shards(options: PipelineOptions, live: bool) -> int:

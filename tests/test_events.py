@@ -243,3 +243,22 @@ def test_a_nul_character_in_a_key_or_id_is_refused(raw, field):
     verdicts = decode_values(CONTRACT, [good, raw, good])  # the column decoder, one bad record among good ones
     assert [type(verdict).__name__ for verdict in verdicts] == ["Decoded", "Refusal", "Decoded"]
     assert verdicts[1].message == refused.value.message
+
+
+@pytest.mark.parametrize("store, accepted", [
+    ("s" * 300, True),  # past what the column decoder takes as surely short: checked exactly, accepted
+    ("s" * 2000, True), ("s" * 2001, False), ("\u00e9" * 1000, True), ("\u00e9" * 1001, False),  # bytes, not characters
+])
+def test_a_key_may_have_at_most_2000_bytes_of_text(store, accepted):
+    """Every sink indexes it: PostgreSQL refused a 9,000-byte key's row and failed the job."""
+    raw = json.dumps({"id": "e1", "ts": 5, "store": store, "qty": 1, "price": 1}).encode()
+    good = b'{"id": "e2", "ts": 5, "store": "s1", "qty": 1, "price": 1}'
+    verdicts = decode_values(CONTRACT, [good, raw, good])
+    if accepted:
+        assert CONTRACT.to_event(SourceRecord(raw, {})).key == (store,)
+        assert verdicts[1].key == (store,)
+    else:
+        with pytest.raises(RecordError, match="a key may have at most 2000") as refused:
+            CONTRACT.to_event(SourceRecord(raw, {}))
+        assert verdicts[1].message == refused.value.message and verdicts[1].reason == "schema_violation"
+    assert [type(verdict).__name__ for verdict in (verdicts[0], verdicts[2])] == ["Decoded", "Decoded"]

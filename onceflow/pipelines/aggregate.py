@@ -435,7 +435,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     started = time.monotonic()
     pipeline = beam.Pipeline(runner=local_batch_runner(options, job.is_live), options=options)
     build(pipeline, job)
-    quiet_worker_errors_reported_in_one_line(UnreadableInputFile, RetentionGapError)
+    quiet_worker_errors_reported_in_one_line((UnreadableInputFile, RetentionGapError), _OUTPUT_STEPS)
     with Monitor(options, runner, expected_records=expected_records) as monitor, \
             _stop_signals_as_interrupt(job.is_live, signal.SIGTERM) as stop:
         try:
@@ -457,6 +457,9 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                 raise ServiceError(f"--runner: {jar}; give --flink_version (of the Flink at --flink_master), or "
                                    "--flink_job_server_jar, or --runner=PortableRunner --job_endpoint=HOST:PORT "
                                    "of a running job server") from None
+            failed_write = _output_step_failure(error)
+            if failed_write is not None:
+                raise ServiceError(failed_write) from None
             unreadable = _worker_error_line(error, UnreadableInputFile)
             if unreadable is not None:
                 raise UsageError(f"--input: {unreadable}") from None
@@ -524,6 +527,39 @@ def _retention_gap_line(error: BaseException) -> Optional[str]:
 def _registry_failure(error: BaseException) -> Optional[str]:
     """The line of a :class:`RegistryUnavailable` inside a runner's error, if any."""
     return _line_in_error(error, r"(schema registry \S+ did not give schema \d+ after [^\n]*)")
+
+
+# The steps that write the job's output, and the flag that names each output.
+_OUTPUT_STEPS = ("WriteRows", "WriteDeadLetters")
+
+
+def _output_step_failure(error: BaseException) -> Optional[str]:
+    """One line for an error a sink or DLQ writer raised: a permanent error (a
+    transient one is retried before it gets here), which fails the bundle. The
+    DirectRunner raises the writer's error itself, with the step in its message;
+    the other runners send its traceback as text."""
+    import re
+
+    cause: Optional[BaseException] = error
+    for _ in range(10):
+        if cause is None:
+            return None
+        text = str(cause)
+        if any(f"[while running '{step}/" in text for step in _OUTPUT_STEPS):
+            break
+        cause = cause.__cause__ or cause.__context__
+    else:
+        return None
+    if "Traceback (most recent call last)" in text:  # a worker's traceback as text: its last exception line
+        match = re.search(r"^[\w.]+: ([^\n]*)(?:\n[^\n]*){0,20}?\[while running '(?:WriteRows|WriteDeadLetters)/",
+                          text, re.MULTILINE)
+        message = match.group(1) if match else text.strip().splitlines()[-1]
+    else:
+        message = text.split("\n")[0]
+    flag = "--dlq" if "[while running 'WriteDeadLetters/" in text else "--sink"
+    return (f"{flag}: a write failed with an error that is not retried: {message.split(' [while running ')[0]}; "
+            "what was written before it stays (every write is an upsert or keyed by dlq_id): fix the cause and "
+            "run again")
 
 
 def _worker_error_line(error: BaseException, kind: type) -> Optional[str]:

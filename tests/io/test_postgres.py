@@ -255,3 +255,22 @@ def test_dead_letters_written_twice_are_stored_and_read_once(postgres_dsn, table
                                  "pipeline_version"}
     with psycopg.connect(postgres_dsn) as connection:
         assert connection.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] == 5
+
+
+def test_a_write_the_database_refuses_for_good_ends_the_job_in_one_line(postgres_dsn, table, tmp_path):
+    """A constraint the rows break (a DBA's CHECK, say) is not retried: the job ends
+    with one line naming --sink and the database's reason, no traceback."""
+    import subprocess
+    import sys
+
+    sink = f"--sink={postgres_dsn}?table={table}"
+    job = [sys.executable, "-m", "onceflow.pipelines.aggregate", sink, f"--dlq={tmp_path}/dlq.jsonl", "--status=off"]
+    assert subprocess.run(job, capture_output=True, text=True, timeout=300).returncode == 0
+    with psycopg.connect(postgres_dsn) as connection:
+        connection.execute(f'DELETE FROM "{table}"')
+        connection.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT few CHECK (event_count > 100000)')
+    result = subprocess.run(job, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f'aggregate: --sink: a write failed with an error that is not retried: new row for relation "{table}" '
+        'violates check constraint "few"')
