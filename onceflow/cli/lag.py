@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bootstrap-server", required=True, metavar="HOST:PORT", type=_bootstrap_servers,
                         help="the Kafka broker(s), comma-separated")
-    parser.add_argument("--group", required=True, help="the consumer group, e.g. onceflow-aggregate")
+    parser.add_argument("--group", required=True, type=_group, help="the consumer group, e.g. onceflow-aggregate")
     parser.add_argument("--topic", default=None,
                         help="one topic, every partition of it (default: every topic the group has "
                              "committed offsets for)")
@@ -71,6 +71,13 @@ def _bootstrap_servers(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not HOST:PORT (comma-separated for several brokers), e.g. 127.0.0.1:9092") from None
+
+
+def _group(text: str) -> str:
+    """A consumer group name; an empty one is refused (Kafka has none)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give the job's consumer group, e.g. --group=onceflow-aggregate")
+    return text
 
 
 def _timeout_seconds(text: str) -> float:

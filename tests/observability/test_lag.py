@@ -161,3 +161,10 @@ def test_the_bootstrap_servers_are_checked_as_the_jobs_kafka_urls():
 
     for servers in ("127.0.0.1:9092", "broker-1:9092,broker-2:9093", "[::1]:9092"):
         assert _bootstrap_servers(servers) == servers
+
+
+def test_an_empty_group_is_refused_in_one_line():
+    result = _lag_process("--bootstrap-server=127.0.0.1:1", "--group=")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == ("onceflow lag: error: argument --group: is empty; give the job's "
+                                              "consumer group, e.g. --group=onceflow-aggregate")
