@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import fastavro
@@ -540,15 +540,9 @@ def _output_step_failure(error: BaseException) -> Optional[str]:
     the other runners send its traceback as text."""
     import re
 
-    cause: Optional[BaseException] = error
-    for _ in range(10):
-        if cause is None:
-            return None
-        text = str(cause)
-        if any(f"[while running '{step}/" in text for step in _OUTPUT_STEPS):
-            break
-        cause = cause.__cause__ or cause.__context__
-    else:
+    texts = (str(cause) for cause in _error_chain(error))
+    text = next((text for text in texts if any(f"[while running '{step}/" in text for step in _OUTPUT_STEPS)), None)
+    if text is None:
         return None
     if "Traceback (most recent call last)" in text:  # a worker's traceback as text: its last exception line
         match = re.search(r"^[\w.]+: ([^\n]*)(?:\n[^\n]*){0,20}?\[while running '(?:WriteRows|WriteDeadLetters)/",
@@ -568,14 +562,8 @@ def _worker_error_line(error: BaseException, kind: type) -> Optional[str]:
     workers run in this process), or as text in its message (the others)."""
     import re
 
-    found = _line_in_error(error, kind.__name__ + r": ([^\n]*)")
-    cause: Optional[BaseException] = error
-    for _ in range(10):
-        if cause is None or isinstance(cause, kind):
-            break
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, kind):
-        found = str(cause).strip()
+    raised = next((cause for cause in _error_chain(error) if isinstance(cause, kind)), None)
+    found = str(raised).strip() if raised is not None else _line_in_error(error, kind.__name__ + r": ([^\n]*)")
     return None if found is None else re.sub(r"\s*\[while running [^\]]*\]$", "", found)
 
 
@@ -584,14 +572,20 @@ def _line_in_error(error: Optional[BaseException], pattern: str) -> Optional[str
     was raised from (a worker's error comes back wrapped by the runner)."""
     import re
 
-    for _ in range(10):
-        if error is None:
-            return None
-        found = re.search(pattern, str(error))
+    for cause in _error_chain(error):
+        found = re.search(pattern, str(cause))
         if found:
             return found.group(1).strip()
-        error = error.__cause__ or error.__context__
     return None
+
+
+def _error_chain(error: Optional[BaseException], limit: int = 10) -> Iterator[BaseException]:
+    """``error`` and the errors it was raised from, at most ``limit``."""
+    for _ in range(limit):
+        if error is None:
+            return
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 class _StopAsked:
