@@ -103,12 +103,16 @@ def run_cli(*args, cwd=None):
     (["--key_fields=window_start"], "'window_start' names two columns"),
 ])
 def test_bad_flags_get_one_line(flags, fragment, tmp_path):
-    result = run_cli(*flags, cwd=tmp_path)
-    assert result.returncode == 2
+    assert_one_usage_line(run_cli(*flags, cwd=tmp_path), fragment)
+
+
+def assert_one_usage_line(result, fragment):
+    """The job refused its input with exit status 2 and one line holding ``fragment``."""
+    assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = [l for l in result.stderr.splitlines() if l.strip() and "apitools" not in l]
     assert len(lines) == 1, result.stderr
-    assert fragment in lines[0]
+    assert fragment in lines[0], result.stderr
 
 
 def _bad_paths(folder):
@@ -139,11 +143,7 @@ def _bad_paths(folder):
 ])
 def test_bad_files_and_paths_get_one_line_and_nothing_is_half_read(flags, fragment, tmp_path):
     _bad_paths(tmp_path)
-    result = run_cli(*flags, "--status=off", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.strip() and "apitools" not in l]
-    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert_one_usage_line(run_cli(*flags, "--status=off", cwd=tmp_path), fragment)
     assert (tmp_path / "notes.txt").read_text() == "not a dead letter\n"  # never appended to
 
 
