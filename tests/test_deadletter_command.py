@@ -57,15 +57,51 @@ def test_replay_of_dead_letters_from_several_files_needs_the_jobs_own_input(tmp_
     assert len(list(read_dead_letters(str(dlq)))) == 2  # a2 and b2, each after a later event of its file
     capsys.readouterr()
     assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", *job, "--allowed_lateness=3h"]) == 2
-    assert "dead letters come from 2 files" in capsys.readouterr().err
+    assert "one of 2 files) is not in the job's --input" in capsys.readouterr().err  # the default input
     assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", *job, f"--input={tmp_path}/in/a.jsonl",
                      "--allowed_lateness=3h"]) == 2
-    assert "/in/a.jsonl (after --) does not match" in capsys.readouterr().err
+    assert f"in/b.jsonl (where dead letters of the selection came from, one of 2 files) is not in the job's " \
+           f"--input {tmp_path}/in/a.jsonl" in capsys.readouterr().err
     assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", *job, "--input_format=json",
                      f"--input={tmp_path}/in/*.jsonl", "--allowed_lateness=3h"]) == 0
     with sqlite3.connect(db) as connection:
         assert connection.execute("SELECT event_count FROM aggregates WHERE window_start = "
                                   "'2026-11-02T09:00:00.000Z'").fetchall() == [(3,)]  # a2, b2 and c1
+
+
+def test_replay_of_a_fixed_record_in_one_of_several_files_reads_them_all(tmp_path, capsys):
+    """A dead letter from one file of a glob, fixed in place: its window also holds
+    an event of another file. A replay of that one file alone made the row of the
+    other file's event and the fixed one's of the same size, and the guarded upsert
+    took it: the row lost the other event. Replay reads the job's own input, and
+    refuses one that does not hold the dead letter's file."""
+    def event(event_id, qty):
+        return json.dumps({"order_id": event_id, "event_time": "2026-11-02T10:00:00Z", "store": "s", "qty": qty,
+                           "price": 1.0})
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(event("a1", 1) + "\n")
+    (tmp_path / "in" / "b.jsonl").write_text(event("b1", 100)[:-1] + "\n")  # no closing brace: malformed
+    db, dlq = tmp_path / "out.db", tmp_path / "dlq.jsonl"
+    job = [f"--sink=sqlite:///{db}", f"--dlq={dlq}", "--status=off"]
+    run([*job, f"--input={tmp_path}/in/*.jsonl"])
+    (tmp_path / "in" / "b.jsonl").write_text(event("b1", 100) + "\n")  # the fix
+    capsys.readouterr()
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", *job]) == 2  # the default input
+    assert f"{tmp_path}/in/b.jsonl (where dead letters of the selection came from) is not in the job's --input" \
+        in capsys.readouterr().err
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", *job, f"--input={tmp_path}/in/*.jsonl"]) == 0
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT event_count, sum_qty FROM aggregates").fetchall() == [(2, 101)]
+
+
+def test_replay_refuses_a_range_and_an_unknown_reason(tmp_path, capsys):
+    dlq = tmp_path / "dlq.jsonl"
+    run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off"])
+    capsys.readouterr()
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", "--from=earliest", "--allowed_lateness=3h"]) == 2
+    assert "--from after --: replay reads the range itself" in capsys.readouterr().err
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--reason", "too_lat"]) == 2
+    assert "--reason: 'too_lat' is not a reason onceflow gives; one of invalid_utf8," in capsys.readouterr().err
 
 
 def test_list_filters_by_reason(tmp_path, capsys):
@@ -122,6 +158,32 @@ def test_replay_of_kafka_dead_letters_through_a_kafka_queue_with_a_client_proper
     assert cli.main(["dlq", "list", *with_settings, "--limit", "0", "--json"]) == 0
     letters = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(letters) == 11 and all(letter["source"]["topic"] == topic.topic for letter in letters)
+
+
+@pytest.mark.kafka
+def test_replay_of_a_too_late_kafka_record_reads_its_window_from_its_start(kafka_bootstrap, tmp_path, capsys):
+    """A record two hours late in the log: its window's other record is two hours
+    before it, out of a one-hour margin around it. The replay's range starts at its
+    window's start (less the margin), so the row counts both, not the late one alone."""
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    t0 = 1_793_613_600_000  # 2026-11-02T10:00:00Z
+
+    def event(event_id, minutes, qty):
+        return json.dumps({"order_id": event_id, "event_time": t0 + minutes * 60_000, "store": "s",
+                           "qty": qty, "price": 1.0}).encode()
+    produce(topic, [(0, event("e1", 0, 1), t0), (0, event("hi", 120, 1), t0 + 60_000),
+                    (0, event("e4", 0, 100), t0 + 7_200_000)])
+    db, dlq = tmp_path / "out.db", tmp_path / "dlq.jsonl"
+    job = [f"--input={topic.url}", f"--sink=sqlite:///{db}", f"--dlq={dlq}", "--status=off"]
+    run([*job, "--from=earliest", "--to=latest"])
+    assert [letter["reason"] for letter in read_dead_letters(str(dlq))] == ["too_late"]
+    capsys.readouterr()
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--reason", "too_late", "--", *job,
+                     "--allowed_lateness=3h"]) == 0
+    assert "--from=2026-11-02T09:00:00.000Z --to=2026-11-02T13:00:00.000Z" in capsys.readouterr().err
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT event_count, sum_qty FROM aggregates WHERE window_start = "
+                                  "'2026-11-02T10:00:00.000Z'").fetchall() == [(2, 101)]
 
 
 @pytest.mark.kafka

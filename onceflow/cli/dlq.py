@@ -14,14 +14,18 @@ settings of ``--kafka_config_file`` (a Kafka client properties file) and
 Replay recomputes history through the (fixed) job instead of pushing single
 records: aggregates are whole rows, so a record that now passes must be counted
 together with the rest of its window. ``replay`` runs the aggregate job, with the
-flags after ``--``, as a bounded read over the span of the selected records'
-sources: for Kafka records the time range of their Kafka timestamps widened by
-``--margin`` (which must cover a window and its lateness), for file records the
-job's own ``--input`` after ``--`` (the path or glob it ran with, which must match
-every file the records came from), or without one the one file they came from. A
-record that now passes reaches the sink exactly as in a live run (the guarded upsert
-replaces each affected row by its more complete version); one that still fails is
-written to the queue again under the same ``dlq_id``, so it is listed once.
+flags after ``--``, as a bounded read of every record of the windows the selected
+records belong to: for Kafka records, from the start of the earliest of those
+windows (under the job's flags after ``--``; a record they still refuse counts with
+its Kafka timestamp) to the latest record's Kafka timestamp, widened by ``--margin``
+on each side, which must cover how much earlier than its event time a record may
+carry its Kafka timestamp (producers' clocks running ahead); for file records, and
+for Kafka records read from an archive, the job's own ``--input`` (the path or glob
+it ran with, after ``--``; without one the job's default input), which must match
+every file the records came from. A record that now passes reaches the sink exactly
+as in a live run (the guarded upsert replaces each affected row by its more complete
+version); one that still fails is written to the queue again under the same
+``dlq_id``, so it is listed once.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from onceflow.errors import ServiceError, UsageError
 from onceflow.io.kafka.config import scrub_secrets
 from onceflow.io.urls import first_line
-from onceflow.events import RecordError, format_utc_ms, parse_event_time_ms
+from onceflow.events import REASONS, RecordError, format_utc_ms, parse_event_time_ms
 from onceflow.windowing import parse_duration_ms
 
 
@@ -149,6 +153,9 @@ def _selected(args) -> List[Dict[str, Any]]:
 
     target = _target(args)
     since, until = _time_flag(args.since, "--since"), _time_flag(args.until, "--until")
+    unknown = [reason for reason in args.reason or () if reason not in REASONS]
+    if unknown:  # a typo would select nothing and say so as if the queue held none
+        raise UsageError(f"--reason: {unknown[0]!r} is not a reason onceflow gives; one of {', '.join(REASONS)}")
     if target.scheme == JSONL and not os.path.exists(target.location):
         raise UsageError(f"--dlq: {target.location} does not exist: give the path of the job's --dlq file "
                          "(a job creates it when it starts)")
@@ -219,40 +226,71 @@ def _list(args) -> int:
     return 0
 
 
-def replay_flags(envelopes: Sequence[Dict[str, Any]], margin_ms: int) -> List[str]:
-    """The input flags that make the job re-read every selected record: a Kafka time
-    range (widened by the margin), or the files they came from."""
+def replay_flags(envelopes: Sequence[Dict[str, Any]], margin_ms: int, job=None) -> List[str]:
+    """The input flags that make ``job`` (what the flags after ``--`` make of the
+    aggregate job, an :class:`~onceflow.pipelines.aggregate.AggregateJob`) re-read
+    every selected record and every other record of the windows they belong to:
+    for Kafka records a time range (see the module's docstring; without ``job``
+    the range of their Kafka timestamps alone, widened by the margin); for file
+    records, or an archive input, none: the job's own input, checked to hold every
+    file the records came from."""
     sources = [envelope["source"] for envelope in envelopes]
     kafka = [source for source in sources if "topic" in source]
     files = sorted({source["file"] for source in sources if "file" in source})
     if kafka and files:
         raise UsageError("the selection mixes Kafka and file records: replay them separately (--reason, --since)")
     if files:
-        return [f"--input={path}" for path in files]
+        _check_job_input_holds(job, files)
+        return []
     topics = {source["topic"] for source in kafka}
     if len(topics) != 1:
         raise UsageError(f"the selection spans topics {sorted(topics)}: replay one topic at a time")
+    if job is not None and job.from_archive:
+        return []  # an archive is read whole: every record of every window
     stamps = [source["timestamp_ms"] for source in kafka]
-    return [f"--from={format_utc_ms(min(stamps) - margin_ms)}", f"--to={format_utc_ms(max(stamps) + margin_ms)}"]
+    starts = [] if job is None else [_earliest_window_start(job, envelope) for envelope in envelopes]
+    first = min([*stamps, *(start for start in starts if start is not None)])
+    return [f"--from={format_utc_ms(max(first - margin_ms, 0))}", f"--to={format_utc_ms(max(stamps) + margin_ms)}"]
 
 
-def _job_input(flags: Sequence[str]) -> Optional[str]:
-    """The value of the job's ``--input`` among ``flags`` (``--input=X`` or
-    ``--input X``), or None."""
-    for index, flag in enumerate(flags):
-        if flag.startswith("--input="):
-            return flag.partition("=")[2]
-        if flag == "--input" and index + 1 < len(flags):
-            return flags[index + 1]
-    return None
+def _check_job_input_holds(job, files: Sequence[str]) -> None:
+    """A window's row is recomputed from every event of it, so the replay reads the
+    job's whole input (``--input`` after ``--``, or its default): it must hold every
+    file the selected records came from."""
+    pattern = None if job is None else job.input_pattern
+    matched = {os.path.abspath(path) for path in glob.glob(pattern, recursive=True)} if pattern else set()
+    missed = [path for path in files if os.path.abspath(path) not in matched]
+    if not missed:
+        return
+    many = f", one of {len(files)} files" if len(files) > 1 else ""
+    raise UsageError(f"{missed[0]} (where dead letters of the selection came from{many}) is not in the job's "
+                     f"--input {pattern}: give the job's original --input after -- (the path or glob it ran with), "
+                     "so that each window is recomputed from all of its events")
+
+
+def _earliest_window_start(job, envelope: Dict[str, Any]) -> Optional[int]:
+    """The start of the earliest window the dead letter's event belongs to under
+    ``job``'s contract and windows, or None for a record the job refuses."""
+    from onceflow.io.dlq.envelope import from_envelope
+
+    try:
+        event = job.contract.to_event(from_envelope(envelope))
+    except (RecordError, ValueError):
+        return None
+    return job.window_spec.windows_for(event.event_time_ms)[0][0]
 
 
 def _replay(args) -> int:
-    from onceflow.pipelines.aggregate import run
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options, run
 
     flags = [flag for flag in args.job_flags if flag != "--"]
     if not flags:
         raise UsageError("give the aggregate job's flags after --, e.g. -- --input=kafka://... --sink=...")
+    ranged = [flag for flag in flags if flag.split("=")[0] in ("--from", "--to")]
+    if ranged:
+        raise UsageError(f"{ranged[0].split('=')[0]} after --: replay reads the range itself (every window of the "
+                         "selected records, widened by --margin); select records with --reason, --since, --until")
     try:
         margin_ms = parse_duration_ms(args.margin)
     except ValueError as error:
@@ -261,23 +299,10 @@ def _replay(args) -> int:
     if not chosen:
         print("no dead letters match: nothing to replay")
         return 0
-    input_flags = replay_flags(chosen, margin_ms)
-    files = [flag.partition("=")[2] for flag in input_flags if flag.startswith("--input=")]
-    given = _job_input(flags)
-    if files and given is not None:
-        matched = {os.path.abspath(path) for path in glob.glob(given, recursive=True)}
-        missed = [path for path in files if os.path.abspath(path) not in matched]
-        if missed:
-            raise UsageError(f"--input {given} (after --) does not match {missed[0]}, where dead letters of the "
-                             "selection came from: give the job's original --input, or no --input")
-        input_flags = []  # the job's own input: every file its windows were computed from
-    elif len(files) > 1:
-        shown = ", ".join(files[:2]) + (", ..." if len(files) > 2 else "")
-        raise UsageError(f"the selection's dead letters come from {len(files)} files ({shown}): "
-                         "give the job's original --input after -- (the path or glob it ran with), so that each "
-                         "window is recomputed from all of its events")
-    print(f"replaying {len(chosen)} dead letters: re-running the job with {' '.join(input_flags)}",
-          file=sys.stderr)
+    job = job_from_options(parse_pipeline_args(flags))
+    input_flags = replay_flags(chosen, margin_ms, job)
+    reading = " ".join(input_flags) if input_flags else f"its own --input {job.input_pattern}"
+    print(f"replaying {len(chosen)} dead letters: re-running the job with {reading}", file=sys.stderr)
     summary = run([*flags, *input_flags])
     print(summary.render())
     print("records of this span that still fail are in the queue under their old dlq_id (listed once)")
