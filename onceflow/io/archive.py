@@ -15,6 +15,12 @@ record twice: the reader keeps each (topic, partition, offset) once. Kafka
 timestamps need not grow with offsets, so one partition's hour files may
 interleave in offsets; the reader merges them by offset, so it gives every
 archived record once and in offset order whatever the timestamps.
+
+The manifest (``onceflow-archive.json``) lists each finished run's files, written
+by the run's last step once every file is in place. :func:`check_archive` holds a
+folder to it before a job reads it: a listed file missing, a data file that no
+finished run wrote and none covers (a run stopped part way), or a file that is not
+an archive file fails the read in one line, so an archive is never read in part.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from onceflow.events import EventContract, SourceRecord
 
 MARKER = "onceflow-archive.json"
 FORMATS = ("avro", "parquet")
-_FILE = re.compile(r"topic=(?P<topic>[^/]+)/hour=[^/]+/partition=(?P<partition>\d+)-offsets=(?P<first>\d+)-\d+\.")
+_FILE = re.compile(r"topic=(?P<topic>[^/]+)/hour=[^/]+/partition=(?P<partition>\d+)-offsets=(?P<first>\d+)-(?P<last>\d+)\.")
 
 ARCHIVE_SCHEMA = {
     "type": "record", "name": "ArchivedRecord", "namespace": "onceflow",
@@ -152,8 +158,10 @@ class _WriteFileDoFn(beam.DoFn):
 
 class WriteArchive(beam.PTransform):
     """Writes bounded ``PCollection[SourceRecord]`` read from Kafka to archive files
-    (one per topic, hour of the Kafka timestamp and partition). Output: the paths
-    written. Local folders only (the rename is what makes a file appear whole)."""
+    (one per topic, hour of the Kafka timestamp and partition), then records the
+    run as finished in the folder's manifest (:func:`record_run`; make the folder
+    an archive with :func:`write_marker` first). Output: the paths written. Local
+    folders only (the rename is what makes a file appear whole)."""
 
     def __init__(self, directory: str, archive_format: str = "avro"):
         super().__init__()
@@ -163,19 +171,115 @@ class WriteArchive(beam.PTransform):
         self._format = archive_format
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        return (
+        directory = self._directory
+        paths = (
             records
             | "KeyByPartitionAndHour" >> beam.Map(
                 lambda r: ((r.source["topic"], r.source["partition"], _hour(r.source["timestamp_ms"])), r))
             | "GroupFiles" >> beam.GroupByKey()
-            | "WriteFiles" >> beam.ParDo(_WriteFileDoFn(self._directory, self._format))
+            | "WriteFiles" >> beam.ParDo(_WriteFileDoFn(directory, self._format))
         )
+        # Once every file is in place: the run is finished, and the manifest says so.
+        _ = (paths
+             | "ListFiles" >> beam.combiners.ToList()
+             | "RecordRun" >> beam.Map(lambda written: record_run(directory, written)))
+        return paths
 
 
-def write_marker(directory: str, archive_format: str) -> None:
+def read_manifest(directory: str) -> Dict[str, Any]:
+    """The archive's manifest (``{}`` when it is missing or not one)."""
+    try:
+        with FileSystems.open(FileSystems.join(directory, MARKER)) as handle:
+            manifest = json.loads(handle.read().decode("utf-8"))
+    except (OSError, ValueError):  # Beam raises its own IOError subclass for a missing file
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _write_manifest(directory: str, manifest: Dict[str, Any]) -> None:
+    path = os.path.join(directory, MARKER)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+    os.replace(temporary, path)
+
+
+def write_marker(directory: str, archive_format: str, topic: str) -> None:
+    """Makes ``directory`` an archive folder of ``topic`` (its manifest), keeping the
+    finished runs of an archive already there. An archive of another topic is
+    refused (ValueError): a job reading the folder would add the two topics up."""
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, MARKER), "w", encoding="utf-8") as handle:
-        json.dump({"format": archive_format, "schema": ARCHIVE_SCHEMA}, handle, indent=1)
+    manifest = read_manifest(directory)
+    topics = {_FILE.search(name).group("topic") for run in manifest.get("runs", ()) for name in run}
+    if topics - {topic}:
+        raise ValueError(f"{directory} is an archive of topic {sorted(topics)[0]}: give each topic its own folder")
+    runs = manifest.get("runs", [])
+    _write_manifest(directory, {"format": archive_format, "schema": ARCHIVE_SCHEMA, "runs": runs})
+
+
+def record_run(directory: str, paths: Iterable[str]) -> None:
+    """Adds a finished run (the files it wrote, relative to ``directory``) to the
+    manifest, unless a run with the same files is there already (archiving a range
+    again leaves the folder as it was)."""
+    names = sorted(os.path.relpath(path, directory).replace(os.sep, "/") for path in paths)
+    manifest = read_manifest(directory)
+    runs = manifest.setdefault("runs", [])
+    if names not in runs:
+        runs.append(names)
+        _write_manifest(directory, manifest)
+
+
+def check_archive(directory: str) -> None:
+    """Raises ValueError (one line) unless every record the folder's finished runs
+    archived is there and every data file is part of one: a file a finished run
+    listed is missing; a data file that no finished run wrote nor covers (its
+    partition's offsets within one run's first and last) was left by a run stopped
+    part way; a file that is not an archive file. An archive written before runs
+    were recorded (its manifest lists none) is checked for the last kind only."""
+    listing = FileSystems.match([FileSystems.join(directory, "topic=*", "hour=*", "*")])[0].metadata_list
+    found = set()
+    for metadata in listing:
+        name = os.path.relpath(metadata.path, directory).replace(os.sep, "/")
+        if ".tmp-" in name.rsplit("/", 1)[-1]:
+            continue  # a file a run was writing when it stopped: never read
+        if _FILE.fullmatch(name.rsplit(".", 1)[0] + ".") is None or name.rsplit(".", 1)[-1] not in FORMATS:
+            raise ValueError(f"{metadata.path} is not an archive file (partition=P-offsets=FIRST-LAST.avro or "
+                             ".parquet): remove it from the archive folder")
+        found.add(name)
+    manifest = read_manifest(directory)
+    if "runs" not in manifest:
+        return
+    runs = manifest["runs"]
+    if found and not runs:
+        raise ValueError(f"no archive run into {directory} has finished (the files there were left by a run "
+                         "stopped part way): run the archive job again")
+    for run in runs:
+        for name in run:
+            if name not in found:
+                raise ValueError(f"{FileSystems.join(directory, name)}, written by a finished archive run, is "
+                                 "missing: archive its range again (the job rewrites what is missing)")
+    spans: Dict[Tuple[str, int], List[Tuple[int, int]]] = {}
+    for run in runs:
+        for (topic, partition), (first, last) in _spans(run).items():
+            spans.setdefault((topic, partition), []).append((first, last))
+    listed = {name for run in runs for name in run}
+    for name in sorted(found - listed):
+        (topic, partition), (first, last) = next(iter(_spans([name]).items()))
+        if not any(low <= first and last <= high for low, high in spans.get((topic, partition), ())):
+            raise ValueError(f"{FileSystems.join(directory, name)} is not part of a finished archive run (a run "
+                             "stopped part way): archive its range again, or remove the file")
+
+
+def _spans(names: Iterable[str]) -> Dict[Tuple[str, int], Tuple[int, int]]:
+    """The (first, last) offsets the files cover, per (topic, partition)."""
+    spans: Dict[Tuple[str, int], Tuple[int, int]] = {}
+    for name in names:
+        match = _FILE.search(name)
+        key = (match.group("topic"), int(match.group("partition")))
+        first, last = int(match.group("first")), int(match.group("last"))
+        low, high = spans.get(key, (first, last))
+        spans[key] = (min(low, first), max(high, last))
+    return spans
 
 
 def _first_offset(path: str) -> int:
@@ -183,11 +287,19 @@ def _first_offset(path: str) -> int:
 
 
 def _file_rows(path: str) -> Iterator[Dict[str, Any]]:
-    """The rows of one archive file, in offset order (as they were written)."""
+    """The rows of one archive file, in offset order (as they were written); a file
+    that cannot be read to its end fails the read in one line naming it."""
+    from onceflow.io.files import UnreadableInputFile
+
     archive_format = path.rsplit(".", 1)[1]
-    with FileSystems.open(path) as handle:
-        data = handle.read()
-    yield from decode_file(data, archive_format)
+    try:
+        with FileSystems.open(path) as handle:
+            data = handle.read()
+        rows = list(decode_file(data, archive_format))
+    except Exception as error:  # fastavro's and pyarrow's errors for a cut or damaged file have no common base
+        raise UnreadableInputFile(f"{path}: cannot be read ({type(error).__name__}: {error}); archive its range "
+                                  "again") from error
+    yield from rows
 
 
 def merged_rows(paths: Iterable[str]) -> Iterator[Dict[str, Any]]:

@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.events import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS, REGISTRY_FORMATS, EventContract
-from onceflow.io.archive import ReadArchive, is_archive
+from onceflow.io.archive import ReadArchive, check_archive, is_archive
 from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, UnreadableInputFile, read_avro_writer_schema
 from onceflow.io.flink_rest import FlinkRestError
@@ -428,7 +428,12 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                 file=sys.stderr)
         if job.kafka.bounded:  # the backfill's size, for its progress line
             expected_records = sum(read.stop_offset - read.start_offset for read in reads)
-    elif not job.from_archive:
+    elif job.from_archive:
+        try:
+            check_archive(job.input_pattern)
+        except ValueError as error:
+            raise UsageError(f"--input: {error}") from None
+    else:
         _check_input_exists(job.input_pattern)
     prepare_runner(options, job.is_live, job.kafka is not None, job.kafka_readers)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"

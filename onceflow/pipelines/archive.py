@@ -25,12 +25,12 @@ from apache_beam.runners.runner import PipelineResult
 from onceflow import metrics
 from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.io.archive import FORMATS, WriteArchive, write_marker
-from onceflow.io.kafka.admin import describe_topic
+from onceflow.io.kafka.admin import describe_gaps, describe_topic, resolve_partition_reads
 from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, client_error_line, client_settings_from_flags, parse_kafka_url,
                                       parse_position)
 from onceflow.io.kafka.read import ReadFromKafka
 from onceflow.observability.snapshot import snapshot_from_query
-from onceflow.options import InputOptions, KafkaOptions, help_text, parse_pipeline_args
+from onceflow.options import InputOptions, KafkaOptions, flag_error, help_text, parse_pipeline_args
 from onceflow.runners import local_batch_runner
 
 PIPELINE_NAME = "archive"
@@ -62,7 +62,8 @@ def config_from_options(options: PipelineOptions) -> KafkaReadConfig:
         settings = client_settings_from_flags(kafka.kafka_setting, kafka.kafka_config_file)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    return KafkaReadConfig(topic, start=start, stop=stop, time_source="record", client_settings=settings)
+    return KafkaReadConfig(topic, start=start, stop=stop, time_source="record", client_settings=settings,
+                           allow_retention_gaps=bool(source.allow_retention_gaps))
 
 
 def build(pipeline: beam.Pipeline, config: KafkaReadConfig, output: str, archive_format: str) -> beam.PCollection:
@@ -79,10 +80,19 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if not archive.output:
         raise UsageError("--output: the archive folder is required, e.g. --output archive/orders")
     try:
-        describe_topic(config)
+        gaps = [read.retention_gap for read in resolve_partition_reads(config, describe_topic(config))
+                if read.retention_gap is not None]
     except RuntimeError as error:
         raise ServiceError(f"--input: {error}") from None
-    write_marker(archive.output, archive.archive_format)
+    if gaps and not config.allow_retention_gaps:
+        raise ServiceError(f"--from/--to: {describe_gaps(gaps)}; pass --allow_retention_gaps to archive what is "
+                           "left, or start later")
+    if gaps:
+        print(f"archive: warning: {describe_gaps(gaps)}; archiving what is left", file=sys.stderr)
+    try:
+        write_marker(archive.output, archive.archive_format, config.topic.topic)
+    except (ValueError, OSError) as error:
+        raise flag_error("--output", error) from None
     started = time.monotonic()
     pipeline = beam.Pipeline(runner=local_batch_runner(options, live=False), options=options)
     build(pipeline, config, archive.output, archive.archive_format)

@@ -2,8 +2,12 @@
 
 import datetime
 import hashlib
+import itertools
 import json
+import shutil
 import sqlite3
+import subprocess
+import sys
 
 import apache_beam as beam
 import pytest
@@ -15,6 +19,7 @@ from onceflow.io.dlq.jsonl import read_dead_letters
 from onceflow.pipelines import archive
 from onceflow.pipelines.aggregate import run
 from tests.livejob import counted_events, new_topic, produce, sample_lines
+from tests.pipelines.test_aggregate_job import assert_one_usage_line
 from tests.pipelines.reference import expected_from_partitions
 
 pytestmark = pytest.mark.kafka
@@ -120,3 +125,100 @@ def test_the_archive_job_without_an_input_asks_for_a_topic(capsys):
     assert archive.main(["--output=unused"]) == 2
     assert capsys.readouterr().err.strip() == ("archive: error: --input: the archive job copies a Kafka topic: give "
                                                "--input=kafka://HOST:PORT/TOPIC")
+
+
+def run_job(*flags):
+    return subprocess.run([sys.executable, "-m", "onceflow.pipelines.aggregate", *flags, "--status=off"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_an_archive_is_read_whole_or_not_at_all(kafka_bootstrap, tmp_path):
+    """A run stopped part way, a file deleted, a file cut short, a foreign file: each
+    fails the read in one line naming what is wrong (each was read in part, exit 0,
+    or ended in a traceback). A file a stopped run left within a finished run's
+    offsets is a duplicate of that run's records and is read once."""
+    topic = new_topic(kafka_bootstrap)
+    lines = sample_lines()
+    produce(topic, [(n % 3, line, BASE_MS + n * 2_000) for n, line in enumerate(lines)])
+    folder = tmp_path / "archive"
+    assert archive.run([f"--input={topic.url}", f"--output={folder}"]) == 6
+    manifest = json.loads((folder / "onceflow-archive.json").read_text())
+    assert len(manifest["runs"]) == 1 and len(manifest["runs"][0]) == 6
+    files = sorted(folder.glob("topic=*/hour=*/*.avro"))
+    sink = [f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl"]
+    whole = run_job(f"--input={folder}", *sink)
+    assert whole.returncode == 0, whole.stderr
+    expected = counted_events(tmp_path / "out.db")
+
+    copies = itertools.count()
+
+    def damaged(change):
+        copy = tmp_path / f"copy{next(copies)}"
+        shutil.copytree(folder, copy)
+        change(copy)
+        return run_job(f"--input={copy}", f"--sink=sqlite:///{copy}.db", f"--dlq={copy}-dlq.jsonl")
+
+    def no_finished_run(copy):
+        (copy / "onceflow-archive.json").write_text(json.dumps({**manifest, "runs": []}))
+    assert_one_usage_line(damaged(no_finished_run), "has finished (the files there were left by a run stopped")
+
+    def one_file_deleted(copy):
+        (copy / files[2].relative_to(folder)).unlink()
+    assert_one_usage_line(damaged(one_file_deleted), f"{files[2].name}, written by a finished archive run, is missing")
+
+    def a_file_cut_short(copy):
+        path = copy / files[1].relative_to(folder)
+        path.write_bytes(path.read_bytes()[:200])
+    assert_one_usage_line(damaged(a_file_cut_short), f"{files[1].name}: cannot be read (")
+
+    def a_foreign_file(copy):
+        (copy / files[0].relative_to(folder)).with_name("partition=9-x.avro").write_bytes(b"x")
+    assert_one_usage_line(damaged(a_foreign_file), "partition=9-x.avro is not an archive file")
+
+    def a_file_beyond_every_run(copy):
+        (copy / files[0].relative_to(folder)).with_name("partition=0-offsets=000000090000-000000090009.avro") \
+            .write_bytes(files[0].read_bytes())
+    assert_one_usage_line(damaged(a_file_beyond_every_run), "is not part of a finished archive run")
+
+    def a_stopped_runs_copy_within_a_finished_run(copy):
+        hours = sorted({path.parent.name for path in files})
+        source = next(path for path in files if path.parent.name == hours[0])
+        (copy / "topic=x").mkdir()  # not a file: ignored by the listing of topic=*/hour=*/*
+        target = copy / source.relative_to(folder).parent.with_name(hours[1]) / source.name
+        target.write_bytes(source.read_bytes())
+    duplicated = damaged(a_stopped_runs_copy_within_a_finished_run)
+    assert duplicated.returncode == 0, duplicated.stderr
+    assert counted_events(f"{tmp_path}/copy{next(copies) - 1}.db") == expected
+
+
+def test_the_archive_job_refuses_another_topic_and_an_output_that_is_a_file(kafka_bootstrap, tmp_path, capsys):
+    first, second = new_topic(kafka_bootstrap, partitions=1), new_topic(kafka_bootstrap, partitions=1)
+    produce(first, [(0, line, BASE_MS) for line in sample_lines()[:10]])
+    folder = tmp_path / "archive"
+    assert archive.main([f"--input={first.url}", f"--output={folder}"]) == 0
+    capsys.readouterr()
+    assert archive.main([f"--input={second.url}", f"--output={folder}"]) == 2
+    assert f"is an archive of topic {first.topic}: give each topic its own folder" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert archive.main([f"--input={first.url}", f"--output={tmp_path}/a-file"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("archive: error: --output:") and len(err.splitlines()) == 1, err
+
+
+def test_the_archive_job_over_records_deleted_by_retention_fails_unless_allowed(kafka_bootstrap, tmp_path, capsys):
+    from tests.io.test_kafka_ranges import _delete_records
+
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    produce(topic, [(0, line, BASE_MS + n * 1_000) for n, line in enumerate(sample_lines()[:300])])
+    _delete_records(topic, {0: 100})
+    folder = tmp_path / "archive"
+    flags = [f"--input={topic.url}", f"--output={folder}", "--from=offsets:0=0"]
+    assert archive.main(flags) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"archive: --from/--to: topic {topic.topic}: 100 records lost to retention (partition 0 offsets "
+        "0-99: 100 records); pass --allow_retention_gaps to archive what is left, or start later")
+    assert not folder.exists()  # refused before the folder is made an archive
+    assert archive.main([*flags, "--allow_retention_gaps"]) == 0
+    assert "100 records lost to retention" in capsys.readouterr().err
+    (name,) = json.loads((folder / "onceflow-archive.json").read_text())["runs"][0]
+    assert name.endswith("partition=0-offsets=000000000100-000000000299.avro")
