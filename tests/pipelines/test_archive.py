@@ -222,3 +222,23 @@ def test_the_archive_job_over_records_deleted_by_retention_fails_unless_allowed(
     assert "100 records lost to retention" in capsys.readouterr().err
     (name,) = json.loads((folder / "onceflow-archive.json").read_text())["runs"][0]
     assert name.endswith("partition=0-offsets=000000000100-000000000299.avro")
+
+
+def test_dead_letters_read_from_an_archive_are_replayed_from_it(kafka_bootstrap, tmp_path, capsys):
+    from onceflow import cli
+
+    topic = new_topic(kafka_bootstrap)
+    produce(topic, [(n % 3, line, BASE_MS + n * 2_000) for n, line in enumerate(sample_lines())])
+    folder = tmp_path / "archive"
+    archive.run([f"--input={topic.url}", f"--output={folder}"])
+    db, dlq = tmp_path / "out.db", tmp_path / "dlq.jsonl"
+    job = [f"--input={folder}", f"--sink=sqlite:///{db}", f"--dlq={dlq}", "--status=off"]
+    run(job)
+    before = counted_events(db)
+    too_late = [letter for letter in read_dead_letters(str(dlq)) if letter["reason"] == "too_late"]
+    assert too_late and all("topic" in letter["source"] for letter in too_late)
+    capsys.readouterr()
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--reason", "too_late", "--", *job,
+                     "--allowed_lateness=3h"]) == 0
+    assert f"re-running the job with its own --input {folder}" in capsys.readouterr().err
+    assert counted_events(db) == before + len(too_late)
