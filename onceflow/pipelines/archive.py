@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -30,7 +30,8 @@ from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, client_
                                       parse_position)
 from onceflow.io.kafka.read import ReadFromKafka
 from onceflow.observability.snapshot import snapshot_from_query
-from onceflow.options import InputOptions, KafkaOptions, flag_error, help_text, parse_pipeline_args
+from onceflow.options import (AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions,
+                              WindowOptions, flag_error, help_text, parse_pipeline_args)
 from onceflow.runners import local_batch_runner
 
 PIPELINE_NAME = "archive"
@@ -62,8 +63,31 @@ def config_from_options(options: PipelineOptions) -> KafkaReadConfig:
         settings = client_settings_from_flags(kafka.kafka_setting, kafka.kafka_config_file)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    return KafkaReadConfig(topic, start=start, stop=stop, time_source="record", client_settings=settings,
-                           allow_retention_gaps=bool(source.allow_retention_gaps))
+    unused = sorted(set(options.get_all_options(drop_default=True)) & set(_AGGREGATE_ONLY_FLAGS))
+    if unused:
+        raise UsageError(f"--{unused[0]}: the archive job copies records as they are, with their Kafka "
+                         "coordinates; give it to the aggregate job that reads the archive (or the topic)")
+    try:
+        return KafkaReadConfig(topic, start=start, stop=stop, time_source="record", client_settings=settings,
+                               allow_retention_gaps=bool(source.allow_retention_gaps))
+    except ValueError as error:
+        raise UsageError(f"--from/--to: {error}") from None
+
+
+def _flags_of(*option_classes) -> Tuple[str, ...]:
+    parser = argparse.ArgumentParser()
+    for option_class in option_classes:
+        option_class._add_argparse_args(parser)
+    return tuple(action.dest for action in parser._actions if action.dest != "help")
+
+
+# The aggregate job's flags that mean nothing to the archive job (it takes --input,
+# --from, --to, --allow_retention_gaps and the Kafka client settings).
+_AGGREGATE_ONLY_FLAGS = (
+    "input_format", "schema_registry_url", "schema_registry_setting", "avro_reader_schema", "kafka_group",
+    "kafka_readers", "kafka_idle_timeout", "kafka_time_source",
+    *_flags_of(EventOptions, WindowOptions, AggregateOptions, OutputOptions),
+)
 
 
 def build(pipeline: beam.Pipeline, config: KafkaReadConfig, output: str, archive_format: str) -> beam.PCollection:

@@ -242,3 +242,16 @@ def test_dead_letters_read_from_an_archive_are_replayed_from_it(kafka_bootstrap,
                      "--allowed_lateness=3h"]) == 0
     assert f"re-running the job with its own --input {folder}" in capsys.readouterr().err
     assert counted_events(db) == before + len(too_late)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--kafka_group=g"], "--kafka_group: the archive job copies records as they are"),
+    (["--window=5m"], "--window: the archive job copies records as they are"),
+    (["--input_format=avro_registry"], "--input_format: the archive job copies records as they are"),
+    (["--from=2026-11-02T10:00:00Z", "--to=2026-11-02T09:00:00Z"], "--from/--to: the start is after the stop"),
+    (["--from=offsets:0=5", "--to=offsets:0=1"], "--from/--to: partition 0 starts after its stop"),
+])
+def test_the_archive_job_refuses_flags_it_would_ignore(flags, fragment, tmp_path, capsys):
+    assert archive.main(["--input=kafka://127.0.0.1:1/orders", f"--output={tmp_path}/a", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err

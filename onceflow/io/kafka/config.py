@@ -322,6 +322,14 @@ class KafkaReadConfig:
             raise ValueError("the fallback start must be earliest, latest or a timestamp")
         if self.stop is not None and self.stop.kind == "committed":
             raise ValueError("a read cannot stop at committed offsets")
+        same_kind = self.stop is not None and self.start.kind == self.stop.kind
+        if same_kind and self.start.kind == "timestamp" and self.start.value > self.stop.value:
+            raise ValueError("the start is after the stop: nothing would be read; swap them")
+        if same_kind and self.start.kind == "offsets":
+            reversed_ = [p for p, offset in self.start.value.items() if offset > self.stop.value.get(p, offset)]
+            if reversed_:
+                raise ValueError(f"partition {reversed_[0]} starts after its stop: nothing would be read there; "
+                                 "swap them")
         check_guarded_settings(self.client_settings, "client settings")
 
     @property
