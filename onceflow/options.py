@@ -332,7 +332,8 @@ class FlinkOptions(PipelineOptions):
             "--flink_rest_url", default=None, metavar="URL",
             help="Flink's REST address (http://HOST:PORT, the JobManager's, e.g. a session "
                  "cluster's :8081) through which --flink_savepoint_dir stops the job, found there by "
-                 "its --job_name. Default: none.")
+                 "its --job_name; alone, Ctrl-C or SIGTERM cancels the job there too (the job "
+                 "server's cancel can leave it running on Flink). Default: none.")
         group.add_argument(
             "--savepoint_path", default=None, metavar="PATH",
             help="Flink: start the job from this savepoint (the path a stop with "

@@ -449,7 +449,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             quiet_worker_teardown()  # the runner's hang-up is reported once, below, not by each worker thread
             # After run(): Beam's Prism job server sets a SIGINT handler there that stops Prism first.
             with _stop_signals_as_interrupt(job.is_live, signal.SIGINT, stop):
-                runner_answers = _wait_or_stop(result, savepoints, stop, runner)
+                runner_answers = _wait_or_stop(result, savepoints, stop, runner, runs_on_flink(options))
             if not runner_answers:  # nothing is left to cancel or to ask: Monitor.finish fills in its figures
                 return monitor.finish(RunSummary(runner, time.monotonic() - started, {}, job.sink.describe(),
                                                  job.dlq.describe()))
@@ -626,9 +626,10 @@ def _stop_signals_as_interrupt(live: bool, signum: int, stop: Optional[_StopAske
 
 
 def _wait_or_stop(result: beam.runners.runner.PipelineResult, savepoints: Optional[SavepointStop],
-                  stop: _StopAsked, runner: str) -> bool:
+                  stop: _StopAsked, runner: str, on_flink: bool = False) -> bool:
     """Waits until the job ends, or until a stop signal stops it (with a savepoint
-    or cancelled). False when the runner went away with the stop signal, so that
+    or cancelled; on Flink also through its REST API when ``--flink_rest_url`` is
+    given, else with a warning that the job may still run there). False when the runner went away with the stop signal, so that
     nothing is left to cancel or to ask for figures; a runner gone without one is
     a one-line ServiceError. A worker's error comes back from the runner as a
     failed job and is raised as it is."""
@@ -638,11 +639,19 @@ def _wait_or_stop(result: beam.runners.runner.PipelineResult, savepoints: Option
         result.wait_until_finish()
         return True
     except KeyboardInterrupt:  # a live job runs until stopped: stop it, then summarise
-        print("aggregate: stopping" + (" with a savepoint..." if savepoints else "..."), file=sys.stderr)
-        if savepoints is not None:
+        with_savepoint = savepoints is not None and savepoints.savepoint_dir is not None
+        print("aggregate: stopping" + (" with a savepoint..." if with_savepoint else "..."), file=sys.stderr)
+        if with_savepoint:
             _stop_with_savepoint(savepoints, result)
             return True
-        return _cancel(result)
+        answered = _cancel(result)
+        if savepoints is not None:
+            flink_savepoint.cancel_on_flink(savepoints)
+        elif on_flink:
+            print("aggregate: warning: cancelled through the job server, which can leave the job running (or "
+                  "restarting) on Flink: check Flink's web UI, or run with --flink_rest_url=http://HOST:PORT so "
+                  "that a stop cancels it there too", file=sys.stderr)
+        return answered
     except Exception as error:
         if not is_hang_up(error):  # the job service's stream broke: the runner has gone
             raise

@@ -55,11 +55,14 @@ _SHARDS_IN_PATH = re.compile(r"(?:^|/)onceflow-shards-([1-9][0-9]*)(?=/|$)")
 class SavepointStop:
     """How a live job on Flink is stopped: with a savepoint in ``savepoint_dir``
     (the ``--flink_savepoint_dir`` folder for the job's number of shards), through
-    the REST API at ``rest_url``, where it runs as ``job_name``. ``restore_from``:
-    the ``--savepoint_path`` it was started from, if any."""
+    the REST API at ``rest_url``, where it runs as ``job_name``; without
+    ``savepoint_dir`` (``--flink_rest_url`` alone) it is cancelled, through the job
+    server and through the REST API (the 2.62 job server's own cancel can leave the
+    Flink job running). ``restore_from``: the ``--savepoint_path`` it was started
+    from, if any."""
 
     rest_url: str
-    savepoint_dir: str
+    savepoint_dir: Optional[str]
     job_name: str
     restore_from: Optional[str] = None
 
@@ -118,15 +121,18 @@ def savepoint_stop_from_options(options: PipelineOptions, live: bool, shards: in
                              "(use --runner=PortableRunner --job_endpoint=<Flink job server>)")
     elif flags.allow_non_restored_state:
         raise UsageError("--allow_non_restored_state: only means something with --savepoint_path")
-    if directory is None:
-        if rest_url is not None:
-            raise UsageError("--flink_rest_url: only used to stop the job with a savepoint; add "
-                             "--flink_savepoint_dir=DIR, or leave it out")
+    if directory is None and rest_url is None:
         return None
-    if not live:
+    if directory is None:  # --flink_rest_url alone: a stop cancels the job on Flink too
+        if not live:
+            raise UsageError("--flink_rest_url: only a live kafka:// job (no --to) is stopped through Flink's REST "
+                             "API; a bounded job ends by itself")
+        if not flink:
+            raise UsageError(f"--flink_rest_url: Flink's REST API stops a job on Flink only; {runner}")
+    elif not live:
         raise UsageError("--flink_savepoint_dir: only a live kafka:// job (no --to) is stopped with a savepoint; "
                          "a bounded job ends by itself")
-    if not flink:
+    elif not flink:
         raise UsageError(f"--flink_savepoint_dir: stopping with a savepoint needs Flink; {runner} "
                          "(use --runner=PortableRunner --job_endpoint=<Flink job server>)")
     if rest_url is None:
@@ -141,7 +147,8 @@ def savepoint_stop_from_options(options: PipelineOptions, live: bool, shards: in
     if job_name is None:
         job_name = f"onceflow-aggregate-{uuid.uuid4().hex[:12]}"
         cloud.job_name = job_name
-    return SavepointStop(rest_url, savepoint_folder(_check_directory(directory), shards), job_name, restore_from)
+    folder = None if directory is None else savepoint_folder(_check_directory(directory), shards)
+    return SavepointStop(rest_url, folder, job_name, restore_from)
 
 
 def check_reachable(stop: SavepointStop) -> None:
@@ -181,8 +188,10 @@ def attach(stop: SavepointStop, ended: Callable[[], bool]) -> Optional[FlinkJob]
                                    f"{stop.job_name!r} {ATTACH_TIMEOUT_S:.0f}s after submission ({seen}); is it "
                                    "the REST address of the Flink the job server submits to?")
             time.sleep(1.0)
+        how = (f"stops it with a savepoint in {stop.savepoint_dir}" if stop.savepoint_dir is not None
+               else "cancels it there")
         print(f"aggregate: Flink runs the job as {stop.job_name!r} ({job.job_id}) at {stop.rest_url}; Ctrl-C or "
-              f"SIGTERM stops it with a savepoint in {stop.savepoint_dir}", file=sys.stderr)
+              f"SIGTERM {how}", file=sys.stderr)
         if stop.restore_from is not None:
             _report_restore(stop, job)
         return job

@@ -40,6 +40,11 @@ def test_the_flags_become_a_savepoint_stop():
                  shards=8).savepoint_dir == "s3://bucket/sp/onceflow-shards-8"
 
 
+def test_the_rest_address_alone_becomes_a_stop_that_cancels_on_flink():
+    assert _stop(*FLINK, REST, "--job_name=orders-live") == SavepointStop("http://127.0.0.1:18081", None,
+                                                                          "orders-live")
+
+
 def test_a_job_without_a_name_gets_a_unique_one_on_flink():
     options = parse_pipeline_args([*FLINK, "--flink_savepoint_dir=/var/sp", REST])
     first = savepoint_stop_from_options(options, live=True, shards=2).job_name
@@ -64,7 +69,8 @@ def test_which_runners_count_as_flink(runner, flink):
     ((*FLINK, "--flink_savepoint_dir=sp", REST), True, "--flink_savepoint_dir: 'sp' is relative"),
     ((*FLINK, "--flink_savepoint_dir=/var/sp", "--flink_rest_url=127.0.0.1:8081"), True,
      "--flink_rest_url: '127.0.0.1:8081' is not Flink's REST address"),
-    ((*FLINK, REST), True, "--flink_rest_url: only used to stop the job with a savepoint"),
+    ((*FLINK, REST), False, "--flink_rest_url: only a live kafka:// job (no --to) is stopped through Flink's REST"),
+    (("--runner=PrismRunner", REST), True, "--flink_rest_url: Flink's REST API stops a job on Flink only"),
     (("--savepoint_path=/var/sp/savepoint-1",), True, "--savepoint_path: only Flink restores a savepoint"),
     ((*FLINK, "--savepoint_path=/var/sp/savepoint-1"), False, "--savepoint_path: only a live kafka:// job"),
     ((*FLINK, "--allow_non_restored_state"), True, "--allow_non_restored_state: only means something with"),

@@ -212,3 +212,46 @@ def test_the_embedded_flink_writes_a_savepoint_but_does_not_restore_it(kafka_boo
     finally:
         stop(job, signal.SIGINT)
         cancel_running_jobs(flink_job_endpoint, name_prefix=name)
+
+
+def _states_on_cluster(rest, name, settle_s=20):
+    """The states Flink lists for jobs named ``name`` once none is CANCELLING, or
+    after ``settle_s`` seconds."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        states = sorted(job.state for job in flink_rest.list_jobs(rest) if job.name == name)
+        if "CANCELLING" not in states or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
+
+
+def test_a_stop_cancels_the_job_on_flink_through_its_rest_address(kafka_bootstrap, flink_cluster_master,
+                                                                  flink_job_endpoint, tmp_path):
+    """Without --flink_rest_url a Ctrl-C cancels the job through the job server
+    only, which leaves it on the cluster (its LOOPBACK worker gone, it restarts
+    forever): the job says so in a warning. With the flag alone it cancels the job
+    there too."""
+    runner = (*streaming_job_flags(flink_job_endpoint), f"--flink_master={flink_cluster_master}")
+    rest = f"http://{flink_cluster_master}"
+    topic = new_topic(kafka_bootstrap)
+    events = _Events(topic, seed=12)
+    for attempt, rest_flag in enumerate(((), (f"--flink_rest_url={rest}",))):
+        name = f"onceflow-test-cancel-{attempt}-{topic.topic}"
+        db, dlq = tmp_path / f"live{attempt}.db", tmp_path / f"dlq{attempt}.jsonl"
+        job = start_live_job(topic, f"g{attempt}-{topic.topic}", f"sqlite:///{db}", dlq, *EVENT_FLAGS,
+                             f"--job_name={name}", *rest_flag, *runner)
+        try:
+            events.send(30)
+            wait_for(lambda: counted_events(db) > 0, "the first rows", 300, job)
+            status, output = _stop_and_wait(job, signal.SIGINT)
+            assert status == 0, output
+            states = _states_on_cluster(rest, name)
+        finally:
+            stop(job)
+            _cancel_on_cluster(rest, name)
+        if rest_flag:
+            assert "Ctrl-C or SIGTERM cancels it there" in output and "warning" not in output, output
+            assert states == ["CANCELED"], states
+        else:
+            assert "aggregate: warning: cancelled through the job server, which can leave the job running" in output
+            assert states and "CANCELED" not in states, states  # what the warning is about
