@@ -57,3 +57,27 @@ def test_the_first_security_error_wins_and_secret_values_are_scrubbed():
     line = errors.security_problem(settings={"sasl.password": "s3cr3t-value"})
     assert line is not None and "s3cr3t-value" not in line and "***" in line
     assert ClientErrors().security_problem() is None
+
+
+def test_the_default_client_error_log_holds_repeats_back_for_a_minute(caplog):
+    """A broker away for seconds: librdkafka reports the refused connection on every
+    retry, every few tens of milliseconds; the log shows it once a minute."""
+    import logging
+
+    from confluent_kafka import KafkaError
+
+    from onceflow.io.kafka.admin import _ClientErrorLog
+
+    log = _ClientErrorLog()
+    refused = "Connect to ipv4#127.0.0.1:19092 failed: Connection refused (after {}ms in state CONNECT)"
+    with caplog.at_level(logging.WARNING, logger="onceflow.io.kafka.admin"):
+        for attempt in range(120):
+            log(KafkaError(KafkaError._TRANSPORT, refused.format(attempt)))
+        log(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+        log._logged_at = {text: at - 61 for text, at in log._logged_at.items()}  # a minute later
+        log(KafkaError(KafkaError._TRANSPORT, refused.format(7)))
+    assert [record.getMessage() for record in caplog.records] == [
+        "Kafka client: Connect to ipv4#127.0.0.1:19092 failed: Connection refused",
+        "Kafka client: 1/1 brokers are down",
+        "Kafka client: Connect to ipv4#127.0.0.1:19092 failed: Connection refused (119 more like it since it was "
+        "last logged)"]

@@ -44,9 +44,11 @@ def new_consumer(config: KafkaReadConfig, purpose: str, error_cb=None, quiet: bo
                  offset_reset: Optional[str] = None) -> Any:
     """A consumer with the config's settings (:meth:`KafkaReadConfig.consumer_settings`:
     it never commits by itself), ``client.id`` ``onceflow-PURPOSE`` unless the
-    settings name one. Client errors go to ``error_cb`` (default: logged as
-    warnings); ``quiet`` also silences librdkafka's own log (a short-lived client
-    whose errors ``error_cb`` reports once)."""
+    settings name one. Client errors go to ``error_cb`` (default:
+    :func:`log_client_error`); ``quiet`` also silences librdkafka's own log, which
+    repeats a refused connection on every retry (the reader's long-lived clients:
+    their errors reach ``error_cb``; a short-lived client whose ``error_cb`` reports
+    them once)."""
     from confluent_kafka import Consumer  # the kafka extra
 
     settings = config.consumer_settings()
@@ -59,10 +61,34 @@ def new_consumer(config: KafkaReadConfig, purpose: str, error_cb=None, quiet: bo
     return Consumer(settings)
 
 
-def log_client_error(error) -> None:
+class _ClientErrorLog:
     """The default ``error_cb``: librdkafka retries on its own (broker restarts,
-    lost connections), so its errors are logged, not raised."""
-    _LOGGER.warning("Kafka client: %s", error)
+    lost connections), so its errors are logged, not raised; each distinct error
+    at most once a minute, with how many like it were held back meanwhile (a
+    broker away for 8 s had each of a live job's three clients log its refused
+    connection 120 times)."""
+
+    INTERVAL_S = 60.0
+
+    def __init__(self) -> None:
+        self._logged_at: Dict[str, float] = {}
+        self._held: Dict[str, int] = {}
+
+    def __call__(self, error) -> None:
+        from onceflow.io.kafka.errors import clean_error_text
+
+        text = clean_error_text(error.str() if hasattr(error, "str") else str(error))
+        now = time.monotonic()
+        logged_at = self._logged_at.get(text)
+        if logged_at is not None and now - logged_at < self.INTERVAL_S:
+            self._held[text] = self._held.get(text, 0) + 1
+            return
+        held = self._held.pop(text, 0)
+        self._logged_at[text] = now
+        _LOGGER.warning("Kafka client: %s%s", text, f" ({held} more like it since it was last logged)" if held else "")
+
+
+log_client_error = _ClientErrorLog()
 
 
 def _kafka_message(error) -> str:

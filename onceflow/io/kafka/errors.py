@@ -53,7 +53,7 @@ class ClientErrors:
     def __call__(self, error) -> None:
         self.seen.append(error)
         if self._logger is not None:
-            text = _clean(error.str())
+            text = clean_error_text(error.str())
             if text not in self._logged:
                 self._logged.add(text)
                 self._logger.warning("Kafka client: %s", text)
@@ -75,7 +75,9 @@ class ClientErrors:
         return None
 
 
-def _clean(text: str) -> str:
+def clean_error_text(text: str) -> str:
+    """A client error's text without the broker's name and the connection state,
+    so that one failure repeated on every retry reads the same."""
     return _AFTER_STATE.sub("", _BROKER_PREFIX.sub("", str(text))).strip()
 
 
@@ -89,7 +91,7 @@ def describe_security_error(error) -> Optional[str]:
     """The setting to fix for one librdkafka error, or None when it is not about
     security (a broker that is down, a timeout)."""
     name = error.name() if hasattr(error, "name") else ""
-    text = _clean(error.str() if hasattr(error, "str") else str(error))
+    text = clean_error_text(error.str() if hasattr(error, "str") else str(error))
     lowered = text.lower()
     if name == "_AUTHENTICATION":
         if "invalid credentials" in lowered:

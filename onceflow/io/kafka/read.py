@@ -410,7 +410,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
 
         with _COMMIT_LOCK:  # one read-compare-commit at a time in this process
             if self._committer is None:
-                self._committer = new_consumer(self._config, "commit")
+                self._committer = new_consumer(self._config, "commit", quiet=True)
             committed = committed_offsets(self._committer, topic, sorted(next_offsets))
             ahead = [TopicPartition(topic, p, o) for p, o in sorted(next_offsets.items()) if o > committed.get(p, -1)]
             if ahead:
@@ -425,7 +425,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
         consumer = self._consumers.get(key)
         if consumer is None:
             # An offset retention has deleted is an error, not a silent jump to the end.
-            consumer = self._consumers[key] = new_consumer(self._config, "read", offset_reset="error")
+            consumer = self._consumers[key] = new_consumer(self._config, "read", quiet=True, offset_reset="error")
             _LOGGER.info("reading %s partitions %s from offsets %s with settings %s", topic, list(key),
                          next_offsets, redact(self._config.client_settings))
         if self._positions.get(key) != next_offsets:
@@ -608,7 +608,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
         from confluent_kafka import KafkaException, TopicPartition
 
         if self._offsets_client is None:
-            self._offsets_client = new_consumer(self._config, "offsets")
+            self._offsets_client = new_consumer(self._config, "offsets", quiet=True)
         answered = True
         for partition in inner.open_partitions():
             try:
