@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import os
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
@@ -422,7 +423,23 @@ def parse_pipeline_args(argv: Sequence[str]) -> PipelineOptions:
                              "PortableRunner)")
         print("onceflow: passing flags unknown to Beam's Python SDK on to the runner: " + " ".join(names),
               file=sys.stderr)
+        _quiet_beams_discarding_notice()
     return options
+
+
+class _DiscardingNoticeFilter(logging.Filter):
+    """Drops Beam's "Discarding unparseable args" warning: it is about the Python
+    SDK's own view of the flags, which the runner gets all the same (onceflow has
+    said so in its own line); beside that line it read as a contradiction."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Discarding unparseable args")
+
+
+def _quiet_beams_discarding_notice() -> None:
+    logger = logging.getLogger("apache_beam.options.pipeline_options")
+    if not any(isinstance(each, _DiscardingNoticeFilter) for each in logger.filters):
+        logger.addFilter(_DiscardingNoticeFilter())
 
 
 _RUNNERS_WITH_OWN_FLAGS = ("flink", "dataflow", "portable")

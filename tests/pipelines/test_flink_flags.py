@@ -251,3 +251,17 @@ def test_a_process_the_job_process_did_not_start_is_not_watched():
             "print([t.name for t in threading.enumerate()])")
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "onceflow-exit-with-job" not in found.stdout and found.returncode == 0
+
+
+def test_flags_passed_on_to_the_runner_are_not_also_said_to_be_discarded(caplog, capsys):
+    """Beam's Python SDK logs "Discarding unparseable args" for the flags it does
+    not know, which the portable runner passes on all the same: beside onceflow's
+    own line it read as a contradiction."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        options = parse_pipeline_args([*FLINK, "--checkpointing_interval=20000"])
+        options.get_all_options()
+    assert "passing flags unknown to Beam's Python SDK on to the runner: --checkpointing_interval" in \
+        capsys.readouterr().err
+    assert not [record for record in caplog.records if "Discarding" in record.getMessage()]
