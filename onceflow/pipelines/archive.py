@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult
 
 from onceflow import metrics
@@ -32,9 +32,10 @@ from onceflow.io.kafka.read import ReadFromKafka
 from onceflow.observability.snapshot import snapshot_from_query
 from onceflow.options import (AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions,
                               WindowOptions, flag_error, help_text, parse_pipeline_args)
-from onceflow.runners import local_batch_runner
+from onceflow.runners import local_batch_runner, prepare_runner
 
 PIPELINE_NAME = "archive"
+_LOCAL_RUNNERS = ("directrunner", "direct")
 
 
 class ArchiveOptions(PipelineOptions):
@@ -103,6 +104,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     archive = options.view_as(ArchiveOptions)
     if not archive.output:
         raise UsageError("--output: the archive folder is required, e.g. --output archive/orders")
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    if runner.lower() not in _LOCAL_RUNNERS:
+        raise UsageError(f"--runner={runner}: the archive job writes a local folder, so it runs here, on the "
+                         "DirectRunner: leave --runner out")
+    prepare_runner(options, live=False, reads_kafka=True, kafka_readers=1)
     try:
         gaps = [read.retention_gap for read in resolve_partition_reads(config, describe_topic(config))
                 if read.retention_gap is not None]
