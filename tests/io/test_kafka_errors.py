@@ -76,6 +76,8 @@ def test_the_default_client_error_log_holds_repeats_back_for_a_minute(caplog):
         log(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
         log._logged_at = {text: at - 61 for text, at in log._logged_at.items()}  # a minute later
         log(KafkaError(KafkaError._TRANSPORT, refused.format(7)))
+        log(KafkaError(KafkaError._TRANSPORT, "Connect to ipv4#127.0.0.1:19092 failed: Connection refused (after "
+                       "0ms in state CONNECT, 1 identical error(s) suppressed)"))  # librdkafka's own count of repeats
     assert [record.getMessage() for record in caplog.records] == [
         "Kafka client: Connect to ipv4#127.0.0.1:19092 failed: Connection refused",
         "Kafka client: 1/1 brokers are down",

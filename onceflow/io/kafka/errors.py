@@ -24,7 +24,7 @@ from typing import Any, List, Mapping, Optional
 
 # "sasl_ssl://127.0.0.1:19094/bootstrap: " before, "(after 3ms in state X)" after.
 _BROKER_PREFIX = re.compile(r"^\s*[a-z_]+://[^ ]+?: ")
-_AFTER_STATE = re.compile(r"\s*\(after \d+ms in state [A-Z_]+\)\s*$")
+_AFTER_STATE = re.compile(r"\s*\(after \d+ms in state [A-Z_]+(, \d+ identical error\(s\) suppressed)?\)\s*$")
 _SETTINGS_HINT = "(in --kafka_config_file or --kafka_setting)"
 
 
