@@ -43,7 +43,8 @@ from onceflow.events import EventContract, SourceRecord
 
 MARKER = "onceflow-archive.json"
 FORMATS = ("avro", "parquet")
-_FILE = re.compile(r"topic=(?P<topic>[^/]+)/hour=[^/]+/partition=(?P<partition>\d+)-offsets=(?P<first>\d+)-(?P<last>\d+)\.")
+_FILE = re.compile(r"topic=(?P<topic>[^/]+)/hour=[^/]+/partition=(?P<partition>\d+)"
+                   r"-offsets=(?P<first>\d+)-(?P<last>\d+)\.")
 
 ARCHIVE_SCHEMA = {
     "type": "record", "name": "ArchivedRecord", "namespace": "onceflow",

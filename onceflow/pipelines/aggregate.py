@@ -39,7 +39,9 @@ from onceflow.io.kafka.config import (
     COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_error_text, client_settings_from_flags,
     is_kafka_url, parse_kafka_url, parse_position,
 )
-from onceflow.io.kafka.admin import describe_gaps, describe_topic, resolve_partition_reads
+from onceflow.io.kafka.admin import (
+    check_named_partitions, describe_gaps, describe_topic, resolve_partition_reads,
+)
 from onceflow.io.kafka.errors import BrokerRefused, BrokerUnreachable, is_broker_away
 from onceflow.io.kafka.read import ReadBatchesFromKafka, RetentionGapError
 from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
@@ -404,6 +406,10 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     broker_wait_s = BROKER_WAIT_S if job.is_live else 0
     if job.kafka is not None:  # the input first: a refused login is about it, before any output
         partitions = _retrying_while_broker_away(lambda: _describe_input(job), broker_wait_s)
+        try:
+            check_named_partitions(job.kafka, partitions)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     try:
         prepare_sink(job.sink, job.row_schema)
     except (ValueError, OSError) as error:
@@ -629,10 +635,11 @@ def _wait_or_stop(result: beam.runners.runner.PipelineResult, savepoints: Option
                   stop: _StopAsked, runner: str, on_flink: bool = False) -> bool:
     """Waits until the job ends, or until a stop signal stops it (with a savepoint
     or cancelled; on Flink also through its REST API when ``--flink_rest_url`` is
-    given, else with a warning that the job may still run there). False when the runner went away with the stop signal, so that
-    nothing is left to cancel or to ask for figures; a runner gone without one is
-    a one-line ServiceError. A worker's error comes back from the runner as a
-    failed job and is raised as it is."""
+    given, else with a warning that the job may still run there). False when the
+    runner went away with the stop signal, so that nothing is left to cancel or to
+    ask for figures; a runner gone without one is a one-line ServiceError. A
+    worker's error comes back from the runner as a failed job and is raised as it
+    is."""
     try:
         if savepoints is not None:
             _attach_to_flink(savepoints, result)

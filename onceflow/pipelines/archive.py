@@ -25,7 +25,8 @@ from apache_beam.runners.runner import PipelineResult
 from onceflow import metrics
 from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.io.archive import FORMATS, WriteArchive, write_marker
-from onceflow.io.kafka.admin import describe_gaps, describe_topic, resolve_partition_reads
+from onceflow.io.kafka.admin import (check_named_partitions, describe_gaps, describe_topic,
+                                     resolve_partition_reads)
 from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, client_error_line, client_settings_from_flags, parse_kafka_url,
                                       parse_position)
 from onceflow.io.kafka.read import ReadFromKafka
@@ -110,7 +111,15 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                          "DirectRunner: leave --runner out")
     prepare_runner(options, live=False, reads_kafka=True, kafka_readers=1)
     try:
-        gaps = [read.retention_gap for read in resolve_partition_reads(config, describe_topic(config))
+        partitions = describe_topic(config)
+    except RuntimeError as error:
+        raise ServiceError(f"--input: {error}") from None
+    try:
+        check_named_partitions(config, partitions)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    try:
+        gaps = [read.retention_gap for read in resolve_partition_reads(config, partitions)
                 if read.retention_gap is not None]
     except RuntimeError as error:
         raise ServiceError(f"--input: {error}") from None

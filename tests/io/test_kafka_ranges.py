@@ -227,3 +227,15 @@ def test_a_live_job_whose_committed_offsets_were_deleted_reports_the_gap_and_tur
         wait_for(lambda: counted_events(db) == 180, "the 180 records left in the sink", 180, job)
     finally:
         stop(job)
+
+
+def test_a_range_naming_a_partition_the_topic_lacks_is_refused(kafka_bootstrap, tmp_path):
+    """It read nothing there, silently (a typo in a partition number)."""
+    from onceflow.pipelines import archive
+
+    topic = new_topic(kafka_bootstrap)
+    refused = _run_job(topic, tmp_path, "--from=offsets:0=0,5=0", "--to=latest")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert [line for line in refused.stderr.splitlines() if line.strip()] == [
+        f"aggregate: error: --from: topic {topic.topic} has no partition 5 (its partitions: 0, 1, 2)"]
+    assert archive.main([f"--input={topic.url}", f"--output={tmp_path}/archive", "--to=offsets:7=1"]) == 2

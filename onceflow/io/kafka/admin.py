@@ -205,6 +205,17 @@ class KafkaPartitionRead(NamedTuple):
     retention_gap: Optional[RetentionGap] = None
 
 
+def check_named_partitions(config: KafkaReadConfig, partitions: List[int]) -> None:
+    """ValueError (one line) when an ``offsets:`` position names a partition the
+    topic does not have: it would be read as nothing, silently."""
+    for flag, position in (("--from", config.start), ("--to", config.stop)):
+        if position is not None and position.kind == "offsets":
+            unknown = sorted(set(position.value) - set(partitions))
+            if unknown:
+                raise ValueError(f"{flag}: topic {config.topic.topic} has no partition {unknown[0]} (its partitions: "
+                                 f"{', '.join(map(str, partitions))})")
+
+
 def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
                             consumer=None) -> List[KafkaPartitionRead]:
     """Start and stop offsets of each partition, from the config's positions.
