@@ -188,13 +188,23 @@ class WriteArchive(beam.PTransform):
 
 
 def read_manifest(directory: str) -> Dict[str, Any]:
-    """The archive's manifest (``{}`` when it is missing or not one)."""
+    """The archive's manifest (``{}`` when it is missing or not one). ValueError
+    (one line) when its list of finished runs is not a list of lists of file names."""
+    path = FileSystems.join(directory, MARKER)
     try:
-        with FileSystems.open(FileSystems.join(directory, MARKER)) as handle:
+        with FileSystems.open(path) as handle:
             manifest = json.loads(handle.read().decode("utf-8"))
     except (OSError, ValueError):  # Beam raises its own IOError subclass for a missing file
         return {}
-    return manifest if isinstance(manifest, dict) else {}
+    if not isinstance(manifest, dict):
+        return {}
+    runs = manifest.get("runs", [])
+    if not (isinstance(runs, list) and all(isinstance(run, list) for run in runs)
+            and all(isinstance(name, str) and _FILE.fullmatch(name.rsplit(".", 1)[0] + ".") for run in runs
+                    for name in run)):
+        raise ValueError(f"{path}: its list of finished runs is damaged; restore it, or archive the topic again "
+                         "into a new folder")
+    return manifest
 
 
 def _write_manifest(directory: str, manifest: Dict[str, Any]) -> None:
@@ -296,11 +306,10 @@ def _file_rows(path: str) -> Iterator[Dict[str, Any]]:
     try:
         with FileSystems.open(path) as handle:
             data = handle.read()
-        rows = list(decode_file(data, archive_format))
+        yield from decode_file(data, archive_format)
     except Exception as error:  # fastavro's and pyarrow's errors for a cut or damaged file have no common base
         raise UnreadableInputFile(f"{path}: cannot be read ({type(error).__name__}: {error}); archive its range "
                                   "again") from error
-    yield from rows
 
 
 def merged_rows(paths: Iterable[str]) -> Iterator[Dict[str, Any]]:

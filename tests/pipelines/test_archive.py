@@ -266,3 +266,15 @@ def test_the_archive_job_runs_in_this_process_only(flag, fragment, tmp_path, cap
     assert archive.main(["--input=kafka://127.0.0.1:1/orders", f"--output={tmp_path}/a", flag]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_a_damaged_list_of_runs_is_one_line(tmp_path, capsys):
+    from onceflow.io.archive import check_archive, write_marker
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    (folder / "onceflow-archive.json").write_text(json.dumps({"format": "avro", "runs": [["not-a-file-name"]]}))
+    with pytest.raises(ValueError, match="its list of finished runs is damaged; restore it, or archive the topic"):
+        check_archive(str(folder))
+    with pytest.raises(ValueError, match="its list of finished runs is damaged"):
+        write_marker(str(folder), "avro", "orders")  # the archive job: --output, one line
