@@ -272,10 +272,11 @@ def _earliest_window_start(job, envelope: Dict[str, Any]) -> Optional[int]:
     """The start of the earliest window the dead letter's event belongs to under
     ``job``'s contract and windows, or None for a record the job refuses."""
     from onceflow.io.dlq.envelope import from_envelope
+    from onceflow.io.schema_registry import RegistryUnavailable
 
     try:
         event = job.contract.to_event(from_envelope(envelope))
-    except (RecordError, ValueError):
+    except (RecordError, ValueError, RegistryUnavailable):  # the run itself says what the registry answered
         return None
     return job.window_spec.windows_for(event.event_time_ms)[0][0]
 
