@@ -105,13 +105,18 @@ class Verdicts:
         self.refusals = refusals
 
     @classmethod
-    def of(cls, verdicts: Sequence[Verdict]) -> "Verdicts":
-        """Columns from per-record verdicts (all of one contract)."""
+    def of(cls, verdicts: Sequence[Verdict], contract: Optional[EventContract] = None) -> "Verdicts":
+        """Columns from per-record verdicts (all of ``contract``, which gives the
+        key and value columns; without it they come from the first decoded record,
+        and a batch with none has no key or value column)."""
         if isinstance(verdicts, Verdicts):
             return verdicts
         first = next((verdict for verdict in verdicts if type(verdict) is Decoded), None)
-        key_width = len(first.key) if first is not None else 0
-        names = tuple(first.values) if first is not None else ()
+        if contract is not None:
+            key_width, names = len(contract.key_fields), tuple(contract.value_fields)
+        else:
+            key_width = len(first.key) if first is not None else 0
+            names = tuple(first.values) if first is not None else ()
         refusals = {index: verdict for index, verdict in enumerate(verdicts) if type(verdict) is not Decoded}
         decoded = [None if type(verdict) is not Decoded else verdict for verdict in verdicts]
         return cls(
@@ -233,7 +238,7 @@ def decode_values(contract: EventContract, values: Sequence[bytes]) -> Verdicts:
     fast = _fast_decoder(contract)
     if fast is not None and values:
         return _decode_json_columns(contract, values, fast)
-    return Verdicts.of([reference_verdict(contract, raw) for raw in values])
+    return Verdicts.of([reference_verdict(contract, raw) for raw in values], contract)
 
 
 def take(column: Sequence[Any], indices: Sequence[int]) -> List[Any]:

@@ -79,8 +79,11 @@ class _ScreenAndSplitDoFn(beam.DoFn):
         # (record index, dead letter), put in record order at the end
         letters = [(index, DeadLetter(batch.record(index), PARSE_STAGE, refusal.reason, refusal.error_class,
                                       refusal.message)) for index, refusal in verdicts.refusals.items()]
+        values_by_name = dict(zip(verdicts.value_names, verdicts.value_columns))
+        if len(verdicts.refusals) == len(verdicts):  # per-record verdicts with none decoded have no value column
+            values_by_name = {name: verdicts.event_ids for name in self._fields}  # all None, all dropped below
         columns = [verdicts.event_ids, verdicts.event_times, batch.high_waters, *verdicts.key_columns,
-                   *(verdicts.value_columns[verdicts.value_names.index(name)] for name in self._fields)]
+                   *(values_by_name[name] for name in self._fields)]
         kept = None
         if verdicts.refusals:
             kept = [index for index in range(len(verdicts)) if index not in verdicts.refusals]

@@ -285,3 +285,26 @@ def test_absorb_is_adding_each_new_id_of_a_key_one_by_one():
                     == pickle.dumps(aggregation.extract(one_by_one[key_text][0])))
 
     check()
+
+
+def test_a_batch_with_every_record_refused_gives_its_dead_letters_on_every_decoder():
+    """A batch with no valid record crashed the split (it looked for the value
+    columns among decoded records: avro, registry formats, JSON without an ID field,
+    a partition of tombstones), and its records never reached the dead-letter queue."""
+    derived = EventContract(time_field="t", key_fields=("k", "r"), value_fields=("v", "w"))  # the reference decoder
+    garbage = [b"not json", b"[1, 2]", b'{"t": 5}']
+    good = json.dumps({"t": START, "k": "a", "r": 1, "v": 1, "w": 1}).encode()
+
+    def batch(values, verdicts, first):
+        return RecordBatch((SOURCES,), values, list(range(len(values))), [None] * len(values), verdicts,
+                           sources=[{"offset": first + i} for i in range(len(values))])
+    batches = [batch(garbage, decode_values(derived, garbage), 0),
+               batch(garbage, list(decode_values(derived, garbage)), 3),  # per-record verdicts, as a user's source
+               batch([good], decode_values(derived, [good]), 6)]
+    with TestPipeline() as pipeline:
+        out = pipeline | beam.Create(batches) | AggregateBatches(("k", "r"), WindowSpec(MINUTE), SPECS)
+        assert_that(out.dead_letters | beam.Map(lambda letter: (letter.record.source["offset"], letter.reason)),
+                    equal_to([(0, "malformed_json"), (1, "not_an_object"), (2, "schema_violation"),
+                              (3, "malformed_json"), (4, "not_an_object"), (5, "schema_violation")]),
+                    label="Letters")
+        assert_that(out.rows | beam.Map(lambda row: row["event_count"]), equal_to([1]), label="Rows")
