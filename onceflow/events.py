@@ -24,6 +24,7 @@ import io
 import json
 import math
 import re
+import uuid
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import fastavro
@@ -457,9 +458,17 @@ def _decode_avro(raw: bytes, writer_schema: Any, reader_schema: Any = None) -> D
                           f"{len(raw) - stream.tell()} trailing bytes after the Avro datum", "TrailingBytes")
     if not isinstance(obj, dict):
         raise RecordError(REASON_NOT_AN_OBJECT, "the Avro datum is not a record", "NotAnObject")
-    for value in obj.values():
+    for name, value in obj.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise RecordError(REASON_NON_FINITE_NUMBER, "the Avro datum holds NaN or Infinity", "NonFiniteNumber")
+        # fastavro reads logical types as Python objects: a timestamp (-millis or
+        # -micros, local or not: UTC) becomes epoch milliseconds, as the contract reads
+        # event times; a uuid its text. Other logical types (date, time, decimal)
+        # stay as fastavro gives them, and the schema check refuses them.
+        if isinstance(value, datetime.datetime):
+            obj[name] = _datetime_to_ms(value)
+        elif isinstance(value, uuid.UUID):
+            obj[name] = str(value)
     return obj
 
 

@@ -1,5 +1,6 @@
 """The event contract: every kind of bad input is refused with the right reason."""
 
+import dataclasses
 import json
 
 import fastavro
@@ -190,6 +191,26 @@ def test_avro_records_decode_and_validate():
     event = AVRO_CONTRACT.to_event(SourceRecord(raw, {}))
     assert (event.event_id, event.event_time_ms, event.key, event.values) == (
         "a1", 1793610000000, ("s1",), {"qty": 3, "price": 1.25})
+
+
+def test_avro_timestamps_and_uuids_read_as_the_contract_reads_times_and_ids():
+    """fastavro gives a datetime for a timestamp logical type and a UUID for a uuid:
+    both were refused as schema violations."""
+    schema = {"type": "record", "name": "Order", "fields": [
+        {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "seen", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+        {"name": "store", "type": "string"}, {"name": "qty", "type": "long"}]}
+    contract = EventContract(time_field="ts", key_fields=("store",), value_fields=("qty",), id_field="id",
+                             input_format="avro", avro_writer_schema=schema)
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(schema), {
+        "id": "9f1c2a4e-0b6d-4c55-8a8e-2f3b6c1d7e90", "ts": 1793610000123, "seen": 1793610000123456,
+        "store": "s1", "qty": 2})
+    event = contract.to_event(SourceRecord(buffer.getvalue(), {}))
+    assert (event.event_id, event.event_time_ms) == ("9f1c2a4e-0b6d-4c55-8a8e-2f3b6c1d7e90", 1793610000123)
+    contract_on_micros = dataclasses.replace(contract, time_field="seen")
+    assert contract_on_micros.to_event(SourceRecord(buffer.getvalue(), {})).event_time_ms == 1793610000123
 
 
 @pytest.mark.parametrize("mutate, reason", [
