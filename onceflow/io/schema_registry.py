@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import http.client
 import json
 import threading
 import time
@@ -245,10 +246,11 @@ class RegistryClient:
                     break
                 if error.code in (401, 403):  # credentials: retrying will not help
                     break
-            except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
+            except (urllib.error.URLError, OSError, ValueError, KeyError, http.client.HTTPException) as error:
+                # HTTPException: a reply that is not HTTP, a body cut off (BadStatusLine, IncompleteRead)
                 last = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
         raise RegistryUnavailable(f"schema registry {self._config.url} did not give schema {schema_id} "
-                                  f"after {self._attempts} attempt(s): {last}")
+                                  f"after {attempt + 1} attempt(s): {last}")
 
 
 def _error_code(error: urllib.error.HTTPError) -> Optional[int]:

@@ -167,6 +167,28 @@ def test_an_unreachable_registry_fails_loudly_and_refuses_no_record(standin):
         decode_values(nobody, [framed(v1, b"")])
 
 
+def test_a_server_that_answers_no_http_is_unavailable_not_a_traceback():
+    """A reply that is not HTTP (BadStatusLine) ended the job in a traceback."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def answer_garbage():
+        for _ in range(2):
+            connection, _ = listener.accept()
+            connection.recv(65536)
+            connection.sendall(b"this is not HTTP\r\n\r\n")
+            connection.close()
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    garbage = contract(f"http://127.0.0.1:{listener.getsockname()[1]}", settings=(("max.retries", "1"),))
+    with pytest.raises(RegistryUnavailable, match=r"after 2 attempt\(s\): BadStatusLine"):
+        decode_values(garbage, [framed(1, b"")])
+    listener.close()
+
+
 def test_credentials_are_sent_and_never_shown():
     with RegistryStandIn(user_info="reader:s3cret-pw") as server:
         v1 = server.register(json.dumps(WRITER_V1))
@@ -175,7 +197,7 @@ def test_credentials_are_sent_and_never_shown():
         assert "s3cret" not in repr(the_contract) and "s3cret" not in str(the_contract.registry)
         assert type(decode_values(the_contract, [framed(v1, avro_bytes(WRITER_V1, GOOD))])[0]) is Decoded
         wrong = contract(server.url, settings=(("basic.auth.user.info", "reader:wrong"),))
-        with pytest.raises(RegistryUnavailable, match="HTTP 401") as error:
+        with pytest.raises(RegistryUnavailable, match=r"after 1 attempt\(s\): HTTP 401") as error:  # not retried
             decode_values(wrong, [framed(v1, avro_bytes(WRITER_V1, GOOD))])
         assert "wrong" not in str(error.value)
 
