@@ -91,6 +91,9 @@ class RegistryConfig:
 
     def __post_init__(self) -> None:
         url = self.url.strip().rstrip("/")
+        if "@" in urllib.parse.urlsplit(url if "://" in url else f"//{url}").netloc:  # not shown: it holds a secret
+            raise ValueError("the URL holds credentials: give them as the setting basic.auth.user.info=USER:PASSWORD "
+                             "(--schema_registry_setting, or the properties file), and the URL without them")
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{self.url!r} is not an http:// or https:// URL")
         object.__setattr__(self, "url", url)

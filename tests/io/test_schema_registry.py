@@ -189,6 +189,14 @@ def test_a_server_that_answers_no_http_is_unavailable_not_a_traceback():
     listener.close()
 
 
+@pytest.mark.parametrize("url", ["http://alice:s3cret@127.0.0.1:8081", "alice:s3cret@127.0.0.1:8081"])
+def test_credentials_in_the_url_are_refused_without_being_shown(url):
+    with pytest.raises(ValueError, match="the URL holds credentials: give them as the setting basic.auth.user.info") \
+            as error:
+        RegistryConfig(url)
+    assert "s3cret" not in str(error.value)
+
+
 def test_credentials_are_sent_and_never_shown():
     with RegistryStandIn(user_info="reader:s3cret-pw") as server:
         v1 = server.register(json.dumps(WRITER_V1))
