@@ -43,6 +43,9 @@ SETTING_TIMEOUT = "request.timeout.ms"
 SETTING_RETRIES = "max.retries"
 KNOWN_SETTINGS = (SETTING_USER_INFO, SETTING_CREDENTIALS_SOURCE, SETTING_TIMEOUT, SETTING_RETRIES)
 FILE_PREFIX = "schema.registry."
+# Registry settings a Kafka client properties file may hold without the prefix (as
+# Confluent Cloud's do): taken for the registry, never passed to librdkafka.
+_BARE_IN_KAFKA_FILES = (SETTING_USER_INFO, SETTING_CREDENTIALS_SOURCE)
 UNKNOWN_ID_TTL_S = 30.0
 SCHEMA_NOT_FOUND = 40403  # the error_code of a 404 that means "no schema with this ID"
 
@@ -97,9 +100,12 @@ class RegistryConfig:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{self.url!r} is not an http:// or https:// URL")
         object.__setattr__(self, "url", url)
-        for name, _ in self.settings:
+        for name, value in self.settings:
             if name not in KNOWN_SETTINGS:
                 raise ValueError(f"unknown schema registry setting {name!r}; known: {', '.join(KNOWN_SETTINGS)}")
+            if name == SETTING_CREDENTIALS_SOURCE and value.strip().upper() != "USER_INFO":
+                raise ValueError(f"{SETTING_CREDENTIALS_SOURCE}: only USER_INFO is supported (the credentials of "
+                                 f"{SETTING_USER_INFO}=USER:PASSWORD)")
 
     def setting(self, name: str, default: Optional[str] = None) -> Optional[str]:
         return dict(self.settings).get(name, default)
@@ -112,7 +118,7 @@ def registry_settings(pairs, kafka_file_settings: Mapping[str, str]) -> Tuple[Tu
     settings: Dict[str, str] = {}
     for name, value in kafka_file_settings.items():
         bare = name[len(FILE_PREFIX):] if name.startswith(FILE_PREFIX) else name
-        if bare in KNOWN_SETTINGS and (name.startswith(FILE_PREFIX) or bare == SETTING_USER_INFO):
+        if bare in KNOWN_SETTINGS and (name.startswith(FILE_PREFIX) or bare in _BARE_IN_KAFKA_FILES):
             settings[bare] = value
     for pair in pairs or ():
         name, sep, value = str(pair).partition("=")
@@ -131,7 +137,7 @@ def kafka_settings_without_registry(settings: Mapping[str, str]) -> Dict[str, st
     """Kafka client settings less the registry's (librdkafka refuses names it does
     not know)."""
     return {name: value for name, value in settings.items()
-            if not name.startswith(FILE_PREFIX) and name != SETTING_USER_INFO}
+            if not name.startswith(FILE_PREFIX) and name not in _BARE_IN_KAFKA_FILES}
 
 
 class RegisteredSchema(NamedTuple):

@@ -12,8 +12,8 @@ import pytest
 from onceflow.batches import Decoded, Refusal, decode_values
 from onceflow.events import EventContract
 from onceflow.io.schema_registry import (
-    BadWireFormat, RegistryConfig, RegistryUnavailable, frame, registry_client, registry_settings,
-    split_wire_format,
+    BadWireFormat, RegistryConfig, RegistryUnavailable, frame, kafka_settings_without_registry, registry_client,
+    registry_settings, split_wire_format,
 )
 from tests.registry_standin import RegistryStandIn, register_over_http
 
@@ -220,6 +220,14 @@ def test_registry_settings_from_a_properties_file_and_flags():
     assert "secret-value" not in str(error.value)
     with pytest.raises(ValueError, match="http"):
         RegistryConfig("registry:8081")
+    # A Confluent Cloud client properties file: the bare registry lines are the registry's, not librdkafka's.
+    cloud = {"bootstrap.servers": "b:9092", "basic.auth.credentials.source": "USER_INFO",
+             "basic.auth.user.info": "key:secret"}
+    assert dict(registry_settings(None, cloud)) == {"basic.auth.credentials.source": "USER_INFO",
+                                                    "basic.auth.user.info": "key:secret"}
+    assert kafka_settings_without_registry(cloud) == {"bootstrap.servers": "b:9092"}
+    with pytest.raises(ValueError, match="basic.auth.credentials.source: only USER_INFO is supported"):
+        RegistryConfig("http://r:1", (("basic.auth.credentials.source", "SASL_INHERIT"),))
 
 
 @pytest.mark.parametrize("flags, fragment", [
