@@ -44,7 +44,9 @@ from onceflow.io.kafka.admin import (
 )
 from onceflow.io.kafka.errors import BrokerRefused, BrokerUnreachable, is_broker_away
 from onceflow.io.kafka.read import ReadBatchesFromKafka, RetentionGapError
-from onceflow.io.schema_registry import RegistryConfig, kafka_settings_without_registry, registry_settings
+from onceflow.io.schema_registry import (
+    RegistryConfig, RegistryUnavailable, kafka_settings_without_registry, registry_settings,
+)
 from onceflow.io.progress import KeepProgress, Position
 from onceflow.io.sinks import WriteRows, parse_sink_url, position_sinks, prepare_sink, progress_store
 from onceflow.io.targets import Target
@@ -446,7 +448,8 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     started = time.monotonic()
     pipeline = beam.Pipeline(runner=local_batch_runner(options, job.is_live), options=options)
     build(pipeline, job)
-    quiet_worker_errors_reported_in_one_line((UnreadableInputFile, RetentionGapError), _OUTPUT_STEPS)
+    quiet_worker_errors_reported_in_one_line((UnreadableInputFile, RetentionGapError, RegistryUnavailable),
+                                             _OUTPUT_STEPS)
     with Monitor(options, runner, expected_records=expected_records) as monitor, \
             _stop_signals_as_interrupt(job.is_live, signal.SIGTERM) as stop:
         try:
