@@ -221,6 +221,9 @@ def write_marker(directory: str, archive_format: str, topic: str) -> None:
     refused (ValueError): a job reading the folder would add the two topics up."""
     os.makedirs(directory, exist_ok=True)
     manifest = read_manifest(directory)
+    if manifest and "runs" not in manifest:  # written before runs were recorded: its files are taken as they are
+        legacy = sorted(_data_files(directory))
+        manifest["runs"] = [legacy] if legacy else []
     topics = {_FILE.search(name).group("topic") for run in manifest.get("runs", ()) for name in run}
     if topics - {topic}:
         raise ValueError(f"{directory} is an archive of topic {sorted(topics)[0]}: give each topic its own folder")
@@ -247,16 +250,7 @@ def check_archive(directory: str) -> None:
     partition's offsets within one run's first and last) was left by a run stopped
     part way; a file that is not an archive file. An archive written before runs
     were recorded (its manifest lists none) is checked for the last kind only."""
-    listing = FileSystems.match([FileSystems.join(directory, "topic=*", "hour=*", "*")])[0].metadata_list
-    found = set()
-    for metadata in listing:
-        name = os.path.relpath(metadata.path, directory).replace(os.sep, "/")
-        if ".tmp-" in name.rsplit("/", 1)[-1]:
-            continue  # a file a run was writing when it stopped: never read
-        if _FILE.fullmatch(name.rsplit(".", 1)[0] + ".") is None or name.rsplit(".", 1)[-1] not in FORMATS:
-            raise ValueError(f"{metadata.path} is not an archive file (partition=P-offsets=FIRST-LAST.avro or "
-                             ".parquet): remove it from the archive folder")
-        found.add(name)
+    found = _data_files(directory)
     manifest = read_manifest(directory)
     if "runs" not in manifest:
         return
@@ -279,6 +273,22 @@ def check_archive(directory: str) -> None:
         if not any(low <= first and last <= high for low, high in spans.get((topic, partition), ())):
             raise ValueError(f"{FileSystems.join(directory, name)} is not part of a finished archive run (a run "
                              "stopped part way): archive its range again, or remove the file")
+
+
+def _data_files(directory: str) -> set:
+    """The archive files in the folder, relative to it (not the ones a run was
+    writing when it stopped); ValueError (one line) for a file that is not one."""
+    listing = FileSystems.match([FileSystems.join(directory, "topic=*", "hour=*", "*")])[0].metadata_list
+    found = set()
+    for metadata in listing:
+        name = os.path.relpath(metadata.path, directory).replace(os.sep, "/")
+        if ".tmp-" in name.rsplit("/", 1)[-1]:
+            continue  # a file a run was writing when it stopped: never read
+        if _FILE.fullmatch(name.rsplit(".", 1)[0] + ".") is None or name.rsplit(".", 1)[-1] not in FORMATS:
+            raise ValueError(f"{metadata.path} is not an archive file (partition=P-offsets=FIRST-LAST.avro or "
+                             ".parquet): remove it from the archive folder")
+        found.add(name)
+    return found
 
 
 def _spans(names: Iterable[str]) -> Dict[Tuple[str, int], Tuple[int, int]]:

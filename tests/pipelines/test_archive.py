@@ -278,3 +278,23 @@ def test_a_damaged_list_of_runs_is_one_line(tmp_path, capsys):
         check_archive(str(folder))
     with pytest.raises(ValueError, match="its list of finished runs is damaged"):
         write_marker(str(folder), "avro", "orders")  # the archive job: --output, one line
+
+
+def test_an_archive_written_before_runs_were_recorded_is_read_and_topped_up(kafka_bootstrap, tmp_path):
+    """Its manifest lists no runs: read as it is, and an archive run into it takes its
+    files as a finished run (they would otherwise count as left by a stopped run)."""
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    lines = sample_lines()
+    produce(topic, [(0, line, BASE_MS + n * 1_000) for n, line in enumerate(lines[:100])])
+    folder = tmp_path / "archive"
+    archive.run([f"--input={topic.url}", f"--output={folder}"])
+    manifest_path = folder / "onceflow-archive.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["runs"]
+    manifest_path.write_text(json.dumps(manifest))  # as an earlier onceflow wrote it
+    produce(topic, [(0, line, BASE_MS + (100 + n) * 1_000) for n, line in enumerate(lines[100:150])])
+    archive.run([f"--input={topic.url}", f"--output={folder}", "--from=offsets:0=100"])
+    assert len(json.loads(manifest_path.read_text())["runs"]) == 2
+    db, dlq = tmp_path / "out.db", tmp_path / "dlq.jsonl"
+    summary = run([f"--input={folder}", f"--sink=sqlite:///{db}", f"--dlq={dlq}", "--status=off"])
+    assert "records read              150" in summary.render()
