@@ -168,10 +168,11 @@ def _members(shards: List[int], first_starts: List[int], size: int, step: int,
     return groups
 
 
-def absorb(aggregation: Aggregation, by_key: Dict[str, list], sub_batch: SubBatch) -> Tuple[set, int]:
+def absorb(aggregation: Aggregation, by_key: Dict[str, list], sub_batch: SubBatch) -> Tuple[set, List[int]]:
     """Adds each event of a sub-batch to its key's accumulator unless the key has
     counted its ID already. ``by_key`` maps key text to ``[accumulator, emitted
-    count, counted IDs]``. Returns the keys changed and the number of duplicates.
+    count, counted IDs]``. Returns the keys changed and the indices of the copies
+    dropped, in order.
 
     One Python step per key, not per event: a key whose IDs in the sub-batch are
     distinct and new to it (the rule, not the exception) counts them with set
@@ -186,7 +187,7 @@ def absorb(aggregation: Aggregation, by_key: Dict[str, list], sub_batch: SubBatc
             members_by_key[key_text] = [index]
         else:
             members.append(index)
-    duplicates = 0
+    dropped: List[int] = []
     groups: List[Tuple[Any, List[int]]] = []
     changed = set()
     for key_text, members in members_by_key.items():
@@ -207,14 +208,16 @@ def absorb(aggregation: Aggregation, by_key: Dict[str, list], sub_batch: SubBatc
                 if event_id not in counted:
                     counted.add(event_id)
                     fresh.append(index)
-            duplicates += len(members) - len(fresh)
+                else:
+                    dropped.append(index)
             if not fresh:
                 continue
             members = fresh
         groups.append((entry[0], members))
         changed.add(key_text)
     aggregation.add_groups(groups, event_ids, event_times, value_columns)
-    return changed, duplicates
+    dropped.sort()
+    return changed, dropped
 
 
 def concatenate(sub_batches: Iterable[SubBatch]) -> Optional[SubBatch]:
@@ -228,28 +231,45 @@ def concatenate(sub_batches: Iterable[SubBatch]) -> Optional[SubBatch]:
 
 
 def absorb_sub_batches(aggregation: Aggregation, by_key: Dict[str, list], sub_batches: Iterable[SubBatch],
-                       duplicates_counter, unique_counter) -> set:
+                       duplicates_counter, unique_counter, first_window: Optional[Tuple[int, int, int]] = None) -> set:
     """:func:`absorb` for the sub-batches as one (a key's accumulator takes its
     events of all of them in one step), counting duplicates dropped and events
-    kept; the keys changed."""
+    kept; the keys changed.
+
+    ``first_window``: ``(window start, size, step)`` of sliding windows, where an
+    event is in several windows: it is counted only in the first window it falls
+    in, so that each event is counted once (a copy is a copy in each of its
+    windows). Tumbling windows: None, every event counted."""
     sub_batch = concatenate(sub_batches)
     if sub_batch is None:
         return set()
-    changed, duplicates = absorb(aggregation, by_key, sub_batch)
-    if duplicates:
-        duplicates_counter.inc(duplicates)
-    if len(sub_batch[1]) > duplicates:
-        unique_counter.inc(len(sub_batch[1]) - duplicates)
+    changed, dropped = absorb(aggregation, by_key, sub_batch)
+    events = len(sub_batch[1])
+    if first_window is not None:
+        start, size, step = first_window
+        firsts = {index for index, moment in enumerate(sub_batch[2]) if ((moment - size) // step + 1) * step == start}
+        events, dropped = len(firsts), [index for index in dropped if index in firsts]
+    if dropped:
+        duplicates_counter.inc(len(dropped))
+    if events > len(dropped):
+        unique_counter.inc(events - len(dropped))
     return changed
+
+
+def _first_window(spec: WindowSpec, start_ms: int) -> Optional[Tuple[int, int, int]]:
+    """What :func:`absorb_sub_batches` needs to count each event of sliding windows
+    once (None for tumbling windows)."""
+    return None if spec.step_ms == spec.size_ms else (start_ms, spec.size_ms, spec.step_ms)
 
 
 class _AggregateShardWindowDoFn(beam.DoFn):
     """Bounded input: every sub-batch of a shard window at once (after a
     GroupByKey), one row per key; no state or timers."""
 
-    def __init__(self, key_fields: Sequence[str], aggregates: Sequence[AggregateSpec]):
+    def __init__(self, key_fields: Sequence[str], aggregates: Sequence[AggregateSpec], window_spec: WindowSpec):
         self._key_fields = tuple(key_fields)
         self._aggregation = Aggregation(aggregates)
+        self._spec = window_spec
         self._duplicates = metrics.counter(metrics.DUPLICATES_DROPPED)
         self._unique = metrics.counter(metrics.EVENTS_UNIQUE)
         self._rows = metrics.counter(metrics.ROWS_EMITTED)
@@ -260,7 +280,8 @@ class _AggregateShardWindowDoFn(beam.DoFn):
     def process(self, element: Tuple[ShardWindow, Iterable[SubBatch]]):
         (_, start_ms, end_ms), sub_batches = element
         by_key: Dict[str, list] = {}
-        absorb_sub_batches(self._aggregation, by_key, sub_batches, self._duplicates, self._unique)
+        absorb_sub_batches(self._aggregation, by_key, sub_batches, self._duplicates, self._unique,
+                           _first_window(self._spec, start_ms))
         extract, key_fields = self._aggregation.extract, self._key_fields
         self._rows.inc(len(by_key))
         for key_text in sorted(by_key):
@@ -292,12 +313,13 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
     WINDOW_TIMER = TimerSpec("window", TimeDomain.WATERMARK)
     EARLY = TimerSpec("early", TimeDomain.REAL_TIME)
 
-    def __init__(self, key_fields: Sequence[str], aggregates: Sequence[AggregateSpec], allowed_lateness_ms: int,
+    def __init__(self, key_fields: Sequence[str], aggregates: Sequence[AggregateSpec], window_spec: WindowSpec,
                  early_firing_ms: Optional[int]):
         self._key_fields = tuple(key_fields)
         self._rows = metrics.counter(metrics.ROWS_EMITTED)
         self._aggregation = Aggregation(aggregates)
-        self._lateness_ms = allowed_lateness_ms
+        self._spec = window_spec
+        self._lateness_ms = window_spec.allowed_lateness_ms
         self._early_firing_ms = early_firing_ms
         self._duplicates = metrics.counter(metrics.DUPLICATES_DROPPED)
         self._unique = metrics.counter(metrics.EVENTS_UNIQUE)
@@ -334,7 +356,7 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
             return
         held = panes.read()
         by_key, fired = held if held is not None else ({}, False)
-        changed = self._absorb_pending(by_key, sub_batches, pending)
+        changed = self._absorb_pending(by_key, sub_batches, pending, start_ms)
         expired = fired and past_lateness
         # On-time pane: every key; then late panes: the keys that changed.
         yield from self._panes(by_key, changed if fired else by_key, start_ms, end_ms)
@@ -351,18 +373,20 @@ class _AccumulateShardWindowsDoFn(beam.DoFn):
         if held is not None and held[1]:
             return  # the on-time pane has fired: no more early panes
         by_key = held[0] if held is not None else {}
-        changed = self._absorb_pending(by_key, pending.read(), pending)
+        _, start_ms, end_ms = shard_window
+        changed = self._absorb_pending(by_key, pending.read(), pending, start_ms)
         if not by_key:
             return  # expired: the window timer dropped the state
-        _, start_ms, end_ms = shard_window
         yield from self._panes(by_key, [k for k in changed if by_key[k][0].count > by_key[k][1]], start_ms, end_ms)
         panes.write((by_key, False))
         early.set(self._next_early_firing())
 
-    def _absorb_pending(self, by_key: Dict[str, list], sub_batches: Iterable[SubBatch], pending) -> set:
+    def _absorb_pending(self, by_key: Dict[str, list], sub_batches: Iterable[SubBatch], pending,
+                        start_ms: int) -> set:
         """Adds the bag's sub-batches (read from ``pending``) to ``by_key`` and
         empties the bag; the keys changed."""
-        changed = absorb_sub_batches(self._aggregation, by_key, sub_batches, self._duplicates, self._unique)
+        changed = absorb_sub_batches(self._aggregation, by_key, sub_batches, self._duplicates, self._unique,
+                                     _first_window(self._spec, start_ms))
         pending.clear()
         return changed
 
@@ -456,11 +480,12 @@ class AggregateBatches(beam.PTransform):
             rows = (
                 split.sub_batches
                 | "GroupPerShardWindow" >> beam.GroupByKey()
-                | "AggregatePerShardWindow" >> beam.ParDo(_AggregateShardWindowDoFn(self._key_fields, self._aggregates))
+                | "AggregatePerShardWindow" >> beam.ParDo(
+                    _AggregateShardWindowDoFn(self._key_fields, self._aggregates, self._spec))
             )
         else:
             rows = split.sub_batches | "AggregatePerShardWindow" >> beam.ParDo(_AccumulateShardWindowsDoFn(
-                self._key_fields, self._aggregates, self._spec.allowed_lateness_ms, self._early_firing_ms))
+                self._key_fields, self._aggregates, self._spec, self._early_firing_ms))
         return Aggregated(rows=rows, dead_letters=split[_DEAD_LETTERS])
 
 

@@ -239,17 +239,17 @@ def test_batch_records_turns_records_into_decoded_batches():
 def _absorb_one_by_one(aggregation, by_key, sub_batch):
     """The rule ``absorb`` must keep, an event at a time: a key counts an ID once."""
     key_texts, event_ids, event_times, value_columns = sub_batch
-    changed, duplicates = set(), 0
+    changed, dropped = set(), []
     for index, (key_text, event_id) in enumerate(zip(key_texts, event_ids)):
         entry = by_key.setdefault(key_text, [aggregation.create(), 0, set()])
         if event_id in entry[2]:
-            duplicates += 1
+            dropped.append(index)
             continue
         entry[2].add(event_id)
         aggregation.add(entry[0], event_times[index], event_id,
                         {name: column[index] for name, column in zip(aggregation.fields, value_columns)})
         changed.add(key_text)
-    return changed, duplicates
+    return changed, dropped
 
 
 def test_absorb_is_adding_each_new_id_of_a_key_one_by_one():
