@@ -131,7 +131,11 @@ class Monitor:
                 summary = dataclasses.replace(summary, counters=dict(seen.counters), values=seen.values,
                                               gauges={name: value for name, (value, _) in seen.gauges.items()})
         if self._metrics_out:
-            summary.write_json(self._metrics_out)
+            try:
+                summary.write_json(self._metrics_out)
+            except OSError as error:  # checked before the run; a disk full or a folder gone since: say so, go on
+                print(f"onceflow: warning: --metrics_out: could not write {self._metrics_out}: "
+                      f"{error.strerror or error}; the summary follows", file=sys.stderr)
         return summary
 
     # -- the thread ----------------------------------------------------------------

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -340,8 +341,13 @@ def _check_metrics_out(path: Optional[str]) -> None:
         os.makedirs(directory, exist_ok=True)
     except OSError as error:
         raise flag_error("--metrics_out", error) from None
-    if not os.access(directory, os.W_OK):
-        raise UsageError(f"--metrics_out: cannot write in {directory}; name a file in a folder you can write")
+    try:  # as the summary will be written: a file beside it, then renamed
+        handle, probe = tempfile.mkstemp(prefix=".metrics-", suffix=".json", dir=directory)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise UsageError(f"--metrics_out: cannot write in {directory} ({error.strerror or error}); name a file in "
+                         "a folder you can write") from None
 
 
 def _check_input_exists(pattern: str) -> None:

@@ -154,6 +154,7 @@ class RunSummary:
         os.makedirs(directory, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=".metrics-", suffix=".json", dir=directory)
         try:
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's file is the owner's alone; a report is for all
             with os.fdopen(handle, "w", encoding="utf-8") as out:
                 json.dump(self.to_json(), out, indent=2, sort_keys=False)
                 out.write("\n")
@@ -162,6 +163,12 @@ class RunSummary:
             if os.path.exists(temporary):
                 os.unlink(temporary)
             raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def collect_summary(result, runner: str, seconds: float, sink: str, dlq: str,

@@ -3,6 +3,7 @@ independently (tests/pipelines/reference.py), in the returned summary and in the
 JSON written by --metrics_out."""
 
 import json
+import os
 
 from onceflow.options import SAMPLE_INPUT
 from onceflow.pipelines.aggregate import run
@@ -53,6 +54,9 @@ def test_metrics_of_the_sample_run_equal_the_known_counts(tmp_path):
 
     written = json.loads(out.read_text())
     assert written["format"] == "onceflow-run-summary/1"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a report others may read (mkstemp's file was 0600)
     assert {name: value for name, value in written["counters"].items() if value} == expected_counters
     assert written["dead_letters"] == {"total": n["bad"] + n["too_late"], "by_reason": dead_letters}
     assert (written["records_read"], written["duplicates_dropped"], written["too_late"]) == (2492, 45, 2)

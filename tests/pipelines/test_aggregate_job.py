@@ -140,6 +140,7 @@ def _bad_paths(folder):
     (["--dlq=notes.txt"], "--dlq: notes.txt is not a dead-letter queue"),
     (["--dlq=folder"], "--dlq: folder: is a directory"),
     (["--metrics_out=folder"], "--metrics_out: folder is a directory"),
+    (["--metrics_out=/proc/metrics.json"], "--metrics_out: cannot write in /proc"),  # the rows, then a traceback
 ])
 def test_bad_files_and_paths_get_one_line_and_nothing_is_half_read(flags, fragment, tmp_path):
     _bad_paths(tmp_path)
