@@ -55,8 +55,9 @@ class SinkKind:
 def _parse_sqlite(url: str, parsed: urllib.parse.SplitResult) -> Target:
     query = query_params(url, ("table",))
     table = check_identifier(query.get("table", DEFAULT_TABLE), "table name")
-    if parsed.netloc:
-        raise ValueError(f"{url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db (three or four slashes)")
+    if parsed.netloc or not url.strip().startswith(f"{parsed.scheme}://"):  # sqlite:/x.db read as x.db: refused
+        raise ValueError(f"{url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db (three or four "
+                         "slashes)")
     path = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
     if not path or path.endswith("/"):
         raise ValueError(f"{url!r} names no database file; e.g. sqlite:///out/aggregates.db")

@@ -105,6 +105,7 @@ def test_sink_urls(url, location, table):
 
 @pytest.mark.parametrize("url, fragment", [
     ("mysql://x/y", "unknown scheme"), ("out.db", "unknown scheme"), ("sqlite://host/x.db", "three or four"),
+    ("sqlite:/tmp/x.db", "three or four"), ("sqlite:x.db", "three or four"),
     ("sqlite:///", "names no database"), ("sqlite:///x.db?table=a;b", "not allowed"), ("sqlite:///x.db?tbl=a", "unknown parameter"),
 ])
 def test_bad_sink_urls(url, fragment):
