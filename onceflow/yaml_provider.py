@@ -233,6 +233,18 @@ def _letters_to_rows(letters: beam.PCollection) -> beam.PCollection:
 
 # -- the transforms ----------------------------------------------------------------
 
+def _yes_or_no(value: Any, name: str) -> bool:
+    """A YAML boolean, or its text ("false" quoted is false, not a non-empty string)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"{name}: {value!r} is not true or false")
+
+
 class ReadRecordsFromFiles(beam.PTransform):
     """Reads JSON-lines (or Avro) files as record rows, exactly as the aggregate
     job reads them: each record's source (file and line) and the file's high
@@ -252,6 +264,10 @@ class ReadRecordsFromFiles(beam.PTransform):
                  id_field: Optional[str] = None, aggregates: Optional[Union[str, List[str]]] = None,
                  value_fields: Optional[Union[str, List[str]]] = None, input_format: str = "json"):
         super().__init__()
+        from apache_beam.io.filesystems import FileSystems
+
+        if not FileSystems.match([path])[0].metadata_list:  # Beam's own check fails later, in a worker's traceback
+            raise ValueError(f"path: nothing matches {path!r}")
         self._path = path
         self._contract = _contract(key_fields, time_field, id_field, aggregates, value_fields, input_format)
 
@@ -357,7 +373,7 @@ class WindowedAggregate(beam.PTransform):
         self._aggregates = _aggregates(aggregates)
         self._spec = _window_spec(window, window_period, allowed_lateness)
         self._early_ms = _duration(early_firing, "early_firing")
-        self._dedup = bool(dedup)
+        self._dedup = _yes_or_no(dedup, "dedup")
         self._row_type = aggregate_row_type(self._key_fields, self._aggregates)
         self._transform = transforms.WindowedAggregate(self._key_fields, self._spec, self._aggregates,
                                                        early_firing_ms=self._early_ms, dedup=self._dedup)

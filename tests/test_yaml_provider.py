@@ -120,10 +120,22 @@ def test_transforms_by_name_from_python(tmp_path):
     ("WindowedAggregate", {"key_fields": "store", "window": "60s", "aggregates": "total:qty"}, "unknown aggregate"),
     ("DedupByEventId", {"horizon": "0"}, "horizon"),
     ("WriteRows", {"sink": "mysql://x/y", "key_fields": "store", "aggregates": "count"}, "unknown scheme"),
+    ("WindowedAggregate", {"key_fields": "store", "window": "60s", "aggregates": "count", "dedup": "maybe"},
+     "dedup: 'maybe' is not true or false"),
+    ("ReadRecordsFromFiles", {"path": "/nonexistent/orders-*.jsonl", "key_fields": "store"},
+     "path: nothing matches '/nonexistent/orders-\\*.jsonl'"),
 ])
 def test_plain_yaml_configuration_is_checked(transform, config, words):
     with pytest.raises(ValueError, match=words):
         yaml_provider.TRANSFORMS[transform](**config)
+
+
+def test_a_quoted_false_turns_dedup_off():
+    """dedup: "false" (quoted in YAML) left dedup on: bool("false") is true."""
+    for text, on in (("false", False), ("False", False), ("no", False), ("true", True), (False, False)):
+        aggregate = yaml_provider.TRANSFORMS["WindowedAggregate"](key_fields="store", window="60s",
+                                                                  aggregates="count", dedup=text)
+        assert aggregate._dedup is on
 
 
 def test_the_example_registers_every_transform():
