@@ -82,7 +82,7 @@ def stages(path: str, shards: int, db: str) -> List[Tuple[str, float, int]]:
         return grouped
 
     grouped = timed("screen and split", split, lambda out: sum(len(each) for each in out.values()))
-    aggregate = _AggregateShardWindowDoFn(("store",), AGGREGATES)
+    aggregate = _AggregateShardWindowDoFn(("store",), AGGREGATES, SPEC)
     aggregate.setup()
     rows = timed("aggregate into rows",
                  lambda: [row for element in sorted(grouped.items()) for row in aggregate.process(element)], len)

@@ -5,14 +5,22 @@ import sys
 import textwrap
 
 SCRIPT = textwrap.dedent("""
-    import logging, threading
+    import logging, socket, threading
     import grpc
     from onceflow.runners import quiet_worker_teardown
+
+    # A port that takes connections and never answers: a call there waits, so
+    # cancelling it gives CANCELLED (on port 1, where nobody listens, the refused
+    # connection could come first: UNAVAILABLE, as a loaded CI machine showed).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
 
     def hang_up(cancel):
         # Real errors of a closed stream: a call cancelled (CANCELLED), a port
         # nobody listens on (UNAVAILABLE).
-        channel = grpc.insecure_channel("127.0.0.1:1")
+        address = f"127.0.0.1:{silent.getsockname()[1]}" if cancel else "127.0.0.1:1"
+        channel = grpc.insecure_channel(address)
         call = channel.unary_stream("/beam.Fn/Control")(b"", timeout=5)
         if cancel:
             call.cancel()
