@@ -200,7 +200,7 @@ def read_manifest(directory: str) -> Dict[str, Any]:
         return {}
     runs = manifest.get("runs", [])
     if not (isinstance(runs, list) and all(isinstance(run, list) for run in runs)
-            and all(isinstance(name, str) and _FILE.fullmatch(name.rsplit(".", 1)[0] + ".") for run in runs
+            and all(isinstance(name, str) and _is_archive_file_name(name) for run in runs
                     for name in run)):
         raise ValueError(f"{path}: its list of finished runs is damaged; restore it, or archive the topic again "
                          "into a new folder")
@@ -275,6 +275,12 @@ def check_archive(directory: str) -> None:
                              "stopped part way): archive its range again, or remove the file")
 
 
+def _is_archive_file_name(name: str) -> bool:
+    """Whether ``name`` (relative to the folder) is one :func:`file_name` gives."""
+    stem, _, extension = name.rpartition(".")
+    return extension in FORMATS and _FILE.fullmatch(stem + ".") is not None
+
+
 def _data_files(directory: str) -> set:
     """The archive files in the folder, relative to it (not the ones a run was
     writing when it stopped); ValueError (one line) for a file that is not one."""
@@ -284,7 +290,7 @@ def _data_files(directory: str) -> set:
         name = os.path.relpath(metadata.path, directory).replace(os.sep, "/")
         if ".tmp-" in name.rsplit("/", 1)[-1]:
             continue  # a file a run was writing when it stopped: never read
-        if _FILE.fullmatch(name.rsplit(".", 1)[0] + ".") is None or name.rsplit(".", 1)[-1] not in FORMATS:
+        if not _is_archive_file_name(name):
             raise ValueError(f"{metadata.path} is not an archive file (partition=P-offsets=FIRST-LAST.avro or "
                              ".parquet): remove it from the archive folder")
         found.add(name)
