@@ -355,8 +355,10 @@ def prepare_runner(options: PipelineOptions, live: bool, reads_kafka: bool, kafk
     * a live job gets a streaming runner and long-lived job streams, and on Flink
       short bundles;
     * Prism 2.77 gets no runner-initiated splits;
-    * the DirectRunner's ``multi_processing`` mode lost Kafka records in a backfill
-      here (the same run in one process is exact): refused for a Kafka input;
+    * the DirectRunner's ``multi_processing`` mode drops the residual of every
+      bundle that checkpoints (Beam's ``ParallelBundleManager`` keeps only the
+      workers' metrics and errors), so the Kafka reader's records after its first
+      bundle were lost: refused for a Kafka input;
     * Prism 2.77 takes a reader stage's watermark from the latest bundle's readers
       only, so with several Kafka readers it could close windows early: refused.
     """
@@ -367,9 +369,9 @@ def prepare_runner(options: PipelineOptions, live: bool, reads_kafka: bool, kafk
     keep_prism_from_splitting(options)
     run_loopback_workers_in_processes(options)
     if reads_kafka and _runs_direct_multi_processing(options):
-        raise UsageError("--direct_running_mode=multi_processing: the DirectRunner's worker processes lost "
-                         "Kafka records in a backfill here (the same run in one process is exact); run a "
-                         "Kafka input in_memory (the default) or on Flink")
+        raise UsageError("--direct_running_mode=multi_processing: the DirectRunner's worker processes drop "
+                         "the rest of a Kafka read after its first bundle (Beam 2.77); run a Kafka input "
+                         "in_memory (the default) or on Flink")
     if kafka_readers > 1 and runs_on_prism(options):
         raise UsageError("--kafka_readers: Prism (Beam 2.77) takes a reader stage's watermark from the latest "
                          "bundle's readers only and could close windows early with several; use 1 on Prism, "

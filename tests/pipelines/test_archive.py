@@ -260,7 +260,7 @@ def test_the_archive_job_refuses_flags_it_would_ignore(flags, fragment, tmp_path
 @pytest.mark.parametrize("flag, fragment", [
     ("--runner=FlinkRunner", "--runner=FlinkRunner: the archive job writes a local folder"),
     ("--direct_running_mode=multi_processing", "--direct_running_mode=multi_processing: the DirectRunner's worker "
-                                               "processes lost Kafka records"),
+                                               "processes drop the rest of a Kafka read"),
 ])
 def test_the_archive_job_runs_in_this_process_only(flag, fragment, tmp_path, capsys):
     assert archive.main(["--input=kafka://127.0.0.1:1/orders", f"--output={tmp_path}/a", flag]) == 2
