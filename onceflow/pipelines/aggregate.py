@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import fastavro
@@ -357,10 +357,25 @@ def _check_input_exists(pattern: str) -> None:
         raise UsageError(f"--input: cannot list {pattern!r}: {error}") from None
     if not found:
         raise UsageError(f"--input: nothing matches {pattern!r}; give a file path or glob")
+    archive = _archive_holding(match.path for match in found)
+    if archive:
+        raise UsageError(f"--input: {pattern!r} matches files of the onceflow archive {archive}; give the "
+                         f"folder itself (--input={archive}) so the archive is checked and read whole")
     folders = [match.path for match in found if os.path.isdir(match.path)]  # local paths; others are objects
     if folders:
         raise UsageError(f"--input: {folders[0]} is a directory; give its files, e.g. "
                          f"--input={os.path.join(folders[0], '*.jsonl')}")
+
+
+def _archive_holding(paths: Iterable[str]) -> Optional[str]:
+    """The archive folder any of ``paths`` lies in (an archive's files are two
+    folders below its root: ``topic=T/hour=H/``), if any."""
+    folders = set()
+    for path in paths:
+        for _ in range(3):
+            path = os.path.dirname(path.rstrip("/"))
+            folders.add(path)
+    return next((folder for folder in sorted(folders) if folder and is_archive(folder)), None)
 
 
 def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: Optional[str] = None) -> AggregateJob:

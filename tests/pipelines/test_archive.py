@@ -190,6 +190,12 @@ def test_an_archive_is_read_whole_or_not_at_all(kafka_bootstrap, tmp_path):
     assert duplicated.returncode == 0, duplicated.stderr
     assert counted_events(f"{tmp_path}/copy{next(copies) - 1}.db") == expected
 
+    # The archive's files given as a glob were read as plain inputs (the manifest as
+    # JSON lines, the Avro files as events: dead letters, exit 0).
+    for pattern in (f"{folder}/*", f"{folder}/topic=*/hour=*/*.avro", f"{folder}/onceflow-archive.json"):
+        refused = run_job(f"--input={pattern}", *sink)
+        assert_one_usage_line(refused, f"matches files of the onceflow archive {folder}; give the folder itself")
+
 
 def test_the_archive_job_refuses_another_topic_and_an_output_that_is_a_file(kafka_bootstrap, tmp_path, capsys):
     first, second = new_topic(kafka_bootstrap, partitions=1), new_topic(kafka_bootstrap, partitions=1)
