@@ -217,3 +217,8 @@ def test_dead_letter_topic_as_registry_framed_avro(kafka_bootstrap, tmp_path):
                                        (3, "avro_decode_error", values[3])}
     assert all(letter["source"]["topic"] == source.topic for letter in letters)
     assert raw_messages and all(value[0] == 0 for value in raw_messages)  # the wire format, not JSON
+    # Read without ?format=avro_registry: one line that says so (it was a JSON error about utf-32).
+    unframed = subprocess.run([sys.executable, "-m", "onceflow.cli", "dlq", "count", f"--dlq={dlq_topic.url}"],
+                              capture_output=True, text=True, timeout=120)
+    assert unframed.returncode != 0 and "Traceback" not in unframed.stderr
+    assert f"give the queue as {dlq_topic.url}?format=avro_registry" in unframed.stderr.strip().splitlines()[-1]

@@ -100,6 +100,10 @@ def read_dead_letters(topic: KafkaTopic, settings: Optional[Mapping[str, str]] =
             envelope = envelope_from_message(value or b"", registry)
             dlq_id = envelope["dlq_id"]
         except (ValueError, KeyError, TypeError) as error:
+            if registry is None and (value or b"")[:1] == b"\x00":
+                raise ValueError(f"{topic.url} partition {partition} offset {offset} is in the registry's wire "
+                                 f"format (a 0 byte, then a schema ID): give the queue as {topic.url}?format=avro_registry "
+                                 "with --schema-registry-url") from None
             raise ValueError(f"{topic.url} partition {partition} offset {offset} is not a dead letter "
                              f"({type(error).__name__}: {error}); is this the job's dead-letter topic?") from None
         if dlq_id not in seen:
