@@ -310,18 +310,34 @@ def running_high_water(event_times: Sequence[Optional[int]],
     return marks, None if high == _NO_TIME else high
 
 
-def batch_from_records(records: Sequence[SourceRecord], contract: Optional[EventContract]) -> RecordBatch:
+def batch_from_records(records: Sequence[SourceRecord], contract: Optional[EventContract],
+                       time_source: str = "field") -> RecordBatch:
     """A :data:`SOURCES` batch of records that already carry their sources and high
-    waters (for example the archive's, or a replay's)."""
+    waters (for example the archive's, or a replay's). With ``time_source``
+    ``record`` a valid event's event time is its source's Kafka timestamp
+    (:func:`time_by_kafka_timestamps`)."""
     values = [record.value for record in records]
+    verdicts = decode_values(contract, values) if contract is not None else None
+    if verdicts is not None and time_source == "record":
+        time_by_kafka_timestamps(verdicts, [record.source.get("timestamp_ms") for record in records])
     return RecordBatch(
         origin=(SOURCES,),
         values=values,
         positions=list(range(len(values))),
         high_waters=[record.high_water_ms for record in records],
-        verdicts=decode_values(contract, values) if contract is not None else None,
+        verdicts=verdicts,
         sources=[record.source for record in records],
     )
+
+
+def time_by_kafka_timestamps(verdicts: Verdicts, stamps: Sequence[Optional[int]]) -> None:
+    """Sets each valid event's event time to its record's Kafka timestamp (the
+    ``record`` time source; the time field was still checked). A record with none
+    (None or negative: a pre-0.10 message format) keeps its field's."""
+    times = verdicts.event_times
+    for index, stamp in enumerate(stamps):
+        if stamp is not None and stamp >= 0 and times[index] is not None:
+            times[index] = stamp
 
 
 # -- the column decoder -------------------------------------------------------------

@@ -121,6 +121,21 @@ class Event(NamedTuple):
     record: SourceRecord
 
 
+TIME_SOURCES = ("field", "record")
+
+
+def timed_by(event: Event, time_source: str) -> Event:
+    """``event`` with the event time ``time_source`` names: its time field's
+    (``field``, as decoded) or its Kafka record timestamp (``record``; a record
+    without one, from a pre-0.10 message format or not from Kafka, keeps its
+    field's). The readers' lateness rule reads the same clock."""
+    if time_source == "record":
+        stamp = event.record.source.get("timestamp_ms")
+        if isinstance(stamp, int) and stamp >= 0:
+            return event._replace(event_time_ms=stamp)
+    return event
+
+
 @dataclasses.dataclass(frozen=True)
 class EventContract:
     """Which fields an event has, and how raw records are decoded.

@@ -42,7 +42,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from onceflow.errors import ServiceError, UsageError
 from onceflow.io.kafka.config import scrub_secrets
 from onceflow.io.urls import first_line
-from onceflow.events import REASONS, RecordError, format_utc_ms, parse_event_time_ms
+from onceflow.events import REASONS, RecordError, format_utc_ms, parse_event_time_ms, timed_by
 from onceflow.windowing import parse_duration_ms
 
 
@@ -278,7 +278,7 @@ def _earliest_window_start(job, envelope: Dict[str, Any]) -> Optional[int]:
         event = job.contract.to_event(from_envelope(envelope))
     except (RecordError, ValueError, RegistryUnavailable):  # the run itself says what the registry answered
         return None
-    return job.window_spec.windows_for(event.event_time_ms)[0][0]
+    return job.window_spec.windows_for(timed_by(event, job.time_source).event_time_ms)[0][0]
 
 
 def _replay(args) -> int:

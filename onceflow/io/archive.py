@@ -39,7 +39,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from onceflow import metrics
-from onceflow.events import EventContract, SourceRecord
+from onceflow.events import TIME_SOURCES, EventContract, SourceRecord
 
 MARKER = "onceflow-archive.json"
 FORMATS = ("avro", "parquet")
@@ -360,8 +360,9 @@ def merged_rows(paths: Iterable[str]) -> Iterator[Dict[str, Any]]:
 
 
 class _ReadPartitionFilesDoFn(beam.DoFn):
-    def __init__(self, contract: EventContract):
+    def __init__(self, contract: EventContract, time_source: str):
         self._contract = contract
+        self._by_field = time_source == "field"
 
     def process(self, element: Tuple[Tuple[str, int], Iterable[str]]) -> Iterator[SourceRecord]:
         _, paths = element
@@ -369,7 +370,10 @@ class _ReadPartitionFilesDoFn(beam.DoFn):
         for row in merged_rows(paths):
             record = _to_record(row, high_water)
             yield record
-            event_time = self._contract.peek_event_time_ms(record.value)
+            if self._by_field:
+                event_time = self._contract.peek_event_time_ms(record.value)
+            else:  # the Kafka reader's rule for time_source "record": every record's timestamp
+                event_time = row["timestamp_ms"] if row["timestamp_ms"] >= 0 else None
             if event_time is not None and (high_water is None or event_time > high_water):
                 high_water = event_time
 
@@ -377,12 +381,17 @@ class _ReadPartitionFilesDoFn(beam.DoFn):
 class ReadArchive(beam.PTransform):
     """Reads an archive folder back as bounded ``PCollection[SourceRecord]``, each
     partition in offset order with the same sources and high waters a Kafka read
-    of the same records gives, so the transforms make the same decisions."""
+    of the same records gives, so the transforms make the same decisions.
+    ``time_source`` is the Kafka read's (``field`` or ``record``): it decides the
+    high waters as it does there."""
 
-    def __init__(self, directory: str, contract: EventContract):
+    def __init__(self, directory: str, contract: EventContract, time_source: str = "field"):
         super().__init__()
+        if time_source not in TIME_SOURCES:
+            raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
         self._directory = directory
         self._contract = contract
+        self._time_source = time_source
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (
@@ -392,5 +401,5 @@ class ReadArchive(beam.PTransform):
             | "KeyByPartition" >> beam.Map(lambda m: (
                 (_FILE.search(m.path).group("topic"), int(_FILE.search(m.path).group("partition"))), m.path))
             | "GroupByPartition" >> beam.GroupByKey()
-            | "ReadInOffsetOrder" >> beam.ParDo(_ReadPartitionFilesDoFn(self._contract))
+            | "ReadInOffsetOrder" >> beam.ParDo(_ReadPartitionFilesDoFn(self._contract, self._time_source))
         )

@@ -90,6 +90,7 @@ class AggregateJob:
     kafka_idle_timeout_ms: int = 30_000
     shards: int = DEFAULT_SHARDS
     kafka_readers: int = 1
+    time_source: str = "field"  # --kafka_time_source, for a Kafka or archive input
 
     @property
     def row_schema(self) -> RowSchema:
@@ -129,7 +130,9 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         raise UsageError("--from/--to: only a kafka://HOST:PORT/TOPIC input reads a range")
     else:
         given = options.get_all_options(drop_default=True)
-        misplaced = [name for name in _KAFKA_INPUT_FLAGS if given.get(name) is not None]
+        archived = is_archive(input_pattern)  # a topic's records, with their Kafka timestamps
+        misplaced = [name for name in _KAFKA_INPUT_FLAGS if given.get(name) is not None
+                     and not (archived and name == "kafka_time_source")]
         if misplaced:
             raise UsageError(f"--{misplaced[0]}: only a kafka://HOST:PORT/TOPIC input reads with it; remove it")
     input_format = source.input_format or ("avro" if input_pattern.endswith(".avro") else "json")
@@ -210,6 +213,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         sink_batch_size=positive_int(output.sink_batch_size, "--sink_batch_size"),
         shards=_shards(options, live=kafka is not None and not kafka.bounded),
         kafka_readers=positive_int(kafka_options.kafka_readers, "--kafka_readers"),
+        time_source=kafka_options.kafka_time_source,
     )
 
 
@@ -312,8 +316,8 @@ def build(pipeline: beam.Pipeline, job: AggregateJob) -> Aggregated:
             finalize_every_bundle=runs_on_prism(pipeline.options))
     elif job.from_archive:
         batches = (pipeline
-                   | "ReadArchive" >> ReadArchive(job.input_pattern, job.contract)
-                   | "BatchRecords" >> BatchRecords(job.contract))
+                   | "ReadArchive" >> ReadArchive(job.input_pattern, job.contract, job.time_source)
+                   | "BatchRecords" >> BatchRecords(job.contract, time_source=job.time_source))
     else:
         batches = pipeline | "ReadFiles" >> ReadRecordBatchesFromFiles(job.input_pattern, job.contract)
     # One composite for every source (files, Kafka, archives): live runs, backfills and replays compute the same rows.

@@ -9,7 +9,7 @@ from apache_beam import pvalue
 
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter
-from onceflow.events import EventContract, RecordError, SourceRecord
+from onceflow.events import TIME_SOURCES, EventContract, RecordError, SourceRecord, timed_by
 
 STAGE = "parse"
 _DEAD_LETTERS = "dead_letters"
@@ -23,15 +23,19 @@ class Parsed(NamedTuple):
 
 
 class _ParseDoFn(beam.DoFn):
-    def __init__(self, contract: EventContract):
+    def __init__(self, contract: EventContract, time_source: str):
         self._contract = contract
+        self._time_source = time_source
         self._read = metrics.counter(metrics.RECORDS_READ)
         self._parsed = metrics.counter(metrics.EVENTS_PARSED)
 
     def process(self, record: SourceRecord):
+        if not isinstance(record, SourceRecord):
+            raise TypeError(f"ParseEvents takes SourceRecord elements, got {type(record).__name__}: wrap each "
+                            "raw value as onceflow.events.SourceRecord(value_bytes, source_dict)")
         self._read.inc()
         try:
-            event = self._contract.to_event(record)
+            event = timed_by(self._contract.to_event(record), self._time_source)
         except RecordError as error:
             metrics.dead_letter_counter(error.reason).inc()
             yield pvalue.TaggedOutput(
@@ -56,20 +60,28 @@ class ParseEvents(beam.PTransform):
     ``parse`` and a stable reason (``invalid_utf8``, ``malformed_json``,
     ``nesting_too_deep``, ``non_finite_number``, ``not_an_object``,
     ``avro_decode_error``, ``schema_violation``, ``bad_timestamp``). No input can
-    make it raise. Element timestamps are passed through unchanged.
+    make it raise (an element that is not a ``SourceRecord`` is a ``TypeError``
+    that says so). Element timestamps are passed through unchanged.
+
+    ``time_source``: the event time is the contract's time field (``field``) or,
+    for records read from Kafka with ``time_source="record"``, the record's Kafka
+    timestamp (``record``; the time field is still checked). Give the reader's.
 
     Metrics (namespace ``onceflow``): ``records_read``, ``events_parsed``,
     ``dead_letters.<reason>``.
     """
 
-    def __init__(self, contract: EventContract):
+    def __init__(self, contract: EventContract, time_source: str = "field"):
         super().__init__()
         if not isinstance(contract, EventContract):
             raise TypeError("ParseEvents needs an EventContract")
+        if time_source not in TIME_SOURCES:
+            raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
         self._contract = contract
+        self._time_source = time_source
 
     def expand(self, records: beam.PCollection) -> Parsed:
-        outputs = records | "DecodeAndValidate" >> beam.ParDo(_ParseDoFn(self._contract)).with_outputs(
+        outputs = records | "DecodeAndValidate" >> beam.ParDo(_ParseDoFn(self._contract, self._time_source)).with_outputs(
             _DEAD_LETTERS, main="events"
         )
         return Parsed(events=outputs.events, dead_letters=outputs[_DEAD_LETTERS])

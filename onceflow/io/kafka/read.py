@@ -28,7 +28,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 import onceflow.coders  # noqa: F401  (registers RecordBatchCoder for the batches this module outputs)
 from onceflow import metrics
-from onceflow.batches import KAFKA, RecordBatch, decode_values, high_waters, running_high_water
+from onceflow.batches import KAFKA, RecordBatch, decode_values, high_waters, running_high_water, time_by_kafka_timestamps
 from onceflow.events import EventContract
 from onceflow.io.kafka.admin import (
     METADATA_TIMEOUT_S, KafkaPartitionRead, RetentionGap, committed_offsets, describe_gaps, describe_topic,
@@ -675,11 +675,18 @@ def _decode_run(config: KafkaReadConfig, contract: Optional[EventContract], run:
                 start: Optional[int]):
     """The verdicts on a run of one partition's records (None without a contract),
     each record's high water and the high water after the run, from ``start``:
-    the one rule of the reader and of :func:`seed_high_waters`."""
+    the one rule of the reader and of :func:`seed_high_waters`.
+
+    With ``config.time_source`` ``record`` a valid event's event time is its Kafka
+    timestamp (its time field is still checked; a record with no timestamp, from a
+    pre-0.10 message format, keeps its field's), so its windows and the lateness
+    rule read the same clock."""
     verdicts = decode_values(contract, values) if contract is not None else None
     if config.time_source == "record" or verdicts is None:
         event_times = [stamp if kind != 0 and stamp >= 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
                        for kind, stamp in (message.timestamp() for message in run)]
+        if verdicts is not None:
+            time_by_kafka_timestamps(verdicts, event_times)
         marks, high = running_high_water(event_times, start)
     else:
         marks, high = high_waters(verdicts, start)
@@ -806,7 +813,7 @@ class ReadBatchesFromKafka(beam.PTransform):
     """Reads raw records from a Kafka topic as ``PCollection[RecordBatch]``.
 
     Each poll gives one :class:`~onceflow.batches.RecordBatch` per partition it
-    read (at most 5,000 records): consecutive records of that partition, decoded
+    read (at most 20,000 records, one poll's): consecutive records of that partition, decoded
     with ``contract`` when given (readers decode: the lateness rule's high water
     moves only on valid events). :class:`ReadFromKafka` gives the same records one
     at a time.
@@ -827,8 +834,10 @@ class ReadBatchesFromKafka(beam.PTransform):
 
     Each record keeps its exact bytes and ``source`` = topic, partition, offset,
     timestamp_ms, key and headers (base64). Event times come from
-    ``config.time_source``: the contract's time field, or the Kafka timestamp; a
-    batch's element timestamp is its partition's high water after it.
+    ``config.time_source``: the contract's time field, or the Kafka timestamp (for
+    the windows and the lateness rule alike). A batch's element timestamp is the
+    high water before its first record (for a partition's first batch, its first
+    event time), so no timely event of it is behind the watermark it holds.
     Each partition's watermark is the greatest event time read from it (the high
     water each record carries for the lateness rule); a caught-up live partition
     idle for ``idle_timeout_s`` advances to ``now - idle_timeout_s`` rather than
