@@ -63,6 +63,11 @@ class WindowSpec:
     allowed_lateness_ms: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("size_ms", "period_ms", "allowed_lateness_ms"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"WindowSpec {name} must be a whole number of milliseconds (an int), "
+                                f"not {value!r}")
         if self.size_ms <= 0:
             raise ValueError("window size must be positive")
         if self.period_ms is not None and not 0 < self.period_ms <= self.size_ms:

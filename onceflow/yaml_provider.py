@@ -28,7 +28,9 @@ Row shapes:
   ``high_water_ms`` (int or null). :class:`ReadRecordsFromFiles` emits them;
   :class:`ParseEvents` and :class:`AggregateRecords` also take any row with one
   text or bytes field (``line`` from Beam's ``ReadFromText``, or ``value``), as a
-  record with no source and no high water (so nothing is judged too late).
+  record with no source and no high water (so nothing is judged too late, and
+  identical refused lines share one ``dlq_id``: the queue's readers count them
+  once).
 * event: ``event_id``, ``event_time_ms``, the key fields (text), ``values`` (JSON
   text of the value fields), and the record's ``raw``, ``source``,
   ``high_water_ms``.

@@ -156,7 +156,7 @@ class ReadRecordBatchesFromFiles(beam.PTransform):
     greatest valid event time on earlier lines of the same file, which the
     lateness rule compares against). Blank lines are skipped. Compressed files
     (.gz, .bz2) are read transparently. A pattern that matches nothing fails the
-    pipeline.
+    pipeline (``Empty match for pattern ...``), a wildcard too.
     """
 
     def __init__(self, file_pattern: str, contract: EventContract, batch_records: int = BATCH_RECORDS):
@@ -170,7 +170,7 @@ class ReadRecordBatchesFromFiles(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (
             pbegin
-            | "MatchFiles" >> fileio.MatchFiles(self._pattern)
+            | "MatchFiles" >> fileio.MatchFiles(self._pattern, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
             | "OpenFiles" >> fileio.ReadMatches()
             | "ReadBatches" >> beam.ParDo(_ReadFileBatchesDoFn(self._contract, self._batch_records)).with_output_types(
                 RecordBatch)

@@ -243,13 +243,19 @@ class WindowedAggregate(beam.PTransform):
     """Aggregates events per key in fixed or sliding event-time windows.
 
     Input: ``PCollection[Event]`` (from :class:`~onceflow.transforms.ParseEvents`),
-    bounded or unbounded, in any windowing; element timestamps are set here from
-    each event's event time.
+    bounded or unbounded, in any windowing (it is reset: windows come from event
+    times); element timestamps are set here from each event's event time.
+    ``key_fields`` only names the key columns: an event's key is what
+    :class:`ParseEvents` decoded, so give the contract's key fields, in order.
 
     Steps: (1) an event that is too late by the rule of :mod:`onceflow.windowing`
     (its earliest window ended ``allowed_lateness`` or more before its source's
     high water) goes to ``dead_letters`` with reason ``too_late`` and is counted;
-    nothing reaches Beam's late-data dropping, so nothing vanishes silently.
+    nothing reaches Beam's late-data dropping, so nothing vanishes silently. The
+    rule needs the record's high water (every onceflow reader sets it): an event
+    without one is never refused, and on unbounded input it can arrive after its
+    window's state was dropped and start the row again from itself (see
+    :class:`~onceflow.transforms.AggregateBatches`).
     (2) With ``dedup`` (the default), repeated event IDs are dropped by
     :class:`~onceflow.transforms.DedupByEventId` with horizon window size + allowed
     lateness. (3) Events are windowed and combined per key.
@@ -294,6 +300,8 @@ class WindowedAggregate(beam.PTransform):
         self._dedup = dedup
 
     def expand(self, events: beam.PCollection) -> Aggregated:
+        # Windows come from event times here (see above): a windowing set upstream is reset.
+        events = events | "IntoGlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows())
         screened = events | "RejectTooLate" >> beam.ParDo(_RejectTooLateDoFn(self._spec)).with_outputs(
             _TOO_LATE, main="timely"
         )

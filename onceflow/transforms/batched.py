@@ -17,14 +17,16 @@ from apache_beam import pvalue
 from apache_beam.coders import FastPrimitivesCoder, PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 import onceflow.coders  # noqa: F401  (registers RecordBatchCoder for the batches this module outputs)
 from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation, value_fields
 from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc, take, taker
 from onceflow.deadletter import DeadLetter
-from onceflow.events import EventContract
+from onceflow.events import TIME_SOURCES, EventContract, SourceRecord
 from onceflow.transforms.aggregate import (
     Aggregated, check_aggregate_arguments, refusal_letter, window_row,
 )
@@ -411,7 +413,10 @@ class AggregateBatches(beam.PTransform):
     """Aggregates decoded record batches per key in event-time windows.
 
     Input: ``PCollection[RecordBatch]`` with verdicts (every onceflow reader decodes
-    with the event contract), bounded or unbounded, in any windowing.
+    with the event contract), bounded or unbounded, in any windowing (it is reset:
+    windows come from event times). ``key_fields`` only names the key columns: the
+    key is what the contract decoded, so give the contract's key fields, in order
+    (:class:`AggregateEvents` takes them from the contract).
     Output: :class:`~onceflow.transforms.Aggregated`, rows and dead letters exactly
     as ``ParseEvents | WindowedAggregate`` give them for the same records, but for
     the scope of dedup (below):
@@ -443,7 +448,13 @@ class AggregateBatches(beam.PTransform):
     high water before its first record (every onceflow reader stamps it so): the
     state of a shard window is dropped once the watermark passes its end plus
     the allowed lateness, and a later timestamp would let the watermark get there
-    before a timely event of the batch is counted.
+    before a timely event of the batch is counted. The lateness rule reads each
+    record's high water (every onceflow reader sets it): a record with none (your
+    own source's) is never refused as too late, and on unbounded input one that
+    arrives after its window's state was dropped starts that row again from itself
+    (the sinks' version guard keeps the fuller row; the event is then counted
+    nowhere and not dead-lettered). Give your records high waters (the greatest
+    event time before each in its partition) to have such events dead-lettered.
 
     On Prism 2.77 run unbounded input with ``--experiments=prism_disable_sdf_split``
     (the main job adds it): a bundle split there can lose a state update.
@@ -471,6 +482,9 @@ class AggregateBatches(beam.PTransform):
         self._shards = shards
 
     def expand(self, batches: beam.PCollection) -> Aggregated:
+        # Windows come from event times here: a windowing set upstream would split each
+        # shard window's state (and a GroupByKey's groups) by its own windows.
+        batches = batches | "IntoGlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows())
         # The shard window is the state key: typed, so its coder is deterministic.
         split = batches | "ScreenAndSplit" >> beam.ParDo(
             _ScreenAndSplitDoFn(self._spec, self._shards, value_fields(self._aggregates))).with_output_types(
@@ -489,25 +503,70 @@ class AggregateBatches(beam.PTransform):
         return Aggregated(rows=rows, dead_letters=split[_DEAD_LETTERS])
 
 
+class _BatchRecordsDoFn(beam.DoFn):
+    """Records to batches of at most ``max_records``, within a bundle, each stamped
+    no later than its first record's high water or any record's own timestamp (what
+    :class:`AggregateBatches` needs on unbounded input)."""
+
+    def __init__(self, contract: EventContract, max_records: int, time_source: str):
+        self._contract = contract
+        self._max_records = max_records
+        self._time_source = time_source
+
+    def start_bundle(self) -> None:
+        self._records: List[SourceRecord] = []
+        self._earliest: Optional[Timestamp] = None
+
+    def process(self, record: SourceRecord, timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
+        if not isinstance(record, SourceRecord):
+            raise TypeError(f"BatchRecords takes SourceRecord elements, got {type(record).__name__}: wrap each "
+                            "raw value as onceflow.events.SourceRecord(value_bytes, source_dict)")
+        self._records.append(record)
+        if self._earliest is None or timestamp < self._earliest:
+            self._earliest = timestamp
+        if len(self._records) >= self._max_records:
+            yield self._batch()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if self._records:
+            yield self._batch()
+
+    def _batch(self) -> WindowedValue:
+        records, stamp = self._records, self._earliest
+        self._records, self._earliest = [], None
+        first_high_water = next((r.high_water_ms for r in records if r.high_water_ms is not None), None)
+        if first_high_water is not None:
+            stamp = min(stamp, Timestamp(micros=first_high_water * 1000))
+        batch = batch_from_records(records, self._contract, self._time_source)
+        return WindowedValue(batch, stamp, [GlobalWindow()])
+
+
 class BatchRecords(beam.PTransform):
     """``PCollection[SourceRecord]`` to ``PCollection[RecordBatch]`` decoded with
     ``contract``, for sources that emit records one at a time (the archive, a
     user's own source). Each record keeps its source and high water; batches hold
-    at most ``max_records`` records and never span a bundle."""
+    at most ``max_records`` records and never span a bundle. Each batch is stamped
+    with the earliest of its records' timestamps and its first high water, so
+    :class:`AggregateBatches` keeps a window's state while a batch could still
+    count in it. ``time_source``: the event time is the time field (``field``) or,
+    for records that came from Kafka, their Kafka timestamp (``record``)."""
 
-    def __init__(self, contract: EventContract, max_records: int = 10_000):
+    def __init__(self, contract: EventContract, max_records: int = 10_000, time_source: str = "field"):
         super().__init__()
         if max_records < 1:
             raise ValueError("a batch holds at least one record")
+        if time_source not in TIME_SOURCES:
+            raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
         self._contract = contract
         self._max_records = max_records
+        self._time_source = time_source
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        contract = self._contract
         return (
             records
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._max_records)
-            | "Decode" >> beam.Map(lambda chunk: batch_from_records(chunk, contract)).with_output_types(RecordBatch)
+            | "IntoGlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows())
+            | "BatchAndDecode" >> beam.ParDo(_BatchRecordsDoFn(
+                self._contract, self._max_records, self._time_source)).with_output_types(RecordBatch)
         )
 
 
@@ -526,4 +585,9 @@ class AggregateEvents(AggregateBatches):
 
     def __init__(self, contract: EventContract, window_spec: WindowSpec, aggregates: Sequence[AggregateSpec],
                  early_firing_ms: Optional[int] = None, shards: int = DEFAULT_SHARDS):
+        missing = [name for name in value_fields(aggregates) if name not in contract.value_fields]
+        if missing:
+            raise ValueError(f"AggregateEvents: the aggregates read {', '.join(missing)}, which the contract's "
+                             f"value_fields ({', '.join(contract.value_fields) or 'none'}) do not hold: the "
+                             "batches are decoded with the contract, so add them there")
         super().__init__(contract.key_fields, window_spec, aggregates, early_firing_ms=early_firing_ms, shards=shards)

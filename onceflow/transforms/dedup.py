@@ -102,13 +102,22 @@ def _key_by_event_id(event: Event) -> Tuple[str, Event]:
     return event.event_id, event
 
 
-def _copy_order(event: Event) -> Tuple[int, bytes]:
-    return event.event_time_ms, event.record.value
+def _copy_order(event: Event) -> Tuple[str, int, int, bytes]:
+    """Where the copy sits in its source (file and line, or topic, partition and
+    offset; the earliest is the one a live read sees first), then its raw bytes
+    (for records with no position)."""
+    source = event.record.source or {}
+    origin = source.get("file") or source.get("topic") or ""
+    partition = source.get("partition")
+    index = source.get("line", source.get("offset"))
+    return (str(origin), partition if isinstance(partition, int) else -1, index if isinstance(index, int) else -1,
+            event.record.value)
 
 
 class _OneCopyCombineFn(beam.CombineFn):
     """Bounded input: of all copies of an ID, keep one (the same one whatever the
-    order: least event time, then least raw bytes) and count them."""
+    order: the first in its source, as a live read keeps, then the least raw
+    bytes) and count them."""
 
     def create_accumulator(self):
         return 0, None

@@ -25,6 +25,18 @@ def test_duplicates_dropped_even_in_different_windows():
         assert_that(unique | beam.Map(lambda e: e.event_id), equal_to(["1", "2", "3"]))
 
 
+def test_a_backfill_keeps_the_copy_a_live_read_sees_first():
+    """Two records with one ID and different payloads: the bounded path kept the
+    copy with the least event time and raw bytes (here the later line), where a
+    live read, and the batched path, keep the first in the file."""
+    later_line = record("1", 1000, 5)._replace(source={"file": "f.jsonl", "line": 2})
+    first_line = record("1", 2000, 9)._replace(source={"file": "f.jsonl", "line": 1})
+    with TestPipeline() as pipeline:
+        parsed = pipeline | "Records" >> beam.Create([later_line, first_line]) | ParseEvents(CONTRACT)
+        unique = timestamped(parsed.events) | DedupByEventId(horizon_ms=120_000)
+        assert_that(unique | beam.Map(lambda e: (e.event_time_ms, e.values["v"])), equal_to([(2000, 9)]))
+
+
 def test_ids_forgotten_after_the_horizon_in_event_time():
     # The same ID re-sent after the watermark passed event time + horizon is new again;
     # WindowedAggregate never lets that happen (it rejects such copies as too late).
