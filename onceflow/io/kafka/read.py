@@ -902,7 +902,9 @@ class ReadFromKafka(beam.PTransform):
     """:class:`ReadBatchesFromKafka` one record at a time: ``PCollection[SourceRecord]``
     with each record's source and high water, timestamped with its event time (or,
     for a record that is not a valid event, its high water or Kafka timestamp).
-    Same arguments and guarantees."""
+    Same arguments and guarantees. With ``config.time_source`` ``record``, parse
+    with ``ParseEvents(contract, time_source="record")``: the records' high waters
+    are Kafka timestamps, and the events' times must be too."""
 
     def __init__(self, config: KafkaReadConfig, contract: Optional[EventContract] = None,
                  idle_timeout_s: float = 30.0, readers: int = 1, finalize_every_bundle: bool = False):
