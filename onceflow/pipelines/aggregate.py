@@ -446,6 +446,9 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     except (ValueError, OSError) as error:
         raise flag_error("--dlq", error) from None
     _check_metrics_out(options.view_as(MonitoringOptions).metrics_out)
+    # The runner before the positions: a job refused here must not have stored a start
+    # (a later run with other flags would resume from it and skip what it asked for).
+    prepare_runner(options, job.is_live, job.kafka is not None, job.kafka_readers)
     if job.kafka is not None:  # then the positions, kept in the prepared sink
         savepoint = optional_text(options.view_as(FlinkOptions).savepoint_path)
         job, reads = _retrying_while_broker_away(lambda: _resolve_kafka_start(job, partitions, savepoint),
@@ -468,7 +471,6 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             raise UsageError(f"--input: {error}") from None
     else:
         _check_input_exists(job.input_pattern)
-    prepare_runner(options, job.is_live, job.kafka is not None, job.kafka_readers)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     started = time.monotonic()
     pipeline = beam.Pipeline(runner=local_batch_runner(options, job.is_live), options=options)

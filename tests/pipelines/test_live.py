@@ -265,3 +265,21 @@ def test_sigterm_stops_a_live_job_like_ctrl_c(kafka_bootstrap, prism_path, tmp_p
     output = job_output(job, 20_000)
     assert status == 0, output
     assert "aggregate: stopping..." in output and "onceflow aggregate: done in" in output
+
+
+@pytest.mark.prism
+def test_a_live_job_refused_for_its_runner_stores_no_start(kafka_bootstrap, prism_path, tmp_path, capsys):
+    """A live job refused by the runner checks had already stored its start positions
+    in the sink: the next run, with other flags (here --from earliest), resumed from
+    them and skipped every record before (read 0 of 46, exit 0)."""
+    from onceflow.errors import UsageError
+    from onceflow.io.sinks import parse_sink_url, progress_store
+
+    topic = new_topic(kafka_bootstrap, partitions=2)
+    produce(topic, [(n % 2, b'{"order_id": "o-%d", "event_time": 1793610000000, "store": "s1", "qty": 1}' % n, None)
+                    for n in range(10)])
+    sink = f"sqlite:///{tmp_path}/out.db"
+    flags = [f"--input={topic.url}", "--kafka_group=refused", f"--sink={sink}", f"--dlq={tmp_path}/dlq.jsonl"]
+    with pytest.raises(UsageError, match="--kafka_readers: Prism"):
+        run([*flags, "--from=latest", "--kafka_readers=2", f"--prism_location={prism_path}"])
+    assert progress_store(parse_sink_url(sink)).read("refused", topic.topic) == {}
