@@ -42,7 +42,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 
@@ -231,11 +231,37 @@ def read_rows(directory: str, schema: RowSchema, file_format: str) -> List[Dict[
     return sorted(rows, key=schema.key_of)
 
 
-def prepare_directory(directory: str) -> None:
-    """Creates the directory and checks it takes files and the lock (fail fast)."""
+def prepare_directory(directory: str, schema: Optional[RowSchema] = None, file_format: Optional[str] = None) -> None:
+    """Creates the directory and checks it takes files and the lock (fail fast);
+    with ``schema``, that its window files have this job's columns (ValueError,
+    one line: a job with other keys or aggregates failed at the first window file
+    it shared, after writing the others)."""
     os.makedirs(directory, exist_ok=True)
     with _locked(directory):
         pass
+    if schema is None:
+        return
+    _check_format(file_format)
+    suffix = "." + file_format
+    existing = sorted(name for name in os.listdir(directory) if name.endswith(suffix) and not name.startswith("."))
+    if existing:
+        check_columns(_file_columns(os.path.join(directory, existing[0]), file_format), schema.columns,
+                      existing[0], "this directory", hint="write into another directory")
+
+
+def _file_columns(path: str, file_format: str) -> List[str]:
+    try:
+        if file_format == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        import fastavro
+
+        with open(path, "rb") as handle:
+            return [field["name"] for field in fastavro.reader(handle).writer_schema["fields"]]
+    except Exception as error:  # pyarrow's and fastavro's errors for a damaged file have no common base
+        raise ValueError(f"{os.path.basename(path)} in this directory cannot be read ({type(error).__name__}: "
+                         f"{error}); write into another directory") from None
 
 
 class _FileUpsertDoFn(UpsertRowsDoFn):

@@ -200,10 +200,10 @@ def _parse_file(url: str, parsed: urllib.parse.SplitResult) -> Target:
     return Target("file", directory, None, (("format", file_format),))
 
 
-def _prepare_file(target: Target, _schema: RowSchema) -> None:
+def _prepare_file(target: Target, schema: RowSchema) -> None:
     from onceflow.io.file_sink import prepare_directory
 
-    prepare_directory(target.location)
+    prepare_directory(target.location, schema, target.option("format"))
 
 
 def _progress_file(target: Target):

@@ -100,6 +100,15 @@ def test_a_window_file_with_other_columns_is_refused(tmp_path, file_format):
     other = RowSchema(("store",), parse_aggregates("count"))
     with pytest.raises(ValueError, match="has columns"):
         file_sink.read_rows(str(tmp_path), other, file_format)
+    # ... and before a job starts: a job with other aggregates wrote its other windows'
+    # files, then failed at the first window it shared (a folder of two shapes).
+    from onceflow.io.sinks import parse_sink_url, prepare_sink
+    target = parse_sink_url(f"file://{tmp_path}?format={file_format}")
+    prepare_sink(target, SCHEMA)
+    with pytest.raises(ValueError, match=r"but this job writes \['store', 'window_start'"):
+        prepare_sink(target, other)
+    (tmp_path / f"zz.{file_format}").write_bytes(b"cut")  # the first file in name order is checked
+    prepare_sink(target, SCHEMA)
 
 
 @pytest.mark.parametrize("file_format", ["parquet", "avro"])
