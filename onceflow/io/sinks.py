@@ -233,11 +233,25 @@ def _parse_kafka(url: str, parsed: urllib.parse.SplitResult) -> Target:
     return Target("kafka", topic.bootstrap_servers, topic.topic, options)
 
 
-def _prepare_kafka(target: Target, _schema: RowSchema) -> None:
-    from onceflow.io.kafka.admin import require_topic
+def _prepare_kafka(target: Target, schema: RowSchema) -> None:
+    """The topic exists, and the last row of each partition has this job's columns
+    (a job with other keys or aggregates added rows of a second shape, exit 0)."""
+    from onceflow.io.kafka.admin import read_records_to_end, require_topic
     from onceflow.io.kafka.config import KafkaTopic
+    from onceflow.io.kafka.write import row_from_message
 
-    require_topic(KafkaTopic(target.location, target.table), dict(target.client_settings))
+    topic = KafkaTopic(target.location, target.table)
+    require_topic(topic, dict(target.client_settings))
+    from onceflow.io.schema_registry import RegistryUnavailable
+
+    for _, _, _, value in read_records_to_end(topic, dict(target.client_settings), last_only=True):
+        try:
+            row = row_from_message(value, target.registry)
+        except RegistryUnavailable as error:
+            raise ValueError(f"cannot read the rows topic {topic.topic!r} holds: {error}") from None
+        if row is not None and set(row) != set(schema.columns):
+            raise ValueError(f"topic {topic.topic!r} holds rows with columns {sorted(row)}, but this job writes "
+                             f"{sorted(schema.columns)}; write to another topic")
 
 
 def _write_kafka(target: Target, schema: RowSchema, batch_size: int):

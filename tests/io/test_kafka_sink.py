@@ -155,3 +155,24 @@ def test_a_sink_or_dead_letter_topic_that_does_not_exist_is_refused_before_the_j
     existing = topic_for(kafka_bootstrap).url
     prepare_sink(parse_sink_url(existing), SCHEMA)
     prepare_dlq(parse_dlq_target(existing))
+
+
+def test_a_topic_holding_rows_of_other_columns_is_refused_before_the_job_starts(kafka_bootstrap):
+    """A job with other aggregates added rows of a second shape to the topic, exit 0
+    (the other sinks refuse a table with other columns)."""
+    from onceflow.io.sinks import parse_sink_url, prepare_sink
+
+    topic = topic_for(kafka_bootstrap)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    row = {"store": "oslo-01", "window_start": START, "window_end": START + 60_000, "event_count": 2, "count": 2,
+           "sum_qty": 3}
+    key, value = row_message(row, SCHEMA)
+    producer.produce(topic.topic, key=key, value=value, partition=0)
+    producer.flush(30)
+    target = parse_sink_url(topic.url)
+    prepare_sink(target, SCHEMA)
+    with pytest.raises(ValueError, match=r"holds rows with columns .*'sum_qty'.*, but this job writes"):
+        prepare_sink(target, RowSchema(("store",), parse_aggregates("count")))
+    producer.produce(topic.topic, value=b"not a row", partition=0)  # the last record of each partition counts
+    producer.flush(30)
+    prepare_sink(target, RowSchema(("store",), parse_aggregates("count")))

@@ -295,9 +295,11 @@ def read_topic_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] =
 
 
 def read_records_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]] = None,
-                        timeout_s: float = 30.0) -> Iterator[Tuple[int, int, Optional[bytes], Optional[bytes]]]:
-    """Every (partition, offset, key, value) in the topic from the beginning to the
-    end offsets as of the call; nothing for a topic that does not exist;
+                        timeout_s: float = 30.0, last_only: bool = False,
+                        ) -> Iterator[Tuple[int, int, Optional[bytes], Optional[bytes]]]:
+    """Every (partition, offset, key, value) in the topic from the beginning (with
+    ``last_only``, each partition's last record) to the end offsets as of the
+    call; nothing for a topic that does not exist;
     :class:`BrokerRefused` for a refused login or certificate, RuntimeError when
     the read takes over ``timeout_s``."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -320,7 +322,7 @@ def read_records_to_end(topic: KafkaTopic, settings: Optional[Mapping[str, str]]
         for partition, (low, high) in log_offsets(consumer, topic.topic, metadata.partitions, timeout_s).items():
             if high > low:
                 ends[partition] = high
-                assignment.append(TopicPartition(topic.topic, partition, low))
+                assignment.append(TopicPartition(topic.topic, partition, high - 1 if last_only else low))
         consumer.assign(assignment)
         deadline = time.monotonic() + timeout_s
         while ends and time.monotonic() < deadline:
