@@ -239,11 +239,10 @@ def _prepare_kafka(target: Target, schema: RowSchema) -> None:
     from onceflow.io.kafka.admin import read_records_to_end, require_topic
     from onceflow.io.kafka.config import KafkaTopic
     from onceflow.io.kafka.write import row_from_message
+    from onceflow.io.schema_registry import RegistryUnavailable
 
     topic = KafkaTopic(target.location, target.table)
     require_topic(topic, dict(target.client_settings))
-    from onceflow.io.schema_registry import RegistryUnavailable
-
     for _, _, _, value in read_records_to_end(topic, dict(target.client_settings), last_only=True):
         try:
             row = row_from_message(value, target.registry)
