@@ -68,6 +68,35 @@ class ProgressStore(Protocol):
         """Stores ``positions`` (a partition's stored offset never moves back)."""
 
 
+# The flags a job's positions were taken under, kept beside them (job key
+# ``GROUP#settings``, one entry per flag, the value in ``high_water_ms`` with
+# ``next_offset`` 0 so that a first start may replace stale ones): a position says
+# which windows are final, under this window spec, lateness and clock, so a resume
+# under others would rebuild rows from part of their events.
+SETTINGS_SUFFIX = "#settings"
+_SETTINGS = ("--window", "--window_period", "--allowed_lateness", "--kafka_time_source")
+
+
+def settings_positions(topic: str, spec: WindowSpec, time_source: str) -> List[Position]:
+    """The entries that record ``spec`` and ``time_source`` (see above)."""
+    values = (spec.size_ms, spec.period_ms or 0, spec.allowed_lateness_ms, 1 if time_source == "record" else 0)
+    return [Position(topic, index, 0, value) for index, value in enumerate(values)]
+
+
+def describe_settings(positions: Dict[int, Position]) -> str:
+    """The flags stored entries say, e.g. ``--window=10s --allowed_lateness=5s``."""
+    from onceflow.windowing import format_duration_ms
+
+    values = [positions[index].high_water_ms if index in positions else None for index in range(len(_SETTINGS))]
+    parts = []
+    for flag, value in zip(_SETTINGS, values):
+        if value is None or (flag == "--window_period" and value == 0):
+            continue
+        text = ("record" if value else "field") if flag == "--kafka_time_source" else format_duration_ms(value)
+        parts.append(f"{flag}={text}")
+    return " ".join(parts)
+
+
 class Mark(NamedTuple):
     """A position the reader has passed, and the watermark (epoch ms) after which
     every row and dead letter of the records before it has been written."""

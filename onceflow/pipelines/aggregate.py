@@ -41,14 +41,14 @@ from onceflow.io.kafka.config import (
     is_kafka_url, parse_kafka_url, parse_position,
 )
 from onceflow.io.kafka.admin import (
-    check_named_partitions, describe_gaps, describe_topic, resolve_partition_reads,
+    PositionPastEnd, check_named_partitions, describe_gaps, describe_topic, resolve_partition_reads,
 )
 from onceflow.io.kafka.errors import BrokerRefused, BrokerUnreachable, is_broker_away
 from onceflow.io.kafka.read import ReadBatchesFromKafka, RetentionGapError
 from onceflow.io.schema_registry import (
     RegistryConfig, RegistryUnavailable, kafka_settings_without_registry, registry_settings,
 )
-from onceflow.io.progress import KeepProgress, Position
+from onceflow.io.progress import SETTINGS_SUFFIX, KeepProgress, Position, describe_settings, settings_positions
 from onceflow.io.sinks import WriteRows, parse_sink_url, position_sinks, prepare_sink, progress_store
 from onceflow.io.targets import Target
 from onceflow.observability.monitor import Monitor
@@ -394,8 +394,18 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
     store = progress_store(job.sink)
     config = job.kafka
     topic = config.topic.topic
+    settings = settings_positions(topic, job.window_spec, config.time_source)
     try:
         stored = store.read(config.group_id, topic)
+        kept = store.read(config.group_id + SETTINGS_SUFFIX, topic)
+        if stored and kept and describe_settings(kept) != describe_settings({p.partition: p for p in settings}):
+            raise UsageError(
+                f"the positions of job {config.group_id!r} in {job.sink.describe()} were kept under "
+                f"{describe_settings(kept)}; this run has {describe_settings({p.partition: p for p in settings})}. "
+                "Resuming under others would rebuild windows from part of their events: restart with the "
+                "same flags, or write the new ones to another table with a backfill (--from/--to) and then a "
+                "live job there")
+        store.write(config.group_id + SETTINGS_SUFFIX, settings)
         if not stored:
             reads = resolve_partition_reads(config, partitions)
             # A committed offset retention has deleted is stored as it is: the read reports the gap.
@@ -405,6 +415,12 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
             where = "first start on this sink: stored its start positions"
         else:
             where = "resuming from the positions stored with the rows"
+            gone = sorted(set(stored) - set(partitions))
+            if gone:
+                raise ServiceError(
+                    f"--sink: the job's positions stored in {job.sink.describe()} name partitions {gone} that "
+                    f"{topic} no longer has: the topic was deleted and created again with fewer; delete the "
+                    "job's positions to start it over (see docs/guarantees.md, Restarts)")
     except Exception as error:  # the sink's own client errors too (psycopg, sqlite3, google): one line
         client = type(error).__module__.split(".")[0] in ("psycopg", "sqlite3", "google")
         if not (client or isinstance(error, (OSError, ValueError))):
@@ -529,7 +545,10 @@ def _resolve_kafka_start(job: AggregateJob, partitions: List[int], savepoint: Op
     starts and stops (``savepoint``: the one Flink starts it from, if any)."""
     if job.is_live:
         job = with_stored_positions(job, partitions, savepoint)
-    return job, resolve_partition_reads(job.kafka, partitions)
+    try:
+        return job, resolve_partition_reads(job.kafka, partitions)
+    except PositionPastEnd as error:
+        raise ServiceError(f"--sink: {error}") from None
 
 
 BROKER_WAIT_S = 120

@@ -112,8 +112,9 @@ class RunSummary:
         return found + [f"{too_late:,} of {read:,} records ({too_late / read:.0%}) went to the dead-letter queue as "
                         "too_late. Lateness is measured against the newest event time before a record in its file "
                         "or Kafka partition, so out-of-order input looks late; if the input is out of order by more "
-                        "than --allowed_lateness (default 5m), raise it (e.g. --allowed_lateness=1h), then replay "
-                        "them with onceflow dlq replay --reason too_late."]
+                        "than --allowed_lateness (default 5m), replay them with a larger one: onceflow dlq replay "
+                        "--reason too_late -- <the job's flags> --allowed_lateness=1h (a live job keeps its own: "
+                        "its stored positions were taken under it)."]
 
     def to_json(self) -> Dict[str, Any]:
         """Everything above as JSON-ready data (what ``--metrics_out`` writes)."""

@@ -58,8 +58,10 @@ def test_a_kill_before_the_first_row_loses_nothing_with_a_parquet_sink(kafka_boo
     assert kills[0]["note"].startswith("before the first position past the start")
     for phase in ("live", "after_backfill"):
         assert report[phase]["exact"] and report[phase]["rows_found"] == report[phase]["rows_expected"] > 0
-    (job,) = json.loads((out / "sink" / "_onceflow_progress.json").read_text()).values()
-    assert sorted(job[report["topic"]]) == ["0", "1", "2"]  # the job's positions, kept in the sink's directory
+    jobs = json.loads((out / "sink" / "_onceflow_progress.json").read_text())
+    (group,) = [name for name in jobs if not name.endswith("#settings")]
+    assert sorted(jobs[group][report["topic"]]) == ["0", "1", "2"]  # the job's positions, kept in the sink's directory
+    assert sorted(jobs[group + "#settings"][report["topic"]]) == ["0", "1", "2", "3"]  # the flags they were taken under
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -167,6 +167,10 @@ def committed_offsets(consumer, topic: str, partitions: Iterable[int],
 # -- where each partition's read starts and stops -----------------------------------------
 
 
+class PositionPastEnd(ValueError):
+    """A live job's stored position lies past its partition's end offset."""
+
+
 class RetentionGap(NamedTuple):
     """Offsets ``[first, end)`` of a partition that a read should have read but
     retention (or ``delete_records``) had deleted."""
@@ -243,6 +247,12 @@ def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
             if config.resume is not None:  # the job's stored positions decide, not the group's
                 start, high_water = resume.get(p, (low, None))
                 requested = start
+                if start > high:
+                    raise PositionPastEnd(
+                        f"the job's stored position of partition {p} of {topic} is offset {start}, past the "
+                        f"partition's end ({high}): the topic was deleted and created again, or its records "
+                        "were removed; delete the job's positions to start it over (see docs/guarantees.md, "
+                        "Restarts)")
             elif p in committed:
                 start = requested = committed[p]
             else:
