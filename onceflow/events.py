@@ -124,6 +124,19 @@ class Event(NamedTuple):
 TIME_SOURCES = ("field", "record")
 
 
+def check_time_source(time_source: str) -> None:
+    """ValueError unless ``time_source`` is one of :data:`TIME_SOURCES`."""
+    if time_source not in TIME_SOURCES:
+        raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
+
+
+def require_source_record(element: Any, transform: str) -> None:
+    """TypeError, saying what to do, unless ``element`` is a :class:`SourceRecord`."""
+    if not isinstance(element, SourceRecord):
+        raise TypeError(f"{transform} takes SourceRecord elements, got {type(element).__name__}: wrap each "
+                        "raw value as onceflow.events.SourceRecord(value_bytes, source_dict)")
+
+
 def timed_by(event: Event, time_source: str) -> Event:
     """``event`` with the event time ``time_source`` names: its time field's
     (``field``, as decoded) or its Kafka record timestamp (``record``; a record

@@ -39,7 +39,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from onceflow import metrics
-from onceflow.events import TIME_SOURCES, EventContract, SourceRecord
+from onceflow.events import EventContract, SourceRecord, check_time_source
 
 MARKER = "onceflow-archive.json"
 FORMATS = ("avro", "parquet")
@@ -387,8 +387,7 @@ class ReadArchive(beam.PTransform):
 
     def __init__(self, directory: str, contract: EventContract, time_source: str = "field"):
         super().__init__()
-        if time_source not in TIME_SOURCES:
-            raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
+        check_time_source(time_source)
         self._directory = directory
         self._contract = contract
         self._time_source = time_source

@@ -40,7 +40,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from onceflow.batches import KAFKA, RecordBatch
-from onceflow.windowing import WindowSpec
+from onceflow.windowing import WindowSpec, format_duration_ms
 
 PROGRESS_TABLE = "onceflow_progress"
 
@@ -85,8 +85,6 @@ def settings_positions(topic: str, spec: WindowSpec, time_source: str) -> List[P
 
 def describe_settings(positions: Dict[int, Position]) -> str:
     """The flags stored entries say, e.g. ``--window=10s --allowed_lateness=5s``."""
-    from onceflow.windowing import format_duration_ms
-
     values = [positions[index].high_water_ms if index in positions else None for index in range(len(_SETTINGS))]
     parts = []
     for flag, value in zip(_SETTINGS, values):

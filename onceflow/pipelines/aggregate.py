@@ -398,10 +398,11 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
     try:
         stored = store.read(config.group_id, topic)
         kept = store.read(config.group_id + SETTINGS_SUFFIX, topic)
-        if stored and kept and describe_settings(kept) != describe_settings({p.partition: p for p in settings}):
+        wanted = describe_settings({p.partition: p for p in settings})
+        if stored and kept and describe_settings(kept) != wanted:
             raise UsageError(
                 f"the positions of job {config.group_id!r} in {job.sink.describe()} were kept under "
-                f"{describe_settings(kept)}; this run has {describe_settings({p.partition: p for p in settings})}. "
+                f"{describe_settings(kept)}; this run has {wanted}. "
                 "Resuming under others would rebuild windows from part of their events: restart with the "
                 "same flags, or write the new ones to another table with a backfill (--from/--to) and then a "
                 "live job there")

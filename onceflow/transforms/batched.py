@@ -26,7 +26,7 @@ from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation, value_fields
 from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc, take, taker
 from onceflow.deadletter import DeadLetter
-from onceflow.events import TIME_SOURCES, EventContract, SourceRecord
+from onceflow.events import EventContract, SourceRecord, check_time_source, require_source_record
 from onceflow.transforms.aggregate import (
     Aggregated, check_aggregate_arguments, refusal_letter, window_row,
 )
@@ -518,9 +518,7 @@ class _BatchRecordsDoFn(beam.DoFn):
         self._earliest: Optional[Timestamp] = None
 
     def process(self, record: SourceRecord, timestamp=beam.DoFn.TimestampParam) -> Iterator[WindowedValue]:
-        if not isinstance(record, SourceRecord):
-            raise TypeError(f"BatchRecords takes SourceRecord elements, got {type(record).__name__}: wrap each "
-                            "raw value as onceflow.events.SourceRecord(value_bytes, source_dict)")
+        require_source_record(record, "BatchRecords")
         self._records.append(record)
         if self._earliest is None or timestamp < self._earliest:
             self._earliest = timestamp
@@ -555,8 +553,7 @@ class BatchRecords(beam.PTransform):
         super().__init__()
         if max_records < 1:
             raise ValueError("a batch holds at least one record")
-        if time_source not in TIME_SOURCES:
-            raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
+        check_time_source(time_source)
         self._contract = contract
         self._max_records = max_records
         self._time_source = time_source

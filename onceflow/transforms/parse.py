@@ -9,7 +9,9 @@ from apache_beam import pvalue
 
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter
-from onceflow.events import TIME_SOURCES, EventContract, RecordError, SourceRecord, timed_by
+from onceflow.events import (
+    EventContract, RecordError, SourceRecord, check_time_source, require_source_record, timed_by,
+)
 
 STAGE = "parse"
 _DEAD_LETTERS = "dead_letters"
@@ -30,9 +32,7 @@ class _ParseDoFn(beam.DoFn):
         self._parsed = metrics.counter(metrics.EVENTS_PARSED)
 
     def process(self, record: SourceRecord):
-        if not isinstance(record, SourceRecord):
-            raise TypeError(f"ParseEvents takes SourceRecord elements, got {type(record).__name__}: wrap each "
-                            "raw value as onceflow.events.SourceRecord(value_bytes, source_dict)")
+        require_source_record(record, "ParseEvents")
         self._read.inc()
         try:
             event = timed_by(self._contract.to_event(record), self._time_source)
@@ -75,8 +75,7 @@ class ParseEvents(beam.PTransform):
         super().__init__()
         if not isinstance(contract, EventContract):
             raise TypeError("ParseEvents needs an EventContract")
-        if time_source not in TIME_SOURCES:
-            raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
+        check_time_source(time_source)
         self._contract = contract
         self._time_source = time_source
 
