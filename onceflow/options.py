@@ -17,12 +17,15 @@ import difflib
 import logging
 import os
 import sys
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 
 from onceflow.errors import UsageError
 from onceflow.rows import DEFAULT_BATCH_ROWS
+
+if TYPE_CHECKING:
+    from onceflow.windowing import WindowSpec
 
 SAMPLE_INPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data", "orders.jsonl")
 DEFAULT_OUTPUT_DIR = "onceflow-output"
@@ -505,6 +508,26 @@ def positive_duration_ms(text: str) -> int:
     if millis <= 0:
         raise ValueError(f"{text!r} must be more than 0")
     return millis
+
+
+def window_spec_of(window: Optional[str], window_period: Optional[str], allowed_lateness: Optional[str],
+                   dashes: str = "--") -> "WindowSpec":
+    """The window settings as a WindowSpec, checked as the job checks its flags; a
+    UsageError naming the setting (``--window``, or ``window`` with ``dashes=""``
+    for plain YAML) for a bad one. An empty or unset lateness is refused: 0s says
+    no lateness."""
+    from onceflow.events import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS
+    from onceflow.windowing import WindowSpec
+
+    size_ms = parse_flag(f"{dashes}window", positive_duration_ms, window)
+    if size_ms > MAX_EVENT_TIME_MS - MIN_EVENT_TIME_MS:  # no window of it fits: every event would be refused
+        raise UsageError(f"{dashes}window: {window} is longer than the years 1 to 9999 that windows are stored in")
+    period_ms = parse_optional_flag(f"{dashes}window_period", duration_ms, window_period)
+    lateness_ms = parse_flag(f"{dashes}allowed_lateness", duration_ms, allowed_lateness)
+    try:
+        return WindowSpec(size_ms, period_ms, lateness_ms)
+    except ValueError as error:  # the period does not divide the size, or is larger
+        raise flag_error(f"{dashes}window_period", error) from None
 
 
 def whole_seconds_ms(text: str) -> int:

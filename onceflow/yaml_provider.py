@@ -55,7 +55,9 @@ from apache_beam.typehints.row_type import RowTypeConstraint
 from onceflow import transforms
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields as aggregate_value_fields
 from onceflow.deadletter import DeadLetter
+from onceflow.errors import UsageError
 from onceflow.events import Event, EventContract, SourceRecord
+from onceflow.options import positive_int, window_spec_of
 from onceflow.rows import RowSchema
 from onceflow.versions import ONCEFLOW_VERSION
 from onceflow.windowing import WindowSpec, parse_duration_ms
@@ -101,20 +103,62 @@ def _duration(value: Union[str, int, None], what: str) -> Optional[int]:
 
 
 def _window_spec(window: str, window_period: Optional[str], allowed_lateness: str) -> WindowSpec:
-    size_ms = _duration(window, "window")
-    if not size_ms:
-        raise ValueError("window: give a duration greater than 0, e.g. 60s")
-    return WindowSpec(size_ms, _duration(window_period, "window_period"),
-                      _duration(allowed_lateness, "allowed_lateness") or 0)
+    """Checked as the job checks --window, --window_period and --allowed_lateness."""
+    try:
+        return window_spec_of(window, window_period, allowed_lateness, dashes="")
+    except UsageError as error:
+        raise ValueError(str(error)) from None
 
 
-def _contract(key_fields, time_field, id_field, aggregates, value_fields, input_format) -> EventContract:
+def _shards(value: Any) -> int:
+    try:
+        return positive_int(value, "shards")
+    except UsageError as error:
+        raise ValueError(str(error)) from None
+
+
+def _contract(key_fields, time_field, id_field, aggregates, value_fields, input_format,
+              avro_writer_schema: Optional[dict] = None) -> EventContract:
     values = _fields(value_fields, "value_fields")
     if not values and aggregates is not None:
         values = aggregate_value_fields(_aggregates(aggregates))
+    if input_format not in ("json", "avro"):
+        raise ValueError(f"input_format: {input_format!r} is not json or avro (registry-framed records are read "
+                         "from Kafka by the aggregate job)")
+    if input_format == "avro" and avro_writer_schema is None:
+        raise ValueError("input_format avro: give avro_schema, an Avro file the records were written to (its "
+                         "header holds their schema) or a JSON schema file (.avsc)")
+    if input_format != "avro" and avro_writer_schema is not None:
+        raise ValueError("avro_schema: only avro records take a writer schema; add input_format: avro")
     return EventContract(time_field=str(time_field).strip(), key_fields=_fields(key_fields, "key_fields"),
                          value_fields=values, id_field=(str(id_field).strip() or None) if id_field else None,
-                         input_format=input_format)
+                         input_format=input_format,
+                         avro_writer_schema=avro_writer_schema)
+
+
+def _avro_schema(path: Optional[str]) -> Optional[dict]:
+    """The writer schema in an Avro container file's header, or a JSON schema file."""
+    if path is None:
+        return None
+    from onceflow.io.files import read_avro_writer_schema
+
+    try:
+        return read_avro_writer_schema(str(path))
+    except OSError as error:
+        raise ValueError(f"avro_schema: cannot read {path} ({error.strerror or error})") from None
+    except Exception:  # noqa: BLE001 - not a container file: a JSON schema, or neither
+        pass
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(str(path)) as handle:
+        text = handle.read()
+    try:
+        schema = json.loads(text)
+    except ValueError:
+        schema = None
+    if not isinstance(schema, dict):
+        raise ValueError(f"avro_schema: {path} is neither an Avro container file nor a JSON schema (.avsc)")
+    return schema
 
 
 # -- rows <-> onceflow's values ----------------------------------------------------
@@ -259,19 +303,30 @@ class ReadRecordsFromFiles(beam.PTransform):
       id_field: the event ID field (absent: derived from the content).
       aggregates: the aggregates ("count,sum:qty"), naming the value fields.
       value_fields: the numeric value fields, when aggregates are not given.
-      input_format: json or avro.
+      input_format: json or avro (default: avro for a path ending in .avro, as
+        the job reads it; the first file's schema must be every file's).
     """
 
     def __init__(self, path: str, key_fields: Union[str, List[str]], time_field: str = "event_time",
                  id_field: Optional[str] = None, aggregates: Optional[Union[str, List[str]]] = None,
-                 value_fields: Optional[Union[str, List[str]]] = None, input_format: str = "json"):
+                 value_fields: Optional[Union[str, List[str]]] = None, input_format: Optional[str] = None):
         super().__init__()
         from apache_beam.io.filesystems import FileSystems
+
+        from onceflow.io.files import first_avro_writer_schema, format_by_name
 
         if not FileSystems.match([path])[0].metadata_list:  # Beam's own check fails later, in a worker's traceback
             raise ValueError(f"path: nothing matches {path!r}")
         self._path = path
-        self._contract = _contract(key_fields, time_field, id_field, aggregates, value_fields, input_format)
+        input_format = input_format or format_by_name(path)
+        writer_schema = None
+        if input_format == "avro":
+            try:
+                writer_schema = first_avro_writer_schema(path, "input_format")
+            except ValueError as error:
+                raise ValueError(f"path: {error}") from None
+        self._contract = _contract(key_fields, time_field, id_field, aggregates, value_fields, input_format,
+                                   writer_schema)
 
     def expand(self, pbegin):
         from onceflow.io.files import ReadRecordsFromFiles as ReadRecords
@@ -300,15 +355,18 @@ class ParseEvents(beam.PTransform):
       aggregates: the aggregates ("count,sum:qty"), naming the value fields.
       value_fields: the numeric value fields, when aggregates are not given.
       field: the input row's field holding the raw record (default: raw, value or line).
-      input_format: json (avro needs a writer schema: use the Python API).
+      input_format: json or avro.
+      avro_schema: for avro, the records' writer schema: an Avro file they were
+        written to (its header's schema) or a JSON schema file (.avsc).
     """
 
     def __init__(self, key_fields: Union[str, List[str]], time_field: str = "event_time",
                  id_field: Optional[str] = None, aggregates: Optional[Union[str, List[str]]] = None,
                  value_fields: Optional[Union[str, List[str]]] = None, field: Optional[str] = None,
-                 input_format: str = "json"):
+                 input_format: str = "json", avro_schema: Optional[str] = None):
         super().__init__()
-        self._contract = _contract(key_fields, time_field, id_field, aggregates, value_fields, input_format)
+        self._contract = _contract(key_fields, time_field, id_field, aggregates, value_fields, input_format,
+                                   _avro_schema(avro_schema))
         self._field = field
         self._row_type = event_row_type(self._contract.key_fields)
 
@@ -410,20 +468,25 @@ class AggregateRecords(beam.PTransform):
       early_firing: an early pane interval in whole seconds, e.g. "10s".
       field: the input row's field holding the raw record (default: raw, value or line).
       shards: the parallelism of the aggregation step.
+      input_format: json or avro.
+      avro_schema: for avro, the records' writer schema: an Avro file they were
+        written to (its header's schema) or a JSON schema file (.avsc).
     """
 
     def __init__(self, key_fields: Union[str, List[str]], window: str, aggregates: Union[str, List[str]],
                  time_field: str = "event_time", id_field: Optional[str] = None,
                  window_period: Optional[str] = None, allowed_lateness: str = "5m",
-                 early_firing: Optional[str] = None, field: Optional[str] = None, shards: int = 8):
+                 early_firing: Optional[str] = None, field: Optional[str] = None, shards: int = 8,
+                 input_format: str = "json", avro_schema: Optional[str] = None):
         super().__init__()
-        self._contract = _contract(key_fields, time_field, id_field, aggregates, None, "json")
+        self._contract = _contract(key_fields, time_field, id_field, aggregates, None, input_format,
+                                   _avro_schema(avro_schema))
         self._aggregates = _aggregates(aggregates)
         self._field = field
         self._row_type = aggregate_row_type(self._contract.key_fields, self._aggregates)
         self._transform = transforms.AggregateBatches(
             self._contract.key_fields, _window_spec(window, window_period, allowed_lateness), self._aggregates,
-            early_firing_ms=_duration(early_firing, "early_firing"), shards=int(shards))
+            early_firing_ms=_duration(early_firing, "early_firing"), shards=_shards(shards))
 
     def expand(self, rows):
         aggregated = (_flatten(rows, "FlattenInputs")

@@ -32,23 +32,99 @@ def run_module(*args):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_yaml_example_matches_the_main_job(tmp_path):
+# One event ID under two keys, another in two windows of one key: four events the
+# job counts (dedup is per key and window), the per-event transforms two.
+SHARED_IDS = [
+    '{"order_id": "x1", "event_time": "2026-11-02T10:00:05Z", "store": "s1", "qty": 1, "price": 1.5}',
+    '{"order_id": "x1", "event_time": "2026-11-02T10:00:05Z", "store": "s2", "qty": 2, "price": 2.5}',
+    '{"order_id": "x2", "event_time": "2026-11-02T10:00:10Z", "store": "s1", "qty": 3, "price": 3.5}',
+    '{"order_id": "x2", "event_time": "2026-11-02T10:03:10Z", "store": "s1", "qty": 4, "price": 4.5}',
+]
+
+
+@pytest.mark.parametrize("input_name", ["sample", "shared-ids"])
+def test_yaml_example_matches_the_main_job(tmp_path, input_name):
     """templates/yaml/aggregate.yaml run by Beam's YAML runner gives the main job's
-    rows and dead letters on the same input (the sample has duplicates, malformed
-    records and too-late events)."""
-    run_module("onceflow.pipelines.aggregate", "--input", SAMPLE_INPUT,
+    rows and dead letters on the same input: the sample (duplicates, malformed
+    records and too-late events), and event IDs shared by other keys and windows."""
+    source = SAMPLE_INPUT
+    if input_name == "shared-ids":
+        source = str(tmp_path / "shared.jsonl")
+        pathlib.Path(source).write_text("\n".join(SHARED_IDS) + "\n", encoding="utf-8")
+    run_module("onceflow.pipelines.aggregate", "--input", source,
                "--sink", f"sqlite:///{tmp_path}/job.db", "--dlq", str(tmp_path / "job-dlq.jsonl"))
-    variables = {"input": SAMPLE_INPUT, "sink": f"sqlite:///{tmp_path}/yaml.db",
+    variables = {"input": source, "sink": f"sqlite:///{tmp_path}/yaml.db",
                  "dlq": str(tmp_path / "yaml-dlq.jsonl")}
     run_module("apache_beam.yaml.main", f"--yaml_pipeline_file={EXAMPLE}",
                f"--jinja_variables={json.dumps(variables)}")
 
     job_rows = table_rows(tmp_path / "job.db")
-    assert len(job_rows) > 100
+    assert len(job_rows) > 100 if input_name == "sample" else len(job_rows) == 3
     assert table_rows(tmp_path / "yaml.db") == job_rows
     job_letters = dead_letters(tmp_path / "job-dlq.jsonl")
-    assert any('"too_late"' in letter for letter in job_letters)
+    if input_name == "sample":
+        assert any('"too_late"' in letter for letter in job_letters)
     assert dead_letters(tmp_path / "yaml-dlq.jsonl") == job_letters
+
+
+def test_avro_files_through_yaml_match_the_main_job(tmp_path):
+    """An Avro container file through ReadRecordsFromFiles (its format and schema
+    taken from the file, as the job takes them) and AggregateRecords (the schema
+    from the same file), and through the per-event ParseEvents | WindowedAggregate
+    (a JSON schema file): the job's rows, and its dead letter for the bad record."""
+    import fastavro
+    from apache_beam.yaml.yaml_transform import YamlTransform
+
+    schema = {"type": "record", "name": "Order", "fields": [
+        {"name": "order_id", "type": "string"}, {"name": "event_time", "type": "string"},
+        {"name": "store", "type": "string"}, {"name": "qty", "type": "long"}]}
+    records = [json.loads(line) for line in LINES[:4]]
+    records.insert(2, {**records[0], "order_id": "bad", "event_time": "yesterday"})
+    path = tmp_path / "orders.avro"
+    with open(path, "wb") as handle:
+        fastavro.writer(handle, fastavro.parse_schema(schema), [{**r, "qty": int(r["qty"])} for r in records])
+    (tmp_path / "order.avsc").write_text(json.dumps(schema), encoding="utf-8")
+    run_module("onceflow.pipelines.aggregate", f"--input={path}", "--aggregate=count,sum:qty",
+               f"--sink=sqlite:///{tmp_path}/job.db", f"--dlq={tmp_path}/job-dlq.jsonl", "--status=off")
+
+    spec = f"""
+    type: composite
+    transforms:
+      - type: ReadRecordsFromFiles
+        name: Read
+        config: {{path: "{path}", key_fields: store, id_field: order_id, aggregates: "count,sum:qty"}}
+      - type: AggregateRecords
+        input: Read
+        config: {{key_fields: store, id_field: order_id, window: 60s, aggregates: "count,sum:qty",
+                  input_format: avro, avro_schema: "{path}"}}
+      - type: WriteRows
+        input: AggregateRecords.rows
+        config: {{sink: "sqlite:///{tmp_path}/batched.db", key_fields: store, aggregates: "count,sum:qty"}}
+      - type: WriteDeadLetters
+        input: AggregateRecords.dead_letters
+        config: {{dlq: "{tmp_path}/batched-dlq.jsonl", pipeline: aggregate}}
+      - type: ParseEvents
+        input: Read
+        config: {{key_fields: store, id_field: order_id, aggregates: "count,sum:qty", input_format: avro,
+                  avro_schema: "{tmp_path}/order.avsc"}}
+      - type: WindowedAggregate
+        input: ParseEvents.events
+        config: {{key_fields: store, window: 60s, aggregates: "count,sum:qty"}}
+      - type: WriteRows
+        name: WritePerEvent
+        input: WindowedAggregate.rows
+        config: {{sink: "sqlite:///{tmp_path}/per_event.db", key_fields: store, aggregates: "count,sum:qty"}}
+    """
+    with beam.Pipeline() as pipeline:
+        _ = pipeline | YamlTransform(spec, providers=yaml_provider.provider())
+
+    job_rows = table_rows(tmp_path / "job.db")
+    assert [(row["store"], row["event_count"], row["sum_qty"]) for row in map(dict, job_rows)] == [
+        ("s1", 2, 5), ("s2", 1, 1)]
+    assert table_rows(tmp_path / "batched.db") == job_rows
+    assert table_rows(tmp_path / "per_event.db") == job_rows
+    assert dead_letters(tmp_path / "batched-dlq.jsonl") == dead_letters(tmp_path / "job-dlq.jsonl")
+    assert [e["reason"] for e in read_dead_letters(str(tmp_path / "job-dlq.jsonl"))] == ["bad_timestamp"]
 
 
 LINES = [
@@ -124,6 +200,17 @@ def test_transforms_by_name_from_python(tmp_path):
      "dedup: 'maybe' is not true or false"),
     ("ReadRecordsFromFiles", {"path": "/nonexistent/orders-*.jsonl", "key_fields": "store"},
      "path: nothing matches '/nonexistent/orders-\\*.jsonl'"),
+    ("ReadRecordsFromFiles", {"path": SAMPLE_INPUT, "key_fields": "store", "input_format": "avro"},
+     "is not an Avro container file .*; for JSON lines give input_format=json"),
+    ("AggregateRecords", {"key_fields": "store", "window": "60s", "aggregates": "count", "input_format": "avro"},
+     "input_format avro: give avro_schema"),
+    ("ParseEvents", {"key_fields": "store", "avro_schema": SAMPLE_INPUT}, "neither an Avro container file nor"),
+    ("AggregateRecords", {"key_fields": "store", "window": "60s", "aggregates": "count", "allowed_lateness": ""},
+     "allowed_lateness: '' is not a duration"),
+    ("WindowedAggregate", {"key_fields": "store", "window": "4000000d", "aggregates": "count"},
+     "window: 4000000d is longer than the years 1 to 9999"),
+    ("AggregateRecords", {"key_fields": "store", "window": "60s", "aggregates": "count", "shards": "many"},
+     "shards: 'many' is not a positive whole number"),
 ])
 def test_plain_yaml_configuration_is_checked(transform, config, words):
     with pytest.raises(ValueError, match=words):

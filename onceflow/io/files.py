@@ -26,6 +26,27 @@ def read_avro_writer_schema(path: str) -> dict:
         return dict(fastavro.reader(handle).writer_schema)
 
 
+def format_by_name(pattern: str) -> str:
+    """The input format a file name implies when none is given: avro for ``.avro``,
+    else json."""
+    return "avro" if pattern.endswith(".avro") else "json"
+
+
+def first_avro_writer_schema(pattern: str, format_setting: str = "--input_format") -> dict:
+    """The writer schema of the first file (by path) ``pattern`` matches: every file
+    read must have been written with it. ValueError when nothing matches or that
+    file is not an Avro container file."""
+    matches = beam.io.filesystems.FileSystems.match([pattern])[0].metadata_list
+    if not matches:
+        raise ValueError(f"nothing matches {pattern!r}")
+    first = sorted(m.path for m in matches)[0]
+    try:
+        return read_avro_writer_schema(first)
+    except Exception as error:  # a corrupt or non-Avro file: say so in one line
+        raise ValueError(f"{first} is not an Avro container file ({error}); for JSON lines give "
+                         f"{format_setting}=json") from None
+
+
 BATCH_RECORDS = 10_000  # records per batch a file is read in
 
 

@@ -31,10 +31,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError, exit_status
-from onceflow.events import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS, REGISTRY_FORMATS, EventContract
+from onceflow.events import REGISTRY_FORMATS, EventContract
 from onceflow.io.archive import ReadArchive, check_archive, is_archive
 from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
-from onceflow.io.files import ReadRecordBatchesFromFiles, UnreadableInputFile, read_avro_writer_schema
+from onceflow.io.files import ReadRecordBatchesFromFiles, UnreadableInputFile, first_avro_writer_schema, format_by_name
 from onceflow.io.flink_rest import FlinkRestError
 from onceflow.io.kafka.config import (
     COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_error_text, client_settings_from_flags,
@@ -54,8 +54,8 @@ from onceflow.io.targets import Target
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
     ONCEFLOW_OPTION_CLASSES, AggregateOptions, EventOptions, FlinkOptions, InputOptions, KafkaOptions, MonitoringOptions,
-    OutputOptions, WindowOptions, duration_ms, flag_error, help_text, optional_text, parse_flag, parse_optional_flag,
-    parse_pipeline_args, positive_duration_ms, positive_int, split_fields, whole_seconds_ms,
+    OutputOptions, WindowOptions, flag_error, help_text, optional_text, parse_flag, parse_optional_flag,
+    parse_pipeline_args, positive_duration_ms, positive_int, split_fields, whole_seconds_ms, window_spec_of,
 )
 from onceflow.pipelines import flink_savepoint
 from onceflow.pipelines.flink_savepoint import SavepointStop
@@ -111,16 +111,8 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     aggregate_text = options.view_as(AggregateOptions).aggregate
 
     aggregates = parse_flag("--aggregate", parse_aggregates, aggregate_text)
-    size_ms = parse_flag("--window", positive_duration_ms, windows.window)
-    if size_ms > MAX_EVENT_TIME_MS - MIN_EVENT_TIME_MS:  # no window of it fits: every event would be refused
-        raise UsageError(f"--window: {windows.window} is longer than the years 1 to 9999 that windows are stored in")
-    period_ms = parse_optional_flag("--window_period", duration_ms, windows.window_period)
-    lateness_ms = parse_flag("--allowed_lateness", duration_ms, windows.allowed_lateness)
+    window_spec = window_spec_of(windows.window, windows.window_period, windows.allowed_lateness)
     early_ms = parse_optional_flag("--early_firing", whole_seconds_ms, windows.early_firing)
-    try:
-        window_spec = WindowSpec(size_ms, period_ms, lateness_ms)
-    except ValueError as error:  # the period does not divide the size, or is larger
-        raise flag_error("--window_period", error) from None
 
     input_pattern = str(source.input)
     kafka_topic = None
@@ -135,13 +127,13 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
                      and not (archived and name == "kafka_time_source")]
         if misplaced:
             raise UsageError(f"--{misplaced[0]}: only a kafka://HOST:PORT/TOPIC input reads with it; remove it")
-    input_format = source.input_format or ("avro" if input_pattern.endswith(".avro") else "json")
+    input_format = source.input_format or format_by_name(input_pattern)
     writer_schema = None
     if input_format == "avro":
         if kafka_topic is not None:
             raise UsageError("--input_format: plain Avro from Kafka has no writer schema; produce records in the "
                              "schema registry's wire format and use --input_format avro_registry")
-        writer_schema = _first_avro_schema(input_pattern)
+        writer_schema = parse_flag("--input", first_avro_writer_schema, input_pattern)
     kafka_options = options.view_as(KafkaOptions)
     try:
         kafka_settings = client_settings_from_flags(kafka_options.kafka_setting, kafka_options.kafka_config_file)
@@ -294,18 +286,6 @@ def _registry_options(source: InputOptions, input_format: str, kafka_settings: D
             raise UsageError(f"--avro_reader_schema: {reader_path!r} is not a readable Avro schema: "
                              f"{error}"[:300]) from None
     return registry, reader_schema
-
-
-def _first_avro_schema(pattern: str) -> dict:
-    matches = beam.io.filesystems.FileSystems.match([pattern])[0].metadata_list
-    if not matches:
-        raise UsageError(f"--input: nothing matches {pattern!r}")
-    first = sorted(m.path for m in matches)[0]
-    try:
-        return read_avro_writer_schema(first)
-    except Exception as error:  # a corrupt or non-Avro file: say so in one line
-        raise UsageError(f"--input: {first} is not an Avro container file ({error}); for JSON lines give "
-                         "--input_format=json") from None
 
 
 def build(pipeline: beam.Pipeline, job: AggregateJob) -> Aggregated:
