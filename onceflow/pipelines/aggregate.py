@@ -51,6 +51,7 @@ from onceflow.io.schema_registry import (
 from onceflow.io.progress import SETTINGS_SUFFIX, KeepProgress, Position, describe_settings, settings_positions
 from onceflow.io.sinks import WriteRows, parse_sink_url, position_sinks, prepare_sink, progress_store
 from onceflow.io.targets import Target
+from onceflow.io.urls import first_line
 from onceflow.observability.monitor import Monitor
 from onceflow.options import (
     ONCEFLOW_OPTION_CLASSES, AggregateOptions, EventOptions, FlinkOptions, InputOptions, KafkaOptions, MonitoringOptions,
@@ -122,7 +123,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         raise UsageError("--from/--to: only a kafka://HOST:PORT/TOPIC input reads a range")
     else:
         given = options.get_all_options(drop_default=True)
-        archived = is_archive(input_pattern)  # a topic's records, with their Kafka timestamps
+        archived = _is_archive(input_pattern)  # a topic's records, with their Kafka timestamps
         misplaced = [name for name in _KAFKA_INPUT_FLAGS if given.get(name) is not None
                      and not (archived and name == "kafka_time_source")]
         if misplaced:
@@ -148,7 +149,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         sink = dataclasses.replace(sink, registry=registry)
     if dlq_avro:
         dlq = dataclasses.replace(dlq, registry=registry)
-    if input_format in REGISTRY_FORMATS and kafka_topic is None and not is_archive(input_pattern):
+    if input_format in REGISTRY_FORMATS and kafka_topic is None and not _is_archive(input_pattern):
         raise UsageError(f"--input_format {input_format}: registry-framed records are read from a "
                          "kafka://HOST:PORT/TOPIC input (or an archive of one)")
     kafka_settings = tuple(kafka_settings_without_registry(kafka_settings).items())
@@ -193,7 +194,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
                          f"them; write to one that can ({position_sinks()}), or backfill into it with --from/--to")
     return AggregateJob(
         kafka=kafka,
-        from_archive=kafka is None and is_archive(input_pattern),
+        from_archive=kafka is None and _is_archive(input_pattern),
         kafka_idle_timeout_ms=idle_ms,
         input_pattern=input_pattern,
         contract=contract,
@@ -351,6 +352,16 @@ def _check_input_exists(pattern: str) -> None:
                          f"--input={os.path.join(folders[0], '*.jsonl')}")
 
 
+def _is_archive(path: str) -> bool:
+    """:func:`is_archive`, with a file system that refuses or cannot be reached
+    (no access, no network: the cloud client's own retries have ended) as one line."""
+    try:
+        return is_archive(path)
+    except Exception as error:  # noqa: BLE001 - any client's error, said in one line
+        raise ServiceError(f"--input: cannot look at {path!r} ({first_line(error)}); check the path, the "
+                           "network and your access to it") from None
+
+
 def _archive_holding(paths: Iterable[str]) -> Optional[str]:
     """The archive folder any of ``paths`` lies in (an archive's files are two
     folders below its root: ``topic=T/hour=H/``), if any."""
@@ -359,7 +370,7 @@ def _archive_holding(paths: Iterable[str]) -> Optional[str]:
         for _ in range(3):
             path = os.path.dirname(path.rstrip("/"))
             folders.add(path)
-    return next((folder for folder in sorted(folders) if folder and is_archive(folder)), None)
+    return next((folder for folder in sorted(folders) if folder and _is_archive(folder)), None)
 
 
 def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: Optional[str] = None) -> AggregateJob:

@@ -85,6 +85,7 @@ def run_cli(*args, cwd=None):
     (["--window", "banana"], "--window: 'banana' is not a duration"),
     (["--window=0"], "--window"),
     (["--allowed_lateness=soon"], "--allowed_lateness"),
+    (["--allowed_lateness="], "--allowed_lateness: '' is not a duration"),
     (["--aggregate=median:qty"], "--aggregate: unknown aggregate 'median'"),
     (["--sink=mysql://x/y"], "--sink"),
     (["--sink=sqlite:///x.db?table=a;b"], "--sink"),
@@ -104,6 +105,24 @@ def run_cli(*args, cwd=None):
 ])
 def test_bad_flags_get_one_line(flags, fragment, tmp_path):
     assert_one_usage_line(run_cli(*flags, cwd=tmp_path), fragment)
+
+
+def test_an_input_the_file_system_cannot_reach_is_one_line(monkeypatch):
+    """A path the file system cannot reach (a cloud bucket: no access, no network)
+    failed in a traceback from the archive check, before the input's own check."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from onceflow.errors import ServiceError
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options
+
+    def unreachable(path):
+        raise RuntimeError("Deadline of 120.0s exceeded while calling target function\nretrying")
+
+    monkeypatch.setattr(FileSystems, "exists", unreachable)
+    with pytest.raises(ServiceError, match=r"^--input: cannot look at '/mnt/bucket/orders/\*.jsonl' \(Deadline of "
+                                           r"120.0s exceeded while calling target function\); check the path"):
+        job_from_options(parse_pipeline_args(["--input=/mnt/bucket/orders/*.jsonl", "--sink=sqlite:///x.db"]))
 
 
 def assert_one_usage_line(result, fragment):
