@@ -230,11 +230,38 @@ ClientFactory = Callable[[str], Any]
 
 def ensure_table(project: str, dataset: str, table: str, schema: RowSchema, method: str = "merge",
                  client_factory: ClientFactory = default_client) -> None:
-    """Creates the table if absent; ValueError if it exists with other columns."""
+    """Creates the table if absent; ValueError if it exists with other columns or
+    column types, or, for ``cdc``, without the primary key or ``max_staleness``
+    that CDC upserts need (``CREATE TABLE IF NOT EXISTS`` leaves a table as it is)."""
     client = client_factory(project)
     client.query(create_table_ddl(project, dataset, table, schema, method)).result()
-    found = [field.name for field in client.get_table(table_id(project, dataset, table)).schema]
-    check_columns(found, [f["name"] for f in table_schema(schema)], table, f"{project}.{dataset}")
+    check_table(client.get_table(table_id(project, dataset, table)), schema, method, table, f"{project}.{dataset}")
+
+
+# The API names some types by their legacy names (a column created INT64 is read back INTEGER).
+_LEGACY_TYPES = {"INT64": "INTEGER", "FLOAT64": "FLOAT", "BOOL": "BOOLEAN"}
+
+
+def check_table(found: Any, schema: RowSchema, method: str, table: str, where: str) -> None:
+    """ValueError (one line) when ``found`` (the client's Table) is not a table this
+    job can write with ``method``."""
+    hint = f"use another table ({TABLE_FORM})"
+    expected = table_schema(schema)
+    check_columns([field.name for field in found.schema], [f["name"] for f in expected], table, where, hint)
+    for field, wanted in zip(found.schema, expected):
+        if _LEGACY_TYPES.get(field.field_type, field.field_type) != _LEGACY_TYPES.get(wanted["type"], wanted["type"]):
+            raise ValueError(f"table {table!r} in {where}: column {field.name!r} is {field.field_type}, but this job "
+                             f"writes {wanted['type']}; {hint}")
+    if method != "cdc":
+        return
+    constraints = found.table_constraints
+    key = list(constraints.primary_key.columns) if constraints is not None and constraints.primary_key else []
+    if key != list(schema.primary_key):
+        raise ValueError(f"table {table!r} in {where} has primary key {key or 'none'}, but ?method=cdc upserts on "
+                         f"{list(schema.primary_key)}; {hint}")
+    if not found.max_staleness:
+        raise ValueError(f"table {table!r} in {where} has no max_staleness, which ?method=cdc needs; set it (ALTER "
+                         f"TABLE ... SET OPTIONS (max_staleness = {CDC_MAX_STALENESS})) or {hint}")
 
 
 class _BigQueryMergeDoFn(UpsertRowsDoFn):

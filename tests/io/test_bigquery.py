@@ -36,12 +36,16 @@ class FakeBigQueryClient:
     """Records every call; MERGE reports ``affected`` rows; ``failures`` is a list of
     (call name, exception) raised once each, in order, by the matching call."""
 
-    def __init__(self, project, affected=None, columns=None, failures=()):
+    def __init__(self, project, affected=None, columns=None, failures=(), types=None, primary_key=None,
+                 max_staleness="0-0 0 0:15:0"):
         self.project = project
         self.calls = []
         self.affected = affected
         self.columns = columns
         self.failures = list(failures)
+        self.types = types or {}  # column -> type, where the table differs from what CREATE TABLE gives
+        self.primary_key = list(SCHEMA.primary_key) if primary_key is None else primary_key
+        self.max_staleness = max_staleness
 
     def _maybe_fail(self, name):
         if self.failures and self.failures[0][0] == name:
@@ -64,8 +68,15 @@ class FakeBigQueryClient:
 
     def get_table(self, table):
         self.calls.append(("get_table", table))
-        names = self.columns or [f["name"] for f in bigquery.table_schema(SCHEMA)]
-        return types.SimpleNamespace(schema=[types.SimpleNamespace(name=n) for n in names])
+        # As the API reads a table back: legacy type names (INT64 is INTEGER, FLOAT64 is FLOAT).
+        legacy = {"INT64": "INTEGER", "FLOAT64": "FLOAT"}
+        fields = {f["name"]: legacy.get(f["type"], f["type"]) for f in bigquery.table_schema(SCHEMA)}
+        names = self.columns or list(fields)
+        constraints = types.SimpleNamespace(
+            primary_key=types.SimpleNamespace(columns=self.primary_key) if self.primary_key else None)
+        return types.SimpleNamespace(
+            schema=[types.SimpleNamespace(name=n, field_type=self.types.get(n, fields.get(n, "STRING"))) for n in names],
+            table_constraints=constraints, max_staleness=self.max_staleness)
 
 
 class HttpError(Exception):
@@ -212,8 +223,34 @@ def test_ensure_table_creates_then_checks_columns():
     assert client.calls == [("query", bigquery.create_table_ddl("my-project", "analytics", "orders", SCHEMA)),
                             ("get_table", "my-project.analytics.orders")]
     other = FakeBigQueryClient("my-project", columns=["store", "n"])
-    with pytest.raises(ValueError, match="has columns"):
+    with pytest.raises(ValueError, match=r"has columns .*; use another table \(bigquery://PROJECT.DATASET.TABLE\)"):
         bigquery.ensure_table("my-project", "analytics", "orders", SCHEMA, client_factory=lambda _: other)
+
+
+@pytest.mark.parametrize("method, table, message", [
+    ("merge", {"types": {"event_count": "STRING"}}, "column 'event_count' is STRING, but this job writes INT64"),
+    ("merge", {"types": {"window_start": "DATETIME"}}, "column 'window_start' is DATETIME, but this job writes "
+                                                        "TIMESTAMP"),
+    ("cdc", {"primary_key": []}, "has primary key none, but ?method=cdc upserts on"),
+    ("cdc", {"primary_key": ["store"]}, r"has primary key \['store'\], but"),
+    ("cdc", {"max_staleness": None}, "has no max_staleness, which ?method=cdc needs"),
+])
+def test_an_existing_table_of_other_types_or_without_what_cdc_needs_is_refused(method, table, message):
+    """CREATE TABLE IF NOT EXISTS leaves an existing table as it is: one with the
+    right names but other types (the MERGE or the load would fail on the first
+    batch), or, for CDC, no primary key or max_staleness (the Storage Write API
+    refuses CDC upserts into it), is refused when the job starts."""
+    client = FakeBigQueryClient("my-project", **table)
+    with pytest.raises(ValueError, match=message.replace("?", "\\?")):
+        bigquery.ensure_table("my-project", "analytics", "orders", SCHEMA, method, client_factory=lambda _: client)
+
+
+def test_a_table_as_the_job_creates_it_is_accepted_for_either_method():
+    for method in ("merge", "cdc"):
+        client = FakeBigQueryClient("my-project")
+        bigquery.ensure_table("my-project", "analytics", "orders", SCHEMA, method, client_factory=lambda _: client)
+    merge_only = FakeBigQueryClient("my-project", primary_key=[], max_staleness=None)  # MERGE needs neither
+    bigquery.ensure_table("my-project", "analytics", "orders", SCHEMA, "merge", client_factory=lambda _: merge_only)
 
 
 FAKE_CLIENTS = []
