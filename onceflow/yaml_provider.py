@@ -239,12 +239,20 @@ def event_to_row(event: Event, key_fields: Sequence[str]) -> beam.Row:
                     high_water_ms=event.record.high_water_ms)
 
 
-def row_to_event(row: Any, key_fields: Sequence[str]) -> Event:
+def row_to_event(row: Any, key_fields: Sequence[str], value_names: Sequence[str] = ()) -> Event:
+    """An event row (from ParseEvents) as an :class:`Event`; ValueError naming a value
+    the aggregates read that the row does not hold (ParseEvents decodes only the
+    value fields of its own aggregates or value_fields)."""
     data = _as_dict(row)
     record = SourceRecord(_to_bytes(data["raw"]), json.loads(data["source"]) if data.get("source") else {},
                           data.get("high_water_ms"))
+    values = json.loads(data["values"]) if data.get("values") else {}
+    missing = [name for name in value_names if name not in values]
+    if missing:
+        raise ValueError(f"WindowedAggregate: an event row holds no value {missing[0]!r}: give ParseEvents the "
+                         "same aggregates (or value_fields naming it)")
     return Event(data["event_id"], data["event_time_ms"], tuple(str(data[name]) for name in key_fields),
-                 json.loads(data["values"]) if data.get("values") else {}, record)
+                 values, record)
 
 
 def aggregate_row_type(key_fields: Sequence[str], aggregates: Sequence[AggregateSpec]) -> RowTypeConstraint:
@@ -263,14 +271,47 @@ def _aggregate_row_to_beam(row: Dict[str, Any], columns: Sequence[str], kinds: D
     return beam.Row(**out)
 
 
+def _inputs(inputs: Any) -> List[beam.PCollection]:
+    if isinstance(inputs, beam.PCollection):
+        return [inputs]
+    return list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+
+
 def _flatten(inputs: Any, label: str) -> beam.PCollection:
     """One PCollection from a YAML ``input:`` of one or several."""
-    if isinstance(inputs, beam.PCollection):
-        return inputs
-    pcolls = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    pcolls = _inputs(inputs)
     if len(pcolls) == 1:
         return pcolls[0]
     return tuple(pcolls) | label >> beam.Flatten()
+
+
+def _require_columns(inputs: Any, names: Iterable[str], transform: str, hint: str) -> None:
+    """ValueError, when the pipeline is built, if an input's rows (where their schema
+    is known) lack a column the transform reads: otherwise each row fails in a worker."""
+    for pcoll in _inputs(inputs):
+        row_type = pcoll.element_type
+        if not isinstance(row_type, RowTypeConstraint):
+            continue
+        held = [name for name, _ in row_type._fields]
+        missing = [name for name in names if name not in held]
+        if missing:
+            raise ValueError(f"{transform}: its input rows have no {', '.join(map(repr, missing))} (they hold "
+                             f"{', '.join(held)}); {hint}")
+
+
+def _require_record_field(inputs: Any, field: Optional[str], transform: str) -> None:
+    """The input rows hold a record: ``field``, else ``raw``, ``value``, ``line``
+    or a single field (see :func:`row_to_record`)."""
+    if field is not None:
+        _require_columns(inputs, (field,), transform, "name the field that holds the raw record in field:")
+        return
+    for pcoll in _inputs(inputs):
+        row_type = pcoll.element_type
+        if isinstance(row_type, RowTypeConstraint):
+            held = [name for name, _ in row_type._fields]
+            if len(held) != 1 and not {"raw", *_TEXT_FIELDS} & set(held):
+                raise ValueError(f"{transform}: its input rows hold no raw, value or line field (they hold "
+                                 f"{', '.join(held)}); name the field that holds the raw record in field:")
 
 
 def _letters_to_rows(letters: beam.PCollection) -> beam.PCollection:
@@ -371,6 +412,7 @@ class ParseEvents(beam.PTransform):
         self._row_type = event_row_type(self._contract.key_fields)
 
     def expand(self, rows):
+        _require_record_field(rows, self._field, "ParseEvents")
         key_fields = self._contract.key_fields
         parsed = (_flatten(rows, "FlattenInputs")
                   | "ToRecords" >> beam.ParDo(_ParseRowsDoFn(self._field)).with_output_types(SourceRecord)
@@ -402,6 +444,7 @@ class DedupByEventId(beam.PTransform):
             raise ValueError("horizon: give a duration greater than 0, e.g. 6m")
 
     def expand(self, rows):
+        _require_columns(rows, ("event_id", "event_time_ms"), "DedupByEventId", "give it ParseEvents' events")
         rows = _flatten(rows, "FlattenInputs")
         row_type = rows.element_type
         return (rows
@@ -439,8 +482,11 @@ class WindowedAggregate(beam.PTransform):
                                                        early_firing_ms=self._early_ms, dedup=self._dedup)
 
     def expand(self, rows):
+        _require_columns(rows, ("event_id", "event_time_ms", *self._key_fields, "values", *_RECORD_FIELDS),
+                         "WindowedAggregate", "give it ParseEvents' events, with the same key_fields")
+        value_names = aggregate_value_fields(self._aggregates)
         aggregated = (_flatten(rows, "FlattenInputs")
-                      | "ToEvents" >> beam.Map(row_to_event, self._key_fields).with_output_types(Event)
+                      | "ToEvents" >> beam.Map(row_to_event, self._key_fields, value_names).with_output_types(Event)
                       | "WindowedAggregate" >> self._transform)
         return {"rows": _rows_out(aggregated.rows, self._key_fields, self._aggregates, self._row_type),
                 "dead_letters": _letters_to_rows(aggregated.dead_letters)}
@@ -489,6 +535,7 @@ class AggregateRecords(beam.PTransform):
             early_firing_ms=_duration(early_firing, "early_firing"), shards=_shards(shards))
 
     def expand(self, rows):
+        _require_record_field(rows, self._field, "AggregateRecords")
         aggregated = (_flatten(rows, "FlattenInputs")
                       | "ToRecords" >> beam.ParDo(_ParseRowsDoFn(self._field)).with_output_types(SourceRecord)
                       | "BatchRecords" >> transforms.BatchRecords(self._contract)
@@ -521,6 +568,8 @@ class WriteRows(beam.PTransform):
 
     def expand(self, rows):
         columns = self._schema.columns
+        _require_columns(rows, columns, "WriteRows", "give it the rows of WindowedAggregate or AggregateRecords, "
+                         "with the same key_fields and aggregates")
         return (_flatten(rows, "FlattenInputs")
                 | "ToDicts" >> beam.Map(lambda row: {c: getattr(row, c) for c in columns})
                 | "WriteRows" >> self._transform)
@@ -544,6 +593,8 @@ class WriteDeadLetters(beam.PTransform):
         self._transform = dlq_io.WriteDeadLetters(target, pipeline, ONCEFLOW_VERSION)
 
     def expand(self, rows):
+        _require_columns(rows, ("reason", "stage", "raw"), "WriteDeadLetters",
+                         "give it the dead_letters of ParseEvents, WindowedAggregate or AggregateRecords")
         return (_flatten(rows, "FlattenInputs")
                 | "ToDeadLetters" >> beam.Map(row_to_letter).with_output_types(DeadLetter)
                 | "WriteDeadLetters" >> self._transform)

@@ -191,6 +191,65 @@ def test_transforms_by_name_from_python(tmp_path):
         ("malformed_json", "parse", "not json", "yaml")]
 
 
+@pytest.mark.parametrize("second, words", [
+    # other key fields than ParseEvents'
+    ({"type": "WindowedAggregate", "input": "Parse.events",
+      "config": {"key_fields": "sku", "window": "60s", "aggregates": "count"}},
+     "WindowedAggregate: its input rows have no 'sku' .*give it ParseEvents' events, with the same key_fields"),
+    # raw lines where events are wanted
+    ({"type": "WindowedAggregate", "input": "Lines", "config": {"key_fields": "store", "window": "60s",
+                                                                "aggregates": "count"}},
+     "WindowedAggregate: its input rows have no 'event_id'"),
+    ({"type": "DedupByEventId", "input": "Lines", "config": {"horizon": "6m"}},
+     "DedupByEventId: its input rows have no 'event_id'"),
+    ({"type": "WriteDeadLetters", "input": "Lines", "config": {"dlq": "{tmp}/dlq.jsonl"}},
+     "WriteDeadLetters: its input rows have no 'reason', 'stage', 'raw'"),
+    # aggregates the rows do not hold
+    ({"type": "WriteRows", "input": "Aggregate.rows",
+      "config": {"sink": "sqlite:///{tmp}/x.db", "key_fields": "store", "aggregates": "count,max:price"}},
+     "WriteRows: its input rows have no 'max_price'"),
+    # a field: the rows do not have
+    ({"type": "ParseEvents", "input": "Lines", "config": {"key_fields": "store", "field": "text"}},
+     "ParseEvents: its input rows have no 'text'"),
+])
+def test_transforms_chained_with_other_settings_are_refused_when_built(tmp_path, second, words):
+    """Settings that do not fit the transform before failed in every worker with a
+    KeyError or AttributeError; the rows' schema is known when the pipeline is
+    built, so each is one error there."""
+    import yaml
+    from apache_beam.yaml.yaml_transform import YamlTransform
+
+    spec = {"type": "composite", "transforms": [
+        {"type": "Create", "name": "Lines", "config": {"elements": [{"line": line} for line in LINES]}},
+        {"type": "ParseEvents", "name": "Parse", "input": "Lines",
+         "config": {"key_fields": "store", "id_field": "order_id", "aggregates": "count,sum:qty"}},
+        {"type": "WindowedAggregate", "name": "Aggregate", "input": "Parse.events",
+         "config": {"key_fields": "store", "window": "60s", "aggregates": "count,sum:qty"}},
+        json.loads(json.dumps(second).replace("{tmp}", str(tmp_path))),
+    ]}
+    with pytest.raises(Exception, match=words):
+        with beam.Pipeline() as pipeline:
+            _ = pipeline | YamlTransform(yaml.safe_dump(spec), providers=yaml_provider.provider())
+
+
+def test_values_the_events_do_not_hold_are_named(tmp_path):
+    """ParseEvents decodes only its own aggregates' value fields: a WindowedAggregate
+    summing another field failed with KeyError 'qty' in a worker."""
+    import yaml
+    from apache_beam.yaml.yaml_transform import YamlTransform
+
+    spec = {"type": "composite", "transforms": [
+        {"type": "Create", "name": "Lines", "config": {"elements": [{"line": line} for line in LINES]}},
+        {"type": "ParseEvents", "name": "Parse", "input": "Lines",
+         "config": {"key_fields": "store", "id_field": "order_id"}},
+        {"type": "WindowedAggregate", "name": "Aggregate", "input": "Parse.events",
+         "config": {"key_fields": "store", "window": "60s", "aggregates": "count,sum:qty"}},
+    ]}
+    with pytest.raises(Exception, match="WindowedAggregate: an event row holds no value 'qty': give ParseEvents"):
+        with beam.Pipeline() as pipeline:
+            _ = pipeline | YamlTransform(yaml.safe_dump(spec), providers=yaml_provider.provider())
+
+
 @pytest.mark.parametrize("transform, config, words", [
     ("WindowedAggregate", {"key_fields": "store", "window": "60", "aggregates": "count"}, "window"),
     ("WindowedAggregate", {"key_fields": "store", "window": "60s", "aggregates": "total:qty"}, "unknown aggregate"),
