@@ -64,6 +64,7 @@ _DURATION = r"[0-9]+(ms|s|m|h|d)"
 _POSITIVE_DURATION = r"[0-9]*[1-9][0-9]*(ms|s|m|h|d)"
 _HOST_PORT = r"[A-Za-z0-9.\[\]:-]+:[0-9]{1,5}"
 _KAFKA_URL = rf"kafka://{_HOST_PORT}(,{_HOST_PORT})*/[A-Za-z0-9._-]{{1,249}}"
+_KAFKA_OUTPUT_URL = rf"{_KAFKA_URL}(\?format=(json|avro_registry))?"  # a sink's or DLQ's value format
 _POSTGRES_URL = r"postgres(ql)?://([^\s/@]+@)?[^\s/:@?]+(:[0-9]{1,5})?/[^\s/?]+(\?\S*)?"
 _ISO_TIME = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?"
              r"(Z|z|[+-][0-9]{2}:?[0-9]{2})?)?")
@@ -145,15 +146,15 @@ RULES: Dict[str, ParameterRule] = {
     "sink": ParameterRule(
         "Aggregate sink",
         rf"^(bigquery://[a-z][a-z0-9-]{{4,28}}[a-z0-9]\.[A-Za-z0-9_]{{1,1024}}\.[A-Za-z_][A-Za-z0-9_]{{0,62}}"
-        rf"(\?method=(merge|cdc))?|{_POSTGRES_URL}|{_KAFKA_URL})$",
+        rf"(\?method=(merge|cdc))?|{_POSTGRES_URL}|{_KAFKA_OUTPUT_URL})$",
         "bigquery://my-project.analytics.order_aggregates",
         invalid=("sqlite:///onceflow-output/aggregates.db", "bigquery://p.d.t", "file:///data/out"),
         required=True,
         note="On Dataflow the sink must be remote: bigquery://, postgresql:// or kafka:// "
              "(a sqlite or file sink would stay on one worker's disk)."),
     "dlq": ParameterRule(
-        "Dead-letter queue", rf"^({_POSTGRES_URL}|{_KAFKA_URL})$", "kafka://broker-1:9092/orders-dlq",
-        invalid=("onceflow-output/dlq.jsonl", "kafka://broker-1/orders-dlq"),
+        "Dead-letter queue", rf"^({_POSTGRES_URL}|{_KAFKA_OUTPUT_URL})$", "kafka://broker-1:9092/orders-dlq",
+        invalid=("onceflow-output/dlq.jsonl", "kafka://broker-1/orders-dlq", "kafka://broker-1:9092/dlq?format=xml"),
         required=True,
         note="On Dataflow the dead-letter queue must be remote: postgresql://...?table=NAME or "
              "kafka://HOST:PORT/TOPIC (a JSON-lines file would stay on one worker's disk)."),

@@ -544,6 +544,12 @@ class AggregateRecords(beam.PTransform):
                 "dead_letters": _letters_to_rows(aggregated.dead_letters)}
 
 
+def _refuse_registry_format(target: Any, setting: str) -> None:
+    if target.scheme == "kafka" and target.option("format") == "avro_registry":
+        raise ValueError(f"{setting}: ?format=avro_registry needs a schema registry, which these transforms are not "
+                         "given; write JSON (no ?format), or run the aggregate job with --schema_registry_url")
+
+
 class WriteRows(beam.PTransform):
     """Upserts aggregate rows into the sink a URL names (as --sink: sqlite:///PATH.db,
     postgresql://..., file:///DIR?format=parquet, ...), guarded by event_count.
@@ -563,6 +569,7 @@ class WriteRows(beam.PTransform):
 
         self._schema = RowSchema(_fields(key_fields, "key_fields"), _aggregates(aggregates))
         self._target = sinks.parse_sink_url(sink)
+        _refuse_registry_format(self._target, "sink")
         sinks.prepare_sink(self._target, self._schema)
         self._transform = sinks.WriteRows(self._target, self._schema, int(batch_size))
 
@@ -589,6 +596,7 @@ class WriteDeadLetters(beam.PTransform):
         from onceflow.io import dlq as dlq_io
 
         target = dlq_io.parse_dlq_target(dlq)
+        _refuse_registry_format(target, "dlq")
         dlq_io.prepare_dlq(target)
         self._transform = dlq_io.WriteDeadLetters(target, pipeline, ONCEFLOW_VERSION)
 

@@ -270,6 +270,10 @@ def test_values_the_events_do_not_hold_are_named(tmp_path):
      "window: 4000000d is longer than the years 1 to 9999"),
     ("AggregateRecords", {"key_fields": "store", "window": "60s", "aggregates": "count", "shards": "many"},
      "shards: 'many' is not a positive whole number"),
+    ("WriteRows", {"sink": "kafka://127.0.0.1:9/rows?format=avro_registry", "key_fields": "store",
+                   "aggregates": "count"}, "sink: \\?format=avro_registry needs a schema registry"),
+    ("WriteDeadLetters", {"dlq": "kafka://127.0.0.1:9/dlq?format=avro_registry"},
+     "dlq: \\?format=avro_registry needs a schema registry"),
 ])
 def test_plain_yaml_configuration_is_checked(transform, config, words):
     with pytest.raises(ValueError, match=words):
