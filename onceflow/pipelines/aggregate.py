@@ -397,6 +397,11 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
                 "Resuming under others would rebuild windows from part of their events: restart with the "
                 "same flags, or write the new ones to another table with a backfill (--from/--to) and then a "
                 "live job there")
+        if savepoint is not None and not stored:
+            raise UsageError(
+                f"--savepoint_path: job {config.group_id!r} has never run on {job.sink.describe()}, so the "
+                "savepoint is another run's (another sink or group): restoring its windows and positions here "
+                "would mix them into these rows; start without --savepoint_path")
         store.write(config.group_id + SETTINGS_SUFFIX, settings)
         if not stored:
             reads = resolve_partition_reads(config, partitions)
@@ -515,6 +520,11 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             failure = _registry_failure(error)
             if failure:  # transient or setup, never a bad record: one line, status 1
                 raise ServiceError(f"{failure}; no record was dead-lettered for it: rerun when it answers") from None
+            restore = _savepoint_restore_failure(error)
+            if restore is not None and options.view_as(FlinkOptions).savepoint_path:
+                raise UsageError(f"--savepoint_path: {restore}; give the path the stop printed with the flags it "
+                                 "ran with, or start without --savepoint_path: the job then resumes from the "
+                                 "positions stored in the sink") from None
             raise
         return monitor.finish(collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
                                               job.dlq.describe(), mirror=monitor.mirror()))
@@ -579,6 +589,23 @@ def _retention_gap_line(error: BaseException) -> Optional[str]:
 def _registry_failure(error: BaseException) -> Optional[str]:
     """The line of a :class:`RegistryUnavailable` inside a runner's error, if any."""
     return _line_in_error(error, r"(schema registry \S+ did not give schema \d+ after [^\n]*)")
+
+
+def _savepoint_restore_failure(error: BaseException) -> Optional[str]:
+    """What Flink said when it could not start the job from ``--savepoint_path``."""
+    missing = _line_in_error(error, r"FileNotFoundException: Cannot find checkpoint or savepoint file/directory "
+                                    r"('[^'\n]*')")
+    if missing is not None:
+        return f"Flink finds no savepoint at {missing}"
+    if _line_in_error(error, r"(Unexpected magic number)") is not None:
+        return "Flink read no savepoint there (not a savepoint, or a corrupt one)"
+    operator = _line_in_error(error, r"Cannot map checkpoint/savepoint state for operator (\S+) to the new program")
+    if operator is not None:
+        # --allow_non_restored_state is no way out: it drops the readers' starting state too, and a second
+        # set of readers then reads every record again.
+        return (f"the savepoint does not fit this job (Flink cannot map the state of its operator {operator}: "
+                "another --parallelism, other steps or another onceflow version)")
+    return None
 
 
 # The steps that write the job's output, and the flag that names each output.

@@ -152,13 +152,25 @@ def savepoint_stop_from_options(options: PipelineOptions, live: bool, shards: in
 
 
 def check_reachable(stop: SavepointStop) -> None:
-    """ServiceError (one line) unless Flink's REST API answers: checked before the
-    job is submitted, so a wrong address never leaves a job that cannot be stopped
-    with a savepoint (nor cancelled through it)."""
+    """ServiceError (one line) unless Flink's REST API answers and runs no job of
+    this name yet: checked before the job is submitted, so a wrong address never
+    leaves a job that cannot be stopped with a savepoint (nor cancelled through
+    it). A job whose process was killed stays on Flink, restarting for good (its
+    LOOPBACK worker is gone) and holding its slots: a new job of the same name
+    would wait for slots, and its stop could not tell the two apart."""
     try:
         flink_rest.flink_version(stop.rest_url)
+        alive = [job for job in flink_rest.list_jobs(stop.rest_url)
+                 if job.name == stop.job_name and job.state not in flink_rest.FINISHED_STATES]
     except FlinkRestError as error:
         raise ServiceError(f"--flink_rest_url: {error}") from None
+    if alive:
+        listed = ", ".join(f"{job.job_id} {job.state}" for job in alive)
+        raise ServiceError(
+            f"--job_name: Flink at {stop.rest_url} already has a job named {stop.job_name!r} ({listed}); one "
+            "left by a run whose process was killed holds its slots for good: cancel it (curl -X PATCH "
+            f"'{stop.rest_url}/jobs/{alive[0].job_id}?mode=cancel'), or if it is another live run, give this one "
+            "its own --job_name")
 
 
 def attach(stop: SavepointStop, ended: Callable[[], bool]) -> Optional[FlinkJob]:

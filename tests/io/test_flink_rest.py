@@ -194,3 +194,21 @@ def test_attaching_to_a_rest_api_that_never_answers_ends_in_one_line(monkeypatch
         url = f"http://127.0.0.1:{closed.getsockname()[1]}"
     with pytest.raises(ServiceError, match=r"^--flink_rest_url: Flink's REST API at .* did not answer"):
         flink_savepoint.attach(flink_savepoint.SavepointStop(url, "/tmp/savepoints", "orders"), ended=lambda: False)
+
+
+def test_a_job_of_the_same_name_left_on_flink_is_refused_before_submitting(fake_flink):
+    """A job whose process was killed (SIGKILL) stays on Flink, RESTARTING for good
+    (its LOOPBACK worker is gone) and holding the slots: the new job of the same
+    name waited for slots, and its stop took whichever of the two it found."""
+    from onceflow.errors import ServiceError
+    from onceflow.pipelines.flink_savepoint import SavepointStop, check_reachable
+
+    flink = fake_flink({("GET", "/config"): (200, {"flink-version": "1.19.0"}),
+                        ("GET", "/jobs/overview"): [
+                            _overview(("k1", "orders", "RESTARTING"), ("f1", "orders", "FINISHED")),
+                            _overview(("f1", "orders", "FINISHED"), ("k1", "orders", "CANCELED"))]})
+    stop = SavepointStop(flink.url, "/tmp/savepoints", "orders")
+    with pytest.raises(ServiceError, match=r"^--job_name: Flink at .* already has a job named 'orders' \(k1 "
+                                           r"RESTARTING\); .*cancel it \(curl -X PATCH '.*/jobs/k1\?mode=cancel'\)"):
+        check_reachable(stop)
+    check_reachable(stop)  # once it is cancelled

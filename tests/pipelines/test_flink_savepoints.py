@@ -174,6 +174,57 @@ def test_a_savepoint_flink_cannot_write_cancels_the_job_with_one_line(
     assert "Traceback" not in output
 
 
+def test_a_savepoint_flink_cannot_restore_is_one_line(kafka_bootstrap, flink_cluster_master, flink_job_endpoint,
+                                                      tmp_path):
+    """A --savepoint_path that holds no savepoint: Flink fails the job at its start,
+    and the job said so in a 25-line traceback. Now one line, exit status 2."""
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options, with_stored_positions
+
+    rest = f"http://{flink_cluster_master}"
+    topic = new_topic(kafka_bootstrap)
+    name = f"onceflow-test-savepoint-{topic.topic}"
+    group, db, dlq = f"g-{topic.topic}", tmp_path / "live.db", tmp_path / "dlq.jsonl"
+    # The job has run on this sink before (a savepoint on a first start is refused before Flink sees it).
+    with_stored_positions(job_from_options(parse_pipeline_args(
+        [f"--input={topic.url}", f"--kafka_group={group}", f"--sink=sqlite:///{db}", f"--dlq={dlq}",
+         *EVENT_FLAGS])), [0, 1, 2])
+    missing = tmp_path / "savepoints" / "onceflow-shards-2" / "savepoint-gone"
+    job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *EVENT_FLAGS, f"--job_name={name}",
+                         f"--flink_rest_url={rest}", f"--savepoint_path={missing}",
+                         f"--flink_master={flink_cluster_master}", *streaming_job_flags(flink_job_endpoint))
+    try:
+        status = job.wait(300)
+        output = job_output(job, 200_000)
+    finally:
+        stop(job)
+        _cancel_on_cluster(rest, name)
+    assert status == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("aggregate: error: --savepoint_path")]
+    assert len(errors) == 1, output
+    assert f"Flink finds no savepoint at '{missing}'" in errors[0]
+    assert "start without --savepoint_path" in errors[0]
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("said, line", [
+    ("java.io.IOException: Unexpected magic number. This can have multiple reasons: (1) You are trying to load a "
+     "Flink 1.0 savepoint", "Flink read no savepoint there (not a savepoint, or a corrupt one)"),
+    ("java.lang.IllegalStateException: Failed to rollback to checkpoint/savepoint file:/sp/savepoint-d9. Cannot map "
+     "checkpoint/savepoint state for operator bc764cd8 to the new program, because the operator is not available",
+     "the savepoint does not fit this job (Flink cannot map the state of its operator bc764cd8: another "
+     "--parallelism, other steps or another onceflow version)"),
+    ("java.io.IOException: Connection reset by peer", None),
+])
+def test_what_flink_says_of_a_savepoint_it_cannot_restore(said, line):
+    """Flink's reasons as the job server reports a failed start (a restore with
+    another --parallelism fails so: its steps are chained, and named, otherwise)."""
+    from onceflow.pipelines.aggregate import _savepoint_restore_failure
+
+    error = RuntimeError(f"Pipeline onceflow_x failed in state FAILED: {said}")
+    assert _savepoint_restore_failure(error) == line
+
+
 def test_the_embedded_flink_writes_a_savepoint_but_does_not_restore_it(kafka_bootstrap, flink_job_endpoint,
                                                                        tmp_path):
     """Beam's 2.62 job server with ``--flink-master=[local]`` (the dev job server):

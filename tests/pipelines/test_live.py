@@ -314,6 +314,35 @@ def test_a_live_job_resumes_only_under_the_flags_its_positions_were_kept_under(k
 
 
 @pytest.mark.kafka
+def test_a_savepoint_is_refused_on_a_first_start_on_a_sink(kafka_bootstrap, tmp_path):
+    """A Flink savepoint restored into a new table or by a new group (what the flags
+    refusal's advice leads to, savepoint kept) was never checked against anything:
+    Flink restored the old run's windows and positions, and the new table got
+    10-second rows among its 20-second ones and rows short of events. A savepoint
+    now needs the job's own positions on the sink; nothing is stored when refused."""
+    from onceflow.errors import UsageError
+    from onceflow.io.sinks import parse_sink_url, progress_store
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options, with_stored_positions
+
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    flags = [f"--input={topic.url}", f"--dlq={tmp_path}/dlq.jsonl", "--window=10s"]
+
+    def start(group, db, savepoint=None):
+        job = job_from_options(parse_pipeline_args([*flags, f"--kafka_group={group}", f"--sink=sqlite:///{db}"]))
+        return with_stored_positions(job, [0], savepoint)
+
+    start("first", tmp_path / "a.db")
+    start("first", tmp_path / "a.db", "/sp/savepoint-1")  # its own sink and group: restored
+    for group, db in (("first", tmp_path / "b.db"), ("second", tmp_path / "a.db")):
+        with pytest.raises(UsageError, match="--savepoint_path: job .* has never run on .* start without "
+                                             "--savepoint_path"):
+            start(group, db, "/sp/savepoint-1")
+        store = progress_store(parse_sink_url(f"sqlite:///{db}"))
+        assert store.read(group, topic.topic) == {} and store.read(group + "#settings", topic.topic) == {}
+
+
+@pytest.mark.kafka
 def test_positions_past_a_recreated_topic_are_refused(kafka_bootstrap, tmp_path):
     """The topic deleted and created again: the stored positions pointed past its new
     end, and the job skipped its first records (50 of 150 read) with no warning."""
