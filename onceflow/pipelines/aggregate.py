@@ -466,6 +466,10 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         savepoint = optional_text(options.view_as(FlinkOptions).savepoint_path)
         job, reads = _retrying_while_broker_away(lambda: _resolve_kafka_start(job, partitions, savepoint),
                                                  broker_wait_s)
+        if savepoint is not None and savepoints is None:
+            print("aggregate: warning: without --flink_rest_url nothing checks that Flink restores the savepoint "
+                  "(Beam's embedded Flink ignores it); if it does not, the job resumes from the positions stored "
+                  "with the rows", file=sys.stderr)
         gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
         if gaps and job.kafka.bounded and not job.kafka.allow_retention_gaps:
             raise ServiceError(f"--from/--to: {describe_gaps(gaps)}; pass --allow_retention_gaps to read what is "

@@ -260,6 +260,7 @@ def test_the_embedded_flink_writes_a_savepoint_but_does_not_restore_it(kafka_boo
         time.sleep(10)  # Flink reports a restore as the job starts
         assert flink_rest.restored_savepoint(rest, second.job_id) is None
         assert "starting from the savepoint" in job_output(job)
+        assert "warning: without --flink_rest_url nothing checks that Flink restores the savepoint" in job_output(job)
     finally:
         stop(job, signal.SIGINT)
         cancel_running_jobs(flink_job_endpoint, name_prefix=name)
