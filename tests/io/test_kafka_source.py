@@ -368,6 +368,43 @@ def test_a_caught_up_partition_of_transactions_goes_idle(kafka_bootstrap):
         reader.teardown()
 
 
+def test_a_partition_that_gets_only_refused_records_goes_idle(kafka_bootstrap):
+    """A partition that keeps getting records the contract refuses (another record
+    type on the topic) moves no high water; counted as data, it never went idle,
+    and the job's windows stayed open for as long (no row in 40 s of input). Its
+    records still go where they go (here: read, to the dead-letter queue)."""
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+
+    from onceflow.io.kafka.read import _ReadPartitionsDoFn
+
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    produce(topic, [(0, event(n, 1_000 + n), None) for n in range(5)])
+    reader = _ReadPartitionsDoFn(KafkaReadConfig(topic, start=parse_position("earliest"), group_id=None), CONTRACT,
+                                 idle_timeout_s=1.0)
+    reader.setup()
+    try:
+        restriction = PartitionsRestriction(topic.topic, (PartitionSpan(0, 0, LIVE_END),))
+        estimator = ManualWatermarkEstimator(None)
+        started_ms = int(time.time() * 1000)
+        read, garbage = 0, 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            produce(topic, [(0, b'{"id": "x%d", "t": 5, "other": "record type"}' % garbage, None)])  # no key k
+            garbage += 1
+            view = _RunnerView(_PartitionsTracker(restriction))
+            read += sum(len(value.value.values) for value in reader._read(_Finalizer(), view, estimator))
+            restriction = view.residual or restriction
+            watermark = estimator.current_watermark()
+            if watermark is not None and watermark.micros // 1000 >= started_ms - 1_000:
+                break
+            time.sleep(0.2)
+        assert read > 5, "no refused record was read"
+        assert estimator.current_watermark().micros // 1000 >= started_ms - 1_000, \
+            "the partition never went idle: its watermark stayed at the last valid event time"
+    finally:
+        reader.teardown()
+
+
 def test_partition_discovery_resumes_every_second_and_looks_at_the_topic_every_ten(kafka_bootstrap):
     """Discovery resumes every second (each resume moves its wall-clock watermark,
     which on Flink is what lets the readers' watermark out of their stage) but
@@ -389,24 +426,33 @@ def test_partition_discovery_resumes_every_second_and_looks_at_the_topic_every_t
     discovery.setup()
     restriction = OffsetRange(0, LIVE_END)
 
+    high_waters = {}
+
     def resume():
         nonlocal restriction
         view = _View(_PartitionNumberTracker(restriction))
-        emitted = [[read.partition for read in element.reads] for element in discovery.process(None, view)]
+        elements = list(discovery.process(None, view))
+        high_waters.update((read.partition, read.high_water_ms) for element in elements for read in element.reads)
+        emitted = [[read.partition for read in element.reads] for element in elements]
         restriction = view.residual
         return emitted, view.delay.micros / 1e6
 
     assert resume() == ([[0, 1]], 1.0)
+    assert high_waters == {0: None, 1: None}  # the job's start: from the data
     admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
     admin.create_partitions([NewPartitions(topic.topic, 3)])[topic.topic].result(30)
     assert resume() == ([], 1.0)  # within 10 s of the last look: no request to the broker
     discovery._next_look = 0.0  # as if 10 s had passed
     deadline = time.monotonic() + 30
     emitted: list = []
+    added_ms = int(time.time() * 1000)
     while not emitted and time.monotonic() < deadline:  # the broker's metadata may lag the new partition
         emitted, delay = resume()
         discovery._next_look = 0.0
     assert emitted == [[2]] and delay == 1.0
+    # A partition added while the job runs starts at the wall clock (its records older than the
+    # windows already final are too late, not counted in rows the sink refuses).
+    assert added_ms <= high_waters[2] <= int(time.time() * 1000)
 
 
 def test_a_bundle_that_ends_on_data_reports_the_lag_left(kafka_bootstrap):

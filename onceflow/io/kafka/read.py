@@ -28,7 +28,9 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 import onceflow.coders  # noqa: F401  (registers RecordBatchCoder for the batches this module outputs)
 from onceflow import metrics
-from onceflow.batches import KAFKA, RecordBatch, decode_values, high_waters, running_high_water, time_by_kafka_timestamps
+from onceflow.batches import (
+    KAFKA, RecordBatch, Verdicts, decode_values, high_waters, running_high_water, time_by_kafka_timestamps,
+)
 from onceflow.events import EventContract
 from onceflow.io.kafka.admin import (
     METADATA_TIMEOUT_S, KafkaPartitionRead, RetentionGap, committed_offsets, describe_gaps, describe_topic,
@@ -499,7 +501,8 @@ class _ReadPartitionsDoFn(beam.DoFn):
                     self._positions[key][partition] = run[-1].offset() + 1
                     batch = self._batch(topic, partition, run, inner)
                     yield TimestampedValue(batch, Timestamp(micros=self._batch_time_ms(batch, inner) * 1000))
-                    self._last_data_at[partition] = time.monotonic()
+                    if _holds_an_event(batch):  # records that are all refused leave the partition idle
+                        self._last_data_at[partition] = time.monotonic()
                     emitted += len(run)
                 _advance_watermark(watermark, inner.watermark_ms())
                 if not inner.open_partitions():
@@ -671,6 +674,17 @@ class _ReadPartitionsDoFn(beam.DoFn):
             inner.observe(partition, idle_mark)
 
 
+def _holds_an_event(batch: RecordBatch) -> bool:
+    """Whether a batch holds a valid event (or was not decoded). A partition that
+    gets only records the contract refuses (another record type on the topic, a
+    producer writing a broken format) moves no high water: counted as data, it
+    never went idle and held every window of the job open for as long."""
+    if batch.verdicts is None:
+        return True
+    verdicts = Verdicts.of(batch.verdicts)
+    return len(verdicts.refusals) < len(verdicts)
+
+
 def _decode_run(config: KafkaReadConfig, contract: Optional[EventContract], run: list, values: List[bytes],
                 start: Optional[int]):
     """The verdicts on a run of one partition's records (None without a contract),
@@ -763,6 +777,18 @@ class _PartitionNumbersProvider(RestrictionProvider):
         return 1.0
 
 
+def _joining_high_water(stored: Optional[int]) -> int:
+    """The high water a partition added to the topic while the job runs starts
+    with: the wall clock when it was found, as a caught-up idle partition's follows
+    it. Its records may be older than the windows the job has already finalized
+    (the other partitions' watermark has passed them); with no high water they
+    were counted in rows the sink then refused as older versions, and so counted
+    nowhere. From the wall clock, the lateness rule dead-letters them instead, and
+    its batches are stamped no earlier than the readers' watermark can be."""
+    now_ms = int(time.time() * 1000)
+    return now_ms if stored is None else max(stored, now_ms)
+
+
 class _DiscoverLivePartitionsDoFn(beam.DoFn):
     """Emits the topic's partitions once, and later any partition added to it
     (looked for every ``_DISCOVERY_INTERVAL_S``). Its watermark is the wall clock, so
@@ -798,6 +824,8 @@ class _DiscoverLivePartitionsDoFn(beam.DoFn):
         try:
             new = [p for p in describe_topic(self._config) if p >= first_new]
             reads = resolve_partition_reads(self._config, new) if new else []
+            if first_new > 0:  # added while the job runs: see _joining_high_water
+                reads = [read._replace(high_water_ms=_joining_high_water(read.high_water_ms)) for read in reads]
             # A resume position retention has deleted: say so, count it, read on.
             report_gaps([r.retention_gap for r in reads if r.retention_gap is not None], refuse=False)
         except (BrokerUnreachable, KafkaException) as error:
@@ -821,8 +849,9 @@ class ReadBatchesFromKafka(beam.PTransform):
     Live (``config.stop is None``): an unbounded PCollection. Each partition starts
     at the consumer group's committed offset, or where ``config.start_fallback``
     says when it has none (or at ``config.start`` when that is not ``committed``);
-    partitions added to the topic later are picked up within about 10 s. When no
-    data is available a reader resumes later instead of blocking a bundle.
+    partitions added to the topic later are picked up within about 10 s, with the
+    wall clock as their starting high water. When no data is available a reader
+    resumes later instead of blocking a bundle.
 
     Bounded (``config.stop`` set, for backfills): a bounded PCollection of exactly
     the records between the start and stop positions of every partition
@@ -840,8 +869,9 @@ class ReadBatchesFromKafka(beam.PTransform):
     event time), so no timely event of it is behind the watermark it holds.
     Each partition's watermark is the greatest event time read from it (the high
     water each record carries for the lateness rule); a caught-up live partition
-    idle for ``idle_timeout_s`` advances to ``now - idle_timeout_s`` rather than
-    stall the pipeline, which may make a record that arrives later too late.
+    idle for ``idle_timeout_s`` (no record, or only records the contract refuses)
+    advances to ``now - idle_timeout_s`` rather than stall the pipeline, which may
+    make a record that arrives later too late.
 
     Delivery is at-least-once: offsets are committed to the group only in bundle
     finalization, after the runner has durably taken the bundle's output, and
