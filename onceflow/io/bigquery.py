@@ -54,7 +54,7 @@ import apache_beam as beam
 
 from onceflow.events import format_utc_ms
 from onceflow.io.batching import UpsertRowsDoFn
-from onceflow.io.progress import PROGRESS_TABLE, Position
+from onceflow.io.progress import PROGRESS_TABLE, Position, rows_table_name
 from onceflow.io.retry import call_with_retries
 from onceflow.rows import (
     DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
@@ -95,7 +95,7 @@ def parse_table_spec(text: str) -> Tuple[str, str, str]:
     if len(parts) != 3:
         raise ValueError(f"{text!r} is not PROJECT.DATASET.TABLE; write {TABLE_FORM}")
     project, dataset, table = parts
-    return check_project(project), check_dataset(dataset), check_identifier(table, "table name")
+    return check_project(project), check_dataset(dataset), rows_table_name(table)
 
 
 def table_id(project: str, dataset: str, table: str) -> str:

@@ -40,9 +40,21 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from onceflow.batches import KAFKA, RecordBatch
+from onceflow.rows import check_identifier
 from onceflow.windowing import WindowSpec, format_duration_ms
 
 PROGRESS_TABLE = "onceflow_progress"
+
+
+def rows_table_name(name: str) -> str:
+    """A valid table name for rows, other than the table that keeps live jobs'
+    positions beside them (a job writing its rows there failed only after it had
+    created the table it could not use)."""
+    table = check_identifier(name, "table name")
+    if table.lower() == PROGRESS_TABLE:
+        raise ValueError(f"table {table!r} is where onceflow keeps live jobs' positions beside the rows; name "
+                         "another table")
+    return table
 
 
 class Position(NamedTuple):

@@ -24,10 +24,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import apache_beam as beam
 
-from onceflow.io.progress import ProgressStore
+from onceflow.io.progress import ProgressStore, rows_table_name
 from onceflow.io.targets import Target
 from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, query_params, redact_url
-from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema, check_identifier
+from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema
 
 DEFAULT_TABLE = "aggregates"
 KAFKA_ROW_FORMATS = ("json", "avro_registry")  # a kafka:// sink's ?format=
@@ -54,7 +54,7 @@ class SinkKind:
 
 def _parse_sqlite(url: str, parsed: urllib.parse.SplitResult) -> Target:
     query = query_params(url, ("table",))
-    table = check_identifier(query.get("table", DEFAULT_TABLE), "table name")
+    table = rows_table_name(query.get("table", DEFAULT_TABLE))
     if parsed.netloc or not url.strip().startswith(f"{parsed.scheme}://"):  # sqlite:/x.db read as x.db: refused
         raise ValueError(f"{url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db (three or four "
                          "slashes)")
@@ -102,7 +102,7 @@ def _write_sqlite(target: Target, schema: RowSchema, batch_size: int):
 
 def _parse_postgres(url: str, parsed: urllib.parse.SplitResult) -> Target:
     location, table = parse_postgres_url(url, DEFAULT_TABLE)
-    return Target("postgresql", location, check_identifier(table, "table name"))
+    return Target("postgresql", location, rows_table_name(table))
 
 
 def _prepare_postgres(target: Target, schema: RowSchema) -> None:

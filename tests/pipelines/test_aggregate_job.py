@@ -89,6 +89,7 @@ def run_cli(*args, cwd=None):
     (["--aggregate=median:qty"], "--aggregate: unknown aggregate 'median'"),
     (["--sink=mysql://x/y"], "--sink"),
     (["--sink=sqlite:///x.db?table=a;b"], "--sink"),
+    (["--sink=sqlite:///x.db?table=onceflow_progress"], "--sink: table 'onceflow_progress' is where onceflow keeps"),
     (["--input=/nonexistent/*.jsonl"], "--input: nothing matches"),
     (["--windw=5m"], "unknown flag --windw; did you mean --window?"),
     (["--key_fields=a,,b"], "--key_fields"),
