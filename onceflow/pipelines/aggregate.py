@@ -117,13 +117,14 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
 
     input_pattern = str(source.input)
     kafka_topic = None
+    archived = False  # an archive folder: a topic's records, with their Kafka timestamps
     if is_kafka_url(input_pattern):
         kafka_topic = parse_flag("--input", parse_kafka_url, input_pattern)
     elif source.read_from or source.read_to:
         raise UsageError("--from/--to: only a kafka://HOST:PORT/TOPIC input reads a range")
     else:
         given = options.get_all_options(drop_default=True)
-        archived = _is_archive(input_pattern)  # a topic's records, with their Kafka timestamps
+        archived = _is_archive(input_pattern)
         misplaced = [name for name in _KAFKA_INPUT_FLAGS if given.get(name) is not None
                      and not (archived and name == "kafka_time_source")]
         if misplaced:
@@ -149,7 +150,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         sink = dataclasses.replace(sink, registry=registry)
     if dlq_avro:
         dlq = dataclasses.replace(dlq, registry=registry)
-    if input_format in REGISTRY_FORMATS and kafka_topic is None and not _is_archive(input_pattern):
+    if input_format in REGISTRY_FORMATS and kafka_topic is None and not archived:
         raise UsageError(f"--input_format {input_format}: registry-framed records are read from a "
                          "kafka://HOST:PORT/TOPIC input (or an archive of one)")
     kafka_settings = tuple(kafka_settings_without_registry(kafka_settings).items())
@@ -194,7 +195,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
                          f"them; write to one that can ({position_sinks()}), or backfill into it with --from/--to")
     return AggregateJob(
         kafka=kafka,
-        from_archive=kafka is None and _is_archive(input_pattern),
+        from_archive=archived,
         kafka_idle_timeout_ms=idle_ms,
         input_pattern=input_pattern,
         contract=contract,
