@@ -102,19 +102,22 @@ def _duration(value: Union[str, int, None], what: str) -> Optional[int]:
         raise ValueError(f"{what}: {error}") from None
 
 
-def _window_spec(window: str, window_period: Optional[str], allowed_lateness: str) -> WindowSpec:
-    """Checked as the job checks --window, --window_period and --allowed_lateness."""
+def _as_job_checks(check, *args: Any) -> Any:
+    """``check(*args)``, one of the job's flag checks, its UsageError as the
+    ValueError Beam YAML reports for a transform's configuration."""
     try:
-        return window_spec_of(window, window_period, allowed_lateness, dashes="")
+        return check(*args)
     except UsageError as error:
         raise ValueError(str(error)) from None
+
+
+def _window_spec(window: str, window_period: Optional[str], allowed_lateness: str) -> WindowSpec:
+    """Checked as the job checks --window, --window_period and --allowed_lateness."""
+    return _as_job_checks(window_spec_of, window, window_period, allowed_lateness, "")
 
 
 def _shards(value: Any) -> int:
-    try:
-        return positive_int(value, "shards")
-    except UsageError as error:
-        raise ValueError(str(error)) from None
+    return _as_job_checks(positive_int, value, "shards")
 
 
 def _contract(key_fields, time_field, id_field, aggregates, value_fields, input_format,
