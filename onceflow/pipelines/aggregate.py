@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
 from onceflow.errors import ServiceError, UsageError, exit_status
-from onceflow.events import REGISTRY_FORMATS, EventContract
+from onceflow.events import REGISTRY_FORMATS, EventContract, format_utc_ms
 from onceflow.io.archive import ReadArchive, check_archive, is_archive
 from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import ReadRecordBatchesFromFiles, UnreadableInputFile, first_avro_writer_schema, format_by_name
@@ -419,6 +419,13 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
                     f"--sink: the job's positions stored in {job.sink.describe()} name partitions {gone} that "
                     f"{topic} no longer has: the topic was deleted and created again with fewer; delete the "
                     "job's positions to start it over (see docs/guarantees.md, Restarts)")
+            added = sorted(set(partitions) - set(stored))
+            if added:
+                found = positions_of_added_partitions(config, added, stored.values(), job.window_spec)
+                store.write(config.group_id, list(found.values()))
+                stored = {**stored, **found}
+                where += (f"; partitions {added} are new since the last run: read from their log start, "
+                          f"{_added_partitions_rule(found, job.window_spec)}")
     except Exception as error:  # the sink's own client errors too (psycopg, sqlite3, google): one line
         client = type(error).__module__.split(".")[0] in ("psycopg", "sqlite3", "google")
         if not (client or isinstance(error, (OSError, ValueError))):
@@ -432,6 +439,38 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
     print(f"aggregate: job {config.group_id!r}, {where} (partition@offset: {offsets})", file=sys.stderr)
     resume = tuple((p, stored[p].next_offset, stored[p].high_water_ms) for p in sorted(stored))
     return dataclasses.replace(job, kafka=dataclasses.replace(config, resume=resume))
+
+
+def positions_of_added_partitions(config: KafkaReadConfig, added: List[int], stored: Iterable[Position],
+                                  spec: WindowSpec) -> Dict[int, Position]:
+    """Where partitions added to the topic while the job was stopped start: at
+    their log start, with the high water that makes the lateness rule refuse
+    exactly their records whose windows are already final in the sink.
+
+    The stored positions say which windows are final (``final_through_ms``: every
+    window ending by then). The restart does not rebuild those windows, so a new
+    partition's records for them were counted in rows the sink then refused as
+    older versions (counted nowhere), or, where they outnumbered the part
+    re-read, written into a row short of the other partitions' events. A high
+    water of the latest final point plus the allowed lateness makes them
+    ``too_late`` dead letters instead (:meth:`WindowSpec.is_too_late`: too late when
+    the earliest window's end is at or before that final point); records of any
+    later window are counted, and those windows are rebuilt in full from every
+    partition. With no final point stored (nothing final yet) there is no high
+    water, as at a first start. The caller stores these positions before reading,
+    so a kill before they move gives the next restart the same verdicts."""
+    finals = [position.final_through_ms for position in stored if position.final_through_ms is not None]
+    high_water = max(finals) + spec.allowed_lateness_ms if finals else None
+    reads = resolve_partition_reads(dataclasses.replace(config, resume=()), added)
+    return {read.partition: Position(read.topic, read.partition, read.start_offset, high_water) for read in reads}
+
+
+def _added_partitions_rule(found: Dict[int, Position], spec: WindowSpec) -> str:
+    high_water = next(iter(found.values())).high_water_ms
+    if high_water is None:
+        return "every record counted (no window is final in the sink yet)"
+    final_through = format_utc_ms(high_water - spec.allowed_lateness_ms)
+    return f"their records for windows ending by {final_through} (final in the sink) go to the DLQ as too_late"
 
 
 def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
