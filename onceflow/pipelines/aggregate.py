@@ -484,24 +484,34 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     expected_records = None
     # A live job (kept running by a supervisor) waits out a broker restart; a backfill fails at once.
     broker_wait_s = BROKER_WAIT_S if job.is_live else 0
+    # Every check that creates nothing first: a refused run leaves no table behind (a sink
+    # table created with this run's columns refused the corrected run's other aggregates).
     if job.kafka is not None:  # the input first: a refused login is about it, before any output
         partitions = _retrying_while_broker_away(lambda: _describe_input(job), broker_wait_s)
         try:
             check_named_partitions(job.kafka, partitions)
         except ValueError as error:
             raise UsageError(str(error)) from None
-    try:
-        prepare_sink(job.sink, job.row_schema)
-    except (ValueError, OSError) as error:
-        raise flag_error("--sink", error) from None
-    try:
-        prepare_dlq(job.dlq)
-    except (ValueError, OSError) as error:
-        raise flag_error("--dlq", error) from None
+    elif job.from_archive:
+        try:
+            check_archive(job.input_pattern)
+        except ValueError as error:
+            raise UsageError(f"--input: {error}") from None
+    else:
+        _check_input_exists(job.input_pattern)
     _check_metrics_out(options.view_as(MonitoringOptions).metrics_out)
     # The runner before the positions: a job refused here must not have stored a start
     # (a later run with other flags would resume from it and skip what it asked for).
     prepare_runner(options, job.is_live, job.kafka is not None, job.kafka_readers)
+    # Then the outputs: the queue (its table or folder has one shape for every job) before the sink.
+    try:
+        prepare_dlq(job.dlq)
+    except (ValueError, OSError) as error:
+        raise flag_error("--dlq", error) from None
+    try:
+        prepare_sink(job.sink, job.row_schema)
+    except (ValueError, OSError) as error:
+        raise flag_error("--sink", error) from None
     if job.kafka is not None:  # then the positions, kept in the prepared sink
         savepoint = optional_text(options.view_as(FlinkOptions).savepoint_path)
         job, reads = _retrying_while_broker_away(lambda: _resolve_kafka_start(job, partitions, savepoint),
@@ -521,13 +531,6 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                 file=sys.stderr)
         if job.kafka.bounded:  # the backfill's size, for its progress line
             expected_records = sum(read.stop_offset - read.start_offset for read in reads)
-    elif job.from_archive:
-        try:
-            check_archive(job.input_pattern)
-        except ValueError as error:
-            raise UsageError(f"--input: {error}") from None
-    else:
-        _check_input_exists(job.input_pattern)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     started = time.monotonic()
     pipeline = beam.Pipeline(runner=local_batch_runner(options, job.is_live), options=options)

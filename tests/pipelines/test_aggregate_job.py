@@ -168,6 +168,23 @@ def test_bad_files_and_paths_get_one_line_and_nothing_is_half_read(flags, fragme
     assert (tmp_path / "notes.txt").read_text() == "not a dead letter\n"  # never appended to
 
 
+@pytest.mark.parametrize("flags, fragment", [
+    (["--dlq=notes.txt"], "--dlq: notes.txt is not a dead-letter queue"),
+    (["--metrics_out=folder"], "--metrics_out: folder is a directory"),
+    (["--input=missing.jsonl"], "--input: nothing matches 'missing.jsonl'"),
+])
+def test_a_refused_run_creates_no_sink_table(flags, fragment, tmp_path):
+    """A run refused by a later check (a bad --dlq, --metrics_out, --input) had
+    already created the sink's table with its columns, and the corrected run with
+    other aggregates was then refused for the table it had not asked for."""
+    _bad_paths(tmp_path)
+    db = tmp_path / "out.db"
+    assert_one_usage_line(run_cli(*flags, f"--sink=sqlite:///{db}", "--status=off", cwd=tmp_path), fragment)
+    assert not db.exists()
+    ran = run_cli(f"--sink=sqlite:///{db}", "--aggregate=count,max:qty", "--status=off", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+
+
 def test_help_lists_the_flags():
     result = run_cli("--help")
     assert result.returncode == 0
