@@ -12,6 +12,7 @@ from onceflow.errors import UsageError
 from onceflow.events import SourceRecord
 from onceflow.io.dlq.envelope import to_envelope, to_json_line
 from onceflow.io.dlq.jsonl import read_dead_letters
+from onceflow.options import SAMPLE_INPUT
 from onceflow.pipelines.aggregate import run
 from tests.livejob import new_topic, produce, sample_lines
 
@@ -219,19 +220,36 @@ def one_error_line(capsys) -> str:
 @pytest.mark.parametrize("content, expected", [
     (f"{GOOD_LINE}\n{{not json\n".encode(), "line 2 is not a dead letter: not JSON"),
     (b"hello, world\nnot a queue\n", "line 1 is not a dead letter: not JSON"),
-    (f"{GOOD_LINE}\n{GOOD_LINE[:40]}".encode(), "line 2 is not a dead letter: it ends mid-record (the file "
-                                                 "looks cut off)"),
-    (f"{GOOD_LINE}\n{GOOD_LINE[:20]}".encode(), "line 2 is not a dead letter: it ends mid-record"),  # in a string
+    (f"{GOOD_LINE}\n{{\"text\": \"cut".encode(), "line 2 is not a dead letter: not JSON"),  # not a dead letter's
     (b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01", "line 1 is not a dead letter: it is not UTF-8 text"),
     (b'{"dlq_id": "a"}\n', "line 1 is not a dead letter: no 'reason' field"),
     (b"[1, 2]\n", "line 1 is not a dead letter: a JSON list"),
-], ids=["corrupt", "text", "truncated", "truncated-in-string", "binary", "other-json", "not-an-object"])
+], ids=["corrupt", "text", "truncated-other-json", "binary", "other-json", "not-an-object"])
 def test_a_file_that_is_not_a_queue_is_one_line_naming_the_file_and_line(tmp_path, capsys, command, content,
                                                                           expected):
     path = tmp_path / "dlq.jsonl"
     path.write_bytes(content)
     assert cli.main(["dlq", command[0], f"--dlq={path}", *command[1:]]) == 2
     assert f"--dlq: {path} {expected}" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("cut_at", [40, 20, 2], ids=["in-a-value", "in-a-string", "in-the-first-key"])
+def test_a_dead_letter_cut_off_mid_record_is_skipped_and_a_job_appends_after_it(tmp_path, capsys, cut_at):
+    """A writer stopped mid-record (killed while appending) left a cut last line:
+    every command refused the whole queue, and the next run appended its first
+    dead letter to the cut line, losing it, after which the queue was not JSON.
+    The cut record is skipped with a warning (its bundle did not complete: the job
+    writes it again), and a writer starts on a new line."""
+    dlq = tmp_path / "dlq.jsonl"
+    dlq.write_bytes(f"{GOOD_LINE}\n{GOOD_LINE[:cut_at]}".encode())
+    assert cli.main(["dlq", "count", f"--dlq={dlq}"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split()[-2:] == ["total", "1"]
+    assert "line 2: a dead letter cut off mid-record" in captured.err and "Traceback" not in captured.err
+    run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off"])  # the sample: 11 dead letters
+    capsys.readouterr()
+    assert cli.main(["dlq", "count", f"--dlq={dlq}"]) == 0
+    assert capsys.readouterr().out.split()[-2:] == ["total", "12"]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda command: command[0])
@@ -292,3 +310,24 @@ def test_a_client_setting_the_kafka_client_refuses_is_a_usage_error(capsys):
     line = one_error_line(capsys)
     assert "the Kafka client refused the settings" in line and "no.such.setting" in line
     assert "planted-s3cr3t" not in line
+
+
+def test_a_dead_letters_id_does_not_depend_on_how_its_files_path_was_spelled(tmp_path, capsys, monkeypatch):
+    """The source of a file record held the path as the glob spelled it, and the
+    dead letter's ID hashes the source: a replay (or a rerun) with --input
+    ./in/*.jsonl or an absolute path appended every dead letter again under a new
+    ID (27 dead letters for 18). Sources hold the absolute path now, so a replay
+    from another folder finds the files too."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(open(SAMPLE_INPUT, "rb").read())
+    job = ["--sink=sqlite:///out.db", "--dlq=dlq.jsonl", "--status=off"]
+    for spelled in ("in/*.jsonl", "./in/*.jsonl", f"{tmp_path}/in/../in/a.jsonl"):
+        run([*job, f"--input={spelled}"])
+        assert len(list(read_dead_letters("dlq.jsonl"))) == 11
+    assert {letter["source"]["file"] for letter in read_dead_letters("dlq.jsonl")} == {f"{tmp_path}/in/a.jsonl"}
+    monkeypatch.chdir(tmp_path / "in")
+    capsys.readouterr()
+    assert cli.main(["dlq", "replay", "--dlq", "../dlq.jsonl", "--reason", "too_late", "--", "--input=*.jsonl",
+                     "--sink=sqlite:///../out.db", "--dlq=../dlq.jsonl", "--allowed_lateness=3h"]) == 0
+    assert len(list(read_dead_letters(str(tmp_path / "dlq.jsonl")))) == 11

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import fnmatch
 import glob
 import json
 import os
@@ -55,6 +56,8 @@ def register(subparsers) -> None:
     def selection(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--dlq", required=True, help="the queue: a JSON-lines file, postgresql://... or kafka://...")
         sub.add_argument("--reason", action="append", help="only this reason (repeatable)")
+        sub.add_argument("--source", metavar="TOPIC|GLOB",
+                         help="only records read from this Kafka topic, or from files matching this path or glob")
         sub.add_argument("--since", help="only records that failed at or after this ISO-8601 time")
         sub.add_argument("--until", help="only records that failed before this ISO-8601 time")
         sub.add_argument("--kafka_setting", action="append",
@@ -87,11 +90,15 @@ def register(subparsers) -> None:
 
 
 def select(envelopes: Iterable[Dict[str, Any]], reasons: Optional[Sequence[str]] = None,
-           since_ms: Optional[int] = None, until_ms: Optional[int] = None) -> List[Dict[str, Any]]:
-    """The envelopes matching every given filter (by reason, by time of failure)."""
+           since_ms: Optional[int] = None, until_ms: Optional[int] = None,
+           source: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The envelopes matching every given filter (by reason, by time of failure, by
+    source: a Kafka topic's name, or a path or glob of the files records came from)."""
     chosen = []
     for envelope in envelopes:
         if reasons and envelope["reason"] not in reasons:
+            continue
+        if source is not None and not _from_source(envelope["source"], source):
             continue
         failed = parse_event_time_ms(envelope["failed_at"])
         if since_ms is not None and failed < since_ms:
@@ -100,6 +107,14 @@ def select(envelopes: Iterable[Dict[str, Any]], reasons: Optional[Sequence[str]]
             continue
         chosen.append(envelope)
     return chosen
+
+
+def _from_source(where: Dict[str, Any], source: str) -> bool:
+    if "topic" in where:
+        return where["topic"] == source
+    if "file" in where:
+        return fnmatch.fnmatchcase(os.path.abspath(where["file"]), os.path.abspath(source))
+    return False
 
 
 def _time_flag(text: Optional[str], flag: str) -> Optional[int]:
@@ -150,6 +165,7 @@ def _selected(args) -> List[Dict[str, Any]]:
     setting the client refuses is a UsageError; a server or broker that cannot be
     reached or refuses the login a ServiceError; each one line, secrets scrubbed."""
     from onceflow.io.dlq import JSONL, read_dead_letters_from
+    from onceflow.io.schema_registry import UnknownSchema
 
     target = _target(args)
     since, until = _time_flag(args.since, "--since"), _time_flag(args.until, "--until")
@@ -160,9 +176,9 @@ def _selected(args) -> List[Dict[str, Any]]:
         raise UsageError(f"--dlq: {target.location} does not exist: give the path of the job's --dlq file "
                          "(a job creates it when it starts)")
     try:
-        return select(read_dead_letters_from(target), args.reason, since, until)
-    except ValueError as error:  # a line or message that is not a dead letter, a table that does not exist
-        raise UsageError(f"--dlq: {error}") from None
+        return select(read_dead_letters_from(target), args.reason, since, until, args.source)
+    except (ValueError, UnknownSchema) as error:  # not a dead letter, no such table, a schema ID not there
+        raise UsageError(f"--dlq: {first_line(error)}") from None
     except OSError as error:  # a directory, a file without read permission
         raise UsageError(f"--dlq: cannot read {target.location}: {error.strerror or first_line(error)}") from None
     except Exception as error:  # the Kafka client refusing a setting, a broker or server out of reach

@@ -6,6 +6,7 @@ import bz2
 import contextlib
 import gzip
 import io
+import os
 import zlib
 from typing import Any, Iterator, List, Optional, Tuple
 
@@ -167,6 +168,12 @@ def _slices(records: Iterator[Tuple[int, bytes]], size: int) -> Iterator[Tuple[L
         yield positions, values
 
 
+def absolute_local_path(path: str) -> str:
+    """``path`` made absolute and normal when it is local (no ``scheme://``);
+    wildcards are kept as they are."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 class ReadRecordBatchesFromFiles(beam.PTransform):
     """Reads JSON-lines or Avro container files matching a pattern, in batches.
 
@@ -177,14 +184,17 @@ class ReadRecordBatchesFromFiles(beam.PTransform):
     greatest valid event time on earlier lines of the same file, which the
     lateness rule compares against). Blank lines are skipped. Compressed files
     (.gz, .bz2) are read transparently. A pattern that matches nothing fails the
-    pipeline (``Empty match for pattern ...``), a wildcard too.
+    pipeline (``Empty match for pattern ...``), a wildcard too. A local pattern is
+    made absolute where the pipeline is built, so each record's source names its
+    file one way however the path was spelled (``in/a.jsonl``, ``./in/a.jsonl``)
+    and from whichever folder: a dead letter's ID depends on it.
     """
 
     def __init__(self, file_pattern: str, contract: EventContract, batch_records: int = BATCH_RECORDS):
         super().__init__()
         if batch_records < 1:
             raise ValueError("a batch holds at least one record")
-        self._pattern = file_pattern
+        self._pattern = absolute_local_path(file_pattern)
         self._contract = contract
         self._batch_records = batch_records
 

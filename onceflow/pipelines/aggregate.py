@@ -34,7 +34,9 @@ from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.events import REGISTRY_FORMATS, EventContract, format_utc_ms
 from onceflow.io.archive import ReadArchive, check_archive, is_archive
 from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
-from onceflow.io.files import ReadRecordBatchesFromFiles, UnreadableInputFile, first_avro_writer_schema, format_by_name
+from onceflow.io.files import (
+    ReadRecordBatchesFromFiles, UnreadableInputFile, absolute_local_path, first_avro_writer_schema, format_by_name,
+)
 from onceflow.io.flink_rest import FlinkRestError
 from onceflow.io.kafka.config import (
     COMMITTED, EARLIEST, KafkaReadConfig, client_error_line, client_error_text, client_settings_from_flags,
@@ -123,6 +125,8 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     elif source.read_from or source.read_to:
         raise UsageError("--from/--to: only a kafka://HOST:PORT/TOPIC input reads a range")
     else:
+        # Absolute: Beam matches a bare local glob (*.jsonl) to nothing, and records' sources name their files.
+        input_pattern = absolute_local_path(input_pattern)
         given = options.get_all_options(drop_default=True)
         archived = _is_archive(input_pattern)
         misplaced = [name for name in _KAFKA_INPUT_FLAGS if given.get(name) is not None

@@ -55,6 +55,28 @@ def to_envelope(letter: DeadLetter, pipeline: str, pipeline_version: str,
     }
 
 
+# The envelope's fields a reader relies on, with their JSON types.
+_ENVELOPE_TYPES = (("dlq_id", str), ("reason", str), ("message", str), ("stage", str), ("source", dict),
+                   ("raw_base64", str), ("failed_at", str))
+
+
+def checked_envelope(envelope: Any, where: str) -> Dict[str, Any]:
+    """``envelope`` (parsed JSON) when it holds an envelope's fields, each of its
+    type, and a ``failed_at`` time; otherwise ValueError, one line naming ``where``
+    (a file's line, a topic's partition and offset)."""
+    if not isinstance(envelope, dict):
+        raise ValueError(f"{where} is not a dead letter: a JSON {type(envelope).__name__}, not an envelope object")
+    for name, kind in _ENVELOPE_TYPES:
+        if not isinstance(envelope.get(name), kind):
+            raise ValueError(f"{where} is not a dead letter: no {name!r} field of an envelope")
+    try:
+        datetime.datetime.strptime(envelope["failed_at"], ENVELOPE_TIME)
+    except ValueError:
+        raise ValueError(f"{where} is not a dead letter: failed_at {envelope['failed_at']!r} is not a time "
+                         "like 2026-11-02T09:00:00.000000Z") from None
+    return envelope
+
+
 def to_json_line(envelope: Mapping[str, Any]) -> str:
     """The envelope as one line of JSON (keys sorted, ASCII only)."""
     return json.dumps(envelope, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

@@ -9,19 +9,20 @@ once, so readers see every refused record exactly once.
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import json
 import os
-from typing import Any, Dict, Iterator, List
+import sys
+from typing import Any, Dict, Iterator, List, Optional
 
 import apache_beam as beam
 
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter
-from onceflow.io.dlq.envelope import ENVELOPE_TIME, to_envelope, to_json_line
+from onceflow.io.dlq.envelope import checked_envelope, to_envelope, to_json_line
 
 _MAX_BUFFERED = 500
+_FIRST_KEY = '{"dlq_id":'  # how every line a writer appends begins (to_json_line sorts the keys)
 
 
 def prepare_file(path: str) -> None:
@@ -35,7 +36,7 @@ def prepare_file(path: str) -> None:
         first = handle.readline(1 << 20)
     if first.strip():
         try:
-            _envelope(first, "its first line")
+            _parsed_line(first, "its first line")
         except ValueError as error:
             raise ValueError(f"{path} is not a dead-letter queue ({error}); give a new file or the queue of an "
                              "earlier run") from None
@@ -68,8 +69,11 @@ class AppendJsonlDoFn(beam.DoFn):
         if not self._lines:
             return
         data = ("\n".join(self._lines) + "\n").encode("utf-8")
-        with open(self._path, "ab") as handle:
+        with open(self._path, "ab+") as handle:  # + to read its last byte
             fcntl.flock(handle, fcntl.LOCK_EX)  # other workers append to the same file
+            size = os.fstat(handle.fileno()).st_size
+            if size and os.pread(handle.fileno(), 1, size - 1) != b"\n":
+                data = b"\n" + data  # a writer stopped mid-record: never glue a dead letter to its part
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -89,17 +93,14 @@ class WriteDeadLettersToJsonl(beam.PTransform):
         return letters | "AppendJsonLines" >> beam.ParDo(AppendJsonlDoFn(*self._args))
 
 
-# The envelope's fields a reader relies on, with their JSON types.
-_ENVELOPE_TYPES = (("dlq_id", str), ("reason", str), ("message", str), ("stage", str), ("source", dict),
-                   ("raw_base64", str), ("failed_at", str))
-
-
 def read_dead_letters(path: str) -> Iterator[Dict[str, Any]]:
     """Each envelope in a DLQ file once (first occurrence of each ``dlq_id``);
     nothing when the file does not exist. A line that is not a dead letter (not
     UTF-8, not JSON, not an envelope) raises ValueError naming the file and the
-    line, and a last line cut off mid-record says the file looks cut off; a file
-    that cannot be read (a directory, no permission) raises OSError."""
+    line; a file that cannot be read (a directory, no permission) raises OSError.
+    A dead letter cut off mid-record (a writer stopped while appending it) is
+    skipped with a warning: its bundle did not complete, so the job writes it
+    again when it reads its record again."""
     if not os.path.exists(path):
         return
     seen = set()
@@ -107,16 +108,22 @@ def read_dead_letters(path: str) -> Iterator[Dict[str, Any]]:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            envelope = _envelope(line, f"{path} line {number}")
+            envelope = _parsed_line(line, f"{path} line {number}")
+            if envelope is None:
+                print(f"onceflow: warning: {path} line {number}: a dead letter cut off mid-record (a writer stopped "
+                      "while appending it), skipped: the job writes it again when it re-reads its record",
+                      file=sys.stderr)
+                continue
             if envelope["dlq_id"] in seen:
                 continue
             seen.add(envelope["dlq_id"])
             yield envelope
 
 
-def _envelope(line: bytes, where: str) -> Dict[str, Any]:
-    """The envelope on one line of a DLQ file; ValueError (one line, naming
-    ``where``) when the line is not one."""
+def _parsed_line(line: bytes, where: str) -> Optional[Dict[str, Any]]:
+    """The envelope on one line of a DLQ file, or None for a dead letter cut off
+    mid-record (what a writer began: an envelope's first key, then JSON that ends
+    early); ValueError (one line, naming ``where``) when the line is not one."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -125,18 +132,9 @@ def _envelope(line: bytes, where: str) -> Dict[str, Any]:
         envelope = json.loads(text)
     except json.JSONDecodeError as error:
         ended_early = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")
-        if ended_early and not line.endswith(b"\n"):  # the last line, cut off mid-record
-            raise ValueError(f"{where} is not a dead letter: it ends mid-record (the file looks cut off)") from None
+        begun = text.rstrip("\n")
+        if ended_early and (begun.startswith(_FIRST_KEY) or _FIRST_KEY.startswith(begun)):
+            return None
         raise ValueError(f"{where} is not a dead letter: not JSON ({error.msg} at column {error.colno}); "
                          "is this a dead-letter file?") from None
-    if not isinstance(envelope, dict):
-        raise ValueError(f"{where} is not a dead letter: a JSON {type(envelope).__name__}, not an envelope object")
-    for name, kind in _ENVELOPE_TYPES:
-        if not isinstance(envelope.get(name), kind):
-            raise ValueError(f"{where} is not a dead letter: no {name!r} field of an envelope")
-    try:
-        datetime.datetime.strptime(envelope["failed_at"], ENVELOPE_TIME)
-    except ValueError:
-        raise ValueError(f"{where} is not a dead letter: failed_at {envelope['failed_at']!r} is not a time "
-                         "like 2026-11-02T09:00:00.000000Z") from None
-    return envelope
+    return checked_envelope(envelope, where)

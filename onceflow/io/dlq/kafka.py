@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 
 from onceflow import metrics
 from onceflow.deadletter import DeadLetter
-from onceflow.io.dlq.envelope import to_envelope, to_json_line
+from onceflow.io.dlq.envelope import checked_envelope, to_envelope, to_json_line
 from onceflow.io.kafka.admin import describe_topic, read_records_to_end
 from onceflow.io.kafka.config import EARLIEST, KafkaReadConfig, KafkaTopic
 from onceflow.io.kafka.write import Message, RegistryAvroEncoder, WriteToKafka, decode_framed
@@ -96,16 +96,16 @@ def read_dead_letters(topic: KafkaTopic, settings: Optional[Mapping[str, str]] =
     describe_topic(KafkaReadConfig(topic, start=EARLIEST, client_settings=dict(settings or {})))
     seen = set()
     for partition, offset, _key, value in read_records_to_end(topic, dict(settings or {})):
+        where = f"{topic.url} partition {partition} offset {offset}"
         try:
             envelope = envelope_from_message(value or b"", registry)
-            dlq_id = envelope["dlq_id"]
         except (ValueError, KeyError, TypeError) as error:
             if registry is None and (value or b"")[:1] == b"\x00":
-                raise ValueError(f"{topic.url} partition {partition} offset {offset} is in the registry's wire "
-                                 f"format (a 0 byte, then a schema ID): give the queue as {topic.url}?format=avro_registry "
-                                 "with --schema-registry-url") from None
-            raise ValueError(f"{topic.url} partition {partition} offset {offset} is not a dead letter "
-                             f"({type(error).__name__}: {error}); is this the job's dead-letter topic?") from None
+                raise ValueError(f"{where} is in the registry's wire format (a 0 byte, then a schema ID): give the "
+                                 f"queue as {topic.url}?format=avro_registry with --schema-registry-url") from None
+            raise ValueError(f"{where} is not a dead letter ({type(error).__name__}: {error}); is this the job's "
+                             "dead-letter topic?") from None
+        dlq_id = checked_envelope(envelope, where)["dlq_id"]
         if dlq_id not in seen:
             seen.add(dlq_id)
             yield envelope
