@@ -1,5 +1,6 @@
 """`onceflow dlq`: count, list, and replay after a fix."""
 
+import base64
 import json
 import sqlite3
 
@@ -331,3 +332,88 @@ def test_a_dead_letters_id_does_not_depend_on_how_its_files_path_was_spelled(tmp
     assert cli.main(["dlq", "replay", "--dlq", "../dlq.jsonl", "--reason", "too_late", "--", "--input=*.jsonl",
                      "--sink=sqlite:///../out.db", "--dlq=../dlq.jsonl", "--allowed_lateness=3h"]) == 0
     assert len(list(read_dead_letters(str(tmp_path / "dlq.jsonl")))) == 11
+
+
+@pytest.mark.kafka
+def test_replay_of_kafka_records_is_a_backfill_of_their_own_topic_while_it_holds_them(
+        kafka_bootstrap, tmp_path, capsys):
+    """Four replays the queue's records could not come back from, each reported
+    done (exit 0): the job reading another topic (it backfilled that one), a
+    kafka:// sink (refused as a live job's), records retention had deleted (read
+    0, rows 0), and, without --dlq after --, records that still failed went to the
+    job's default queue while the summary said they were in the replayed one."""
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    from onceflow.io.kafka.admin import read_records_to_end
+
+    topic, other, rows = (new_topic(kafka_bootstrap), new_topic(kafka_bootstrap),
+                          new_topic(kafka_bootstrap, partitions=1))
+    produce(topic, [(n % 3, line, None) for n, line in enumerate(sample_lines())])
+    dlq = tmp_path / "dlq.jsonl"
+    run([f"--input={topic.url}", f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off",
+         "--from=earliest", "--to=latest"])
+    replay = ["dlq", "replay", "--dlq", str(dlq), "--reason", "too_late", "--", f"--sink={rows.url}",
+              "--allowed_lateness=3h"]
+    capsys.readouterr()
+    assert cli.main([*replay, f"--input={other.url}"]) == 2
+    assert f"came from Kafka topic {topic.topic}; the job's --input is {other.url}" in one_error_line(capsys)
+    assert cli.main([*replay, f"--input={SAMPLE_INPUT}"]) == 2
+    assert f"came from Kafka topic {topic.topic}; the job's --input is {SAMPLE_INPUT}" in one_error_line(capsys)
+
+    assert cli.main([*replay, f"--input={topic.url}"]) == 0  # into a kafka:// sink; no --dlq: the queue replayed
+    assert f"still fail are in {dlq} under their old dlq_id" in capsys.readouterr().out
+    assert len(list(read_records_to_end(rows))) > 0
+    assert len(list(read_dead_letters(str(dlq)))) == 11
+
+    letters = [letter for letter in read_dead_letters(str(dlq)) if letter["reason"] == "too_late"]
+    partition = letters[0]["source"]["partition"]
+    admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
+    for future in admin.delete_records([TopicPartition(topic.topic, partition,
+                                                       letters[0]["source"]["offset"] + 1)]).values():
+        future.result(30)
+    capsys.readouterr()
+    assert cli.main([*replay, f"--input={topic.url}"]) == 2
+    assert f"no longer in {topic.topic} (partition {partition} starts at offset" in one_error_line(capsys)
+
+
+def test_select_by_source_topic_or_files():
+    envelopes = [{"reason": "too_late", "failed_at": "2026-11-02T09:00:00.000000Z", "source": source}
+                 for source in ({"topic": "a", "partition": 0, "offset": 1}, {"topic": "b", "partition": 0, "offset": 1},
+                                {"file": "/data/in/x.jsonl", "line": 3}, {"file": "/data/other/y.jsonl", "line": 1})]
+    assert select(envelopes, source="a") == envelopes[:1]
+    assert select(envelopes, source="/data/in/*.jsonl") == envelopes[2:3]
+    assert select(envelopes, source="/data/*/*.jsonl") == envelopes[2:]
+
+
+def test_replay_of_kafka_records_without_kafka_timestamps_reads_their_windows():
+    """A record with no Kafka timestamp (-1, or none kept) failed the replay with a
+    TypeError; its window's bounds give the range instead."""
+    class Job:  # what replay_flags reads of the job
+        kafka = type("Kafka", (), {"topic": type("Topic", (), {"topic": "orders"})()})()
+        from_archive, time_source = False, "field"
+        from onceflow.events import EventContract
+        from onceflow.windowing import WindowSpec
+        contract = EventContract(time_field="t", key_fields=("k",), value_fields=(), id_field="id")
+        window_spec = WindowSpec(size_ms=60_000, allowed_lateness_ms=0)
+
+    raw = json.dumps({"id": "1", "t": 1_793_613_600_000, "k": "s"}).encode()
+    envelopes = [{"source": {"topic": "orders", "partition": 0, "offset": 5, "timestamp_ms": stamp},
+                  "raw_base64": base64.b64encode(raw).decode()} for stamp in (-1, None)]
+    assert replay_flags(envelopes, 0, Job()) == ["--from=2026-11-02T10:00:00.000Z", "--to=2026-11-02T10:01:00.000Z"]
+    with pytest.raises(UsageError, match="carry no Kafka timestamp"):
+        replay_flags(envelopes, 0)
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("message, expected", [
+    (b'{"dlq_id": "x"}', "offset 0 is not a dead letter: no 'reason' field of an envelope"),
+    (GOOD_LINE.replace('"failed_at":"', '"failed_at":"yesterday').encode(), "failed_at 'yesterday"),
+])
+def test_a_kafka_queue_message_that_is_not_an_envelope_is_one_line(kafka_bootstrap, capsys, message, expected):
+    """A JSON message without an envelope's fields failed in a KeyError traceback
+    (files were checked, topics were not)."""
+    queue = new_topic(kafka_bootstrap, partitions=1)
+    produce(queue, [(0, message, None)])
+    assert cli.main(["dlq", "count", "--dlq", queue.url]) == 2
+    assert expected in one_error_line(capsys)

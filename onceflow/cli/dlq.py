@@ -38,7 +38,7 @@ import glob
 import json
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from onceflow.errors import ServiceError, UsageError
 from onceflow.io.kafka.config import scrub_secrets
@@ -249,24 +249,73 @@ def replay_flags(envelopes: Sequence[Dict[str, Any]], margin_ms: int, job=None) 
     for Kafka records a time range (see the module's docstring; without ``job``
     the range of their Kafka timestamps alone, widened by the margin); for file
     records, or an archive input, none: the job's own input, checked to hold every
-    file the records came from."""
+    file the records came from. A job whose input cannot hold the records (another
+    topic, files for Kafka records) is refused in one line: it would recompute other
+    records and report the replay done."""
     sources = [envelope["source"] for envelope in envelopes]
     kafka = [source for source in sources if "topic" in source]
     files = sorted({source["file"] for source in sources if "file" in source})
     if kafka and files:
-        raise UsageError("the selection mixes Kafka and file records: replay them separately (--reason, --since)")
+        raise UsageError("the selection mixes Kafka and file records: replay them separately (--source TOPIC, "
+                         "--source GLOB)")
     if files:
+        if job is not None and job.kafka is not None:
+            raise UsageError(f"the selected dead letters came from files ({files[0]}, ...), not from Kafka: give "
+                             "the job's --input (the path or glob it ran with) after --")
         _check_job_input_holds(job, files)
         return []
     topics = {source["topic"] for source in kafka}
     if len(topics) != 1:
-        raise UsageError(f"the selection spans topics {sorted(topics)}: replay one topic at a time")
+        raise UsageError(f"the selection spans topics {sorted(topics)}: replay one topic at a time (--source TOPIC)")
+    (topic,) = topics
     if job is not None and job.from_archive:
-        return []  # an archive is read whole: every record of every window
-    stamps = [source["timestamp_ms"] for source in kafka]
-    starts = [] if job is None else [_earliest_window_start(job, envelope) for envelope in envelopes]
-    first = min([*stamps, *(start for start in starts if start is not None)])
+        return []  # an archive is read whole: every record of every window (its check names its topic)
+    if job is not None and (job.kafka is None or job.kafka.topic.topic != topic):
+        given = job.input_pattern if job.kafka is None else job.kafka.topic.url
+        raise UsageError(f"the selected dead letters came from Kafka topic {topic}; the job's --input is {given}: "
+                         f"give --input=kafka://HOST:PORT/{topic} (or an archive of it) after --")
+    stamps = [source.get("timestamp_ms") for source in kafka]
+    stamps = [stamp for stamp in stamps if isinstance(stamp, int) and stamp >= 0]
+    windows = [] if job is None else [_earliest_window(job, envelope) for envelope in envelopes]
+    windows = [window for window in windows if window is not None]
+    if len(stamps) < len(kafka):  # a record without a Kafka timestamp: its window's end bounds it
+        stamps += [end for _, end in windows]
+    if not stamps:
+        raise UsageError("the selected records carry no Kafka timestamp and the job places none of them in a "
+                         "window, so no time range holds them: backfill the topic with --from/--to instead")
+    first = min([*stamps, *(start for start, _ in windows)])
     return [f"--from={format_utc_ms(max(first - margin_ms, 0))}", f"--to={format_utc_ms(max(stamps) + margin_ms)}"]
+
+
+def check_records_retained(job, envelopes: Sequence[Dict[str, Any]]) -> None:
+    """Refuses, in one line, a replay of Kafka records retention has deleted since
+    they failed: the replay re-reads them from the topic, so it would count none of
+    them and report itself done."""
+    from onceflow.io.kafka.admin import log_offsets, new_consumer
+
+    offsets: Dict[int, List[int]] = collections.defaultdict(list)
+    for envelope in envelopes:
+        offsets[envelope["source"]["partition"]].append(envelope["source"]["offset"])
+    try:
+        consumer = new_consumer(job.kafka, "replay", quiet=True)
+        try:
+            bounds = log_offsets(consumer, job.kafka.topic.topic, sorted(offsets))
+        finally:
+            consumer.close()
+    except Exception as error:  # the Kafka client's: a broker out of reach
+        if not _is_kafka_error(error):
+            raise
+        raise ServiceError(f"--input: cannot read the offsets of {job.kafka.topic.url}: {first_line(error)}") from None
+    gone = {p: [o for o in found if o < bounds[p][0]] for p, found in offsets.items()}
+    gone = {p: found for p, found in gone.items() if found}
+    if gone:
+        partition = min(gone)
+        raise UsageError(
+            f"{sum(map(len, gone.values()))} of the {len(envelopes)} selected records are no longer in "
+            f"{job.kafka.topic.topic} (partition {partition} starts at offset {bounds[partition][0]}, the record at "
+            f"{min(gone[partition])} was deleted by retention): a replay re-reads records from the topic, so it "
+            "cannot count them; replay the others (--since, --until, --reason) or from an archive of the topic "
+            "(their bytes are in the queue: onceflow dlq list --json)")
 
 
 def _check_job_input_holds(job, files: Sequence[str]) -> None:
@@ -284,9 +333,9 @@ def _check_job_input_holds(job, files: Sequence[str]) -> None:
                      "so that each window is recomputed from all of its events")
 
 
-def _earliest_window_start(job, envelope: Dict[str, Any]) -> Optional[int]:
-    """The start of the earliest window the dead letter's event belongs to under
-    ``job``'s contract and windows, or None for a record the job refuses."""
+def _earliest_window(job, envelope: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+    """The earliest window the dead letter's event belongs to under ``job``'s
+    contract and windows, or None for a record the job refuses."""
     from onceflow.io.dlq.envelope import from_envelope
     from onceflow.io.schema_registry import RegistryUnavailable
 
@@ -294,11 +343,12 @@ def _earliest_window_start(job, envelope: Dict[str, Any]) -> Optional[int]:
         event = job.contract.to_event(from_envelope(envelope))
     except (RecordError, ValueError, RegistryUnavailable):  # the run itself says what the registry answered
         return None
-    return job.window_spec.windows_for(timed_by(event, job.time_source).event_time_ms)[0][0]
+    return job.window_spec.windows_for(timed_by(event, job.time_source).event_time_ms)[0]
 
 
 def _replay(args) -> int:
-    from onceflow.options import parse_pipeline_args
+    from onceflow.io.kafka.config import is_kafka_url
+    from onceflow.options import InputOptions, parse_pipeline_args
     from onceflow.pipelines.aggregate import job_from_options, run
 
     flags = [flag for flag in args.job_flags if flag != "--"]
@@ -312,15 +362,23 @@ def _replay(args) -> int:
         margin_ms = parse_duration_ms(args.margin)
     except ValueError as error:
         raise UsageError(f"--margin: {error}") from None
+    if not any(flag == "--dlq" or flag.startswith("--dlq=") for flag in flags):
+        flags.append(f"--dlq={args.dlq}")  # records that still fail go back to the queue they came from
     chosen = _selected(args)
     if not chosen:
         print("no dead letters match: nothing to replay")
         return 0
-    job = job_from_options(parse_pipeline_args(flags))
+    # A replay is a backfill: judged as one (a kafka:// sink, which a live job refuses, is fine).
+    reads_kafka = is_kafka_url(str(parse_pipeline_args(flags).view_as(InputOptions).input))
+    job = job_from_options(parse_pipeline_args([*flags, "--from=earliest", "--to=latest"] if reads_kafka else flags))
     input_flags = replay_flags(chosen, margin_ms, job)
+    if job.kafka is not None:
+        check_records_retained(job, chosen)
     reading = " ".join(input_flags) if input_flags else f"its own --input {job.input_pattern}"
-    print(f"replaying {len(chosen)} dead letters: re-running the job with {reading}", file=sys.stderr)
+    print(f"replaying {len(chosen)} dead letters into {job.sink.describe()}: re-running the job with {reading}",
+          file=sys.stderr)
     summary = run([*flags, *input_flags])
     print(summary.render())
-    print("records of this span that still fail are in the queue under their old dlq_id (listed once)")
+    print(f"records of this span that still fail are in {job.dlq.describe()}"
+          + (" under their old dlq_id (listed once)" if job.dlq.describe() == _target(args).describe() else ""))
     return 0
