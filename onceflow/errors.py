@@ -32,3 +32,21 @@ def exit_status(prog: str, action: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not is_interruption(error):
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def is_interruption(error: BaseException) -> bool:
+    """Whether ``error`` is Ctrl-C as a runner passes it on: Beam's DirectRunner
+    re-raises an interrupt in a step as ``RuntimeError: KeyboardInterrupt [while
+    running 'STEP']``, raised from it or with it as text."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, KeyboardInterrupt) or str(error).startswith("KeyboardInterrupt"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

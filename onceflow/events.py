@@ -479,7 +479,10 @@ def _decode_avro(raw: bytes, writer_schema: Any, reader_schema: Any = None) -> D
     except RecursionError:
         raise RecordError(REASON_NESTING_TOO_DEEP, "Avro datum nested too deeply", "RecursionError") from None
     except Exception as error:  # fastavro raises many types on corrupt input
-        raise RecordError(REASON_AVRO_DECODE_ERROR, f"cannot decode Avro datum: {type(error).__name__}: {error}"[:300],
+        # Without object addresses (fastavro names its stream: <_io.BytesIO object at 0x7f...>), so a record's
+        # dead letter reads the same in every run.
+        text = re.sub(r"<([\w.]+) object at 0x[0-9a-f]+>", r"<\1>", str(error))
+        raise RecordError(REASON_AVRO_DECODE_ERROR, f"cannot decode Avro datum: {type(error).__name__}: {text}"[:300],
                           type(error).__name__) from None
     if stream.tell() != len(raw):
         raise RecordError(REASON_AVRO_DECODE_ERROR,

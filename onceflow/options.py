@@ -17,7 +17,7 @@ import difflib
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 
@@ -371,13 +371,21 @@ def _all_options_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def help_text(prog: str, description: str, option_classes: Optional[Sequence[type]] = None) -> str:
-    """``--help`` of a pipeline: its option classes (default: the aggregate job's)."""
+def help_text(prog: str, description: str, option_classes: Optional[Sequence[type]] = None,
+              leave_out: Sequence[str] = (), defaults: Optional[Dict[str, str]] = None) -> str:
+    """``--help`` of a pipeline: its option classes (default: the aggregate job's),
+    without the flags ``leave_out`` names (by destination, e.g. ``kafka_group``), and
+    with ``defaults`` replacing a flag's help text."""
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      epilog="Beam's own flags (--runner, --streaming, --project, ...) "
                                             "are accepted too.")
     for cls in option_classes or ONCEFLOW_OPTION_CLASSES:
         cls._add_argparse_args(parser)  # pylint: disable=protected-access
+    for action in parser._actions:  # pylint: disable=protected-access
+        if action.dest in leave_out:
+            action.help = argparse.SUPPRESS
+        elif defaults and action.dest in defaults:
+            action.help = defaults[action.dest]
     return parser.format_help()
 
 

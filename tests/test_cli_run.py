@@ -66,3 +66,27 @@ def test_ctrl_c_while_beam_is_imported_is_one_line(tmp_path, command, after_s):
     # interrupt passed through one of Beam's imports on its way, even once handled.
     assert started.returncode in (130, -signal.SIGINT), stderr[-2000:]
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].endswith(": interrupted")
+
+
+def test_ctrl_c_while_the_pipeline_runs_is_one_line(tmp_path):
+    """Beam's DirectRunner passes Ctrl-C in a step on as ``RuntimeError:
+    KeyboardInterrupt [while running ...]``, after logging it with its traceback:
+    the job printed that traceback, and in a writing step blamed the sink or the
+    dead-letter queue for a write that failed ("--dlq: a write failed ...")."""
+    import json
+    import signal
+    import time
+
+    with open(tmp_path / "big.jsonl", "w") as out:
+        for n in range(1_000_000):
+            out.write(json.dumps({"order_id": f"o{n}", "event_time": 1_793_610_000_000 + n * 10,
+                                  "store": f"s{n % 50}", "qty": 1, "price": 1.0}) + "\n")
+    started = subprocess.Popen([*COMMAND, "aggregate", f"--input={tmp_path}/big.jsonl", "--status=off",
+                                f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # past the imports: the pipeline runs (about 5 s for these records)
+    started.send_signal(signal.SIGINT)
+    _, stderr = started.communicate(timeout=120)
+    assert started.returncode in (130, -signal.SIGINT), stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and len(lines) == 1 and lines[0].endswith(": interrupted"), stderr[-3000:]

@@ -283,3 +283,18 @@ def test_a_key_may_have_at_most_2000_bytes_of_text(store, accepted):
             CONTRACT.to_event(SourceRecord(raw, {}))
         assert verdicts[1].message == refused.value.message and verdicts[1].reason == "schema_violation"
     assert [type(verdict).__name__ for verdict in (verdicts[0], verdicts[2])] == ["Decoded", "Decoded"]
+
+
+def test_an_avro_decode_error_reads_the_same_in_every_run(monkeypatch):
+    """fastavro names its stream in some errors (<_io.BytesIO object at 0x7f...>):
+    the dead letter's message differed between a Kafka and an archive backfill."""
+    import fastavro
+
+    from onceflow.events import _decode_avro
+
+    def failing(stream, *schemas):
+        raise ValueError(f"cannot read from {stream!r}")
+    monkeypatch.setattr(fastavro, "schemaless_reader", failing)
+    with pytest.raises(RecordError) as refused:
+        _decode_avro(b"\x02", {"type": "record", "name": "r", "fields": []})
+    assert refused.value.message == "cannot decode Avro datum: ValueError: cannot read from <_io.BytesIO>"

@@ -77,12 +77,12 @@ def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        parser = build_parser()  # imports Beam: Ctrl-C during it is an interrupt, not a traceback
+    try:  # build_parser imports Beam, and parsing a job's flags can: Ctrl-C then is an interrupt, not a traceback
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
     except KeyboardInterrupt:
         print("onceflow: interrupted", file=sys.stderr)
         return 130
-    args, unknown = parser.parse_known_args(argv)
     if unknown:  # with the usage of the subcommand they were given to, not the top level's
         _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "handler", None) is None:

@@ -107,9 +107,13 @@ def file_name(topic: str, hour: str, partition: int, first: int, last: int, arch
 
 
 def _hour(timestamp_ms: int) -> str:
-    from onceflow.events import format_utc_ms
+    """The hour folder of a record's Kafka timestamp (YYYY-MM-DDTHH). The broker
+    takes any timestamp; one before the year 1 or after 9999 (a producer's bug)
+    goes in the first or last hour there is. The hour names the file only: the
+    reader merges a partition's files by offset, and the record keeps its own."""
+    from onceflow.events import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS, format_utc_ms
 
-    return format_utc_ms(timestamp_ms)[:13]  # YYYY-MM-DDTHH
+    return format_utc_ms(min(max(timestamp_ms, MIN_EVENT_TIME_MS), MAX_EVENT_TIME_MS))[:13]
 
 
 def encode_file(rows: List[Dict[str, Any]], archive_format: str, name: str) -> bytes:
@@ -160,19 +164,23 @@ class _WriteFileDoFn(beam.DoFn):
 class WriteArchive(beam.PTransform):
     """Writes bounded ``PCollection[SourceRecord]`` read from Kafka to archive files
     (one per topic, hour of the Kafka timestamp and partition), then records the
-    run as finished in the folder's manifest (:func:`record_run`; make the folder
-    an archive with :func:`write_marker` first). Output: the paths written. Local
-    folders only (the rename is what makes a file appear whole)."""
+    run as finished in the folder's manifest (:func:`record_run`, with the offset
+    ``ranges`` read and the ``gaps`` retention left; make the folder an archive
+    with :func:`write_marker` first). Output: the paths written. Local folders
+    only (the rename is what makes a file appear whole)."""
 
-    def __init__(self, directory: str, archive_format: str = "avro"):
+    def __init__(self, directory: str, archive_format: str = "avro",
+                 ranges: Optional[Dict[int, Tuple[int, int]]] = None, gaps: Iterable[str] = ()):
         super().__init__()
         if archive_format not in FORMATS:
             raise ValueError(f"archive format must be one of {', '.join(FORMATS)}")
         self._directory = directory
         self._format = archive_format
+        self._ranges = ranges
+        self._gaps = list(gaps)
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        directory = self._directory
+        directory, ranges, gaps = self._directory, self._ranges, self._gaps
         paths = (
             records
             | "KeyByPartitionAndHour" >> beam.Map(
@@ -183,42 +191,70 @@ class WriteArchive(beam.PTransform):
         # Once every file is in place: the run is finished, and the manifest says so.
         _ = (paths
              | "ListFiles" >> beam.combiners.ToList()
-             | "RecordRun" >> beam.Map(lambda written: record_run(directory, written)))
+             | "RecordRun" >> beam.Map(lambda written: record_run(directory, written, ranges, gaps)))
         return paths
 
 
 def read_manifest(directory: str) -> Dict[str, Any]:
-    """The archive's manifest (``{}`` when it is missing or not one). ValueError
-    (one line) when its list of finished runs is not a list of lists of file names."""
+    """The archive's manifest (``{}`` when there is none). ValueError (one line)
+    when it is there but damaged (not JSON, cut off, its list of finished runs or
+    their offset ranges not what the archive job writes): a damaged manifest must
+    not pass for an archive written before runs were recorded, whose files are
+    taken as they are, nor be replaced by a new list of runs."""
     path = FileSystems.join(directory, MARKER)
     try:
         with FileSystems.open(path) as handle:
-            manifest = json.loads(handle.read().decode("utf-8"))
-    except (OSError, ValueError):  # Beam raises its own IOError subclass for a missing file
+            data = handle.read()
+    except OSError:  # Beam raises its own IOError subclass for a missing file
         return {}
+    damaged = ValueError(f"{path}: the archive's manifest is damaged; restore it, or archive the topic again into "
+                         "a new folder")
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except ValueError:
+        raise damaged from None
     if not isinstance(manifest, dict):
-        return {}
+        raise damaged
     runs = manifest.get("runs", [])
     if not (isinstance(runs, list) and all(isinstance(run, list) for run in runs)
             and all(isinstance(name, str) and _is_archive_file_name(name) for run in runs
                     for name in run)):
         raise ValueError(f"{path}: its list of finished runs is damaged; restore it, or archive the topic again "
                          "into a new folder")
+    ranges = manifest.get("ranges", [None] * len(runs))
+    if not (isinstance(ranges, list) and len(ranges) == len(runs) and all(
+            run_ranges is None or (isinstance(run_ranges, dict) and all(
+                key.isdigit() and isinstance(span, list) and len(span) == 2
+                and all(isinstance(offset, int) for offset in span) for key, span in run_ranges.items()))
+            for run_ranges in ranges)):
+        raise damaged
     return manifest
 
 
 def _write_manifest(directory: str, manifest: Dict[str, Any]) -> None:
+    """Writes the manifest whole or not at all: a temporary file, synced, renamed,
+    and the folder synced (a crash leaves the old manifest or the new one)."""
     path = os.path.join(directory, MARKER)
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
+    folder = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
-def write_marker(directory: str, archive_format: str, topic: str) -> None:
+def write_marker(directory: str, archive_format: str, topic: str, topic_id: Optional[str] = None) -> Dict[str, Any]:
     """Makes ``directory`` an archive folder of ``topic`` (its manifest), keeping the
-    finished runs of an archive already there. An archive of another topic is
-    refused (ValueError): a job reading the folder would add the two topics up."""
+    finished runs of an archive already there, and returns the manifest. An archive
+    of another topic is refused (ValueError): a job reading the folder would add the
+    two topics up; so is one of the same name deleted and created again since
+    (another ``topic_id``, Kafka's ID of the topic): its offsets start over, and
+    the reader would take the old records for the new ones at the same offsets."""
     os.makedirs(directory, exist_ok=True)
     manifest = read_manifest(directory)
     if manifest and "runs" not in manifest:  # written before runs were recorded: its files are taken as they are
@@ -227,33 +263,87 @@ def write_marker(directory: str, archive_format: str, topic: str) -> None:
     topics = {_FILE.search(name).group("topic") for run in manifest.get("runs", ()) for name in run}
     if topics - {topic}:
         raise ValueError(f"{directory} is an archive of topic {sorted(topics)[0]}: give each topic its own folder")
+    kept_id = manifest.get("topic_id")
+    if kept_id and topic_id and kept_id != topic_id and manifest.get("runs"):
+        raise ValueError(f"{directory} is an archive of an earlier topic {topic} (Kafka topic ID {kept_id}, now "
+                         f"{topic_id}): the topic was deleted and created again, and its offsets started over; "
+                         "give the new topic its own folder")
     runs = manifest.get("runs", [])
-    _write_manifest(directory, {"format": archive_format, "schema": ARCHIVE_SCHEMA, "runs": runs})
+    written = {"format": archive_format, "schema": ARCHIVE_SCHEMA, "topic_id": topic_id or kept_id, "runs": runs,
+               "ranges": manifest.get("ranges", [None] * len(runs)), "gaps": manifest.get("gaps", [])}
+    _write_manifest(directory, written)
+    return written
 
 
-def record_run(directory: str, paths: Iterable[str]) -> None:
-    """Adds a finished run (the files it wrote, relative to ``directory``) to the
-    manifest, unless a run with the same files is there already (archiving a range
-    again leaves the folder as it was)."""
+def record_run(directory: str, paths: Iterable[str], ranges: Optional[Dict[int, Tuple[int, int]]] = None,
+               gaps: Iterable[str] = ()) -> None:
+    """Adds a finished run (the files it wrote, relative to ``directory``, and the
+    offset range ``[start, stop)`` it read of each partition) to the manifest,
+    unless a run with the same files is there already (archiving a range again
+    leaves the folder as it was). ``gaps``: offsets the run let retention take
+    (said when the archive is read)."""
     names = sorted(os.path.relpath(path, directory).replace(os.sep, "/") for path in paths)
     manifest = read_manifest(directory)
     runs = manifest.setdefault("runs", [])
+    run_ranges = manifest.setdefault("ranges", [None] * len(runs))
     if names not in runs:
         runs.append(names)
+        run_ranges.append(None if ranges is None else {str(p): list(span) for p, span in sorted(ranges.items())})
+        manifest.setdefault("gaps", []).extend(gap for gap in gaps if gap not in manifest["gaps"])
         _write_manifest(directory, manifest)
 
 
-def check_archive(directory: str) -> None:
+def archived_ranges(manifest: Dict[str, Any]) -> Dict[int, List[Tuple[int, int]]]:
+    """Each partition's offset ranges ``[start, stop)`` the finished runs read,
+    merged (runs recorded without ranges, by earlier versions, are left out)."""
+    spans: Dict[int, List[Tuple[int, int]]] = {}
+    for run_ranges in manifest.get("ranges", ()):
+        for partition, (start, stop) in (run_ranges or {}).items():
+            if stop > start:
+                spans.setdefault(int(partition), []).append((start, stop))
+    merged: Dict[int, List[Tuple[int, int]]] = {}
+    for partition, found in spans.items():
+        for start, stop in sorted(found):
+            runs = merged.setdefault(partition, [])
+            if runs and start <= runs[-1][1]:
+                runs[-1] = (runs[-1][0], max(runs[-1][1], stop))
+            else:
+                runs.append((start, stop))
+    return merged
+
+
+def holes_left_by(manifest: Dict[str, Any], partition: int, start: int, stop: int) -> List[Tuple[int, int]]:
+    """The offsets ``[first, stop)`` no run would have read if a run read
+    ``[start, stop)`` of ``partition`` now, between the archived ranges and it (an
+    archive that ends at 196 topped up from 300 leaves 196-299 out)."""
+    archived = archived_ranges(manifest).get(partition, [])
+    if not archived or stop <= start:
+        return []
+    before = [(low, high) for low, high in archived if high < start]
+    after = [(low, high) for low, high in archived if low > stop]
+    holes = []
+    if before and not any(low <= start <= high for low, high in archived):
+        holes.append((max(high for _, high in before), start))
+    if after and not any(low <= stop <= high for low, high in archived):
+        holes.append((stop, min(low for low, _ in after)))
+    # Not new: part of a hole the archive had already (between two ranges), which this run narrows.
+    had = list(zip((high for _, high in archived), (low for low, _ in archived[1:])))
+    return [hole for hole in holes if not any(low <= hole[0] and hole[1] <= high for low, high in had)]
+
+
+def check_archive(directory: str) -> List[str]:
     """Raises ValueError (one line) unless every record the folder's finished runs
     archived is there and every data file is part of one: a file a finished run
     listed is missing; a data file that no finished run wrote nor covers (its
     partition's offsets within one run's first and last) was left by a run stopped
     part way; a file that is not an archive file. An archive written before runs
-    were recorded (its manifest lists none) is checked for the last kind only."""
+    were recorded (its manifest lists none) is checked for the last kind only.
+    Returns the gaps the runs let retention take (``--allow_retention_gaps``), to
+    be said to whoever reads it."""
     found = _data_files(directory)
     manifest = read_manifest(directory)
     if "runs" not in manifest:
-        return
+        return []
     runs = manifest["runs"]
     if found and not runs:
         raise ValueError(f"no archive run into {directory} has finished (the files there were left by a run "
@@ -273,6 +363,7 @@ def check_archive(directory: str) -> None:
         if not any(low <= first and last <= high for low, high in spans.get((topic, partition), ())):
             raise ValueError(f"{FileSystems.join(directory, name)} is not part of a finished archive run (a run "
                              "stopped part way): archive its range again, or remove the file")
+    return [str(gap) for gap in manifest.get("gaps", [])]
 
 
 def _is_archive_file_name(name: str) -> bool:
@@ -340,7 +431,7 @@ def merged_rows(paths: Iterable[str]) -> Iterator[Dict[str, Any]]:
     pending = sorted(paths, key=_first_offset, reverse=True)  # pop() gives the lowest first offset
     heap: List[Tuple[int, int, Dict[str, Any], Iterator[Dict[str, Any]]]] = []
     opened = 0
-    last_offset = -1
+    last_offset, kept = -1, None
     while heap or pending:
         while pending and (not heap or _first_offset(pending[-1]) <= heap[0][0]):
             rows = _file_rows(pending.pop())
@@ -355,8 +446,12 @@ def merged_rows(paths: Iterable[str]) -> Iterator[Dict[str, Any]]:
         if following is not None:
             heapq.heappush(heap, (following["offset"], order, following, rows))
         if offset > last_offset:  # an offset archived twice by overlapping runs: keep it once
-            last_offset = offset
+            last_offset, kept = offset, row
             yield row
+        elif row != kept:
+            raise ValueError(f"partition {row['partition']} offset {offset} of {row['topic']} is archived twice with "
+                             "different records: the topic was deleted and created again between two archive runs "
+                             "into this folder; archive the new topic into its own folder")
 
 
 class _ReadPartitionFilesDoFn(beam.DoFn):

@@ -30,7 +30,7 @@ import fastavro
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
-from onceflow.errors import ServiceError, UsageError, exit_status
+from onceflow.errors import ServiceError, UsageError, exit_status, is_interruption
 from onceflow.events import REGISTRY_FORMATS, EventContract, format_utc_ms
 from onceflow.io.archive import ReadArchive, check_archive, is_archive
 from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
@@ -498,9 +498,11 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             raise UsageError(str(error)) from None
     elif job.from_archive:
         try:
-            check_archive(job.input_pattern)
+            holes = check_archive(job.input_pattern)
         except ValueError as error:
             raise UsageError(f"--input: {error}") from None
+        for hole in holes:
+            print(f"aggregate: warning: the archive {job.input_pattern} lacks records: {hole}", file=sys.stderr)
     else:
         _check_input_exists(job.input_pattern)
     _check_metrics_out(options.view_as(MonitoringOptions).metrics_out)
@@ -539,8 +541,8 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     started = time.monotonic()
     pipeline = beam.Pipeline(runner=local_batch_runner(options, job.is_live), options=options)
     build(pipeline, job)
-    quiet_worker_errors_reported_in_one_line((UnreadableInputFile, RetentionGapError, RegistryUnavailable),
-                                             _OUTPUT_STEPS)
+    quiet_worker_errors_reported_in_one_line((UnreadableInputFile, RetentionGapError, RegistryUnavailable,
+                                              KeyboardInterrupt), _OUTPUT_STEPS)
     with Monitor(options, runner, expected_records=expected_records) as monitor, \
             _stop_signals_as_interrupt(job.is_live, signal.SIGTERM) as stop:
         try:
@@ -554,6 +556,8 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                 return monitor.finish(RunSummary(runner, time.monotonic() - started, {}, job.sink.describe(),
                                                  job.dlq.describe()))
         except Exception as error:  # a worker's error comes back wrapped by the runner
+            if is_interruption(error):  # Ctrl-C while a step ran: not that step's failure
+                raise KeyboardInterrupt from None
             gap = _retention_gap_line(error)  # retention deleted part of the range while it was read
             if gap is not None:
                 raise ServiceError(f"--from/--to: {gap}") from None

@@ -13,9 +13,10 @@ archive through the same transforms as a live or backfill run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -24,16 +25,16 @@ from apache_beam.runners.runner import PipelineResult
 
 from onceflow import metrics
 from onceflow.errors import ServiceError, UsageError, exit_status
-from onceflow.io.archive import FORMATS, WriteArchive, write_marker
-from onceflow.io.kafka.admin import (check_named_partitions, describe_gaps, describe_topic,
-                                     resolve_partition_reads)
-from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, client_error_line, client_settings_from_flags, parse_kafka_url,
-                                      parse_position)
+from onceflow.io.archive import FORMATS, WriteArchive, holes_left_by, read_manifest, write_marker
+from onceflow.io.kafka.admin import (check_named_partitions, describe_gaps, describe_topic, log_offsets, new_consumer,
+                                     resolve_partition_reads, topic_id)
+from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, Position, client_error_line,
+                                      client_settings_from_flags, parse_kafka_url, parse_position)
 from onceflow.io.kafka.read import ReadFromKafka
 from onceflow.observability.snapshot import snapshot_from_query
 from onceflow.options import (AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions,
                               WindowOptions, flag_error, help_text, parse_pipeline_args)
-from onceflow.runners import local_batch_runner, prepare_runner
+from onceflow.runners import local_batch_runner, prepare_runner, quiet_worker_errors_reported_in_one_line
 
 PIPELINE_NAME = "archive"
 _LOCAL_RUNNERS = ("directrunner", "direct")
@@ -92,10 +93,46 @@ _AGGREGATE_ONLY_FLAGS = (
 )
 
 
-def build(pipeline: beam.Pipeline, config: KafkaReadConfig, output: str, archive_format: str) -> beam.PCollection:
+def build(pipeline: beam.Pipeline, config: KafkaReadConfig, output: str, archive_format: str,
+          ranges: Optional[Dict[int, Tuple[int, int]]] = None, gaps: Sequence[str] = ()) -> beam.PCollection:
     return (pipeline
             | "ReadKafka" >> ReadFromKafka(config)
-            | "WriteArchive" >> WriteArchive(output, archive_format))
+            | "WriteArchive" >> WriteArchive(output, archive_format, ranges, gaps))
+
+
+def _log_starts(config: KafkaReadConfig, partitions: Sequence[int]) -> Dict[int, int]:
+    consumer = new_consumer(config, "offsets", quiet=True)
+    try:
+        return {p: low for p, (low, _) in log_offsets(consumer, config.topic.topic, partitions).items()}
+    finally:
+        consumer.close()
+
+
+def _holes_this_run_leaves(manifest: Dict, reads: Sequence, lows: Dict[int, int],
+                           config: KafkaReadConfig) -> List[str]:
+    """Refuses, in one line, a run that would leave offsets between the archive's
+    ranges and its own that no run read (a reader of the archive would take it for
+    the whole topic): records still in the topic are for this run to start at; records
+    retention has deleted are a gap, archived past only with
+    ``--allow_retention_gaps``. Returns the gaps allowed, as the manifest keeps them."""
+    allowed = []
+    for read in reads:
+        for first, stop in holes_left_by(manifest, read.partition, read.start_offset, read.stop_offset):
+            if stop > lows[read.partition] or not config.allow_retention_gaps:
+                still = stop > lows[read.partition]
+                raise UsageError(
+                    f"--from/--to: this run reads offsets {read.start_offset}-{read.stop_offset - 1} of partition "
+                    f"{read.partition}, and with the ranges archived before it leaves offsets {first}-{stop - 1} "
+                    "out of the archive, which a job reading it would take for the whole topic; "
+                    + (f"start where the archive ends (--from offsets:{read.partition}={first}) or earlier, or "
+                       "give the run its own folder" if still else "they were deleted by retention before an "
+                       "archive run read them: pass --allow_retention_gaps to archive what is left (a job reading "
+                       "the archive then says so)"))
+            allowed.append(f"topic {config.topic.topic} partition {read.partition} offsets {first}-{stop - 1} were "
+                           "deleted by retention before an archive run read them")
+    for line in allowed:
+        print(f"archive: warning: {line}", file=sys.stderr)
+    return allowed
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,22 +156,34 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     try:
-        gaps = [read.retention_gap for read in resolve_partition_reads(config, partitions)
-                if read.retention_gap is not None]
+        reads = resolve_partition_reads(config, partitions)
+        lows = _log_starts(config, partitions)
     except RuntimeError as error:
         raise ServiceError(f"--input: {error}") from None
+    gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
     if gaps and not config.allow_retention_gaps:
         raise ServiceError(f"--from/--to: {describe_gaps(gaps)}; pass --allow_retention_gaps to archive what is "
                            "left, or start later")
     if gaps:
         print(f"archive: warning: {describe_gaps(gaps)}; archiving what is left", file=sys.stderr)
     try:
-        write_marker(archive.output, archive.archive_format, config.topic.topic)
+        manifest = read_manifest(archive.output)
+    except ValueError as error:
+        raise flag_error("--output", error) from None
+    lost = _holes_this_run_leaves(manifest, reads, lows, config)
+    try:
+        write_marker(archive.output, archive.archive_format, config.topic.topic, topic_id(config))
     except (ValueError, OSError) as error:
         raise flag_error("--output", error) from None
     started = time.monotonic()
+    quiet_worker_errors_reported_in_one_line((KeyboardInterrupt,))  # Ctrl-C: "archive: interrupted"
     pipeline = beam.Pipeline(runner=local_batch_runner(options, live=False), options=options)
-    build(pipeline, config, archive.output, archive.archive_format)
+    # The ranges resolved here, read exactly: the manifest records what the run covered.
+    exact = dataclasses.replace(config, start=Position("offsets", {r.partition: r.start_offset for r in reads}),
+                                stop=Position("offsets", {r.partition: r.stop_offset for r in reads}))
+    ranges = {r.partition: (r.start_offset, r.stop_offset) for r in reads}
+    build(pipeline, exact, archive.output, archive.archive_format, ranges,
+          [*(describe_gaps([gap]) for gap in gaps), *lost])
     result = pipeline.run()
     result.wait_until_finish()
     files = files_written(result)
@@ -155,8 +204,9 @@ def files_written(result: PipelineResult) -> int:
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m onceflow.pipelines.archive") -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
-        print(help_text(prog, __doc__.strip().splitlines()[0],
-                        (InputOptions, KafkaOptions, ArchiveOptions)))
+        print(help_text(prog, __doc__.strip().splitlines()[0], (InputOptions, KafkaOptions, ArchiveOptions),
+                        leave_out=_AGGREGATE_ONLY_FLAGS,
+                        defaults={"input": "The topic to archive: kafka://HOST:PORT/TOPIC. Required."}))
         return 0
     return exit_status("archive", lambda: _succeeded(_refusing_client_errors(args)))
 

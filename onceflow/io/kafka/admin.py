@@ -154,6 +154,22 @@ def log_offsets(consumer, topic: str, partitions: Iterable[int],
     return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s) for p in partitions}
 
 
+def topic_id(config: KafkaReadConfig, timeout_s: float = METADATA_TIMEOUT_S) -> Optional[str]:
+    """Kafka's ID of the topic (a new one when a topic is deleted and created again
+    under the same name), or None where the broker does not say (older brokers)."""
+    from confluent_kafka import KafkaException, TopicCollection
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"log_level": 0, **dict(config.client_settings),
+                         "bootstrap.servers": config.topic.bootstrap_servers})
+    name = config.topic.topic
+    try:
+        found = admin.describe_topics(TopicCollection([name]), request_timeout=timeout_s)[name].result(timeout_s)
+    except (KafkaException, TimeoutError, TypeError, ValueError):  # TypeError/ValueError: a client too old to ask
+        return None
+    return str(found.topic_id) if getattr(found, "topic_id", None) else None
+
+
 def committed_offsets(consumer, topic: str, partitions: Iterable[int],
                       timeout_s: float = METADATA_TIMEOUT_S) -> Dict[int, int]:
     """The committed offsets of the consumer's group (its ``group.id``), by

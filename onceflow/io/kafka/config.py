@@ -323,7 +323,8 @@ class KafkaReadConfig:
         if self.stop is not None and self.stop.kind == "committed":
             raise ValueError("a read cannot stop at committed offsets")
         same_kind = self.stop is not None and self.start.kind == self.stop.kind
-        if same_kind and self.start.kind == "timestamp" and self.start.value > self.stop.value:
+        reversed_ends = self.stop is not None and (self.start.kind, self.stop.kind) == ("latest", "earliest")
+        if reversed_ends or (same_kind and self.start.kind == "timestamp" and self.start.value > self.stop.value):
             raise ValueError("the start is after the stop: nothing would be read; swap them")
         if same_kind and self.start.kind == "offsets":
             reversed_ = [p for p, offset in self.start.value.items() if offset > self.stop.value.get(p, offset)]
