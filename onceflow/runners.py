@@ -80,6 +80,17 @@ def choose_streaming_runner(options: PipelineOptions) -> None:
     prism.prism_location = location
 
 
+def use_built_prism(options: PipelineOptions) -> None:
+    """``--runner=PrismRunner`` without ``--prism_location`` runs the Prism that
+    ``onceflow dev up --services prism`` built, when there is one: Beam would
+    download its own from GitHub (a traceback where that cannot be reached)."""
+    from apache_beam.options.pipeline_options import PrismRunnerOptions
+
+    prism = options.view_as(PrismRunnerOptions)
+    if runs_on_prism(options) and not prism.prism_location:
+        prism.prism_location = built_prism()
+
+
 # Beam's portable client (Prism, job servers) opens a job's state and message
 # streams with --job_server_timeout as their deadline, 300 s by default: a live
 # job then fails after five minutes with DEADLINE_EXCEEDED ("Stream removed").
@@ -366,6 +377,7 @@ def prepare_runner(options: PipelineOptions, live: bool, reads_kafka: bool, kafk
         choose_streaming_runner(options)
         keep_live_job_streams_open(options)
         shorten_flink_bundles(options)
+    use_built_prism(options)
     keep_prism_from_splitting(options)
     run_loopback_workers_in_processes(options)
     if reads_kafka and _runs_direct_multi_processing(options):

@@ -294,6 +294,12 @@ def test_a_missing_database_or_dead_letter_table_is_one_line(postgres_dsn, capsy
     assert cli.main(["dlq", "list", f"--dlq={postgres_dsn}?table=test_nosuch_table_xyz"]) == 2
     assert (f"--dlq: no dead-letter table 'test_nosuch_table_xyz' exists in {postgres_dsn}: check ?table="
             in one_error_line(capsys))
+    import psycopg  # a rows table given as the queue: a usage error, not the server's (exit 1)
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+        connection.execute("CREATE TABLE IF NOT EXISTS test_rows_not_letters (store TEXT, event_count BIGINT)")
+    assert cli.main(["dlq", "count", f"--dlq={postgres_dsn}?table=test_rows_not_letters"]) == 2
+    assert "table 'test_rows_not_letters' in" in one_error_line(capsys)
 
 
 def test_an_unreachable_broker_is_one_line_naming_it(capsys):

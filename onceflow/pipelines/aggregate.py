@@ -561,6 +561,10 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             gap = _retention_gap_line(error)  # retention deleted part of the range while it was read
             if gap is not None:
                 raise ServiceError(f"--from/--to: {gap}") from None
+            prism = _line_in_error(error, r"(Unable to fetch remote prism binary at \S+: [^\n]*)")
+            if prism is not None:  # no --prism_location, and no Prism built by `onceflow dev up` in this folder
+                raise ServiceError(f"--runner: {prism}; build Prism here with `onceflow dev up --services prism`, "
+                                   "or give --prism_location=PATH of a Prism binary") from None
             jar = _line_in_error(error, r"(Unable to fetch remote job server jar at \S+: [^\n]*?)\. ")
             if jar is not None:  # Beam downloads the job server of the Flink it is told, or of its default
                 raise ServiceError(f"--runner: {jar}; give --flink_version (of the Flink at --flink_master), or "

@@ -265,3 +265,22 @@ def test_flags_passed_on_to_the_runner_are_not_also_said_to_be_discarded(caplog,
     assert "passing flags unknown to Beam's Python SDK on to the runner: --checkpointing_interval" in \
         capsys.readouterr().err
     assert not [record for record in caplog.records if "Discarding" in record.getMessage()]
+
+
+def test_a_backfill_on_prism_runs_the_built_prism(monkeypatch, tmp_path):
+    """--runner=PrismRunner without --prism_location made Beam download Prism from
+    GitHub (a 130-line traceback where it cannot be reached), though the dev stack
+    had built one; a live job without --runner used the built one already."""
+    from apache_beam.options.pipeline_options import PrismRunnerOptions
+
+    from onceflow import runners
+    from onceflow.options import parse_pipeline_args
+
+    built = tmp_path / "prism"
+    monkeypatch.setattr(runners, "built_prism", lambda: str(built))
+    options = parse_pipeline_args(["--runner=PrismRunner"])
+    runners.prepare_runner(options, live=False, reads_kafka=False, kafka_readers=1)
+    assert options.view_as(PrismRunnerOptions).prism_location == str(built)
+    given = parse_pipeline_args(["--runner=PrismRunner", "--prism_location=/opt/prism"])
+    runners.prepare_runner(given, live=False, reads_kafka=False, kafka_readers=1)
+    assert given.view_as(PrismRunnerOptions).prism_location == "/opt/prism"

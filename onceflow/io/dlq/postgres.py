@@ -24,7 +24,7 @@ from onceflow.events import format_utc_ms
 from onceflow.io.batching import BatchWriteDoFn
 from onceflow.io.dlq.envelope import ENVELOPE_TIME, to_envelope
 from onceflow.io.postgres import Session, SessionHooks, application_name, connect, create_checked
-from onceflow.io.urls import redact_url
+from onceflow.io.urls import first_line, redact_url
 from onceflow.rows import check_identifier, utc_millis
 
 # The envelope (onceflow.io.dlq.envelope), one column per field.
@@ -148,6 +148,9 @@ def read_dead_letters(dsn: str, table: str) -> Iterator[Dict[str, Any]]:
         except psycopg.errors.UndefinedTable:
             raise ValueError(f"no dead-letter table {table!r} exists in {redact_url(dsn)}: check ?table= "
                              "(a job creates its table when it starts; the default is dead_letters)") from None
+        except psycopg.errors.UndefinedColumn as error:  # another table: the rows', say
+            raise ValueError(f"table {table!r} in {redact_url(dsn)} is not a dead-letter table "
+                             f"({first_line(error)}): check ?table= (the default is dead_letters)") from None
         for values in rows:
             envelope = dict(zip(_DLQ_NAMES, values))
             if envelope["event_time"] is not None:
