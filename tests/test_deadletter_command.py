@@ -222,10 +222,11 @@ def one_error_line(capsys) -> str:
     (f"{GOOD_LINE}\n{{not json\n".encode(), "line 2 is not a dead letter: not JSON"),
     (b"hello, world\nnot a queue\n", "line 1 is not a dead letter: not JSON"),
     (f"{GOOD_LINE}\n{{\"text\": \"cut".encode(), "line 2 is not a dead letter: not JSON"),  # not a dead letter's
+    (b'{\n  "a": 1\n}\n', "line 1 is not a dead letter: not JSON"),  # pretty-printed JSON: never appended to
     (b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01", "line 1 is not a dead letter: it is not UTF-8 text"),
     (b'{"dlq_id": "a"}\n', "line 1 is not a dead letter: no 'reason' field"),
     (b"[1, 2]\n", "line 1 is not a dead letter: a JSON list"),
-], ids=["corrupt", "text", "truncated-other-json", "binary", "other-json", "not-an-object"])
+], ids=["corrupt", "text", "truncated-other-json", "pretty-json", "binary", "other-json", "not-an-object"])
 def test_a_file_that_is_not_a_queue_is_one_line_naming_the_file_and_line(tmp_path, capsys, command, content,
                                                                           expected):
     path = tmp_path / "dlq.jsonl"

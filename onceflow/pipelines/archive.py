@@ -118,16 +118,21 @@ def _holes_this_run_leaves(manifest: Dict, reads: Sequence, lows: Dict[int, int]
     allowed = []
     for read in reads:
         for first, stop in holes_left_by(manifest, read.partition, read.start_offset, read.stop_offset):
-            if stop > lows[read.partition] or not config.allow_retention_gaps:
-                still = stop > lows[read.partition]
+            still = stop > lows[read.partition]  # some of them are still in the topic
+            if still or not config.allow_retention_gaps:
+                if not still:
+                    remedy = ("they were deleted by retention before an archive run read them: pass "
+                              "--allow_retention_gaps to archive what is left (a job reading the archive then says so)")
+                elif first == read.stop_offset:
+                    remedy = f"stop where the archive begins (--to offsets:{read.partition}={stop}), or give the run " \
+                             "its own folder"
+                else:
+                    remedy = f"start where the archive ends (--from offsets:{read.partition}={first}) or earlier, " \
+                             "or give the run its own folder"
                 raise UsageError(
                     f"--from/--to: this run reads offsets {read.start_offset}-{read.stop_offset - 1} of partition "
                     f"{read.partition}, and with the ranges archived before it leaves offsets {first}-{stop - 1} "
-                    "out of the archive, which a job reading it would take for the whole topic; "
-                    + (f"start where the archive ends (--from offsets:{read.partition}={first}) or earlier, or "
-                       "give the run its own folder" if still else "they were deleted by retention before an "
-                       "archive run read them: pass --allow_retention_gaps to archive what is left (a job reading "
-                       "the archive then says so)"))
+                    f"out of the archive, which a job reading it would take for the whole topic; {remedy}")
             allowed.append(f"topic {config.topic.topic} partition {read.partition} offsets {first}-{stop - 1} were "
                            "deleted by retention before an archive run read them")
     for line in allowed:

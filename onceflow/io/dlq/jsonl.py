@@ -133,7 +133,7 @@ def _parsed_line(line: bytes, where: str) -> Optional[Dict[str, Any]]:
     except json.JSONDecodeError as error:
         ended_early = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")
         begun = text.rstrip("\n")
-        if ended_early and (begun.startswith(_FIRST_KEY) or _FIRST_KEY.startswith(begun)):
+        if ended_early and (begun.startswith(_FIRST_KEY) or (len(begun) > 1 and _FIRST_KEY.startswith(begun))):
             return None
         raise ValueError(f"{where} is not a dead letter: not JSON ({error.msg} at column {error.colno}); "
                          "is this a dead-letter file?") from None
