@@ -42,11 +42,14 @@ def exit_status(prog: str, action: Callable[[], int]) -> int:
 def is_interruption(error: BaseException) -> bool:
     """Whether ``error`` is Ctrl-C as a runner passes it on: Beam's DirectRunner
     re-raises an interrupt in a step as ``RuntimeError: KeyboardInterrupt [while
-    running 'STEP']``, raised from it or with it as text."""
+    running 'STEP']``, raised from it or with it as text. Only the chain of
+    ``raise ... from``: an error raised while an interrupt was being handled (a
+    failed savepoint stop, say) is that error, not the interrupt; so is one of
+    onceflow's own one-line errors."""
     seen = set()
-    while error is not None and id(error) not in seen:
+    while error is not None and id(error) not in seen and not isinstance(error, (UsageError, ServiceError)):
         seen.add(id(error))
         if isinstance(error, KeyboardInterrupt) or str(error).startswith("KeyboardInterrupt"):
             return True
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return False

@@ -90,3 +90,25 @@ def test_ctrl_c_while_the_pipeline_runs_is_one_line(tmp_path):
     assert started.returncode in (130, -signal.SIGINT), stderr[-2000:]
     lines = stderr.strip().splitlines()
     assert "Traceback" not in stderr and len(lines) == 1 and lines[0].endswith(": interrupted"), stderr[-3000:]
+
+
+def test_an_error_raised_while_an_interrupt_was_handled_is_that_error():
+    """A savepoint stop that failed after Ctrl-C was reported as "interrupted", not as
+    the failure it was (its error had the interrupt as its context)."""
+    from onceflow.errors import ServiceError, is_interruption
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("KeyboardInterrupt [while running 'Read']") from interrupt
+    except RuntimeError as wrapped:
+        assert is_interruption(wrapped)
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("the savepoint failed")
+    except RuntimeError as failed:
+        assert not is_interruption(failed)
+    assert not is_interruption(ServiceError("KeyboardInterrupt: --flink_savepoint_dir: ..."))

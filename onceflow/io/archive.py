@@ -351,8 +351,11 @@ def check_archive(directory: str) -> List[str]:
     for run in runs:
         for name in run:
             if name not in found:
+                (_, partition), (first, last) = next(iter(_spans([name]).items()))
                 raise ValueError(f"{FileSystems.join(directory, name)}, written by a finished archive run, is "
-                                 "missing: archive its range again (the job rewrites what is missing)")
+                                 f"missing: archive its range again while the topic holds it (--from "
+                                 f"offsets:{partition}={first} --to offsets:{partition}={last + 1}: the job rewrites "
+                                 "what is missing), or restore the file")
     spans: Dict[Tuple[str, int], List[Tuple[int, int]]] = {}
     for run in runs:
         for (topic, partition), (first, last) in _spans(run).items():

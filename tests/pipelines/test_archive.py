@@ -4,6 +4,7 @@ import datetime
 import hashlib
 import itertools
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -165,7 +166,19 @@ def test_an_archive_is_read_whole_or_not_at_all(kafka_bootstrap, tmp_path):
 
     def one_file_deleted(copy):
         (copy / files[2].relative_to(folder)).unlink()
-    assert_one_usage_line(damaged(one_file_deleted), f"{files[2].name}, written by a finished archive run, is missing")
+    partition, first, last = (int(part) for part in re.findall(r"\d+", files[2].name.split("partition=")[1]))
+    assert_one_usage_line(damaged(one_file_deleted), f"{files[2].name}, written by a finished archive run, is missing: "
+                          f"archive its range again while the topic holds it (--from offsets:{partition}={first} "
+                          f"--to offsets:{partition}={last + 1}")
+
+    repaired = tmp_path / "repaired"  # the refusal's flags rewrite the missing file
+    shutil.copytree(folder, repaired)
+    (repaired / files[2].relative_to(folder)).unlink()
+    assert archive.run([f"--input={topic.url}", f"--output={repaired}", f"--from=offsets:{partition}={first}",
+                        f"--to=offsets:{partition}={last + 1}"]) >= 1
+    read = run_job(f"--input={repaired}", f"--sink=sqlite:///{repaired}.db", f"--dlq={repaired}-dlq.jsonl")
+    assert read.returncode == 0, read.stderr
+    assert counted_events(f"{repaired}.db") == expected
 
     def a_file_cut_short(copy):
         path = copy / files[1].relative_to(folder)
