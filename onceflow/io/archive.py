@@ -25,6 +25,8 @@ an archive file fails the read in one line, so an archive is never read in part.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import heapq
 import io
@@ -256,6 +258,11 @@ def write_marker(directory: str, archive_format: str, topic: str, topic_id: Opti
     (another ``topic_id``, Kafka's ID of the topic): its offsets start over, and
     the reader would take the old records for the new ones at the same offsets."""
     os.makedirs(directory, exist_ok=True)
+    with _manifest_lock(directory):
+        return _write_marker_locked(directory, archive_format, topic, topic_id)
+
+
+def _write_marker_locked(directory: str, archive_format: str, topic: str, topic_id: Optional[str]) -> Dict[str, Any]:
     manifest = read_manifest(directory)
     if manifest and "runs" not in manifest:  # written before runs were recorded: its files are taken as they are
         legacy = sorted(_data_files(directory))
@@ -283,14 +290,23 @@ def record_run(directory: str, paths: Iterable[str], ranges: Optional[Dict[int, 
     leaves the folder as it was). ``gaps``: offsets the run let retention take
     (said when the archive is read)."""
     names = sorted(os.path.relpath(path, directory).replace(os.sep, "/") for path in paths)
-    manifest = read_manifest(directory)
-    runs = manifest.setdefault("runs", [])
-    run_ranges = manifest.setdefault("ranges", [None] * len(runs))
-    if names not in runs:
-        runs.append(names)
-        run_ranges.append(None if ranges is None else {str(p): list(span) for p, span in sorted(ranges.items())})
-        manifest.setdefault("gaps", []).extend(gap for gap in gaps if gap not in manifest["gaps"])
-        _write_manifest(directory, manifest)
+    with _manifest_lock(directory):  # two runs ending at once: each adds its own to what the other wrote
+        manifest = read_manifest(directory)
+        runs = manifest.setdefault("runs", [])
+        run_ranges = manifest.setdefault("ranges", [None] * len(runs))
+        if names not in runs:
+            runs.append(names)
+            run_ranges.append(None if ranges is None else {str(p): list(span) for p, span in sorted(ranges.items())})
+            manifest.setdefault("gaps", []).extend(gap for gap in gaps if gap not in manifest["gaps"])
+            _write_manifest(directory, manifest)
+
+
+@contextlib.contextmanager
+def _manifest_lock(directory: str) -> Iterator[None]:
+    """An exclusive lock on the folder's manifest while it is read and rewritten."""
+    with open(os.path.join(directory, MARKER + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def archived_ranges(manifest: Dict[str, Any]) -> Dict[int, List[Tuple[int, int]]]:
