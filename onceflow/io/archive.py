@@ -250,19 +250,19 @@ def _write_manifest(directory: str, manifest: Dict[str, Any]) -> None:
         os.close(folder)
 
 
-def write_marker(directory: str, archive_format: str, topic: str, topic_id: Optional[str] = None) -> Dict[str, Any]:
+def write_marker(directory: str, archive_format: str, topic: str, topic_id: Optional[str] = None) -> None:
     """Makes ``directory`` an archive folder of ``topic`` (its manifest), keeping the
-    finished runs of an archive already there, and returns the manifest. An archive
+    finished runs of an archive already there. An archive
     of another topic is refused (ValueError): a job reading the folder would add the
     two topics up; so is one of the same name deleted and created again since
     (another ``topic_id``, Kafka's ID of the topic): its offsets start over, and
     the reader would take the old records for the new ones at the same offsets."""
     os.makedirs(directory, exist_ok=True)
     with _manifest_lock(directory):
-        return _write_marker_locked(directory, archive_format, topic, topic_id)
+        _write_marker_locked(directory, archive_format, topic, topic_id)
 
 
-def _write_marker_locked(directory: str, archive_format: str, topic: str, topic_id: Optional[str]) -> Dict[str, Any]:
+def _write_marker_locked(directory: str, archive_format: str, topic: str, topic_id: Optional[str]) -> None:
     manifest = read_manifest(directory)
     if manifest and "runs" not in manifest:  # written before runs were recorded: its files are taken as they are
         legacy = sorted(_data_files(directory))
@@ -276,10 +276,9 @@ def _write_marker_locked(directory: str, archive_format: str, topic: str, topic_
                          f"{topic_id}): the topic was deleted and created again, and its offsets started over; "
                          "give the new topic its own folder")
     runs = manifest.get("runs", [])
-    written = {"format": archive_format, "schema": ARCHIVE_SCHEMA, "topic_id": topic_id or kept_id, "runs": runs,
-               "ranges": manifest.get("ranges", [None] * len(runs)), "gaps": manifest.get("gaps", [])}
-    _write_manifest(directory, written)
-    return written
+    _write_manifest(directory, {"format": archive_format, "schema": ARCHIVE_SCHEMA, "topic_id": topic_id or kept_id,
+                                "runs": runs, "ranges": manifest.get("ranges", [None] * len(runs)),
+                                "gaps": manifest.get("gaps", [])})
 
 
 def record_run(directory: str, paths: Iterable[str], ranges: Optional[Dict[int, Tuple[int, int]]] = None,
