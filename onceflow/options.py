@@ -372,10 +372,10 @@ def _all_options_parser() -> argparse.ArgumentParser:
 
 
 def help_text(prog: str, description: str, option_classes: Optional[Sequence[type]] = None,
-              leave_out: Sequence[str] = (), defaults: Optional[Dict[str, str]] = None) -> str:
+              leave_out: Sequence[str] = (), help_overrides: Optional[Dict[str, str]] = None) -> str:
     """``--help`` of a pipeline: its option classes (default: the aggregate job's),
     without the flags ``leave_out`` names (by destination, e.g. ``kafka_group``), and
-    with ``defaults`` replacing a flag's help text."""
+    with ``help_overrides`` replacing a flag's help text."""
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      epilog="Beam's own flags (--runner, --streaming, --project, ...) "
                                             "are accepted too.")
@@ -384,8 +384,8 @@ def help_text(prog: str, description: str, option_classes: Optional[Sequence[typ
     for action in parser._actions:  # pylint: disable=protected-access
         if action.dest in leave_out:
             action.help = argparse.SUPPRESS
-        elif defaults and action.dest in defaults:
-            action.help = defaults[action.dest]
+        elif help_overrides and action.dest in help_overrides:
+            action.help = help_overrides[action.dest]
     return parser.format_help()
 
 

@@ -291,28 +291,24 @@ def check_records_retained(job, envelopes: Sequence[Dict[str, Any]]) -> None:
     """Refuses, in one line, a replay of Kafka records retention has deleted since
     they failed: the replay re-reads them from the topic, so it would count none of
     them and report itself done."""
-    from onceflow.io.kafka.admin import log_offsets, new_consumer
+    from onceflow.io.kafka.admin import log_starts
 
     offsets: Dict[int, List[int]] = collections.defaultdict(list)
     for envelope in envelopes:
         offsets[envelope["source"]["partition"]].append(envelope["source"]["offset"])
     try:
-        consumer = new_consumer(job.kafka, "replay", quiet=True)
-        try:
-            bounds = log_offsets(consumer, job.kafka.topic.topic, sorted(offsets))
-        finally:
-            consumer.close()
+        lows = log_starts(job.kafka, sorted(offsets))
     except Exception as error:  # the Kafka client's: a broker out of reach
         if not _is_kafka_error(error):
             raise
         raise ServiceError(f"--input: cannot read the offsets of {job.kafka.topic.url}: {first_line(error)}") from None
-    gone = {p: [o for o in found if o < bounds[p][0]] for p, found in offsets.items()}
+    gone = {p: [o for o in found if o < lows[p]] for p, found in offsets.items()}
     gone = {p: found for p, found in gone.items() if found}
     if gone:
         partition = min(gone)
         raise UsageError(
             f"{sum(map(len, gone.values()))} of the {len(envelopes)} selected records are no longer in "
-            f"{job.kafka.topic.topic} (partition {partition} starts at offset {bounds[partition][0]}, the record at "
+            f"{job.kafka.topic.topic} (partition {partition} starts at offset {lows[partition]}, the record at "
             f"{min(gone[partition])} was deleted by retention): a replay re-reads records from the topic, so it "
             "cannot count them; replay the others (--since, --until, --reason) or from an archive of the topic "
             "(their bytes are in the queue: onceflow dlq list --json)")

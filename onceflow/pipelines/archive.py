@@ -26,7 +26,7 @@ from apache_beam.runners.runner import PipelineResult
 from onceflow import metrics
 from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.io.archive import FORMATS, WriteArchive, holes_left_by, read_manifest, write_marker
-from onceflow.io.kafka.admin import (check_named_partitions, describe_gaps, describe_topic, log_offsets, new_consumer,
+from onceflow.io.kafka.admin import (check_named_partitions, describe_gaps, describe_topic, log_starts,
                                      resolve_partition_reads, topic_id)
 from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, Position, client_error_line,
                                       client_settings_from_flags, parse_kafka_url, parse_position)
@@ -100,14 +100,6 @@ def build(pipeline: beam.Pipeline, config: KafkaReadConfig, output: str, archive
             | "WriteArchive" >> WriteArchive(output, archive_format, ranges, gaps))
 
 
-def _log_starts(config: KafkaReadConfig, partitions: Sequence[int]) -> Dict[int, int]:
-    consumer = new_consumer(config, "offsets", quiet=True)
-    try:
-        return {p: low for p, (low, _) in log_offsets(consumer, config.topic.topic, partitions).items()}
-    finally:
-        consumer.close()
-
-
 def _holes_this_run_leaves(manifest: Dict, reads: Sequence, lows: Dict[int, int],
                            config: KafkaReadConfig) -> List[str]:
     """Refuses, in one line, a run that would leave offsets between the archive's
@@ -162,7 +154,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         raise UsageError(str(error)) from None
     try:
         reads = resolve_partition_reads(config, partitions)
-        lows = _log_starts(config, partitions)
+        lows = log_starts(config, partitions)
     except RuntimeError as error:
         raise ServiceError(f"--input: {error}") from None
     gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
@@ -211,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m onceflow.p
     if "--help" in args or "-h" in args:
         print(help_text(prog, __doc__.strip().splitlines()[0], (InputOptions, KafkaOptions, ArchiveOptions),
                         leave_out=_AGGREGATE_ONLY_FLAGS,
-                        defaults={"input": "The topic to archive: kafka://HOST:PORT/TOPIC. Required."}))
+                        help_overrides={"input": "The topic to archive: kafka://HOST:PORT/TOPIC. Required."}))
         return 0
     return exit_status("archive", lambda: _succeeded(_refusing_client_errors(args)))
 

@@ -154,6 +154,15 @@ def log_offsets(consumer, topic: str, partitions: Iterable[int],
     return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s) for p in partitions}
 
 
+def log_starts(config: KafkaReadConfig, partitions: Iterable[int]) -> Dict[int, int]:
+    """Each partition's log start offset (where retention has left it), asked of the broker now."""
+    consumer = new_consumer(config, "offsets", quiet=True)
+    try:
+        return {p: low for p, (low, _) in log_offsets(consumer, config.topic.topic, partitions).items()}
+    finally:
+        consumer.close()
+
+
 def topic_id(config: KafkaReadConfig, timeout_s: float = METADATA_TIMEOUT_S) -> Optional[str]:
     """Kafka's ID of the topic (a new one when a topic is deleted and created again
     under the same name), or None where the broker does not say (older brokers)."""
