@@ -362,7 +362,7 @@ def decode_json_object(raw: bytes) -> Dict[str, Any]:
     except RecursionError:
         raise RecordError(REASON_NESTING_TOO_DEEP, "JSON nested too deeply to decode", "RecursionError") from None
     except json.JSONDecodeError as error:
-        raise RecordError(REASON_MALFORMED_JSON, f"malformed JSON: {error.msg} at char {error.pos}",
+        raise RecordError(REASON_MALFORMED_JSON, f"malformed JSON: {error.msg} (char {error.pos})",
                           "JSONDecodeError") from None
     except ValueError as error:  # e.g. an integer with more digits than Python converts
         raise RecordError(REASON_MALFORMED_JSON, f"malformed JSON: {error}"[:200], "ValueError") from None

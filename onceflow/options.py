@@ -74,7 +74,8 @@ class InputOptions(PipelineOptions):
             "--from", dest="read_from", default=None,
             help="Kafka: where to start: earliest, latest, an ISO-8601 timestamp or offsets:P=O,... "
                  "With --to, the start of a bounded read (default earliest); without it, where a "
-                 "live read starts partitions that have no committed offset (default earliest).")
+                 "live job's first start on a sink begins partitions its group has no committed offset "
+                 "for (default earliest); later starts resume from the positions stored with the rows.")
         group.add_argument(
             "--to", dest="read_to", default=None,
             help="Kafka: makes the read bounded (a backfill) and says where it stops: latest "
@@ -93,9 +94,10 @@ class KafkaOptions(PipelineOptions):
         group = parser.add_argument_group("kafka")
         group.add_argument(
             "--kafka_group", default="onceflow-aggregate",
-            help="Consumer group whose committed offsets a live read resumes from; offsets are "
-                 "committed only after the runner has durably taken the records. Default: "
-                 "onceflow-aggregate.")
+            help="Consumer group of a live read: its positions are kept with the rows under this "
+                 "name, and a first start on a sink begins at its committed offsets; offsets are "
+                 "committed (for lag and tools) only after the runner has durably taken the records. "
+                 "Default: onceflow-aggregate.")
         group.add_argument(
             "--kafka_setting", action="append", default=None, metavar="NAME=VALUE",
             help="A consumer or producer setting passed as is (repeatable), e.g. "
@@ -518,19 +520,32 @@ def positive_duration_ms(text: str) -> int:
     return millis
 
 
+# Sliding windows copy each event into every window it falls in: a 1-minute window
+# starting every millisecond made 60,000 copies and grew without bound.
+MAX_WINDOWS_PER_EVENT = 10_000
+
+
 def window_spec_of(window: Optional[str], window_period: Optional[str], allowed_lateness: Optional[str],
                    dashes: str = "--") -> "WindowSpec":
     """The window settings as a WindowSpec, checked as the job checks its flags; a
     UsageError naming the setting (``--window``, or ``window`` with ``dashes=""``
     for plain YAML) for a bad one. An empty or unset lateness is refused: 0s says
     no lateness."""
-    from onceflow.events import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS
+    from onceflow.events import MAX_EVENT_TIME_MS
     from onceflow.windowing import WindowSpec
 
     size_ms = parse_flag(f"{dashes}window", positive_duration_ms, window)
-    if size_ms > MAX_EVENT_TIME_MS - MIN_EVENT_TIME_MS:  # no window of it fits: every event would be refused
-        raise UsageError(f"{dashes}window: {window} is longer than the years 1 to 9999 that windows are stored in")
+    # Windows are aligned to the epoch: none longer than 1970 to the year 9999 fits the years windows are
+    # stored in, and every event would be refused.
+    if size_ms > MAX_EVENT_TIME_MS + 1:
+        raise UsageError(f"{dashes}window: {window} is longer than the span from 1970, where "
+                         "windows are aligned, to the year 9999, so no window of it can be stored")
     period_ms = parse_optional_flag(f"{dashes}window_period", duration_ms, window_period)
+    if period_ms == size_ms:  # tumbling windows, said another way: one spec, so a restart is not refused
+        period_ms = None
+    if period_ms is not None and 0 < period_ms < size_ms and size_ms // period_ms > MAX_WINDOWS_PER_EVENT:
+        raise UsageError(f"{dashes}window_period: {window_period} puts each event in {size_ms // period_ms:,} "
+                         f"windows of {window}; at most {MAX_WINDOWS_PER_EVENT:,}: give a longer period")
     lateness_ms = parse_flag(f"{dashes}allowed_lateness", duration_ms, allowed_lateness)
     try:
         return WindowSpec(size_ms, period_ms, lateness_ms)

@@ -141,6 +141,18 @@ def newest_per_key(rows: Iterable[Dict[str, Any]], schema: RowSchema) -> Tuple[L
     return [newest[key] for key in sorted(newest)], total - len(newest)
 
 
+def check_distinct_ignoring_case(columns: Sequence[str], store: str) -> None:
+    """ValueError (one line) when two columns differ only in case, for a store whose
+    column names ignore case (SQLite, BigQuery): it took them for one and blamed the
+    database file."""
+    seen: Dict[str, str] = {}
+    for column in columns:
+        other = seen.setdefault(column.lower(), column)
+        if other != column:
+            raise ValueError(f"columns {other!r} and {column!r} differ only in case, and {store} takes them for "
+                             "one; use other fields, or write to PostgreSQL or files")
+
+
 def check_columns(found: Sequence[str], expected: Sequence[str], table: str, where: str,
                   hint: str = "use another table (?table=NAME)") -> None:
     """ValueError (one line) when an existing table has other columns than this job

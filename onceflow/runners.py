@@ -74,8 +74,10 @@ def choose_streaming_runner(options: PipelineOptions) -> None:
     prism = options.view_as(PrismRunnerOptions)
     location = prism.prism_location or built_prism()
     if location is None:
-        raise UsageError("a live kafka:// read needs a streaming runner: run `onceflow dev up --services prism` "
-                         "(builds Prism), or pass --runner=PrismRunner --prism_location=PATH, or another runner")
+        raise UsageError(f"a live kafka:// read needs a streaming runner and no Prism is built in {onceflow_home()}: "
+                         "run `onceflow dev up --services prism` (builds Prism there), or set ONCEFLOW_HOME to the "
+                         ".onceflow folder where it ran, or pass --runner=PrismRunner --prism_location=PATH, or "
+                         "another runner")
     standard.runner = "PrismRunner"
     prism.prism_location = location
 
@@ -303,15 +305,22 @@ def quiet_worker_errors_reported_in_one_line(kinds: Tuple[type, ...] = (), steps
         return
 
     def keep(record: logging.LogRecord) -> bool:
-        if not record.exc_info:
+        if not record.exc_info and record.levelno < logging.ERROR:
             return True
-        if isinstance(record.exc_info[1], _ONE_LINE_ERRORS):
+        if record.exc_info and isinstance(record.exc_info[1], _ONE_LINE_ERRORS):
             return False
         message = record.getMessage()
-        return not any(f"[while running '{step}" in message for step in _ONE_LINE_STEPS)
+        if record.exc_info and any(f"[while running '{step}" in message for step in _ONE_LINE_STEPS):
+            return False
+        # Portable runners pass the worker's traceback on as text: Prism logs it on
+        # each bundle and job failure, Beam's client once more.
+        return not (record.levelno >= logging.ERROR and any(f"{kind.__name__}: " in message
+                                                            for kind in _ONE_LINE_ERRORS))
 
     for name in ("apache_beam.runners.common", *_WORKER_LOGGERS):
         logging.getLogger(name).addFilter(keep)
+    for handler in logging.getLogger().handlers:  # Prism's log lines reach them from Beam's own loggers
+        handler.addFilter(keep)
 
 
 def default_shards(options: PipelineOptions, live: bool) -> int:

@@ -26,6 +26,24 @@ def new_topic(bootstrap, partitions=3):
     return KafkaTopic(bootstrap, name)
 
 
+def recreate_topic(topic, partitions=1):
+    """Deletes ``topic`` and creates it again under the same name (a new Kafka
+    topic ID, offsets from 0), waiting for the broker to finish the deletion."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})  # kept alive until the future resolves
+    admin.delete_topics([topic.topic])[topic.topic].result(30)
+    deadline = time.monotonic() + 60
+    while True:  # the broker finishes a deletion in the background
+        try:
+            if devstack.create_topic(topic.topic, partitions=partitions, config={"retention.ms": "-1"}):
+                return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(1)
+
+
 def sample_lines():
     """The bundled sample's non-empty lines, as bytes."""
     with open(SAMPLE_INPUT, "rb") as sample:

@@ -97,6 +97,11 @@ class RegistryStandIn:
             return schema_id
 
     def __enter__(self) -> "RegistryStandIn":
+        from onceflow.io import schema_registry
+
+        # The job's per-process clients cache schemas by ID for each registry URL: an
+        # earlier stand-in on the same port (ports are reused) had other schemas.
+        schema_registry._CLIENTS.clear()
         self._thread.start()
         return self
 

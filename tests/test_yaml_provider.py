@@ -267,7 +267,7 @@ def test_values_the_events_do_not_hold_are_named(tmp_path):
     ("AggregateRecords", {"key_fields": "store", "window": "60s", "aggregates": "count", "allowed_lateness": ""},
      "allowed_lateness: '' is not a duration"),
     ("WindowedAggregate", {"key_fields": "store", "window": "4000000d", "aggregates": "count"},
-     "window: 4000000d is longer than the years 1 to 9999"),
+     "window: 4000000d is longer than the span from 1970, where windows are aligned, to the year 9999"),
     ("AggregateRecords", {"key_fields": "store", "window": "60s", "aggregates": "count", "shards": "many"},
      "shards: 'many' is not a positive whole number"),
     ("WriteRows", {"sink": "kafka://127.0.0.1:9/rows?format=avro_registry", "key_fields": "store",

@@ -33,7 +33,7 @@ superseded by a newer version in the same batch), ``sink_retries``.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import psycopg
@@ -45,7 +45,7 @@ from onceflow.io.retry import call_with_retries
 from onceflow.io.urls import redact_url
 from onceflow.rows import (
     DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
-    WINDOW_END, utc_datetime, utc_millis,
+    WINDOW_END, WINDOW_START, utc_datetime, utc_millis,
 )
 
 _SQL_TYPES = {"key": "TEXT NOT NULL", "timestamp": "TIMESTAMPTZ NOT NULL", "integer": "BIGINT",
@@ -140,13 +140,14 @@ def ensure_table(dsn: str, table: str, schema: RowSchema) -> None:
     create_checked(dsn, table, create_table_sql(table, schema), [*schema.columns, WRITTEN_AT])
 
 
-def last_window_end_ms(dsn: str, table: str) -> Optional[int]:
-    """The latest ``window_end`` written to the table (epoch ms), None when empty."""
+def latest_window_ms(dsn: str, table: str) -> Optional[Tuple[int, int]]:
+    """The bounds (epoch ms) of the latest window the table holds, None when empty."""
     check_identifier(table, "table name")
     with connect(dsn, application_name(table)) as connection:
-        (latest,) = connection.execute(sql.SQL("SELECT MAX({}) FROM {}").format(
-            sql.Identifier(WINDOW_END), sql.Identifier(table))).fetchone()
-    return None if latest is None else utc_millis(latest)
+        found = connection.execute(sql.SQL("SELECT {}, {} FROM {} ORDER BY {} DESC LIMIT 1").format(
+            sql.Identifier(WINDOW_START), sql.Identifier(WINDOW_END), sql.Identifier(table),
+            sql.Identifier(WINDOW_END))).fetchone()
+    return None if found is None else (utc_millis(found[0]), utc_millis(found[1]))
 
 
 def to_pg_values(row: Dict[str, Any], schema: RowSchema, written_at: datetime.datetime) -> List[Any]:

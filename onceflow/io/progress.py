@@ -29,6 +29,7 @@ cannot hold positions (a Kafka topic) is refused for live jobs.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import apache_beam as beam
@@ -83,28 +84,83 @@ class ProgressStore(Protocol):
 # The flags a job's positions were taken under, kept beside them (job key
 # ``GROUP#settings``, one entry per flag, the value in ``high_water_ms`` with
 # ``next_offset`` 0 so that a first start may replace stale ones): a position says
-# which windows are final, under this window spec, lateness and clock, so a resume
-# under others would rebuild rows from part of their events.
+# which windows are final, under this window spec, lateness, clock and event
+# contract, so a resume under others would rebuild rows from part of their events.
+# Field names are kept as a digest (the store holds numbers). The entry after the
+# flags keeps a digest of Kafka's ID of the topic: a topic deleted and created again
+# under the same name has new records at the old offsets.
 SETTINGS_SUFFIX = "#settings"
-_SETTINGS = ("--window", "--window_period", "--allowed_lateness", "--kafka_time_source")
+_SETTINGS = ("--window", "--window_period", "--allowed_lateness", "--kafka_time_source", "--time_field",
+             "--id_field")
+_FIELD_NAMES = ("--time_field", "--id_field")
+_TOPIC_ID_ENTRY = len(_SETTINGS)
 
 
-def settings_positions(topic: str, spec: WindowSpec, time_source: str) -> List[Position]:
-    """The entries that record ``spec`` and ``time_source`` (see above)."""
-    values = (spec.size_ms, spec.period_ms or 0, spec.allowed_lateness_ms, 1 if time_source == "record" else 0)
+def text_digest(text: str) -> int:
+    """A stable 48-bit number for ``text``: fits every store's integer column and a
+    JSON number."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:6], "big")
+
+
+class JobSettings(NamedTuple):
+    """The flags a job's positions are taken under (see above)."""
+
+    spec: WindowSpec
+    time_source: str
+    time_field: str
+    id_field: str
+
+    def flags(self) -> Tuple[str, ...]:
+        """Each flag as it is given, e.g. ``--window=1m``."""
+        spec = self.spec
+        values = (format_duration_ms(spec.size_ms), format_duration_ms(spec.period_ms) if spec.period_ms else "none",
+                  format_duration_ms(spec.allowed_lateness_ms), self.time_source, self.time_field, self.id_field)
+        return tuple(f"{flag}={value}" for flag, value in zip(_SETTINGS, values))
+
+    def values(self) -> Tuple[int, ...]:
+        """Each flag as the number its entry keeps."""
+        spec = self.spec
+        return (spec.size_ms, spec.period_ms or 0, spec.allowed_lateness_ms, 1 if self.time_source == "record" else 0,
+                text_digest(self.time_field), text_digest(self.id_field))
+
+
+def settings_positions(topic: str, settings: JobSettings, topic_id: Optional[str]) -> List[Position]:
+    """The entries that record ``settings`` and the topic's Kafka ID (None: the
+    broker does not say)."""
+    values = [*settings.values(), None if topic_id is None else text_digest(topic_id)]
     return [Position(topic, index, 0, value) for index, value in enumerate(values)]
 
 
-def describe_settings(positions: Dict[int, Position]) -> str:
-    """The flags stored entries say, e.g. ``--window=10s --allowed_lateness=5s``."""
-    values = [positions[index].high_water_ms if index in positions else None for index in range(len(_SETTINGS))]
-    parts = []
-    for flag, value in zip(_SETTINGS, values):
-        if value is None or (flag == "--window_period" and value == 0):
+def changed_settings(kept: Dict[int, Position], settings: JobSettings) -> List[str]:
+    """This run's flags that differ from those the kept entries say, each with the
+    kept value where the entry keeps one (``--window=1m (kept: 10s)``). An entry an
+    older onceflow did not keep is not compared."""
+    changed = []
+    for index, (flag, value) in enumerate(zip(settings.flags(), settings.values())):
+        stored = kept[index].high_water_ms if index in kept else None
+        name = flag.split("=")[0]
+        if name == "--window_period" and stored == settings.spec.size_ms:
+            stored = 0  # kept by a run that gave the window's own size as its period: tumbling
+        if stored is None or stored == value:
             continue
-        text = ("record" if value else "field") if flag == "--kafka_time_source" else format_duration_ms(value)
-        parts.append(f"{flag}={text}")
-    return " ".join(parts)
+        if name in _FIELD_NAMES:
+            was = "another field"
+        elif name == "--kafka_time_source":
+            was = "record" if stored else "field"
+        elif name == "--window_period" and stored == 0:
+            was = "none"
+        else:
+            was = format_duration_ms(stored)
+        changed.append(f"{flag} (kept: {was})")
+    return changed
+
+
+def topic_replaced(kept: Dict[int, Position], topic_id: Optional[str]) -> bool:
+    """Whether the kept entries name another Kafka topic ID than ``topic_id`` (the
+    topic deleted and created again since); False where either is not known."""
+    entry = kept.get(_TOPIC_ID_ENTRY)
+    stored = None if entry is None else entry.high_water_ms
+    return stored is not None and topic_id is not None and stored != text_digest(topic_id)
 
 
 class Mark(NamedTuple):

@@ -27,7 +27,7 @@ import apache_beam as beam
 from onceflow.io.progress import ProgressStore, rows_table_name
 from onceflow.io.targets import Target
 from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, query_params, redact_url
-from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema
+from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema, check_distinct_ignoring_case
 
 DEFAULT_TABLE = "aggregates"
 KAFKA_ROW_FORMATS = ("json", "avro_registry")  # a kafka:// sink's ?format=
@@ -41,9 +41,9 @@ class SinkKind:
     parse: Callable[[str, urllib.parse.SplitResult], Target]
     prepare: Callable[[Target, RowSchema], None]
     write: Callable[[Target, RowSchema, int], Tuple[str, beam.PTransform]]
-    # The latest window_end the sink holds (epoch ms): where a restarted live job
-    # must re-read from. None for sinks that cannot say.
-    last_window_end: Optional[Callable[[Target], Optional[int]]] = None
+    # The bounds (epoch ms) of the latest window the sink holds (None: empty); None for
+    # sinks that cannot say.
+    latest_window: Optional[Callable[[Target], Optional[Tuple[int, int]]]] = None
     # Where a live job keeps its source positions with the rows (onceflow.io.progress);
     # None for sinks that cannot hold them: a live job refuses those.
     progress: Optional[Callable[[Target], ProgressStore]] = None
@@ -72,6 +72,7 @@ def _prepare_sqlite(target: Target, schema: RowSchema) -> None:
     if os.path.isdir(target.location):
         raise ValueError(f"{target.location} is a directory; name a database file in it, e.g. "
                          f"sqlite:///{os.path.join(target.location, 'aggregates.db')}")
+    check_distinct_ignoring_case(schema.columns, "SQLite")
     try:
         ensure_table(target.location, target.table, schema)
     except sqlite3.DatabaseError as error:  # not a database, or a file this user cannot create or write
@@ -79,10 +80,10 @@ def _prepare_sqlite(target: Target, schema: RowSchema) -> None:
                          "folder you can write, or an SQLite database") from None
 
 
-def _last_window_end_sqlite(target: Target) -> Optional[int]:
-    from onceflow.io.sqlite import last_window_end_ms
+def _latest_window_sqlite(target: Target) -> Optional[Tuple[int, int]]:
+    from onceflow.io.sqlite import latest_window_ms
 
-    return last_window_end_ms(target.location, target.table)
+    return latest_window_ms(target.location, target.table)
 
 
 def _progress_sqlite(target: Target):
@@ -114,10 +115,10 @@ def _prepare_postgres(target: Target, schema: RowSchema) -> None:
         raise ValueError(f"cannot use {target.describe()}: {first_line(error)}") from None
 
 
-def _last_window_end_postgres(target: Target) -> Optional[int]:
-    from onceflow.io.postgres import last_window_end_ms
+def _latest_window_postgres(target: Target) -> Optional[Tuple[int, int]]:
+    from onceflow.io.postgres import latest_window_ms
 
-    return last_window_end_ms(target.location, target.table)
+    return latest_window_ms(target.location, target.table)
 
 
 def _progress_postgres(target: Target):
@@ -156,6 +157,7 @@ def _bigquery_parts(target: Target) -> Tuple[str, str, str]:
 def _prepare_bigquery(target: Target, schema: RowSchema) -> None:
     from onceflow.io.bigquery import ensure_table
 
+    check_distinct_ignoring_case(schema.columns, "BigQuery")
     try:
         ensure_table(*_bigquery_parts(target), schema, target.option("method"))
     except ValueError:
@@ -269,11 +271,11 @@ def _write_kafka(target: Target, schema: RowSchema, batch_size: int):
 # -- the registry ---------------------------------------------------------------
 
 _POSTGRES = SinkKind(POSTGRES_FORM, _parse_postgres, _prepare_postgres,
-                     _write_postgres, _last_window_end_postgres, _progress_postgres)
+                     _write_postgres, _latest_window_postgres, _progress_postgres)
 
 SINKS: Dict[str, SinkKind] = {
     "sqlite": SinkKind("sqlite:///PATH.db?table=NAME", _parse_sqlite, _prepare_sqlite, _write_sqlite,
-                       _last_window_end_sqlite, _progress_sqlite),
+                       _latest_window_sqlite, _progress_sqlite),
     "postgresql": _POSTGRES,
     "postgres": _POSTGRES,
     "bigquery": SinkKind("bigquery://PROJECT.DATASET.TABLE", _parse_bigquery, _prepare_bigquery, _write_bigquery,
@@ -310,11 +312,31 @@ def _kind(target: Target) -> SinkKind:
     return kind
 
 
-def last_window_end(target: Target) -> Optional[int]:
-    """The latest window end the sink holds (epoch ms); None when it is empty or
-    cannot say (BigQuery, Kafka, files)."""
-    reader = _kind(target).last_window_end
+def latest_window(target: Target) -> Optional[Tuple[int, int]]:
+    """The bounds (epoch ms) of the latest window the sink holds; None when it is
+    empty or cannot say (BigQuery, Kafka, files)."""
+    reader = _kind(target).latest_window
     return None if reader is None else reader(target)
+
+
+def check_window_size(target: Target, size_ms: int) -> None:
+    """ValueError (one line) when the sink's rows are windows of another size: rows
+    of two sizes in one table count each event twice (a backfill with another
+    ``--window`` into a live job's table). Sinks that cannot say are not checked."""
+    from onceflow.windowing import format_duration_ms
+
+    latest = latest_window(target)
+    if latest is not None and latest[1] - latest[0] != size_ms:
+        raise ValueError(f"{target.describe()} holds windows of {format_duration_ms(latest[1] - latest[0])}, and "
+                         f"this job writes windows of {format_duration_ms(size_ms)}: rows of both in one table count "
+                         "each event twice; give --window the table's size, or write to another table "
+                         "(?table=NAME)")
+
+
+def holds_no_rows(target: Target) -> bool:
+    """Whether the sink says it holds no row (SQLite, PostgreSQL); False where it
+    cannot say (files, BigQuery, Kafka)."""
+    return _kind(target).latest_window is not None and latest_window(target) is None
 
 
 def progress_store(target: Target) -> Optional[ProgressStore]:

@@ -7,7 +7,7 @@ import datetime
 import os
 import sqlite3
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 
@@ -16,7 +16,8 @@ from onceflow.io.batching import UpsertRowsDoFn
 from onceflow.io.progress import PROGRESS_TABLE, Position
 from onceflow.io.retry import call_with_retries
 from onceflow.rows import (
-    DEFAULT_BATCH_ROWS, EVENT_COUNT, WINDOW_END, WRITTEN_AT, RowSchema, check_columns, check_identifier, row_values,
+    DEFAULT_BATCH_ROWS, EVENT_COUNT, WINDOW_END, WINDOW_START, WRITTEN_AT, RowSchema, check_columns, check_identifier,
+    row_values,
 )
 
 SINK_CACHE_KIB = 65536  # the sink connection's page cache
@@ -70,12 +71,13 @@ def ensure_table(path: str, table: str, schema: RowSchema) -> None:
                   hint="use another table (?table=NAME) or another file")
 
 
-def last_window_end_ms(path: str, table: str) -> Optional[int]:
-    """The latest ``window_end`` written to the table (epoch ms), None when empty."""
+def latest_window_ms(path: str, table: str) -> Optional[Tuple[int, int]]:
+    """The bounds (epoch ms) of the latest window the table holds, None when empty."""
     check_identifier(table, "table name")
     with sqlite3.connect(path, timeout=60) as connection:
-        (latest,) = connection.execute(f"SELECT MAX({_quote(WINDOW_END)}) FROM {_quote(table)}").fetchone()
-    return None if latest is None else parse_event_time_ms(latest)
+        found = connection.execute(f"SELECT {_quote(WINDOW_START)}, {_quote(WINDOW_END)} FROM {_quote(table)} "
+                                   f"ORDER BY {_quote(WINDOW_END)} DESC LIMIT 1").fetchone()
+    return None if found is None else (parse_event_time_ms(found[0]), parse_event_time_ms(found[1]))
 
 
 def to_sql_values(row: Dict[str, Any], schema: RowSchema, written_at: str) -> List[Any]:

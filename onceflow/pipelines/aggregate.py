@@ -43,15 +43,21 @@ from onceflow.io.kafka.config import (
     is_kafka_url, parse_kafka_url, parse_position,
 )
 from onceflow.io.kafka.admin import (
-    PositionPastEnd, check_named_partitions, describe_gaps, describe_topic, resolve_partition_reads,
+    PositionPastEnd, check_named_partitions, describe_gaps, describe_topic, resolve_partition_reads, topic_id,
 )
-from onceflow.io.kafka.errors import BrokerRefused, BrokerUnreachable, is_broker_away
+from onceflow.io.kafka.errors import (
+    BrokerRefused, BrokerUnreachable, TopicReplaced, UnknownGroupOrTopic, is_broker_away,
+)
 from onceflow.io.kafka.read import ReadBatchesFromKafka, RetentionGapError
 from onceflow.io.schema_registry import (
     RegistryConfig, RegistryUnavailable, kafka_settings_without_registry, registry_settings,
 )
-from onceflow.io.progress import SETTINGS_SUFFIX, KeepProgress, Position, describe_settings, settings_positions
-from onceflow.io.sinks import WriteRows, parse_sink_url, position_sinks, prepare_sink, progress_store
+from onceflow.io.progress import (
+    SETTINGS_SUFFIX, JobSettings, KeepProgress, Position, changed_settings, settings_positions, topic_replaced,
+)
+from onceflow.io.sinks import (
+    WriteRows, check_window_size, holds_no_rows, parse_sink_url, position_sinks, prepare_sink, progress_store,
+)
 from onceflow.io.targets import Target
 from onceflow.io.urls import first_line
 from onceflow.observability.monitor import Monitor
@@ -237,8 +243,9 @@ def _kafka_read_config(topic, source: InputOptions, kafka_options: KafkaOptions,
     except ValueError as error:
         raise UsageError(str(error)) from None
     if stop is None and start.kind == "offsets":
-        raise UsageError("--from: offsets:... is for bounded reads (with --to); a live read resumes "
-                         "from the group's committed offsets")
+        raise UsageError("--from: offsets:... is for bounded reads (with --to); a live job resumes from the "
+                         "positions stored with its rows, and its first start on a sink from the group's "
+                         "committed offsets, else --from earliest, latest or a time")
     group = optional_text(kafka_options.kafka_group)
     if stop is None and group is None:
         raise UsageError("--kafka_group: a live read needs a consumer group to commit offsets to")
@@ -390,24 +397,39 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
     store = progress_store(job.sink)
     config = job.kafka
     topic = config.topic.topic
-    settings = settings_positions(topic, job.window_spec, config.time_source)
+    flags = JobSettings(job.window_spec, config.time_source, job.contract.time_field, job.contract.id_field or "")
+    kafka_topic_id = topic_id(config)
+    settings = settings_positions(topic, flags, kafka_topic_id)
     try:
         stored = store.read(config.group_id, topic)
         kept = store.read(config.group_id + SETTINGS_SUFFIX, topic)
-        wanted = describe_settings({p.partition: p for p in settings})
-        if stored and kept and describe_settings(kept) != wanted:
+        changed = changed_settings(kept, flags) if stored else []
+        if changed:
             raise UsageError(
-                f"the positions of job {config.group_id!r} in {job.sink.describe()} were kept under "
-                f"{describe_settings(kept)}; this run has {wanted}. "
-                "Resuming under others would rebuild windows from part of their events: restart with the "
-                "same flags, or write the new ones to another table with a backfill (--from/--to) and then a "
-                "live job there")
+                f"the positions of job {config.group_id!r} in {job.sink.describe()} were kept under other flags: "
+                f"this run has {', '.join(changed)}. Resuming under others would rebuild windows from part of "
+                "their events: restart with the same flags, or write the new ones to another table with a "
+                "backfill (--from/--to) and then a live job there")
+        if stored and topic_replaced(kept, kafka_topic_id):
+            raise UsageError(
+                f"--input: topic {topic} was deleted and created again since job {config.group_id!r} stored its "
+                f"positions in {job.sink.describe()} (Kafka's topic ID differs): they name the old topic's "
+                "records, and resuming would skip the new one's. Start the job over on the new topic: delete its "
+                "positions, backfill the topic (--from/--to), then restart (docs/guarantees.md, Restarts)")
+        if stored and _rows_deleted(job, stored.values()):
+            raise UsageError(
+                f"--sink: {job.sink.describe()} holds no rows, but the positions job {config.group_id!r} stored "
+                "there say windows with events are final in it: its rows were deleted (the table dropped or "
+                "emptied), and resuming would not rebuild them. Backfill them into it (--from earliest "
+                "--to latest), then restart; or start the job over (docs/guarantees.md, Restarts)")
         if savepoint is not None and not stored:
             raise UsageError(
                 f"--savepoint_path: job {config.group_id!r} has never run on {job.sink.describe()}, so the "
                 "savepoint is another run's (another sink or group): restoring its windows and positions here "
                 "would mix them into these rows; start without --savepoint_path")
-        store.write(config.group_id + SETTINGS_SUFFIX, settings)
+        # A topic ID the broker did not give (None) replaces a kept one only at a first start.
+        store.write(config.group_id + SETTINGS_SUFFIX,
+                    [entry for entry in settings if entry.high_water_ms is not None or not stored])
         if not stored:
             reads = resolve_partition_reads(config, partitions)
             # A committed offset retention has deleted is stored as it is: the read reports the gap.
@@ -442,7 +464,20 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
                  "Flink starts it without that state")
     print(f"aggregate: job {config.group_id!r}, {where} (partition@offset: {offsets})", file=sys.stderr)
     resume = tuple((p, stored[p].next_offset, stored[p].high_water_ms) for p in sorted(stored))
-    return dataclasses.replace(job, kafka=dataclasses.replace(config, resume=resume))
+    return dataclasses.replace(job, kafka=dataclasses.replace(config, resume=resume, topic_id=kafka_topic_id))
+
+
+def _rows_deleted(job: AggregateJob, stored: Iterable[Position]) -> bool:
+    """Whether the sink has lost rows its job's stored positions say it holds: a
+    position with a high water and a final point was stored after the windows of
+    the event that set that high water were final, so their rows were written. With
+    Kafka timestamps as event times refused records move the high water too, and
+    nothing can be said."""
+    if job.kafka.time_source == "record":
+        return False
+    if not any(p.high_water_ms is not None and p.final_through_ms is not None for p in stored):
+        return False
+    return holds_no_rows(job.sink)
 
 
 def positions_of_added_partitions(config: KafkaReadConfig, added: List[int], stored: Iterable[Position],
@@ -506,6 +541,9 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     else:
         _check_input_exists(job.input_pattern)
     _check_metrics_out(options.view_as(MonitoringOptions).metrics_out)
+    if job.early_firing_ms is not None and not job.is_live:
+        print("aggregate: note: --early_firing is for live jobs: a backfill writes each window once it is complete",
+              file=sys.stderr)
     # The runner before the positions: a job refused here must not have stored a start
     # (a later run with other flags would resume from it and skip what it asked for).
     prepare_runner(options, job.is_live, job.kafka is not None, job.kafka_readers)
@@ -516,6 +554,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         raise flag_error("--dlq", error) from None
     try:
         prepare_sink(job.sink, job.row_schema)
+        check_window_size(job.sink, job.window_spec.size_ms)
     except (ValueError, OSError) as error:
         raise flag_error("--sink", error) from None
     if job.kafka is not None:  # then the positions, kept in the prepared sink
@@ -542,7 +581,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     pipeline = beam.Pipeline(runner=local_batch_runner(options, job.is_live), options=options)
     build(pipeline, job)
     quiet_worker_errors_reported_in_one_line((UnreadableInputFile, RetentionGapError, RegistryUnavailable,
-                                              KeyboardInterrupt), _OUTPUT_STEPS)
+                                              UnknownGroupOrTopic, TopicReplaced, KeyboardInterrupt), _OUTPUT_STEPS)
     with Monitor(options, runner, expected_records=expected_records) as monitor, \
             _stop_signals_as_interrupt(job.is_live, signal.SIGTERM) as stop:
         try:
@@ -573,6 +612,19 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             failed_write = _output_step_failure(error)
             if failed_write is not None:
                 raise ServiceError(failed_write) from None
+            if _line_in_error(error, r"failed in state (CANCELLED)") is not None:  # not by this process: it waits
+                raise ServiceError("--runner: the job was cancelled on the runner (from outside this process: the "
+                                   "job server, Flink's web UI or REST API); rows written stay in the sink: run it "
+                                   "again (a live job resumes from the positions stored with its rows)") from None
+            deleted = _worker_error_line(error, UnknownGroupOrTopic)
+            if deleted is not None:  # the start found the topic: it was deleted while the job read it
+                raise ServiceError(f"--input: {deleted.split(';')[0]} any more: it was deleted while the job read "
+                                   "it; if it was created again, see docs/guarantees.md, Restarts") from None
+            replaced = _worker_error_line(error, TopicReplaced)
+            if replaced is not None:
+                raise ServiceError(f"--input: {replaced}: the job stopped before reading the new topic at the old "
+                                   "one's offsets; a restart refuses its stored positions (see "
+                                   "docs/guarantees.md, Restarts)") from None
             unreadable = _worker_error_line(error, UnreadableInputFile)
             if unreadable is not None:
                 raise UsageError(f"--input: {unreadable}") from None

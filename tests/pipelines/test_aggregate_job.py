@@ -97,12 +97,22 @@ def run_cli(*args, cwd=None):
     (["--window=10m", "--window_period=20m"], "--window_period"),
     (["--key_fields=written_at"], "'written_at' names two columns"),
     (["--runner=NoSuchRunner"], "--runner: unknown runner 'NoSuchRunner'"),
-    (["--window=99999999999d"], "--window: 99999999999d is longer than the years 1 to 9999"),
+    (["--window=99999999999d"], "--window: 99999999999d is longer than the span from 1970, where windows "
+                                "are aligned, to the year 9999"),
+    # Accepted, it sent every event to the DLQ as bad_timestamp, exit 0.
+    (["--window=3650000d"], "--window: 3650000d is longer than the span from 1970, where windows are aligned, "
+                            "to the year 9999"),
+    # Accepted, it put each event in 60,000 windows: memory grew past 8 GB on 20,000 events.
+    (["--window=1m", "--window_period=1ms"], "--window_period: 1ms puts each event in 60,000 windows of 1m; at "
+                                             "most 10,000: give a longer period"),
     (["--input_format=avro"], "is not an Avro container file"),
     (["--bogus=1"], "unknown flag --bogus; see --help"),
     (["--kafka_group=mine"], "--kafka_group: only a kafka://HOST:PORT/TOPIC input reads with it"),
     (["--kafka_readers=2"], "--kafka_readers: only a kafka://HOST:PORT/TOPIC input reads with it"),
     (["--key_fields=window_start"], "'window_start' names two columns"),
+    # SQLite said "cannot use x.db as an SQLite database (duplicate column name: Store)".
+    (["--key_fields=store,Store"], "--sink: columns 'store' and 'Store' differ only in case, and SQLite takes "
+                                   "them for one"),
 ])
 def test_bad_flags_get_one_line(flags, fragment, tmp_path):
     assert_one_usage_line(run_cli(*flags, cwd=tmp_path), fragment)
@@ -124,6 +134,26 @@ def test_an_input_the_file_system_cannot_reach_is_one_line(monkeypatch):
     with pytest.raises(ServiceError, match=r"^--input: cannot look at '/mnt/bucket/orders/\*.jsonl' \(Deadline of "
                                            r"120.0s exceeded while calling target function\); check the path"):
         job_from_options(parse_pipeline_args(["--input=/mnt/bucket/orders/*.jsonl", "--sink=sqlite:///x.db"]))
+
+
+def test_a_sink_holding_windows_of_another_size_is_refused(tmp_path):
+    """A backfill with another --window into a table of 1-minute rows was accepted:
+    the table held 48 rows with 5,200 events against 2,600 produced."""
+    sink = f"--sink=sqlite:///{tmp_path}/out.db"
+    assert run_cli(sink, f"--dlq={tmp_path}/dlq.jsonl", cwd=tmp_path).returncode == 0
+    assert_one_usage_line(run_cli(sink, f"--dlq={tmp_path}/dlq.jsonl", "--window=2m", cwd=tmp_path),
+                          f"--sink: sqlite {tmp_path}/out.db (table aggregates) holds windows of 1m, and this job "
+                          "writes windows of 2m: rows of both in one table count each event twice")
+    assert run_cli(sink, f"--dlq={tmp_path}/dlq.jsonl", "--window=60s", cwd=tmp_path).returncode == 0
+
+
+def test_early_firing_on_a_backfill_is_noted(tmp_path):
+    """--early_firing on a bounded run was ignored without a word."""
+    result = run_cli(f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl", "--early_firing=5s",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("aggregate: note: --early_firing is for live jobs: a backfill writes each window once it is complete"
+            in result.stderr.splitlines())
 
 
 def assert_one_usage_line(result, fragment):

@@ -20,7 +20,7 @@ from onceflow.io.archive import ReadArchive
 from onceflow.io.dlq.jsonl import read_dead_letters
 from onceflow.pipelines import archive
 from onceflow.pipelines.aggregate import run
-from tests.livejob import counted_events, new_topic, produce, sample_lines
+from tests.livejob import counted_events, new_topic, produce, recreate_topic, sample_lines
 from tests.pipelines.test_aggregate_job import assert_one_usage_line
 from tests.pipelines.reference import expected_from_partitions
 
@@ -375,25 +375,11 @@ def test_a_topic_deleted_and_created_again_is_not_archived_into_the_old_ones_fol
                                                                                      capsys):
     """The new topic's offsets start over: archived into the same folder, a read of
     it took 100 old records for new ones at the same offsets."""
-    from confluent_kafka.admin import AdminClient
-
-    from onceflow_dev import devstack
-
     topic = new_topic(kafka_bootstrap, partitions=1)
     produce(topic, [(0, line, BASE_MS) for line in sample_lines()[:10]])
     folder = tmp_path / "archive"
     assert archive.main([f"--input={topic.url}", f"--output={folder}"]) == 0
-    admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})  # kept alive until the future resolves
-    admin.delete_topics([topic.topic])[topic.topic].result(30)
-    deadline = time.monotonic() + 60
-    while True:  # the broker finishes a deletion in the background
-        try:
-            if devstack.create_topic(topic.topic, partitions=1, config={"retention.ms": "-1"}):
-                break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(1)
+    recreate_topic(topic)
     produce(topic, [(0, line, BASE_MS) for line in sample_lines()[10:20]])
     capsys.readouterr()
     assert archive.main([f"--input={topic.url}", f"--output={folder}"]) == 2

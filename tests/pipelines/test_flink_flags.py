@@ -284,3 +284,17 @@ def test_a_backfill_on_prism_runs_the_built_prism(monkeypatch, tmp_path):
     given = parse_pipeline_args(["--runner=PrismRunner", "--prism_location=/opt/prism"])
     runners.prepare_runner(given, live=False, reads_kafka=False, kafka_readers=1)
     assert given.view_as(PrismRunnerOptions).prism_location == "/opt/prism"
+
+
+def test_a_live_job_without_a_built_prism_names_where_it_looked(monkeypatch, tmp_path):
+    """Run from another folder than the one `onceflow dev up` ran in, a live job found
+    no Prism and told the user to build it, which they had: the refusal names the
+    folder it looked in and ONCEFLOW_HOME."""
+    from onceflow import runners
+
+    monkeypatch.setenv("ONCEFLOW_HOME", str(tmp_path / "elsewhere"))
+    with pytest.raises(UsageError) as refused:
+        runners.choose_streaming_runner(parse_pipeline_args([]))
+    assert str(tmp_path / "elsewhere") in str(refused.value)
+    assert "ONCEFLOW_HOME" in str(refused.value)
+    assert "\n" not in str(refused.value)

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from onceflow_dev.devstack.flink import cancel_running_jobs, streaming_job_flags
 from onceflow.pipelines.aggregate import run
 from tests.livejob import (
     child_processes, committed, counted_events, job_output, job_stacks, new_topic, process_alive, produce,
-    producer_for, sample_lines, start_live_job, stop, table_rows, wait_for,
+    producer_for, recreate_topic, sample_lines, start_live_job, stop, table_rows, wait_for,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -306,13 +307,150 @@ def test_a_live_job_resumes_only_under_the_flags_its_positions_were_kept_under(k
 
     start()  # the first start stores the positions and the flags
     start()  # the same flags resume
-    for more, now in ((["--allowed_lateness=1h"], "--allowed_lateness=1h"), (["--window=1m"], "--window=1m"),
-                      (["--kafka_time_source=record"], "--kafka_time_source=record"),
-                      (["--window=10s", "--window_period=5s"], "--window_period=5s")):
-        with pytest.raises(UsageError, match="were kept under --window=10s --allowed_lateness=5s "
-                                             "--kafka_time_source=field; this run has .*" + now):
+    for more, now in ((["--allowed_lateness=1h"], "--allowed_lateness=1h (kept: 5s)"),
+                      (["--window=1m"], "--window=1m (kept: 10s)"),
+                      (["--kafka_time_source=record"], "--kafka_time_source=record (kept: field)"),
+                      (["--window=10s", "--window_period=5s"], "--window_period=5s (kept: none)"),
+                      # A typo in a field name sent every record to the DLQ and moved the positions past
+                      # them; another time field puts events in windows already final.
+                      (["--time_field=event_tme"], "--time_field=event_tme (kept: another field)"),
+                      (["--id_field=id"], "--id_field=id (kept: another field)")):
+        with pytest.raises(UsageError, match="were kept under other flags: this run has " + re.escape(now)):
             start(*more)
+    start("--window_period=10s")  # the same tumbling windows, said another way (refused before)
     start()
+
+
+@pytest.mark.kafka
+def test_positions_of_a_topic_deleted_and_created_again_are_refused(kafka_bootstrap, tmp_path):
+    """A topic deleted and created again while the job was stopped, as long as the
+    old one or longer: the restart resumed at the old offsets in the new topic and
+    skipped its records before them (755 of 2,000 events in no row, exit 0). The
+    settings kept with the positions hold Kafka's topic ID."""
+    from onceflow.errors import UsageError
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options, with_stored_positions
+
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    line = b'{"order_id": "o-%d", "event_time": 1793610000000, "store": "s1", "qty": 1}'
+    produce(topic, [(0, line % n, None) for n in range(5)])
+    job = job_from_options(parse_pipeline_args([f"--input={topic.url}", "--kafka_group=g",
+                                                f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl"]))
+    with_stored_positions(job, [0])  # the first start keeps the topic's ID
+    with_stored_positions(job, [0])  # the same topic resumes
+    recreate_topic(topic)
+    produce(topic, [(0, line % n, None) for n in range(5, 15)])
+    with pytest.raises(UsageError, match=f"topic {topic.topic} was deleted and created again since job 'g' "
+                                         "stored its positions"):
+        with_stored_positions(job, [0])
+
+
+@pytest.mark.prism
+@pytest.mark.parametrize("created_again", [False, True])
+def test_a_topic_deleted_while_the_job_reads_it_ends_the_job_in_one_line(kafka_bootstrap, prism_path, tmp_path,
+                                                                         created_again):
+    """The topic deleted under a running live job: it failed with 215 lines of
+    tracebacks (the worker's, each of Prism's bundle and job failures, Beam's client)
+    and Beam's `RuntimeError: Pipeline job-001 failed`. Created again at once, the
+    job read on at the old offsets in the new topic (skipping its first records, or
+    waiting past its end with a lag of 0) and never ended. Now the job's own line
+    ends it (Beam's worker still prints the one traceback it writes to stderr)."""
+    from confluent_kafka.admin import AdminClient
+
+    topic = new_topic(kafka_bootstrap, partitions=2)
+    now_ms = int(time.time() * 1000)
+    line = b'{"order_id": "o-%d", "event_time": %d, "store": "s1", "qty": 1}'
+    produce(topic, [(n % 2, line % (n, now_ms), None) for n in range(20)])
+    job = start_live_job(topic, "deleted", f"sqlite:///{tmp_path}/out.db", f"{tmp_path}/dlq.jsonl",
+                         "--kafka_idle_timeout=2s", f"--prism_location={prism_path}")
+    try:
+        wait_for(lambda: "first start on this sink" in job_output(job), "the job's start", 120, job)
+        time.sleep(5)
+        if created_again:
+            recreate_topic(topic, partitions=2)
+            produce(topic, [(n % 2, line % (n, now_ms), None) for n in range(40)])
+        else:
+            admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
+            admin.delete_topics([topic.topic])[topic.topic].result(30)
+        assert job.wait(180) == 1
+    finally:
+        stop(job)
+    output = job_output(job, limit=200_000)
+    lines = [line for line in output.splitlines() if line.startswith("aggregate: ")]
+    deleted = (f"aggregate: --input: topic '{topic.topic}' does not exist on {kafka_bootstrap} any more: it was "
+               "deleted while the job read it; if it was created again, see docs/guarantees.md, Restarts")
+    replaced = (f"aggregate: --input: topic '{topic.topic}' was deleted and created again while the job read it "
+                "(Kafka's topic ID changed): the job stopped before reading the new topic at the old one's "
+                "offsets; a restart refuses its stored positions (see docs/guarantees.md, Restarts)")
+    # Created again, the job may still look in the moment the topic is gone.
+    assert lines[-1] in ((deleted, replaced) if created_again else (deleted,)), output[-3000:]
+    assert output.count("Traceback") <= 1 and "RuntimeError" not in output, output[-3000:]
+
+
+@pytest.mark.flink
+def test_a_job_cancelled_on_the_runner_ends_in_one_line(kafka_bootstrap, flink_job_endpoint, tmp_path):
+    """A live job cancelled from outside (the job server, Flink's UI) failed with
+    Beam's traceback, `RuntimeError: Pipeline ... failed in state CANCELLED:
+    unknown error`."""
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    cancel_running_jobs(flink_job_endpoint)
+    job = start_live_job(topic, "cancelled", f"sqlite:///{tmp_path}/out.db", f"{tmp_path}/dlq.jsonl",
+                         "--kafka_idle_timeout=2s", "--job_name=cancelled-from-outside",
+                         *streaming_job_flags(flink_job_endpoint))
+    try:
+        wait_for(lambda: cancel_running_jobs(flink_job_endpoint, "cancelled-from-outside") > 0,
+                 "the job on the job server", 120, job)
+        assert job.wait(120) == 1
+    finally:
+        stop(job)
+    output = job_output(job, limit=200_000)
+    lines = [line for line in output.splitlines() if line.startswith("aggregate: ")]
+    assert lines[-1].startswith("aggregate: --runner: the job was cancelled on the runner (from outside this "
+                                "process"), output[-3000:]
+    assert "Traceback" not in output and "RuntimeError" not in output, output[-3000:]
+
+
+@pytest.mark.kafka
+def test_a_restart_on_a_sink_that_lost_its_rows_is_refused(kafka_bootstrap, tmp_path):
+    """The rows table dropped (or emptied) while the job was stopped: the restart
+    created it again, resumed from the stored positions and never rebuilt the final
+    windows (4 of 28 rows, 200 of 2,600 events, exit 0). A position with a high water
+    and a final point was stored after a row was final, so an empty sink has lost it."""
+    from onceflow.errors import UsageError
+    from onceflow.io.progress import Position
+    from onceflow.io.sinks import prepare_sink
+    from onceflow.io.sqlite import SqliteProgress
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options, with_stored_positions
+
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    db = tmp_path / "out.db"
+    flags = [f"--input={topic.url}", "--kafka_group=g", f"--sink=sqlite:///{db}", f"--dlq={tmp_path}/dlq.jsonl"]
+    job = job_from_options(parse_pipeline_args(flags))
+    prepare_sink(job.sink, job.row_schema)
+    with_stored_positions(job, [0])
+    progress = SqliteProgress(str(db), "aggregates")
+    progress.write("g", [Position(topic.topic, 0, 0, None, 1_793_610_000_000)])  # only refused records so far
+    with_stored_positions(job, [0])  # an empty sink is what they leave
+    progress.write("g", [Position(topic.topic, 0, 7, 1_793_610_020_000, 1_793_610_060_000)])
+    with pytest.raises(UsageError, match="--sink: sqlite .* holds no rows, but the positions job 'g' stored there "
+                                         "say windows with events are final in it"):
+        with_stored_positions(job, [0])
+    record_time = job_from_options(parse_pipeline_args([*flags, "--kafka_time_source=record"]))
+    with sqlite3.connect(db) as connection:  # the settings of the other time source, as if it had run so
+        connection.execute("DELETE FROM onceflow_progress WHERE job = 'g#settings'")
+    with_stored_positions(record_time, [0])  # refused records move its high water: nothing to say
+    insert_row(db)  # a backfill wrote the rows again
+    with sqlite3.connect(db) as connection:
+        connection.execute("DELETE FROM onceflow_progress WHERE job = 'g#settings'")
+    assert with_stored_positions(job, [0]).kafka.resume == ((0, 7, 1_793_610_020_000),)
+
+
+def insert_row(db) -> None:
+    """One aggregate row in the SQLite sink ``db`` (the job's default columns)."""
+    with sqlite3.connect(db) as connection:
+        connection.execute("INSERT INTO aggregates (store, window_start, window_end, event_count, count, "
+                           "written_at) VALUES ('s1', '2026-11-03T10:00:00Z', '2026-11-03T10:01:00Z', 1, 1, 'x')")
 
 
 @pytest.mark.kafka
@@ -378,6 +516,7 @@ def test_a_partition_added_while_stopped_starts_at_the_sinks_final_point(kafka_b
     from confluent_kafka.admin import AdminClient, NewPartitions
 
     from onceflow.io.progress import Position
+    from onceflow.io.sinks import prepare_sink
     from onceflow.io.sqlite import SqliteProgress
     from onceflow.options import parse_pipeline_args
     from onceflow.pipelines.aggregate import job_from_options, with_stored_positions
@@ -387,9 +526,11 @@ def test_a_partition_added_while_stopped_starts_at_the_sinks_final_point(kafka_b
     job = job_from_options(parse_pipeline_args([f"--input={topic.url}", "--kafka_group=g", f"--sink=sqlite:///{db}",
                                                 f"--dlq={tmp_path}/dlq.jsonl", "--window=10s",
                                                 "--allowed_lateness=5s"]))
+    prepare_sink(job.sink, job.row_schema)
     with_stored_positions(job, [0])  # the first start
     progress = SqliteProgress(str(db), "aggregates")
     progress.write("g", [Position(topic.topic, 0, 0, 1_793_610_020_000, 1_793_610_010_000)])
+    insert_row(db)  # the row of the final window those positions went past
     admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
     admin.create_partitions([NewPartitions(topic.topic, 2)])[topic.topic].result(30)
     produce(topic, [(1, b"{}", None)] * 3)  # the partition's log start stays 0

@@ -300,7 +300,9 @@ class KafkaReadConfig:
     since) starts at its log start, whatever the group has committed.
     ``allow_retention_gaps`` (bounded reads): read what
     is left of a range that retention has partly deleted, reporting the gap,
-    instead of failing (a live read always goes on and reports it).
+    instead of failing (a live read always goes on and reports it). ``topic_id``
+    (live reads): Kafka's ID of the topic when the job started; a live read that
+    finds another (the topic deleted and created again under it) fails.
     """
 
     topic: KafkaTopic
@@ -312,6 +314,7 @@ class KafkaReadConfig:
     client_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
     resume: Optional[Tuple[Tuple[int, int, Optional[int]], ...]] = None
     allow_retention_gaps: bool = False
+    topic_id: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.time_source not in ("field", "record"):

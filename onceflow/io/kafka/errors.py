@@ -41,6 +41,11 @@ class UnknownGroupOrTopic(RuntimeError):
     """The broker answered: the topic (or the consumer group) does not exist."""
 
 
+class TopicReplaced(RuntimeError):
+    """The topic a live read reads was deleted and created again under it: its
+    offsets started over, and reading on would skip or mix records."""
+
+
 class ClientErrors:
     """An ``error_cb`` that records the client's errors and logs each at most once
     (librdkafka repeats a failing connection's error on every retry)."""

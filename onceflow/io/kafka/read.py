@@ -34,10 +34,10 @@ from onceflow.batches import (
 from onceflow.events import EventContract
 from onceflow.io.kafka.admin import (
     METADATA_TIMEOUT_S, KafkaPartitionRead, RetentionGap, committed_offsets, describe_gaps, describe_topic,
-    log_client_error, new_consumer, resolve_partition_reads,
+    log_client_error, new_consumer, resolve_partition_reads, topic_id,
 )
 from onceflow.io.kafka.config import KafkaReadConfig, redact
-from onceflow.io.kafka.errors import BrokerUnreachable
+from onceflow.io.kafka.errors import BrokerUnreachable, TopicReplaced
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -789,6 +789,17 @@ def _joining_high_water(stored: Optional[int]) -> int:
     return now_ms if stored is None else max(stored, now_ms)
 
 
+def _check_same_topic(config: KafkaReadConfig) -> None:
+    """Raises TopicReplaced when the topic now has another Kafka ID than when the
+    job started: deleted and created again, its offsets start over, and the
+    readers would go on at their old offsets in it (skipping its first records, or
+    waiting past its end with no lag shown)."""
+    now = topic_id(config) if config.topic_id is not None else None
+    if now is not None and now != config.topic_id:
+        raise TopicReplaced(f"topic {config.topic.topic!r} was deleted and created again while the job read it "
+                            "(Kafka's topic ID changed)")
+
+
 class _DiscoverLivePartitionsDoFn(beam.DoFn):
     """Emits the topic's partitions once, and later any partition added to it
     (looked for every ``_DISCOVERY_INTERVAL_S``). Its watermark is the wall clock, so
@@ -823,6 +834,7 @@ class _DiscoverLivePartitionsDoFn(beam.DoFn):
         first_new = _inner_tracker(tracker, _PartitionNumberTracker).next_partition()
         try:
             new = [p for p in describe_topic(self._config) if p >= first_new]
+            _check_same_topic(self._config)
             reads = resolve_partition_reads(self._config, new) if new else []
             if first_new > 0:  # added while the job runs: see _joining_high_water
                 reads = [read._replace(high_water_ms=_joining_high_water(read.high_water_ms)) for read in reads]
