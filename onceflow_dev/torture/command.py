@@ -27,12 +27,17 @@ from onceflow_dev.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, S
 from onceflow_dev.torture.job import LiveJob
 from onceflow_dev.torture.plot import write_plot
 from onceflow_dev.torture.sinks import AGGREGATE, SINK_KINDS, TortureSink, torture_sink
-from onceflow_dev.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned, StreamMix, StreamPlan
+from onceflow_dev.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, TOO_LATE_AGE_MS, Planned, StreamMix, StreamPlan
 from onceflow_dev.torture.timeline import FaultMark, Sample, Timeline
 from onceflow_dev.torture import truth
 from onceflow.windowing import parse_duration_ms
 
-WINDOW_S, IDLE_TIMEOUT_S = 10, 10
+IDLE_TIMEOUT_S = 10
+# The flags the torture gives the job itself, from which its truth is computed: a
+# --job-flag may not give them again (the job would run under others than the truth).
+OWN_FLAGS = ("--input", "--kafka_group", "--sink", "--dlq", "--key_fields", "--time_field", "--id_field",
+             "--aggregate", "--window", "--window_period", "--allowed_lateness", "--early_firing",
+             "--kafka_time_source", "--from", "--to")
 WARM_S = 20  # a stall waits until the job has run this long, so its memory is measured warm
 # How long a connection kill waits for the job to hold a sink session: while kills
 # come faster than a restart re-reads its rewind, the job writes nothing for minutes
@@ -91,6 +96,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--catch-up-timeout", type=_positive_int, default=600, metavar="S",
                         help="how long to wait, after the last record and fault, for the sink to be "
                              "complete (default 600)")
+    parser.add_argument("--window", default="10s", metavar="DURATION",
+                        help="the job's --window (default 10s)")
+    parser.add_argument("--window-period", default=None, metavar="DURATION",
+                        help="the job's --window_period: sliding windows of --window starting every DURATION "
+                             "(default none: fixed windows); it must divide --window")
     parser.add_argument("--allowed-lateness", default="60s", metavar="DURATION",
                         help="the job's --allowed_lateness (default 60s; the stream's late events are at "
                              "most 20 s late)")
@@ -135,12 +145,14 @@ def _setup(args: argparse.Namespace) -> _Setup:
     from onceflow_dev.devstack.common import home
     from onceflow_dev.devstack.prism import prism_location
 
-    for flag, value in (("--allowed-lateness", args.allowed_lateness), ("--early-firing", args.early_firing)):
+    for flag, value in (("--window", args.window), ("--window-period", args.window_period),
+                        ("--allowed-lateness", args.allowed_lateness), ("--early-firing", args.early_firing)):
         try:
             if value is not None:
                 parse_duration_ms(value)
         except ValueError as error:
             raise UsageError(f"{flag}: {error}") from None
+    _check_windows(args)
     if args.connection_kills is None:
         args.connection_kills = 1 if args.sink == "postgres" else 0
     elif args.connection_kills and args.sink != "postgres":
@@ -149,6 +161,11 @@ def _setup(args: argparse.Namespace) -> _Setup:
     for flag in args.job_flags:
         if not flag.startswith("--"):
             raise UsageError(f"--job-flag: {flag!r} is not a flag; write it as --job-flag=--name=value")
+        name = flag.split("=")[0]
+        if name in OWN_FLAGS:
+            raise UsageError(f"--job-flag: the torture gives the job {name} itself and computes its truth under "
+                             "it; the torture's --window, --window-period, --allowed-lateness, --early-firing "
+                             "and --sink set the ones it can vary")
     if args.kill_early and not args.kills:
         raise UsageError("--kill-early: it moves the first of --kills; pass --kills 1 or more")
     dev_bootstrap = devstack.kafka_bootstrap_servers()
@@ -179,6 +196,31 @@ def _setup(args: argparse.Namespace) -> _Setup:
                   f"onceflow-torture-{run_id}", out, torture_sink(args.sink, out, dsn, table), runner_flags, endpoint)
 
 
+def _check_windows(args: argparse.Namespace) -> None:
+    """The window flags the stream's truth holds for: every late event (at most
+    ``late_max_ms`` late) within the lateness, every too-late one (an hour old)
+    beyond it, and a whole number of windows per event."""
+    window_ms, lateness_ms = parse_duration_ms(args.window), parse_duration_ms(args.allowed_lateness)
+    period_ms = parse_duration_ms(args.window_period) if args.window_period else None
+    if window_ms <= 0:
+        raise UsageError(f"--window: {args.window!r} is not above 0")
+    if period_ms is not None and (period_ms <= 0 or window_ms % period_ms):
+        raise UsageError(f"--window-period: {args.window_period!r} does not divide --window {args.window} "
+                         "(the torture counts each event in --window / --window-period windows)")
+    late_max_s = StreamMix().late_max_ms / 1000
+    if lateness_ms < StreamMix().late_max_ms:
+        raise UsageError(f"--allowed-lateness: the stream's late events are up to {late_max_s:.0f} s late, so a "
+                         f"lateness under {late_max_s:.0f}s would refuse some the truth counts; give "
+                         f"{late_max_s:.0f}s or more")
+    if window_ms + lateness_ms > TOO_LATE_AGE_MS // 2:
+        raise UsageError("--window plus --allowed-lateness must be at most 30m: the stream's too-late events are "
+                         "an hour old and must stay beyond the lateness")
+
+
+def _windows_per_event(args: argparse.Namespace) -> int:
+    return parse_duration_ms(args.window) // parse_duration_ms(args.window_period) if args.window_period else 1
+
+
 def run_torture(args: argparse.Namespace) -> int:
     setup = _setup(args)
     return TortureRun(args, setup).run()
@@ -204,7 +246,8 @@ class TortureRun:
         self._job_lock = threading.Lock()
         self._latest: Optional[Sample] = None
         self.contract_flags = ["--key_fields=k", "--time_field=t", "--id_field=id", f"--aggregate={AGGREGATE}",
-                               f"--window={WINDOW_S}s", f"--allowed_lateness={args.allowed_lateness}"]
+                               f"--window={args.window}", f"--allowed_lateness={args.allowed_lateness}",
+                               *([f"--window_period={args.window_period}"] if args.window_period else [])]
         self.sink = setup.sink
         self.output_flags = [f"--sink={self.sink.sink_url()}", f"--dlq={self.sink.dlq_url()}"]
         self.input_url = f"kafka://{setup.bootstrap}/{setup.topic}"
@@ -334,7 +377,8 @@ class TortureRun:
         self.in_topic, self.missing_from_topic = truth.in_topic(self.ledger, records)
         # Computed once: the catch-up loop compares every few seconds, and recomputing
         # the truth over a million records each time took CPU from the job under test.
-        self.expected_rows = truth.expected_rows(self.in_topic, WINDOW_S * 1000)
+        period_ms = parse_duration_ms(self.args.window_period) if self.args.window_period else None
+        self.expected_rows = truth.expected_rows(self.in_topic, parse_duration_ms(self.args.window), period_ms)
         self.expected_dead_letters = truth.expected_dead_letters(self.in_topic)
         self.say(f"the topic holds {len(self.in_topic)} records; planned but not in it: {self.missing_from_topic}")
 
@@ -465,7 +509,8 @@ class TortureRun:
         try:
             while not self._done.is_set():
                 consumed, lag = probe.read()
-                in_sink = self.sink.counted_events()
+                in_sink = self.sink.counted_events()  # each event counts in every window that holds it
+                in_sink = None if in_sink is None else in_sink // _windows_per_event(self.args)
                 backlog = None if in_sink is None else max(0, self.good_delivered - in_sink)
                 self._latest = Sample(self.now_s(), self.produced, consumed, lag, self.job.rss_bytes(), in_sink,
                                       backlog)
@@ -591,7 +636,8 @@ class TortureRun:
             failures.append("faults not injected: " + ", ".join(missed))
         report = {
             "runner": args.runner, "seed": args.seed, "topic": setup.topic, "sink": args.sink,
-            "sink_url": self.sink.sink_url(), "early_firing": args.early_firing, "kill_early": args.kill_early,
+            "sink_url": self.sink.sink_url(), "window": args.window, "window_period": args.window_period,
+            "allowed_lateness": args.allowed_lateness, "early_firing": args.early_firing, "kill_early": args.kill_early,
             "job_flags": args.job_flags,
             "records_produced": len(self.ledger), "records_in_topic": len(self.in_topic),
             "missing_from_topic": self.missing_from_topic, "good_events": kinds.get(GOOD, 0),
@@ -619,7 +665,8 @@ class TortureRun:
                              if m.kind == KILL)
         lines = [
             "",
-            f"onceflow torture: {'PASS' if not failures else 'FAIL'} on {args.runner}, {args.sink} sink"
+            f"onceflow torture: {'PASS' if not failures else 'FAIL'} on {args.runner}, {args.sink} sink, "
+            f"{args.window} windows{f' every {args.window_period}' if args.window_period else ''}"
             f"{f', early firing {args.early_firing}' if args.early_firing else ''}"
             f"{''.join(f', {flag}' for flag in args.job_flags)} (seed {args.seed})",
             f"  records produced   {len(self.ledger)}: {kinds.get(GOOD, 0)} good events ({late} late within the "
@@ -650,7 +697,7 @@ class TortureRun:
         """Records in a window, the allowed lateness and a 30 s margin of stream: the
         most a restart should read again (the margin covers the stream's 20 s
         event-time jitter, a reader bundle and the writes in flight)."""
-        seconds = WINDOW_S + parse_duration_ms(self.args.allowed_lateness) / 1000 + 30
+        seconds = (parse_duration_ms(self.args.window) + parse_duration_ms(self.args.allowed_lateness)) / 1000 + 30
         return int(seconds * self.args.rate)
 
     def _plot(self) -> str:

@@ -8,7 +8,7 @@ bug in the pipeline cannot hide in the expected values.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from onceflow_dev.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, Planned
 
@@ -16,9 +16,14 @@ RowKey = Tuple[str, int]  # (key, window start ms)
 Aggregates = Tuple[int, int]  # (count, sum of v)
 
 
-def expected_rows(records: Iterable[Planned], window_ms: int) -> Dict[RowKey, Aggregates]:
-    """Count and sum of ``v`` per key and fixed window, over each distinct good event
-    (by ID: a re-send or a record the broker holds twice counts once)."""
+def expected_rows(records: Iterable[Planned], window_ms: int,
+                  period_ms: Optional[int] = None) -> Dict[RowKey, Aggregates]:
+    """Count and sum of ``v`` per key and window, over each distinct good event
+    (by ID: a re-send or a record the broker holds twice counts once). Windows are
+    aligned to the epoch: fixed ones of ``window_ms``, or, with ``period_ms``,
+    sliding ones of ``window_ms`` starting every ``period_ms``; an event counts in
+    every window that holds it."""
+    step = period_ms or window_ms
     rows: Dict[RowKey, Aggregates] = {}
     seen = set()
     for planned in records:
@@ -26,9 +31,12 @@ def expected_rows(records: Iterable[Planned], window_ms: int) -> Dict[RowKey, Ag
             continue
         seen.add(planned.event["id"])
         event = planned.event
-        key = (event["k"], event["t"] - event["t"] % window_ms)
-        count, total = rows.get(key, (0, 0))
-        rows[key] = (count + 1, total + event["v"])
+        start = event["t"] - event["t"] % step  # the latest window holding t; earlier ones every step before
+        while start > event["t"] - window_ms:
+            key = (event["k"], start)
+            count, total = rows.get(key, (0, 0))
+            rows[key] = (count + 1, total + event["v"])
+            start -= step
     return rows
 
 

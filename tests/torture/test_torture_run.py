@@ -64,6 +64,31 @@ def test_a_kill_before_the_first_row_loses_nothing_with_a_parquet_sink(kafka_boo
     assert sorted(jobs[group + "#settings"][report["topic"]]) == [str(n) for n in range(7)]  # flags, topic ID
 
 
+@pytest.mark.kafka
+@pytest.mark.flink
+@pytest.mark.slow
+def test_sliding_windows_with_early_firing_into_avro_files_on_flink_stay_exact_under_kills(kafka_bootstrap,
+                                                                                           flink_job_endpoint,
+                                                                                           tmp_path):
+    """Another corner of the matrix: 20 s windows every 5 s (each event in four
+    rows), written early every 5 s, into Avro window files, on the Flink job
+    server, through SIGKILLs, a broker restart and a stall of the files' lock."""
+    out = tmp_path / "run"
+    run = subprocess.run([*COMMAND, "--runner", "flink", "--sink", "avro", "--window", "20s", "--window-period", "5s",
+                          "--early-firing", "5s", "--events", "8000", "--kills", "2", "--broker-restarts", "1",
+                          "--stalls", "1", "--stall-seconds", "10", "--seed", "7", "--out", str(out)],
+                         capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and (report["sink"], report["window"], report["window_period"]) == ("avro", "20s", "5s")
+    assert (report["kills"], report["broker_restarts"], report["stalls"]) == (2, 1, 1)
+    for phase in ("live", "after_backfill"):
+        assert report[phase]["exact"] and report[phase]["rows_found"] == report[phase]["rows_expected"] > 0
+    # A window starts every 5 s for each of the stream's 20 keys (fixed 20 s windows would be a quarter of it).
+    assert report["live"]["rows_expected"] >= report["production_s"] / 5 * 20
+    assert "onceflow torture: PASS on flink, avro sink, 20s windows every 5s" in run.stdout
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--sink", "parquet", "--connection-kills", "1"], "--connection-kills: a parquet sink has no database sessions"),
     (["--kill-early", "--kills", "0"], "--kill-early: it moves the first of --kills"),
@@ -72,6 +97,12 @@ def test_a_kill_before_the_first_row_loses_nothing_with_a_parquet_sink(kafka_boo
     (["--kills", "-1"], "is not a whole number (0 or more)"),
     (["--runner", "spark"], "invalid choice: 'spark'"),
     (["--job-flag", "shards=4"], "--job-flag: 'shards=4' is not a flag"),
+    (["--job-flag=--window=20s"], "--job-flag: the torture gives the job --window itself"),
+    (["--job-flag=--kafka_time_source=record"], "--job-flag: the torture gives the job --kafka_time_source"),
+    (["--window", "0s"], "--window: '0s' is not above 0"),
+    (["--window", "20s", "--window-period", "15s"], "--window-period: '15s' does not divide --window 20s"),
+    (["--allowed-lateness", "5s"], "--allowed-lateness: the stream's late events are up to 20 s late"),
+    (["--window", "25m", "--allowed-lateness", "10m"], "--window plus --allowed-lateness must be at most 30m"),
     (["--bootstrap-server", "10.0.0.1:9092"], "--broker-restarts stops and starts the dev stack's broker only"),
 ])
 def test_wrong_flags_get_one_line_and_status_2(flags, message):

@@ -24,6 +24,17 @@ def test_expected_rows_count_each_good_event_once_per_fixed_window():
     assert expected_rows(LEDGER, 10_000) == {("a", 10_000): (2, 12), ("a", 20_000): (1, 1), ("b", 10_000): (1, 2)}
 
 
+def test_expected_rows_count_each_good_event_in_every_sliding_window_that_holds_it():
+    # 20 s windows every 10 s: t=10,000 is in [0, 20,000) and [10,000, 30,000); t=19,999 too; t=20,000 in
+    # [10,000, 30,000) and [20,000, 40,000); b's t=12,000 in [0, 20,000) and [10,000, 30,000).
+    assert expected_rows(LEDGER, 20_000, 10_000) == {
+        ("a", 0): (2, 12), ("a", 10_000): (3, 13), ("a", 20_000): (1, 1), ("b", 0): (1, 2), ("b", 10_000): (1, 2)}
+
+
+def test_sliding_windows_of_one_period_are_the_fixed_windows():
+    assert expected_rows(LEDGER, 10_000, 10_000) == expected_rows(LEDGER, 10_000)
+
+
 def test_expected_dead_letters_are_the_bad_and_the_too_late_records():
     assert expected_dead_letters(LEDGER) == {(1, 5): BAD, (0, 6): TOO_LATE}
 
