@@ -64,6 +64,29 @@ def window_file_name(start_ms: int, end_ms: int, file_format: str) -> str:
     return f"{format_utc_ms(start_ms).replace(':', '-')}_{format_utc_ms(end_ms).replace(':', '-')}.{file_format}"
 
 
+def _window_of_file_name(name: str, file_format: str) -> Optional[Tuple[int, int]]:
+    """The window bounds :func:`window_file_name` gave ``name``; None for another name."""
+    from onceflow.events import RecordError, parse_event_time_ms
+
+    suffix = "." + file_format
+    parts = name[:-len(suffix)].split("_")
+    if name.startswith(".") or not name.endswith(suffix) or len(parts) != 2:
+        return None
+    try:  # 2026-11-02T09-00-00.000Z: the time's colons were written as hyphens
+        start, end = (parse_event_time_ms(part[:11] + part[11:].replace("-", ":")) for part in parts)
+    except (RecordError, ValueError):
+        return None
+    return start, end
+
+
+def latest_window_in_directory(directory: str, file_format: str) -> Optional[Tuple[int, int]]:
+    """The bounds (epoch ms) of the latest window file in ``directory`` (by its
+    name), None when it holds none."""
+    windows = [_window_of_file_name(name, file_format) for name in os.listdir(directory)]
+    windows = [window for window in windows if window is not None]
+    return max(windows, key=lambda window: window[1]) if windows else None
+
+
 def _check_format(file_format: str) -> None:
     if file_format not in FORMATS:
         raise ValueError(f"format {file_format!r} is not supported; use {' or '.join(FORMATS)}")

@@ -208,6 +208,12 @@ def _prepare_file(target: Target, schema: RowSchema) -> None:
     prepare_directory(target.location, schema, target.option("format"))
 
 
+def _latest_window_file(target: Target) -> Optional[Tuple[int, int]]:
+    from onceflow.io.file_sink import latest_window_in_directory
+
+    return latest_window_in_directory(target.location, target.option("format"))
+
+
 def _progress_file(target: Target):
     from onceflow.io.file_sink import FileProgress
 
@@ -281,7 +287,7 @@ SINKS: Dict[str, SinkKind] = {
     "bigquery": SinkKind("bigquery://PROJECT.DATASET.TABLE", _parse_bigquery, _prepare_bigquery, _write_bigquery,
                          progress=_progress_bigquery),
     "file": SinkKind("file:///DIR?format=parquet|avro", _parse_file, _prepare_file, _write_file,
-                     progress=_progress_file),
+                     _latest_window_file, _progress_file),
     "kafka": SinkKind("kafka://HOST:PORT/TOPIC[?format=avro_registry]", _parse_kafka, _prepare_kafka, _write_kafka),
 }
 
@@ -314,7 +320,7 @@ def _kind(target: Target) -> SinkKind:
 
 def latest_window(target: Target) -> Optional[Tuple[int, int]]:
     """The bounds (epoch ms) of the latest window the sink holds; None when it is
-    empty or cannot say (BigQuery, Kafka, files)."""
+    empty or cannot say (BigQuery, Kafka)."""
     reader = _kind(target).latest_window
     return None if reader is None else reader(target)
 
@@ -327,15 +333,16 @@ def check_window_size(target: Target, size_ms: int) -> None:
 
     latest = latest_window(target)
     if latest is not None and latest[1] - latest[0] != size_ms:
+        where = "directory" if target.scheme == "file" else "table"
         raise ValueError(f"{target.describe()} holds windows of {format_duration_ms(latest[1] - latest[0])}, and "
-                         f"this job writes windows of {format_duration_ms(size_ms)}: rows of both in one table count "
-                         "each event twice; give --window the table's size, or write to another table "
-                         "(?table=NAME)")
+                         f"this job writes windows of {format_duration_ms(size_ms)}: rows of both in one {where} "
+                         f"count each event twice; give --window the {where}'s size, or write to another {where}"
+                         + (" (?table=NAME)" if where == "table" else ""))
 
 
 def holds_no_rows(target: Target) -> bool:
-    """Whether the sink says it holds no row (SQLite, PostgreSQL); False where it
-    cannot say (files, BigQuery, Kafka)."""
+    """Whether the sink says it holds no row (SQLite, PostgreSQL, window files);
+    False where it cannot say (BigQuery, Kafka)."""
     return _kind(target).latest_window is not None and latest_window(target) is None
 
 

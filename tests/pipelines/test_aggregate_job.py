@@ -147,6 +147,21 @@ def test_a_sink_holding_windows_of_another_size_is_refused(tmp_path):
     assert run_cli(sink, f"--dlq={tmp_path}/dlq.jsonl", "--window=60s", cwd=tmp_path).returncode == 0
 
 
+@pytest.mark.parametrize("file_format", ["parquet", "avro"])
+def test_a_folder_of_window_files_of_another_size_is_refused(tmp_path, file_format):
+    """The same check for window files, from their names: a folder of 1-minute
+    files took 2-minute ones beside them (each event counted in both)."""
+    sink = f"--sink=file://{tmp_path}/out?format={file_format}"
+    assert run_cli(sink, f"--dlq={tmp_path}/dlq.jsonl", cwd=tmp_path).returncode == 0
+    written = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert_one_usage_line(run_cli(sink, f"--dlq={tmp_path}/dlq.jsonl", "--window=2m", cwd=tmp_path),
+                          f"--sink: file {tmp_path}/out (format {file_format}) holds windows of 1m, and this job "
+                          "writes windows of 2m: rows of both in one directory count each event twice; give "
+                          "--window the directory's size, or write to another directory")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == written
+    assert run_cli(sink, f"--dlq={tmp_path}/dlq.jsonl", "--window=60s", cwd=tmp_path).returncode == 0
+
+
 def test_early_firing_on_a_backfill_is_noted(tmp_path):
     """--early_firing on a bounded run was ignored without a word."""
     result = run_cli(f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl", "--early_firing=5s",

@@ -446,6 +446,34 @@ def test_a_restart_on_a_sink_that_lost_its_rows_is_refused(kafka_bootstrap, tmp_
     assert with_stored_positions(job, [0]).kafka.resume == ((0, 7, 1_793_610_020_000),)
 
 
+@pytest.mark.kafka
+def test_a_restart_on_a_folder_that_lost_its_window_files_is_refused(kafka_bootstrap, tmp_path):
+    """The same for window files: the folder's files deleted, its positions file
+    kept. A backfill's window file in it lets the job resume."""
+    from onceflow.errors import UsageError
+    from onceflow.io.file_sink import FileProgress, merge_window
+    from onceflow.io.progress import Position
+    from onceflow.io.sinks import prepare_sink
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options, with_stored_positions
+
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    folder = tmp_path / "out"
+    flags = [f"--input={topic.url}", "--kafka_group=g", f"--sink=file://{folder}?format=avro",
+             f"--dlq={tmp_path}/dlq.jsonl"]
+    job = job_from_options(parse_pipeline_args(flags))
+    prepare_sink(job.sink, job.row_schema)
+    with_stored_positions(job, [0])
+    FileProgress(str(folder)).write("g", [Position(topic.topic, 0, 7, 1_793_610_020_000, 1_793_610_060_000)])
+    with pytest.raises(UsageError, match=r"--sink: file .*/out \(format avro\) holds no rows, but the positions "
+                                         "job 'g' stored there say windows with events are final in it"):
+        with_stored_positions(job, [0])
+    row = {column: 1 for column in job.row_schema.columns}  # a backfill wrote the row again
+    row.update(store="s1", window_start=1_793_610_000_000, window_end=1_793_610_060_000)
+    merge_window(str(folder), job.row_schema, "avro", [row])
+    assert with_stored_positions(job, [0]).kafka.resume == ((0, 7, 1_793_610_020_000),)
+
+
 def insert_row(db) -> None:
     """One aggregate row in the SQLite sink ``db`` (the job's default columns)."""
     with sqlite3.connect(db) as connection:
