@@ -12,10 +12,13 @@ service is missing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import faulthandler
+import io
 import json
 import pathlib
+import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +30,9 @@ from onceflow_dev.torture.faults import BROKER_RESTART, CONNECTION_KILL, KILL, S
 from onceflow_dev.torture.job import LiveJob
 from onceflow_dev.torture.plot import write_plot
 from onceflow_dev.torture.sinks import AGGREGATE, SINK_KINDS, TortureSink, torture_sink
-from onceflow_dev.torture.stream import BAD, DUPLICATE, GOOD, TOO_LATE, TOO_LATE_AGE_MS, Planned, StreamMix, StreamPlan
+from onceflow_dev.torture.stream import (
+    BAD, DUPLICATE, GOOD, TOO_LATE, TOO_LATE_AGE_MS, Planned, StreamMix, StreamPlan, max_event_delay_ms,
+)
 from onceflow_dev.torture.timeline import FaultMark, Sample, Timeline
 from onceflow_dev.torture import truth
 from onceflow.windowing import parse_duration_ms
@@ -168,6 +173,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
                              "and --sink set the ones it can vary")
     if args.kill_early and not args.kills:
         raise UsageError("--kill-early: it moves the first of --kills; pass --kills 1 or more")
+    _check_job_flags(args)
     dev_bootstrap = devstack.kafka_bootstrap_servers()
     bootstrap = args.bootstrap_server or dev_bootstrap
     if args.broker_restarts and bootstrap != dev_bootstrap:
@@ -204,17 +210,52 @@ def _check_windows(args: argparse.Namespace) -> None:
     period_ms = parse_duration_ms(args.window_period) if args.window_period else None
     if window_ms <= 0:
         raise UsageError(f"--window: {args.window!r} is not above 0")
-    if period_ms is not None and (period_ms <= 0 or window_ms % period_ms):
+    if period_ms is not None and period_ms <= 0:
+        raise UsageError(f"--window-period: {args.window_period!r} is not above 0")
+    if period_ms is not None and window_ms % period_ms:
         raise UsageError(f"--window-period: {args.window_period!r} does not divide --window {args.window} "
                          "(the torture counts each event in --window / --window-period windows)")
-    late_max_s = StreamMix().late_max_ms / 1000
-    if lateness_ms < StreamMix().late_max_ms:
-        raise UsageError(f"--allowed-lateness: the stream's late events are up to {late_max_s:.0f} s late, so a "
-                         f"lateness under {late_max_s:.0f}s would refuse some the truth counts; give "
-                         f"{late_max_s:.0f}s or more")
+    delay_s = -(-max_event_delay_ms(StreamMix(), args.rate) // 1000)
+    if lateness_ms < delay_s * 1000:
+        raise UsageError(f"--allowed-lateness: at --rate {args.rate} the stream's events are up to {delay_s} s "
+                         f"behind the clock (late events {StreamMix().late_max_ms // 1000} s, re-sends of recent "
+                         f"events more), so a lateness under {delay_s}s would refuse some the truth counts; give "
+                         f"{delay_s}s or more, or a higher --rate")
     if window_ms + lateness_ms > TOO_LATE_AGE_MS // 2:
         raise UsageError("--window plus --allowed-lateness must be at most 30m: the stream's too-late events are "
                          "an hour old and must stay beyond the lateness")
+
+
+def contract_flags(args: argparse.Namespace) -> List[str]:
+    """The job's flags the truth is computed under (the live job's and the backfill's)."""
+    return ["--key_fields=k", "--time_field=t", "--id_field=id", f"--aggregate={AGGREGATE}",
+            f"--window={args.window}", f"--allowed_lateness={args.allowed_lateness}",
+            *([f"--window_period={args.window_period}"] if args.window_period else [])]
+
+
+def live_job_flags(args: argparse.Namespace, input_url: str, group: str, output_flags: List[str],
+                   runner_flags: List[str]) -> List[str]:
+    early = [f"--early_firing={args.early_firing}"] if args.early_firing else []
+    return [f"--input={input_url}", f"--kafka_group={group}", f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", *early,
+            *contract_flags(args), *output_flags, *runner_flags, *args.job_flags]
+
+
+def _check_job_flags(args: argparse.Namespace) -> None:
+    """The job's own check of its flags, with stand-ins for what the run sets up
+    (topic, group, sink), before anything starts: a flag it refuses (a --job-flag
+    mistyped, or with a wrong value) made every start exit at once, and the torture
+    restarted it until the catch-up timeout."""
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options
+
+    runner = ["--runner=PortableRunner"] if args.runner == "flink" else []  # Flink takes flags Beam does not know
+    flags = live_job_flags(args, "kafka://127.0.0.1:9092/torture", "torture",
+                           ["--sink=sqlite:///torture.db", "--dlq=torture-dlq.jsonl"], runner)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the job's notices: it prints them when it starts
+            job_from_options(parse_pipeline_args(flags))
+    except UsageError as error:
+        raise UsageError(f"--job-flag: the job refuses its flags: {error}") from None
 
 
 def _windows_per_event(args: argparse.Namespace) -> int:
@@ -223,6 +264,8 @@ def _windows_per_event(args: argparse.Namespace) -> int:
 
 def run_torture(args: argparse.Namespace) -> int:
     setup = _setup(args)
+    # SIGTERM (a `timeout`, a supervisor) stops the run as Ctrl-C does: the job is stopped, not left running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     return TortureRun(args, setup).run()
 
 
@@ -245,17 +288,11 @@ class TortureRun:
         self._done = threading.Event()
         self._job_lock = threading.Lock()
         self._latest: Optional[Sample] = None
-        self.contract_flags = ["--key_fields=k", "--time_field=t", "--id_field=id", f"--aggregate={AGGREGATE}",
-                               f"--window={args.window}", f"--allowed_lateness={args.allowed_lateness}",
-                               *([f"--window_period={args.window_period}"] if args.window_period else [])]
+        self.contract_flags = contract_flags(args)
         self.sink = setup.sink
         self.output_flags = [f"--sink={self.sink.sink_url()}", f"--dlq={self.sink.dlq_url()}"]
         self.input_url = f"kafka://{setup.bootstrap}/{setup.topic}"
-        early = [f"--early_firing={args.early_firing}"] if args.early_firing else []
-        self.job = LiveJob([f"--input={self.input_url}", f"--kafka_group={setup.group}",
-                            f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", *early,
-                            *self.contract_flags, *self.output_flags,
-                            *setup.runner_flags, *args.job_flags],
+        self.job = LiveJob(live_job_flags(args, self.input_url, setup.group, self.output_flags, setup.runner_flags),
                            setup.out / "job.log", setup.job_endpoint, job_name=f"onceflow-torture-{setup.run_id}")
 
     def now_s(self) -> float:
@@ -280,7 +317,7 @@ class TortureRun:
         schedule = fault_schedule(counts, production_s, args.seed)
         self.say(f"topic {setup.topic} ({args.partitions} partitions), {args.sink} sink {self.sink.sink_url()}, "
                  f"runner {args.runner}, {args.events} records at {args.rate}/s (~{production_s:.0f}s), "
-                 f"faults: {'kill before the first row, ' if args.kill_early else ''}"
+                 f"faults: {'kill before the first position past the start, ' if args.kill_early else ''}"
                  f"{', '.join(f'{f.kind} at {f.at_s}s' for f in schedule) or 'none'}; output in {setup.out}")
         self._t0 = time.monotonic()
         sampler = threading.Thread(target=self._sample_loop, name="torture-sampler", daemon=True)
@@ -666,7 +703,7 @@ class TortureRun:
         lines = [
             "",
             f"onceflow torture: {'PASS' if not failures else 'FAIL'} on {args.runner}, {args.sink} sink, "
-            f"{args.window} windows{f' every {args.window_period}' if args.window_period else ''}"
+            f"{args.window} windows{f' every {args.window_period}' if _windows_per_event(args) > 1 else ''}"
             f"{f', early firing {args.early_firing}' if args.early_firing else ''}"
             f"{''.join(f', {flag}' for flag in args.job_flags)} (seed {args.seed})",
             f"  records produced   {len(self.ledger)}: {kinds.get(GOOD, 0)} good events ({late} late within the "

@@ -96,6 +96,16 @@ class StreamMix:
     keys: int = 20
 
 
+def max_event_delay_ms(mix: StreamMix, rate: int) -> int:
+    """The most a good event or a re-send can be behind the wall clock when it is
+    produced at ``rate`` records/s: a late event's ``late_max_ms``, plus, for a
+    re-send, the time the last ``_RECENT_GOOD`` good events take to produce (twice
+    over, for a producer running behind). A lateness under it would refuse records
+    the truth counts."""
+    good_share = 1 - mix.duplicate_rate - mix.bad_rate - mix.too_late_rate
+    return mix.late_max_ms + int(2 * _RECENT_GOOD / (good_share * rate) * 1000)
+
+
 class StreamPlan:
     """Draws the records one at a time from a seeded generator; the same seed and
     clock give the same stream."""

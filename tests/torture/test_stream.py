@@ -5,7 +5,9 @@ import json
 import pytest
 
 from onceflow.events import RecordError, SourceRecord
-from onceflow_dev.torture.stream import BAD, BAD_RECORDS, DUPLICATE, GOOD, TOO_LATE, TOO_LATE_AGE_MS, StreamMix, StreamPlan
+from onceflow_dev.torture.stream import (
+    BAD, BAD_RECORDS, DUPLICATE, GOOD, TOO_LATE, TOO_LATE_AGE_MS, StreamMix, StreamPlan, max_event_delay_ms,
+)
 from tests.transforms.helpers import CONTRACT
 
 NOW = 1_800_000_000_000
@@ -28,6 +30,18 @@ def test_every_kind_and_every_bad_record_appears():
     assert kinds == {GOOD, DUPLICATE, BAD, TOO_LATE}
     assert {p.label for p in planned if p.kind == BAD} == set(BAD_RECORDS)
     assert any(p.late for p in planned)
+
+
+@pytest.mark.parametrize("rate", [5, 20, 200])
+def test_no_counted_record_is_further_behind_the_clock_than_the_delay_the_lateness_must_cover(rate):
+    """A re-send repeats one of the recent good events, so it is later than a late
+    event can be: at 20 records/s, a lateness of 20 s refused one re-send in a
+    2,000-record run, which the truth counts."""
+    plan = StreamPlan("run", partitions=3, mix=StreamMix(), seed=11)
+    planned = [plan.next(NOW + i * 1000 // rate) for i in range(20_000)]
+    delays = [p.produced_at_ms - p.event["t"] for p in planned if p.kind in (GOOD, DUPLICATE)]
+    assert max(delays) <= max_event_delay_ms(StreamMix(), rate)
+    assert max(delays) > StreamMix().late_max_ms  # the bound a late event alone gives is not enough
 
 
 def test_a_duplicate_is_the_exact_bytes_of_an_earlier_good_event():

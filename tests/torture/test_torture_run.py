@@ -101,7 +101,12 @@ def test_sliding_windows_with_early_firing_into_avro_files_on_flink_stay_exact_u
     (["--job-flag=--kafka_time_source=record"], "--job-flag: the torture gives the job --kafka_time_source"),
     (["--window", "0s"], "--window: '0s' is not above 0"),
     (["--window", "20s", "--window-period", "15s"], "--window-period: '15s' does not divide --window 20s"),
-    (["--allowed-lateness", "5s"], "--allowed-lateness: the stream's late events are up to 20 s late"),
+    (["--allowed-lateness", "5s"], "--allowed-lateness: at --rate 200 the stream's events are up to 23 s behind"),
+    (["--rate", "5"], "--allowed-lateness: at --rate 5 the stream's events are up to 107 s behind the clock"),
+    (["--window", "20s", "--window-period", "0s"], "--window-period: '0s' is not above 0"),
+    (["--job-flag=--window_per=5s"], "--job-flag: the job refuses its flags: unknown flag --window_per; did you "
+                                     "mean --window_period?"),
+    (["--job-flag=--shards=many"], "--job-flag: the job refuses its flags: --shards"),
     (["--window", "25m", "--allowed-lateness", "10m"], "--window plus --allowed-lateness must be at most 30m"),
     (["--bootstrap-server", "10.0.0.1:9092"], "--broker-restarts stops and starts the dev stack's broker only"),
 ])
