@@ -33,7 +33,7 @@ superseded by a newer version in the same batch), ``sink_retries``.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import psycopg
@@ -41,7 +41,7 @@ from psycopg import sql
 
 from onceflow.io.batching import UpsertRowsDoFn
 from onceflow.io.progress import PROGRESS_TABLE, Position
-from onceflow.io.retry import call_with_retries
+from onceflow.io.retry import T, call_with_retries
 from onceflow.io.urls import redact_url
 from onceflow.rows import (
     DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
@@ -75,6 +75,13 @@ def connect(dsn: str, application_name: str) -> psycopg.Connection:
     """An autocommit connection; each write opens its own transaction."""
     return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                            application_name=application_name)
+
+
+def with_retries(action: Callable[[], T], what: str) -> T:
+    """``action()`` (which opens its own connection), tried again on a transient
+    error as the writes are: a session killed or a server restarting while a job
+    starts (creating its tables, reading its positions) is not the job's failure."""
+    return call_with_retries(action, is_transient, what=what)
 
 
 def application_name(table: str) -> str:
@@ -125,13 +132,15 @@ def _table_columns(connection: psycopg.Connection, table: str) -> List[str]:
 def create_checked(dsn: str, table: str, create: sql.Composed, expected: Sequence[str]) -> None:
     """Runs ``create`` (a ``CREATE TABLE IF NOT EXISTS``) under a lock, then
     ValueError (one line) if the table's columns are not ``expected``."""
-    with connect(dsn, application_name(table)) as connection:
-        with connection.transaction():
-            # Serialises concurrent CREATE TABLE IF NOT EXISTS from several workers.
-            connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (application_name(table),))
-            connection.execute(create)
-        found = _table_columns(connection, table)
-    check_columns(found, expected, table, redact_url(dsn))
+    def create_and_read_columns() -> List[str]:
+        with connect(dsn, application_name(table)) as connection:
+            with connection.transaction():
+                # Serialises concurrent CREATE TABLE IF NOT EXISTS from several workers.
+                connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (application_name(table),))
+                connection.execute(create)
+            return _table_columns(connection, table)
+
+    check_columns(with_retries(create_and_read_columns, f"create {table}"), expected, table, redact_url(dsn))
 
 
 def ensure_table(dsn: str, table: str, schema: RowSchema) -> None:
@@ -143,10 +152,14 @@ def ensure_table(dsn: str, table: str, schema: RowSchema) -> None:
 def latest_window_ms(dsn: str, table: str) -> Optional[Tuple[int, int]]:
     """The bounds (epoch ms) of the latest window the table holds, None when empty."""
     check_identifier(table, "table name")
-    with connect(dsn, application_name(table)) as connection:
-        found = connection.execute(sql.SQL("SELECT {}, {} FROM {} ORDER BY {} DESC LIMIT 1").format(
-            sql.Identifier(WINDOW_START), sql.Identifier(WINDOW_END), sql.Identifier(table),
-            sql.Identifier(WINDOW_END))).fetchone()
+
+    def read() -> Optional[Tuple[Any, Any]]:
+        with connect(dsn, application_name(table)) as connection:
+            return connection.execute(sql.SQL("SELECT {}, {} FROM {} ORDER BY {} DESC LIMIT 1").format(
+                sql.Identifier(WINDOW_START), sql.Identifier(WINDOW_END), sql.Identifier(table),
+                sql.Identifier(WINDOW_END))).fetchone()
+
+    found = with_retries(read, f"read the latest window of {table}")
     return None if found is None else (utc_millis(found[0]), utc_millis(found[1]))
 
 
@@ -280,19 +293,22 @@ class PostgresProgress:
                 connection.execute(_PROGRESS_CREATE)
 
     def read(self, job: str, topic: str) -> Dict[int, Position]:
-        self._create()
-        with connect(self._dsn, application_name(self._rows_table)) as connection:
-            found = connection.execute(sql.SQL(
-                "SELECT kafka_partition, next_offset, high_water_ms, final_through_ms FROM {} "
-                "WHERE job = %s AND rows_table = %s AND topic = %s").format(sql.Identifier(PROGRESS_TABLE)),
-                (job, self._rows_table, topic)).fetchall()
+        def read() -> List[Tuple[int, int, Optional[int], Optional[int]]]:
+            self._create()
+            with connect(self._dsn, application_name(self._rows_table)) as connection:
+                return connection.execute(sql.SQL(
+                    "SELECT kafka_partition, next_offset, high_water_ms, final_through_ms FROM {} "
+                    "WHERE job = %s AND rows_table = %s AND topic = %s").format(sql.Identifier(PROGRESS_TABLE)),
+                    (job, self._rows_table, topic)).fetchall()
+
+        found = with_retries(read, f"read positions from {PROGRESS_TABLE}")
         return {p: Position(topic, p, offset, high, final) for p, offset, high, final in found}
 
     def write(self, job: str, positions: Sequence[Position]) -> None:
         values = [(job, self._rows_table, p.topic, p.partition, p.next_offset, p.high_water_ms, p.final_through_ms)
                   for p in positions]
         if not getattr(self, "_created", False):
-            call_with_retries(self._create, is_transient, what=f"create {PROGRESS_TABLE}")
+            with_retries(self._create, f"create {PROGRESS_TABLE}")
             self._created = True
         call_with_retries(lambda: self._session.execute_batch(_PROGRESS_UPSERT, values), is_transient,
                           what=f"store positions in {PROGRESS_TABLE}", on_retry=self._session.recover)

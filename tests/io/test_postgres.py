@@ -105,13 +105,16 @@ def test_two_versions_in_one_batch_keep_the_newer(postgres_dsn, table):
 
 
 class _BackendKiller(threading.Thread):
-    """Holds a row lock the sink will need, waits until the sink's session is
-    blocked on it (inside a batch's transaction), terminates that session with
-    pg_terminate_backend, then releases the lock."""
+    """Holds a lock the sink will need (``lock_sql``, by default a row lock on
+    ``store``), waits until the sink's session is blocked on it (inside a batch's
+    transaction), terminates that session with pg_terminate_backend, then releases
+    the lock."""
 
-    def __init__(self, dsn, table, store):
+    def __init__(self, dsn, table, store=None, lock_sql=None, lock_params=()):
         super().__init__(daemon=True)
-        self.dsn, self.table, self.store = dsn, table, store
+        self.dsn, self.table = dsn, table
+        self.lock_sql = lock_sql or f'SELECT 1 FROM "{table}" WHERE store = %s FOR UPDATE'
+        self.lock_params = lock_params if lock_sql else (store,)
         self.locked = threading.Event()
         self.killed = []
         self.error = None
@@ -119,7 +122,7 @@ class _BackendKiller(threading.Thread):
     def run(self):
         try:
             with psycopg.connect(self.dsn) as holder, psycopg.connect(self.dsn, autocommit=True) as admin:
-                holder.execute(f'SELECT 1 FROM "{self.table}" WHERE store = %s FOR UPDATE', (self.store,))
+                holder.execute(self.lock_sql, self.lock_params)
                 self.locked.set()
                 deadline = time.monotonic() + 120
                 while not self.killed:
@@ -136,6 +139,40 @@ class _BackendKiller(threading.Thread):
         except BaseException as error:  # reported by the test
             self.error = error
             self.locked.set()
+
+
+def _killed_once(postgres_dsn, table, action, lock_sql, lock_params=()):
+    """``action()`` while a session of the sink's, blocked on ``lock_sql``'s lock,
+    is terminated once; its result."""
+    killer = _BackendKiller(postgres_dsn, table, lock_sql=lock_sql, lock_params=lock_params)
+    killer.start()
+    assert killer.locked.wait(timeout=60) and killer.error is None, killer.error
+    result = action()
+    killer.join(timeout=60)
+    assert killer.error is None, killer.error
+    assert killer.killed, "no sink session was terminated"
+    return result
+
+
+def test_a_session_killed_while_a_job_starts_is_retried(postgres_dsn, table):
+    """A torture's connection kill landed on the job's start-up (reading its
+    positions): the live job exited with "cannot read or store the job's
+    positions: terminating connection due to administrator command". Creating the
+    tables, reading the latest window and reading positions are retried as the
+    writes are."""
+    from onceflow.io.progress import PROGRESS_TABLE, Position
+
+    creating = 'SELECT pg_advisory_xact_lock(hashtext(%s))'
+    _killed_once(postgres_dsn, table, lambda: postgres.ensure_table(postgres_dsn, table, SCHEMA), creating,
+                 (postgres.application_name(table),))
+    run_pipeline(postgres_dsn, table, [row("a", 0, 2, 5), row("a", MINUTE, 1, 1)], batch_size=10)
+    latest = _killed_once(postgres_dsn, table, lambda: postgres.latest_window_ms(postgres_dsn, table),
+                          f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
+    assert latest == (MINUTE, 2 * MINUTE)
+    progress = postgres.PostgresProgress(postgres_dsn, table)
+    progress.write("g", [Position("orders", 0, 42, 7, 3)])
+    stored = _killed_once(postgres_dsn, table, lambda: progress.read("g", "orders"), creating, (PROGRESS_TABLE,))
+    assert stored == {0: Position("orders", 0, 42, 7, 3)}
 
 
 def test_a_connection_killed_mid_batch_loses_and_doubles_nothing(postgres_dsn, table):
