@@ -107,8 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the job's --window_period: sliding windows of --window starting every DURATION "
                              "(default none: fixed windows); it must divide --window")
     parser.add_argument("--allowed-lateness", default="60s", metavar="DURATION",
-                        help="the job's --allowed_lateness (default 60s; the stream's late events are at "
-                             "most 20 s late)")
+                        help="the job's --allowed_lateness (default 60s); it must cover how far the "
+                             "stream's records are behind the clock: 23 s at the default --rate, more below it")
     parser.add_argument("--bootstrap-server", default=None, metavar="HOST:PORT",
                         help="the Kafka broker (default: the dev stack's)")
     parser.add_argument("--postgres", default=None, metavar="DSN",
@@ -206,8 +206,7 @@ def _check_windows(args: argparse.Namespace) -> None:
     """The window flags the stream's truth holds for: every late event (at most
     ``late_max_ms`` late) within the lateness, every too-late one (an hour old)
     beyond it, and a whole number of windows per event."""
-    window_ms, lateness_ms = parse_duration_ms(args.window), parse_duration_ms(args.allowed_lateness)
-    period_ms = parse_duration_ms(args.window_period) if args.window_period else None
+    (window_ms, period_ms), lateness_ms = _windows(args), parse_duration_ms(args.allowed_lateness)
     if window_ms <= 0:
         raise UsageError(f"--window: {args.window!r} is not above 0")
     if period_ms is not None and period_ms <= 0:
@@ -235,6 +234,7 @@ def contract_flags(args: argparse.Namespace) -> List[str]:
 
 def live_job_flags(args: argparse.Namespace, input_url: str, group: str, output_flags: List[str],
                    runner_flags: List[str]) -> List[str]:
+    """Every flag the live job runs with."""
     early = [f"--early_firing={args.early_firing}"] if args.early_firing else []
     return [f"--input={input_url}", f"--kafka_group={group}", f"--kafka_idle_timeout={IDLE_TIMEOUT_S}s", *early,
             *contract_flags(args), *output_flags, *runner_flags, *args.job_flags]
@@ -258,8 +258,14 @@ def _check_job_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--job-flag: the job refuses its flags: {error}") from None
 
 
+def _windows(args: argparse.Namespace) -> Tuple[int, Optional[int]]:
+    """The window's size and period in ms (None: fixed windows)."""
+    return parse_duration_ms(args.window), parse_duration_ms(args.window_period) if args.window_period else None
+
+
 def _windows_per_event(args: argparse.Namespace) -> int:
-    return parse_duration_ms(args.window) // parse_duration_ms(args.window_period) if args.window_period else 1
+    window_ms, period_ms = _windows(args)
+    return window_ms // period_ms if period_ms else 1
 
 
 def run_torture(args: argparse.Namespace) -> int:
@@ -414,8 +420,7 @@ class TortureRun:
         self.in_topic, self.missing_from_topic = truth.in_topic(self.ledger, records)
         # Computed once: the catch-up loop compares every few seconds, and recomputing
         # the truth over a million records each time took CPU from the job under test.
-        period_ms = parse_duration_ms(self.args.window_period) if self.args.window_period else None
-        self.expected_rows = truth.expected_rows(self.in_topic, parse_duration_ms(self.args.window), period_ms)
+        self.expected_rows = truth.expected_rows(self.in_topic, *_windows(self.args))
         self.expected_dead_letters = truth.expected_dead_letters(self.in_topic)
         self.say(f"the topic holds {len(self.in_topic)} records; planned but not in it: {self.missing_from_topic}")
 
@@ -734,7 +739,7 @@ class TortureRun:
         """Records in a window, the allowed lateness and a 30 s margin of stream: the
         most a restart should read again (the margin covers the stream's 20 s
         event-time jitter, a reader bundle and the writes in flight)."""
-        seconds = (parse_duration_ms(self.args.window) + parse_duration_ms(self.args.allowed_lateness)) / 1000 + 30
+        seconds = (_windows(self.args)[0] + parse_duration_ms(self.args.allowed_lateness)) / 1000 + 30
         return int(seconds * self.args.rate)
 
     def _plot(self) -> str:
