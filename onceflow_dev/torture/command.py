@@ -263,6 +263,11 @@ def _windows(args: argparse.Namespace) -> Tuple[int, Optional[int]]:
     return parse_duration_ms(args.window), parse_duration_ms(args.window_period) if args.window_period else None
 
 
+def _describe_windows(args: argparse.Namespace) -> str:
+    """``10s windows``, or ``20s windows every 5s``."""
+    return f"{args.window} windows" + (f" every {args.window_period}" if _windows_per_event(args) > 1 else "")
+
+
 def _windows_per_event(args: argparse.Namespace) -> int:
     window_ms, period_ms = _windows(args)
     return window_ms // period_ms if period_ms else 1
@@ -708,7 +713,7 @@ class TortureRun:
         lines = [
             "",
             f"onceflow torture: {'PASS' if not failures else 'FAIL'} on {args.runner}, {args.sink} sink, "
-            f"{args.window} windows{f' every {args.window_period}' if _windows_per_event(args) > 1 else ''}"
+            f"{_describe_windows(args)}"
             f"{f', early firing {args.early_firing}' if args.early_firing else ''}"
             f"{''.join(f', {flag}' for flag in args.job_flags)} (seed {args.seed})",
             f"  records produced   {len(self.ledger)}: {kinds.get(GOOD, 0)} good events ({late} late within the "
@@ -724,7 +729,7 @@ class TortureRun:
             f"  max consumer lag   {self.timeline.max_lag()} records; max sink backlog "
             f"{self.timeline.max_backlog()} events (produced, not yet counted in the sink)",
             *(f"  stall {i + 1}            {s['end_s'] - s['start_s']:.0f}s: job RSS {s['rss_before_mib']} MiB "
-              f"before, peak {s['rss_peak_mib']} MiB (+{s['rss_growth_mib']}, bound {args.memory_bound_mib}); "
+              f"before, peak {s['rss_peak_mib']} MiB ({s['rss_growth_mib']:+}, bound {args.memory_bound_mib}); "
               f"consumer lag {s['lag_before']} before, peak {s['lag_peak']}; sink backlog "
               f"{s['sink_backlog_before']} before, peak {s['sink_backlog_peak']}" for i, s in enumerate(stalls)),
             f"  report             {setup.out / 'report.json'}",
@@ -746,7 +751,7 @@ class TortureRun:
         path = self.setup.out / "plot.png"
         try:
             write_plot(self.timeline, path, f"onceflow torture on {self.args.runner}, {self.args.sink} sink, "
-                       f"seed {self.args.seed}", self._re_read_bound())
+                       f"{_describe_windows(self.args)}, seed {self.args.seed}", self._re_read_bound())
         except ImportError:
             return "not written: matplotlib is missing (pip install 'onceflow[dev]')"
         return str(path)
