@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import faulthandler
 import json
 import os
 import signal
@@ -924,13 +923,34 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m onceflow.p
 def _stacks_on_sigusr1() -> None:
     """``kill -USR1 PID`` prints the stack of every thread of the job's process to
     stderr and the job goes on: what a job that makes no progress is waiting for
-    (with LOOPBACK, the SDK worker's threads are among them)."""
-    stderr = sys.__stderr__  # the process's own: faulthandler writes to its file descriptor
-    if stderr is None or not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+    (with LOOPBACK, the SDK worker's threads are among them).
+
+    A Python handler, run by the main thread between two steps of its own, holding
+    the interpreter's lock: ``faulthandler``'s all-thread dump reads the other
+    threads' frames while they run, and killed a live job once in a CI run
+    (SIGSEGV while dumping)."""
+    if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
         return
+    signal.signal(signal.SIGUSR1, _print_stacks)
+
+
+def _print_stacks(_signum, _frame) -> None:
+    import traceback
+
     try:
-        faulthandler.register(signal.SIGUSR1, file=stderr, all_threads=True)
-    except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor: no stacks
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        current = threading.get_ident()
+        lines = []
+        for ident, frame in sys._current_frames().items():  # pylint: disable=protected-access
+            which = "Current thread" if ident == current else "Thread"
+            lines.append(f"{which} 0x{ident:016x} ({names.get(ident, '?')}, most recent call first):")
+            lines.extend(f'  File "{entry.filename}", line {entry.lineno} in {entry.name}'
+                         for entry in reversed(traceback.extract_stack(frame)))
+            lines.append("")
+        stream = sys.__stderr__ or sys.stderr
+        stream.write("\n".join(lines) + "\n")
+        stream.flush()
+    except Exception:  # pylint: disable=broad-except  # never the job's failure: a diagnostic only
         pass
 
 
