@@ -406,8 +406,7 @@ class TortureRun:
                 if time.monotonic() - last_progress >= 10:
                     last_progress = time.monotonic()
                     sample = self._latest
-                    self.say(f"produced {self.produced}/{args.events}"
-                             + (f" | lag {sample.lag} | job RSS {sample.rss_bytes / 2**20:.0f} MiB" if sample else ""))
+                    self.say(f"produced {self.produced}/{args.events}" + (_progress(sample) if sample else ""))
                 time.sleep(0.02)
             remaining = producer.flush(900)
             if remaining:
@@ -610,7 +609,7 @@ class TortureRun:
             if time.monotonic() - last_report >= 15:
                 last_report = time.monotonic()
                 self.say("catching up: " + "; ".join(comparison.lines())
-                         + (f"; lag {sample.lag}" if sample else ""))
+                         + (f"; lag {_lag(sample)}" if sample else ""))
             time.sleep(2)
         self.say(f"not caught up after {self.args.catch_up_timeout}s")
         return comparison if comparison is not None else self._compare()
@@ -755,6 +754,18 @@ class TortureRun:
         except ImportError:
             return "not written: matplotlib is missing (pip install 'onceflow[dev]')"
         return str(path)
+
+
+def _lag(sample: Sample) -> str:
+    """The consumer lag for a progress line ("unknown" while the broker does not answer)."""
+    return "unknown (the broker does not answer)" if sample.lag is None else f"{sample.lag:,}"
+
+
+def _progress(sample: Sample) -> str:
+    """The lag and the job's memory for a progress line (no memory while no job
+    process runs: killed, not yet restarted)."""
+    job = f"job RSS {sample.rss_bytes / 2**20:.0f} MiB" if sample.rss_bytes else "no job process running"
+    return f" | lag {_lag(sample)} | {job}"
 
 
 class _LagProbe:
