@@ -286,6 +286,58 @@ def quiet_worker_teardown() -> None:
         logging.getLogger(name).addFilter(keep)
 
 
+class _MainThreadOnly:
+    """A text stream that passes on what the main thread writes and drops what
+    other threads write."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self._stream.write(text)
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+_SILENCED = False  # silence_worker_threads has run in this process
+
+
+def silence_worker_threads() -> None:
+    """Once the runner has reported the job failed: drops what other threads
+    than the main one still print, log or raise uncaught. With LOOPBACK the SDK
+    worker's threads run in the job's process; a timer still firing when the
+    runner shut down fails on the closed state channel (a bare ``RuntimeError``
+    from Beam's ``_blocking_request``, printed and logged with its traceback)
+    after the job's own one-line error. The failure itself has reached the main
+    thread, which reports it; the worker's first traceback, printed when the
+    step failed, came before. The process's own stderr only: a stream put in its
+    place (a test's capture) is left as it is. Calls after the first do nothing."""
+    import logging
+
+    global _SILENCED
+    if _SILENCED:
+        return
+    _SILENCED = True
+    previous = threading.excepthook
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is threading.main_thread():
+            previous(args)
+
+    threading.excepthook = excepthook
+
+    def from_main_thread(record: logging.LogRecord) -> bool:
+        return record.thread == threading.main_thread().ident
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(from_main_thread)
+    if sys.stderr is sys.__stderr__ and sys.stderr is not None:
+        sys.stderr = _MainThreadOnly(sys.stderr)
+
+
 _ONE_LINE_ERRORS: Tuple[type, ...] = ()  # the worker errors the job reports itself, in one line
 _ONE_LINE_STEPS: Tuple[str, ...] = ()  # and the steps whose errors it reports so
 

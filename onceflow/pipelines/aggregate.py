@@ -70,7 +70,7 @@ from onceflow.pipelines.flink_savepoint import SavepointStop
 from onceflow.pipelines.summary import RunSummary, collect_summary
 from onceflow.runners import (
     default_shards, is_hang_up, local_batch_runner, prepare_runner, quiet_worker_errors_reported_in_one_line,
-    quiet_worker_teardown, runs_on_flink, runs_on_prism,
+    quiet_worker_teardown, runs_on_flink, runs_on_prism, silence_worker_threads,
 )
 from onceflow.rows import DEFAULT_BATCH_ROWS, RowSchema
 from onceflow.transforms import AggregateEvents, Aggregated, BatchRecords
@@ -594,6 +594,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                 return monitor.finish(RunSummary(runner, time.monotonic() - started, {}, job.sink.describe(),
                                                  job.dlq.describe()))
         except Exception as error:  # a worker's error comes back wrapped by the runner
+            silence_worker_threads()  # the job reports it, below: its worker threads' teardown is noise
             if is_interruption(error):  # Ctrl-C while a step ran: not that step's failure
                 raise KeyboardInterrupt from None
             gap = _retention_gap_line(error)  # retention deleted part of the range while it was read
