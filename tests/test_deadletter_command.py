@@ -126,8 +126,24 @@ def test_replay_range_of_kafka_records_is_widened_by_the_margin():
 def test_select_by_time_of_failure():
     envelopes = [{"reason": "too_late", "failed_at": "2026-11-02T09:00:00.000000Z"},
                  {"reason": "too_late", "failed_at": "2026-11-02T10:00:00.000000Z"}]
-    since = 1793613600000 - 1  # just before 10:00
-    assert select(envelopes, ["too_late"], since_ms=since) == envelopes[1:]
+    since = (1793613600000 - 1) * 1000  # just before 10:00
+    assert select(envelopes, ["too_late"], since_us=since) == envelopes[1:]
+
+
+def test_a_failure_time_pasted_from_the_list_selects_to_the_microsecond(tmp_path, capsys):
+    """--since/--until compared whole milliseconds: records that failed within one
+    millisecond of a `failed_at` pasted from `dlq list` were all in or all out."""
+    dlq = tmp_path / "dlq.jsonl"
+    times = ["2026-12-05T04:50:46.073223Z", "2026-12-05T04:50:46.073435Z", "2026-12-05T04:50:46.073900Z"]
+    good = json.loads(GOOD_LINE)
+    dlq.write_text("".join(json.dumps({**good, "dlq_id": f"id-{n}", "failed_at": failed_at}) + "\n"
+                           for n, failed_at in enumerate(times)))  # a dead letter written twice counts once
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--since", times[1]]) == 0
+    assert capsys.readouterr().out.split()[-2:] == ["total", "2"]
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--until", times[1]]) == 0
+    assert capsys.readouterr().out.split()[-2:] == ["total", "1"]
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--since", "2026-12-05T05:50:46.0735+01:00"]) == 0
+    assert capsys.readouterr().out.split()[-2:] == ["total", "1"]
 
 
 @pytest.mark.kafka

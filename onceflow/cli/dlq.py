@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from onceflow.errors import ServiceError, UsageError
 from onceflow.io.kafka.config import scrub_secrets
 from onceflow.io.urls import first_line
-from onceflow.events import REASONS, RecordError, format_utc_ms, parse_event_time_ms, timed_by
+from onceflow.events import REASONS, RecordError, format_utc_ms, parse_iso_time_us, timed_by
 from onceflow.windowing import parse_duration_ms
 
 
@@ -90,20 +90,21 @@ def register(subparsers) -> None:
 
 
 def select(envelopes: Iterable[Dict[str, Any]], reasons: Optional[Sequence[str]] = None,
-           since_ms: Optional[int] = None, until_ms: Optional[int] = None,
+           since_us: Optional[int] = None, until_us: Optional[int] = None,
            source: Optional[str] = None) -> List[Dict[str, Any]]:
-    """The envelopes matching every given filter (by reason, by time of failure, by
-    source: a Kafka topic's name, or a path or glob of the files records came from)."""
+    """The envelopes matching every given filter (by reason, by time of failure in
+    epoch microseconds, as ``failed_at`` keeps it, by source: a Kafka topic's name,
+    or a path or glob of the files records came from)."""
     chosen = []
     for envelope in envelopes:
         if reasons and envelope["reason"] not in reasons:
             continue
         if source is not None and not _from_source(envelope["source"], source):
             continue
-        failed = parse_event_time_ms(envelope["failed_at"])
-        if since_ms is not None and failed < since_ms:
+        failed = parse_iso_time_us(envelope["failed_at"], "failed_at")
+        if since_us is not None and failed < since_us:
             continue
-        if until_ms is not None and failed >= until_ms:
+        if until_us is not None and failed >= until_us:
             continue
         chosen.append(envelope)
     return chosen
@@ -121,7 +122,7 @@ def _time_flag(text: Optional[str], flag: str) -> Optional[int]:
     if text is None:
         return None
     try:
-        return parse_event_time_ms(text, flag)
+        return parse_iso_time_us(text, flag)
     except RecordError:
         raise UsageError(f"{flag}: {text!r} is not an ISO-8601 time, e.g. 2026-11-02T09:00:00Z") from None
 
