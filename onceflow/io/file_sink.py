@@ -256,15 +256,22 @@ def read_rows(directory: str, schema: RowSchema, file_format: str) -> List[Dict[
 
 def prepare_directory(directory: str, schema: Optional[RowSchema] = None, file_format: Optional[str] = None) -> None:
     """Creates the directory and checks it takes files and the lock (fail fast);
-    with ``schema``, that its window files have this job's columns (ValueError,
-    one line: a job with other keys or aggregates failed at the first window file
-    it shared, after writing the others)."""
+    with ``schema``, that it holds no window files of the other format and that
+    its window files have this job's columns (ValueError, one line: a job with
+    other keys or aggregates failed at the first window file it shared, after
+    writing the others)."""
     os.makedirs(directory, exist_ok=True)
     with _locked(directory):
         pass
     if schema is None:
         return
     _check_format(file_format)
+    for other in FORMATS:
+        found = other != file_format and latest_window_in_directory(directory, other)
+        if found:  # a reader of the folder would count each event in both
+            raise ValueError(f"{directory} holds {other} window files, and this job writes {file_format} ones: "
+                             "files of both for the same windows count each event twice; give ?format="
+                             f"{other}, or write into another directory")
     suffix = "." + file_format
     existing = sorted(name for name in os.listdir(directory) if name.endswith(suffix) and not name.startswith("."))
     if existing:

@@ -162,6 +162,20 @@ def test_a_folder_of_window_files_of_another_size_is_refused(tmp_path, file_form
     assert run_cli(sink, f"--dlq={tmp_path}/dlq.jsonl", "--window=60s", cwd=tmp_path).returncode == 0
 
 
+@pytest.mark.parametrize("first, second", [("parquet", "avro"), ("avro", "parquet")])
+def test_a_folder_of_window_files_of_the_other_format_is_refused(tmp_path, first, second):
+    """A folder of Parquet window files took Avro files of the same windows beside
+    them (121 of each): a reader of the folder counts each event twice."""
+    assert run_cli(f"--sink=file:{tmp_path}/out?format={first}", f"--dlq={tmp_path}/dlq.jsonl",
+                   cwd=tmp_path).returncode == 0
+    written = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert_one_usage_line(run_cli(f"--sink=file:{tmp_path}/out?format={second}", f"--dlq={tmp_path}/dlq.jsonl",
+                                  cwd=tmp_path),
+                          f"--sink: {tmp_path}/out holds {first} window files, and this job writes {second} ones: "
+                          "files of both for the same windows count each event twice; give ?format=" + first)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == written
+
+
 def test_early_firing_on_a_backfill_is_noted(tmp_path):
     """--early_firing on a bounded run was ignored without a word."""
     result = run_cli(f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl", "--early_firing=5s",
