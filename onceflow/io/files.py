@@ -61,12 +61,15 @@ class UnreadableInputFile(ValueError):
 def _open_decompressed(readable: fileio.ReadableFile) -> Iterator[Any]:
     """The file's bytes, decompressed by its name (.gz, .bz2) with Python's own
     modules, which raise EOFError on a stream cut off (Beam's decompressor ends it
-    quietly there: half a file read as a whole one); other names as Beam opens them."""
+    quietly there: half a file read as a whole one); other names as Beam opens them.
+    An empty file so named is cut off too: compressing nothing still gives a header."""
     name = readable.metadata.path.lower()
     if not name.endswith((".gz", ".bz2")):
         with readable.open(compression_type=CompressionTypes.AUTO) as handle:
             yield handle
         return
+    if readable.metadata.size_in_bytes == 0:  # both modules read an empty stream as no data
+        raise EOFError("the file is empty: no compressed stream at all")
     with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as raw:
         with (gzip.GzipFile(fileobj=raw, mode="rb") if name.endswith(".gz") else bz2.BZ2File(raw, mode="rb")) as handle:
             yield handle

@@ -347,6 +347,8 @@ def _check_metrics_out(path: Optional[str]) -> None:
 
 
 def _check_input_exists(pattern: str) -> None:
+    if os.path.isdir(pattern):  # before Beam's match, which lists the files of "/" itself
+        _refuse_directory(pattern)
     try:
         found = beam.io.filesystems.FileSystems.match([pattern])[0].metadata_list
     except Exception as error:
@@ -359,8 +361,11 @@ def _check_input_exists(pattern: str) -> None:
                          f"folder itself (--input={archive}) so the archive is checked and read whole")
     folders = [match.path for match in found if os.path.isdir(match.path)]  # local paths; others are objects
     if folders:
-        raise UsageError(f"--input: {folders[0]} is a directory; give its files, e.g. "
-                         f"--input={os.path.join(folders[0], '*.jsonl')}")
+        _refuse_directory(folders[0])
+
+
+def _refuse_directory(path: str) -> None:
+    raise UsageError(f"--input: {path} is a directory; give its files, e.g. --input={os.path.join(path, '*.jsonl')}")
 
 
 def _is_archive(path: str) -> bool:

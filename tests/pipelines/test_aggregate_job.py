@@ -205,6 +205,7 @@ def _bad_paths(folder):
     packed = bz2.compress(data)
     (folder / "half.jsonl.bz2").write_bytes(packed[:len(packed) // 2])
     (folder / "plain.jsonl.gz").write_bytes(data[:5000])
+    (folder / "empty.jsonl.gz").write_bytes(b"")
     (folder / "folder").mkdir()
     (folder / "notes.txt").write_text("not a dead letter\n")
 
@@ -213,7 +214,9 @@ def _bad_paths(folder):
     (["--input=half.jsonl.gz"], "half.jsonl.gz: the compressed file is cut off"),
     (["--input=half.jsonl.bz2"], "half.jsonl.bz2: the compressed file is cut off"),
     (["--input=plain.jsonl.gz"], "plain.jsonl.gz: not compressed as its name says"),
+    (["--input=empty.jsonl.gz"], "empty.jsonl.gz: the compressed file is cut off (the file is empty"),
     (["--input=folder"], "/folder is a directory; give its files, e.g. --input=/"),
+    (["--input=/"], "--input: / is a directory; give its files"),  # Beam's match listed the files of /
     (["--sink=sqlite:///folder"], "--sink: folder is a directory"),
     (["--sink=sqlite:///notes.txt"], "--sink: cannot use notes.txt as an SQLite database (file is not a database)"),
     (["--dlq=notes.txt"], "--dlq: notes.txt is not a dead-letter queue"),
