@@ -420,6 +420,17 @@ def local_batch_runner(options: PipelineOptions, live: bool) -> Optional[FnApiRu
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
+def _check_direct_workers(options: PipelineOptions) -> None:
+    """A negative ``--direct_num_workers`` failed inside Beam's FnApiRunner with a
+    traceback (``IndexError``)."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    workers = options.view_as(DirectOptions).direct_num_workers
+    if workers is not None and workers < 0:
+        raise UsageError(f"--direct_num_workers: {workers} is not a number of workers; give 1 or more "
+                         "(0: one per core)")
+
+
 def prepare_runner(options: PipelineOptions, live: bool, reads_kafka: bool, kafka_readers: int) -> None:
     """Applies every workaround a job needs on the runner its options name, and
     refuses, in one line, the combinations that lose records:
@@ -441,6 +452,7 @@ def prepare_runner(options: PipelineOptions, live: bool, reads_kafka: bool, kafk
     use_built_prism(options)
     keep_prism_from_splitting(options)
     run_loopback_workers_in_processes(options)
+    _check_direct_workers(options)
     if reads_kafka and _runs_direct_multi_processing(options):
         raise UsageError("--direct_running_mode=multi_processing: the DirectRunner's worker processes drop "
                          "the rest of a Kafka read after its first bundle (Beam 2.77); run a Kafka input "
