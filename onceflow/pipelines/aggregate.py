@@ -162,6 +162,11 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     if input_format in REGISTRY_FORMATS and kafka_topic is None and not archived:
         raise UsageError(f"--input_format {input_format}: registry-framed records are read from a "
                          "kafka://HOST:PORT/TOPIC input (or an archive of one)")
+    on_kafka = kafka_topic is not None or sink.scheme == "kafka" or dlq.scheme == "kafka" or registry is not None
+    if not on_kafka and (kafka_options.kafka_setting or kafka_options.kafka_config_file):
+        flag = "--kafka_setting" if kafka_options.kafka_setting else "--kafka_config_file"
+        raise UsageError(f"{flag}: nothing in this job is on Kafka (--input, --sink and --dlq are not kafka://, "
+                         "no schema registry): the setting would be ignored; remove it")
     kafka_settings = tuple(kafka_settings_without_registry(kafka_settings).items())
 
     key_fields = split_fields(event.key_fields, "--key_fields")

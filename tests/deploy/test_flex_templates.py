@@ -203,8 +203,8 @@ def test_every_parameter_with_an_example_accepts_it():
 
 # Flags that only make sense with a Kafka input are validated with one.
 _KAFKA_INPUT = "--input=kafka://127.0.0.1:9092/orders"
-_NEEDS_KAFKA = {"from", "to", "kafka_group", "kafka_setting", "kafka_time_source", "kafka_idle_timeout", "kafka_readers",
-                "allow_retention_gaps"}
+_NEEDS_KAFKA = {"from", "to", "kafka_group", "kafka_setting", "kafka_config_file", "kafka_time_source",
+                "kafka_idle_timeout", "kafka_readers", "allow_retention_gaps"}
 
 
 # Flags naming a file the job reads: validated with an existing file in its place.

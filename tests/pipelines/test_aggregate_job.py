@@ -98,6 +98,7 @@ def run_cli(*args, cwd=None):
     (["--key_fields=written_at"], "'written_at' names two columns"),
     (["--runner=NoSuchRunner"], "--runner: unknown runner 'NoSuchRunner'"),
     (["--direct_num_workers=-1"], "--direct_num_workers: -1 is not a number of workers"),  # Beam's IndexError
+    (["--kafka_setting=a=b"], "--kafka_setting: nothing in this job is on Kafka"),  # was ignored without a word
     (["--window=99999999999d"], "--window: 99999999999d is longer than the span from 1970, where windows "
                                 "are aligned, to the year 9999"),
     # Accepted, it sent every event to the DLQ as bad_timestamp, exit 0.
