@@ -85,6 +85,14 @@ def test_a_properties_file_in_kafkas_format(tmp_path):
         "sasl.password": "p=q\\r", "ssl.ca.location": "/etc/ssl/ab.pem", "client.id": ""}
 
 
+def test_a_properties_file_saved_with_a_byte_order_mark(tmp_path):
+    """The mark became part of the first name: 'No such configuration property:
+    "security.protocol"', the mark invisible in the message."""
+    path = tmp_path / "client.properties"
+    path.write_bytes("security.protocol=SASL_SSL\n".encode("utf-8-sig"))
+    assert read_properties_file(str(path)) == {"security.protocol": "SASL_SSL"}
+
+
 def test_the_command_line_wins_over_the_file(tmp_path):
     path = tmp_path / "client.properties"
     path.write_text("client.id=from-file\nsocket.timeout.ms=1000\n")

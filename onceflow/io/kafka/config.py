@@ -201,7 +201,7 @@ def read_properties_file(path: str, flag: str = "--kafka_config_file") -> Dict[s
     comments, a trailing backslash continuing a line, backslash escapes. ValueError
     names the file and line of a mistake, never a value."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark (Windows editors) is not a name
             text = handle.read()
     except OSError as error:
         raise ValueError(f"{flag}: cannot read {path!r}: {error.strerror or error}") from None
