@@ -18,6 +18,9 @@ JSON_FORMAT = "onceflow-run-summary/1"
 # The share of records read that went to the DLQ as too_late from which the
 # summary explains how lateness is measured and which flag changes it.
 TOO_LATE_NOTE_SHARE = 0.10
+# The share that went there as schema_violation from which it says which flags
+# name the fields: a misspelled --time_field refuses every record.
+SCHEMA_NOTE_SHARE = 0.50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +103,20 @@ class RunSummary:
     def notes(self) -> List[str]:
         """Where the figures came from when not from the runner, and hints for a run
         whose figures suggest a flag is wrong for the input: when too-late records are
-        at least :data:`TOO_LATE_NOTE_SHARE` of the records read."""
+        at least :data:`TOO_LATE_NOTE_SHARE` of the records read, or records refused
+        by the schema :data:`SCHEMA_NOTE_SHARE`."""
         found = []
         if self.values == LOCAL:
             found.append("the runner gave no figures once the job stopped: these were counted in this process "
                          "while it ran")
         read = self.count(metrics.RECORDS_READ)
+        refused = self.dead_letters_by_reason.get("schema_violation", 0)
+        if read > 0 and refused >= SCHEMA_NOTE_SHARE * read:
+            found.append(f"{refused:,} of {read:,} records ({refused / read:.0%}) went to the dead-letter queue as "
+                         "schema_violation: if --time_field, --key_fields or --aggregate names a field the records "
+                         "do not have (a misspelling), every record is refused; their messages say which field "
+                         "(onceflow dlq list --reason schema_violation), and a replay with the flag fixed counts "
+                         "them (onceflow dlq replay --reason schema_violation -- <the job's flags>)")
         too_late = self.dead_letters_by_reason.get("too_late", 0)
         if read <= 0 or too_late < TOO_LATE_NOTE_SHARE * read:
             return found

@@ -377,6 +377,19 @@ def test_the_summary_explains_lateness_when_out_of_order_input_goes_to_the_dlq(t
     assert "note:" not in summary.render()
 
 
+def test_the_summary_names_the_field_flags_when_most_records_break_the_schema(tmp_path):
+    """A misspelled --time_field sent every record to the DLQ and the run ended
+    exit 0 with no word about why (the sample's 3 schema violations get no note)."""
+    summary = run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl", "--status=off",
+                   "--time_field=evnt_time"])
+    refused = summary.dead_letters_by_reason["schema_violation"]
+    assert refused > 0.5 * summary.count("records_read")
+    assert (f"note: {refused:,} of 2,492 records (100%) went to the dead-letter queue as schema_violation: if "
+            "--time_field, --key_fields or --aggregate names a field the records do not have") in summary.render()
+    summary = run([f"--sink=sqlite:///{tmp_path}/fine.db", f"--dlq={tmp_path}/fine.jsonl", "--status=off"])
+    assert summary.dead_letters_by_reason["schema_violation"] == 3 and "note:" not in summary.render()
+
+
 def test_an_avro_container_file_end_to_end(tmp_path):
     """A plain Avro container file (writer schema in its header) through the main
     job: rows against a computation here, the record the contract refuses in the DLQ."""
