@@ -48,6 +48,7 @@ WARM_S = 20  # a stall waits until the job has run this long, so its memory is m
 # come faster than a restart re-reads its rewind, the job writes nothing for minutes
 # (seen: 60 s was not enough in two 20-kill runs). Later faults wait their turn.
 SESSION_WAIT_S = 600
+PRODUCER_STUCK_S = 60  # no delivery this long with the broker up: the producer is replaced (_unstuck)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -296,6 +297,11 @@ class TortureRun:
         self.expected_dead_letters: Dict[Tuple[int, int], str] = {}
         self._started_at_s = 0.0
         self._t0 = time.monotonic()
+        # The producer's progress, and the broker's restarts, for _unstuck.
+        self._last_delivery_at = time.monotonic()
+        self._broker_away = False
+        self._broker_back_at = 0.0
+        self._purged: List[Planned] = []  # records a purge took back from a stuck producer
         self._done = threading.Event()
         self._job_lock = threading.Lock()
         self._latest: Optional[Sample] = None
@@ -369,28 +375,9 @@ class TortureRun:
     # -- producing -----------------------------------------------------------------
 
     def _produce(self) -> None:
-        from confluent_kafka import Producer
-
         args = self.args
         plan = StreamPlan(self.setup.run_id, args.partitions, StreamMix(), args.seed)
-        # Not idempotent: after a broker restart an idempotent producer can wait for its
-        # in-flight batches to time out (15 minutes here) before it sends again. A retry
-        # may then store a record twice; the truth is taken from what the topic holds.
-        # log_level 0: the broker restarts on purpose; its connection errors are not news.
-        producer = Producer({"bootstrap.servers": self.setup.bootstrap, "enable.idempotence": False, "acks": "all",
-                             "max.in.flight.requests.per.connection": 1, "linger.ms": 5,
-                             "message.timeout.ms": 900_000, "log_level": 0, "error_cb": lambda error: None})
-
-        def delivered(planned: Planned):
-            def callback(error, message):
-                if error is not None:
-                    self.delivery_failures.append(f"record {planned.n}: {error}")
-                else:
-                    planned.partition, planned.offset = message.partition(), message.offset()
-                    if planned.kind == GOOD:
-                        self.good_delivered += 1
-            return callback
-
+        producer = self._new_producer()
         with open(self.setup.out / "ledger.jsonl", "w", encoding="utf-8") as ledger_file:
             started = time.monotonic()
             last_progress = started
@@ -398,22 +385,77 @@ class TortureRun:
                 due = min(args.events, int((time.monotonic() - started) * args.rate) + 1)
                 while self.produced < due:
                     planned = plan.next(int(time.time() * 1000))
-                    producer.produce(self.setup.topic, value=planned.value, partition=planned.partition,
-                                     timestamp=planned.timestamp_ms, on_delivery=delivered(planned))
+                    self._send(producer, planned)
                     self.ledger.append(planned)
                     self.produced += 1
                 producer.poll(0)
+                producer = self._unstuck(producer)
                 if time.monotonic() - last_progress >= 10:
                     last_progress = time.monotonic()
                     sample = self._latest
                     self.say(f"produced {self.produced}/{args.events}" + (_progress(sample) if sample else ""))
                 time.sleep(0.02)
-            remaining = producer.flush(900)
+            deadline = time.monotonic() + 900
+            while producer.flush(10) and time.monotonic() < deadline:
+                producer = self._unstuck(producer)
+            remaining = len(producer)
             if remaining:
                 self.delivery_failures.append(f"{remaining} records still undelivered after 15 minutes")
             for planned in self.ledger:
                 ledger_file.write(json.dumps(planned.to_ledger()) + "\n")
         self._read_topic_back()
+
+    def _new_producer(self):
+        from confluent_kafka import Producer
+
+        # Not idempotent: after a broker restart an idempotent producer can wait for its
+        # in-flight batches to time out (15 minutes here) before it sends again. A retry
+        # may then store a record twice; the truth is taken from what the topic holds.
+        # log_level 0: the broker restarts on purpose; its connection errors are not news.
+        return Producer({"bootstrap.servers": self.setup.bootstrap, "enable.idempotence": False, "acks": "all",
+                         "max.in.flight.requests.per.connection": 1, "linger.ms": 5,
+                         "message.timeout.ms": 900_000, "log_level": 0, "error_cb": lambda error: None})
+
+    def _send(self, producer, planned: Planned) -> None:
+        """Produces ``planned``; its delivery fills in where it was stored (a purge
+        by :meth:`_unstuck` hands it back)."""
+        from confluent_kafka import KafkaError
+
+        def callback(error, message):
+            if error is not None and error.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+                self._purged.append(planned)
+            elif error is not None:
+                self.delivery_failures.append(f"record {planned.n}: {error}")
+            else:
+                self._last_delivery_at = time.monotonic()
+                planned.partition, planned.offset = message.partition(), message.offset()
+                if planned.kind == GOOD:
+                    self.good_delivered += 1
+
+        producer.produce(self.setup.topic, value=planned.value, partition=planned.partition,
+                         timestamp=planned.timestamp_ms, on_delivery=callback)
+
+    def _unstuck(self, producer):
+        """``producer``, or a new one when it has delivered nothing for
+        PRODUCER_STUCK_S while the broker was up. A producer sending while the
+        broker restarted once kept its records queued for the rest of the run (the
+        15 minutes of its flush; librdkafka 2.16) while new clients wrote to the
+        same partitions. Its queue is purged and sent again through a new producer:
+        a record in flight at the purge may be stored twice, which the job must
+        count once (the truth is read from the topic)."""
+        quiet_since = max(self._last_delivery_at, self._broker_back_at)
+        if not len(producer) or self._broker_away or time.monotonic() - quiet_since < PRODUCER_STUCK_S:
+            return producer
+        producer.purge()
+        producer.flush(0)  # serves the purged records' callbacks
+        purged, self._purged = sorted(self._purged, key=lambda planned: planned.n), []
+        fresh = self._new_producer()
+        for planned in purged:
+            self._send(fresh, planned)
+        self._last_delivery_at = time.monotonic()
+        self.say(f"the producer delivered nothing for {PRODUCER_STUCK_S}s with the broker up: its {len(purged)} "
+                 "queued record(s) sent again through a new one")
+        return fresh
 
     def _read_topic_back(self) -> None:
         from onceflow.io.kafka.admin import read_records_to_end
@@ -530,9 +572,13 @@ class TortureRun:
         if kind == BROKER_RESTART:
             from onceflow_dev.devstack import kafka
 
-            kafka.down()
-            time.sleep(2)
-            kafka.up()
+            self._broker_away = True
+            try:
+                kafka.down()
+                time.sleep(2)
+                kafka.up()
+            finally:
+                self._broker_back_at, self._broker_away = time.monotonic(), False
             return "broker stopped and started"
         if kind == STALL:
             return self.sink.stall(self.args.stall_seconds)
