@@ -203,7 +203,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m onceflow.p
     if "--help" in args or "-h" in args:
         print(help_text(prog, __doc__.strip().splitlines()[0], (InputOptions, KafkaOptions, ArchiveOptions),
                         leave_out=_AGGREGATE_ONLY_FLAGS,
-                        help_overrides={"input": "The topic to archive: kafka://HOST:PORT/TOPIC. Required."}))
+                        help_overrides={
+                            "input": "The topic to archive: kafka://HOST:PORT/TOPIC. Required.",
+                            "read_from": "Where the archived range starts: earliest (default), latest, an "
+                                         "ISO-8601 timestamp or offsets:P=O,...; to top an archive up, where "
+                                         "it ends (its last offsets plus one), or the range it holds is "
+                                         "written again.",
+                            "read_to": "Where it stops: latest (default: the end offsets when the job "
+                                       "starts), an ISO-8601 timestamp or offsets:P=O,...",
+                        }))
         return 0
     return exit_status("archive", lambda: _succeeded(_refusing_client_errors(args)))
 

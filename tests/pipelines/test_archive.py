@@ -429,3 +429,5 @@ def test_the_archive_jobs_help_lists_only_its_own_flags(capsys):
     assert "--output" in shown and "--allow_retention_gaps" in shown and "kafka://HOST:PORT/TOPIC. Required" in shown
     for refused in ("--kafka_group", "--input_format", "--kafka_time_source", "--window", "bundled sample"):
         assert refused not in shown
+    # --from/--to said what they do in the aggregate job (a live job's first start, a backfill).
+    assert "live job" not in shown and "backfill" not in shown and "top an archive up" in shown
