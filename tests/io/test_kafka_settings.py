@@ -111,3 +111,12 @@ def test_a_bad_properties_file_is_one_line_without_values(tmp_path, content, mes
     assert main([f"--kafka_config_file={path}", "--status=off"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "secret-value" not in err[0], err
+
+
+def test_a_kafka_url_scheme_in_capitals_is_a_kafka_url():
+    """`--input KAFKA://...` was taken for a file path: Beam's 'Unable to get filesystem' message."""
+    from onceflow.io.kafka.config import is_kafka_url, parse_kafka_url
+
+    assert is_kafka_url("KAFKA://127.0.0.1:9092/orders") and is_kafka_url("kafka://127.0.0.1:9092/orders")
+    assert not is_kafka_url("kafka:/orders") and not is_kafka_url("kafkas://h:1/t")
+    assert parse_kafka_url("Kafka://127.0.0.1:9092/orders").topic == "orders"

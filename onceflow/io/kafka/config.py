@@ -57,7 +57,9 @@ class KafkaTopic:
 
 
 def is_kafka_url(text: str) -> bool:
-    return str(text).startswith(f"{KAFKA_SCHEME}://")
+    """Whether ``text`` is a kafka:// URL (a URL's scheme is case-insensitive:
+    KAFKA:// was taken for a file path)."""
+    return str(text)[:len(KAFKA_SCHEME) + 3].lower() == f"{KAFKA_SCHEME}://"
 
 
 def parse_kafka_url(url: str) -> KafkaTopic:
