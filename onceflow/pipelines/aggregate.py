@@ -349,6 +349,14 @@ def _check_metrics_out(path: Optional[str]) -> None:
     except OSError as error:
         raise UsageError(f"--metrics_out: cannot write in {directory} ({error.strerror or error}); name a file in "
                          "a folder you can write") from None
+    try:
+        longest = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):  # a system that does not say
+        return
+    name = os.fsencode(os.path.basename(path))
+    if len(name) > longest:  # the summary's file could not be created once the job had run
+        raise UsageError(f"--metrics_out: the file name is {len(name)} bytes long, and {directory} takes names of "
+                         f"at most {longest}; give a shorter one")
 
 
 def _check_input_exists(pattern: str) -> None:

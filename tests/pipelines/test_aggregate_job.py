@@ -225,6 +225,7 @@ def _bad_paths(folder):
     (["--dlq=folder"], "--dlq: folder: is a directory"),
     (["--metrics_out=folder"], "--metrics_out: folder is a directory"),
     (["--metrics_out=/proc/metrics.json"], "--metrics_out: cannot write in /proc"),  # the rows, then a traceback
+    (["--metrics_out=" + "m" * 300 + ".json"], "--metrics_out: the file name is 305 bytes long"),  # lost, exit 0
 ])
 def test_bad_files_and_paths_get_one_line_and_nothing_is_half_read(flags, fragment, tmp_path):
     _bad_paths(tmp_path)
