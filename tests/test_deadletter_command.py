@@ -102,6 +102,9 @@ def test_replay_refuses_a_range_and_an_unknown_reason(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", "--from=earliest", "--allowed_lateness=3h"]) == 2
     assert "--from after --: replay reads the range itself" in capsys.readouterr().err
+    # It said "unknown flag --margin".
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", "--margin", "2h", "--allowed_lateness=3h"]) == 2
+    assert "--margin after --: it is a flag of dlq replay, not of the job; put it before --" in capsys.readouterr().err
     assert cli.main(["dlq", "count", "--dlq", str(dlq), "--reason", "too_lat"]) == 2
     assert "--reason: 'too_lat' is not a reason onceflow gives; one of invalid_utf8," in capsys.readouterr().err
 

@@ -343,6 +343,10 @@ def _earliest_window(job, envelope: Dict[str, Any]) -> Optional[Tuple[int, int]]
     return job.window_spec.windows_for(timed_by(event, job.time_source).event_time_ms)[0]
 
 
+# dlq replay's own flags, which the job after -- does not take (--dlq is both).
+_REPLAY_OWN_FLAGS = ("--reason", "--source", "--since", "--until", "--margin")
+
+
 def _replay(args) -> int:
     from onceflow.io.kafka.config import is_kafka_url
     from onceflow.options import InputOptions, parse_pipeline_args
@@ -351,6 +355,9 @@ def _replay(args) -> int:
     flags = [flag for flag in args.job_flags if flag != "--"]
     if not flags:
         raise UsageError("give the aggregate job's flags after --, e.g. -- --input=kafka://... --sink=...")
+    own = [flag.split("=")[0] for flag in flags if flag.split("=")[0] in _REPLAY_OWN_FLAGS]
+    if own:
+        raise UsageError(f"{own[0]} after --: it is a flag of dlq replay, not of the job; put it before --")
     ranged = [flag for flag in flags if flag.split("=")[0] in ("--from", "--to")]
     if ranged:
         raise UsageError(f"{ranged[0].split('=')[0]} after --: replay reads the range itself (every window of the "
