@@ -147,6 +147,8 @@ def test_a_failure_time_pasted_from_the_list_selects_to_the_microsecond(tmp_path
     assert capsys.readouterr().out.split()[-2:] == ["total", "1"]
     assert cli.main(["dlq", "count", "--dlq", str(dlq), "--since", "2026-12-05T05:50:46.0735+01:00"]) == 0
     assert capsys.readouterr().out.split()[-2:] == ["total", "1"]
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--since", times[2], "--until", times[0]]) == 2
+    assert f"--since {times[2]} is not before --until {times[0]}: no record can match" in capsys.readouterr().err
 
 
 @pytest.mark.kafka

@@ -170,6 +170,8 @@ def _selected(args) -> List[Dict[str, Any]]:
 
     target = _target(args)
     since, until = _time_flag(args.since, "--since"), _time_flag(args.until, "--until")
+    if since is not None and until is not None and since >= until:  # selected nothing, as if the queue were empty
+        raise UsageError(f"--since {args.since} is not before --until {args.until}: no record can match")
     unknown = [reason for reason in args.reason or () if reason not in REASONS]
     if unknown:  # a typo would select nothing and say so as if the queue held none
         raise UsageError(f"--reason: {unknown[0]!r} is not a reason onceflow gives; one of {', '.join(REASONS)}")
