@@ -50,18 +50,24 @@ def test_a_run_with_planted_secrets_shows_none_of_them(kafka_bootstrap, postgres
     assert PLANTED not in metrics_out.read_text()
 
 
-@pytest.mark.parametrize("flag", [
-    "--sink=postgresql://onceflow@127.0.0.1:15432/onceflow?password=" + PLANTED,
-    "--sink=postgresql://onceflow@127.0.0.1:15432/onceflow?sslpassword=" + PLANTED,
-    "--sink=postgresql://onceflow:" + PLANTED + "@127.0.0.1:1/onceflow",
-    "--dlq=postgresql://onceflow:" + PLANTED + "@127.0.0.1:1/onceflow",
-    "--dlq=postgresql://onceflow@127.0.0.1:1/onceflow?table=t&passfile=" + PLANTED,
-    "--kafka_setting=" + PLANTED,
+# A wrong flag exits 2 ("aggregate: error: ..."); a server that does not answer is a
+# service down and exits 1 ("aggregate: --sink: ...").
+WRONG, DOWN = (2, "aggregate: error: "), (1, "aggregate: --")
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--sink=postgresql://onceflow@127.0.0.1:15432/onceflow?password=" + PLANTED, WRONG),
+    ("--sink=postgresql://onceflow@127.0.0.1:15432/onceflow?sslpassword=" + PLANTED, WRONG),
+    ("--sink=postgresql://onceflow:" + PLANTED + "@127.0.0.1:1/onceflow", DOWN),
+    ("--dlq=postgresql://onceflow:" + PLANTED + "@127.0.0.1:1/onceflow", DOWN),
+    ("--dlq=postgresql://onceflow@127.0.0.1:1/onceflow?table=t&passfile=" + PLANTED, WRONG),  # no such file
+    ("--kafka_setting=" + PLANTED, WRONG),
 ])
-def test_an_error_is_one_line_without_the_secret(flag, capsys):
-    assert main([flag, "--status=off"]) == 2
+def test_an_error_is_one_line_without_the_secret(flag, expected, capsys):
+    status, prefix = expected
+    assert main([flag, "--status=off"]) == status
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("aggregate: error: "), err
+    assert len(err) == 1 and err[0].startswith(prefix), err
     assert PLANTED not in err[0]
 
 

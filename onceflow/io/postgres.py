@@ -41,7 +41,7 @@ from psycopg import sql
 
 from onceflow.io.batching import UpsertRowsDoFn
 from onceflow.io.progress import PROGRESS_TABLE, Position
-from onceflow.io.retry import T, call_with_retries
+from onceflow.io.retry import DatabaseUnreachable, T, call_with_retries
 from onceflow.io.urls import redact_url
 from onceflow.rows import (
     DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
@@ -69,6 +69,16 @@ def is_transient(error: BaseException) -> bool:
     # No SQLSTATE: raised by the client itself, e.g. "server closed the connection
     # unexpectedly", "connection refused", "the connection is lost".
     return isinstance(error, psycopg.OperationalError)
+
+
+def unusable(what: str, error: BaseException) -> Exception:
+    """The one-line error for a sink or queue ``what`` that ``error`` made unusable:
+    :class:`DatabaseUnreachable` for a transient error (retries spent), ValueError
+    for anything else (a login, a database or a table that cannot be used)."""
+    from onceflow.io.urls import first_line
+
+    kind = DatabaseUnreachable if is_transient(error) else ValueError
+    return kind(f"cannot use {what}: {first_line(error)}")
 
 
 def connect(dsn: str, application_name: str) -> psycopg.Connection:

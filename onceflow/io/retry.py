@@ -16,6 +16,11 @@ _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class DatabaseUnreachable(RuntimeError):
+    """A database server did not answer, or dropped the connection, through every
+    retry: a service error (the same run can work later), not a wrong flag."""
+
+
 def call_with_retries(
     action: Callable[[], T],
     is_transient: Callable[[BaseException], bool],

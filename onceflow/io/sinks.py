@@ -112,7 +112,7 @@ def _prepare_postgres(target: Target, schema: RowSchema) -> None:
     try:
         postgres.ensure_table(target.location, target.table, schema)
     except postgres.psycopg.Error as error:
-        raise ValueError(f"cannot use {target.describe()}: {first_line(error)}") from None
+        raise postgres.unusable(target.describe(), error) from None
 
 
 def _latest_window_postgres(target: Target) -> Optional[Tuple[int, int]]:

@@ -48,6 +48,7 @@ from onceflow.io.kafka.errors import (
     BrokerRefused, BrokerUnreachable, TopicReplaced, UnknownGroupOrTopic, is_broker_away,
 )
 from onceflow.io.kafka.read import ReadBatchesFromKafka, RetentionGapError
+from onceflow.io.retry import DatabaseUnreachable
 from onceflow.io.schema_registry import (
     RegistryConfig, RegistryUnavailable, kafka_settings_without_registry, registry_settings,
 )
@@ -567,11 +568,15 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     # Then the outputs: the queue (its table or folder has one shape for every job) before the sink.
     try:
         prepare_dlq(job.dlq)
+    except DatabaseUnreachable as error:  # a service down: the same run may work later
+        raise ServiceError(f"--dlq: {error}") from None
     except (ValueError, OSError) as error:
         raise flag_error("--dlq", error) from None
     try:
         prepare_sink(job.sink, job.row_schema)
         check_window_size(job.sink, job.window_spec.size_ms)
+    except DatabaseUnreachable as error:
+        raise ServiceError(f"--sink: {error}") from None
     except (ValueError, OSError) as error:
         raise flag_error("--sink", error) from None
     if job.kafka is not None:  # then the positions, kept in the prepared sink

@@ -74,8 +74,12 @@ def test_passwords_are_never_shown():
 
 
 def test_prepare_fails_in_one_line_without_the_password(tmp_path):
+    """A server that does not answer is a service down (the job exits 1, as for a
+    broker), not a wrong flag (it exited 2)."""
+    from onceflow.io.retry import DatabaseUnreachable
+
     target = parse_sink_url("postgresql://app:s3cret@127.0.0.1:1/metrics?table=t")  # nothing listens on port 1
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(DatabaseUnreachable) as caught:
         prepare_sink(target, SCHEMA)
     message = str(caught.value)
     assert message.startswith("cannot use postgresql postgresql://app:***@127.0.0.1:1/metrics")

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, Tuple
 import apache_beam as beam
 
 from onceflow.io.targets import Target
-from onceflow.io.urls import POSTGRES_FORM, first_line, parse_postgres_url, query_params, redact_url
+from onceflow.io.urls import POSTGRES_FORM, parse_postgres_url, query_params, redact_url
 from onceflow.rows import check_identifier
 
 DEFAULT_DLQ_TABLE = "dead_letters"
@@ -85,11 +85,12 @@ def _prepare_postgres(target: Target) -> None:
     import psycopg
 
     from onceflow.io.dlq.postgres import ensure_dlq_table
+    from onceflow.io.postgres import unusable
 
     try:
         ensure_dlq_table(target.location, target.table)
     except psycopg.Error as error:
-        raise ValueError(f"cannot use {target.describe()}: {first_line(error)}") from None
+        raise unusable(target.describe(), error) from None
 
 
 def _write_postgres(target: Target, pipeline: str, pipeline_version: str):
