@@ -12,7 +12,7 @@ import pathlib
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 from onceflow.errors import UsageError
 from onceflow.versions import BEAM_VERSION
@@ -252,6 +252,18 @@ def is_hang_up(error: Optional[BaseException]) -> bool:
         grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
 
 
+def _keep_thread_exceptions(keep: Callable[[threading.ExceptHookArgs], bool]) -> None:
+    """From now on a thread's uncaught exception is printed (by the hook set
+    before) only when ``keep`` says so."""
+    previous = threading.excepthook
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if keep(args):
+            previous(args)
+
+    threading.excepthook = excepthook
+
+
 def quiet_worker_teardown() -> None:
     """Keeps the runner's hang-up of a job being stopped from printing tracebacks.
 
@@ -271,13 +283,7 @@ def quiet_worker_teardown() -> None:
     if _QUIETED:
         return
     _QUIETED = True
-    previous = threading.excepthook
-
-    def excepthook(args: threading.ExceptHookArgs) -> None:
-        if not is_hang_up(args.exc_value):
-            previous(args)
-
-    threading.excepthook = excepthook
+    _keep_thread_exceptions(lambda args: not is_hang_up(args.exc_value))
 
     def keep(record: logging.LogRecord) -> bool:
         return not (record.exc_info and is_hang_up(record.exc_info[1]))
@@ -321,13 +327,7 @@ def silence_worker_threads() -> None:
     if _SILENCED:
         return
     _SILENCED = True
-    previous = threading.excepthook
-
-    def excepthook(args: threading.ExceptHookArgs) -> None:
-        if args.thread is threading.main_thread():
-            previous(args)
-
-    threading.excepthook = excepthook
+    _keep_thread_exceptions(lambda args: args.thread is threading.main_thread())
 
     def from_main_thread(record: logging.LogRecord) -> bool:
         return record.thread == threading.main_thread().ident
