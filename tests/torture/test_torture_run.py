@@ -2,12 +2,27 @@
 with the issue's short-run settings, and its one-line refusals of wrong flags."""
 
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
 
 COMMAND = [sys.executable, "-m", "onceflow.cli", "torture"]
+
+
+def torture(*flags: str, timeout_s: float = 1500) -> subprocess.CompletedProcess:
+    """A torture run, stopped with SIGTERM if it outlasts ``timeout_s`` (it then
+    stops its live job, which a SIGKILL of the torture, subprocess.run's timeout,
+    left running with its runner after the test)."""
+    process = subprocess.Popen([*COMMAND, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+        pytest.fail(f"the torture ran past {timeout_s}s; its last output:\n{stdout[-4000:]}{stderr[-2000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 @pytest.mark.kafka
@@ -18,8 +33,7 @@ def test_a_short_torture_run_ends_exact_live_and_after_the_backfill(kafka_bootst
                                                                     tmp_path):
     """20,000 records, 3 SIGKILLs, 1 broker restart, 1 stall, 1 sink connection kill."""
     out = tmp_path / "run"
-    run = subprocess.run([*COMMAND, "--events", "20000", "--kills", "3", "--broker-restarts", "1", "--stalls", "1",
-                          "--out", str(out)], capture_output=True, text=True, timeout=1500)
+    run = torture("--events", "20000", "--kills", "3", "--broker-restarts", "1", "--stalls", "1", "--out", str(out))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] and report["failures"] == []
@@ -48,8 +62,7 @@ def test_a_kill_before_the_first_row_loses_nothing_with_a_parquet_sink(kafka_boo
     positions in the directory's manifest), with a broker restart and a stall of
     the directory's lock."""
     out = tmp_path / "run"
-    run = subprocess.run([*COMMAND, "--events", "20000", "--kills", "5", "--kill-early", "--sink", "parquet",
-                          "--out", str(out)], capture_output=True, text=True, timeout=1500)
+    run = torture("--events", "20000", "--kills", "5", "--kill-early", "--sink", "parquet", "--out", str(out))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] and report["sink"] == "parquet" and report["kill_early"]
@@ -74,10 +87,9 @@ def test_sliding_windows_with_early_firing_into_avro_files_on_flink_stay_exact_u
     rows), written early every 5 s, into Avro window files, on the Flink job
     server, through SIGKILLs, a broker restart and a stall of the files' lock."""
     out = tmp_path / "run"
-    run = subprocess.run([*COMMAND, "--runner", "flink", "--sink", "avro", "--window", "20s", "--window-period", "5s",
-                          "--early-firing", "5s", "--events", "8000", "--kills", "2", "--broker-restarts", "1",
-                          "--stalls", "1", "--stall-seconds", "10", "--seed", "7", "--out", str(out)],
-                         capture_output=True, text=True, timeout=1500)
+    run = torture("--runner", "flink", "--sink", "avro", "--window", "20s", "--window-period", "5s", "--early-firing",
+                  "5s", "--events", "8000", "--kills", "2", "--broker-restarts", "1", "--stalls", "1",
+                  "--stall-seconds", "10", "--seed", "7", "--out", str(out))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] and (report["sink"], report["window"], report["window_period"]) == ("avro", "20s", "5s")
