@@ -246,8 +246,12 @@ def one_error_line(capsys) -> str:
     (b'{\n  "a": 1\n}\n', "line 1 is not a dead letter: not JSON"),  # pretty-printed JSON: never appended to
     (b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01", "line 1 is not a dead letter: it is not UTF-8 text"),
     (b'{"dlq_id": "a"}\n', "line 1 is not a dead letter: no 'reason' field"),
+    # A field of the wrong type was said to be missing.
+    (GOOD_LINE.replace('"reason":"malformed_json"', '"reason":5').encode() + b"\n",
+     "line 1 is not a dead letter: its 'reason' is a number, not text"),
     (b"[1, 2]\n", "line 1 is not a dead letter: a JSON list"),
-], ids=["corrupt", "text", "truncated-other-json", "pretty-json", "binary", "other-json", "not-an-object"])
+], ids=["corrupt", "text", "truncated-other-json", "pretty-json", "binary", "other-json", "wrong-type",
+        "not-an-object"])
 def test_a_file_that_is_not_a_queue_is_one_line_naming_the_file_and_line(tmp_path, capsys, command, content,
                                                                           expected):
     path = tmp_path / "dlq.jsonl"

@@ -67,14 +67,28 @@ def checked_envelope(envelope: Any, where: str) -> Dict[str, Any]:
     if not isinstance(envelope, dict):
         raise ValueError(f"{where} is not a dead letter: a JSON {type(envelope).__name__}, not an envelope object")
     for name, kind in _ENVELOPE_TYPES:
-        if not isinstance(envelope.get(name), kind):
+        if name not in envelope:
             raise ValueError(f"{where} is not a dead letter: no {name!r} field of an envelope")
+        if not isinstance(envelope[name], kind):
+            expected = "an object" if kind is dict else "text"
+            raise ValueError(f"{where} is not a dead letter: its {name!r} is {_json_kind(envelope[name])}, not "
+                             f"{expected}")
     try:
         datetime.datetime.strptime(envelope["failed_at"], ENVELOPE_TIME)
     except ValueError:
         raise ValueError(f"{where} is not a dead letter: failed_at {envelope['failed_at']!r} is not a time "
                          "like 2026-11-02T09:00:00.000000Z") from None
     return envelope
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def to_json_line(envelope: Mapping[str, Any]) -> str:
