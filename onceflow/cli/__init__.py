@@ -30,8 +30,17 @@ _DEV_SUBCOMMAND_MODULES = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A mistake in a command's flags as one line, with where to read about them
+    (argparse prints the command's whole usage first). Subcommands' parsers are of
+    this class too (argparse makes them of their parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="onceflow",
         description="Operations for onceflow pipelines (jobs, lag, DLQ, templates, dev services, torture).",
     )
