@@ -79,6 +79,9 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+_NAME_WIDTH = max(len(name) for name in devstack.SERVICES)  # the services' names, in one column
+
+
 def _describe(name: str, info: dict[str, Any]) -> str:
     """One human line about a service."""
     state = "up" if info.get("healthy") else "down"
@@ -98,15 +101,17 @@ def _describe(name: str, info: dict[str, Any]) -> str:
         )
     elif name == "flink-cluster":
         where = f"{info['rest_url']}  (Flink {info['flink_version']}, {info['slots']} slots)"
+    elif name == "kafka-expansion":
+        where = f"{info['address']}  (Beam {info['beam_java_version']} Kafka expansion service)"
     else:  # pragma: no cover - every service is listed above
         where = ""
     pid = f"  pid {info['pid']}" if info.get("pid") else ""
-    line = f"{name:<9} {state:<10} {where}{pid}"
+    line = f"{name:<{_NAME_WIDTH}} {state:<10} {where}{pid}"
     secure = info.get("secure") if name == "kafka" else None
     if secure:  # the secured listeners, one line each
         for label, listener in (("SASL_SSL", secure), ("mutual TLS", secure["mtls"])):
             listener_state = "up" if listener["healthy"] else "down"
-            line += (f"\n{'':<9} {listener_state:<10} {listener['bootstrap_servers']}  ({label}; "
+            line += (f"\n{'':<{_NAME_WIDTH}} {listener_state:<10} {listener['bootstrap_servers']}  ({label}; "
                      f"--kafka_config_file {listener['client_properties']})")
     return line
 

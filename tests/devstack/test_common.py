@@ -236,3 +236,16 @@ def test_the_secured_material_is_made_once_with_openssl(tmp_path):
     kafka_secure.prepare(tmp_path / "secure")  # kept, not made again
     assert (material.ca_file.read_bytes(), material.password()) == before
     assert f"sasl.password={material.password()}" in material.sasl_properties.read_text()
+
+
+def test_status_lines_name_every_service_in_one_column():
+    """kafka-expansion showed no address, and the longer names pushed their rows out of line."""
+    from onceflow_dev.devstack.command import _describe
+
+    lines = [_describe("kafka-expansion", {"healthy": True, "address": "127.0.0.1:18096", "beam_java_version": "2.62.0",
+                                           "pid": 7}),
+             _describe("flink-cluster", {"healthy": False, "rest_url": "http://127.0.0.1:18081",
+                                         "flink_version": "1.19.0", "slots": 2}),
+             _describe("prism", {"healthy": True, "exists": True, "path": "/p/prism"})]
+    assert lines[0] == "kafka-expansion up         127.0.0.1:18096  (Beam 2.62.0 Kafka expansion service)  pid 7"
+    assert {line.index(state) for line, state in zip(lines, ("up", "down", "ready"))} == {16}
