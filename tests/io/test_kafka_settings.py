@@ -120,3 +120,12 @@ def test_a_kafka_url_scheme_in_capitals_is_a_kafka_url():
     assert is_kafka_url("KAFKA://127.0.0.1:9092/orders") and is_kafka_url("kafka://127.0.0.1:9092/orders")
     assert not is_kafka_url("kafka:/orders") and not is_kafka_url("kafkas://h:1/t")
     assert parse_kafka_url("Kafka://127.0.0.1:9092/orders").topic == "orders"
+
+
+@pytest.mark.parametrize("port", ["0", "99999"])
+def test_a_broker_port_out_of_range_is_named(port):
+    """It was tried: "cannot reach Kafka at 127.0.0.1:99999"."""
+    from onceflow.io.kafka.config import parse_kafka_url
+
+    with pytest.raises(ValueError, match=f"{port} is not a port \\(1 to 65535\\)"):
+        parse_kafka_url(f"kafka://127.0.0.1:{port}/orders")

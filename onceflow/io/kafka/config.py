@@ -71,6 +71,10 @@ def parse_kafka_url(url: str) -> KafkaTopic:
     servers = parsed.netloc.split(",")
     if not all(_HOST_PORT.match(server) for server in servers):
         raise ValueError(f"{url!r}: the broker address must be HOST:PORT; {expected}")
+    ports = [int(server.rsplit(":", 1)[1]) for server in servers]
+    if not all(1 <= port <= 65535 for port in ports):
+        raise ValueError(f"{url!r}: {next(p for p in ports if not 1 <= p <= 65535)} is not a port (1 to 65535); "
+                         f"{expected}")
     topic = parsed.path.lstrip("/")
     if not _TOPIC.match(topic):
         raise ValueError(f"{url!r}: topic names use letters, digits, '.', '_' and '-'; {expected}")
