@@ -260,6 +260,9 @@ def prepare_directory(directory: str, schema: Optional[RowSchema] = None, file_f
     its window files have this job's columns (ValueError, one line: a job with
     other keys or aggregates failed at the first window file it shared, after
     writing the others)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):  # makedirs said "file exists"
+        raise ValueError(f"{directory} is a file; a file sink writes its window files into a folder: give a "
+                         "folder's path")
     os.makedirs(directory, exist_ok=True)
     with _locked(directory):
         pass

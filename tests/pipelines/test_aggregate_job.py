@@ -220,6 +220,8 @@ def _bad_paths(folder):
     (["--input=folder"], "/folder is a directory; give its files, e.g. --input=/"),
     (["--input=/"], "--input: / is a directory; give its files"),  # Beam's match listed the files of /
     (["--sink=sqlite:///folder"], "--sink: folder is a directory"),
+    (["--sink=file:notes.txt?format=avro"], "--sink: notes.txt is a file; a file sink writes its window files into a "
+                                            "folder"),  # it said "notes.txt: file exists"
     (["--sink=sqlite:///notes.txt"], "--sink: cannot use notes.txt as an SQLite database (file is not a database)"),
     (["--dlq=notes.txt"], "--dlq: notes.txt is not a dead-letter queue"),
     (["--dlq=folder"], "--dlq: folder: is a directory"),
