@@ -225,6 +225,7 @@ def _bad_paths(folder):
     (["--sink=sqlite:///notes.txt"], "--sink: cannot use notes.txt as an SQLite database (file is not a database)"),
     (["--dlq=notes.txt"], "--dlq: notes.txt is not a dead-letter queue"),
     (["--dlq=folder"], "--dlq: folder: is a directory"),
+    (["--dlq=dlq.jsonl.gz"], "--dlq: dlq.jsonl.gz: a JSON-lines queue is written as plain text"),  # under a .gz name
     (["--metrics_out=folder"], "--metrics_out: folder is a directory"),
     (["--metrics_out=/proc/metrics.json"], "--metrics_out: cannot write in /proc"),  # the rows, then a traceback
     (["--metrics_out=" + "m" * 300 + ".json"], "--metrics_out: the file name is 305 bytes long"),  # lost, exit 0

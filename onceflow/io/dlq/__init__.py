@@ -167,6 +167,9 @@ def parse_dlq_target(text: str) -> Target:
     if not text:
         raise ValueError(f"a dead-letter queue is needed (dead letters are never dropped): {DLQ_FORMS}")
     if "://" not in text:
+        if text.lower().endswith((".gz", ".bz2")):  # appended to as plain text: its name would lie
+            raise ValueError(f"{text}: a JSON-lines queue is written as plain text and appended to; name it "
+                             "without the compression suffix, e.g. dlq.jsonl")
         return DLQ_KINDS[JSONL].parse(text)
     scheme = urllib.parse.urlsplit(text).scheme
     if scheme == JSONL or scheme not in DLQ_KINDS:
