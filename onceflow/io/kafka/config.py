@@ -37,7 +37,8 @@ GUARDED_SETTINGS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "enable.partition.eof": (("false",), "the reader finds the end of a bounded read by offsets"),
     "auto.offset.reset": ((), "where partitions start is set by --from (or the group's committed offsets)"),
     "bootstrap.servers": ((), "give the brokers in the kafka://HOST:PORT/TOPIC URL"),
-    "group.id": ((), "give the consumer group with --kafka_group"),
+    "group.id": ((), "a live job takes its consumer group from --kafka_group; a backfill and the archive job "
+                     "read without one"),
     "enable.idempotence": (("true",), "the writer relies on it so that its own retries neither duplicate "
                                       "nor reorder messages"),
     "acks": (("all", "-1"), "a write counts as done only once every in-sync replica has it"),
