@@ -42,7 +42,7 @@ from psycopg import sql
 from onceflow.io.batching import UpsertRowsDoFn
 from onceflow.io.progress import PROGRESS_TABLE, Position
 from onceflow.io.retry import DatabaseUnreachable, T, call_with_retries
-from onceflow.io.urls import redact_url
+from onceflow.io.urls import first_line, redact_url
 from onceflow.rows import (
     DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
     WINDOW_END, WINDOW_START, utc_datetime, utc_millis,
@@ -75,8 +75,6 @@ def unusable(what: str, error: BaseException) -> Exception:
     """The one-line error for a sink or queue ``what`` that ``error`` made unusable:
     :class:`DatabaseUnreachable` for a transient error (retries spent), ValueError
     for anything else (a login, a database or a table that cannot be used)."""
-    from onceflow.io.urls import first_line
-
     kind = DatabaseUnreachable if is_transient(error) else ValueError
     return kind(f"cannot use {what}: {first_line(error)}")
 
