@@ -39,6 +39,14 @@ def test_run_archive_help_and_an_unknown_job():
     assert unknown.returncode == 2 and "invalid choice: 'nope'" in unknown.stderr
 
 
+def test_the_dlq_commands_help_reads_as_text(capsys):
+    """It showed its docstring's markup: "``onceflow dlq``: list, count and replay"."""
+    with pytest.raises(SystemExit):
+        cli.main(["dlq", "--help"])
+    shown = capsys.readouterr().out
+    assert "onceflow dlq: list, count and replay dead letters." in shown and "``" not in shown
+
+
 def test_an_unknown_flag_is_one_line_naming_its_subcommands_help(capsys):
     """It printed the subcommand's usage (4 to 12 lines) before the error."""
     with pytest.raises(SystemExit) as exited:

@@ -49,7 +49,7 @@ from onceflow.windowing import parse_duration_ms
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("dlq", help="list, count and replay dead letters",
-                                   description=__doc__.split("\n\n")[0])
+                                   description=__doc__.split("\n\n")[0].replace("``", ""))
     commands = parser.add_subparsers(dest="dlq_command", metavar="COMMAND")
     commands.required = True
 
