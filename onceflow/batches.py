@@ -358,6 +358,7 @@ def _decode_json_columns(contract: EventContract, values: Sequence[bytes], fast)
     """
     relax_gc()
     fields = _field_reader(contract).read(values)
+    _warn_once_if_no_record_has_the_id(contract, fields)
     unsure = set(fields.others)
     if max(map(len, values)) > MAX_JSON_NESTING:  # only a record this long can nest too deep
         unsure.update(index for index, raw in enumerate(values) if json_nests_too_deep(raw))
@@ -391,6 +392,30 @@ def _decode_json_columns(contract: EventContract, values: Sequence[bytes], fast)
             for each in (*key_columns, *value_columns):
                 each[index] = None
     return Verdicts(event_ids, event_times, key_columns, tuple(contract.value_fields), value_columns, refusals)
+
+
+_ID_WARNED = False  # _warn_once_if_no_record_has_the_id has warned in this process
+_ID_WARNING_BATCH = 100  # the fewest records of a batch that lack the ID field for it to warn
+
+
+def _warn_once_if_no_record_has_the_id(contract: EventContract, fields: "_Fields") -> None:
+    """Warns once per process when none of at least _ID_WARNING_BATCH JSON objects
+    of a batch has ``--id_field`` (None in its column: absent, or null): a
+    misspelled field name derives every ID from the record's content, silently,
+    and copies that differ in any field are then counted twice. Records that are
+    not objects (malformed) do not count. One C-level count per batch."""
+    global _ID_WARNED
+    ids = fields.columns[contract.id_field]
+    objects = len(ids) - len(fields.others)
+    if _ID_WARNED or objects < _ID_WARNING_BATCH or ids.count(None) < len(ids):
+        return
+    _ID_WARNED = True
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "--id_field %r is in none of %s records read together: their IDs are derived from their content, so "
+        "copies that differ in any field count twice; name the records' ID field, or give --id_field='' to derive "
+        "IDs on purpose", contract.id_field, f"{objects:,}")
 
 
 class _Fields(NamedTuple):

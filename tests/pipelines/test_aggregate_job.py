@@ -394,6 +394,20 @@ def test_the_summary_names_the_field_flags_when_most_records_break_the_schema(tm
     assert summary.dead_letters_by_reason["schema_violation"] == 3 and "note:" not in summary.render()
 
 
+def test_an_id_field_no_record_has_is_warned_of_once(tmp_path):
+    """A misspelled --id_field derived every ID from content, without a word: a
+    copy differing in any field was counted twice, exit 0."""
+    result = run_cli(f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl", "--status=off",
+                     "--id_field=orderid", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning = ("WARNING:onceflow.batches:--id_field 'orderid' is in none of 2,487 records read together: their IDs "
+               "are derived from their content")
+    assert result.stderr.count(warning) == 1, result.stderr[-2000:]
+    result = run_cli(f"--sink=sqlite:///{tmp_path}/right.db", f"--dlq={tmp_path}/right.jsonl", "--status=off",
+                     cwd=tmp_path)
+    assert result.returncode == 0 and "--id_field" not in result.stderr
+
+
 def test_an_avro_container_file_end_to_end(tmp_path):
     """A plain Avro container file (writer schema in its header) through the main
     job: rows against a computation here, the record the contract refuses in the DLQ."""
