@@ -165,6 +165,8 @@ def test_one_target_type_describes_sinks_and_queues_without_secrets():
 def test_prepare_dlq(tmp_path):
     prepare_dlq(parse_dlq_target(str(tmp_path / "new" / "dlq.jsonl")))
     assert (tmp_path / "new").is_dir()
-    with pytest.raises(ValueError) as caught:
+    from onceflow.io.retry import DatabaseUnreachable
+
+    with pytest.raises(DatabaseUnreachable) as caught:  # a service down (exit 1), not a wrong flag
         prepare_dlq(parse_dlq_target("postgresql://app:s3cret@127.0.0.1:1/metrics?table=dead"))
     assert "s3cret" not in str(caught.value) and "\n" not in str(caught.value)
