@@ -447,7 +447,7 @@ class TortureRun:
         if not len(producer) or self._broker_away or time.monotonic() - quiet_since < PRODUCER_STUCK_S:
             return producer
         producer.purge()
-        producer.flush(0)  # serves the purged records' callbacks
+        producer.flush(5)  # serves the purged records' callbacks (those in flight once their requests end)
         purged, self._purged = sorted(self._purged, key=lambda planned: planned.n), []
         fresh = self._new_producer()
         for planned in purged:
