@@ -444,18 +444,19 @@ class TortureRun:
         a record in flight at the purge may be stored twice, which the job must
         count once (the truth is read from the topic)."""
         quiet_since = max(self._last_delivery_at, self._broker_back_at)
-        if not len(producer) or self._broker_away or time.monotonic() - quiet_since < PRODUCER_STUCK_S:
-            return producer
-        producer.purge()
-        producer.flush(5)  # serves the purged records' callbacks (those in flight once their requests end)
+        stuck = len(producer) and not self._broker_away and time.monotonic() - quiet_since >= PRODUCER_STUCK_S
+        if stuck:
+            producer.purge()
+            producer.flush(5)  # serves the purged records' callbacks (those in flight once their requests end)
+            producer = self._new_producer()
+            self._last_delivery_at = time.monotonic()
+            self.say(f"the producer delivered nothing for {PRODUCER_STUCK_S}s with the broker up: its "
+                     f"{len(self._purged)} queued record(s) sent again through a new one")
+        # Purged records, and any whose purge was reported later (in flight then), go out again.
         purged, self._purged = sorted(self._purged, key=lambda planned: planned.n), []
-        fresh = self._new_producer()
         for planned in purged:
-            self._send(fresh, planned)
-        self._last_delivery_at = time.monotonic()
-        self.say(f"the producer delivered nothing for {PRODUCER_STUCK_S}s with the broker up: its {len(purged)} "
-                 "queued record(s) sent again through a new one")
-        return fresh
+            self._send(producer, planned)
+        return producer
 
     def _read_topic_back(self) -> None:
         from onceflow.io.kafka.admin import read_records_to_end
