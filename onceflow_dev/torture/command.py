@@ -302,6 +302,7 @@ class TortureRun:
         self._broker_away = False
         self._broker_back_at = 0.0
         self._purged: List[Planned] = []  # records a purge took back from a stuck producer
+        self._retired: List = []  # stuck producers replaced, until every purged record is reported
         self._done = threading.Event()
         self._job_lock = threading.Lock()
         self._latest: Optional[Sample] = None
@@ -396,7 +397,7 @@ class TortureRun:
                     self.say(f"produced {self.produced}/{args.events}" + (_progress(sample) if sample else ""))
                 time.sleep(0.02)
             deadline = time.monotonic() + 900
-            while producer.flush(10) and time.monotonic() < deadline:
+            while (producer.flush(10) or self._retired) and time.monotonic() < deadline:
                 producer = self._unstuck(producer)
             remaining = len(producer)
             if remaining:
@@ -445,14 +446,18 @@ class TortureRun:
         count once (the truth is read from the topic)."""
         quiet_since = max(self._last_delivery_at, self._broker_back_at)
         stuck = len(producer) and not self._broker_away and time.monotonic() - quiet_since >= PRODUCER_STUCK_S
+        for retired in self._retired:  # the purge of a record in flight is reported when its request ends
+            retired.poll(0)
+        self._retired = [retired for retired in self._retired if len(retired)]
         if stuck:
             producer.purge()
-            producer.flush(5)  # serves the purged records' callbacks (those in flight once their requests end)
+            producer.flush(5)  # serves the purged records' callbacks
+            self._retired.append(producer)
             producer = self._new_producer()
             self._last_delivery_at = time.monotonic()
             self.say(f"the producer delivered nothing for {PRODUCER_STUCK_S}s with the broker up: its "
                      f"{len(self._purged)} queued record(s) sent again through a new one")
-        # Purged records, and any whose purge was reported later (in flight then), go out again.
+        # Purged records go out again, those reported late by a retired producer too.
         purged, self._purged = sorted(self._purged, key=lambda planned: planned.n), []
         for planned in purged:
             self._send(producer, planned)

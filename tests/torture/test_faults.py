@@ -52,7 +52,7 @@ def test_a_producer_that_delivers_nothing_while_the_broker_is_up_is_replaced(kaf
     topic = new_topic(kafka_bootstrap, partitions=1)
     run = TortureRun.__new__(TortureRun)  # only the producing side: no job, no sink
     run.setup = types.SimpleNamespace(bootstrap="127.0.0.1:1", topic=topic.topic)
-    run.delivery_failures, run.good_delivered, run._purged = [], 0, []
+    run.delivery_failures, run.good_delivered, run._purged, run._retired = [], 0, [], []
     run._broker_away, run._broker_back_at, run._last_delivery_at = False, 0.0, time.monotonic()
     said = []
     run.say = said.append
