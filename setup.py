@@ -70,12 +70,14 @@ setuptools.setup(
         "yaml": [f"apache-beam[yaml]=={BEAM_VERSION}"],
         "dev": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # scripts/test.sh runs the tests in two processes
             "hypothesis>=6.100",
             "confluent-kafka>=2.4",
             "psycopg[binary]>=3.1",
             "matplotlib>=3.8",
             f"apache-beam[yaml]=={BEAM_VERSION}",  # tests/test_yaml_provider.py
             "jsonschema>=4",
+            "uv>=0.4",  # tests/deploy/test_sdist.py installs the sdist into fresh environments with it
         ],
     },
     entry_points={"console_scripts": ["onceflow=onceflow.cli:main"]},

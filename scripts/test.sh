@@ -2,7 +2,10 @@
 # Sets up .venv with the test dependencies, starts the local services the tests
 # use (Kafka, PostgreSQL, Prism, Flink: see `onceflow dev`), and runs every test.
 # Services this script started are stopped at the end; ones already up are kept.
-# Extra arguments go to pytest, e.g. -k dedup or -m "not slow".
+# Extra arguments go to pytest, e.g. -k dedup or -m "not slow". The tests run in
+# ONCEFLOW_TEST_WORKERS processes (pytest-xdist, default 2; 0 runs them in this
+# one): the tests that restart the broker alone, those of the JVM services in one
+# worker (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh dev
@@ -32,4 +35,5 @@ trap stop_what_we_started EXIT
 secure=""
 case ",$already_up," in *",kafka,"*) ;; *) secure="--secure" ;; esac
 onceflow dev up --services "$services" $secure
-python -m pytest "$@"
+workers="${ONCEFLOW_TEST_WORKERS:-2}"
+python -m pytest -n "$workers" --dist loadgroup "$@"

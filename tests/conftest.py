@@ -30,12 +30,54 @@ MARKERS = {
     "prism": "runs pipelines on the Prism runner (prism_path fixture)",
     "flink": "runs pipelines on Beam's Flink job server (flink_job_endpoint fixture)",
     "slow": "takes more than a few seconds",
+    "exclusive": "stops or restarts a shared service (the broker): runs while no other test does",
 }
+# Tests that use a JVM service of the dev stack (the Flink job server, the
+# standalone Flink cluster, the Kafka expansion service) run in one worker, one at
+# a time: some cancel every job on the job server, the cluster has a few slots,
+# and a service started on demand is stopped by the worker that started it.
+JVM_SERVICE_FIXTURES = frozenset({"flink_job_endpoint", "flink_cluster_master", "cluster_job_endpoint",
+                                  "kafka_expansion_address"})
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """With pytest-xdist (scripts/test.sh runs ``-n 2 --dist loadgroup``): the JVM
+    services' tests in one group, so in one worker."""
+    for item in items:
+        if item.get_closest_marker("flink") or JVM_SERVICE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("jvm-services"))
+
+
+@pytest.fixture(autouse=True)
+def _alone_when_exclusive(request, tmp_path_factory) -> Iterator[None]:
+    """Under pytest-xdist, a test marked ``exclusive`` runs while no other test
+    does: every test holds a shared lock on a file all workers see, an exclusive
+    test holds it exclusively. A second lock, taken by every test before the first
+    one, makes the tests that come after a waiting exclusive one wait behind it (a
+    stream of shared holders would otherwise keep it waiting for good). Without
+    xdist this does nothing."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import fcntl
+
+    folder = tmp_path_factory.getbasetemp().parent  # shared by the workers of one run
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    with open(folder / "onceflow-turnstile.lock", "a") as turnstile, open(folder / "onceflow-alone.lock", "a") as alone:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(alone, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(alone, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -124,6 +166,15 @@ def flink_cluster_master() -> Iterator[str]:
 
     with _service("flink-cluster"):
         yield flink_cluster.master()
+
+
+@pytest.fixture(scope="session")
+def kafka_expansion_address() -> Iterator[str]:
+    """``127.0.0.1:<port>`` of Beam's Java Kafka expansion service (dev stack)."""
+    from onceflow_dev.devstack import kafka_expansion
+
+    with _service("kafka-expansion"):
+        yield kafka_expansion.address()
 
 
 def _free_port() -> int:

@@ -21,18 +21,17 @@ def test_pom_excludes_confluent_artifacts():
 
 
 @pytest.mark.slow
-def test_service_expands_the_kafka_read():
+def test_service_expands_the_kafka_read(kafka_expansion_address):
     import apache_beam as beam
 
     from onceflow_dev import devstack
     from onceflow.io.kafka.config import EARLIEST, KafkaReadConfig, KafkaTopic
     from onceflow.io.kafka.java import ReadFromKafkaWithJava
 
-    devstack.ensure_up(["kafka-expansion"])
     assert devstack.status(["kafka-expansion"])["kafka-expansion"]["healthy"]
     pipeline = beam.Pipeline()
     config = KafkaReadConfig(KafkaTopic("127.0.0.1:1", "t"), start=EARLIEST, time_source="record")
-    pipeline | ReadFromKafkaWithJava(config, None, expansion_service=kafka_expansion.address())
+    pipeline | ReadFromKafkaWithJava(config, None, expansion_service=kafka_expansion_address)
     proto = pipeline.to_runner_api()
     urns = {t.spec.urn for t in proto.components.transforms.values()}
     assert "beam:transform:read:v1" in urns  # use_deprecated_read: Flink reads it natively

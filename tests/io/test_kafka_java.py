@@ -200,11 +200,9 @@ def _read(folder: pathlib.Path) -> list:
 @pytest.mark.kafka
 @pytest.mark.flink
 @pytest.mark.slow
-def test_reads_every_record_on_flink(kafka_bootstrap, flink_job_endpoint, tmp_path):
+def test_reads_every_record_on_flink(kafka_bootstrap, flink_job_endpoint, kafka_expansion_address, tmp_path):
     from onceflow_dev import devstack
-    from onceflow_dev.devstack import kafka_expansion
 
-    devstack.ensure_up(["kafka-expansion"])
     topic = f"java-read-{uuid.uuid4().hex[:10]}"
     devstack.create_topic(topic, partitions=3)
     expected = _produce(kafka_bootstrap, topic)
@@ -219,7 +217,7 @@ def test_reads_every_record_on_flink(kafka_bootstrap, flink_job_endpoint, tmp_pa
     ])
     pipeline = beam.Pipeline(options=options)
     (pipeline
-     | ReadFromKafkaWithJava(config, CONTRACT, expansion_service=kafka_expansion.address())
+     | ReadFromKafkaWithJava(config, CONTRACT, expansion_service=kafka_expansion_address)
      | beam.ParDo(_WriteRecordFiles(str(out))))
     result = pipeline.run()
     try:
@@ -258,7 +256,7 @@ def test_reads_every_record_on_flink(kafka_bootstrap, flink_job_endpoint, tmp_pa
 
 
 @pytest.mark.prism
-def test_prism_cannot_run_the_java_read(prism_path, tmp_path):
+def test_prism_cannot_run_the_java_read(prism_path, kafka_expansion_address, tmp_path):
     """Recorded outcome, not a skip: Prism refuses both expansions of Java KafkaIO here.
 
     With the dev stack's expansion (legacy Read, EMBEDDED Java environment) Prism
@@ -266,10 +264,6 @@ def test_prism_cannot_run_the_java_read(prism_path, tmp_path):
     expansion it fails with ``environment ... with urn EMBEDDED unimplemented``
     (seen by hand); a DOCKER Java environment needs Docker, absent here.
     """
-    from onceflow_dev import devstack
-    from onceflow_dev.devstack import kafka_expansion
-
-    devstack.ensure_up(["kafka-expansion"])
     # In a process of its own: Beam caches Prism job servers per process, so an
     # earlier pipeline in this test session could otherwise decide which Prism runs.
     script = (
@@ -280,7 +274,7 @@ def test_prism_cannot_run_the_java_read(prism_path, tmp_path):
         "config = KafkaReadConfig(KafkaTopic('127.0.0.1:19092', 'orders'), start=EARLIEST, time_source='record')\n"
         f"options = PipelineOptions(['--runner=PrismRunner', '--prism_location={prism_path}', '--streaming'])\n"
         "pipeline = beam.Pipeline(options=options)\n"
-        f"pipeline | ReadFromKafkaWithJava(config, None, expansion_service='{kafka_expansion.address()}')"
+        f"pipeline | ReadFromKafkaWithJava(config, None, expansion_service='{kafka_expansion_address}')"
         " | beam.Map(print)\n"
         "pipeline.run().wait_until_finish()\n"
     )

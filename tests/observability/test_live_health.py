@@ -10,7 +10,7 @@ from onceflow_dev.devstack import kafka
 from tests.io.test_kafka_ranges import free_port, http_get
 from tests.livejob import counted_events, job_output, new_topic, produce, start_live_job, stop, wait_for
 
-pytestmark = [pytest.mark.kafka, pytest.mark.prism, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka, pytest.mark.prism, pytest.mark.slow, pytest.mark.exclusive]  # it stops the broker
 
 
 def _event(n, t):

@@ -29,6 +29,7 @@ def torture(*flags: str, timeout_s: float = 1500) -> subprocess.CompletedProcess
 @pytest.mark.postgres
 @pytest.mark.prism
 @pytest.mark.slow
+@pytest.mark.exclusive  # it restarts the broker
 def test_a_short_torture_run_ends_exact_live_and_after_the_backfill(kafka_bootstrap, postgres_dsn, prism_path,
                                                                     tmp_path):
     """20,000 records, 3 SIGKILLs, 1 broker restart, 1 stall, 1 sink connection kill."""
@@ -55,6 +56,7 @@ def test_a_short_torture_run_ends_exact_live_and_after_the_backfill(kafka_bootst
 @pytest.mark.kafka
 @pytest.mark.prism
 @pytest.mark.slow
+@pytest.mark.exclusive  # it restarts the broker
 def test_a_kill_before_the_first_row_loses_nothing_with_a_parquet_sink(kafka_bootstrap, postgres_dsn, prism_path,
                                                                       tmp_path):
     """The issue's second check: 5 SIGKILLs, the first after the job has read
@@ -80,6 +82,7 @@ def test_a_kill_before_the_first_row_loses_nothing_with_a_parquet_sink(kafka_boo
 @pytest.mark.kafka
 @pytest.mark.flink
 @pytest.mark.slow
+@pytest.mark.exclusive  # it restarts the broker
 def test_sliding_windows_with_early_firing_into_avro_files_on_flink_stay_exact_under_kills(kafka_bootstrap,
                                                                                            flink_job_endpoint,
                                                                                            tmp_path):

@@ -148,12 +148,14 @@ def test_bounded_and_unbounded_paths_give_the_same_final_rows():
         assert_that(expected_rows, equal_to(_reference_rows(records, spec)), label="bounded_rows")
 
     stream, watermark = TestStream().advance_watermark_to(-100), -100
-    for r in records:
-        # The runner's watermark trails the reader's high water, as on a real runner.
-        if r.high_water_ms is not None and r.high_water_ms / 1000 > watermark:
-            watermark = r.high_water_ms / 1000
-            stream = stream.advance_watermark_to(Timestamp(micros=r.high_water_ms * 1000))
-        stream = stream.add_elements([r])
+    for first in range(0, len(records), 10):
+        # The runner's watermark trails the reader's high water, as on a real runner:
+        # each group of ten records comes after the watermark reached its first one's.
+        group = records[first:first + 10]
+        if group[0].high_water_ms is not None and group[0].high_water_ms / 1000 > watermark:
+            watermark = group[0].high_water_ms / 1000
+            stream = stream.advance_watermark_to(Timestamp(micros=group[0].high_water_ms * 1000))
+        stream = stream.add_elements(group)
     # A live stream's watermark moves on past the last windows (this test runner
     # does not fire user timers when the watermark jumps straight to infinity).
     stream = stream.advance_watermark_to(Timestamp(seconds=10**6)).advance_watermark_to_infinity()
