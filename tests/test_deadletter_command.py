@@ -305,7 +305,7 @@ def test_a_negative_limit_is_refused(tmp_path, capsys):
     assert "--limit: -5 is negative" in one_error_line(capsys)
 
 
-def test_a_postgresql_server_out_of_reach_is_one_line(capsys):
+def test_a_postgresql_server_out_of_reach_is_one_line(capsys, few_database_retries):
     assert cli.main(["dlq", "count", "--dlq=postgresql://onceflow:s3cret@127.0.0.1:1/onceflow"]) == 1
     line = one_error_line(capsys)
     assert "--dlq: cannot read postgresql postgresql://onceflow:***@127.0.0.1:1/onceflow" in line

@@ -63,7 +63,7 @@ WRONG, DOWN = (2, "aggregate: error: "), (1, "aggregate: --")
     ("--dlq=postgresql://onceflow@127.0.0.1:1/onceflow?table=t&passfile=" + PLANTED, WRONG),  # no such file
     ("--kafka_setting=" + PLANTED, WRONG),
 ])
-def test_an_error_is_one_line_without_the_secret(flag, expected, capsys):
+def test_an_error_is_one_line_without_the_secret(flag, expected, capsys, few_database_retries):
     status, prefix = expected
     assert main([flag, "--status=off"]) == status
     err = capsys.readouterr().err.strip().splitlines()

@@ -14,6 +14,7 @@ from typing import Callable, Optional, TypeVar
 
 _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_ATTEMPTS = 8  # about 11 s of waits from first_delay_s 0.1 to max_delay_s 5
 
 
 class DatabaseUnreachable(RuntimeError):
@@ -26,13 +27,15 @@ def call_with_retries(
     is_transient: Callable[[BaseException], bool],
     *,
     what: str,
-    max_attempts: int = 8,
+    max_attempts: Optional[int] = None,
     first_delay_s: float = 0.1,
     max_delay_s: float = 5.0,
     on_retry: Optional[Callable[[BaseException], None]] = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Runs ``action``; on a transient error waits and tries again, up to the cap."""
+    """Runs ``action``; on a transient error waits and tries again, up to the cap
+    (``max_attempts`` tries in all, :data:`MAX_ATTEMPTS` when not given)."""
+    max_attempts = max_attempts or MAX_ATTEMPTS
     delay = first_delay_s
     for attempt in range(1, max_attempts + 1):
         try:

@@ -73,7 +73,7 @@ def test_passwords_are_never_shown():
     assert "s3cret" not in dlq.describe() and "s3cret" not in repr(dlq)
 
 
-def test_prepare_fails_in_one_line_without_the_password(tmp_path):
+def test_prepare_fails_in_one_line_without_the_password(tmp_path, few_database_retries):
     """A server that does not answer is a service down (the job exits 1, as for a
     broker), not a wrong flag (it exited 2)."""
     from onceflow.io.retry import DatabaseUnreachable
@@ -162,7 +162,7 @@ def test_one_target_type_describes_sinks_and_queues_without_secrets():
     assert kafka.option("format") == "avro_registry" and kafka.option("method") is None
 
 
-def test_prepare_dlq(tmp_path):
+def test_prepare_dlq(tmp_path, few_database_retries):
     prepare_dlq(parse_dlq_target(str(tmp_path / "new" / "dlq.jsonl")))
     assert (tmp_path / "new").is_dir()
     from onceflow.io.retry import DatabaseUnreachable
