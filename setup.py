@@ -69,7 +69,10 @@ setuptools.setup(
         # Beam YAML (jinja2, jsonschema, pandas, ...): for onceflow.yaml_provider and templates/yaml/
         "yaml": [f"apache-beam[yaml]=={BEAM_VERSION}"],
         "dev": [
-            "pytest>=8",
+            # pytest 9.2 keeps node IDs in a form pytest-xdist 3.8's --dist loadgroup no
+            # longer marks, so its groups are silently ignored (pytest-xdist issue 1386):
+            # tests/conftest.py refuses to run them ungrouped.
+            "pytest>=8,<9.2",
             "pytest-xdist>=3.5",  # scripts/test.sh runs the tests in two processes
             "hypothesis>=6.100",
             "confluent-kafka>=2.4",
