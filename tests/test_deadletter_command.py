@@ -441,7 +441,7 @@ def test_replay_of_kafka_records_without_kafka_timestamps_reads_their_windows():
 @pytest.mark.parametrize("message, expected", [
     (b'{"dlq_id": "x"}', "offset 0 is not a dead letter: no 'reason' field of an envelope"),
     (GOOD_LINE.replace('"failed_at":"', '"failed_at":"yesterday').encode(), "failed_at 'yesterday"),
-])
+], ids=["no-reason", "a-bad-time"])  # GOOD_LINE holds the time of import: an ID of it differs between workers
 def test_a_kafka_queue_message_that_is_not_an_envelope_is_one_line(kafka_bootstrap, capsys, message, expected):
     """A JSON message without an envelope's fields failed in a KeyError traceback
     (files were checked, topics were not)."""
