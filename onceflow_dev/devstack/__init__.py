@@ -49,6 +49,7 @@ leave the services they started running).
 
 from __future__ import annotations
 
+import concurrent.futures
 from types import ModuleType
 from typing import Any, Iterable
 
@@ -104,14 +105,23 @@ def parse_services(value: str | Iterable[str] | None, default: Iterable[str] = D
 
 def ensure_up(services: str | Iterable[str] | None = None, secure: bool | None = None) -> list[str]:
     """Start (or build) each service unless it is already up; return the names
-    this call started. ``secure`` is Kafka's (see :func:`kafka.up`): True for its
-    SASL_SSL and mutual-TLS listeners. Raises ServiceError with one line saying
-    what to do."""
-    started = []
-    for name in parse_services(services):
-        if (kafka.up(secure=secure) if name == "kafka" else SERVICES[name].up()):
-            started.append(name)
-    return started
+    this call started, in the order given. ``secure`` is Kafka's (see
+    :func:`kafka.up`): True for its SASL_SSL and mutual-TLS listeners. Raises
+    ServiceError with one line saying what to do.
+
+    Prism is built (a first time: minutes of Go compiling) while the others start
+    and their jars download; it needs none of them."""
+    names = parse_services(services)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as builder:
+        prism_built = builder.submit(prism.up) if "prism" in names and len(names) > 1 else None
+        started = {name: _up(name, secure) for name in names if not (name == "prism" and prism_built)}
+        if prism_built is not None:
+            started["prism"] = prism_built.result()
+    return [name for name in names if started[name]]
+
+
+def _up(name: str, secure: bool | None) -> bool:
+    return kafka.up(secure=secure) if name == "kafka" else SERVICES[name].up()
 
 
 def down(services: str | Iterable[str] | None = None) -> list[str]:

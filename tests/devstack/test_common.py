@@ -8,6 +8,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -145,6 +146,32 @@ def test_parse_services():
     assert devstack.parse_services("", default=devstack.SERVICES) == list(devstack.SERVICES)
     with pytest.raises(UsageError, match="unknown service 'kafak'"):
         devstack.parse_services("kafak")
+
+
+def test_prism_is_built_while_the_other_services_start(monkeypatch):
+    """Stand-in up() functions (no service is started): Prism's build waits for
+    PostgreSQL's start, so it only ends when the two run at once; the names come
+    back in the order given, and a failed build is raised."""
+    postgres_started = threading.Event()
+
+    def build_prism():
+        return postgres_started.wait(timeout=30)  # False, so "not built", if they ran one after the other
+
+    def start_postgres():
+        postgres_started.set()
+        return True
+
+    monkeypatch.setattr(devstack.prism, "up", build_prism)
+    monkeypatch.setattr(devstack.postgres, "up", start_postgres)
+    monkeypatch.setattr(devstack.kafka, "up", lambda secure=None: False)  # already up
+    assert devstack.ensure_up(["prism", "kafka", "postgres"]) == ["prism", "postgres"]
+
+    def failed_build():
+        raise ServiceError("building prism failed")
+
+    monkeypatch.setattr(devstack.prism, "up", failed_build)
+    with pytest.raises(ServiceError, match="building prism failed"):
+        devstack.ensure_up(["postgres", "prism"])
 
 
 def test_pom_lists_the_dependencies():
