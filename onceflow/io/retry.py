@@ -35,7 +35,8 @@ def call_with_retries(
 ) -> T:
     """Runs ``action``; on a transient error waits and tries again, up to the cap
     (``max_attempts`` tries in all, :data:`MAX_ATTEMPTS` when not given)."""
-    max_attempts = max_attempts or MAX_ATTEMPTS
+    if max_attempts is None:
+        max_attempts = MAX_ATTEMPTS
     delay = first_delay_s
     for attempt in range(1, max_attempts + 1):
         try:
