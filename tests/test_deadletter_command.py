@@ -106,7 +106,24 @@ def test_replay_refuses_a_range_and_an_unknown_reason(tmp_path, capsys):
     assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", "--margin", "2h", "--allowed_lateness=3h"]) == 2
     assert "--margin after --: it is a flag of dlq replay, not of the job; put it before --" in capsys.readouterr().err
     assert cli.main(["dlq", "count", "--dlq", str(dlq), "--reason", "too_lat"]) == 2
-    assert "--reason: 'too_lat' is not a reason onceflow gives; one of invalid_utf8," in capsys.readouterr().err
+    assert ("--reason: 'too_lat' is not a reason onceflow gives, nor one of a selected dead letter; onceflow's: "
+            "invalid_utf8,") in capsys.readouterr().err
+
+
+def test_a_reason_of_a_users_own_job_is_selected(tmp_path, capsys):
+    """A queue written by a user's own job (say a YAML pipeline) can hold reasons
+    onceflow never gives: --reason selects them, and refuses only a name no
+    selected dead letter has."""
+    dlq = tmp_path / "dlq.jsonl"
+    run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off"])
+    envelopes = [json.loads(line) for line in dlq.read_text().splitlines()]
+    envelopes[0]["reason"] = "price_out_of_range"
+    dlq.write_text("".join(json.dumps(envelope) + "\n" for envelope in envelopes))
+    capsys.readouterr()
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--reason", "price_out_of_range"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{'price_out_of_range':<20} {1:>8,}", f"{'total':<20} {1:>8,}"]
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--reason", "price_out_of_rang"]) == 2
+    assert "--reason: 'price_out_of_rang' is not a reason onceflow gives" in capsys.readouterr().err
 
 
 def test_list_filters_by_reason(tmp_path, capsys):

@@ -172,14 +172,11 @@ def _selected(args) -> List[Dict[str, Any]]:
     since, until = _time_flag(args.since, "--since"), _time_flag(args.until, "--until")
     if since is not None and until is not None and since >= until:  # selected nothing, as if the queue were empty
         raise UsageError(f"--since {args.since} is not before --until {args.until}: no record can match")
-    unknown = [reason for reason in args.reason or () if reason not in REASONS]
-    if unknown:  # a typo would select nothing and say so as if the queue held none
-        raise UsageError(f"--reason: {unknown[0]!r} is not a reason onceflow gives; one of {', '.join(REASONS)}")
     if target.scheme == JSONL and not os.path.exists(target.location):
         raise UsageError(f"--dlq: {target.location} does not exist: give the path of the job's --dlq file "
                          "(a job creates it when it starts)")
     try:
-        return select(read_dead_letters_from(target), args.reason, since, until, args.source)
+        chosen = select(read_dead_letters_from(target), args.reason, since, until, args.source)
     except (ValueError, UnknownSchema) as error:  # not a dead letter, no such table, a schema ID not there
         raise UsageError(f"--dlq: {first_line(error)}") from None
     except OSError as error:  # a directory, a file without read permission
@@ -190,6 +187,12 @@ def _selected(args) -> List[Dict[str, Any]]:
         if type(error).__module__.split(".")[0] == "psycopg":  # libpq's line says what failed
             raise ServiceError(f"--dlq: cannot read {target.describe()}: {first_line(error)}") from None
         raise
+    found = {envelope["reason"] for envelope in chosen}
+    typos = [reason for reason in args.reason or () if reason not in REASONS and reason not in found]
+    if typos:  # would select nothing and say so as if the queue held none; a job's own reason is found
+        raise UsageError(f"--reason: {typos[0]!r} is not a reason onceflow gives, nor one of a selected dead "
+                         f"letter; onceflow's: {', '.join(REASONS)}")
+    return chosen
 
 
 def _is_kafka_error(error: BaseException) -> bool:
