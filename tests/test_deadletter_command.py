@@ -435,6 +435,25 @@ def test_select_by_source_topic_or_files():
     assert select(envelopes, source="/data/*/*.jsonl") == envelopes[2:]
 
 
+def test_a_source_no_dead_letter_came_from_is_refused(tmp_path, capsys):
+    """A misspelt topic or path selected nothing and counted 0 as if the queue held
+    none from it; a source some dead letters came from, though other filters leave
+    none of them, still counts 0."""
+    dlq = tmp_path / "dlq.jsonl"
+    run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off"])
+    files = {json.loads(line)["source"]["file"] for line in dlq.read_text().splitlines()}
+    assert len(files) == 1
+    capsys.readouterr()
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--source", "ordrs"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"onceflow: error: --source: no dead letter in {dlq} came from 'ordrs': give a Kafka topic's name, or a path or "
+        "glob of input files, as `onceflow dlq list` shows them")
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--source", files.pop(), "--reason", "too_late"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{'too_late':<20} {2:>8,}", f"{'total':<20} {2:>8,}"]
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--source", "/*", "--until", "2000-01-01T00:00:00Z"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{'total':<20} {0:>8,}"]
+
+
 def test_replay_of_kafka_records_without_kafka_timestamps_reads_their_windows():
     """A record with no Kafka timestamp (-1, or none kept) failed the replay with a
     TypeError; its window's bounds give the range instead."""

@@ -38,7 +38,7 @@ import glob
 import json
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from onceflow.errors import ServiceError, UsageError
 from onceflow.io.kafka.config import scrub_secrets
@@ -175,8 +175,16 @@ def _selected(args) -> List[Dict[str, Any]]:
     if target.scheme == JSONL and not os.path.exists(target.location):
         raise UsageError(f"--dlq: {target.location} does not exist: give the path of the job's --dlq file "
                          "(a job creates it when it starts)")
+    from_source = []  # a dead letter of the queue came from --source, whatever the other filters say
+
+    def noting_the_source(envelopes: Iterable[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        for envelope in envelopes:
+            if args.source is not None and not from_source and _from_source(envelope["source"], args.source):
+                from_source.append(envelope)
+            yield envelope
+
     try:
-        chosen = select(read_dead_letters_from(target), args.reason, since, until, args.source)
+        chosen = select(noting_the_source(read_dead_letters_from(target)), args.reason, since, until, args.source)
     except (ValueError, UnknownSchema) as error:  # not a dead letter, no such table, a schema ID not there
         raise UsageError(f"--dlq: {first_line(error)}") from None
     except OSError as error:  # a directory, a file without read permission
@@ -192,6 +200,9 @@ def _selected(args) -> List[Dict[str, Any]]:
     if typos:  # would select nothing and say so as if the queue held none; a job's own reason is found
         raise UsageError(f"--reason: {typos[0]!r} is not a reason onceflow gives, nor one of a selected dead "
                          f"letter; onceflow's: {', '.join(REASONS)}")
+    if args.source is not None and not from_source:  # a misspelt topic or path would select nothing, silently
+        raise UsageError(f"--source: no dead letter in {target.describe()} came from {args.source!r}: give a Kafka "
+                         "topic's name, or a path or glob of input files, as `onceflow dlq list` shows them")
     return chosen
 
 
