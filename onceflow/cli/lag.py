@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+from typing import Dict
 
 from onceflow.io.kafka.admin import consumer_group_lag
 from onceflow.io.kafka.config import client_error_line, parse_client_settings, parse_kafka_url, read_properties_file
@@ -101,10 +102,22 @@ def _timeout_seconds(text: str) -> float:
     return seconds
 
 
+def _check_no_other_broker_or_group(settings: Dict[str, str], args: argparse.Namespace) -> None:
+    """ValueError for a client setting naming other brokers or another group than
+    the flags: the flags win, and the lag would be of something not asked for."""
+    flags = {"bootstrap.servers": ("--bootstrap-server", args.bootstrap_server), "group.id": ("--group", args.group)}
+    for name, value in settings.items():
+        flag = flags.get(name.strip().lower())
+        if flag is not None and value.strip() != flag[1]:
+            raise ValueError(f"the client setting {name}={value} is not {flag[0]} {flag[1]}: give it with "
+                             f"{flag[0]} alone")
+
+
 def run_lag(args: argparse.Namespace) -> int:
     try:
         settings = read_properties_file(args.kafka_config_file) if args.kafka_config_file else {}
         settings.update(parse_client_settings(args.kafka_setting, "--kafka_setting"))
+        _check_no_other_broker_or_group(settings, args)
     except ValueError as error:
         print(f"onceflow lag: error: {error}", file=sys.stderr)
         return 2

@@ -92,6 +92,24 @@ def test_the_kafka_flags_are_spelled_as_the_job_spells_them(capsys):
         assert exit.value.code == 2 and f"unrecognized arguments: {dashed}" in capsys.readouterr().err
 
 
+def test_a_setting_naming_other_brokers_or_another_group_is_refused(capsys, tmp_path):
+    """It was overridden quietly by the flag; the same value is fine (a properties
+    file shared with the job may hold it). Nothing reaches the broker."""
+    status, out, err = lag(capsys, "--bootstrap-server", "127.0.0.1:9", "--group", "g",
+                           "--kafka_setting", "bootstrap.servers=10.0.0.1:9092")
+    assert (status, out) == (2, "")
+    assert err.strip() == ("onceflow lag: error: the client setting bootstrap.servers=10.0.0.1:9092 is not "
+                           "--bootstrap-server 127.0.0.1:9: give it with --bootstrap-server alone")
+    properties = tmp_path / "client.properties"
+    properties.write_text("group.id=other\n")
+    status, out, err = lag(capsys, "--bootstrap-server", "127.0.0.1:9", "--group", "g",
+                           "--kafka_config_file", str(properties))
+    assert (status, out) == (2, "") and "the client setting group.id=other is not --group g" in err
+    status, out, err = lag(capsys, "--bootstrap-server", "127.0.0.1:9", "--group", "g", "--timeout", "1",
+                           "--kafka_setting", "bootstrap.servers=127.0.0.1:9")
+    assert status == 3 and "127.0.0.1:9" in err  # the same broker: on to the broker, which is not there
+
+
 def test_the_tortures_probe_counts_the_same_lag_with_one_consumer_kept(group_at_known_position):
     from onceflow_dev.torture.command import _LagProbe
 
