@@ -38,6 +38,7 @@ from typing import (
     Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union,
 )
 
+from onceflow import metrics
 from onceflow.events import (
     LONG_MAX as _LONG_MAX, LONG_MIN as _LONG_MIN, MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MAX_JSON_NESTING,
     MAX_KEY_BYTES, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS, EventContract, RecordError, SourceRecord,
@@ -358,7 +359,7 @@ def _decode_json_columns(contract: EventContract, values: Sequence[bytes], fast)
     """
     relax_gc()
     fields = _field_reader(contract).read(values)
-    _warn_once_if_no_record_has_the_id(contract, fields)
+    _count_records_without_the_id(contract, fields)
     unsure = set(fields.others)
     if max(map(len, values)) > MAX_JSON_NESTING:  # only a record this long can nest too deep
         unsure.update(index for index, raw in enumerate(values) if json_nests_too_deep(raw))
@@ -394,20 +395,24 @@ def _decode_json_columns(contract: EventContract, values: Sequence[bytes], fast)
     return Verdicts(event_ids, event_times, key_columns, tuple(contract.value_fields), value_columns, refusals)
 
 
-_ID_WARNED = False  # _warn_once_if_no_record_has_the_id has warned in this process
+_ID_WARNED = False  # _count_records_without_the_id has warned in this process
 _ID_WARNING_BATCH = 100  # the fewest records of a batch that lack the ID field for it to warn
 
 
-def _warn_once_if_no_record_has_the_id(contract: EventContract, fields: "_Fields") -> None:
-    """Warns once per process when none of at least _ID_WARNING_BATCH JSON objects
-    of a batch has ``--id_field`` (None in its column: absent, or null): a
-    misspelled field name derives every ID from the record's content, silently,
-    and copies that differ in any field are then counted twice. Records that are
-    not objects (malformed) do not count. One C-level count per batch."""
+def _count_records_without_the_id(contract: EventContract, fields: "_Fields") -> None:
+    """Counts the JSON objects of a batch without ``--id_field`` (None in its
+    column: absent, or null) in ``records_without_id``, which the run's summary
+    reads, and warns once per process when none of at least _ID_WARNING_BATCH has
+    it: a misspelled field name derives every ID from the record's content,
+    silently, and copies that differ in any field are then counted twice. Records
+    that are not objects (malformed) do not count. One C-level count per batch."""
     global _ID_WARNED
     ids = fields.columns[contract.id_field]
     objects = len(ids) - len(fields.others)
-    if _ID_WARNED or objects < _ID_WARNING_BATCH or ids.count(None) < len(ids):
+    without = ids.count(None) - len(fields.others)  # a record that is not an object has None there too
+    if without:
+        metrics.counter(metrics.RECORDS_WITHOUT_ID).inc(without)
+    if _ID_WARNED or objects < _ID_WARNING_BATCH or without < objects:
         return
     _ID_WARNED = True
     import logging

@@ -27,6 +27,7 @@ KAFKA_RECORDS_READ = "kafka_records_read"
 RETENTION_GAP_RECORDS = "retention_gap_records"  # records a read should have read, deleted by retention
 CONSUMER_LAG = "consumer_lag"  # a gauge per partition: consumer_lag.<topic>.<partition>
 EVENTS_PARSED = "events_parsed"
+RECORDS_WITHOUT_ID = "records_without_id"  # JSON objects without --id_field (or null): IDs derived from content
 DEAD_LETTERS = "dead_letters"  # counted per reason: dead_letters.<reason>
 EVENTS_TIMELY = "events_timely"
 DUPLICATES_DROPPED = "duplicates_dropped"

@@ -21,6 +21,9 @@ TOO_LATE_NOTE_SHARE = 0.10
 # The share that went there as schema_violation from which it says which flags
 # name the fields: a misspelled --time_field refuses every record.
 SCHEMA_NOTE_SHARE = 0.50
+# The share of records read that lacked --id_field from which it says that their
+# IDs were derived from their content: a misspelled --id_field lacks in every one.
+NO_ID_NOTE_SHARE = 0.50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +107,8 @@ class RunSummary:
         """Where the figures came from when not from the runner, and hints for a run
         whose figures suggest a flag is wrong for the input: when too-late records are
         at least :data:`TOO_LATE_NOTE_SHARE` of the records read, or records refused
-        by the schema :data:`SCHEMA_NOTE_SHARE`."""
+        by the schema :data:`SCHEMA_NOTE_SHARE`, or records without ``--id_field``
+        :data:`NO_ID_NOTE_SHARE`."""
         found = []
         if self.values == LOCAL:
             found.append("the runner gave no figures once the job stopped: these were counted in this process "
@@ -117,6 +121,12 @@ class RunSummary:
                          "do not have (a misspelling), every record is refused; their messages say which field "
                          "(onceflow dlq list --reason schema_violation), and a replay with the flag fixed counts "
                          "them (onceflow dlq replay --reason schema_violation -- <the job's flags>)")
+        without_id = self.count(metrics.RECORDS_WITHOUT_ID)
+        if read > 0 and without_id >= NO_ID_NOTE_SHARE * read:
+            found.append(f"{without_id:,} of {read:,} records ({without_id / read:.0%}) have no --id_field field: "
+                         "their event IDs were derived from their content, so copies that differ in any field "
+                         "(a re-send with a new timestamp) count twice; if --id_field is misspelled, fix it and "
+                         "run again (the rows are overwritten), or give --id_field='' to derive IDs on purpose")
         too_late = self.dead_letters_by_reason.get("too_late", 0)
         if read <= 0 or too_late < TOO_LATE_NOTE_SHARE * read:
             return found
@@ -140,6 +150,7 @@ class RunSummary:
             "values": self.values,
             "records_read": self.count(metrics.RECORDS_READ),
             "events_parsed": self.count(metrics.EVENTS_PARSED),
+            "records_without_id": self.count(metrics.RECORDS_WITHOUT_ID),
             "duplicates_dropped": self.count(metrics.DUPLICATES_DROPPED),
             "too_late": by_reason.get("too_late", 0),
             "dead_letters": {"total": sum(by_reason.values()), "by_reason": by_reason},

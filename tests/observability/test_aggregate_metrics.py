@@ -19,13 +19,24 @@ BROKEN_BY_REASON = {"bad_timestamp": 1, "invalid_utf8": 1, "malformed_json": 1, 
 def independent_counts():
     rows, dead = expected_job(SAMPLE_INPUT, MINUTE, 5 * MINUTE)
     with open(SAMPLE_INPUT, "rb") as handle:
-        records = sum(1 for line in handle.read().split(b"\n") if line.strip())
+        lines = [line for line in handle.read().split(b"\n") if line.strip()]
+    records = len(lines)
+    without_id = sum(1 for line in lines if _object_without(line, "order_id"))
     bad = sum(1 for _, kind in dead if kind == "bad")
     too_late = sum(1 for _, kind in dead if kind == "too_late")
     unique = sum(row["count"] for row in rows.values())
     timely = records - bad - too_late
     return {"records": records, "bad": bad, "too_late": too_late, "timely": timely, "unique": unique,
-            "duplicates": timely - unique, "rows": len(rows)}
+            "duplicates": timely - unique, "rows": len(rows), "without_id": without_id}
+
+
+def _object_without(line: bytes, field: str) -> bool:
+    """A JSON object whose ``field`` is absent or null (its event ID is derived)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get(field) is None
 
 
 def test_metrics_of_the_sample_run_equal_the_known_counts(tmp_path):
@@ -40,6 +51,7 @@ def test_metrics_of_the_sample_run_equal_the_known_counts(tmp_path):
     expected_counters = {
         "records_read": n["records"],
         "events_parsed": n["records"] - n["bad"],
+        "records_without_id": n["without_id"],
         **{f"dead_letters.{reason}": count for reason, count in dead_letters.items()},
         "events_timely": n["timely"],
         "duplicates_dropped": n["duplicates"],

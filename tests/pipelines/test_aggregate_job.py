@@ -1,6 +1,7 @@
 """The main job end to end on files, against an independent reference."""
 
 import datetime
+import json
 import sqlite3
 import subprocess
 import sys
@@ -398,14 +399,19 @@ def test_an_id_field_no_record_has_is_warned_of_once(tmp_path):
     """A misspelled --id_field derived every ID from content, without a word: a
     copy differing in any field was counted twice, exit 0."""
     result = run_cli(f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl", "--status=off",
-                     "--id_field=orderid", cwd=tmp_path)
+                     "--id_field=orderid", f"--metrics_out={tmp_path}/wrong.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     warning = ("WARNING:onceflow.batches:--id_field 'orderid' is in none of 2,487 records read together: their IDs "
                "are derived from their content")
     assert result.stderr.count(warning) == 1, result.stderr[-2000:]
+    # The summary says it too, and --metrics_out counts the records (the 5 that are not JSON objects aside).
+    assert ("note: 2,487 of 2,492 records (100%) have no --id_field field: their event IDs were derived from their "
+            "content") in result.stdout
+    assert json.loads((tmp_path / "wrong.json").read_text())["records_without_id"] == 2_487
     result = run_cli(f"--sink=sqlite:///{tmp_path}/right.db", f"--dlq={tmp_path}/right.jsonl", "--status=off",
-                     cwd=tmp_path)
-    assert result.returncode == 0 and "--id_field" not in result.stderr
+                     f"--metrics_out={tmp_path}/right.json", cwd=tmp_path)
+    assert result.returncode == 0 and "--id_field" not in result.stderr + result.stdout
+    assert json.loads((tmp_path / "right.json").read_text())["records_without_id"] == 64  # the sample's own, no note
 
 
 def test_an_avro_container_file_end_to_end(tmp_path):
