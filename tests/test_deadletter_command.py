@@ -106,14 +106,14 @@ def test_replay_refuses_a_range_and_an_unknown_reason(tmp_path, capsys):
     assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", "--margin", "2h", "--allowed_lateness=3h"]) == 2
     assert "--margin after --: it is a flag of dlq replay, not of the job; put it before --" in capsys.readouterr().err
     assert cli.main(["dlq", "count", "--dlq", str(dlq), "--reason", "too_lat"]) == 2
-    assert ("--reason: 'too_lat' is not a reason onceflow gives, nor one of a selected dead letter; onceflow's: "
-            "invalid_utf8,") in capsys.readouterr().err
+    assert ("--reason: 'too_lat' is not a reason onceflow gives, nor one of a dead letter in the queue; "
+            "onceflow's: invalid_utf8,") in capsys.readouterr().err
 
 
 def test_a_reason_of_a_users_own_job_is_selected(tmp_path, capsys):
     """A queue written by a user's own job (say a YAML pipeline) can hold reasons
-    onceflow never gives: --reason selects them, and refuses only a name no
-    selected dead letter has."""
+    onceflow never gives: --reason selects them, even where other filters leave
+    none, and refuses only a name no dead letter of the queue has."""
     dlq = tmp_path / "dlq.jsonl"
     run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off"])
     envelopes = [json.loads(line) for line in dlq.read_text().splitlines()]
@@ -122,6 +122,9 @@ def test_a_reason_of_a_users_own_job_is_selected(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["dlq", "count", "--dlq", str(dlq), "--reason", "price_out_of_range"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"{'price_out_of_range':<20} {1:>8,}", f"{'total':<20} {1:>8,}"]
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--reason", "price_out_of_range",
+                     "--until", "2000-01-01T00:00:00Z"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{'total':<20} {0:>8,}"]
     assert cli.main(["dlq", "count", "--dlq", str(dlq), "--reason", "price_out_of_rang"]) == 2
     assert "--reason: 'price_out_of_rang' is not a reason onceflow gives" in capsys.readouterr().err
 
@@ -435,23 +438,29 @@ def test_select_by_source_topic_or_files():
     assert select(envelopes, source="/data/*/*.jsonl") == envelopes[2:]
 
 
-def test_a_source_no_dead_letter_came_from_is_refused(tmp_path, capsys):
+def test_a_source_no_dead_letter_came_from_is_noted(tmp_path, capsys):
     """A misspelt topic or path selected nothing and counted 0 as if the queue held
-    none from it; a source some dead letters came from, though other filters leave
-    none of them, still counts 0."""
+    none from it: the count stays 0 (a source may have had no failure yet) and a
+    note names the queue's sources; a source some dead letters came from, though
+    other filters leave none of them, and an empty queue, count 0 without a note."""
     dlq = tmp_path / "dlq.jsonl"
     run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off"])
     files = {json.loads(line)["source"]["file"] for line in dlq.read_text().splitlines()}
     assert len(files) == 1
     capsys.readouterr()
-    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--source", "ordrs"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"onceflow: error: --source: no dead letter in {dlq} came from 'ordrs': give a Kafka topic's name, or a path or "
-        "glob of input files, as `onceflow dlq list` shows them")
+    assert cli.main(["dlq", "count", "--dlq", str(dlq), "--source", "ordrs"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"{'total':<20} {0:>8,}"]
+    assert err.strip() == f"onceflow: note: --source: no dead letter in {dlq} came from 'ordrs'; they came from " \
+                          f"{next(iter(files))}"
     assert cli.main(["dlq", "count", "--dlq", str(dlq), "--source", files.pop(), "--reason", "too_late"]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"{'too_late':<20} {2:>8,}", f"{'total':<20} {2:>8,}"]
+    assert capsys.readouterr() == (f"{'too_late':<20} {2:>8,}\n{'total':<20} {2:>8,}\n", "")
     assert cli.main(["dlq", "count", "--dlq", str(dlq), "--source", "/*", "--until", "2000-01-01T00:00:00Z"]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"{'total':<20} {0:>8,}"]
+    assert capsys.readouterr() == (f"{'total':<20} {0:>8,}\n", "")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli.main(["dlq", "count", "--dlq", str(empty), "--source", "orders"]) == 0
+    assert capsys.readouterr() == (f"{'total':<20} {0:>8,}\n", "")
 
 
 def test_replay_of_kafka_records_without_kafka_timestamps_reads_their_windows():

@@ -164,7 +164,10 @@ def _selected(args) -> List[Dict[str, Any]]:
     """The selected envelopes of the queue ``--dlq`` names. A file that does not
     exist or does not hold dead letters, a table that does not exist or a Kafka
     setting the client refuses is a UsageError; a server or broker that cannot be
-    reached or refuses the login a ServiceError; each one line, secrets scrubbed."""
+    reached or refuses the login a ServiceError; each one line, secrets scrubbed.
+    A ``--reason`` that neither onceflow nor any dead letter of the queue gives is
+    a typo (UsageError); a ``--source`` none came from gets a note naming the
+    queue's sources (it may have had no failure yet)."""
     from onceflow.io.dlq import JSONL, read_dead_letters_from
     from onceflow.io.schema_registry import UnknownSchema
 
@@ -175,16 +178,20 @@ def _selected(args) -> List[Dict[str, Any]]:
     if target.scheme == JSONL and not os.path.exists(target.location):
         raise UsageError(f"--dlq: {target.location} does not exist: give the path of the job's --dlq file "
                          "(a job creates it when it starts)")
-    from_source = []  # a dead letter of the queue came from --source, whatever the other filters say
+    reasons: set[str] = set()  # the queue's reasons, whatever the filters
+    sources: Dict[str, bool] = {}  # the queue's topics and files, whatever the filters: from --source?
 
-    def noting_the_source(envelopes: Iterable[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+    def noting(envelopes: Iterable[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
         for envelope in envelopes:
-            if args.source is not None and not from_source and _from_source(envelope["source"], args.source):
-                from_source.append(envelope)
+            reasons.add(envelope["reason"])
+            where = envelope["source"]
+            name = where.get("topic", where.get("file"))
+            if args.source is not None and name is not None and name not in sources:
+                sources[name] = _from_source(where, args.source)
             yield envelope
 
     try:
-        chosen = select(noting_the_source(read_dead_letters_from(target)), args.reason, since, until, args.source)
+        chosen = select(noting(read_dead_letters_from(target)), args.reason, since, until, args.source)
     except (ValueError, UnknownSchema) as error:  # not a dead letter, no such table, a schema ID not there
         raise UsageError(f"--dlq: {first_line(error)}") from None
     except OSError as error:  # a directory, a file without read permission
@@ -195,14 +202,14 @@ def _selected(args) -> List[Dict[str, Any]]:
         if type(error).__module__.split(".")[0] == "psycopg":  # libpq's line says what failed
             raise ServiceError(f"--dlq: cannot read {target.describe()}: {first_line(error)}") from None
         raise
-    found = {envelope["reason"] for envelope in chosen}
-    typos = [reason for reason in args.reason or () if reason not in REASONS and reason not in found]
-    if typos:  # would select nothing and say so as if the queue held none; a job's own reason is found
-        raise UsageError(f"--reason: {typos[0]!r} is not a reason onceflow gives, nor one of a selected dead "
-                         f"letter; onceflow's: {', '.join(REASONS)}")
-    if args.source is not None and not from_source:  # a misspelt topic or path would select nothing, silently
-        raise UsageError(f"--source: no dead letter in {target.describe()} came from {args.source!r}: give a Kafka "
-                         "topic's name, or a path or glob of input files, as `onceflow dlq list` shows them")
+    typos = [reason for reason in args.reason or () if reason not in REASONS and reason not in reasons]
+    if typos:  # would select nothing and say so as if the queue held none; a job's own reason is in the queue
+        raise UsageError(f"--reason: {typos[0]!r} is not a reason onceflow gives, nor one of a dead letter in the "
+                         f"queue; onceflow's: {', '.join(REASONS)}")
+    if sources and not any(sources.values()):  # a misspelt topic or path selects nothing: say what is there
+        shown = ", ".join(sorted(sources)[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
+        print(f"onceflow: note: --source: no dead letter in {target.describe()} came from {args.source!r}; they "
+              f"came from {shown}", file=sys.stderr)
     return chosen
 
 
