@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -502,13 +501,26 @@ def dev_status() -> Dict[str, dict]:
         return {}
 
 
+# The interpreter that runs the onceflow contestants (--job-python): this one unless told.
+JOB_PYTHON = sys.executable
+
+
 def engine_commit() -> str:
-    """The git commit of the onceflow package that `python -m onceflow...` will import."""
-    spec = importlib.util.find_spec("onceflow")
-    if spec is None or spec.origin is None:
-        return "unknown"
-    package = os.path.dirname(spec.origin)
+    """The git commit of the onceflow package that the jobs' interpreter imports,
+    and whether pandas is importable there (Beam imports it when present: about
+    0.35 s of every job's start; a plain install of onceflow does not bring it)."""
+    probe = ("import importlib.util, os; spec = importlib.util.find_spec('onceflow'); "
+             "print(os.path.dirname(spec.origin) if spec and spec.origin else ''); "
+             "print('yes' if importlib.util.find_spec('pandas') else 'no')")
+    try:
+        package, pandas = subprocess.run([JOB_PYTHON, "-c", probe], capture_output=True, text=True, timeout=60,
+                                         check=True).stdout.split("\n")[:2]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return f"onceflow not found by {JOB_PYTHON}"
+    if not package:
+        return f"onceflow not found by {JOB_PYTHON}"
     folder = os.path.dirname(package)
+    where = f"({folder}; jobs run by {JOB_PYTHON}, pandas installed there: {pandas})"
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30,
@@ -517,13 +529,13 @@ def engine_commit() -> str:
     try:  # the last commit that changed the package, and whether it has uncommitted changes
         commit = git("log", "-1", "--format=%h", "--", package)
         dirty = " with uncommitted changes" if git("status", "--porcelain", "--", package) else ""
-        return f"onceflow at {commit}{dirty} ({folder})"
+        return f"onceflow at {commit}{dirty} {where}"
     except (OSError, subprocess.SubprocessError):
-        return f"onceflow from {folder} (not a git checkout)"
+        return f"onceflow from {folder}, not a git checkout {where}"
 
 
 def job_argv(*flags: str) -> List[str]:
-    return [sys.executable, "-m", "onceflow.pipelines.aggregate", *flags]
+    return [JOB_PYTHON, "-m", "onceflow.pipelines.aggregate", *flags]
 
 
 class Bench:
@@ -825,6 +837,8 @@ def print_footer(args: argparse.Namespace) -> None:
     if args.bootstrap:
         command.append(f"--bootstrap={args.bootstrap}")
     command += [f"--job-flag={flag}" for flag in args.job_flag]
+    if args.job_python:
+        command.append(f"--job-python={args.job_python}")
     print(f"reproduce: {shlex.join(command)}")
     try:
         from importlib.metadata import version
@@ -1015,7 +1029,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--job-flag", action="append", default=[], metavar="FLAG",
                         help="a flag passed to every onceflow job as is (repeatable), e.g. --job-flag=--shards=4")
     parser.add_argument("--lag-every", type=float, default=3, help="live mode: seconds between lag samples")
+    parser.add_argument("--job-python", default="", metavar="PYTHON",
+                        help="the interpreter that runs the onceflow jobs (default: this one), e.g. a virtualenv "
+                             "with only `pip install .[kafka]`, as a user has it")
     args = parser.parse_args(argv)
+    if args.job_python:
+        global JOB_PYTHON
+        found = shutil.which(args.job_python)
+        if found is None:
+            parser.error(f"--job-python: {args.job_python!r} is not an interpreter found on this machine")
+        if subprocess.run([found, "-c", "import onceflow.pipelines.aggregate"], capture_output=True).returncode:
+            parser.error(f"--job-python: {found} cannot import onceflow; install it there first, e.g. "
+                         f"{found} -m pip install '.[kafka]'")
+        JOB_PYTHON = found
     bench = Bench(args)
     try:
         if args.live_rate:
