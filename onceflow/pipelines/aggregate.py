@@ -277,8 +277,9 @@ def _registry_options(source: InputOptions, input_format: str, kafka_settings: D
             raise UsageError("--avro_reader_schema: only --input_format avro_registry takes a reader schema")
         if not sink_avro:
             if url or source.schema_registry_setting:
-                raise UsageError("--schema_registry_url: only --input_format avro_registry or json_registry, or a "
-                                 "kafka:// sink or DLQ with ?format=avro_registry, uses a schema registry")
+                flag = "--schema_registry_url" if url else "--schema_registry_setting"
+                raise UsageError(f"{flag}: only --input_format avro_registry or json_registry, or a kafka:// sink "
+                                 "or DLQ with ?format=avro_registry, uses a schema registry")
             return None, None
     if not url:
         needer = f"--input_format {input_format}" if input_format in REGISTRY_FORMATS else \

@@ -233,7 +233,9 @@ def test_registry_settings_from_a_properties_file_and_flags():
 @pytest.mark.parametrize("flags, fragment", [
     (["--input_format=avro_registry"], "--schema_registry_url: --input_format avro_registry needs"),
     (["--schema_registry_url=http://127.0.0.1:8081"],
-     "only --input_format avro_registry or json_registry, or a kafka:// sink"),
+     "--schema_registry_url: only --input_format avro_registry or json_registry, or a kafka:// sink"),
+    (["--schema_registry_setting=basic.auth.user.info=key:hunter2"],
+     "--schema_registry_setting: only --input_format avro_registry or json_registry, or a kafka:// sink"),
     (["--input_format=avro_registry", "--schema_registry_url=registry:8081"], "is not an http:// or https:// URL"),
     (["--input_format=json_registry", "--schema_registry_url=http://r:1", "--avro_reader_schema=x.avsc"],
      "only --input_format avro_registry takes"),
