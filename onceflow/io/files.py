@@ -177,6 +177,32 @@ def absolute_local_path(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+# Beam's file systems whose client library comes with an extra: scheme -> (a module
+# the file system imports, the Beam extra that installs it).
+_FILESYSTEM_EXTRAS = {"gs": ("google.cloud.storage", "gcp"), "s3": ("boto3", "aws"),
+                      "azfs": ("azure.storage.blob", "azure"), "hdfs": ("hdfs", "hadoop")}
+
+
+def missing_filesystem(path: str) -> Optional[str]:
+    """What to install to read or write ``path`` when its scheme's Beam file system
+    lacks its client library (Beam says it only as "Unable to get filesystem" or an
+    error of the client's own); None when nothing is missing."""
+    scheme = path.partition("://")[0] if "://" in path else ""  # Beam's schemes are lower case
+    needed = _FILESYSTEM_EXTRAS.get(scheme)
+    if needed is None:
+        return None
+    module, extra = needed
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec(module) is not None:
+            return None
+    except ImportError:  # a parent package is absent
+        pass
+    return (f"{scheme}:// paths need Beam's {extra} file system, not installed here: pip install "
+            f"'apache-beam[{extra}]=={beam.__version__}'")
+
+
 class ReadRecordBatchesFromFiles(beam.PTransform):
     """Reads JSON-lines or Avro container files matching a pattern, in batches.
 

@@ -35,6 +35,7 @@ from onceflow.io.archive import ReadArchive, check_archive, is_archive
 from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
 from onceflow.io.files import (
     ReadRecordBatchesFromFiles, UnreadableInputFile, absolute_local_path, first_avro_writer_schema, format_by_name,
+    missing_filesystem,
 )
 from onceflow.io.flink_rest import FlinkRestError
 from onceflow.io.kafka.config import (
@@ -133,6 +134,9 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     else:
         # Absolute: Beam matches a bare local glob (*.jsonl) to nothing, and records' sources name their files.
         input_pattern = absolute_local_path(input_pattern)
+        missing = missing_filesystem(input_pattern)
+        if missing:
+            raise UsageError(f"--input: {missing}")
         given = options.get_all_options(drop_default=True)
         archived = _is_archive(input_pattern)
         misplaced = [name for name in _KAFKA_INPUT_FLAGS if given.get(name) is not None

@@ -445,3 +445,25 @@ def test_an_avro_container_file_end_to_end(tmp_path):
     assert found == expected
     assert [(e["reason"], e["source"]) for e in read_dead_letters(str(dlq))] == [
         ("bad_timestamp", {"file": str(path), "record": 13})]  # record numbers count from 1, like lines
+
+
+@pytest.mark.parametrize("scheme, extra", [("gs", "gcp"), ("s3", "aws"), ("azfs", "azure"), ("hdfs", "hadoop")])
+def test_a_cloud_path_without_its_file_system_names_the_extra_to_install(scheme, extra, monkeypatch):
+    """Beam said "Unable to get filesystem ... e.g. pip install apache-beam[gcp]" for
+    every scheme, or an error of the client's (s3: "Must provide one of client or
+    options") that onceflow passed on as a network problem."""
+    import apache_beam as beam
+
+    from onceflow.errors import UsageError
+    from onceflow.io import files
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options
+
+    monkeypatch.setitem(files._FILESYSTEM_EXTRAS, scheme, ("onceflow_surely_absent.client", extra))
+    with pytest.raises(UsageError) as error:
+        job_from_options(parse_pipeline_args([f"--input={scheme}://bucket/events/*.jsonl"]))
+    assert str(error.value) == (f"--input: {scheme}:// paths need Beam's {extra} file system, not installed here: "
+                                f"pip install 'apache-beam[{extra}]=={beam.__version__}'")
+    monkeypatch.setitem(files._FILESYSTEM_EXTRAS, scheme, ("json", extra))  # installed: nothing is missing
+    assert files.missing_filesystem(f"{scheme}://bucket/x.jsonl") is None
+    assert files.missing_filesystem("/data/x.jsonl") is None
