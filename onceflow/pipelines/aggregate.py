@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import signal
@@ -164,6 +165,7 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
         sink = dataclasses.replace(sink, registry=registry)
     if dlq_avro:
         dlq = dataclasses.replace(dlq, registry=registry)
+    _check_sink_and_dlq_apart(sink, dlq)
     if input_format in REGISTRY_FORMATS and kafka_topic is None and not archived:
         raise UsageError(f"--input_format {input_format}: registry-framed records are read from a "
                          "kafka://HOST:PORT/TOPIC input (or an archive of one)")
@@ -335,11 +337,58 @@ def build(pipeline: beam.Pipeline, job: AggregateJob) -> Aggregated:
     return outputs
 
 
-def _check_metrics_out(path: Optional[str]) -> None:
-    """Refuses a ``--metrics_out`` the summary could not be written to, before
-    the job runs rather than after."""
+def _same_path(one: str, other: str) -> bool:
+    """Whether two local paths name the same file (or would, once created)."""
+    if os.path.realpath(one) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether local ``path`` lies in ``folder`` or below it."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
+def _check_sink_and_dlq_apart(sink: Target, dlq: Target) -> None:
+    """Refuses a sink and a dead-letter queue in one place: rows and dead letters
+    mixed in one topic, file or table make the queue unreadable to ``onceflow dlq``
+    (and a row consumer reads dead letters), or fail the run once it writes both."""
+    if sink.scheme == "kafka" and dlq.scheme == "kafka":
+        same = sink.table == dlq.table and set(sink.location.split(",")) == set(dlq.location.split(","))
+    elif sink.scheme == "postgresql" and dlq.scheme == "postgresql":
+        same = sink.table == dlq.table and sink.location == dlq.location
+    elif sink.scheme == "sqlite" and dlq.scheme == "jsonl":
+        same = _same_path(sink.location, dlq.location)
+    else:
+        same = False
+    if same:
+        where = {"kafka": "topic", "postgresql": "table"}.get(sink.scheme, "database file")
+        raise UsageError(f"--dlq: {dlq.describe()} is the sink's {where}: rows and dead letters cannot share one; "
+                         "give the queue its own")
+
+
+def _check_metrics_out(path: Optional[str], job: "AggregateJob") -> None:
+    """Refuses a ``--metrics_out`` the summary could not be written to, or that
+    would overwrite the run's input, queue or sink, before the job runs rather
+    than after."""
     if not path:
         return
+    others = [("--dlq", job.dlq.location)] if job.dlq.scheme == "jsonl" else []
+    if job.sink.scheme == "sqlite":
+        others.append(("--sink", job.sink.location))
+    if job.kafka is None and "://" not in job.input_pattern:
+        others += [("--input", name) for name in glob.glob(job.input_pattern)]
+    for flag, other in others:
+        if _same_path(path, other):
+            raise UsageError(f"--metrics_out: {path} is this run's {flag} file; the summary would replace it: "
+                             "name another file")
+    if job.from_archive and "://" not in job.input_pattern and _inside(path, job.input_pattern):
+        raise UsageError(f"--metrics_out: {path} is in the archive folder {job.input_pattern}, which holds the "
+                         "archive's own files only; name a file outside it")
     if os.path.isdir(path):
         raise UsageError(f"--metrics_out: {path} is a directory; name a file in it, e.g. "
                          f"--metrics_out={os.path.join(path, 'metrics.json')}")
@@ -563,7 +612,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             print(f"aggregate: warning: the archive {job.input_pattern} lacks records: {hole}", file=sys.stderr)
     else:
         _check_input_exists(job.input_pattern)
-    _check_metrics_out(options.view_as(MonitoringOptions).metrics_out)
+    _check_metrics_out(options.view_as(MonitoringOptions).metrics_out, job)
     if job.early_firing_ms is not None and not job.is_live:
         print("aggregate: note: --early_firing is for live jobs: a backfill writes each window once it is complete",
               file=sys.stderr)

@@ -230,6 +230,11 @@ def _bad_paths(folder):
     (["--metrics_out=folder"], "--metrics_out: folder is a directory"),
     (["--metrics_out=/proc/metrics.json"], "--metrics_out: cannot write in /proc"),  # the rows, then a traceback
     (["--metrics_out=" + "m" * 300 + ".json"], "--metrics_out: the file name is 305 bytes long"),  # lost, exit 0
+    # The summary replaced the file, exit 0: the dead letters, the input or the sink's rows lost.
+    (["--dlq=d.jsonl", "--metrics_out=./d.jsonl"], "--metrics_out: ./d.jsonl is this run's --dlq file"),
+    (["--input=notes.txt", "--metrics_out=notes.txt"], "--metrics_out: notes.txt is this run's --input file"),
+    (["--sink=sqlite:///s.db", "--metrics_out=s.db"], "--metrics_out: s.db is this run's --sink file"),
+    (["--sink=sqlite:///s.db", "--dlq=s.db"], "--dlq: s.db is the sink's database file"),  # failed mid-run
 ])
 def test_bad_files_and_paths_get_one_line_and_nothing_is_half_read(flags, fragment, tmp_path):
     _bad_paths(tmp_path)
@@ -467,3 +472,23 @@ def test_a_cloud_path_without_its_file_system_names_the_extra_to_install(scheme,
     monkeypatch.setitem(files._FILESYSTEM_EXTRAS, scheme, ("json", extra))  # installed: nothing is missing
     assert files.missing_filesystem(f"{scheme}://bucket/x.jsonl") is None
     assert files.missing_filesystem("/data/x.jsonl") is None
+
+
+@pytest.mark.parametrize("sink, dlq, where", [
+    ("kafka://127.0.0.1:19092/orders_out", "kafka://127.0.0.1:19092/orders_out", "topic"),
+    ("kafka://a:9092,b:9092/rows", "kafka://b:9092,a:9092/rows", "topic"),
+    ("postgresql://u@h:5432/db?table=rows", "postgresql://u@h:5432/db?table=rows", "table"),
+])
+def test_a_sink_and_a_queue_in_one_place_are_refused(sink, dlq, where):
+    """Rows and dead letters in one topic made the queue unreadable to `onceflow
+    dlq` ("offset 9 is not a dead letter"), exit 0; one PostgreSQL table was
+    refused only after the queue's table had been created."""
+    from onceflow.errors import UsageError
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options
+
+    with pytest.raises(UsageError, match=f"^--dlq: .* is the sink's {where}: rows and dead letters cannot share one"):
+        job_from_options(parse_pipeline_args(["--input=events.jsonl", f"--sink={sink}", f"--dlq={dlq}"]))
+    other = dlq.replace("rows", "dead_letters").replace("orders_out", "orders_dlq")
+    job = job_from_options(parse_pipeline_args(["--input=events.jsonl", f"--sink={sink}", f"--dlq={other}"]))
+    assert job.dlq.table != job.sink.table
