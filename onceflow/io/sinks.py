@@ -61,7 +61,17 @@ def _parse_sqlite(url: str, parsed: urllib.parse.SplitResult) -> Target:
     path = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
     if not path or path.endswith("/"):
         raise ValueError(f"{url!r} names no database file; e.g. sqlite:///out/aggregates.db")
+    if path == ":memory:":
+        raise ValueError(f"{url!r}: an in-memory database keeps nothing after the run; name a file, e.g. "
+                         "sqlite:///out/aggregates.db")
+    _refuse_fragment(url, parsed)
     return Target("sqlite", path, table)
+
+
+def _refuse_fragment(url: str, parsed: urllib.parse.SplitResult) -> None:
+    """A ``#`` ends a URL's path: ``x.db#2`` would write ``x.db``."""
+    if parsed.fragment or url.rstrip().endswith("#"):
+        raise ValueError(f"{url!r}: '#' ends a URL's path, so the rest would be dropped; name a path without '#'")
 
 
 def _prepare_sqlite(target: Target, schema: RowSchema) -> None:
@@ -193,6 +203,7 @@ def _parse_file(url: str, parsed: urllib.parse.SplitResult) -> Target:
     query = query_params(url, ("format",))
     if parsed.netloc:
         raise ValueError(f"{url!r}: write file:///ABSOLUTE/DIR or file:RELATIVE/DIR (no host)")
+    _refuse_fragment(url, parsed)
     directory = urllib.parse.unquote(parsed.path).rstrip("/")
     if not directory:
         raise ValueError(f"{url!r} names no directory; e.g. file:///data/aggregates?format=parquet")

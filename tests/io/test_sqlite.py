@@ -107,6 +107,11 @@ def test_sink_urls(url, location, table):
     ("mysql://x/y", "unknown scheme"), ("out.db", "unknown scheme"), ("sqlite://host/x.db", "three or four"),
     ("sqlite:/tmp/x.db", "three or four"), ("sqlite:x.db", "three or four"),
     ("sqlite:///", "names no database"), ("sqlite:///x.db?table=a;b", "not allowed"), ("sqlite:///x.db?tbl=a", "unknown parameter"),
+    # A traceback (the table was created on one in-memory database and looked for in another).
+    ("sqlite:///:memory:", "an in-memory database keeps nothing after the run"),
+    # Written to x.db, the rest dropped without a word.
+    ("sqlite:///x.db#2", "'#' ends a URL's path"), ("sqlite:///x#1.db?table=t", "'#' ends a URL's path"),
+    ("file:out#1?format=avro", "'#' ends a URL's path"),
 ])
 def test_bad_sink_urls(url, fragment):
     with pytest.raises(ValueError, match=fragment):
