@@ -67,8 +67,27 @@ def is_transient(error: BaseException) -> bool:
     if state:
         return state in TRANSIENT_SQLSTATES or state.startswith("08")
     # No SQLSTATE: raised by the client itself, e.g. "server closed the connection
-    # unexpectedly", "connection refused", "the connection is lost".
-    return isinstance(error, psycopg.OperationalError)
+    # unexpectedly", "connection refused", "the connection is lost"; or a connection
+    # the server or libpq refused for good (the server's reason is only in the text).
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    text = str(error)
+    return not any(reason in text for reason in _REFUSED_FOR_GOOD)
+
+
+# What a connection attempt that no retry can mend says (a database or role that
+# does not exist, a login refused, a connection string libpq cannot use); a server
+# starting up, shutting down or out of connections says otherwise and is retried.
+_REFUSED_FOR_GOOD = (
+    "does not exist",  # FATAL:  database "x" does not exist / role "x" does not exist
+    "authentication failed",  # password, SCRAM, ident, GSSAPI ...
+    "no pg_hba.conf entry",
+    "no password supplied",
+    "permission denied for database",
+    "connection is bad: invalid",  # invalid sslmode value, invalid connection option, invalid integer value
+    "in connection info string",  # missing "=" after ..., unterminated quoted string ...
+    "server does not support SSL",
+)
 
 
 def unusable(what: str, error: BaseException) -> Exception:

@@ -257,6 +257,14 @@ def test_column_types(postgres_dsn, table):
     (psycopg.errors.DeadlockDetected("x"), True),
     (psycopg.errors.LockNotAvailable("x"), True),
     (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+    (psycopg.OperationalError('connection failed: connection to server at "h", port 5432 failed: FATAL:  the '
+                              'database system is starting up'), True),
+    (psycopg.OperationalError('connection failed: connection to server at "h", port 5432 failed: FATAL:  sorry, '
+                              'too many clients already'), True),
+    (psycopg.OperationalError('connection failed: connection to server at "h", port 5432 failed: FATAL:  password '
+                              'authentication failed for user "app"'), False),
+    (psycopg.OperationalError('connection failed: connection to server at "h", port 5432 failed: FATAL:  no '
+                              'pg_hba.conf entry for host "10.0.0.1", user "app", database "m", no encryption'), False),
     (psycopg.errors.UniqueViolation("x"), False),
     (psycopg.errors.CheckViolation("x"), False),
     (psycopg.errors.UndefinedColumn("x"), False),
@@ -265,6 +273,31 @@ def test_column_types(postgres_dsn, table):
 ])
 def test_transient_errors_are_told_from_permanent_ones(error, transient):
     assert postgres.is_transient(error) is transient
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda dsn: dsn.rsplit("/", 1)[0] + "/onceflow_no_such_db", 'database "onceflow_no_such_db" does not exist'),
+    (lambda dsn: dsn.replace("//onceflow@", "//onceflow_no_such_role@"), 'role "onceflow_no_such_role" does not exist'),
+    (lambda dsn: dsn + "?sslmode=bogus", 'invalid sslmode value: "bogus"'),
+])
+def test_a_connection_refused_for_good_is_not_retried(postgres_dsn, change, said):
+    """A database or role that does not exist, or a connection string libpq cannot
+    use, was retried for about 13 s and ended as a service down (exit 1); it is a
+    wrong flag (exit 2), said at once."""
+    from onceflow.io.retry import DatabaseUnreachable
+    from onceflow.io.sinks import parse_sink_url, prepare_sink
+
+    assert "//onceflow@" in postgres_dsn and "?" not in postgres_dsn
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(change(postgres_dsn), connect_timeout=5)
+    assert said in str(caught.value)
+    assert not postgres.is_transient(caught.value)
+    started = time.monotonic()
+    with pytest.raises(ValueError) as refused:
+        prepare_sink(parse_sink_url(f"{change(postgres_dsn)}{'&' if '?' in change(postgres_dsn) else '?'}table=t"),
+                     SCHEMA)
+    assert not isinstance(refused.value, DatabaseUnreachable) and said in str(refused.value)
+    assert time.monotonic() - started < 5  # no retry
 
 
 LETTERS = [DeadLetter(SourceRecord(b"\x00\xff" + bytes([n]), {"topic": "orders", "partition": 0, "offset": n}),
