@@ -44,7 +44,8 @@ from onceflow.io.kafka.config import (
     is_kafka_url, parse_kafka_url, parse_position,
 )
 from onceflow.io.kafka.admin import (
-    PositionPastEnd, check_named_partitions, describe_gaps, describe_topic, resolve_partition_reads, topic_id,
+    PositionPastEnd, check_named_partitions, describe_gaps, describe_topic, partitions_left_out, resolve_partition_reads,
+    topic_id,
 )
 from onceflow.io.kafka.errors import (
     BrokerRefused, BrokerUnreachable, TopicReplaced, UnknownGroupOrTopic, is_broker_away,
@@ -603,6 +604,10 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             check_named_partitions(job.kafka, partitions)
         except ValueError as error:
             raise UsageError(str(error)) from None
+        left_out = partitions_left_out(job.kafka, partitions)
+        if left_out:
+            print(f"aggregate: note: --to offsets: does not name partition{'s' if len(left_out) > 1 else ''} "
+                  f"{', '.join(map(str, left_out))} of {job.kafka.topic.topic}: not read", file=sys.stderr)
     elif job.from_archive:
         try:
             holes = check_archive(job.input_pattern)

@@ -239,3 +239,27 @@ def test_a_range_naming_a_partition_the_topic_lacks_is_refused(kafka_bootstrap, 
     assert [line for line in refused.stderr.splitlines() if line.strip()] == [
         f"aggregate: error: --from: topic {topic.topic} has no partition 5 (its partitions: 0, 1, 2)"]
     assert archive.main([f"--input={topic.url}", f"--output={tmp_path}/archive", "--to=offsets:7=1"]) == 2
+
+
+def test_partitions_an_offsets_stop_leaves_out_are_named_and_a_start_there_is_refused(kafka_bootstrap, tmp_path):
+    """`--to offsets:` reads only the partitions it names: that was said nowhere
+    (the summary even showed "lag 0 over 3 partitions"), a --from that named a
+    partition --to left out read nothing from it, and a partition named twice took
+    the last offset given."""
+    topic = new_topic(kafka_bootstrap)
+    produce(topic, [(n % 3, _event(n % 3, n, BASE + 1000 * n), None) for n in range(30)])
+
+    ran = _run_job(topic, tmp_path, "--from=earliest", "--to=offsets:0=4")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert f"aggregate: note: --to offsets: does not name partitions 1, 2 of {topic.topic}: not read" in ran.stderr
+    assert "records read                4" in ran.stdout, ran.stdout
+
+    refused = _run_job(topic, tmp_path, "--from=offsets:0=5", "--to=offsets:1=2")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert [line for line in refused.stderr.splitlines() if line.strip()] == [
+        "aggregate: error: --from names partition 0, which --to offsets: does not: a partition --to leaves out is "
+        "not read; name it there too (offsets:0=OFFSET), or stop at latest or a time"]
+
+    twice = _run_job(topic, tmp_path, "--from=offsets:0=1,0=2", "--to=latest")
+    assert twice.returncode == 2
+    assert "--from: 'offsets:0=1,0=2' names partition 0 twice; give each partition once" in twice.stderr

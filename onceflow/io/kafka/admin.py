@@ -236,13 +236,29 @@ class KafkaPartitionRead(NamedTuple):
 
 def check_named_partitions(config: KafkaReadConfig, partitions: List[int]) -> None:
     """ValueError (one line) when an ``offsets:`` position names a partition the
-    topic does not have: it would be read as nothing, silently."""
+    topic does not have, or ``--from`` names one that an ``offsets:`` ``--to``
+    does not: either would be read as nothing, silently."""
     for flag, position in (("--from", config.start), ("--to", config.stop)):
         if position is not None and position.kind == "offsets":
             unknown = sorted(set(position.value) - set(partitions))
             if unknown:
                 raise ValueError(f"{flag}: topic {config.topic.topic} has no partition {unknown[0]} (its partitions: "
                                  f"{', '.join(map(str, partitions))})")
+    start = config.start_fallback if config.start.kind == "committed" else config.start
+    if start is not None and start.kind == "offsets" and config.stop is not None and config.stop.kind == "offsets":
+        unstopped = sorted(set(start.value) - set(config.stop.value))
+        if unstopped:
+            p = unstopped[0]
+            raise ValueError(f"--from names partition {p}, which --to offsets: does not: a partition --to leaves out "
+                             f"is not read; name it there too (offsets:{p}=OFFSET), or stop at latest or a time")
+
+
+def partitions_left_out(config: KafkaReadConfig, partitions: List[int]) -> List[int]:
+    """The partitions an ``offsets:`` ``--to`` does not name: a bounded read reads
+    only the partitions it names (for the others it is at their log start)."""
+    if config.stop is None or config.stop.kind != "offsets":
+        return []
+    return sorted(set(partitions) - set(config.stop.value))
 
 
 def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],

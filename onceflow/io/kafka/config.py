@@ -124,6 +124,8 @@ def parse_position(text: str, flag: str = "position") -> Position:
             partition, _, offset = item.partition("=")
             if not partition.strip().isdigit() or not offset.strip().isdigit():
                 raise ValueError(f"{flag}: {text!r}: write offsets:PARTITION=OFFSET,..., e.g. offsets:0=100,1=250")
+            if int(partition) in offsets:
+                raise ValueError(f"{flag}: {text!r} names partition {int(partition)} twice; give each partition once")
             offsets[int(partition)] = int(offset)
         return Position("offsets", offsets)
     try:
