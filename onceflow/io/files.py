@@ -75,9 +75,10 @@ def _open_decompressed(readable: fileio.ReadableFile) -> Iterator[Any]:
             yield handle
 
 
-def _reading_error(error: BaseException) -> str:
-    if isinstance(error, EOFError):
-        return f"the compressed file is cut off ({error}); restore the whole file and run again"
+def _reading_error(error: BaseException, path: str) -> str:
+    if isinstance(error, EOFError):  # a compressed stream, or an Avro container, that ends mid-way
+        what = "compressed file" if path.lower().endswith((".gz", ".bz2")) else "file"
+        return f"the {what} is cut off ({error}); restore the whole file and run again"
     if isinstance(error, (zlib.error, gzip.BadGzipFile)) or "Invalid data stream" in str(error):
         return f"not compressed as its name says ({error}); fix the file or its name and run again"
     return f"cannot be read ({error}); fix the file and run again"
@@ -104,7 +105,7 @@ class _ReadFileBatchesDoFn(beam.DoFn):
                     marks, high_water = high_waters(verdicts, high_water)
                     yield RecordBatch(origin, values, positions, marks, verdicts)
         except (OSError, EOFError, zlib.error) as error:  # a file is not a record: it fails the run
-            raise UnreadableInputFile(f"{path}: {_reading_error(error)}") from error
+            raise UnreadableInputFile(f"{path}: {_reading_error(error, path)}") from error
 
     def _avro_records(self, path: str, handle) -> Iterator[Tuple[int, bytes]]:
         reader = fastavro.reader(handle)

@@ -93,6 +93,17 @@ def test_a_properties_file_saved_with_a_byte_order_mark(tmp_path):
     assert read_properties_file(str(path)) == {"security.protocol": "SASL_SSL"}
 
 
+@pytest.mark.parametrize("pair, message", [
+    # It quoted a description as the value: "'a value with no '='' is not NAME=VALUE".
+    ("s3cret-token", "--kafka_setting: a setting has no '=': write NAME=VALUE"),
+    ("=s3cret-token", "--kafka_setting: a setting has no name before '=': write NAME=VALUE"),
+])
+def test_a_setting_that_is_not_name_value_is_said_without_its_text(pair, message):
+    with pytest.raises(ValueError) as caught:
+        client_settings_from_flags((pair,), None)
+    assert str(caught.value).startswith(message) and "s3cret" not in str(caught.value)
+
+
 def test_the_command_line_wins_over_the_file(tmp_path):
     path = tmp_path / "client.properties"
     path.write_text("client.id=from-file\nsocket.timeout.ms=1000\n")

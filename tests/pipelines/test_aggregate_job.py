@@ -211,6 +211,18 @@ def _bad_paths(folder):
     (folder / "empty.jsonl.gz").write_bytes(b"")
     (folder / "folder").mkdir()
     (folder / "notes.txt").write_text("not a dead letter\n")
+    import io
+
+    import fastavro
+
+    schema = {"type": "record", "name": "Order", "fields": [
+        {"name": name, "type": kind} for name, kind in (("order_id", "string"), ("event_time", "string"),
+                                                        ("store", "string"), ("qty", "long"), ("price", "double"))]}
+    packed = io.BytesIO()
+    fastavro.writer(packed, fastavro.parse_schema(schema), [
+        {"order_id": f"o{n}", "event_time": "2026-11-02T09:00:00Z", "store": "s1", "qty": 1, "price": 1.0}
+        for n in range(3000)])
+    (folder / "half.avro").write_bytes(packed.getvalue()[:len(packed.getvalue()) // 2])
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -218,6 +230,7 @@ def _bad_paths(folder):
     (["--input=half.jsonl.bz2"], "half.jsonl.bz2: the compressed file is cut off"),
     (["--input=plain.jsonl.gz"], "plain.jsonl.gz: not compressed as its name says"),
     (["--input=empty.jsonl.gz"], "empty.jsonl.gz: the compressed file is cut off (the file is empty"),
+    (["--input=half.avro"], "half.avro: the file is cut off (Expected"),  # said "the compressed file"
     (["--input=folder"], "/folder is a directory; give its files, e.g. --input=/"),
     (["--input=/"], "--input: / is a directory; give its files"),  # Beam's match listed the files of /
     (["--sink=sqlite:///folder"], "--sink: folder is a directory"),

@@ -182,9 +182,11 @@ def parse_client_settings(pairs: Optional[Tuple[str, ...]], flag: str) -> Dict[s
     settings: Dict[str, str] = {}
     for pair in pairs or ():
         name, sep, value = str(pair).partition("=")
-        if not sep or not name.strip():
-            shown = name.strip() if sep else "a value with no '='"
-            raise ValueError(f"{flag}: {shown!r} is not NAME=VALUE, e.g. security.protocol=SASL_SSL")
+        if not sep:  # the text may be a secret given without its name: not shown
+            raise ValueError(f"{flag}: a setting has no '=': write NAME=VALUE, e.g. security.protocol=SASL_SSL")
+        if not name.strip():
+            raise ValueError(f"{flag}: a setting has no name before '=': write NAME=VALUE, e.g. "
+                             "security.protocol=SASL_SSL")
         settings[name.strip()] = value
     return settings
 
