@@ -124,16 +124,28 @@ class _ReadFileBatchesDoFn(beam.DoFn):
 _READ_BYTES = 8 << 20  # a JSON-lines file is read this much at a time
 
 
+_BYTE_ORDER_MARK = b"\xef\xbb\xbf"
+
+
 def _json_line_slices(handle, size: int) -> Iterator[Tuple[List[int], List[bytes]]]:
     """(line numbers, lines) of at most ``size`` records at a time: each line
     without its line break (a trailing CR of a terminated line goes too), blank
-    lines skipped. Reads large blocks and splits them in C, not line by line."""
+    lines skipped, a UTF-8 byte order mark at the file's start dropped (editors on
+    Windows write one; JSON readers may ignore it, and the first record would be
+    refused for it). Reads large blocks and splits them in C, not line by line."""
     positions: List[int] = []
     values: List[bytes] = []
     line_number = 0
+    block = handle.read(_READ_BYTES)
+    while block and len(block) < len(_BYTE_ORDER_MARK) and _BYTE_ORDER_MARK.startswith(block):
+        more = handle.read(_READ_BYTES)  # a read may stop short, even inside the mark
+        if not more:
+            break
+        block += more
+    if block.startswith(_BYTE_ORDER_MARK):
+        block = block[len(_BYTE_ORDER_MARK):] or handle.read(_READ_BYTES)
     rest = b""
     while True:
-        block = handle.read(_READ_BYTES)
         if block:
             text = rest + block
             lines = text.split(b"\n")
@@ -154,6 +166,7 @@ def _json_line_slices(handle, size: int) -> Iterator[Tuple[List[int], List[bytes
         while len(values) >= size:
             yield positions[:size], values[:size]
             del positions[:size], values[:size]
+        block = handle.read(_READ_BYTES)
     if values:
         yield positions, values
 

@@ -68,6 +68,23 @@ def test_running_twice_leaves_identical_rows(tmp_path):
     assert second_summary.count("sink_rows_stale") == 0  # equal versions are rewritten, not refused
 
 
+@pytest.mark.parametrize("name", ["marked.jsonl", "marked.jsonl.gz"])
+def test_a_byte_order_mark_at_the_start_of_a_file_is_not_part_of_its_first_record(name, tmp_path):
+    """A file saved with a UTF-8 byte order mark had its first record refused as
+    malformed_json ("Unexpected UTF-8 BOM"); a mark anywhere else still is."""
+    import gzip
+
+    data = b"\xef\xbb\xbf" + open(SAMPLE_INPUT, "rb").read()
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    (tmp_path / "ref.jsonl").write_bytes(data)
+    _, db, dlq = run_job(tmp_path, f"--input={tmp_path / name}")
+    marked = {(row["store"], millis(row["window_start"])): row["event_count"] for row in map(dict, table_rows(db))}
+    plain_rows, plain_dead = expected_job(str(tmp_path / "ref.jsonl"), MINUTE, 5 * MINUTE)
+    assert marked == {key: row["count"] for key, row in plain_rows.items()}
+    dead = {(e["source"]["line"], "too_late" if e["reason"] == "too_late" else "bad") for e in read_dead_letters(str(dlq))}
+    assert dead == plain_dead and all(line != 1 for line, _ in dead)
+
+
 def test_sliding_windows_and_other_aggregates(tmp_path):
     _, db, _ = run_job(tmp_path, "--window=10m", "--window_period=5m", "--aggregate=count,first:price",
                        "--allowed_lateness=0")
