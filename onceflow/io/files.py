@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import gzip
+import importlib.util
 import io
 import os
 import zlib
@@ -207,8 +208,6 @@ def missing_filesystem(path: str) -> Optional[str]:
         return None
     module, extra = needed
     try:
-        import importlib.util
-
         if importlib.util.find_spec(module) is not None:
             return None
     except ImportError:  # a parent package is absent
