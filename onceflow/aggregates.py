@@ -35,6 +35,16 @@ class AggregateSpec:
     function: str
     field: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        if self.function not in FUNCTIONS:
+            raise ValueError(f"unknown aggregate {self.function!r}; use {', '.join(FUNCTIONS)} (or parse_aggregates("
+                             "'count,sum:qty'))")
+        if self.function == "count":
+            if self.field is not None:
+                raise ValueError("count takes no field: AggregateSpec('count')")
+        elif not isinstance(self.field, str) or not self.field:
+            raise ValueError(f"{self.function} needs a field name, e.g. AggregateSpec({self.function!r}, 'qty')")
+
     @property
     def column(self) -> str:
         return "count" if self.function == "count" else f"{self.function}_{self.field}"
@@ -62,6 +72,14 @@ def parse_aggregates(text: str) -> Tuple[AggregateSpec, ...]:
             raise ValueError(f"{part!r} is listed twice")
         specs.append(spec)
     return tuple(specs)
+
+
+def check_aggregate_specs(aggregates: Any, what: str) -> None:
+    """ValueError unless ``aggregates`` is a sequence of :class:`AggregateSpec`
+    (a text like ``"count,sum:qty"`` is for :func:`parse_aggregates`)."""
+    if isinstance(aggregates, str) or not all(isinstance(spec, AggregateSpec) for spec in aggregates):
+        raise ValueError(f"{what} takes AggregateSpec values, e.g. parse_aggregates('count,sum:qty'), "
+                         f"not {aggregates!r}")
 
 
 def value_fields(specs: Sequence[AggregateSpec]) -> Tuple[str, ...]:

@@ -130,11 +130,32 @@ def check_time_source(time_source: str) -> None:
         raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
 
 
+def check_field_names(names: Any, what: str) -> None:
+    """ValueError when ``names`` is one text instead of a sequence of field names
+    (a string would be taken for its characters: ``"store"`` as s, t, o, r, e)."""
+    if isinstance(names, (str, bytes)):
+        raise ValueError(f"{what} is a sequence of field names, e.g. ({names!r},), not one text")
+
+
+def require_contract(contract: Any, transform: str) -> None:
+    """ValueError unless ``contract`` is an :class:`EventContract`."""
+    if not isinstance(contract, EventContract):
+        raise ValueError(f"{transform} takes an EventContract, e.g. EventContract(time_field='event_time', "
+                         f"key_fields=('store',), value_fields=('qty',), id_field='order_id'), not {contract!r}")
+
+
 def require_source_record(element: Any, transform: str) -> None:
     """TypeError, saying what to do, unless ``element`` is a :class:`SourceRecord`."""
     if not isinstance(element, SourceRecord):
         raise TypeError(f"{transform} takes SourceRecord elements, got {type(element).__name__}: wrap each "
                         "raw value as onceflow.events.SourceRecord(value_bytes, source_dict)")
+    if not isinstance(element.value, bytes):
+        raise TypeError(f"{transform}: a SourceRecord's value is the raw record as bytes, got "
+                        f"{type(element.value).__name__}: encode text first, e.g. SourceRecord(line.encode('utf-8'), "
+                        "source_dict)")
+    if not isinstance(element.source, Mapping):
+        raise TypeError(f"{transform}: a SourceRecord's source is a dict saying where the record came from (e.g. "
+                        f"{{'file': path, 'line': n}}, or {{}}), got {type(element.source).__name__}")
 
 
 def timed_by(event: Event, time_source: str) -> Event:
@@ -188,6 +209,8 @@ class EventContract:
                              "formats")
         if self.avro_reader_schema is not None and self.input_format != "avro_registry":
             raise ValueError("a reader schema is for the avro_registry format")
+        check_field_names(self.key_fields, "key_fields")
+        check_field_names(self.value_fields, "value_fields")
         if not self.key_fields:
             raise ValueError("at least one key field is needed")
         names = [self.time_field, *self.key_fields, *self.value_fields]

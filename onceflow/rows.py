@@ -18,7 +18,8 @@ import functools
 import re
 from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
-from onceflow.aggregates import AggregateSpec
+from onceflow.aggregates import AggregateSpec, check_aggregate_specs
+from onceflow.events import check_field_names
 
 # Rows per sink transaction unless --sink_batch_size says otherwise. Each commit
 # costs far more than a row: measured on the 1,000,000-record file backfill into
@@ -53,6 +54,8 @@ class RowSchema:
     aggregates: Tuple[AggregateSpec, ...]
 
     def __post_init__(self) -> None:
+        check_field_names(self.key_fields, "RowSchema key_fields")
+        check_aggregate_specs(self.aggregates, "RowSchema")
         for name in self.columns:
             check_identifier(name, "column name")
         taken = [name for name in self.columns if name == WRITTEN_AT or self.columns.count(name) > 1]
@@ -93,6 +96,16 @@ class RowSchema:
 
     def key_of(self, row: Dict[str, Any]) -> Tuple[Any, ...]:
         return tuple(row[name] for name in self.primary_key)
+
+
+def check_sink_arguments(transform: str, schema: Any, batch_size: Any) -> None:
+    """ValueError unless ``schema`` is a :class:`RowSchema` and ``batch_size`` a
+    positive int: what every sink transform takes."""
+    if not isinstance(schema, RowSchema):
+        raise ValueError(f"{transform} takes a RowSchema, e.g. RowSchema(('store',), parse_aggregates('count')), "
+                         f"not {schema!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch size must be a positive int, not {batch_size!r}")
 
 
 def row_key(row: Dict[str, Any], key_fields: Sequence[str]) -> Tuple[Any, ...]:

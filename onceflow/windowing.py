@@ -65,11 +65,13 @@ class WindowSpec:
     def __post_init__(self) -> None:
         for name in ("size_ms", "period_ms", "allowed_lateness_ms"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            if (value is not None or name != "period_ms") and (not isinstance(value, int) or isinstance(value, bool)):
                 raise TypeError(f"WindowSpec {name} must be a whole number of milliseconds (an int), "
                                 f"not {value!r}")
         if self.size_ms <= 0:
             raise ValueError("window size must be positive")
+        if self.size_ms > MAX_EVENT_TIME_MS + 1:  # windows are aligned to 1970: none would fit the calendar
+            raise ValueError("window size must be at most the span from 1970 to the year 9999")
         if self.period_ms is not None and not 0 < self.period_ms <= self.size_ms:
             raise ValueError("window period must be positive and at most the window size")
         if self.allowed_lateness_ms < 0:

@@ -57,7 +57,8 @@ from onceflow.io.batching import UpsertRowsDoFn
 from onceflow.io.progress import PROGRESS_TABLE, Position, rows_table_name
 from onceflow.io.retry import call_with_retries
 from onceflow.rows import (
-    DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
+    DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, check_sink_arguments,
+    newest_per_key, row_values,
 )
 
 METHODS = ("merge", "cdc")
@@ -353,8 +354,7 @@ class WriteRowsToBigQuery(beam.PTransform):
         super().__init__()
         table_id(project, dataset, check_identifier(table, "table name"))
         _check_method(method)
-        if batch_size <= 0:
-            raise ValueError("batch size must be positive")
+        check_sink_arguments("WriteRowsToBigQuery", schema, batch_size)
         self._where = (project, dataset, table)
         self._schema = schema
         self._batch_size = batch_size

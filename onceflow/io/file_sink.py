@@ -50,7 +50,8 @@ from onceflow.events import format_utc_ms
 from onceflow.io.batching import UpsertRowsDoFn
 from onceflow.io.progress import Position
 from onceflow.rows import (
-    DEFAULT_BATCH_ROWS, EVENT_COUNT, WINDOW_END, WINDOW_START, RowSchema, check_columns, newest_per_key, utc_millis,
+    DEFAULT_BATCH_ROWS, EVENT_COUNT, WINDOW_END, WINDOW_START, RowSchema, check_columns, check_sink_arguments,
+    newest_per_key, utc_millis,
 )
 
 FORMATS = ("parquet", "avro")
@@ -333,8 +334,7 @@ class WriteRowsToFiles(beam.PTransform):
                  batch_size: int = DEFAULT_BATCH_ROWS):
         super().__init__()
         _check_format(file_format)
-        if batch_size <= 0:
-            raise ValueError("batch size must be positive")
+        check_sink_arguments("WriteRowsToFiles", schema, batch_size)
         self._args = (directory, schema, file_format, batch_size)
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:

@@ -19,7 +19,7 @@ from fastavro.schema import to_parsing_canonical_form
 
 import onceflow.coders  # noqa: F401  (registers RecordBatchCoder for the batches this module outputs)
 from onceflow.batches import FILE_LINES, FILE_RECORDS, RecordBatch, decode_values, high_waters, take
-from onceflow.events import EventContract
+from onceflow.events import EventContract, require_contract
 
 
 def read_avro_writer_schema(path: str) -> dict:
@@ -234,8 +234,10 @@ class ReadRecordBatchesFromFiles(beam.PTransform):
 
     def __init__(self, file_pattern: str, contract: EventContract, batch_records: int = BATCH_RECORDS):
         super().__init__()
-        if batch_records < 1:
-            raise ValueError("a batch holds at least one record")
+        require_contract(contract, "ReadRecordBatchesFromFiles")
+        if not isinstance(batch_records, int) or isinstance(batch_records, bool) or batch_records < 1:
+            raise ValueError(f"a batch holds at least one record: batch_records is a positive int, not "
+                             f"{batch_records!r}")
         self._pattern = absolute_local_path(file_pattern)
         self._contract = contract
         self._batch_records = batch_records
@@ -257,6 +259,7 @@ class ReadRecordsFromFiles(beam.PTransform):
 
     def __init__(self, file_pattern: str, contract: EventContract):
         super().__init__()
+        require_contract(contract, "ReadRecordsFromFiles")
         self._pattern = file_pattern
         self._contract = contract
 

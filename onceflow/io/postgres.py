@@ -44,7 +44,8 @@ from onceflow.io.progress import PROGRESS_TABLE, Position
 from onceflow.io.retry import DatabaseUnreachable, T, call_with_retries
 from onceflow.io.urls import first_line, redact_url
 from onceflow.rows import (
-    DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, newest_per_key, row_values,
+    DEFAULT_BATCH_ROWS, EVENT_COUNT, WRITTEN_AT, RowSchema, check_columns, check_identifier, check_sink_arguments,
+    newest_per_key, row_values,
     WINDOW_END, WINDOW_START, utc_datetime, utc_millis,
 )
 
@@ -279,8 +280,7 @@ class WriteRowsToPostgres(beam.PTransform):
     def __init__(self, dsn: str, table: str, schema: RowSchema, batch_size: int = DEFAULT_BATCH_ROWS):
         super().__init__()
         check_identifier(table, "table name")
-        if batch_size <= 0:
-            raise ValueError("batch size must be positive")
+        check_sink_arguments("WriteRowsToPostgres", schema, batch_size)
         self._args = (dsn, table, schema, batch_size)
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:

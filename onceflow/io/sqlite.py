@@ -17,6 +17,7 @@ from onceflow.io.progress import PROGRESS_TABLE, Position
 from onceflow.io.retry import call_with_retries
 from onceflow.rows import (
     DEFAULT_BATCH_ROWS, EVENT_COUNT, WINDOW_END, WINDOW_START, WRITTEN_AT, RowSchema, check_columns, check_identifier,
+    check_sink_arguments,
     row_values,
 )
 
@@ -163,8 +164,7 @@ class WriteRowsToSqlite(beam.PTransform):
     def __init__(self, path: str, table: str, schema: RowSchema, batch_size: int = DEFAULT_BATCH_ROWS):
         super().__init__()
         check_identifier(table, "table name")
-        if batch_size <= 0:
-            raise ValueError("batch size must be positive")
+        check_sink_arguments("WriteRowsToSqlite", schema, batch_size)
         self._args = (path, table, schema, batch_size)
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:

@@ -15,9 +15,11 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from onceflow import metrics
-from onceflow.aggregates import AggregateSpec, Aggregation
+from onceflow.aggregates import AggregateSpec, Aggregation, check_aggregate_specs
 from onceflow.deadletter import DeadLetter
-from onceflow.events import REASON_BAD_TIMESTAMP, REASON_TOO_LATE, Event, SourceRecord, format_utc_ms
+from onceflow.events import (
+    REASON_BAD_TIMESTAMP, REASON_TOO_LATE, Event, SourceRecord, check_field_names, format_utc_ms,
+)
 from onceflow.rows import WINDOW_END, WINDOW_START
 from onceflow.transforms.dedup import DedupByEventId
 from onceflow.windowing import WindowSpec, format_duration_ms
@@ -227,16 +229,22 @@ def _key_values(key_text: str) -> Tuple[Any, ...]:
     return tuple(json.loads(key_text))
 
 
-def check_aggregate_arguments(transform: str, key_fields: Sequence[str], aggregates: Sequence[AggregateSpec],
-                              early_firing_ms: Optional[int]) -> None:
-    """ValueError unless there are key fields, aggregates, and a whole-second early
-    firing interval (or none)."""
+def check_aggregate_arguments(transform: str, key_fields: Sequence[str], window_spec: WindowSpec,
+                              aggregates: Sequence[AggregateSpec], early_firing_ms: Optional[int]) -> None:
+    """ValueError unless there are key fields (a sequence of names), a WindowSpec,
+    aggregates (AggregateSpec values), and a whole-second early firing interval (in
+    ms, an int) or none."""
+    check_field_names(key_fields, f"{transform} key_fields")
     if not key_fields:
         raise ValueError(f"{transform} needs at least one key field")
+    if not isinstance(window_spec, WindowSpec):
+        raise ValueError(f"{transform} takes a WindowSpec, e.g. WindowSpec(60_000), not {window_spec!r}")
+    check_aggregate_specs(aggregates, transform)
     if not aggregates:
         raise ValueError(f"{transform} needs at least one aggregate")
-    if early_firing_ms is not None and (early_firing_ms <= 0 or early_firing_ms % 1000):
-        raise ValueError("the early firing interval must be a whole number of seconds")
+    if early_firing_ms is not None and (not isinstance(early_firing_ms, int) or isinstance(early_firing_ms, bool)
+                                        or early_firing_ms <= 0 or early_firing_ms % 1000):
+        raise ValueError("the early firing interval must be a whole number of seconds, in milliseconds (an int)")
 
 
 class WindowedAggregate(beam.PTransform):
@@ -292,7 +300,7 @@ class WindowedAggregate(beam.PTransform):
         dedup: bool = True,
     ):
         super().__init__()
-        check_aggregate_arguments("WindowedAggregate", key_fields, aggregates, early_firing_ms)
+        check_aggregate_arguments("WindowedAggregate", key_fields, window_spec, aggregates, early_firing_ms)
         self._key_fields = tuple(key_fields)
         self._spec = window_spec
         self._aggregates = tuple(aggregates)

@@ -23,10 +23,10 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 import onceflow.coders  # noqa: F401  (registers RecordBatchCoder for the batches this module outputs)
 from onceflow import metrics
-from onceflow.aggregates import AggregateSpec, Aggregation, value_fields
+from onceflow.aggregates import AggregateSpec, Aggregation, check_aggregate_specs, value_fields
 from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc, take, taker
 from onceflow.deadletter import DeadLetter
-from onceflow.events import EventContract, SourceRecord, check_time_source, require_source_record
+from onceflow.events import EventContract, SourceRecord, check_time_source, require_contract, require_source_record
 from onceflow.transforms.aggregate import (
     Aggregated, check_aggregate_arguments, refusal_letter, window_row,
 )
@@ -472,7 +472,7 @@ class AggregateBatches(beam.PTransform):
         shards: int = DEFAULT_SHARDS,
     ):
         super().__init__()
-        check_aggregate_arguments("AggregateBatches", key_fields, aggregates, early_firing_ms)
+        check_aggregate_arguments("AggregateBatches", key_fields, window_spec, aggregates, early_firing_ms)
         if not isinstance(shards, int) or shards < 1:
             raise ValueError("the number of shards must be a positive whole number")
         self._key_fields = tuple(key_fields)
@@ -551,8 +551,9 @@ class BatchRecords(beam.PTransform):
 
     def __init__(self, contract: EventContract, max_records: int = 10_000, time_source: str = "field"):
         super().__init__()
-        if max_records < 1:
-            raise ValueError("a batch holds at least one record")
+        require_contract(contract, "BatchRecords")
+        if not isinstance(max_records, int) or isinstance(max_records, bool) or max_records < 1:
+            raise ValueError(f"a batch holds at least one record: max_records is a positive int, not {max_records!r}")
         check_time_source(time_source)
         self._contract = contract
         self._max_records = max_records
@@ -582,6 +583,8 @@ class AggregateEvents(AggregateBatches):
 
     def __init__(self, contract: EventContract, window_spec: WindowSpec, aggregates: Sequence[AggregateSpec],
                  early_firing_ms: Optional[int] = None, shards: int = DEFAULT_SHARDS):
+        require_contract(contract, "AggregateEvents")
+        check_aggregate_specs(aggregates, "AggregateEvents")
         missing = [name for name in value_fields(aggregates) if name not in contract.value_fields]
         if missing:
             raise ValueError(f"AggregateEvents: the aggregates read {', '.join(missing)}, which the contract's "
