@@ -110,6 +110,22 @@ def test_replay_refuses_a_range_and_an_unknown_reason(tmp_path, capsys):
             "onceflow's: invalid_utf8,") in capsys.readouterr().err
 
 
+def test_replay_without_the_jobs_sink_is_refused_when_the_default_one_does_not_exist(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The documented `-- --allowed_lateness=3h` without the job's --sink wrote the
+    replayed rows into a new onceflow-output/aggregates.db, beside nothing."""
+    dlq = tmp_path / "dlq.jsonl"
+    run([f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--status=off"])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--reason", "too_late", "--", "--allowed_lateness=3h"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "onceflow: error: no --sink after --: the job's default sink onceflow-output/aggregates.db does not exist "
+        "here, so the replayed rows would go to a new database, not beside the rows they belong with; give the "
+        "--sink the job wrote to after --"]
+    assert not (tmp_path / "onceflow-output").exists()
+
+
 def test_a_reason_of_a_users_own_job_is_selected(tmp_path, capsys):
     """A queue written by a user's own job (say a YAML pipeline) can hold reasons
     onceflow never gives: --reason selects them, even where other filters leave

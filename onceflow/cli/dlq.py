@@ -398,6 +398,11 @@ def _replay(args) -> int:
     # A replay is a backfill: judged as one (a kafka:// sink, which a live job refuses, is fine).
     reads_kafka = is_kafka_url(str(parse_pipeline_args(flags).view_as(InputOptions).input))
     job = job_from_options(parse_pipeline_args([*flags, "--from=earliest", "--to=latest"] if reads_kafka else flags))
+    if (not any(flag == "--sink" or flag.startswith("--sink=") for flag in flags) and job.sink.scheme == "sqlite"
+            and not os.path.exists(job.sink.location)):
+        raise UsageError(f"no --sink after --: the job's default sink {job.sink.location} does not exist here, so "
+                         "the replayed rows would go to a new database, not beside the rows they belong with; give "
+                         "the --sink the job wrote to after --")
     input_flags = replay_flags(chosen, margin_ms, job)
     if job.kafka is not None:
         check_records_retained(job, chosen)
