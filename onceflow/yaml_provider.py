@@ -426,10 +426,12 @@ class ParseEvents(beam.PTransform):
 
 
 def _carry_row(row: Any) -> Event:
-    """An event for DedupByEventId that carries its row in ``values``."""
+    """An event for DedupByEventId that carries its row in ``values``, and its
+    record's source: of copies that differ, the first in its source is kept."""
     data = _as_dict(row)
+    source = data.get("source")
     return Event(data["event_id"], data["event_time_ms"], (), data,
-                 SourceRecord(_to_bytes(data.get("raw") or b""), {}, None))
+                 SourceRecord(_to_bytes(data.get("raw") or b""), json.loads(source) if source else {}, None))
 
 
 class DedupByEventId(beam.PTransform):

@@ -191,6 +191,37 @@ def test_transforms_by_name_from_python(tmp_path):
         ("malformed_json", "parse", "not json", "yaml")]
 
 
+def test_dedup_keeps_the_first_copy_in_the_file(tmp_path):
+    """Two copies of one order that differ (a producer's mistake): DedupByEventId
+    kept the one with the least raw bytes (it dropped the rows' sources), not the
+    first in the file as the Python transform and the job keep."""
+    from apache_beam.yaml.yaml_transform import YamlTransform
+
+    first = {"order_id": "o1", "event_time": START + 1_000, "store": "s1", "qty": 9}
+    (tmp_path / "in.jsonl").write_text(json.dumps(first) + "\n" + json.dumps({**first, "qty": 1}) + "\n")
+    spec = f"""
+    type: composite
+    transforms:
+      - type: ReadRecordsFromFiles
+        config: {{path: "{tmp_path}/in.jsonl", key_fields: store, id_field: order_id, aggregates: "count,sum:qty"}}
+      - type: ParseEvents
+        input: ReadRecordsFromFiles
+        config: {{key_fields: store, id_field: order_id, aggregates: "count,sum:qty"}}
+      - type: DedupByEventId
+        input: ParseEvents.events
+        config: {{horizon: 6m}}
+      - type: WindowedAggregate
+        input: DedupByEventId
+        config: {{key_fields: store, window: 60s, aggregates: "count,sum:qty", dedup: false}}
+      - type: WriteRows
+        input: WindowedAggregate.rows
+        config: {{sink: "sqlite:///{tmp_path}/out.db", key_fields: store, aggregates: "count,sum:qty"}}
+    """
+    with beam.Pipeline() as pipeline:
+        _ = pipeline | YamlTransform(spec, providers=yaml_provider.provider())
+    assert [(dict(row)["event_count"], dict(row)["sum_qty"]) for row in table_rows(tmp_path / "out.db")] == [(1, 9)]
+
+
 @pytest.mark.parametrize("second, words", [
     # other key fields than ParseEvents'
     ({"type": "WindowedAggregate", "input": "Parse.events",
