@@ -15,7 +15,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from onceflow import metrics
-from onceflow.aggregates import AggregateSpec, Aggregation, check_aggregate_specs
+from onceflow.aggregates import AggregateSpec, Aggregation, check_aggregate_specs, value_fields
 from onceflow.deadletter import DeadLetter
 from onceflow.events import (
     REASON_BAD_TIMESTAMP, REASON_TOO_LATE, Event, SourceRecord, check_field_names, format_utc_ms,
@@ -101,15 +101,28 @@ class _AggregateCombineFn(beam.CombineFn):
 
 
 class _KeyByKeyAndWindowDoFn(beam.DoFn):
-    def __init__(self, spec: WindowSpec):
+    def __init__(self, spec: WindowSpec, key_fields: Sequence[str], fields: Sequence[str]):
         self._spec = spec
+        self._key_fields = tuple(key_fields)
+        self._fields = frozenset(fields)  # the value fields the aggregates read
 
     def process(self, event: Event):
+        if len(event.key) != len(self._key_fields) or not self._fields.issubset(event.values):
+            raise ValueError(self._mismatch(event))
         # The key fields as one JSON text: a key with a deterministic coder
         # (text, varint, varint), as state keyed by its bytes needs on Flink/Dataflow.
         key_text = json.dumps(event.key, ensure_ascii=False, separators=(",", ":"))
         for start, end in self._spec.windows_for(event.event_time_ms):
             yield (key_text, start, end), event
+
+
+    def _mismatch(self, event: Event) -> str:
+        if len(event.key) != len(self._key_fields):
+            return (f"WindowedAggregate names {len(self._key_fields)} key field(s) {list(self._key_fields)}, and the "
+                    f"events are keyed by {len(event.key)}: give it the contract's key_fields, in order")
+        missing = sorted(self._fields.difference(event.values))
+        return (f"WindowedAggregate's aggregates read {', '.join(missing)}, which the events do not hold: add it to "
+                "the EventContract's value_fields")
 
 
 class _AccumulatePanesDoFn(beam.DoFn):
@@ -316,7 +329,8 @@ class WindowedAggregate(beam.PTransform):
         timely = screened.timely
         if self._dedup:
             timely = timely | "DedupByEventId" >> DedupByEventId(self._spec.dedup_horizon_ms)
-        keyed = timely | "KeyByKeyAndWindow" >> beam.ParDo(_KeyByKeyAndWindowDoFn(self._spec)).with_output_types(
+        keyed = timely | "KeyByKeyAndWindow" >> beam.ParDo(_KeyByKeyAndWindowDoFn(
+            self._spec, self._key_fields, value_fields(self._aggregates))).with_output_types(
             Tuple[Tuple[str, int, int], Any])
         if timely.is_bounded:
             columns = keyed | "CombinePerKeyAndWindow" >> beam.CombinePerKey(_AggregateCombineFn(self._aggregates))

@@ -83,3 +83,21 @@ def test_a_source_record_with_fields_of_the_wrong_type_is_named(record, fragment
         with TestPipeline() as pipeline:
             _ = pipeline | beam.Create([record]) | transform
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize("key_fields, aggregates, fragment", [
+    # A bare KeyError: 'price' inside Beam.
+    (("store",), "count,sum:price", "WindowedAggregate's aggregates read price, which the events do not hold: add "
+                                    "it to the EventContract's value_fields"),
+    # Rows came out without the second key column (zip stopped at the shorter).
+    (("store", "region"), "count", "WindowedAggregate names 2 key field(s) ['store', 'region'], and the events are "
+                                   "keyed by 1"),
+])
+def test_a_windowed_aggregate_that_does_not_fit_its_events_says_so(key_fields, aggregates, fragment):
+    from onceflow.events import Event
+
+    event = Event("1", 1_793_610_000_000, ("s1",), {"qty": 2}, SourceRecord(b"{}", {}))
+    with pytest.raises(Exception) as caught:
+        with TestPipeline() as pipeline:
+            _ = pipeline | beam.Create([event]) | WindowedAggregate(key_fields, SPEC, parse_aggregates(aggregates))
+    assert fragment in str(caught.value)
