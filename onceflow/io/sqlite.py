@@ -17,8 +17,7 @@ from onceflow.io.progress import PROGRESS_TABLE, Position
 from onceflow.io.retry import call_with_retries
 from onceflow.rows import (
     DEFAULT_BATCH_ROWS, EVENT_COUNT, WINDOW_END, WINDOW_START, WRITTEN_AT, RowSchema, check_columns, check_identifier,
-    check_sink_arguments,
-    row_values,
+    check_sink_arguments, row_values,
 )
 
 SINK_CACHE_KIB = 65536  # the sink connection's page cache

@@ -107,14 +107,13 @@ class _KeyByKeyAndWindowDoFn(beam.DoFn):
         self._fields = frozenset(fields)  # the value fields the aggregates read
 
     def process(self, event: Event):
-        if len(event.key) != len(self._key_fields) or not self._fields.issubset(event.values):
+        if len(event.key) != len(self._key_fields) or not event.values.keys() >= self._fields:
             raise ValueError(self._mismatch(event))
         # The key fields as one JSON text: a key with a deterministic coder
         # (text, varint, varint), as state keyed by its bytes needs on Flink/Dataflow.
         key_text = json.dumps(event.key, ensure_ascii=False, separators=(",", ":"))
         for start, end in self._spec.windows_for(event.event_time_ms):
             yield (key_text, start, end), event
-
 
     def _mismatch(self, event: Event) -> str:
         if len(event.key) != len(self._key_fields):
