@@ -71,6 +71,7 @@ _ISO_TIME = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9
 _POSITION = rf"(earliest|latest|offsets:[0-9]+=[0-9]+(,[0-9]+=[0-9]+)*|-?[0-9]+|{_ISO_TIME})"
 _AGGREGATE = r"(count|(sum|min|max|mean|first|last):[A-Za-z0-9_]+)"
 _FIELD = r"[^\s,]+"
+_COLUMN = r"[A-Za-z_][A-Za-z0-9_]{0,62}"  # a key field is also a column of the sink's table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +128,8 @@ RULES: Dict[str, ParameterRule] = {
     "kafka_idle_timeout": ParameterRule("Kafka idle partition timeout", rf"^{_POSITIVE_DURATION}$", "30s",
                                         invalid=("0", "30", "30 sec")),
     # event contract
-    "key_fields": ParameterRule("Key fields", rf"^{_FIELD}(,{_FIELD})*$", "store,sku",
-                                invalid=("store,", ",sku", "")),
+    "key_fields": ParameterRule("Key fields", rf"^{_COLUMN}(,{_COLUMN})*$", "store,sku",
+                                invalid=("store,", ",sku", "", "store-id", "a.b", "1st")),
     "time_field": ParameterRule("Event time field", rf"^{_FIELD}$", "event_time", invalid=("",)),
     "id_field": ParameterRule("Event ID field", rf"^({_FIELD})?$", "order_id", invalid=("a b",)),
     # windows
@@ -136,8 +137,8 @@ RULES: Dict[str, ParameterRule] = {
     "window_period": ParameterRule("Sliding window period", rf"^{_POSITIVE_DURATION}$", "1m",
                                    invalid=("1", "0s")),
     "allowed_lateness": ParameterRule("Allowed lateness", rf"^(0|{_DURATION})$", "5m", invalid=("5", "-1m")),
-    "early_firing": ParameterRule("Early firing interval", r"^[0-9]*[1-9][0-9]*(s|m|h|d)$", "10s",
-                                  invalid=("0s", "10", "1500ms")),
+    "early_firing": ParameterRule("Early firing interval", r"^[0-9]*[1-9][0-9]*((s|m|h|d)|000ms)$", "10s",
+                                  invalid=("0s", "10", "1500ms", "0000ms")),
     # aggregates
     "aggregate": ParameterRule(
         "Aggregates", rf"^{_AGGREGATE}(,{_AGGREGATE})*$", "count,sum:qty,max:price",
@@ -168,7 +169,9 @@ RULES: Dict[str, ParameterRule] = {
         "Metrics file", r"^\S+$", "/tmp/onceflow-metrics.json", invalid=("",),
         note="Written by the process that submits the job (for a Flex Template, the launcher VM)."),
     "status": ParameterRule("Live status line", r"^(auto|on|off)$", "off", invalid=("yes",)),
-    "health_port": ParameterRule("Health endpoint port", r"^[0-9]{1,5}$", "0", invalid=("-1", "http")),
+    "health_port": ParameterRule(
+        "Health endpoint port", r"^([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$",
+        "0", invalid=("-1", "http", "65536", "99999")),
     "health_max_lag": ParameterRule("Health: maximum consumer lag", r"^([0-9]+|none|off)$", "100000",
                                     invalid=("1e5", "-1")),
     "health_max_dlq_rate": ParameterRule(
