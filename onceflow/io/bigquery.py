@@ -48,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Set, Tuple
 
 import apache_beam as beam
 
@@ -430,6 +430,11 @@ class BigQueryProgress:
                 found[partition] = Position(topic, partition, int(row["next_offset"]), row["high_water_ms"],
                                             row["final_through_ms"])
         return found
+
+    def topics(self) -> Set[str]:
+        client = self._connected()
+        return {row["topic"] for row in client.list_rows(table_id(*self._where, PROGRESS_TABLE))
+                if row["rows_table"] == self._rows_table}
 
     def write(self, job: str, positions: Sequence[Position]) -> None:
         from onceflow.rows import utc_now  # pylint: disable=import-outside-toplevel

@@ -42,7 +42,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import apache_beam as beam
 
@@ -367,6 +367,10 @@ class FileProgress:
             stored = self._load().get(job, {}).get(topic, {})
         return {int(p): Position(topic, int(p), entry["next_offset"], entry["high_water_ms"],
                                  entry.get("final_through_ms")) for p, entry in stored.items()}
+
+    def topics(self) -> Set[str]:
+        with _locked(self._directory):
+            return {topic for by_topic in self._load().values() for topic in by_topic}
 
     def write(self, job: str, positions: Sequence[Position]) -> None:
         with _locked(self._directory):

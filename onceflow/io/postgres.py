@@ -33,7 +33,7 @@ superseded by a newer version in the same batch), ``sink_retries``.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import apache_beam as beam
 import psycopg
@@ -330,6 +330,15 @@ class PostgresProgress:
 
         found = with_retries(read, f"read positions from {PROGRESS_TABLE}")
         return {p: Position(topic, p, offset, high, final) for p, offset, high, final in found}
+
+    def topics(self) -> Set[str]:
+        def read() -> List[Tuple[str]]:
+            self._create()
+            with connect(self._dsn, application_name(self._rows_table)) as connection:
+                return connection.execute(sql.SQL("SELECT DISTINCT topic FROM {} WHERE rows_table = %s").format(
+                    sql.Identifier(PROGRESS_TABLE)), (self._rows_table,)).fetchall()
+
+        return {topic for (topic,) in with_retries(read, f"read positions from {PROGRESS_TABLE}")}
 
     def write(self, job: str, positions: Sequence[Position]) -> None:
         values = [(job, self._rows_table, p.topic, p.partition, p.next_offset, p.high_water_ms, p.final_through_ms)

@@ -30,7 +30,7 @@ cannot hold positions (a Kafka topic) is refused for live jobs.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -79,6 +79,9 @@ class ProgressStore(Protocol):
 
     def write(self, job: str, positions: Sequence[Position]) -> None:
         """Stores ``positions`` (a partition's stored offset never moves back)."""
+
+    def topics(self) -> Set[str]:
+        """The topics of every job whose positions are kept with these rows."""
 
 
 # The flags a job's positions were taken under, kept beside them (job key

@@ -7,7 +7,7 @@ import datetime
 import os
 import sqlite3
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import apache_beam as beam
 
@@ -198,6 +198,14 @@ class SqliteProgress:
         finally:
             connection.close()
         return {p: Position(topic, p, offset, high, final) for p, offset, high, final in found}
+
+    def topics(self) -> Set[str]:
+        connection = self._connect()
+        try:
+            return {topic for (topic,) in connection.execute(
+                f"SELECT DISTINCT topic FROM {PROGRESS_TABLE} WHERE rows_table = ?", (self._rows_table,))}
+        finally:
+            connection.close()
 
     def write(self, job: str, positions: Sequence[Position]) -> None:
         stamp = format_utc_ms(int(time.time() * 1000))

@@ -474,6 +474,12 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
     kafka_topic_id = topic_id(config)
     settings = settings_positions(topic, flags, kafka_topic_id)
     try:
+        others = sorted(store.topics() - {topic})
+        if others:
+            raise UsageError(
+                f"--input: {job.sink.describe()} holds the rows of a live job on topic {others[0]} (its positions "
+                f"are kept with them), and rows of two topics in one table cannot be told apart; write topic "
+                f"{topic}'s rows to another table or sink")
         stored = store.read(config.group_id, topic)
         kept = store.read(config.group_id + SETTINGS_SUFFIX, topic)
         changed = changed_settings(kept, flags) if stored else []

@@ -10,6 +10,7 @@ import re
 import signal
 import sqlite3
 import time
+import uuid
 
 import pytest
 
@@ -319,6 +320,35 @@ def test_a_live_job_resumes_only_under_the_flags_its_positions_were_kept_under(k
             start(*more)
     start("--window_period=10s")  # the same tumbling windows, said another way (refused before)
     start()
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("sink", ["sqlite", "file", "postgres"])
+def test_a_live_job_on_another_topic_into_the_same_rows_is_refused(kafka_bootstrap, tmp_path, sink, request):
+    """The same command with another --input topic (and the same group and sink)
+    was taken for a first start and wrote the second topic's rows into the first's
+    table, where nothing tells them apart (48 rows became 95)."""
+    from onceflow.errors import UsageError
+    from onceflow.options import parse_pipeline_args
+    from onceflow.pipelines.aggregate import job_from_options, with_stored_positions
+
+    first, second = new_topic(kafka_bootstrap, partitions=1), new_topic(kafka_bootstrap, partitions=1)
+    url = {"sqlite": f"sqlite:///{tmp_path}/out.db", "file": f"file://{tmp_path}/rows?format=parquet"}.get(sink)
+    if sink == "postgres":
+        url = f"{request.getfixturevalue('postgres_dsn')}?table=rows_{uuid.uuid4().hex[:12]}"
+    (tmp_path / "rows").mkdir()  # as the job prepares its sink before it reads positions
+
+    def start(topic, table=""):
+        return with_stored_positions(job_from_options(parse_pipeline_args([
+            f"--input={topic.url}", "--kafka_group=g", f"--sink={url}{table}", f"--dlq={tmp_path}/dlq.jsonl"])), [0])
+
+    start(first)
+    start(first)  # the same topic resumes
+    with pytest.raises(UsageError, match=f"holds the rows of a live job on topic {first.topic} .* write topic "
+                                         f"{second.topic}'s rows to another table or sink"):
+        start(second)
+    if sink != "file":
+        start(second, "?table=other" if sink == "sqlite" else "_other")  # another table is fine
 
 
 @pytest.mark.kafka
