@@ -130,6 +130,11 @@ def check_time_source(time_source: str) -> None:
         raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
 
 
+def is_whole_number(value: Any) -> bool:
+    """Whether ``value`` is an int (and not a bool, which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_field_names(names: Any, what: str) -> None:
     """ValueError when ``names`` is one text instead of a sequence of field names
     (a string would be taken for its characters: ``"store"`` as s, t, o, r, e)."""

@@ -19,7 +19,7 @@ import re
 from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 from onceflow.aggregates import AggregateSpec, check_aggregate_specs
-from onceflow.events import check_field_names
+from onceflow.events import check_field_names, is_whole_number
 
 # Rows per sink transaction unless --sink_batch_size says otherwise. Each commit
 # costs far more than a row: measured on the 1,000,000-record file backfill into
@@ -104,7 +104,7 @@ def check_sink_arguments(transform: str, schema: Any, batch_size: Any) -> None:
     if not isinstance(schema, RowSchema):
         raise ValueError(f"{transform} takes a RowSchema, e.g. RowSchema(('store',), parse_aggregates('count')), "
                          f"not {schema!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+    if not is_whole_number(batch_size) or batch_size <= 0:
         raise ValueError(f"batch size must be a positive int, not {batch_size!r}")
 
 

@@ -23,7 +23,7 @@ import dataclasses
 import re
 from typing import List, Optional, Tuple
 
-from onceflow.events import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS
+from onceflow.events import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS, is_whole_number
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -65,7 +65,7 @@ class WindowSpec:
     def __post_init__(self) -> None:
         for name in ("size_ms", "period_ms", "allowed_lateness_ms"):
             value = getattr(self, name)
-            if (value is not None or name != "period_ms") and (not isinstance(value, int) or isinstance(value, bool)):
+            if (value is not None or name != "period_ms") and not is_whole_number(value):
                 raise TypeError(f"WindowSpec {name} must be a whole number of milliseconds (an int), "
                                 f"not {value!r}")
         if self.size_ms <= 0:

@@ -19,7 +19,7 @@ from fastavro.schema import to_parsing_canonical_form
 
 import onceflow.coders  # noqa: F401  (registers RecordBatchCoder for the batches this module outputs)
 from onceflow.batches import FILE_LINES, FILE_RECORDS, RecordBatch, decode_values, high_waters, take
-from onceflow.events import EventContract, require_contract
+from onceflow.events import EventContract, is_whole_number, require_contract
 
 
 def read_avro_writer_schema(path: str) -> dict:
@@ -235,7 +235,7 @@ class ReadRecordBatchesFromFiles(beam.PTransform):
     def __init__(self, file_pattern: str, contract: EventContract, batch_records: int = BATCH_RECORDS):
         super().__init__()
         require_contract(contract, "ReadRecordBatchesFromFiles")
-        if not isinstance(batch_records, int) or isinstance(batch_records, bool) or batch_records < 1:
+        if not is_whole_number(batch_records) or batch_records < 1:
             raise ValueError(f"a batch holds at least one record: batch_records is a positive int, not "
                              f"{batch_records!r}")
         self._pattern = absolute_local_path(file_pattern)

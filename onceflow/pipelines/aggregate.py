@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import signal
@@ -44,8 +43,8 @@ from onceflow.io.kafka.config import (
     is_kafka_url, parse_kafka_url, parse_position,
 )
 from onceflow.io.kafka.admin import (
-    PositionPastEnd, check_named_partitions, describe_gaps, describe_topic, partitions_left_out, resolve_partition_reads,
-    topic_id,
+    PositionPastEnd, check_named_partitions, describe_gaps, describe_topic, partitions_left_out_note,
+    resolve_partition_reads, topic_id,
 )
 from onceflow.io.kafka.errors import (
     BrokerRefused, BrokerUnreachable, TopicReplaced, UnknownGroupOrTopic, is_broker_away,
@@ -372,17 +371,16 @@ def _check_sink_and_dlq_apart(sink: Target, dlq: Target) -> None:
                          "give the queue its own")
 
 
-def _check_metrics_out(path: Optional[str], job: "AggregateJob") -> None:
+def _check_metrics_out(path: Optional[str], job: "AggregateJob", input_files: Sequence[str]) -> None:
     """Refuses a ``--metrics_out`` the summary could not be written to, or that
-    would overwrite the run's input, queue or sink, before the job runs rather
-    than after."""
+    would overwrite the run's input (``input_files``), queue or sink, before the
+    job runs rather than after."""
     if not path:
         return
     others = [("--dlq", job.dlq.location)] if job.dlq.scheme == "jsonl" else []
     if job.sink.scheme == "sqlite":
         others.append(("--sink", job.sink.location))
-    if job.kafka is None and "://" not in job.input_pattern:
-        others += [("--input", name) for name in glob.glob(job.input_pattern)]
+    others += [("--input", name) for name in input_files if "://" not in name]
     for flag, other in others:
         if _same_path(path, other):
             raise UsageError(f"--metrics_out: {path} is this run's {flag} file; the summary would replace it: "
@@ -415,7 +413,9 @@ def _check_metrics_out(path: Optional[str], job: "AggregateJob") -> None:
                          f"at most {longest}; give a shorter one")
 
 
-def _check_input_exists(pattern: str) -> None:
+def _check_input_exists(pattern: str) -> List[str]:
+    """The files ``pattern`` matches; UsageError when none, or a directory or an
+    archive's files."""
     if os.path.isdir(pattern):  # before Beam's match, which lists the files of "/" itself
         _refuse_directory(pattern)
     try:
@@ -431,6 +431,7 @@ def _check_input_exists(pattern: str) -> None:
     folders = [match.path for match in found if os.path.isdir(match.path)]  # local paths; others are objects
     if folders:
         _refuse_directory(folders[0])
+    return [match.path for match in found]
 
 
 def _refuse_directory(path: str) -> None:
@@ -604,16 +605,16 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     broker_wait_s = BROKER_WAIT_S if job.is_live else 0
     # Every check that creates nothing first: a refused run leaves no table behind (a sink
     # table created with this run's columns refused the corrected run's other aggregates).
+    input_files: List[str] = []  # a file input's files, listed once
     if job.kafka is not None:  # the input first: a refused login is about it, before any output
         partitions = _retrying_while_broker_away(lambda: _describe_input(job), broker_wait_s)
         try:
             check_named_partitions(job.kafka, partitions)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        left_out = partitions_left_out(job.kafka, partitions)
-        if left_out:
-            print(f"aggregate: note: --to offsets: does not name partition{'s' if len(left_out) > 1 else ''} "
-                  f"{', '.join(map(str, left_out))} of {job.kafka.topic.topic}: not read", file=sys.stderr)
+        note = partitions_left_out_note(job.kafka, partitions)
+        if note:
+            print(f"aggregate: note: {note}", file=sys.stderr)
     elif job.from_archive:
         try:
             holes = check_archive(job.input_pattern)
@@ -622,8 +623,8 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         for hole in holes:
             print(f"aggregate: warning: the archive {job.input_pattern} lacks records: {hole}", file=sys.stderr)
     else:
-        _check_input_exists(job.input_pattern)
-    _check_metrics_out(options.view_as(MonitoringOptions).metrics_out, job)
+        input_files = _check_input_exists(job.input_pattern)
+    _check_metrics_out(options.view_as(MonitoringOptions).metrics_out, job, input_files)
     if job.early_firing_ms is not None and not job.is_live:
         print("aggregate: note: --early_firing is for live jobs: a backfill writes each window once it is complete",
               file=sys.stderr)

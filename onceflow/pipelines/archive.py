@@ -27,7 +27,7 @@ from onceflow import metrics
 from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.io.archive import FORMATS, WriteArchive, holes_left_by, read_manifest, write_marker
 from onceflow.io.kafka.admin import (check_named_partitions, describe_gaps, describe_topic, log_starts,
-                                     partitions_left_out, resolve_partition_reads, topic_id)
+                                     partitions_left_out_note, resolve_partition_reads, topic_id)
 from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, Position, client_error_line,
                                       client_settings_from_flags, parse_kafka_url, parse_position)
 from onceflow.io.kafka.read import ReadFromKafka
@@ -152,10 +152,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         check_named_partitions(config, partitions)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    left_out = partitions_left_out(config, partitions)
-    if left_out:
-        print(f"archive: note: --to offsets: does not name partition{'s' if len(left_out) > 1 else ''} "
-              f"{', '.join(map(str, left_out))} of {config.topic.topic}: not read", file=sys.stderr)
+    note = partitions_left_out_note(config, partitions)
+    if note:
+        print(f"archive: note: {note}", file=sys.stderr)
     try:
         reads = resolve_partition_reads(config, partitions)
         lows = log_starts(config, partitions)

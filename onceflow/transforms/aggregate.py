@@ -18,7 +18,7 @@ from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation, check_aggregate_specs, value_fields
 from onceflow.deadletter import DeadLetter
 from onceflow.events import (
-    REASON_BAD_TIMESTAMP, REASON_TOO_LATE, Event, SourceRecord, check_field_names, format_utc_ms,
+    REASON_BAD_TIMESTAMP, REASON_TOO_LATE, Event, SourceRecord, check_field_names, format_utc_ms, is_whole_number,
 )
 from onceflow.rows import WINDOW_END, WINDOW_START
 from onceflow.transforms.dedup import DedupByEventId
@@ -254,8 +254,8 @@ def check_aggregate_arguments(transform: str, key_fields: Sequence[str], window_
     check_aggregate_specs(aggregates, transform)
     if not aggregates:
         raise ValueError(f"{transform} needs at least one aggregate")
-    if early_firing_ms is not None and (not isinstance(early_firing_ms, int) or isinstance(early_firing_ms, bool)
-                                        or early_firing_ms <= 0 or early_firing_ms % 1000):
+    if early_firing_ms is not None and (not is_whole_number(early_firing_ms) or early_firing_ms <= 0
+                                        or early_firing_ms % 1000):
         raise ValueError("the early firing interval must be a whole number of seconds, in milliseconds (an int)")
 
 

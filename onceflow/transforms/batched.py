@@ -26,7 +26,9 @@ from onceflow import metrics
 from onceflow.aggregates import AggregateSpec, Aggregation, check_aggregate_specs, value_fields
 from onceflow.batches import RecordBatch, Verdicts, batch_from_records, relax_gc, take, taker
 from onceflow.deadletter import DeadLetter
-from onceflow.events import EventContract, SourceRecord, check_time_source, require_contract, require_source_record
+from onceflow.events import (
+    EventContract, SourceRecord, check_time_source, is_whole_number, require_contract, require_source_record,
+)
 from onceflow.transforms.aggregate import (
     Aggregated, check_aggregate_arguments, refusal_letter, window_row,
 )
@@ -552,7 +554,7 @@ class BatchRecords(beam.PTransform):
     def __init__(self, contract: EventContract, max_records: int = 10_000, time_source: str = "field"):
         super().__init__()
         require_contract(contract, "BatchRecords")
-        if not isinstance(max_records, int) or isinstance(max_records, bool) or max_records < 1:
+        if not is_whole_number(max_records) or max_records < 1:
             raise ValueError(f"a batch holds at least one record: max_records is a positive int, not {max_records!r}")
         check_time_source(time_source)
         self._contract = contract

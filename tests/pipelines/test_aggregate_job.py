@@ -81,7 +81,8 @@ def test_a_byte_order_mark_at_the_start_of_a_file_is_not_part_of_its_first_recor
     marked = {(row["store"], millis(row["window_start"])): row["event_count"] for row in map(dict, table_rows(db))}
     plain_rows, plain_dead = expected_job(str(tmp_path / "ref.jsonl"), MINUTE, 5 * MINUTE)
     assert marked == {key: row["count"] for key, row in plain_rows.items()}
-    dead = {(e["source"]["line"], "too_late" if e["reason"] == "too_late" else "bad") for e in read_dead_letters(str(dlq))}
+    dead = {(e["source"]["line"], "too_late" if e["reason"] == "too_late" else "bad")
+            for e in read_dead_letters(str(dlq))}
     assert dead == plain_dead and all(line != 1 for line, _ in dead)
 
 

@@ -253,12 +253,17 @@ def check_named_partitions(config: KafkaReadConfig, partitions: List[int]) -> No
                              f"is not read; name it there too (offsets:{p}=OFFSET), or stop at latest or a time")
 
 
-def partitions_left_out(config: KafkaReadConfig, partitions: List[int]) -> List[int]:
-    """The partitions an ``offsets:`` ``--to`` does not name: a bounded read reads
-    only the partitions it names (for the others it is at their log start)."""
+def partitions_left_out_note(config: KafkaReadConfig, partitions: List[int]) -> Optional[str]:
+    """What to say of the partitions an ``offsets:`` ``--to`` does not name (a
+    bounded read reads only the partitions it names: for the others it is at their
+    log start); None when it names them all, or is no ``offsets:``."""
     if config.stop is None or config.stop.kind != "offsets":
-        return []
-    return sorted(set(partitions) - set(config.stop.value))
+        return None
+    left_out = sorted(set(partitions) - set(config.stop.value))
+    if not left_out:
+        return None
+    return (f"--to offsets: does not name partition{'s' if len(left_out) > 1 else ''} "
+            f"{', '.join(map(str, left_out))} of {config.topic.topic}: not read")
 
 
 def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import apache_beam as beam
 
 from onceflow import metrics
-from onceflow.events import format_utc_ms
+from onceflow.events import format_utc_ms, is_whole_number
 from onceflow.io.kafka.admin import read_records_to_end, read_topic_to_end
 from onceflow.io.kafka.config import KafkaTopic, check_guarded_settings, redact
 from onceflow.rows import EVENT_COUNT, WINDOW_END, RowSchema
@@ -270,7 +270,7 @@ def _message_version(value: Optional[bytes], registry: Any = None) -> Optional[i
 
 def _row_version(row: Optional[Dict[str, Any]]) -> Optional[int]:
     version = row.get(EVENT_COUNT) if row is not None else None
-    return version if isinstance(version, int) and not isinstance(version, bool) else None
+    return version if is_whole_number(version) else None
 
 
 def _known_versions(writer: str, topic: KafkaTopic, settings: Mapping[str, str],
