@@ -30,7 +30,7 @@ cannot hold positions (a Kafka topic) is refused for live jobs.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -43,6 +43,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 from onceflow.batches import KAFKA, RecordBatch
 from onceflow.rows import check_identifier
 from onceflow.windowing import WindowSpec, format_duration_ms
+
+if TYPE_CHECKING:
+    from onceflow.io.kafka.admin import KafkaPartitionRead
 
 PROGRESS_TABLE = "onceflow_progress"
 
@@ -82,6 +85,33 @@ class ProgressStore(Protocol):
 
     def topics(self) -> Set[str]:
         """The topics of every job whose positions are kept with these rows."""
+
+
+def start_position(read: KafkaPartitionRead) -> Position:
+    """The position to store for a partition before any of its records is read:
+    where the read starts, with its starting high water. A resume offset that
+    retention has deleted is kept as it is, so the read reports the gap."""
+    first = read.retention_gap.first if read.retention_gap is not None else read.start_offset
+    return Position(read.topic, read.partition, first, read.high_water_ms)
+
+
+class StoreAddedPartitions:
+    """Given to a live Kafka read (``on_partitions_added``): stores the start
+    position of each partition added to the topic while the job runs, with the
+    wall-clock high water it joins with, before any of its records is read.
+
+    Without it, a kill before the partition's first position was stored with the
+    rows left the restart to take it for one added while the job was stopped, with
+    a lower high water (the sink's final point): records this run had dead-lettered
+    as too late were then counted too, in a row and in the DLQ. With it, the
+    restart gives them the verdicts this run gave."""
+
+    def __init__(self, store: ProgressStore, job: str):
+        self._store = store
+        self._job = job
+
+    def __call__(self, reads: Sequence[KafkaPartitionRead]) -> None:
+        self._store.write(self._job, [start_position(read) for read in reads])
 
 
 # The flags a job's positions were taken under, kept beside them (job key

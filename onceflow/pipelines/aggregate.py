@@ -55,7 +55,8 @@ from onceflow.io.schema_registry import (
     RegistryConfig, RegistryUnavailable, kafka_settings_without_registry, registry_settings,
 )
 from onceflow.io.progress import (
-    SETTINGS_SUFFIX, JobSettings, KeepProgress, Position, changed_settings, settings_positions, topic_replaced,
+    SETTINGS_SUFFIX, JobSettings, KeepProgress, Position, StoreAddedPartitions, changed_settings, settings_positions,
+    start_position, topic_replaced,
 )
 from onceflow.io.sinks import (
     WriteRows, check_window_size, holds_no_rows, parse_sink_url, position_sinks, prepare_sink, progress_store,
@@ -316,9 +317,11 @@ def _registry_options(source: InputOptions, input_format: str, kafka_settings: D
 def build(pipeline: beam.Pipeline, job: AggregateJob) -> Aggregated:
     """Adds the whole job (read, transform, write) to ``pipeline``."""
     if job.kafka is not None:
+        # A live job stores a partition added while it runs before reading it (StoreAddedPartitions).
+        store_added = StoreAddedPartitions(progress_store(job.sink), job.kafka.group_id) if job.is_live else None
         batches = pipeline | "ReadKafka" >> ReadBatchesFromKafka(
             job.kafka, job.contract, idle_timeout_s=job.kafka_idle_timeout_ms / 1000, readers=job.kafka_readers,
-            finalize_every_bundle=runs_on_prism(pipeline.options))
+            finalize_every_bundle=runs_on_prism(pipeline.options), on_partitions_added=store_added)
     elif job.from_archive:
         batches = (pipeline
                    | "ReadArchive" >> ReadArchive(job.input_pattern, job.contract, job.time_source)
@@ -513,8 +516,7 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
         if not stored:
             reads = resolve_partition_reads(config, partitions)
             # A committed offset retention has deleted is stored as it is: the read reports the gap.
-            stored = {r.partition: Position(topic, r.partition, r.retention_gap.first if r.retention_gap else
-                                            r.start_offset, None) for r in reads}
+            stored = {r.partition: start_position(r) for r in reads}
             store.write(config.group_id, list(stored.values()))
             where = "first start on this sink: stored its start positions"
         else:

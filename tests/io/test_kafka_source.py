@@ -409,7 +409,8 @@ def test_partition_discovery_resumes_every_second_and_looks_at_the_topic_every_t
     """Discovery resumes every second (each resume moves its wall-clock watermark,
     which on Flink is what lets the readers' watermark out of their stage) but
     asks the broker for the topic's partitions only every 10 s; a partition added
-    meanwhile is emitted at the next look."""
+    meanwhile is emitted at the next look, and handed to ``on_partitions_added``
+    first."""
     from apache_beam.io.restriction_trackers import OffsetRange
     from confluent_kafka.admin import AdminClient, NewPartitions
 
@@ -422,7 +423,8 @@ def test_partition_discovery_resumes_every_second_and_looks_at_the_topic_every_t
 
     topic = new_topic(kafka_bootstrap, partitions=2)
     config = KafkaReadConfig(topic, start=parse_position("earliest"), group_id=None)
-    discovery = _DiscoverLivePartitionsDoFn(config, readers=1)
+    added_reads = []  # what a live job stores before reading them
+    discovery = _DiscoverLivePartitionsDoFn(config, readers=1, on_partitions_added=added_reads.extend)
     discovery.setup()
     restriction = OffsetRange(0, LIVE_END)
 
@@ -439,6 +441,7 @@ def test_partition_discovery_resumes_every_second_and_looks_at_the_topic_every_t
 
     assert resume() == ([[0, 1]], 1.0)
     assert high_waters == {0: None, 1: None}  # the job's start: from the data
+    assert added_reads == []  # the job stored its start positions itself
     admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
     admin.create_partitions([NewPartitions(topic.topic, 3)])[topic.topic].result(30)
     assert resume() == ([], 1.0)  # within 10 s of the last look: no request to the broker
@@ -453,6 +456,7 @@ def test_partition_discovery_resumes_every_second_and_looks_at_the_topic_every_t
     # A partition added while the job runs starts at the wall clock (its records older than the
     # windows already final are too late, not counted in rows the sink refuses).
     assert added_ms <= high_waters[2] <= int(time.time() * 1000)
+    assert [(read.partition, read.start_offset, read.high_water_ms) for read in added_reads] == [(2, 0, high_waters[2])]
 
 
 def test_a_bundle_that_ends_on_data_reports_the_lag_left(kafka_bootstrap):

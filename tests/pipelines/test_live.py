@@ -656,3 +656,64 @@ def test_a_partition_added_while_stopped_loses_no_event(kafka_bootstrap, prism_p
     assert {letter["reason"] for letter in letters} == {"too_late"}
     assert sorted(json.loads(base64.b64decode(letter["raw_base64"]))["id"] for letter in letters) == sorted(f"p1-old-{n}" for n in range(20))
     assert "partitions [1] are new since the last run" in job_output(job, 100_000)
+
+
+@pytest.mark.parametrize("runner", [pytest.param("prism", marks=pytest.mark.prism),
+                                    pytest.param("flink", marks=pytest.mark.flink)])
+def test_a_partition_added_while_running_keeps_its_verdicts_across_a_kill(kafka_bootstrap, tmp_path, runner, request):
+    """A partition added while the job runs starts with the wall clock as its high
+    water, so its records of windows the job has closed are too_late dead letters.
+    Killed before the partition's first position was stored with the rows, the
+    restart took it for one added while stopped (a high water from the sink's final
+    point) and counted those same records: in a row and in the DLQ. Its start
+    position and high water are stored before any of its records is read, so the
+    restart gives them the same verdicts."""
+    from confluent_kafka.admin import AdminClient, NewPartitions
+
+    from onceflow.io.dlq.jsonl import read_dead_letters
+    from onceflow.io.sqlite import SqliteProgress
+
+    topic = new_topic(kafka_bootstrap, partitions=1)
+    group = f"g-{topic.topic}"
+    db, dlq = tmp_path / "live.db", tmp_path / "dlq.jsonl"
+    # A long lateness: the added partition's first position is stored with the rows only
+    # once a window plus the lateness after it was found has passed; the kill comes before.
+    flags = ("--key_fields=k", "--time_field=t", "--id_field=id", "--aggregate=count", "--window=10s",
+             "--allowed_lateness=30s", "--kafka_idle_timeout=2s", *_runner_flags(runner, request))
+    now = int(time.time() * 1000)
+    old_window = now - now % WINDOW_MS - 20 * 60_000  # final in the sink before the partition is added
+    between = old_window + 10 * 60_000  # after the stored final point, long before the wall clock
+
+    def events(prefix, key, times):
+        return [json.dumps({"id": f"{prefix}{n}", "t": t, "k": key}).encode() for n, t in enumerate(times)]
+
+    def dead_letter_ids():
+        return sorted(json.loads(base64.b64decode(letter["raw_base64"]))["id"]
+                      for letter in read_dead_letters(str(dlq))) if dlq.exists() else []
+
+    produce(topic, [(0, value, None) for value in events("p0-", "a", [old_window + 100 * n for n in range(50)])])
+    job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *flags)
+    try:
+        def old_window_final():
+            stored = SqliteProgress(str(db), "aggregates").read(group, topic.topic) if db.exists() else {}
+            return 0 in stored and (stored[0].final_through_ms or 0) >= old_window + WINDOW_MS
+
+        wait_for(old_window_final, "the old window final in the sink", 120, job)
+        admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
+        admin.create_partitions([NewPartitions(topic.topic, 2)])[topic.topic].result(30)
+        produce(topic, [(1, value, None) for value in events("p1-", "b", [between + n for n in range(20)])])
+        expected = sorted(f"p1-{n}" for n in range(20))
+        wait_for(lambda: dead_letter_ids() == expected, "the added partition's records dead-lettered", 120, job)
+    finally:
+        stop(job)
+    job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *flags)
+    try:
+        current = int(time.time() * 1000)
+        produce(topic, [(1, value, None) for value in events("p1-now-", "c", [current])])
+        wait_for(lambda: "c" in {dict(r)["k"] for r in table_rows(db)}, "the current event counted", 180, job)
+        time.sleep(5)  # a row counting the dead-lettered records would show now
+    finally:
+        stop(job)
+    rows = {dict(r)["k"]: dict(r)["event_count"] for r in table_rows(db)}
+    assert rows == {"a": 50, "c": 1}
+    assert set(dead_letter_ids()) == set(expected)
