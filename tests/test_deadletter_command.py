@@ -373,6 +373,17 @@ def test_an_unreachable_broker_is_one_line_naming_it(capsys):
     assert "KafkaError{" not in line
 
 
+@pytest.mark.kafka
+def test_a_missing_queue_topic_is_a_usage_error_as_a_missing_file(kafka_bootstrap, capsys):
+    """A misspelt topic is the user's to fix (exit 2, as a missing file or table),
+    not a broker failing (exit 1); nor is it to be created, as the job's inputs are."""
+    for command in ("count", "list"):
+        assert cli.main(["dlq", command, f"--dlq=kafka://{kafka_bootstrap}/no-such-queue-topic"]) == 2
+        line = one_error_line(capsys)
+        assert f"--dlq: kafka://{kafka_bootstrap}/no-such-queue-topic does not exist: give the job's --dlq topic" in line
+        assert "create it" not in line
+
+
 def test_a_client_setting_the_kafka_client_refuses_is_a_usage_error(capsys):
     assert cli.main(["dlq", "count", "--dlq=kafka://127.0.0.1:1/dlq", "--kafka_setting", "no.such.setting=1",
                      "--kafka_setting", "sasl.password=planted-s3cr3t"]) == 2

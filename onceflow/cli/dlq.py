@@ -169,6 +169,7 @@ def _selected(args) -> List[Dict[str, Any]]:
     a typo (UsageError); a ``--source`` none came from gets a note naming the
     queue's sources (it may have had no failure yet)."""
     from onceflow.io.dlq import JSONL, read_dead_letters_from
+    from onceflow.io.kafka.errors import UnknownGroupOrTopic
     from onceflow.io.schema_registry import UnknownSchema
 
     target = _target(args)
@@ -196,6 +197,8 @@ def _selected(args) -> List[Dict[str, Any]]:
         raise UsageError(f"--dlq: {first_line(error)}") from None
     except OSError as error:  # a directory, a file without read permission
         raise UsageError(f"--dlq: cannot read {target.location}: {error.strerror or first_line(error)}") from None
+    except UnknownGroupOrTopic:  # as a file that does not exist: a wrong name, not a service failing
+        raise UsageError(f"--dlq: {target.describe()} does not exist: give the job's --dlq topic") from None
     except Exception as error:  # the Kafka client refusing a setting, a broker or server out of reach
         if target.scheme == "kafka" and _is_kafka_error(error):
             raise _kafka_error(error, target) from None
