@@ -112,7 +112,7 @@ RULES: Dict[str, ParameterRule] = {
     "to": ParameterRule(
         "Kafka read stop (bounded read)", rf"^{_POSITION}$", "latest", invalid=("end", "offsets:a=1")),
     "allow_retention_gaps": ParameterRule(
-        "Allow retention gaps", r"^(true|false)$", "true", invalid=("maybe",),
+        "Allow retention gaps", r"^(true|false|yes|no|1|0)$", "true", invalid=("maybe", "2"),
         note="true: a bounded read over records retention has deleted reads what is left and reports the gap."),
     # kafka
     "kafka_group": ParameterRule("Kafka consumer group", r"^[^\s]+$", "onceflow-aggregate",
@@ -136,7 +136,7 @@ RULES: Dict[str, ParameterRule] = {
     "window": ParameterRule("Window size", rf"^{_POSITIVE_DURATION}$", "5m", invalid=("0m", "5", "banana")),
     "window_period": ParameterRule("Sliding window period", rf"^{_POSITIVE_DURATION}$", "1m",
                                    invalid=("1", "0s")),
-    "allowed_lateness": ParameterRule("Allowed lateness", rf"^(0|{_DURATION})$", "5m", invalid=("5", "-1m")),
+    "allowed_lateness": ParameterRule("Allowed lateness", rf"^(0+|{_DURATION})$", "5m", invalid=("5", "-1m", "05")),
     "early_firing": ParameterRule("Early firing interval", r"^[0-9]*[1-9][0-9]*((s|m|h|d)|000ms)$", "10s",
                                   invalid=("0s", "10", "1500ms", "0000ms")),
     # aggregates
