@@ -602,6 +602,20 @@ def test_a_partition_added_while_stopped_starts_at_the_sinks_final_point(kafka_b
     assert with_stored_positions(other, [0, 1]).kafka.resume == ((0, 0, None), (1, 0, None))
 
 
+def _events(prefix, key, times):
+    """JSON events of one key at ``times``, with IDs ``prefix0``, ``prefix1``..."""
+    return [json.dumps({"id": f"{prefix}{n}", "t": t, "k": key}).encode() for n, t in enumerate(times)]
+
+
+def _final_in_sink(db, group, topic, partition, through_ms):
+    """Whether the job's position of ``partition`` stored in the SQLite sink says
+    every window ending by ``through_ms`` is final there."""
+    from onceflow.io.sqlite import SqliteProgress
+
+    stored = SqliteProgress(str(db), "aggregates").read(group, topic.topic) if db.exists() else {}
+    return partition in stored and (stored[partition].final_through_ms or 0) >= through_ms
+
+
 @pytest.mark.prism
 def test_a_partition_added_while_stopped_loses_no_event(kafka_bootstrap, prism_path, tmp_path):
     """Partitions added while the job was stopped started as at a first start, from
@@ -612,7 +626,6 @@ def test_a_partition_added_while_stopped_loses_no_event(kafka_bootstrap, prism_p
     from confluent_kafka.admin import AdminClient, NewPartitions
 
     from onceflow.io.dlq.jsonl import read_dead_letters
-    from onceflow.io.sqlite import SqliteProgress
 
     topic = new_topic(kafka_bootstrap, partitions=1)
     group = f"g-{topic.topic}"
@@ -622,24 +635,18 @@ def test_a_partition_added_while_stopped_loses_no_event(kafka_bootstrap, prism_p
     now = int(time.time() * 1000)
     old_window = now - now % WINDOW_MS - 10 * 60_000  # ten minutes ago: final once the partition is idle
 
-    def events(prefix, key, times):
-        return [json.dumps({"id": f"{prefix}{n}", "t": t, "k": key}).encode() for n, t in enumerate(times)]
-
-    produce(topic, [(0, value, None) for value in events("p0-", "a", [old_window + 100 * n for n in range(50)])])
+    produce(topic, [(0, value, None) for value in _events("p0-", "a", [old_window + 100 * n for n in range(50)])])
     job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *flags)
     try:
-        def old_window_final():
-            stored = SqliteProgress(str(db), "aggregates").read(group, topic.topic) if db.exists() else {}
-            return 0 in stored and (stored[0].final_through_ms or 0) >= old_window + WINDOW_MS
-
-        wait_for(old_window_final, "the old window final in the sink", 120, job)
+        wait_for(lambda: _final_in_sink(db, group, topic, 0, old_window + WINDOW_MS), "the old window final in the sink",
+                 120, job)
     finally:
         stop(job)
     admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
     admin.create_partitions([NewPartitions(topic.topic, 2)])[topic.topic].result(30)
-    late = events("p1-old-", "a", [old_window + 500 + n for n in range(20)])
+    late = _events("p1-old-", "a", [old_window + 500 + n for n in range(20)])
     current_time = int(time.time() * 1000)
-    current = events("p1-new-", "b", [current_time + n for n in range(20)])
+    current = _events("p1-new-", "b", [current_time + n for n in range(20)])
     produce(topic, [(1, value, None) for value in late + current])
     job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *flags)
     try:
@@ -671,7 +678,6 @@ def test_a_partition_added_while_running_keeps_its_verdicts_across_a_kill(kafka_
     from confluent_kafka.admin import AdminClient, NewPartitions
 
     from onceflow.io.dlq.jsonl import read_dead_letters
-    from onceflow.io.sqlite import SqliteProgress
 
     topic = new_topic(kafka_bootstrap, partitions=1)
     group = f"g-{topic.topic}"
@@ -684,24 +690,18 @@ def test_a_partition_added_while_running_keeps_its_verdicts_across_a_kill(kafka_
     old_window = now - now % WINDOW_MS - 20 * 60_000  # final in the sink before the partition is added
     between = old_window + 10 * 60_000  # after the stored final point, long before the wall clock
 
-    def events(prefix, key, times):
-        return [json.dumps({"id": f"{prefix}{n}", "t": t, "k": key}).encode() for n, t in enumerate(times)]
-
     def dead_letter_ids():
         return sorted(json.loads(base64.b64decode(letter["raw_base64"]))["id"]
                       for letter in read_dead_letters(str(dlq))) if dlq.exists() else []
 
-    produce(topic, [(0, value, None) for value in events("p0-", "a", [old_window + 100 * n for n in range(50)])])
+    produce(topic, [(0, value, None) for value in _events("p0-", "a", [old_window + 100 * n for n in range(50)])])
     job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *flags)
     try:
-        def old_window_final():
-            stored = SqliteProgress(str(db), "aggregates").read(group, topic.topic) if db.exists() else {}
-            return 0 in stored and (stored[0].final_through_ms or 0) >= old_window + WINDOW_MS
-
-        wait_for(old_window_final, "the old window final in the sink", 120, job)
+        wait_for(lambda: _final_in_sink(db, group, topic, 0, old_window + WINDOW_MS), "the old window final in the sink",
+                 120, job)
         admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
         admin.create_partitions([NewPartitions(topic.topic, 2)])[topic.topic].result(30)
-        produce(topic, [(1, value, None) for value in events("p1-", "b", [between + n for n in range(20)])])
+        produce(topic, [(1, value, None) for value in _events("p1-", "b", [between + n for n in range(20)])])
         expected = sorted(f"p1-{n}" for n in range(20))
         wait_for(lambda: dead_letter_ids() == expected, "the added partition's records dead-lettered", 120, job)
     finally:
@@ -709,7 +709,7 @@ def test_a_partition_added_while_running_keeps_its_verdicts_across_a_kill(kafka_
     job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *flags)
     try:
         current = int(time.time() * 1000)
-        produce(topic, [(1, value, None) for value in events("p1-now-", "c", [current])])
+        produce(topic, [(1, value, None) for value in _events("p1-now-", "c", [current])])
         wait_for(lambda: "c" in {dict(r)["k"] for r in table_rows(db)}, "the current event counted", 180, job)
         time.sleep(5)  # a row counting the dead-lettered records would show now
     finally:
