@@ -458,7 +458,7 @@ class _JsonFieldReader:
 
     def _build(self, names: List[str]):
         """(decode, one getter per wanted field, a record with every field None)."""
-        if _msgspec is None or len(names) > self.MAX_FIELDS:
+        if _msgspec is None or len(names) > self.MAX_FIELDS or not all(map(_struct_can_name, names)):
             return None
         attributes = [f"f{index}" for index in range(len(names))]
         struct = _msgspec.defstruct("JsonRecord", [(attribute, Any, None) for attribute in attributes],
@@ -504,12 +504,21 @@ class _JsonFieldReader:
 
     def _learn(self, objects: Iterable[Any]) -> None:
         """Adds the fields of these records that the struct lacks."""
-        new = [name for obj in objects if type(obj) is dict for name in obj if name not in self._names]
+        # A name msgspec cannot take stays unknown: records with it are read with orjson.
+        new = [name for obj in objects if type(obj) is dict for name in obj
+               if name not in self._names and _struct_can_name(name)]
         if not new:
             return
         with self._lock:
             self._names = self._names + [name for name in dict.fromkeys(new) if name not in self._names]
             self._decoder = self._build(self._names)
+
+
+def _struct_can_name(name: str) -> bool:
+    """Whether msgspec takes ``name`` as a struct field's JSON name: not with a
+    quote, a backslash or a control character (it raises ValueError, and a record
+    with such a field name, valid JSON, failed the whole batch)."""
+    return '"' not in name and "\\" not in name and all(char >= " " for char in name)
 
 
 _FIELD_READERS: Dict[Tuple[str, ...], _JsonFieldReader] = {}

@@ -185,6 +185,24 @@ def test_records_with_fields_the_field_reader_has_not_seen_decode_as_the_referen
     assert list(decode_values(contract, mixed)) == [reference_verdict(contract, raw) for raw in mixed]
 
 
+@pytest.mark.parametrize("name", ['a"b', "a\\b", "a\tb", "x\ny", "\u0000", "\u001f"])
+def test_a_field_name_msgspec_cannot_take_is_read_with_orjson(name, monkeypatch):
+    """Valid JSON with a field name holding a quote, a backslash or a control
+    character failed its whole batch (msgspec refuses such a name for a struct):
+    the reader learns the other names and reads those records with orjson. A
+    contract field with such a name leaves every record to orjson."""
+    from onceflow import batches
+
+    monkeypatch.setattr(batches, "_FIELD_READERS", {})
+    raws = [json.dumps({"id": f"e{n}", "t": n, "k": "a", "s": n, "v": n, "w": 1.5, name: n, "z": n}).encode()
+            for n in range(3)] + [json.dumps({"id": "e9", "t": 9, "k": "a", "s": 1, "v": 1, "w": 1}).encode()]
+    for _ in range(2):  # the second batch after the reader learned
+        assert list(decode_values(CONTRACT, raws)) == [reference_verdict(CONTRACT, raw) for raw in raws]
+    contract = EventContract(time_field="t", key_fields=("k",), value_fields=(name,), id_field="id")
+    assert list(decode_values(contract, raws)) == [reference_verdict(contract, raw) for raw in raws]
+    assert [isinstance(verdict, Decoded) for verdict in decode_values(contract, raws)] == [True, True, True, False]
+
+
 def test_the_decoder_without_msgspec_gives_the_same_verdicts(monkeypatch):
     from onceflow import batches
 
