@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import fastavro
+from apache_beam.io.filesystem import FileSystem
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from onceflow.aggregates import AggregateSpec, parse_aggregates, value_fields
@@ -416,6 +418,26 @@ def _check_metrics_out(path: Optional[str], job: "AggregateJob", input_files: Se
                          f"at most {longest}; give a shorter one")
 
 
+def _check_outputs_not_read(job: "AggregateJob", metrics_out: Optional[str]) -> None:
+    """Refuses a file input whose pattern takes a file this run writes (its
+    ``--dlq`` file, SQLite sink or ``--metrics_out``), matched as Beam matches the
+    pattern: whether it exists yet or not. With ``--input 'd/*.jsonl' --dlq
+    d/dlq.jsonl`` each run read the last run's dead letters as input and
+    dead-lettered them again, the queue doubling run after run."""
+    if job.kafka is not None or job.from_archive or "://" in job.input_pattern:
+        return
+    outputs = [("--dlq", job.dlq.location)] if job.dlq.scheme == "jsonl" else []
+    if job.sink.scheme == "sqlite":
+        outputs.append(("--sink", job.sink.location))
+    if metrics_out:
+        outputs.append(("--metrics_out", metrics_out))
+    matches = re.compile(FileSystem.translate_pattern(os.path.abspath(job.input_pattern))).match
+    for flag, path in outputs:
+        if matches(os.path.abspath(path)):
+            raise UsageError(f"--input: {job.input_pattern!r} takes this run's {flag} file {path}, so the job would "
+                             f"read what it writes; put the {flag} file elsewhere or narrow the pattern")
+
+
 def _check_input_exists(pattern: str) -> List[str]:
     """The files ``pattern`` matches; UsageError when none, or a directory or an
     archive's files."""
@@ -627,6 +649,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     else:
         input_files = _check_input_exists(job.input_pattern)
     _check_metrics_out(options.view_as(MonitoringOptions).metrics_out, job, input_files)
+    _check_outputs_not_read(job, options.view_as(MonitoringOptions).metrics_out)
     if job.early_firing_ms is not None and not job.is_live:
         print("aggregate: note: --early_firing is for live jobs: a backfill writes each window once it is complete",
               file=sys.stderr)

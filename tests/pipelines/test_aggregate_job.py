@@ -266,6 +266,10 @@ def _bad_paths(folder):
     (["--input=notes.txt", "--metrics_out=notes.txt"], "--metrics_out: notes.txt is this run's --input file"),
     (["--sink=sqlite:///s.db", "--metrics_out=s.db"], "--metrics_out: s.db is this run's --sink file"),
     (["--sink=sqlite:///s.db", "--dlq=s.db"], "--dlq: s.db is the sink's database file"),  # failed mid-run
+    # Each run read the last one's dead letters as input, and the queue doubled run after run.
+    (["--input=*.txt", "--dlq=new.txt"], "*.txt' takes this run's --dlq file new.txt, so the job would read what"),
+    (["--input=*.txt", "--sink=sqlite:///s.txt"], "*.txt' takes this run's --sink file s.txt"),
+    (["--input=*.txt", "--metrics_out=m.txt"], "*.txt' takes this run's --metrics_out file m.txt"),
 ])
 def test_bad_files_and_paths_get_one_line_and_nothing_is_half_read(flags, fragment, tmp_path):
     _bad_paths(tmp_path)
