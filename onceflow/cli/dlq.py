@@ -296,7 +296,8 @@ def replay_flags(envelopes: Sequence[Dict[str, Any]], margin_ms: int, job=None) 
         raise UsageError(f"the selection spans topics {sorted(topics)}: replay one topic at a time (--source TOPIC)")
     (topic,) = topics
     if job is not None and job.from_archive:
-        return []  # an archive is read whole: every record of every window (its check names its topic)
+        _check_archive_holds(job.input_pattern, topic, kafka)
+        return []  # an archive is read whole: every record of every window
     if job is not None and (job.kafka is None or job.kafka.topic.topic != topic):
         given = job.input_pattern if job.kafka is None else job.kafka.topic.url
         raise UsageError(f"the selected dead letters came from Kafka topic {topic}; the job's --input is {given}: "
@@ -339,6 +340,29 @@ def check_records_retained(job, envelopes: Sequence[Dict[str, Any]]) -> None:
             f"{min(gone[partition])} was deleted by retention): a replay re-reads records from the topic, so it "
             "cannot count them; replay the others (--since, --until, --reason) or from an archive of the topic "
             "(their bytes are in the queue: onceflow dlq list --json)")
+
+
+def _check_archive_holds(directory: str, topic: str, sources: Sequence[Dict[str, Any]]) -> None:
+    """The archive the replay reads must hold every selected record: an archive of
+    another topic, or of another range, recomputed other records (another topic's
+    rows written into the job's table) and the replay said it was done."""
+    from onceflow.io.archive import archived_spans
+
+    try:
+        spans = archived_spans(directory)
+    except ValueError as error:
+        raise UsageError(f"--input: {first_line(error)}") from None
+    topics = sorted({name for name, _ in spans})
+    if topics and topic not in topics:
+        raise UsageError(f"the selected dead letters came from Kafka topic {topic}; the job's --input {directory} is "
+                         f"an archive of {topics[0]}: give an archive of {topic} (or --input=kafka://HOST:PORT/{topic}) "
+                         "after --")
+    missed = [source for source in sources if not any(
+        first <= source["offset"] <= last for first, last in spans.get((topic, source["partition"]), ()))]
+    if missed:
+        raise UsageError(f"{len(missed)} of the {len(sources)} selected records are not in the archive {directory} "
+                         f"(partition {missed[0]['partition']} offset {missed[0]['offset']}): archive their range "
+                         f"first, or replay from the topic (--input=kafka://HOST:PORT/{topic})")
 
 
 def _check_job_input_holds(job, files: Sequence[str]) -> None:

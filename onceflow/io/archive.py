@@ -406,6 +406,17 @@ def _data_files(directory: str) -> set:
     return found
 
 
+def archived_spans(directory: str) -> Dict[Tuple[str, int], List[Tuple[int, int]]]:
+    """The (first, last) offsets of each data file in the archive folder, per
+    (topic, partition): a record is in the archive when one of its partition's
+    spans holds its offset."""
+    spans: Dict[Tuple[str, int], List[Tuple[int, int]]] = {}
+    for name in _data_files(directory):
+        for key, span in _spans([name]).items():
+            spans.setdefault(key, []).append(span)
+    return spans
+
+
 def _spans(names: Iterable[str]) -> Dict[Tuple[str, int], Tuple[int, int]]:
     """The (first, last) offsets the files cover, per (topic, partition)."""
     spans: Dict[Tuple[str, int], Tuple[int, int]] = {}

@@ -22,6 +22,7 @@ from onceflow.pipelines import archive
 from onceflow.pipelines.aggregate import run
 from tests.livejob import counted_events, new_topic, produce, recreate_topic, sample_lines
 from tests.pipelines.test_aggregate_job import assert_one_usage_line
+from tests.test_deadletter_command import one_error_line
 from tests.pipelines.reference import expected_from_partitions
 
 pytestmark = pytest.mark.kafka
@@ -257,7 +258,19 @@ def test_dead_letters_read_from_an_archive_are_replayed_from_it(kafka_bootstrap,
     before = counted_events(db)
     too_late = [letter for letter in read_dead_letters(str(dlq)) if letter["reason"] == "too_late"]
     assert too_late and all("topic" in letter["source"] for letter in too_late)
+    # An archive of another topic, or of part of this one, would recompute other records and
+    # report the replay done (the other topic's rows written into this table).
+    other, part = new_topic(kafka_bootstrap), tmp_path / "part"
+    produce(other, [(0, line, BASE_MS) for line in sample_lines()[:5]])
+    archive.run([f"--input={other.url}", f"--output={tmp_path}/other"])
+    archive.run([f"--input={topic.url}", f"--output={part}", "--to=offsets:0=1,1=1,2=1"])
     capsys.readouterr()
+    for folder_given, fragment in ((tmp_path / "other", f"is an archive of {other.topic}: give an archive of "),
+                                   (part, f"of the {len(too_late)} selected records are not in the archive {part}")):
+        assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--reason", "too_late", "--", *job[1:],
+                         f"--input={folder_given}", "--allowed_lateness=3h"]) == 2
+        assert fragment in one_error_line(capsys)
+    assert counted_events(db) == before
     assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--reason", "too_late", "--", *job,
                      "--allowed_lateness=3h"]) == 0
     assert f"re-running the job with its own --input {folder}" in capsys.readouterr().err
