@@ -154,10 +154,12 @@ def test_list_filters_by_reason(tmp_path, capsys):
     assert len(lines) == 3 and {json.loads(line)["reason"] for line in lines} == {"schema_violation"}
 
 
-def test_replay_range_of_kafka_records_is_widened_by_the_margin():
+def test_replay_range_of_kafka_records_starts_a_margin_early_and_reads_to_the_end():
+    """To the end: records of the selected records' windows may be stamped later in
+    other partitions (a producer sending late)."""
     envelopes = [{"source": {"topic": "orders", "partition": 0, "offset": 5, "timestamp_ms": 1_000_000}},
                  {"source": {"topic": "orders", "partition": 2, "offset": 9, "timestamp_ms": 4_000_000}}]
-    assert replay_flags(envelopes, 60_000) == ["--from=1970-01-01T00:15:40.000Z", "--to=1970-01-01T01:07:40.000Z"]
+    assert replay_flags(envelopes, 60_000) == ["--from=1970-01-01T00:15:40.000Z", "--to=latest"]
     with pytest.raises(UsageError, match="one topic at a time"):
         replay_flags([*envelopes, {"source": {"topic": "other", "partition": 0, "offset": 1, "timestamp_ms": 1}}], 0)
 
@@ -223,15 +225,19 @@ def test_replay_of_kafka_dead_letters_through_a_kafka_queue_with_a_client_proper
 def test_replay_of_a_too_late_kafka_record_reads_its_window_from_its_start(kafka_bootstrap, tmp_path, capsys):
     """A record two hours late in the log: its window's other record is two hours
     before it, out of a one-hour margin around it. The replay's range starts at its
-    window's start (less the margin), so the row counts both, not the late one alone."""
-    topic = new_topic(kafka_bootstrap, partitions=1)
+    window's start (less the margin), so the row counts both, not the late one alone.
+    It reads to the topic's end: a third record of the window, in another partition,
+    was sent four hours late; a range that stopped an hour after the late record
+    missed it, and the replayed row (as many events as the stored one) replaced the
+    stored row without it."""
+    topic = new_topic(kafka_bootstrap, partitions=2)
     t0 = 1_793_613_600_000  # 2026-11-02T10:00:00Z
 
     def event(event_id, minutes, qty):
         return json.dumps({"order_id": event_id, "event_time": t0 + minutes * 60_000, "store": "s",
                            "qty": qty, "price": 1.0}).encode()
     produce(topic, [(0, event("e1", 0, 1), t0), (0, event("hi", 120, 1), t0 + 60_000),
-                    (0, event("e4", 0, 100), t0 + 7_200_000)])
+                    (0, event("e4", 0, 100), t0 + 7_200_000), (1, event("p1", 0, 1000), t0 + 14_400_000)])
     db, dlq = tmp_path / "out.db", tmp_path / "dlq.jsonl"
     job = [f"--input={topic.url}", f"--sink=sqlite:///{db}", f"--dlq={dlq}", "--status=off"]
     run([*job, "--from=earliest", "--to=latest"])
@@ -239,10 +245,10 @@ def test_replay_of_a_too_late_kafka_record_reads_its_window_from_its_start(kafka
     capsys.readouterr()
     assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--reason", "too_late", "--", *job,
                      "--allowed_lateness=3h"]) == 0
-    assert "--from=2026-11-02T09:00:00.000Z --to=2026-11-02T13:00:00.000Z" in capsys.readouterr().err
+    assert "--from=2026-11-02T09:00:00.000Z --to=latest" in capsys.readouterr().err
     with sqlite3.connect(db) as connection:
         assert connection.execute("SELECT event_count, sum_qty FROM aggregates WHERE window_start = "
-                                  "'2026-11-02T10:00:00.000Z'").fetchall() == [(2, 101)]
+                                  "'2026-11-02T10:00:00.000Z'").fetchall() == [(3, 1101)]
 
 
 @pytest.mark.kafka
@@ -504,7 +510,7 @@ def test_replay_of_kafka_records_without_kafka_timestamps_reads_their_windows():
     raw = json.dumps({"id": "1", "t": 1_793_613_600_000, "k": "s"}).encode()
     envelopes = [{"source": {"topic": "orders", "partition": 0, "offset": 5, "timestamp_ms": stamp},
                   "raw_base64": base64.b64encode(raw).decode()} for stamp in (-1, None)]
-    assert replay_flags(envelopes, 0, Job()) == ["--from=2026-11-02T10:00:00.000Z", "--to=2026-11-02T10:01:00.000Z"]
+    assert replay_flags(envelopes, 0, Job()) == ["--from=2026-11-02T10:00:00.000Z", "--to=latest"]
     with pytest.raises(UsageError, match="carry no Kafka timestamp"):
         replay_flags(envelopes, 0)
 

@@ -17,9 +17,10 @@ together with the rest of its window. ``replay`` runs the aggregate job, with th
 flags after ``--``, as a bounded read of every record of the windows the selected
 records belong to: for Kafka records, from the start of the earliest of those
 windows (under the job's flags after ``--``; a record they still refuse counts with
-its Kafka timestamp) to the latest record's Kafka timestamp, widened by ``--margin``
-on each side, which must cover how much earlier than its event time a record may
-carry its Kafka timestamp (producers' clocks running ahead); for file records, and
+its Kafka timestamp), less ``--margin``, which must cover how much earlier than its
+event time a record may carry its Kafka timestamp (producers' clocks running
+ahead), to the end of the topic as the replay starts (a record of those windows may
+carry any later Kafka timestamp: a producer sending late); for file records, and
 for Kafka records read from an archive, the job's own ``--input`` (the path or glob
 it ran with, after ``--``; without one the job's default input), which must match
 every file the records came from. A record that now passes reaches the sink exactly
@@ -83,7 +84,8 @@ def register(subparsers) -> None:
     replay = commands.add_parser("replay", help="re-run the job over the selected records' sources")
     selection(replay)
     replay.add_argument("--margin", default="1h",
-                        help="widen the Kafka time range by this much on each side (default 1h)")
+                        help="start the Kafka read this much before the earliest window of the selected records "
+                             "(default 1h)")
     replay.add_argument("job_flags", nargs=argparse.REMAINDER,
                         help="after --: the aggregate job's flags (its --input, --sink, --dlq, ...)")
     replay.set_defaults(handler=_replay)
@@ -274,7 +276,7 @@ def replay_flags(envelopes: Sequence[Dict[str, Any]], margin_ms: int, job=None) 
     aggregate job, an :class:`~onceflow.pipelines.aggregate.AggregateJob`) re-read
     every selected record and every other record of the windows they belong to:
     for Kafka records a time range (see the module's docstring; without ``job``
-    the range of their Kafka timestamps alone, widened by the margin); for file
+    from their earliest Kafka timestamp less the margin) to the topic's end; for file
     records, or an archive input, none: the job's own input, checked to hold every
     file the records came from. A job whose input cannot hold the records (another
     topic, files for Kafka records) is refused in one line: it would recompute other
@@ -312,7 +314,10 @@ def replay_flags(envelopes: Sequence[Dict[str, Any]], margin_ms: int, job=None) 
         raise UsageError("the selected records carry no Kafka timestamp and the job places none of them in a "
                          "window, so no time range holds them: backfill the topic with --from/--to instead")
     first = min([*stamps, *(start for start, _ in windows)])
-    return [f"--from={format_utc_ms(max(first - margin_ms, 0))}", f"--to={format_utc_ms(max(stamps) + margin_ms)}"]
+    # To the end: a range that stopped at the latest selected record's timestamp (plus the margin)
+    # missed records of its window stamped later in other partitions, and made a row of part of
+    # the window, which the sink's guard refused: the replayed record was counted nowhere.
+    return [f"--from={format_utc_ms(max(first - margin_ms, 0))}", "--to=latest"]
 
 
 def check_records_retained(job, envelopes: Sequence[Dict[str, Any]]) -> None:
@@ -410,8 +415,8 @@ def _replay(args) -> int:
         raise UsageError(f"{own[0]} after --: it is a flag of dlq replay, not of the job; put it before --")
     ranged = [flag for flag in flags if flag.split("=")[0] in ("--from", "--to")]
     if ranged:
-        raise UsageError(f"{ranged[0].split('=')[0]} after --: replay reads the range itself (every window of the "
-                         "selected records, widened by --margin); select records with --reason, --since, --until")
+        raise UsageError(f"{ranged[0].split('=')[0]} after --: replay reads the range itself (from the earliest window of "
+                         "the selected records, less --margin, to the topic's end); select records with --reason, --since, --until")
     try:
         margin_ms = parse_duration_ms(args.margin)
     except ValueError as error:
