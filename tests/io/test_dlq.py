@@ -1,5 +1,7 @@
 """The JSONL dead-letter sink: appends, and readers see each dead letter once."""
 
+import re
+
 import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -63,3 +65,32 @@ def test_a_kafka_message_that_is_not_a_dead_letter_names_its_partition_and_offse
     assert next(letters)["dlq_id"] == LETTERS[0].dlq_id
     with pytest.raises(ValueError, match=r"^kafka://127.0.0.1:1/dlq partition 0 offset 8 is not a dead letter"):
         next(letters)
+
+
+@pytest.mark.kafka
+def test_a_dead_letter_larger_than_the_queue_topic_takes_says_what_to_raise(kafka_bootstrap, tmp_path):
+    """A dead letter carries its record's bytes in base64: an 800 kB record the input
+    topic took makes a 1 MB letter the queue topic refuses. The job fails in one line
+    that says which limits to raise (it gave the client's MSG_SIZE_TOO_LARGE alone);
+    with them raised, the letter is written."""
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+
+    from tests.livejob import new_topic, produce
+    from tests.pipelines.test_aggregate_job import run_cli
+
+    topic, queue = new_topic(kafka_bootstrap, partitions=1), new_topic(kafka_bootstrap, partitions=1)
+    produce(topic, [(0, b'{"pad": "' + b"y" * 800_000, None)])
+    flags = [f"--input={topic.url}", "--from=earliest", "--to=latest", f"--sink=sqlite:///{tmp_path}/out.db",
+             f"--dlq={queue.url}", "--status=off"]
+    failed = run_cli(*flags)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert re.search(f"--dlq: a write failed with an error that is not retried: cannot produce to {queue.url}: a "
+                     r"message of 1,06\d,\d{3} bytes is larger than Kafka takes here: raise the topic's "
+                     "max.message.bytes and the producer's message.max.bytes", failed.stderr), failed.stderr
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for done in admin.incremental_alter_configs([ConfigResource("topic", queue.topic, incremental_configs=[
+            ConfigEntry("max.message.bytes", "2000000", incremental_operation=AlterConfigOpType.SET)])]).values():
+        done.result(30)
+    ran = run_cli(*flags, "--kafka_setting=message.max.bytes=2000000")
+    assert ran.returncode == 0, ran.stderr
+    assert [letter["reason"] for letter in kafka_dlq.read_dead_letters(queue)] == ["malformed_json"]

@@ -160,6 +160,19 @@ def row_from_message(value: Optional[bytes], registry: Any = None) -> Optional[D
     return row if isinstance(row, dict) else None
 
 
+def _produce_error(error: Any, size: int) -> str:
+    """The Kafka client's error for one message, saying what to change when the
+    message is larger than the producer or the topic takes (a dead letter carries
+    its record's bytes in base64: about 1.4 times the record)."""
+    from confluent_kafka import KafkaError
+
+    if isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+        return (f"a message of {size:,} bytes is larger than Kafka takes here: raise the topic's max.message.bytes "
+                "and the producer's message.max.bytes (--kafka_setting message.max.bytes=N), or write this output to "
+                "a PostgreSQL table or a file")
+    return str(error)
+
+
 class _ProduceDoFn(beam.DoFn):
     def __init__(self, topic: KafkaTopic, to_message: Callable[[Any], Message], settings: Mapping[str, str],
                  counter_name: str):
@@ -189,7 +202,7 @@ class _ProduceDoFn(beam.DoFn):
 
     def _delivered(self, error, message) -> None:
         if error is not None:
-            self._errors.append(str(error))
+            self._errors.append(_produce_error(error, len(message.value() or b"")))
 
     def process(self, element: Any) -> None:
         from confluent_kafka import KafkaException
@@ -204,7 +217,8 @@ class _ProduceDoFn(beam.DoFn):
             except BufferError:  # the local queue is full: wait for the broker (backpressure)
                 self._producer.poll(0.5)
             except KafkaException as error:
-                raise RuntimeError(f"cannot produce to {self._topic.url}: {error}") from None
+                raise RuntimeError(f"cannot produce to {self._topic.url}: "
+                                   f"{_produce_error(error.args[0], len(value or b''))}") from None
         self._sent += 1
         self._producer.poll(0)
 
