@@ -285,17 +285,21 @@ def record_run(directory: str, paths: Iterable[str], ranges: Optional[Dict[int, 
                gaps: Iterable[str] = ()) -> None:
     """Adds a finished run (the files it wrote, relative to ``directory``, and the
     offset range ``[start, stop)`` it read of each partition) to the manifest,
-    unless a run with the same files is there already (archiving a range again
-    leaves the folder as it was). ``gaps``: offsets the run let retention take
-    (said when the archive is read)."""
+    unless a run with the same files and ranges is there already (archiving a range
+    again leaves the folder as it was). A run with the files of another but other
+    ranges is added: one that wrote no file (its range held only aborted
+    transactions or control markers) still read its range, and left out, the next
+    top-up was refused for a hole there. ``gaps``: offsets the run let retention
+    take (said when the archive is read)."""
     names = sorted(os.path.relpath(path, directory).replace(os.sep, "/") for path in paths)
+    read = None if ranges is None else {str(p): list(span) for p, span in sorted(ranges.items())}
     with _manifest_lock(directory):  # two runs ending at once: each adds its own to what the other wrote
         manifest = read_manifest(directory)
         runs = manifest.setdefault("runs", [])
         run_ranges = manifest.setdefault("ranges", [None] * len(runs))
-        if names not in runs:
+        if (names, read) not in zip(runs, run_ranges):
             runs.append(names)
-            run_ranges.append(None if ranges is None else {str(p): list(span) for p, span in sorted(ranges.items())})
+            run_ranges.append(read)
             manifest.setdefault("gaps", []).extend(gap for gap in gaps if gap not in manifest["gaps"])
             _write_manifest(directory, manifest)
 

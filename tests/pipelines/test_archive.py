@@ -302,6 +302,28 @@ def test_the_archive_job_runs_in_this_process_only(flag, fragment, tmp_path, cap
     assert len(err.splitlines()) == 1 and fragment in err, err
 
 
+def test_a_run_that_wrote_no_file_still_records_the_range_it_read(tmp_path):
+    """A top-up over only an aborted transaction writes no file. The manifest kept a
+    run only when its list of files was new, so after one empty run the next was
+    dropped with its range, and the next top-up, from where the archive truly
+    ended, was refused for a hole over offsets already read. A run with the same
+    files and ranges as one recorded is still recorded once."""
+    from onceflow.io.archive import holes_left_by, read_manifest, record_run, write_marker
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    write_marker(str(folder), "avro", "orders")
+    first = folder / "topic=orders/hour=2026-11-02T09/partition=0-offsets=000000000000-000000000009.avro"
+    record_run(str(folder), [str(first)], {0: (0, 11)})
+    record_run(str(folder), [], {0: (11, 11)})  # nothing new in the topic
+    record_run(str(folder), [], {0: (11, 22)})  # ten aborted records and their marker
+    record_run(str(folder), [], {0: (11, 22)})  # the same range again
+    manifest = read_manifest(str(folder))
+    assert manifest["ranges"] == [{"0": [0, 11]}, {"0": [11, 11]}, {"0": [11, 22]}]
+    assert holes_left_by(manifest, 0, 22, 33) == []
+    assert holes_left_by(manifest, 0, 23, 33) == [(22, 23)]
+
+
 def test_a_damaged_list_of_runs_is_one_line(tmp_path, capsys):
     from onceflow.io.archive import check_archive, write_marker
 
