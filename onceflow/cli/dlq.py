@@ -205,7 +205,12 @@ def _selected(args) -> List[Dict[str, Any]]:
         if target.scheme == "kafka" and _is_kafka_error(error):
             raise _kafka_error(error, target) from None
         if type(error).__module__.split(".")[0] == "psycopg":  # libpq's line says what failed
-            raise ServiceError(f"--dlq: cannot read {target.describe()}: {first_line(error)}") from None
+            from onceflow.io.postgres import is_transient
+
+            # As the job judges it: a server out of reach is a service error; a database or
+            # role that does not exist, a login refused, the user's to fix (exit 2).
+            kind = ServiceError if is_transient(error) else UsageError
+            raise kind(f"--dlq: cannot read {target.describe()}: {first_line(error)}") from None
         raise
     typos = [reason for reason in args.reason or () if reason not in REASONS and reason not in reasons]
     if typos:  # would select nothing and say so as if the queue held none; a job's own reason is in the queue
