@@ -390,6 +390,21 @@ def test_a_missing_queue_topic_is_a_usage_error_as_a_missing_file(kafka_bootstra
         assert "create it" not in line
 
 
+def test_a_replay_whose_input_broker_is_out_of_reach_is_one_line(tmp_path, capsys):
+    """The replay's look at the topic's log starts logged the client's errors and
+    ended in a KafkaError{...} repr. Needs no broker: nothing listens on port 1."""
+    record = SourceRecord(b"{}", {"topic": "orders", "partition": 0, "offset": 5, "timestamp_ms": 1_793_613_600_000})
+    dlq = tmp_path / "dlq.jsonl"
+    dlq.write_text(to_json_line(to_envelope(DeadLetter(record, "window", "too_late", "E", "m"), "aggregate", "0.1.0"))
+                   + "\n")
+    (tmp_path / "out.db").touch()
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--", "--input=kafka://127.0.0.1:1/orders",
+                     f"--sink=sqlite:///{tmp_path}/out.db"]) == 1
+    line = one_error_line(capsys)
+    assert "--input: cannot read the offsets of kafka://127.0.0.1:1/orders: " in line and "is the broker up?" in line
+    assert "KafkaError{" not in line
+
+
 def test_a_client_setting_the_kafka_client_refuses_is_a_usage_error(capsys):
     assert cli.main(["dlq", "count", "--dlq=kafka://127.0.0.1:1/dlq", "--kafka_setting", "no.such.setting=1",
                      "--kafka_setting", "sasl.password=planted-s3cr3t"]) == 2

@@ -339,7 +339,10 @@ def check_records_retained(job, envelopes: Sequence[Dict[str, Any]]) -> None:
     except Exception as error:  # the Kafka client's: a broker out of reach
         if not _is_kafka_error(error):
             raise
-        raise ServiceError(f"--input: cannot read the offsets of {job.kafka.topic.url}: {first_line(error)}") from None
+        from onceflow.io.kafka.config import client_error_text
+
+        raise ServiceError(f"--input: cannot read the offsets of {job.kafka.topic.url}: {client_error_text(error)}; "
+                           "is the broker up?") from None
     gone = {p: [o for o in found if o < lows[p]] for p, found in offsets.items()}
     gone = {p: found for p, found in gone.items() if found}
     if gone:

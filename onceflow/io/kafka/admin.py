@@ -155,8 +155,10 @@ def log_offsets(consumer, topic: str, partitions: Iterable[int],
 
 
 def log_starts(config: KafkaReadConfig, partitions: Iterable[int]) -> Dict[int, int]:
-    """Each partition's log start offset (where retention has left it), asked of the broker now."""
-    consumer = new_consumer(config, "offsets", quiet=True)
+    """Each partition's log start offset (where retention has left it), asked of the
+    broker now. A broker out of reach raises the client's error (not logged: the
+    caller says it in one line)."""
+    consumer = new_consumer(config, "offsets", ClientErrors(), quiet=True)
     try:
         return {p: low for p, (low, _) in log_offsets(consumer, config.topic.topic, partitions).items()}
     finally:
