@@ -386,7 +386,8 @@ def test_a_missing_queue_topic_is_a_usage_error_as_a_missing_file(kafka_bootstra
     for command in ("count", "list"):
         assert cli.main(["dlq", command, f"--dlq=kafka://{kafka_bootstrap}/no-such-queue-topic"]) == 2
         line = one_error_line(capsys)
-        assert f"--dlq: kafka://{kafka_bootstrap}/no-such-queue-topic does not exist: give the job's --dlq topic" in line
+        queue = f"kafka://{kafka_bootstrap}/no-such-queue-topic"
+        assert f"--dlq: {queue} does not exist: give the job's --dlq topic" in line
         assert "create it" not in line
 
 

@@ -368,8 +368,8 @@ def _check_archive_holds(directory: str, topic: str, sources: Sequence[Dict[str,
     topics = sorted({name for name, _ in spans})
     if topics and topic not in topics:
         raise UsageError(f"the selected dead letters came from Kafka topic {topic}; the job's --input {directory} is "
-                         f"an archive of {topics[0]}: give an archive of {topic} (or --input=kafka://HOST:PORT/{topic}) "
-                         "after --")
+                         f"an archive of {topics[0]}: give an archive of {topic} (or "
+                         f"--input=kafka://HOST:PORT/{topic}) after --")
     missed = [source for source in sources if not any(
         first <= source["offset"] <= last for first, last in spans.get((topic, source["partition"]), ()))]
     if missed:
@@ -423,8 +423,9 @@ def _replay(args) -> int:
         raise UsageError(f"{own[0]} after --: it is a flag of dlq replay, not of the job; put it before --")
     ranged = [flag for flag in flags if flag.split("=")[0] in ("--from", "--to")]
     if ranged:
-        raise UsageError(f"{ranged[0].split('=')[0]} after --: replay reads the range itself (from the earliest window of "
-                         "the selected records, less --margin, to the topic's end); select records with --reason, --since, --until")
+        raise UsageError(f"{ranged[0].split('=')[0]} after --: replay reads the range itself (from the earliest "
+                         "window of the selected records, less --margin, to the topic's end); select records with "
+                         "--reason, --since, --until")
     try:
         margin_ms = parse_duration_ms(args.margin)
     except ValueError as error:

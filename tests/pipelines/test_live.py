@@ -638,8 +638,8 @@ def test_a_partition_added_while_stopped_loses_no_event(kafka_bootstrap, prism_p
     produce(topic, [(0, value, None) for value in _events("p0-", "a", [old_window + 100 * n for n in range(50)])])
     job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *flags)
     try:
-        wait_for(lambda: _final_in_sink(db, group, topic, 0, old_window + WINDOW_MS), "the old window final in the sink",
-                 120, job)
+        wait_for(lambda: _final_in_sink(db, group, topic, 0, old_window + WINDOW_MS),
+                 "the old window final in the sink", 120, job)
     finally:
         stop(job)
     admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
@@ -697,8 +697,8 @@ def test_a_partition_added_while_running_keeps_its_verdicts_across_a_kill(kafka_
     produce(topic, [(0, value, None) for value in _events("p0-", "a", [old_window + 100 * n for n in range(50)])])
     job = start_live_job(topic, group, f"sqlite:///{db}", dlq, *flags)
     try:
-        wait_for(lambda: _final_in_sink(db, group, topic, 0, old_window + WINDOW_MS), "the old window final in the sink",
-                 120, job)
+        wait_for(lambda: _final_in_sink(db, group, topic, 0, old_window + WINDOW_MS),
+                 "the old window final in the sink", 120, job)
         admin = AdminClient({"bootstrap.servers": topic.bootstrap_servers})
         admin.create_partitions([NewPartitions(topic.topic, 2)])[topic.topic].result(30)
         produce(topic, [(1, value, None) for value in _events("p1-", "b", [between + n for n in range(20)])])

@@ -218,7 +218,8 @@ class _ProduceDoFn(beam.DoFn):
                 self._producer.poll(0.5)
             except KafkaException as error:
                 raise RuntimeError(f"cannot produce to {self._topic.url}: "
-                                   f"{_produce_error(error.args[0], len(value or b''))}") from None
+                                   f"{_produce_error(error.args[0] if error.args else error, len(value or b''))}"
+                                   ) from None
         self._sent += 1
         self._producer.poll(0)
 
