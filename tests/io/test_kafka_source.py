@@ -405,6 +405,59 @@ def test_a_partition_that_gets_only_refused_records_goes_idle(kafka_bootstrap):
         reader.teardown()
 
 
+def test_an_empty_partition_goes_idle_while_another_keeps_getting_records(kafka_bootstrap):
+    """Idle partitions were looked for only at a poll that returned nothing. With
+    records every 20 ms on partition 0, no poll did, so the empty partition 1 held
+    the watermark (and every window of a live job) for as long as partition 0 was
+    busy. It goes idle after the timeout now, and the watermark follows the clock."""
+    import threading
+
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+    from confluent_kafka import Producer
+
+    from onceflow.io.kafka.read import _ReadPartitionsDoFn
+
+    topic = new_topic(kafka_bootstrap, partitions=2)
+    busy = threading.Event()
+    busy.set()
+
+    def keep_producing():
+        producer, n = Producer({"bootstrap.servers": topic.bootstrap_servers, "linger.ms": 0}), 0
+        while busy.is_set():
+            producer.produce(topic.topic, value=event(n, int(time.time() * 1000)), partition=0)
+            producer.poll(0)
+            n += 1
+            time.sleep(0.02)
+        producer.flush(10)
+
+    producing = threading.Thread(target=keep_producing, daemon=True)
+    producing.start()
+    reader = _ReadPartitionsDoFn(KafkaReadConfig(topic, start=parse_position("earliest"), group_id=None), CONTRACT,
+                                 idle_timeout_s=1.0)
+    reader.setup()
+    try:
+        restriction = PartitionsRestriction(topic.topic, (PartitionSpan(0, 0, LIVE_END), PartitionSpan(1, 0, LIVE_END)))
+        estimator = ManualWatermarkEstimator(None)
+        started_ms = int(time.time() * 1000)
+        read = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            view = _RunnerView(_PartitionsTracker(restriction))
+            read += sum(len(value.value.values) for value in reader._read(_Finalizer(), view, estimator))
+            restriction = view.residual or restriction
+            watermark = estimator.current_watermark()
+            if watermark is not None and watermark.micros // 1000 >= started_ms:
+                break
+        assert busy.is_set() and read > 0
+        watermark = estimator.current_watermark()
+        assert watermark is not None and watermark.micros // 1000 >= started_ms, \
+            "the empty partition never went idle while the other was busy"
+    finally:
+        busy.clear()
+        producing.join(10)
+        reader.teardown()
+
+
 def test_partition_discovery_resumes_every_second_and_looks_at_the_topic_every_ten(kafka_bootstrap):
     """Discovery resumes every second (each resume moves its wall-clock watermark,
     which on Flink is what lets the readers' watermark out of their stage) but

@@ -55,6 +55,8 @@ _DISCOVERY_INTERVAL_S = 10.0
 # _DISCOVERY_INTERVAL_S: on Flink (job server 2.62) the readers' watermark leaves
 # their stage only when discovery's wall-clock watermark moves (docs/runner-findings.md).
 _WATERMARK_TICK_S = 1.0
+# How often a live reader whose polls keep returning records looks for quiet partitions.
+_IDLE_CHECK_INTERVAL_S = 1.0
 _COMMIT_LOCK = threading.Lock()
 # An offsets client that has had no answer this long is replaced by a new one (see
 # _ReadPartitionsDoFn._renew_offsets_client_unless).
@@ -385,6 +387,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
         self._consumers: Dict[Tuple[int, ...], Any] = {}
         self._positions: Dict[Tuple[int, ...], Dict[int, int]] = {}
         self._last_data_at: Dict[int, float] = {}
+        self._next_idle_check = 0.0  # time.monotonic() of the next look between polls that returned records
         self._committer = None
         self._offsets_client = None
         self._offsets_failing_since: Optional[float] = None
@@ -504,6 +507,9 @@ class _ReadPartitionsDoFn(beam.DoFn):
                     if _holds_an_event(batch):  # records that are all refused leave the partition idle
                         self._last_data_at[partition] = time.monotonic()
                     emitted += len(run)
+                if not inner.is_bounded() and self._quiet_partition_due(inner):
+                    self._refresh_backlog(consumer, topic, inner)  # every record fetched is claimed here too
+                    self._advance_idle_partitions(inner)
                 _advance_watermark(watermark, inner.watermark_ms())
                 if not inner.open_partitions():
                     return
@@ -657,6 +663,20 @@ class _ReadPartitionsDoFn(beam.DoFn):
             fetched = consumer.position([TopicPartition(topic, partition)])[0].offset
             if max(fetched, inner.next_offsets()[partition]) >= stops[partition]:
                 inner.finish(partition)
+
+    def _quiet_partition_due(self, inner: _PartitionsTracker) -> bool:
+        """Whether to look for idle partitions after a poll that returned records:
+        at most every ``_IDLE_CHECK_INTERVAL_S``, when a partition has had no record
+        for the idle timeout. Only an empty poll looked before, and a topic with
+        records every 0.2 s on some partitions never gives one: an empty or quiet
+        partition then held every window open, and the stored positions still, for
+        as long as the others were busy (no row in 90 s at 10 records/s)."""
+        now = time.monotonic()
+        if now < self._next_idle_check:
+            return False
+        self._next_idle_check = now + _IDLE_CHECK_INTERVAL_S
+        return any(now - self._last_data_at.setdefault(partition, now) >= self._idle_timeout_s
+                   for partition in inner.open_partitions())
 
     def _advance_idle_partitions(self, inner: _PartitionsTracker) -> None:
         """A live partition that is caught up (confirmed by the broker) and has had
