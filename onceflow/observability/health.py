@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -47,6 +48,9 @@ class HealthThresholds:
     ``max_retention_gap_records``: records the reader should have read but
     retention had deleted (0: any gap is unhealthy, for the rest of the run: the
     loss is permanent and someone must look).
+    ``max_figures_age_s``: how old the figures may be (the runner has not answered
+    since): a hung runner froze them at their last values, which kept passing every
+    check however far the job fell behind.
     """
 
     max_lag: Optional[int] = None
@@ -54,6 +58,7 @@ class HealthThresholds:
     max_watermark_age_s: Optional[float] = None
     max_sink_lag_s: Optional[float] = None
     max_retention_gap_records: Optional[int] = 0
+    max_figures_age_s: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +97,11 @@ def figures_json(figures: Figures) -> Dict[str, Any]:
     }
 
 
-def evaluate_health(figures: Optional[Figures], thresholds: HealthThresholds) -> HealthReport:
+def evaluate_health(figures: Optional[Figures], thresholds: HealthThresholds,
+                    now: Optional[float] = None) -> HealthReport:
     """Healthy when every checked figure is at or under its threshold. Before the
-    first figures the status is ``starting`` (healthy: the job is coming up)."""
+    first figures the status is ``starting`` (healthy: the job is coming up).
+    ``now`` (default: the clock) dates the figures for ``max_figures_age_s``."""
     if figures is None:
         return HealthReport(True, {"status": "starting", "healthy": True, "checks": {}})
     age = figures.watermark_age_s
@@ -108,6 +115,9 @@ def evaluate_health(figures: Optional[Figures], thresholds: HealthThresholds) ->
         "retention_gap_records": _check(int(figures.counters.get(metrics.RETENTION_GAP_RECORDS, 0)),
                                         thresholds.max_retention_gap_records),
     }
+    if thresholds.max_figures_age_s is not None:
+        figures_age = (time.time() if now is None else now) - figures.taken_at
+        checks["figures_age_s"] = _check(round(figures_age, 3), thresholds.max_figures_age_s)
     healthy = all(check["ok"] for check in checks.values())
     as_of = datetime.datetime.fromtimestamp(figures.taken_at, datetime.timezone.utc)
     return HealthReport(healthy, {
@@ -131,14 +141,16 @@ def _metric_name(name: str) -> str:
 class BeamMetricsCollector(Collector):
     """Mirrors the latest figures' Beam metrics into Prometheus families at scrape time."""
 
-    def __init__(self, figures: Callable[[], Optional[Figures]], thresholds: HealthThresholds):
+    def __init__(self, figures: Callable[[], Optional[Figures]], thresholds: HealthThresholds,
+                 clock: Callable[[], float] = time.time):
         self._figures = figures
         self._thresholds = thresholds
+        self._clock = clock
 
     def collect(self) -> Iterator:
         figures = self._figures()
         healthy = GaugeMetricFamily("onceflow_healthy", "1 when /healthz passes, else 0")
-        healthy.add_metric([], 1 if evaluate_health(figures, self._thresholds).healthy else 0)
+        healthy.add_metric([], 1 if evaluate_health(figures, self._thresholds, self._clock()).healthy else 0)
         yield healthy
         if figures is None:
             return
@@ -190,18 +202,20 @@ class HealthServer:
     """``/healthz`` and ``/metrics`` on ``127.0.0.1:port`` (0: a free port; see
     :attr:`port`), served from ``figures()`` in a daemon thread."""
 
-    def __init__(self, figures: Callable[[], Optional[Figures]], thresholds: HealthThresholds, port: int = 0):
+    def __init__(self, figures: Callable[[], Optional[Figures]], thresholds: HealthThresholds, port: int = 0,
+                 clock: Callable[[], float] = time.time):
         self._figures = figures
         self._thresholds = thresholds
+        self._clock = clock
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(BeamMetricsCollector(figures, thresholds))
+        self._registry.register(BeamMetricsCollector(figures, thresholds, clock))
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
                 path = self.path.split("?", 1)[0]
                 if path == "/healthz":
-                    report = evaluate_health(server._figures(), server._thresholds)
+                    report = evaluate_health(server._figures(), server._thresholds, server._clock())
                     self._send(report.http_status, "application/json",
                                (json.dumps(report.body, sort_keys=True) + "\n").encode())
                 elif path == "/metrics":

@@ -38,6 +38,7 @@ LIVE_EVERY_S = 1.0  # the status line on a terminal
 PLAIN_EVERY_S = {"auto": 30.0, "on": 5.0}  # status lines when stderr is not a terminal
 REMOTE_POLL_S = 30.0  # runners whose metrics are a cloud API call (Dataflow)
 _HISTORY_S = 65.0  # snapshots kept: the DLQ rate is over the last minute
+FIGURES_MAX_AGE_S = 60.0  # /healthz fails when the runner has given no figures for this long
 
 
 class Monitor:
@@ -55,8 +56,11 @@ class Monitor:
         config = options.view_as(MonitoringOptions)
         self._metrics_out: Optional[str] = config.metrics_out
         self._port: int = int(config.health_port or 0)
+        self._poll_every = REMOTE_POLL_S if "dataflow" in runner.lower() else TICK_S
+        # Figures older than this: the runner has stopped answering (or the monitor is stuck).
         self.thresholds = HealthThresholds(config.health_max_lag, config.health_max_dlq_rate,
-                                           config.health_max_watermark_age, config.health_max_sink_lag)
+                                           config.health_max_watermark_age, config.health_max_sink_lag,
+                                           max_figures_age_s=max(FIGURES_MAX_AGE_S, 3 * self._poll_every))
         self._stream = stream if stream is not None else sys.stderr
         self._clock = clock
         live = _is_terminal(self._stream)
@@ -66,7 +70,6 @@ class Monitor:
         if mode != "off":
             self._status_every = LIVE_EVERY_S if live else PLAIN_EVERY_S[mode]
             self._writer = StatusWriter(self._stream, live, expected_records)
-        self._poll_every = REMOTE_POLL_S if "dataflow" in runner.lower() else TICK_S
         self._result = None
         self._local: Optional[LocalMetricsSource] = None
         self._history: Deque[MetricsSnapshot] = collections.deque()
@@ -87,7 +90,7 @@ class Monitor:
         self._local = LocalMetricsSource(self._clock)
         if self._port:
             try:
-                self.server = HealthServer(self.figures, self.thresholds, self._port)
+                self.server = HealthServer(self.figures, self.thresholds, self._port, self._clock)
             except OSError as error:
                 raise UsageError(f"--health_port: cannot listen on 127.0.0.1:{self._port} ({error.strerror or error})"
                                  ) from None

@@ -102,16 +102,23 @@ def _seconds(timestamp) -> float:
     return float(timestamp)
 
 
+METRICS_TIMEOUT_S = 10.0  # how long the monitor waits for a runner's metrics
+
+
 def fresh_metrics(result):
     """``result.metrics()``, asked again of a portable job service (Prism, Flink)
-    rather than Beam's cached first answer."""
+    rather than Beam's cached first answer, within ``METRICS_TIMEOUT_S``: a runner
+    that stopped answering held the monitor's thread with no timeout, and the
+    status line and ``/healthz`` froze at their last figures."""
     service, job_id = getattr(result, "_job_service", None), getattr(result, "_job_id", None)
     if service is not None and job_id is not None:
         from apache_beam.portability.api import beam_job_api_pb2
         from apache_beam.runners.portability.portable_runner import PortableMetrics
 
-        return PortableMetrics(service.GetJobMetrics(beam_job_api_pb2.GetJobMetricsRequest(job_id=job_id)))
+        request = beam_job_api_pb2.GetJobMetricsRequest(job_id=job_id)
+        return PortableMetrics(service.GetJobMetrics(request, timeout=METRICS_TIMEOUT_S))
     return result.metrics()
+
 
 
 def read_result(result, prefer_committed: bool = False, clock=time.time) -> MetricsSnapshot:

@@ -82,6 +82,36 @@ def test_unchecked_figures_and_no_figures_yet_are_healthy():
     assert starting.healthy and starting.body["status"] == "starting"
 
 
+def test_unhealthy_when_the_figures_are_older_than_the_limit():
+    """A runner that stopped answering froze the figures at their last values,
+    and every check kept passing however far the job fell behind."""
+    source = FakeMetricsSource()
+    source.set(10, {"records_read": 10}, lag_gauges(10, p0=0))
+    figures = source.figures()
+    thresholds = HealthThresholds(max_lag=100, max_figures_age_s=60)
+    assert evaluate_health(figures, thresholds, now=figures.taken_at + 60).healthy
+    report = evaluate_health(figures, thresholds, now=figures.taken_at + 61)
+    assert not report.healthy
+    assert report.body["checks"]["figures_age_s"] == {"value": 61.0, "max": 60, "ok": False}
+    assert "figures_age_s" not in evaluate_health(figures, THRESHOLDS).body["checks"]  # unchecked without a limit
+
+
+def test_the_runners_metrics_are_asked_for_with_a_timeout():
+    from onceflow.observability.snapshot import METRICS_TIMEOUT_S, fresh_metrics
+
+    class Service:
+        def GetJobMetrics(self, request, timeout=None):  # noqa: N802 (the job service's name)
+            self.asked = (request.job_id, timeout)
+            raise TimeoutError("the runner did not answer")
+
+    class Result:
+        _job_service, _job_id = Service(), "job-1"
+
+    with pytest.raises(TimeoutError):
+        fresh_metrics(Result())
+    assert Result._job_service.asked == ("job-1", METRICS_TIMEOUT_S)
+
+
 def get(url):
     try:
         with urllib.request.urlopen(url, timeout=10) as response:

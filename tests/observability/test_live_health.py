@@ -2,19 +2,28 @@
 while it runs, while the broker is down, and after the broker is back."""
 
 import json
+import os
+import signal
 import time
 
 import pytest
 
 from onceflow_dev.devstack import kafka
 from tests.io.test_kafka_ranges import free_port, http_get
-from tests.livejob import counted_events, job_output, new_topic, produce, start_live_job, stop, wait_for
+from tests.livejob import (
+    child_processes, counted_events, job_output, new_topic, produce, start_live_job, stop, wait_for,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.prism, pytest.mark.slow, pytest.mark.exclusive]  # it stops the broker
 
 
 def _event(n, t):
     return json.dumps({"id": str(n), "t": t, "k": f"k{n % 3}", "v": 1}).encode()
+
+
+def _cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        return handle.read()
 
 
 def _metric(exposition, name):
@@ -59,7 +68,8 @@ def test_health_endpoints_of_a_live_job_follow_the_job_and_a_broker_stop(kafka_b
         assert status == 200 and report["status"] == "ok"
         assert {name: check["ok"] for name, check in report["checks"].items()} == {
             "consumer_lag": True, "dlq_rate": True, "watermark_age_s": True, "sink_lag_s": True,
-            "retention_gap_records": True}
+            "retention_gap_records": True, "figures_age_s": True}
+        assert report["checks"]["figures_age_s"]["value"] < 10
         # The sink holds windows up to base + 5m: about 5 minutes behind now.
         assert 240 < report["checks"]["sink_lag_s"]["value"] < 600
         assert report["checks"]["watermark_age_s"]["value"] < 20  # idle partitions follow the wall clock
@@ -94,6 +104,21 @@ def test_health_endpoints_of_a_live_job_follow_the_job_and_a_broker_stop(kafka_b
         _, exposition = http_get(url + "/metrics")
         assert _metric(exposition, "onceflow_kafka_records_read_total") == 330
         assert _metric(exposition, "onceflow_healthy") == 1
+
+        # A runner that stops answering: its figures froze at their last, healthy, values (the
+        # monitor waited on it with no timeout). They age now, and /healthz fails on their age.
+        (runner,) = [pid for pid in child_processes(job.pid) if b"prism" in _cmdline(pid)]
+        os.kill(runner, signal.SIGSTOP)
+        try:
+            def stale():
+                status, body = http_get(url + "/healthz")
+                return status == 503 and not json.loads(body)["checks"]["figures_age_s"]["ok"]
+
+            wait_for(stale, "/healthz to fail on figures the runner no longer renews", 120, job)
+            _, exposition = http_get(url + "/metrics")
+            assert _metric(exposition, "onceflow_healthy") == 0
+        finally:
+            os.kill(runner, signal.SIGCONT)
     except AssertionError as error:
         raise AssertionError(f"{error}\njob output: {job_output(job)}") from None
     finally:
