@@ -32,8 +32,9 @@ from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, Positio
                                       client_settings_from_flags, parse_kafka_url, parse_position)
 from onceflow.io.kafka.read import ReadFromKafka
 from onceflow.observability.snapshot import snapshot_from_query
-from onceflow.options import (AggregateOptions, EventOptions, InputOptions, KafkaOptions, OutputOptions,
-                              WindowOptions, flag_error, help_text, parse_pipeline_args)
+from onceflow.options import (AggregateOptions, EventOptions, FlinkOptions, InputOptions, KafkaOptions,
+                              MonitoringOptions, OutputOptions, WindowOptions, flag_error, help_text,
+                              parse_pipeline_args)
 from onceflow.runners import local_batch_runner, prepare_runner, quiet_worker_errors_reported_in_one_line
 
 PIPELINE_NAME = "archive"
@@ -66,10 +67,16 @@ def config_from_options(options: PipelineOptions) -> KafkaReadConfig:
         settings = client_settings_from_flags(kafka.kafka_setting, kafka.kafka_config_file)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    unused = sorted(set(options.get_all_options(drop_default=True)) & set(_AGGREGATE_ONLY_FLAGS))
+    given = set(options.get_all_options(drop_default=True))
+    unused = sorted(given & set(_AGGREGATE_ONLY_FLAGS))
     if unused:
         raise UsageError(f"--{unused[0]}: the archive job copies records as they are, with their Kafka "
                          "coordinates; give it to the aggregate job that reads the archive (or the topic)")
+    values, defaults = options.get_all_options(), parse_pipeline_args([]).get_all_options()
+    running = sorted(name for name in _RUNNING_JOB_FLAGS if values.get(name) != defaults.get(name))
+    if running:  # accepted and ignored before: no port, no file, and nothing said why
+        raise UsageError(f"--{running[0]}: the archive job runs to its end in this process and prints one line; it "
+                         "has no status line, health endpoint, metrics file or Flink savepoint")
     try:
         return KafkaReadConfig(topic, start=start, stop=stop, time_source="record", client_settings=settings,
                                allow_retention_gaps=bool(source.allow_retention_gaps))
@@ -91,6 +98,8 @@ _AGGREGATE_ONLY_FLAGS = (
     "kafka_readers", "kafka_idle_timeout", "kafka_time_source",
     *_flags_of(EventOptions, WindowOptions, AggregateOptions, OutputOptions),
 )
+# The aggregate job's flags for watching and stopping a running job.
+_RUNNING_JOB_FLAGS = _flags_of(MonitoringOptions, FlinkOptions)
 
 
 def build(pipeline: beam.Pipeline, config: KafkaReadConfig, output: str, archive_format: str,

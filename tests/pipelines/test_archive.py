@@ -284,6 +284,10 @@ def test_dead_letters_read_from_an_archive_are_replayed_from_it(kafka_bootstrap,
     (["--from=2026-11-02T10:00:00Z", "--to=2026-11-02T09:00:00Z"], "--from/--to: the start is after the stop"),
     (["--from=latest", "--to=earliest"], "--from/--to: the start is after the stop"),
     (["--from=offsets:0=5", "--to=offsets:0=1"], "--from/--to: partition 0 starts after its stop"),
+    # Accepted and ignored: no port answered, no file written, nothing said why.
+    (["--health_port=18705"], "--health_port: the archive job runs to its end in this process and prints one line"),
+    (["--metrics_out=m.json"], "--metrics_out: the archive job runs to its end in this process"),
+    (["--savepoint_path=/tmp/sp"], "--savepoint_path: the archive job runs to its end in this process"),
 ])
 def test_the_archive_job_refuses_flags_it_would_ignore(flags, fragment, tmp_path, capsys):
     assert archive.main(["--input=kafka://127.0.0.1:1/orders", f"--output={tmp_path}/a", *flags]) == 2
