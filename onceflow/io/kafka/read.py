@@ -507,8 +507,9 @@ class _ReadPartitionsDoFn(beam.DoFn):
                     if _holds_an_event(batch):  # records that are all refused leave the partition idle
                         self._last_data_at[partition] = time.monotonic()
                     emitted += len(run)
-                if not inner.is_bounded() and self._quiet_partition_due(inner):
-                    self._refresh_backlog(consumer, topic, inner)  # every record fetched is claimed here too
+                quiet = [] if inner.is_bounded() else self._quiet_partitions_due(inner)
+                if quiet:
+                    self._refresh_backlog(consumer, topic, inner, quiet)  # every record fetched is claimed here too
                     self._advance_idle_partitions(inner)
                 _advance_watermark(watermark, inner.watermark_ms())
                 if not inner.open_partitions():
@@ -594,22 +595,24 @@ class _ReadPartitionsDoFn(beam.DoFn):
         consumer.incremental_assign([TopicPartition(topic, partition, max(low, position))])
         self._positions[key][partition] = max(low, position)
 
-    def _refresh_backlog(self, consumer, topic: str, inner: _PartitionsTracker) -> None:
-        """At an empty poll (every record fetched has been claimed): notes how far
-        ``consumer`` has read each open partition, past transaction markers (a
-        marker takes an offset but is never delivered, so the last record's offset
-        + 1 stays below the end), and asks the broker for the partitions' ends."""
+    def _refresh_backlog(self, consumer, topic: str, inner: _PartitionsTracker,
+                         partitions: Optional[List[int]] = None) -> None:
+        """When every record fetched has been claimed: notes how far ``consumer``
+        has read each open partition (or each of ``partitions``), past transaction
+        markers (a marker takes an offset but is never delivered, so the last
+        record's offset + 1 stays below the end), and asks the broker for their ends."""
         from confluent_kafka import TopicPartition
 
-        open_partitions = inner.open_partitions()
-        positions = consumer.position([TopicPartition(topic, p) for p in open_partitions])
-        for partition, fetched in zip(open_partitions, positions):
+        chosen = inner.open_partitions() if partitions is None else partitions
+        positions = consumer.position([TopicPartition(topic, p) for p in chosen])
+        for partition, fetched in zip(chosen, positions):
             inner.fetched[partition] = fetched.offset  # negative: nothing fetched yet
-        self._refresh_end_offsets(topic, inner)
+        self._refresh_end_offsets(topic, inner, chosen)
 
-    def _refresh_end_offsets(self, topic: str, inner: _PartitionsTracker) -> None:
-        """Asks the broker for each open partition's end offset, through a client of
-        its own: the reading consumer's connection holds a fetch that the broker
+    def _refresh_end_offsets(self, topic: str, inner: _PartitionsTracker,
+                             partitions: Optional[List[int]] = None) -> None:
+        """Asks the broker for each open partition's (or each of ``partitions``')
+        end offset, through a client of its own: the reading consumer's connection holds a fetch that the broker
         keeps open while there is nothing to read (up to ``fetch.wait.max.ms``, 500
         ms), and a request sent behind it waits for it: 0.3-0.5 s per partition, so
         a reader of three caught-up partitions spent 1.5 s per empty poll before it
@@ -619,7 +622,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
         if self._offsets_client is None:
             self._offsets_client = new_consumer(self._config, "offsets", quiet=True)
         answered = True
-        for partition in inner.open_partitions():
+        for partition in inner.open_partitions() if partitions is None else partitions:
             try:
                 inner.end_offsets[partition] = self._offsets_client.get_watermark_offsets(
                     TopicPartition(topic, partition), timeout=1.0, cached=False)[1]
@@ -664,19 +667,20 @@ class _ReadPartitionsDoFn(beam.DoFn):
             if max(fetched, inner.next_offsets()[partition]) >= stops[partition]:
                 inner.finish(partition)
 
-    def _quiet_partition_due(self, inner: _PartitionsTracker) -> bool:
-        """Whether to look for idle partitions after a poll that returned records:
-        at most every ``_IDLE_CHECK_INTERVAL_S``, when a partition has had no record
-        for the idle timeout. Only an empty poll looked before, and a topic with
-        records every 0.2 s on some partitions never gives one: an empty or quiet
-        partition then held every window open, and the stored positions still, for
-        as long as the others were busy (no row in 90 s at 10 records/s)."""
+    def _quiet_partitions_due(self, inner: _PartitionsTracker) -> List[int]:
+        """The partitions to look at for going idle after a poll that returned
+        records: at most every ``_IDLE_CHECK_INTERVAL_S``, those with no record for
+        the idle timeout (the others cannot go idle; their ends are not asked for).
+        Only an empty poll looked before, and a topic with records every 0.2 s on
+        some partitions never gives one: an empty or quiet partition then held every
+        window open, and the stored positions still, for as long as the others were
+        busy (no row in 90 s at 10 records/s)."""
         now = time.monotonic()
         if now < self._next_idle_check:
-            return False
+            return []
         self._next_idle_check = now + _IDLE_CHECK_INTERVAL_S
-        return any(now - self._last_data_at.setdefault(partition, now) >= self._idle_timeout_s
-                   for partition in inner.open_partitions())
+        return [partition for partition in inner.open_partitions()
+                if now - self._last_data_at.setdefault(partition, now) >= self._idle_timeout_s]
 
     def _advance_idle_partitions(self, inner: _PartitionsTracker) -> None:
         """A live partition that is caught up (confirmed by the broker) and has had
