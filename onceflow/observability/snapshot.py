@@ -120,7 +120,6 @@ def fresh_metrics(result):
     return result.metrics()
 
 
-
 def read_result(result, prefer_committed: bool = False, clock=time.time) -> MetricsSnapshot:
     """The ``onceflow`` metrics a runner reports for ``result`` now."""
     query = fresh_metrics(result).query(MetricsFilter().with_namespace(metrics.NAMESPACE))
