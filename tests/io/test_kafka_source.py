@@ -225,12 +225,15 @@ class _Finalizer:
         pass
 
 
-def _read_bundle(reader, restriction, checkpoint_after=None):
+def _read_bundle(reader, restriction, checkpoint_after=None, estimator=None):
+    """One bundle of a reader, as the runner runs it: the (partition, offset) of
+    each record it read, and the residual (None when the runner took none)."""
     from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 
     view = _RunnerView(_PartitionsTracker(restriction), checkpoint_after)
+    estimator = ManualWatermarkEstimator(None) if estimator is None else estimator
     offsets = [(value.value.origin[2], offset)
-               for value in reader._read(_Finalizer(), view, ManualWatermarkEstimator(None))
+               for value in reader._read(_Finalizer(), view, estimator)
                for offset in value.value.positions]
     return offsets, view.residual
 
@@ -353,9 +356,8 @@ def test_a_caught_up_partition_of_transactions_goes_idle(kafka_bootstrap):
         started_ms = int(time.time() * 1000)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            view = _RunnerView(_PartitionsTracker(restriction))
-            read += sum(len(value.value.values) for value in reader._read(_Finalizer(), view, estimator))
-            restriction = view.residual or restriction
+            offsets, residual = _read_bundle(reader, restriction, estimator=estimator)
+            read, restriction = read + len(offsets), residual or restriction
             watermark = estimator.current_watermark()
             if read == 20 and watermark is not None and watermark.micros // 1000 >= started_ms - 500:
                 break
@@ -391,9 +393,8 @@ def test_a_partition_that_gets_only_refused_records_goes_idle(kafka_bootstrap):
         while time.monotonic() < deadline:
             produce(topic, [(0, b'{"id": "x%d", "t": 5, "other": "record type"}' % garbage, None)])  # no key k
             garbage += 1
-            view = _RunnerView(_PartitionsTracker(restriction))
-            read += sum(len(value.value.values) for value in reader._read(_Finalizer(), view, estimator))
-            restriction = view.residual or restriction
+            offsets, residual = _read_bundle(reader, restriction, estimator=estimator)
+            read, restriction = read + len(offsets), residual or restriction
             watermark = estimator.current_watermark()
             if watermark is not None and watermark.micros // 1000 >= started_ms - 1_000:
                 break
@@ -442,9 +443,8 @@ def test_an_empty_partition_goes_idle_while_another_keeps_getting_records(kafka_
         read = 0
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            view = _RunnerView(_PartitionsTracker(restriction))
-            read += sum(len(value.value.values) for value in reader._read(_Finalizer(), view, estimator))
-            restriction = view.residual or restriction
+            offsets, residual = _read_bundle(reader, restriction, estimator=estimator)
+            read, restriction = read + len(offsets), residual or restriction
             watermark = estimator.current_watermark()
             if watermark is not None and watermark.micros // 1000 >= started_ms:
                 break

@@ -21,6 +21,12 @@ def _event(n, t):
     return json.dumps({"id": str(n), "t": t, "k": f"k{n % 3}", "v": 1}).encode()
 
 
+def _failing(url, check):
+    """Whether /healthz answers 503 with ``check`` failing."""
+    status, body = http_get(url + "/healthz")
+    return status == 503 and not json.loads(body)["checks"][check]["ok"]
+
+
 def _cmdline(pid):
     with open(f"/proc/{pid}/cmdline", "rb") as handle:
         return handle.read()
@@ -85,11 +91,8 @@ def test_health_endpoints_of_a_live_job_follow_the_job_and_a_broker_stop(kafka_b
         try:
             # No broker: no end offsets, so idle partitions no longer advance the
             # watermark; once it is older than 20 s the job reports unhealthy.
-            def unhealthy():
-                status, body = http_get(url + "/healthz")
-                return status == 503 and not json.loads(body)["checks"]["watermark_age_s"]["ok"]
-
-            wait_for(unhealthy, "/healthz to turn unhealthy with the broker down", 90, job)
+            wait_for(lambda: _failing(url, "watermark_age_s"), "/healthz to turn unhealthy with the broker down", 90,
+                     job)
             _, exposition = http_get(url + "/metrics")
             assert _metric(exposition, "onceflow_healthy") == 0
             assert _metric(exposition, "onceflow_watermark_age_seconds") > 20
@@ -110,11 +113,8 @@ def test_health_endpoints_of_a_live_job_follow_the_job_and_a_broker_stop(kafka_b
         (runner,) = [pid for pid in child_processes(job.pid) if b"prism" in _cmdline(pid)]
         os.kill(runner, signal.SIGSTOP)
         try:
-            def stale():
-                status, body = http_get(url + "/healthz")
-                return status == 503 and not json.loads(body)["checks"]["figures_age_s"]["ok"]
-
-            wait_for(stale, "/healthz to fail on figures the runner no longer renews", 120, job)
+            wait_for(lambda: _failing(url, "figures_age_s"), "/healthz to fail on figures the runner no longer renews",
+                     120, job)
             _, exposition = http_get(url + "/metrics")
             assert _metric(exposition, "onceflow_healthy") == 0
         finally:
