@@ -376,16 +376,22 @@ def _check_sink_and_dlq_apart(sink: Target, dlq: Target) -> None:
                          "give the queue its own")
 
 
+def _local_output_files(job: "AggregateJob") -> List[Tuple[str, str]]:
+    """(flag, path) of the local files the run writes: its JSON-lines queue and its
+    SQLite sink."""
+    outputs = [("--dlq", job.dlq.location)] if job.dlq.scheme == "jsonl" else []
+    if job.sink.scheme == "sqlite":
+        outputs.append(("--sink", job.sink.location))
+    return outputs
+
+
 def _check_metrics_out(path: Optional[str], job: "AggregateJob", input_files: Sequence[str]) -> None:
     """Refuses a ``--metrics_out`` the summary could not be written to, or that
     would overwrite the run's input (``input_files``), queue or sink, before the
     job runs rather than after."""
     if not path:
         return
-    others = [("--dlq", job.dlq.location)] if job.dlq.scheme == "jsonl" else []
-    if job.sink.scheme == "sqlite":
-        others.append(("--sink", job.sink.location))
-    others += [("--input", name) for name in input_files if "://" not in name]
+    others = _local_output_files(job) + [("--input", name) for name in input_files if "://" not in name]
     for flag, other in others:
         if _same_path(path, other):
             raise UsageError(f"--metrics_out: {path} is this run's {flag} file; the summary would replace it: "
@@ -426,9 +432,7 @@ def _check_outputs_not_read(job: "AggregateJob", metrics_out: Optional[str]) -> 
     dead-lettered them again, the queue doubling run after run."""
     if job.kafka is not None or job.from_archive or "://" in job.input_pattern:
         return
-    outputs = [("--dlq", job.dlq.location)] if job.dlq.scheme == "jsonl" else []
-    if job.sink.scheme == "sqlite":
-        outputs.append(("--sink", job.sink.location))
+    outputs = _local_output_files(job)
     if metrics_out:
         outputs.append(("--metrics_out", metrics_out))
     matches = re.compile(FileSystem.translate_pattern(os.path.abspath(job.input_pattern))).match

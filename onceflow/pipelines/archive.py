@@ -67,13 +67,15 @@ def config_from_options(options: PipelineOptions) -> KafkaReadConfig:
         settings = client_settings_from_flags(kafka.kafka_setting, kafka.kafka_config_file)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    given = set(options.get_all_options(drop_default=True))
+    # Given: a value other than the default, both parsed (Beam's drop_default compares the parsed
+    # value with the unparsed default, and takes a typed flag for given when it is not).
+    defaults = parse_pipeline_args([]).get_all_options()
+    given = {name for name, value in options.get_all_options().items() if value != defaults.get(name)}
     unused = sorted(given & set(_AGGREGATE_ONLY_FLAGS))
     if unused:
         raise UsageError(f"--{unused[0]}: the archive job copies records as they are, with their Kafka "
                          "coordinates; give it to the aggregate job that reads the archive (or the topic)")
-    values, defaults = options.get_all_options(), parse_pipeline_args([]).get_all_options()
-    running = sorted(name for name in _RUNNING_JOB_FLAGS if values.get(name) != defaults.get(name))
+    running = sorted(given & set(_RUNNING_JOB_FLAGS))
     if running:  # accepted and ignored before: no port, no file, and nothing said why
         raise UsageError(f"--{running[0]}: the archive job runs to its end in this process and prints one line; it "
                          "has no status line, health endpoint, metrics file or Flink savepoint")
