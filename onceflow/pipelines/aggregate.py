@@ -35,6 +35,7 @@ from onceflow.errors import ServiceError, UsageError, exit_status, is_interrupti
 from onceflow.events import REGISTRY_FORMATS, EventContract, format_utc_ms
 from onceflow.io.archive import ReadArchive, check_archive, is_archive
 from onceflow.io.dlq import WriteDeadLetters, parse_dlq_target, prepare_dlq
+from onceflow.io.file_sink import PROGRESS_MANIFEST, window_file_name
 from onceflow.io.files import (
     ReadRecordBatchesFromFiles, UnreadableInputFile, absolute_local_path, first_avro_writer_schema, format_by_name,
     missing_filesystem,
@@ -435,11 +436,16 @@ def _check_outputs_not_read(job: "AggregateJob", metrics_out: Optional[str]) -> 
     outputs = _local_output_files(job)
     if metrics_out:
         outputs.append(("--metrics_out", metrics_out))
+    if job.sink.scheme == "file":  # the folder's window files and positions, as the sink names them
+        for name in (window_file_name(0, 60_000, job.sink.option("format")), PROGRESS_MANIFEST):
+            outputs.append(("--sink", os.path.join(job.sink.location, name)))
     matches = re.compile(FileSystem.translate_pattern(os.path.abspath(job.input_pattern))).match
     for flag, path in outputs:
         if matches(os.path.abspath(path)):
-            raise UsageError(f"--input: {job.input_pattern!r} takes this run's {flag} file {path}, so the job would "
-                             f"read what it writes; put the {flag} file elsewhere or narrow the pattern")
+            what = f"sink folder {job.sink.location}" if flag == "--sink" and job.sink.scheme == "file" else \
+                f"{flag} file {path}"
+            raise UsageError(f"--input: {job.input_pattern!r} takes this run's {what}, so the job would "
+                             f"read what it writes; put the {flag} elsewhere or narrow the pattern")
 
 
 def _check_input_exists(pattern: str) -> List[str]:

@@ -277,6 +277,17 @@ def test_bad_files_and_paths_get_one_line_and_nothing_is_half_read(flags, fragme
     assert (tmp_path / "notes.txt").read_text() == "not a dead letter\n"  # never appended to
 
 
+@pytest.mark.parametrize("pattern, sink", [("in/**", "file:in/out"), ("in/*/*", "file:in/out?format=avro")])
+def test_a_file_input_that_takes_the_sink_folder_is_refused(pattern, sink, tmp_path):
+    """The next run read the window files (Parquet or Avro bytes) as JSON lines,
+    every line a dead letter, and the run after that its own dead letters too."""
+    (tmp_path / "in" / "day").mkdir(parents=True)
+    (tmp_path / "in" / "day" / "orders.jsonl").write_bytes(open(SAMPLE_INPUT, "rb").read())
+    result = run_cli(f"--input={pattern}", f"--sink={sink}", "--dlq=dlq.jsonl", "--status=off", cwd=tmp_path)
+    assert_one_usage_line(result, f"/{pattern}' takes this run's sink folder in/out, so the job would read what it")
+    assert not (tmp_path / "in" / "out").exists()
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--dlq=notes.txt"], "--dlq: notes.txt is not a dead-letter queue"),
     (["--metrics_out=folder"], "--metrics_out: folder is a directory"),
