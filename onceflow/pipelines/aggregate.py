@@ -130,6 +130,9 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     early_ms = parse_optional_flag("--early_firing", whole_seconds_ms, windows.early_firing)
 
     input_pattern = str(source.input)
+    if not input_pattern.strip():  # it named the working directory
+        raise UsageError("--input: empty; give a file or glob, an archive folder or kafka://HOST:PORT/TOPIC "
+                         "(leave the flag out for the bundled sample)")
     kafka_topic = None
     archived = False  # an archive folder: a topic's records, with their Kafka timestamps
     if is_kafka_url(input_pattern):

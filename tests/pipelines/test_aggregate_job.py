@@ -251,6 +251,7 @@ def _bad_paths(folder):
     (["--input=half.avro"], "half.avro: the file is cut off (Expected"),  # said "the compressed file"
     (["--input=folder"], "/folder is a directory; give its files, e.g. --input=/"),
     (["--input=/"], "--input: / is a directory; give its files"),  # Beam's match listed the files of /
+    (["--input="], "--input: empty; give a file or glob"),  # said the working directory is a directory
     (["--sink=sqlite:///folder"], "--sink: folder is a directory"),
     (["--sink=file:notes.txt?format=avro"], "--sink: notes.txt is a file; a file sink writes its window files into a "
                                             "folder"),  # it said "notes.txt: file exists"
