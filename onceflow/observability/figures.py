@@ -76,6 +76,15 @@ def consumer_lag(gauges: Mapping[str, Tuple[int, float]]) -> Dict[Tuple[str, int
     return dict(sorted(found.items()))
 
 
+def lag_reported_at(gauges: Mapping[str, Tuple[int, float]]) -> Optional[float]:
+    """When the partition reported least recently set its ``consumer_lag`` gauge
+    (epoch seconds); None without such a gauge or when the runner gives gauges no
+    time. A reader sets every partition's gauge at the end of each of its bundles."""
+    prefix = metrics.CONSUMER_LAG + "."
+    stamps = [stamp for name, (_, stamp) in gauges.items() if name.startswith(prefix)]
+    return min(stamps) if stamps and min(stamps) > 0 else None
+
+
 @dataclasses.dataclass(frozen=True)
 class StageFigures:
     name: str
@@ -107,6 +116,17 @@ class Figures:
     counters: Mapping[str, int]
     gauges: Mapping[str, Tuple[int, float]]
     sink_window_end_ms: Optional[int] = None  # the newest window end the sink has written
+    lag_reported_at: Optional[float] = None  # see lag_reported_at()
+
+    @property
+    def lag_age_s(self) -> Optional[float]:
+        """How old the consumer lag is: now minus the time its least recently
+        reported partition was reported; None without a time. A live reader reports
+        every few seconds, so an old lag is one the reader no longer updates (it is
+        not being run), and its value, often 0, says nothing of the records since."""
+        if self.lag_reported_at is None:
+            return None
+        return max(0.0, self.taken_at - self.lag_reported_at)
 
     @property
     def sink_lag_s(self) -> Optional[float]:
@@ -182,6 +202,7 @@ class Figures:
             counters=dict(now.counters),
             gauges=dict(now.gauges),
             sink_window_end_ms=now.gauge(metrics.SINK_WINDOW_END_MS),
+            lag_reported_at=lag_reported_at(now.gauges),
         )
 
 

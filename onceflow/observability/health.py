@@ -51,6 +51,8 @@ class HealthThresholds:
     ``max_figures_age_s``: how old the figures may be (the runner has not answered
     since): a hung runner froze them at their last values, which kept passing every
     check however far the job fell behind.
+    ``max_lag_age_s``: how old the consumer lag may be (a live job's reader has not
+    run since): a reader no longer scheduled froze its lag, often at 0.
     """
 
     max_lag: Optional[int] = None
@@ -59,6 +61,7 @@ class HealthThresholds:
     max_sink_lag_s: Optional[float] = None
     max_retention_gap_records: Optional[int] = 0
     max_figures_age_s: Optional[float] = None
+    max_lag_age_s: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +94,7 @@ def figures_json(figures: Figures) -> Dict[str, Any]:
         "too_late": figures.too_late,
         "consumer_lag": [{"topic": t, "partition": p, "lag": lag} for (t, p), lag in figures.consumer_lag.items()],
         "consumer_lag_total": figures.total_lag,
+        "consumer_lag_age_s": None if figures.lag_age_s is None else round(figures.lag_age_s, 3),
         "watermark_ms": figures.watermark_ms,
         "sink_window_end_ms": figures.sink_window_end_ms,
         "sink_lag_s": None if figures.sink_lag_s is None else round(figures.sink_lag_s, 3),
@@ -118,6 +122,10 @@ def evaluate_health(figures: Optional[Figures], thresholds: HealthThresholds,
     if thresholds.max_figures_age_s is not None:
         figures_age = (time.time() if now is None else now) - figures.taken_at
         checks["figures_age_s"] = _check(round(figures_age, 3), thresholds.max_figures_age_s)
+    if thresholds.max_lag_age_s is not None:
+        lag_age = figures.lag_age_s
+        checks["consumer_lag_age_s"] = _check(None if lag_age is None else round(lag_age, 3),
+                                              thresholds.max_lag_age_s)
     healthy = all(check["ok"] for check in checks.values())
     as_of = datetime.datetime.fromtimestamp(figures.taken_at, datetime.timezone.utc)
     return HealthReport(healthy, {

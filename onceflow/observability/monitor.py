@@ -47,20 +47,28 @@ class Monitor:
     ``options`` are the pipeline's options (:class:`~onceflow.options.MonitoringOptions`
     is read from them); ``stream`` is where the status goes (default stderr);
     ``expected_records`` (a bounded read of known size) adds progress and time left.
+    ``live``: an unbounded Kafka read, whose reader reports its lag every few
+    seconds while it runs (``/healthz`` then checks the lag's age too; a bounded
+    reader stops reporting once it has read its range).
     """
 
     def __init__(self, options, runner: str = "", stream: Optional[TextIO] = None, clock=time.time,
-                 expected_records: Optional[int] = None):
+                 expected_records: Optional[int] = None, live: bool = False):
         from onceflow.options import MonitoringOptions  # options imports nothing from here
 
         config = options.view_as(MonitoringOptions)
         self._metrics_out: Optional[str] = config.metrics_out
         self._port: int = int(config.health_port or 0)
         self._poll_every = REMOTE_POLL_S if "dataflow" in runner.lower() else TICK_S
-        # Figures older than this: the runner has stopped answering (or the monitor is stuck).
+        # Figures older than this: the runner has stopped answering (or the monitor is stuck);
+        # a live reader's lag older than this: the runner no longer runs the reader (not judged on
+        # Dataflow, whose gauge times were never seen here).
+        max_age_s = max(FIGURES_MAX_AGE_S, 3 * self._poll_every)
+        judge_lag_age = live and "dataflow" not in runner.lower()
         self.thresholds = HealthThresholds(config.health_max_lag, config.health_max_dlq_rate,
                                            config.health_max_watermark_age, config.health_max_sink_lag,
-                                           max_figures_age_s=max(FIGURES_MAX_AGE_S, 3 * self._poll_every))
+                                           max_figures_age_s=max_age_s,
+                                           max_lag_age_s=max_age_s if judge_lag_age else None)
         self._stream = stream if stream is not None else sys.stderr
         self._clock = clock
         live = _is_terminal(self._stream)

@@ -10,6 +10,7 @@ from onceflow.observability.figures import Figures
 # Stages shown on the line, in pipeline order (dedup and the DLQ writer are
 # summed up by the DLQ figure and the final summary).
 _SHOWN = ("read", "parse", "aggregate", "sink")
+STALE_LAG_S = 30.0  # a running reader reports its lag every few seconds
 
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -54,7 +55,9 @@ def format_status(figures: Figures, width: Optional[int] = None, expected_record
     behind`` (now minus the newest window end written) appears once the sink has
     written a row: next to the consumer lag because a runner may hold a backlog
     the consumer lag cannot see (offsets are committed once the runner holds the
-    records, not once they are aggregated and written). The DLQ
+    records, not once they are aggregated and written). A lag its reader last
+    reported over ``STALE_LAG_S`` ago says how long ago: the runner has not run
+    the reader since, and records may have come. The DLQ
     percentage is of the records read over the last minute. ``width`` cuts the line
     to fit a terminal.
     """
@@ -68,7 +71,9 @@ def format_status(figures: Figures, width: Optional[int] = None, expected_record
         suffix = " rows/s" if stage.unit == "rows" else "/s"
         parts.append(f"{name} {format_rate(stage.in_per_s)}{suffix}")
     if figures.total_lag is not None:
-        parts.append(f"lag {figures.total_lag:,}")
+        lag_age = figures.lag_age_s
+        stale = f" (reported {format_duration(lag_age)} ago)" if lag_age is not None and lag_age > STALE_LAG_S else ""
+        parts.append(f"lag {figures.total_lag:,}{stale}")
     if figures.sink_lag_s is not None:
         parts.append(f"sink behind {format_duration(figures.sink_lag_s)}")
     if figures.watermark_age_s is not None:

@@ -1,5 +1,6 @@
 """Health: thresholds (pure, with a fake metrics source) and the real HTTP server."""
 
+import io
 import json
 import urllib.error
 import urllib.request
@@ -94,6 +95,32 @@ def test_unhealthy_when_the_figures_are_older_than_the_limit():
     assert not report.healthy
     assert report.body["checks"]["figures_age_s"] == {"value": 61.0, "max": 60, "ok": False}
     assert "figures_age_s" not in evaluate_health(figures, THRESHOLDS).body["checks"]  # unchecked without a limit
+
+
+def test_unhealthy_when_a_live_readers_lag_is_older_than_the_limit():
+    """A reader the runner no longer ran (after Prism hung for a minute) froze its
+    lag at 0 while records kept coming: the status line and /healthz said "lag 0"
+    while `onceflow lag` said 8,000. The partition reported least recently counts."""
+    thresholds = HealthThresholds(max_lag=100, max_lag_age_s=60)
+    source = FakeMetricsSource()
+    source.set(70, {"records_read": 10}, {**lag_gauges(69, p0=0), **lag_gauges(10, p1=0)})
+    report = evaluate_health(source.figures(), thresholds, now=STARTED_AT + 70)
+    assert report.healthy and report.body["checks"]["consumer_lag_age_s"] == {"value": 60.0, "max": 60, "ok": True}
+    source.set(71, {"records_read": 10}, {**lag_gauges(71, p0=0), **lag_gauges(10, p1=0)})
+    report = evaluate_health(source.figures(), thresholds, now=STARTED_AT + 71)
+    assert not report.healthy
+    assert report.body["checks"]["consumer_lag_age_s"] == {"value": 61.0, "max": 60, "ok": False}
+    assert report.body["figures"]["consumer_lag_age_s"] == 61.0
+    assert "consumer_lag_age_s" not in evaluate_health(source.figures(), THRESHOLDS).body["checks"]  # bounded reads
+    untimed = FakeMetricsSource()  # a runner that gives its gauges no time: nothing to judge
+    untimed.set(100, {"records_read": 10}, {"consumer_lag.orders.0": (0, 0.0)})
+    assert evaluate_health(untimed.figures(), thresholds).body["checks"]["consumer_lag_age_s"]["value"] is None
+
+
+def test_only_a_live_jobs_monitor_checks_the_lags_age():
+    live = Monitor(PipelineOptions([]), "PrismRunner", stream=io.StringIO(), live=True)
+    assert live.thresholds.max_lag_age_s == live.thresholds.max_figures_age_s == 60
+    assert Monitor(PipelineOptions([]), "PrismRunner", stream=io.StringIO()).thresholds.max_lag_age_s is None
 
 
 def test_the_runners_metrics_are_asked_for_with_a_timeout():

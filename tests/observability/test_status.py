@@ -32,6 +32,14 @@ def test_status_line_shows_how_far_behind_the_sink_is_next_to_a_zero_consumer_la
     assert "| lag 0 | sink behind 3m05s |" in format_status(figures)
 
 
+def test_status_line_says_how_old_a_lag_its_reader_no_longer_reports_is():
+    source = FakeMetricsSource()
+    source.set(100, {"kafka_records_read": 50}, {"consumer_lag.orders.0": (0, STARTED_AT + 70)})
+    assert "| lag 0 |" in format_status(source.figures())  # 30 s: a busy runner's pause
+    source.set(101, {"kafka_records_read": 50}, {"consumer_lag.orders.0": (0, STARTED_AT + 70)})
+    assert "| lag 0 (reported 31s ago) |" in format_status(source.figures())
+
+
 def test_status_line_of_a_file_run_has_no_lag():
     source = FakeMetricsSource()
     source.set(2, {"records_read": 9, "events_parsed": 8, "dead_letters.invalid_utf8": 1, "events_timely": 8})
