@@ -708,7 +708,7 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     build(pipeline, job)
     quiet_worker_errors_reported_in_one_line((UnreadableInputFile, RetentionGapError, RegistryUnavailable,
                                               UnknownGroupOrTopic, TopicReplaced, KeyboardInterrupt), _OUTPUT_STEPS)
-    with Monitor(options, runner, expected_records=expected_records) as monitor, \
+    with Monitor(options, runner, expected_records=expected_records, live=job.is_live) as monitor, \
             _stop_signals_as_interrupt(job.is_live, signal.SIGTERM) as stop:
         try:
             result = pipeline.run()
@@ -763,6 +763,11 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                 raise UsageError(f"--savepoint_path: {restore}; give the path the stop printed with the flags it "
                                  "ran with, or start without --savepoint_path: the job then resumes from the "
                                  "positions stored in the sink") from None
+            lost = _runner_failure(error)
+            if lost is not None:
+                raise ServiceError(f"--runner: the runner failed the job: {lost}; rows written stay in the sink: "
+                                   "run it again (a live job resumes from the positions stored with its rows)"
+                                   ) from None
             raise
         return monitor.finish(collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
                                               job.dlq.describe(), mirror=monitor.mirror()))
@@ -882,6 +887,16 @@ def _worker_error_line(error: BaseException, kind: type) -> Optional[str]:
     raised = next((cause for cause in _error_chain(error) if isinstance(cause, kind)), None)
     found = str(raised).strip() if raised is not None else _line_in_error(error, kind.__name__ + r": ([^\n]*)")
     return None if found is None else re.sub(r"\s*\[while running [^\]]*\]$", "", found)
+
+
+def _runner_failure(error: BaseException) -> Optional[str]:
+    """The runner's reason for a job it failed with no Python error of a step
+    (Prism losing its SDK worker after a hang: "SDK worker disconnected"); None
+    when a step raised (its traceback is the report) or the runner said nothing."""
+    reason = _line_in_error(error, r"failed in state FAILED: ([^\n]+)")
+    if reason is None or any("Traceback (most recent call last)" in str(cause) for cause in _error_chain(error)):
+        return None
+    return reason
 
 
 def _line_in_error(error: Optional[BaseException], pattern: str) -> Optional[str]:

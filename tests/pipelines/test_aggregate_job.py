@@ -539,3 +539,17 @@ def test_a_sink_and_a_queue_in_one_place_are_refused(sink, dlq, where):
     other = dlq.replace("rows", "dead_letters").replace("orders_out", "orders_dlq")
     job = job_from_options(parse_pipeline_args(["--input=events.jsonl", f"--sink={sink}", f"--dlq={other}"]))
     assert job.dlq.table != job.sink.table
+
+
+def test_a_job_the_runner_failed_without_a_step_error_is_one_line():
+    """Prism resumed after a hang of a minute lost its SDK worker and failed the
+    job: the run ended in a 25-line traceback of Beam's client."""
+    from onceflow.pipelines.aggregate import _runner_failure
+
+    said = ("bundle inst108 stage-003 failed:SDK worker disconnected: worker[job-001[job]_ref_Environment_default_"
+            "environment_1], 2 active instructions, error: context canceled")
+    assert _runner_failure(RuntimeError(f"Pipeline job-001 failed in state FAILED: {said}")) == said
+    step = RuntimeError("Pipeline job-001 failed in state FAILED: bundle inst3 stage-002 failed:Traceback (most "
+                        "recent call last):\n  File \"x.py\", line 1\nValueError: a bug")
+    assert _runner_failure(step) is None  # a step's error keeps its traceback: it is the report
+    assert _runner_failure(RuntimeError("something else")) is None
