@@ -176,3 +176,27 @@ def test_a_topic_holding_rows_of_other_columns_is_refused_before_the_job_starts(
     producer.produce(topic.topic, value=b"not a row", partition=0)  # the last record of each partition counts
     producer.flush(30)
     prepare_sink(target, RowSchema(("store",), parse_aggregates("count")))
+
+
+def test_a_topic_is_read_to_its_end_past_transaction_markers_and_for_as_long_as_records_come(kafka_bootstrap):
+    """A topic ending in a transaction's marker (no record has that offset) was
+    read until the timeout and then refused; and the read had a fixed deadline, so
+    `onceflow dlq count` of a queue of 1.8 million dead letters failed after 30 s."""
+    topic = topic_for(kafka_bootstrap)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": topic.topic})
+    producer.init_transactions()
+    producer.begin_transaction()
+    for i in range(12_000):
+        producer.produce(topic.topic, b"%d" % i, partition=i % 2)
+    producer.commit_transaction()
+    producer.begin_transaction()
+    producer.produce(topic.topic, b"aborted", partition=0)
+    producer.abort_transaction()
+    started = time.monotonic()
+    values = []
+    for _, _, _, value in read_records_to_end(topic, timeout_s=1.0):
+        values.append(value)
+        if len(values) % 3_000 == 0:
+            time.sleep(0.5)  # a slow caller: the read takes 2 s and more, twice the timeout
+    assert sorted(values) == sorted(b"%d" % i for i in range(12_000))
+    assert time.monotonic() - started >= 2.0
