@@ -41,8 +41,8 @@ from typing import (
 from onceflow import metrics
 from onceflow.events import (
     LONG_MAX as _LONG_MAX, LONG_MIN as _LONG_MIN, MAX_EVENT_TIME_MS as _MAX_EVENT_TIME_MS, MAX_JSON_NESTING,
-    MAX_KEY_BYTES, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS, EventContract, RecordError, SourceRecord,
-    json_nests_too_deep, parse_event_time_ms,
+    MAX_KEY_BYTES, MIN_EVENT_TIME_MS as _MIN_EVENT_TIME_MS, REASON_BAD_TIMESTAMP, EventContract, RecordError,
+    SourceRecord, json_nests_too_deep, parse_event_time_ms,
 )
 
 try:  # the fast JSON decoder; without it every record takes the reference path
@@ -334,11 +334,21 @@ def batch_from_records(records: Sequence[SourceRecord], contract: Optional[Event
 def time_by_kafka_timestamps(verdicts: Verdicts, stamps: Sequence[Optional[int]]) -> None:
     """Sets each valid event's event time to its record's Kafka timestamp (the
     ``record`` time source; the time field was still checked). A record with none
-    (None or negative: a pre-0.10 message format) keeps its field's."""
+    (None or negative: a pre-0.10 message format) keeps its field's; one stamped
+    past the year 9999 (a broker takes any 64-bit time) is refused as
+    ``bad_timestamp``, as such a time field is."""
     times = verdicts.event_times
     for index, stamp in enumerate(stamps):
-        if stamp is not None and stamp >= 0 and times[index] is not None:
+        if stamp is None or stamp < 0 or times[index] is None:
+            continue
+        if stamp <= _MAX_EVENT_TIME_MS:
             times[index] = stamp
+            continue
+        verdicts.refusals[index] = Refusal(REASON_BAD_TIMESTAMP, "BadTimestamp",
+                                           f"Kafka timestamp {stamp} is out of range (years 1 to 9999)")
+        verdicts.event_ids[index] = times[index] = None
+        for column in (*verdicts.key_columns, *verdicts.value_columns):
+            column[index] = None
 
 
 # -- the column decoder -------------------------------------------------------------

@@ -41,7 +41,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from onceflow import metrics
-from onceflow.events import EventContract, SourceRecord, check_time_source
+from onceflow.events import MAX_EVENT_TIME_MS, EventContract, SourceRecord, check_time_source
 
 MARKER = "onceflow-archive.json"
 FORMATS = ("avro", "parquet")
@@ -500,8 +500,8 @@ class _ReadPartitionFilesDoFn(beam.DoFn):
             yield record
             if self._by_field:
                 event_time = self._contract.peek_event_time_ms(record.value)
-            else:  # the Kafka reader's rule for time_source "record": every record's timestamp
-                event_time = row["timestamp_ms"] if row["timestamp_ms"] >= 0 else None
+            else:  # the Kafka reader's rule for time_source "record": every record's timestamp in years 1970-9999
+                event_time = row["timestamp_ms"] if 0 <= row["timestamp_ms"] <= MAX_EVENT_TIME_MS else None
             if event_time is not None and (high_water is None or event_time > high_water):
                 high_water = event_time
 

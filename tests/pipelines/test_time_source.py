@@ -90,3 +90,39 @@ def test_parse_events_takes_the_time_source_of_the_reader():
                     label="field")
     with pytest.raises(ValueError, match="time_source must be one of field, record"):
         ParseEvents(contract, time_source="kafka")
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("source", ["range", "archive"])
+def test_a_kafka_timestamp_past_the_year_9999_is_a_bad_timestamp_dead_letter(source, kafka_bootstrap, tmp_path):
+    """A broker takes any 64-bit time; such a record crashed the job (an
+    OverflowError formatting the year 10000, or making Beam's timestamp), and the
+    archive job too, with every other record of the run lost with it."""
+    import uuid
+
+    from onceflow.io.kafka.config import KafkaTopic
+    from onceflow_dev import devstack
+
+    topic = KafkaTopic(kafka_bootstrap, f"t-{uuid.uuid4().hex[:10]}")
+    devstack.create_topic(topic.topic, partitions=1, config={"retention.ms": "-1",
+                                                            "message.timestamp.after.max.ms": str(2**63 - 1)})
+    records, expected = stream()
+    records = [record for record in records if record[0] == 0 and b'"bad"' not in record[1]]
+    for far in (253_402_300_800_000, 10**17, 2**62):  # the year 10000, and past Beam's timestamps
+        records.insert(3, (0, json.dumps({"order_id": f"far-{far}", "event_time": BASE_MS, "store": "s0",
+                                          "qty": 1}).encode(), far))
+    produce(topic, records)
+    expected = {key: value for key, value in expected.items() if key[0] == "s0"}
+    if source == "range":
+        flags = [f"--input={topic.url}", "--from=earliest", "--to=latest"]
+    else:
+        folder = tmp_path / "archive"
+        assert archive.run([f"--input={topic.url}", f"--output={folder}"]) > 0
+        flags = [f"--input={folder}"]
+    ran = run_job(*flags, *CONTRACT_FLAGS, f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert rows(tmp_path / "out.db") == as_text(expected)
+    letters = list(read_dead_letters(str(tmp_path / "dlq.jsonl")))
+    assert sorted(letter["message"] for letter in letters) == sorted(
+        f"Kafka timestamp {far} is out of range (years 1 to 9999)" for far in (253_402_300_800_000, 10**17, 2**62))
+    assert {letter["reason"] for letter in letters} == {"bad_timestamp"}

@@ -31,7 +31,7 @@ from onceflow import metrics
 from onceflow.batches import (
     KAFKA, RecordBatch, Verdicts, decode_values, high_waters, running_high_water, time_by_kafka_timestamps,
 )
-from onceflow.events import EventContract
+from onceflow.events import MAX_EVENT_TIME_MS, EventContract
 from onceflow.io.kafka.admin import (
     METADATA_TIMEOUT_S, KafkaPartitionRead, RetentionGap, committed_offsets, describe_gaps, describe_topic,
     log_client_error, new_consumer, resolve_partition_reads, topic_id,
@@ -571,7 +571,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
         if first is not None:
             return first
         high = inner.high_water(batch.origin[2])
-        return high if high is not None else max(batch.timestamps[-1], 0)
+        return high if high is not None else _beam_time_ms(batch.timestamps[-1])
 
     def _skip_deleted(self, consumer, key, topic: str, partition: int, inner: "_PartitionsTracker") -> None:
         """The partition's next offset was deleted by retention while it waited to
@@ -724,7 +724,9 @@ def _decode_run(config: KafkaReadConfig, contract: Optional[EventContract], run:
         event_times = [stamp if kind != 0 and stamp >= 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
                        for kind, stamp in (message.timestamp() for message in run)]
         if verdicts is not None:
-            time_by_kafka_timestamps(verdicts, event_times)
+            time_by_kafka_timestamps(verdicts, event_times)  # refuses a stamp past the year 9999
+        if max(filter(None, event_times), default=0) > MAX_EVENT_TIME_MS:  # such a stamp moves no high water
+            event_times = [None if stamp is not None and stamp > MAX_EVENT_TIME_MS else stamp for stamp in event_times]
         marks, high = running_high_water(event_times, start)
     else:
         marks, high = high_waters(verdicts, start)
@@ -997,5 +999,12 @@ def _timestamped_records(batch: RecordBatch) -> Iterator[TimestampedValue]:
         if millis is None:
             millis = batch.high_waters[index]
         if millis is None:
-            millis = batch.timestamps[index]
+            millis = _beam_time_ms(batch.timestamps[index])
         yield TimestampedValue(batch.record(index), Timestamp(micros=millis * 1000))
+
+
+def _beam_time_ms(kafka_timestamp_ms: int) -> int:
+    """A Kafka timestamp as an element's time: within 1970 to the year 9999 (a
+    broker takes any 64-bit time; Beam's timestamps overflowed past about 292,000
+    years)."""
+    return min(max(kafka_timestamp_ms, 0), MAX_EVENT_TIME_MS)
