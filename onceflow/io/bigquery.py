@@ -431,9 +431,9 @@ class BigQueryProgress:
                                             row["final_through_ms"])
         return found
 
-    def topics(self) -> Set[str]:
+    def jobs(self) -> Set[Tuple[str, str]]:
         client = self._connected()
-        return {row["topic"] for row in client.list_rows(table_id(*self._where, PROGRESS_TABLE))
+        return {(row["job"], row["topic"]) for row in client.list_rows(table_id(*self._where, PROGRESS_TABLE))
                 if row["rows_table"] == self._rows_table}
 
     def write(self, job: str, positions: Sequence[Position]) -> None:

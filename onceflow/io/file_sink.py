@@ -368,9 +368,9 @@ class FileProgress:
         return {int(p): Position(topic, int(p), entry["next_offset"], entry["high_water_ms"],
                                  entry.get("final_through_ms")) for p, entry in stored.items()}
 
-    def topics(self) -> Set[str]:
+    def jobs(self) -> Set[Tuple[str, str]]:
         with _locked(self._directory):
-            return {topic for by_topic in self._load().values() for topic in by_topic}
+            return {(job, topic) for job, by_topic in self._load().items() for topic in by_topic}
 
     def write(self, job: str, positions: Sequence[Position]) -> None:
         with _locked(self._directory):

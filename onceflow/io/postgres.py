@@ -331,14 +331,16 @@ class PostgresProgress:
         found = with_retries(read, f"read positions from {PROGRESS_TABLE}")
         return {p: Position(topic, p, offset, high, final) for p, offset, high, final in found}
 
-    def topics(self) -> Set[str]:
-        def read() -> List[Tuple[str]]:
-            self._create()
+    def jobs(self) -> Set[Tuple[str, str]]:
+        def read() -> List[Tuple[str, str]]:
+            # A backfill asks too: no table is made.
             with connect(self._dsn, application_name(self._rows_table)) as connection:
-                return connection.execute(sql.SQL("SELECT DISTINCT topic FROM {} WHERE rows_table = %s").format(
+                if connection.execute("SELECT to_regclass(%s)", (PROGRESS_TABLE,)).fetchone()[0] is None:
+                    return []
+                return connection.execute(sql.SQL("SELECT DISTINCT job, topic FROM {} WHERE rows_table = %s").format(
                     sql.Identifier(PROGRESS_TABLE)), (self._rows_table,)).fetchall()
 
-        return {topic for (topic,) in with_retries(read, f"read positions from {PROGRESS_TABLE}")}
+        return {(job, topic) for job, topic in with_retries(read, f"read positions from {PROGRESS_TABLE}")}
 
     def write(self, job: str, positions: Sequence[Position]) -> None:
         values = [(job, self._rows_table, p.topic, p.partition, p.next_offset, p.high_water_ms, p.final_through_ms)

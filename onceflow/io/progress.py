@@ -83,8 +83,26 @@ class ProgressStore(Protocol):
     def write(self, job: str, positions: Sequence[Position]) -> None:
         """Stores ``positions`` (a partition's stored offset never moves back)."""
 
-    def topics(self) -> Set[str]:
-        """The topics of every job whose positions are kept with these rows."""
+    def jobs(self) -> Set[Tuple[str, str]]:
+        """(job, topic) of every entry kept with these rows (a job's settings too)."""
+
+
+def kept_topics(store: ProgressStore) -> Set[str]:
+    """The topics of every job whose positions are kept with these rows."""
+    return {topic for _, topic in store.jobs()}
+
+
+def kept_window_sizes(store: ProgressStore) -> Set[int]:
+    """The window sizes (ms) live jobs writing these rows keep in their settings:
+    stored at a job's first start, before any row, so a table with no row yet
+    says which windows it is to hold."""
+    sizes = set()
+    for job, topic in store.jobs():
+        if job.endswith(SETTINGS_SUFFIX):
+            entry = store.read(job, topic).get(0)  # the --window entry
+            if entry is not None and entry.high_water_ms:
+                sizes.add(entry.high_water_ms)
+    return sizes
 
 
 def start_position(read: KafkaPartitionRead) -> Position:

@@ -337,15 +337,26 @@ def latest_window(target: Target) -> Optional[Tuple[int, int]]:
 
 
 def check_window_size(target: Target, size_ms: int) -> None:
-    """ValueError (one line) when the sink's rows are windows of another size: rows
-    of two sizes in one table count each event twice (a backfill with another
-    ``--window`` into a live job's table). Sinks that cannot say are not checked."""
+    """ValueError (one line) when the sink's rows are windows of another size, or a
+    live job writing them keeps another size in its settings (stored at its first
+    start: its table may hold no row yet): rows of two sizes in one table count
+    each event twice (a backfill with another ``--window`` into a live job's
+    table). Sinks that cannot say are not checked."""
+    from onceflow.io.progress import kept_window_sizes
     from onceflow.windowing import format_duration_ms
 
+    if _kind(target).latest_window is None:
+        return
     latest = latest_window(target)
-    if latest is not None and latest[1] - latest[0] != size_ms:
+    sizes = {latest[1] - latest[0]} if latest is not None else set()
+    store = progress_store(target)
+    if store is not None:
+        sizes |= kept_window_sizes(store)
+    other = min(sizes - {size_ms}, default=None)
+    if other is not None:
         where = "directory" if target.scheme == "file" else "table"
-        raise ValueError(f"{target.describe()} holds windows of {format_duration_ms(latest[1] - latest[0])}, and "
+        held = "holds" if latest is not None and latest[1] - latest[0] == other else "is written by a live job with"
+        raise ValueError(f"{target.describe()} {held} windows of {format_duration_ms(other)}, and "
                          f"this job writes windows of {format_duration_ms(size_ms)}: rows of both in one {where} "
                          f"count each event twice; give --window the {where}'s size, or write to another {where}"
                          + (" (?table=NAME)" if where == "table" else ""))

@@ -199,11 +199,15 @@ class SqliteProgress:
             connection.close()
         return {p: Position(topic, p, offset, high, final) for p, offset, high, final in found}
 
-    def topics(self) -> Set[str]:
-        connection = self._connect()
+    def jobs(self) -> Set[Tuple[str, str]]:
+        # A backfill asks too: no table is made.
+        connection = sqlite3.connect(self._path, timeout=60, isolation_level=None)
         try:
-            return {topic for (topic,) in connection.execute(
-                f"SELECT DISTINCT topic FROM {PROGRESS_TABLE} WHERE rows_table = ?", (self._rows_table,))}
+            if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                      (PROGRESS_TABLE,)).fetchone():
+                return set()
+            return {(job, topic) for job, topic in connection.execute(
+                f"SELECT DISTINCT job, topic FROM {PROGRESS_TABLE} WHERE rows_table = ?", (self._rows_table,))}
         finally:
             connection.close()
 

@@ -58,8 +58,8 @@ from onceflow.io.schema_registry import (
     RegistryConfig, RegistryUnavailable, kafka_settings_without_registry, registry_settings,
 )
 from onceflow.io.progress import (
-    SETTINGS_SUFFIX, JobSettings, KeepProgress, Position, StoreAddedPartitions, changed_settings, settings_positions,
-    start_position, topic_replaced,
+    SETTINGS_SUFFIX, JobSettings, KeepProgress, Position, StoreAddedPartitions, changed_settings, kept_topics,
+    settings_positions, start_position, topic_replaced,
 )
 from onceflow.io.sinks import (
     WriteRows, check_window_size, holds_no_rows, parse_sink_url, position_sinks, prepare_sink, progress_store,
@@ -513,7 +513,7 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
     kafka_topic_id = topic_id(config)
     settings = settings_positions(topic, flags, kafka_topic_id)
     try:
-        others = sorted(store.topics() - {topic})
+        others = sorted(kept_topics(store) - {topic})
         if others:
             raise UsageError(
                 f"--input: {job.sink.describe()} holds the rows of a live job on topic {others[0]} (its positions "

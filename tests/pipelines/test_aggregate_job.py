@@ -5,6 +5,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -166,6 +167,29 @@ def test_a_sink_holding_windows_of_another_size_is_refused(tmp_path):
                           f"--sink: sqlite {tmp_path}/out.db (table aggregates) holds windows of 1m, and this job "
                           "writes windows of 2m: rows of both in one table count each event twice")
     assert run_cli(sink, f"--dlq={tmp_path}/dlq.jsonl", "--window=60s", cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("sink", ["sqlite", "file", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_sink_a_live_job_keeps_another_window_size_for_is_refused_before_its_first_row(sink, tmp_path, request):
+    """A live job stores its settings at its first start, before any row; a
+    backfill with another --window into its table, started before the first row,
+    was accepted (the newest row was all the check looked at), and the table held
+    rows of 10 s and of 20 s: every event counted twice, both runs exit 0."""
+    from onceflow.io.progress import JobSettings, settings_positions
+    from onceflow.io.sinks import parse_sink_url, progress_store
+    from onceflow.windowing import WindowSpec
+
+    if sink == "postgresql":
+        url = f"{request.getfixturevalue('postgres_dsn')}?table=t_{uuid.uuid4().hex[:10]}"
+    else:
+        url = {"sqlite": f"sqlite:///{tmp_path}/out.db", "file": f"file://{tmp_path}/out"}[sink]
+    (tmp_path / "out").mkdir()
+    store = progress_store(parse_sink_url(url))
+    live = JobSettings(WindowSpec(size_ms=10_000, allowed_lateness_ms=300_000), "field", "event_time", "order_id")
+    store.write("orders-live#settings", settings_positions("orders", live, "topic-id"))
+    refused = run_cli(f"--sink={url}", f"--dlq={tmp_path}/dlq.jsonl", "--window=20s", cwd=tmp_path)
+    assert_one_usage_line(refused, "is written by a live job with windows of 10s, and this job writes windows of 20s")
+    assert run_cli(f"--sink={url}", f"--dlq={tmp_path}/dlq.jsonl", "--window=10s", cwd=tmp_path).returncode == 0
 
 
 @pytest.mark.parametrize("file_format", ["parquet", "avro"])
