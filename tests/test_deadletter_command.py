@@ -543,3 +543,50 @@ def test_a_kafka_queue_message_that_is_not_an_envelope_is_one_line(kafka_bootstr
     produce(queue, [(0, message, None)])
     assert cli.main(["dlq", "count", "--dlq", queue.url]) == 2
     assert expected in one_error_line(capsys)
+
+
+@pytest.mark.kafka
+def test_a_replay_of_records_compaction_removed_is_refused(kafka_bootstrap, tmp_path, capsys):
+    """A too_late record replaced by a newer record of its Kafka key and removed
+    by compaction: the replay read nothing of it and said done (exit 0), the
+    event counted nowhere while its letter stayed in the queue."""
+    import time
+    import uuid
+
+    from confluent_kafka import Producer
+
+    from onceflow.io.kafka.admin import read_records_to_end
+    from onceflow.io.kafka.config import KafkaTopic
+    from onceflow_dev import devstack
+
+    topic = KafkaTopic(kafka_bootstrap, f"t-{uuid.uuid4().hex[:10]}")
+    devstack.create_topic(topic.topic, partitions=1, config={
+        "cleanup.policy": "compact", "segment.ms": "500", "min.cleanable.dirty.ratio": "0.001",
+        "delete.retention.ms": "500", "min.compaction.lag.ms": "0", "retention.ms": "-1"})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+
+    def send(key, order, minute):
+        line = json.dumps({"order_id": order, "event_time": 1_790_300_000_000 + minute * 60_000, "store": "s",
+                           "qty": 1, "price": 2.5}).encode()
+        producer.produce(topic.topic, key=key.encode(), value=line)
+        producer.flush(30)
+
+    for minute in range(20):
+        send(f"k{minute}", f"e{minute}", minute)
+    send("late", "late-1", 0)  # 19 minutes behind: too late under the default 5 minutes
+    dlq = tmp_path / "dlq.jsonl"
+    run([f"--input={topic.url}", "--from=earliest", "--to=latest", f"--sink=sqlite:///{tmp_path}/out.db",
+         f"--dlq={dlq}", "--status=off"])
+    letters = list(read_dead_letters(str(dlq)))
+    assert [letter["reason"] for letter in letters] == ["too_late"], letters
+    send("late", "late-2", 25)  # the key's newer record: compaction removes the refused one
+    deadline = time.monotonic() + 120
+    while letters[0]["source"]["offset"] in {offset for _, offset, _, _ in read_records_to_end(topic)}:
+        assert time.monotonic() < deadline, "the broker did not compact the topic in 120 s"
+        send("roll", "roll", 26)  # closes the active segment, which is never compacted
+        time.sleep(2)
+    capsys.readouterr()
+    assert cli.main(["dlq", "replay", "--dlq", str(dlq), "--reason", "too_late", "--", f"--input={topic.url}",
+                     f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={dlq}", "--allowed_lateness=1h"]) == 2
+    assert (f"1 of the 1 selected records are no longer in {topic.topic} (the compacted topic keeps a newer record "
+            f"of the same key in place of the record at partition 0 offset 20)") in one_error_line(capsys)

@@ -326,10 +326,10 @@ def replay_flags(envelopes: Sequence[Dict[str, Any]], margin_ms: int, job=None) 
 
 
 def check_records_retained(job, envelopes: Sequence[Dict[str, Any]]) -> None:
-    """Refuses, in one line, a replay of Kafka records retention has deleted since
-    they failed: the replay re-reads them from the topic, so it would count none of
-    them and report itself done."""
-    from onceflow.io.kafka.admin import log_starts
+    """Refuses, in one line, a replay of Kafka records retention or compaction has
+    deleted since they failed: the replay re-reads them from the topic, so it would
+    count none of them and report itself done."""
+    from onceflow.io.kafka.admin import compacted_offsets_missing, log_starts
 
     offsets: Dict[int, List[int]] = collections.defaultdict(list)
     for envelope in envelopes:
@@ -347,12 +347,25 @@ def check_records_retained(job, envelopes: Sequence[Dict[str, Any]]) -> None:
     gone = {p: found for p, found in gone.items() if found}
     if gone:
         partition = min(gone)
-        raise UsageError(
-            f"{sum(map(len, gone.values()))} of the {len(envelopes)} selected records are no longer in "
-            f"{job.kafka.topic.topic} (partition {partition} starts at offset {lows[partition]}, the record at "
-            f"{min(gone[partition])} was deleted by retention): a replay re-reads records from the topic, so it "
-            "cannot count them; replay the others (--since, --until, --reason) or from an archive of the topic "
-            "(their bytes are in the queue: onceflow dlq list --json)")
+        raise _records_gone(job, len(envelopes), gone, f"partition {partition} starts at offset {lows[partition]}, "
+                                                       f"the record at {min(gone[partition])} was deleted by retention")
+    try:
+        compacted = compacted_offsets_missing(job.kafka, offsets)
+    except Exception as error:  # the Kafka client's: a broker out of reach
+        if not _is_kafka_error(error):
+            raise
+        compacted = {}  # the job says so in one line when it reads the topic
+    if compacted:
+        partition = min(compacted)
+        raise _records_gone(job, len(envelopes), compacted, "the compacted topic keeps a newer record of the same "
+                            f"key in place of the record at partition {partition} offset {min(compacted[partition])}")
+
+
+def _records_gone(job, selected: int, gone: Dict[int, List[int]], why: str) -> UsageError:
+    return UsageError(
+        f"{sum(map(len, gone.values()))} of the {selected} selected records are no longer in {job.kafka.topic.topic} "
+        f"({why}): a replay re-reads records from the topic, so it cannot count them; replay the others (--since, "
+        "--until, --reason) or from an archive of the topic (their bytes are in the queue: onceflow dlq list --json)")
 
 
 def _check_archive_holds(directory: str, topic: str, sources: Sequence[Dict[str, Any]]) -> None:

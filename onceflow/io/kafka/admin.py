@@ -165,6 +165,38 @@ def log_starts(config: KafkaReadConfig, partitions: Iterable[int]) -> Dict[int, 
         consumer.close()
 
 
+def compacted_offsets_missing(config: KafkaReadConfig, offsets: Mapping[int, Iterable[int]],
+                              timeout_s: float = METADATA_TIMEOUT_S) -> Dict[int, List[int]]:
+    """Of ``offsets`` (by partition), those no record has any more because the
+    topic is compacted (``cleanup.policy`` with ``compact``) and compaction removed
+    them: a newer record of the same key replaced each. Empty for a topic that is
+    not compacted (retention removes only a log's start: see :func:`log_starts`).
+    One fetch per offset, so asked only of compacted topics. A broker out of reach
+    raises the client's error."""
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"log_level": 0, **dict(config.client_settings),
+                         "bootstrap.servers": config.topic.bootstrap_servers})
+    resource = ConfigResource(ConfigResource.Type.TOPIC, config.topic.topic)
+    described = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(timeout_s)
+    policy = described.get("cleanup.policy")
+    if policy is None or "compact" not in (policy.value or ""):
+        return {}
+    consumer = new_consumer(config, "offsets", ClientErrors(), quiet=True)
+    missing: Dict[int, List[int]] = {}
+    try:
+        for partition, wanted in sorted(offsets.items()):
+            for offset in sorted(set(wanted)):
+                consumer.assign([TopicPartition(config.topic.topic, partition, offset)])
+                found = [m for m in consumer.consume(1, timeout=timeout_s) if m.error() is None]
+                if not found or found[0].offset() != offset:  # the fetch starts at the next record kept
+                    missing.setdefault(partition, []).append(offset)
+    finally:
+        consumer.close()
+    return missing
+
+
 def topic_id(config: KafkaReadConfig, timeout_s: float = METADATA_TIMEOUT_S) -> Optional[str]:
     """Kafka's ID of the topic (a new one when a topic is deleted and created again
     under the same name), or None where the broker does not say (older brokers)."""
