@@ -560,3 +560,33 @@ def test_an_offsets_client_that_gets_no_answer_is_replaced(monkeypatch):
         assert reader._offsets_client is not None and reader._offsets_client is not first
     finally:
         reader.teardown()
+
+
+def test_the_instances_of_a_read_share_their_idle_consumers(kafka_bootstrap):
+    """Beam's Flink runner made a new DoFn instance for many bundles and kept the
+    old ones: each held its own consumer and librdkafka's prefetch (36 consumers
+    and 1.2 GB after a catch-up of 1,000,000 records, 8.9 GB after 7,000,000). A
+    bundle now takes the partition set's idle consumer, wherever it was made."""
+    import pickle
+
+    from onceflow.io.kafka.read import _ReadPartitionsDoFn
+
+    topic = new_topic(kafka_bootstrap, partitions=2)
+    config = KafkaReadConfig(topic, start=parse_position("earliest"))
+    original = _ReadPartitionsDoFn(config, None, 5.0)
+    first, second, other_read = (pickle.loads(pickle.dumps(original)), pickle.loads(pickle.dumps(original)),
+                                 _ReadPartitionsDoFn(config, None, 5.0))
+    for instance in (first, second, other_read):
+        instance.setup()
+    consumer, key = first._consumer_at(topic.topic, {0: 0, 1: 0})
+    busy, _ = second._consumer_at(topic.topic, {0: 0, 1: 0})  # at once: a consumer of its own
+    assert busy is not consumer
+    first._give_back(key, ended=True)
+    second._give_back(key, ended=True)  # one idle per partition set: this one is closed
+    assert other_read._consumer_at(topic.topic, {0: 0, 1: 0})[0] is not consumer  # another read's
+    assert second._consumer_at(topic.topic, {0: 0, 1: 0})[0] is consumer
+    assert second._positions[key] == {0: 0, 1: 0}  # positioned where it stopped: not assigned again
+    second._give_back(key, ended=False)  # an abandoned bundle: closed, not shared
+    assert first._consumer_at(topic.topic, {0: 0, 1: 0})[0] is not consumer
+    for instance in (first, second, other_read):
+        instance.teardown()
