@@ -698,8 +698,13 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         if gaps:
             print(f"aggregate: warning: {describe_gaps(gaps)}" + (
                 "; reading what is left" if job.kafka.bounded else
-                "; the job's stored positions point at deleted records: resuming from the log start"),
+                "; the job's stored positions point at deleted records: resuming from the log start (at most "
+                "that many lost: what the last run read after its stored positions was counted then)"),
                 file=sys.stderr)
+        if gaps and job.is_live:  # said once: the next restart would report the same gap again
+            progress_store(job.sink).write(job.kafka.group_id, [
+                Position(read.topic, read.partition, read.start_offset, read.high_water_ms)
+                for read in reads if read.retention_gap is not None])
         if job.kafka.bounded:  # the backfill's size, for its progress line
             expected_records = sum(read.stop_offset - read.start_offset for read in reads)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"

@@ -200,7 +200,7 @@ def test_a_live_job_whose_committed_offsets_were_deleted_reports_the_gap_and_tur
     committer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
     committer.commit(offsets=[TopicPartition(topic.topic, p, 0) for p in range(3)], asynchronous=False)
     committer.close()
-    _delete_records(topic, {0: 40, 1: 40, 2: 40})  # the job's resume positions are gone
+    _delete_records(topic, {0: 40, 1: 40, 2: 100})  # the job's resume positions are gone; partition 2 whole
 
     port = free_port()
     db = tmp_path / "live.db"
@@ -212,21 +212,30 @@ def test_a_live_job_whose_committed_offsets_were_deleted_reports_the_gap_and_tur
                 status, body = http_get(f"http://127.0.0.1:{port}/healthz")
             except OSError:
                 return False
-            return status == 503 and json.loads(body)["checks"]["retention_gap_records"]["value"] == 120
+            return status == 503 and json.loads(body)["checks"]["retention_gap_records"]["value"] == 180
 
-        wait_for(unhealthy, "/healthz to report the 120 records lost to retention", 180, job)
+        wait_for(unhealthy, "/healthz to report the 180 records lost to retention", 180, job)
         status, body = http_get(f"http://127.0.0.1:{port}/healthz")
         report = json.loads(body)
         assert report["status"] == "unhealthy"
-        assert report["checks"]["retention_gap_records"] == {"value": 120, "max": 0, "ok": False}
+        assert report["checks"]["retention_gap_records"] == {"value": 180, "max": 0, "ok": False}
         _, exposition = http_get(f"http://127.0.0.1:{port}/metrics")
-        assert "onceflow_retention_gap_records_total 120.0" in exposition
+        assert "onceflow_retention_gap_records_total 180.0" in exposition
         assert "onceflow_healthy 0.0" in exposition
-        assert f"topic {topic.topic}: 120 records lost to retention (partition 0 offsets 0-39: 40 records; " \
+        assert f"topic {topic.topic}: 180 records lost to retention (partition 0 offsets 0-39: 40 records; " \
                in job_output(job, 100_000)
-        wait_for(lambda: counted_events(db) == 180, "the 180 records left in the sink", 180, job)
+        wait_for(lambda: counted_events(db) == 120, "the 120 records left in the sink", 180, job)
     finally:
         stop(job)
+    # Reported once: the empty partition's stored position stayed at the deleted offset 0, and each
+    # restart reported its 100 records again.
+    job = start_live_job(topic, group, f"sqlite:///{db}", tmp_path / "dlq.jsonl", *FLAGS,
+                         "--kafka_idle_timeout=2s", "--status=off")
+    try:
+        wait_for(lambda: "resuming from the positions stored" in job_output(job, 100_000), "the restart", 120, job)
+    finally:
+        stop(job)
+    assert "lost to retention" not in job_output(job, 100_000)
 
 
 def test_a_range_naming_a_partition_the_topic_lacks_is_refused(kafka_bootstrap, tmp_path):
