@@ -578,6 +578,7 @@ def test_the_instances_of_a_read_share_their_idle_consumers(kafka_bootstrap):
                                  _ReadPartitionsDoFn(config, None, 5.0))
     for instance in (first, second, other_read):
         instance.setup()
+    assert first._last_data_at is second._last_data_at is not other_read._last_data_at  # one idle clock a read
     consumer, key = first._consumer_at(topic.topic, {0: 0, 1: 0})
     busy, _ = second._consumer_at(topic.topic, {0: 0, 1: 0})  # at once: a consumer of its own
     assert busy is not consumer

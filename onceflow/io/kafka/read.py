@@ -410,6 +410,7 @@ class _IdleConsumers:
 
 
 _IDLE_CONSUMERS = _IdleConsumers()
+_LAST_DATA_AT: Dict[str, Dict[int, float]] = {}  # read -> partition -> time.monotonic() of its last event
 
 
 def _close_quietly(client) -> None:
@@ -434,7 +435,9 @@ class _ReadPartitionsDoFn(beam.DoFn):
     def setup(self) -> None:
         self._consumers: Dict[Tuple[int, ...], Any] = {}
         self._positions: Dict[Tuple[int, ...], Dict[int, int]] = {}
-        self._last_data_at: Dict[int, float] = {}
+        # When each partition last gave an event, for every instance of this read in the process: a new
+        # instance (Flink makes many) would otherwise start each partition's idle clock again.
+        self._last_data_at: Dict[int, float] = _LAST_DATA_AT.setdefault(self._read_id, {})
         self._next_idle_check = 0.0  # time.monotonic() of the next look between polls that returned records
         self._committer = None
         self._offsets_client = None
@@ -446,6 +449,7 @@ class _ReadPartitionsDoFn(beam.DoFn):
             if consumer is not None:
                 _close_quietly(consumer)
         _IDLE_CONSUMERS.close(self._read_id)
+        _LAST_DATA_AT.pop(self._read_id, None)  # instances still running keep their reference
         self._consumers = {}
         self._committer = None
         self._offsets_client = None
