@@ -59,12 +59,13 @@ class Monitor:
         config = options.view_as(MonitoringOptions)
         self._metrics_out: Optional[str] = config.metrics_out
         self._port: int = int(config.health_port or 0)
-        self._poll_every = REMOTE_POLL_S if "dataflow" in runner.lower() else TICK_S
+        on_dataflow = "dataflow" in runner.lower()  # metrics are a cloud API call
+        self._poll_every = REMOTE_POLL_S if on_dataflow else TICK_S
         # Figures older than this: the runner has stopped answering (or the monitor is stuck);
         # a live reader's lag older than this: the runner no longer runs the reader (not judged on
         # Dataflow, whose gauge times were never seen here).
         max_age_s = max(FIGURES_MAX_AGE_S, 3 * self._poll_every)
-        judge_lag_age = live and "dataflow" not in runner.lower()
+        judge_lag_age = live and not on_dataflow
         self.thresholds = HealthThresholds(config.health_max_lag, config.health_max_dlq_rate,
                                            config.health_max_watermark_age, config.health_max_sink_lag,
                                            max_figures_age_s=max_age_s,

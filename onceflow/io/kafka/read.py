@@ -481,9 +481,8 @@ class _ReadPartitionsDoFn(beam.DoFn):
         key = tuple(sorted(next_offsets))
         consumer = self._consumers.get(key)
         taken = _IDLE_CONSUMERS.take(self._read_id, key) if consumer is None else None
-        if taken is not None:
+        if taken is not None:  # given back with its positions (None: to be re-positioned)
             consumer = self._consumers[key] = taken[0]
-            self._positions.pop(key, None)
             if taken[1] is not None:
                 self._positions[key] = taken[1]
         if consumer is None:
