@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from onceflow.errors import exit_status
+from onceflow.errors import exit_status, interrupts_held
 from onceflow.versions import ONCEFLOW_VERSION
 
 # Subcommand modules, in the order `onceflow --help` lists them.
@@ -87,8 +87,9 @@ def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:  # build_parser imports Beam, and parsing a job's flags can: Ctrl-C then is an interrupt, not a traceback
-        parser = build_parser()
-        args, unknown = parser.parse_known_args(argv)
+        with interrupts_held():  # raised inside the imports, it could be lost
+            parser = build_parser()
+            args, unknown = parser.parse_known_args(argv)
     except KeyboardInterrupt:
         print("onceflow: interrupted", file=sys.stderr)
         return 130
