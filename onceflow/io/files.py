@@ -6,7 +6,6 @@ import bz2
 import contextlib
 import gzip
 import importlib.util
-import io
 import os
 import zlib
 from typing import Any, Iterator, List, Optional, Tuple
@@ -109,23 +108,64 @@ class _ReadFileBatchesDoFn(beam.DoFn):
             raise UnreadableInputFile(f"{path}: {_reading_error(error, path)}") from error
 
     def _avro_records(self, path: str, handle) -> Iterator[Tuple[int, bytes]]:
-        reader = fastavro.reader(handle)
+        """(record number, the datum's bytes as the file holds them): each block
+        decompressed, cut at its datums' ends. Re-encoding the decoded datums
+        changed them: a long in a union whose double branch comes first was written
+        back as a double (past 2**53 another number), and a datum fastavro cannot
+        decode (a string that is not UTF-8) failed the whole run instead of being a
+        dead letter; the contract decodes each datum when it screens the batch."""
+        blocks = fastavro.block_reader(handle)
         expected = to_parsing_canonical_form(fastavro.parse_schema(dict(self._contract.avro_writer_schema)))
-        found = to_parsing_canonical_form(fastavro.parse_schema(dict(reader.writer_schema)))
+        found = to_parsing_canonical_form(fastavro.parse_schema(dict(blocks.writer_schema)))
         if found != expected:
-            raise ValueError(f"{path} has a different Avro schema from the first input file; "
-                             "read files of one schema per run")
-        parsed = fastavro.parse_schema(dict(reader.writer_schema))
-        for number, datum in enumerate(reader, start=1):
-            buffer = io.BytesIO()
-            fastavro.schemaless_writer(buffer, parsed, datum)  # the exact datum bytes
-            yield number, buffer.getvalue()
+            raise UnreadableInputFile(f"{path} has a different Avro schema from the first input file; "
+                                      "read files of one schema per run")
+        layout = fastavro.parse_schema(_datum_layout(dict(blocks.writer_schema)), named_schemas={})
+        number = 0
+        for block in blocks:
+            data = block.bytes_
+            value = data.getvalue()
+            start = data.tell()
+            for _ in range(block.num_records):
+                try:
+                    fastavro.schemaless_reader(data, layout, None)
+                except Exception as error:  # the block's own structure is broken: no datum after it can be found
+                    raise UnreadableInputFile(f"{path}: a block is corrupt after record {number} ({error}); "
+                                              "fix the file and run again") from None
+                number += 1
+                yield number, value[start:data.tell()]
+                start = data.tell()
+
+
+def _datum_layout(schema: Any) -> Any:
+    """An Avro ``schema`` with each string read as bytes (the same encoding) and
+    no logical types: reading a datum with it finds where the datum ends, whatever
+    its strings hold, and converts nothing."""
+    if schema == "string":
+        return "bytes"
+    if isinstance(schema, list):
+        return [_datum_layout(branch) for branch in schema]
+    if not isinstance(schema, dict):
+        return schema  # another primitive, or a named type defined before
+    layout = {key: value for key, value in schema.items() if key != "logicalType"}
+    kind = schema.get("type")
+    if kind in ("record", "error"):
+        layout["fields"] = [{"name": field["name"], "type": _datum_layout(field["type"])}
+                            for field in schema["fields"]]
+    elif kind == "array":
+        layout["items"] = _datum_layout(schema["items"])
+    elif kind == "map":
+        layout["values"] = _datum_layout(schema["values"])
+    elif kind not in ("enum", "fixed"):
+        layout["type"] = _datum_layout(kind)
+    return layout
 
 
 _READ_BYTES = 8 << 20  # a JSON-lines file is read this much at a time
 
 
 _BYTE_ORDER_MARK = b"\xef\xbb\xbf"
+_JSON_WHITESPACE = b" \t\r\n"  # a line of only these is blank; a form feed or vertical tab is a (malformed) record
 
 
 def _json_line_slices(handle, size: int) -> Iterator[Tuple[List[int], List[bytes]]]:
@@ -160,7 +200,7 @@ def _json_line_slices(handle, size: int) -> Iterator[Tuple[List[int], List[bytes
         numbers = range(line_number + 1, line_number + 1 + len(lines))
         line_number += len(lines)
         if not all(map(bytes.strip, lines)):  # a blank line is not a record
-            kept = [index for index, line in enumerate(lines) if line.strip()]
+            kept = [index for index, line in enumerate(lines) if line.strip(_JSON_WHITESPACE)]
             numbers, lines = take(numbers, kept), take(lines, kept)
         positions.extend(numbers)
         values.extend(lines)

@@ -1,5 +1,6 @@
 """The main job end to end on files, against an independent reference."""
 
+import base64
 import datetime
 import json
 import sqlite3
@@ -521,6 +522,45 @@ def test_an_avro_container_file_end_to_end(tmp_path):
     assert found == expected
     assert [(e["reason"], e["source"]) for e in read_dead_letters(str(dlq))] == [
         ("bad_timestamp", {"file": str(path), "record": 13})]  # record numbers count from 1, like lines
+
+
+def test_avro_datums_are_read_as_written_and_a_bad_one_is_a_dead_letter(tmp_path):
+    """The reader wrote each decoded datum back to get its bytes: a long in a union
+    whose double branch comes first came back a double (sum and max off past
+    2**53), and a string that is not UTF-8 failed the whole run with a traceback,
+    its good records lost. Now the datums keep their bytes, across blocks, and the
+    bad one is a dead letter holding them."""
+    import io
+
+    import fastavro
+
+    schema = fastavro.parse_schema({"type": "record", "name": "Order", "fields": [
+        {"name": "order_id", "type": "string"}, {"name": "event_time", "type": "long"},
+        {"name": "store", "type": "string"}, {"name": "qty", "type": ["null", "double", "long"]}]})
+    big = 2 ** 53 + 1
+    records = [{"order_id": f"o{n}", "event_time": 1_793_610_000_000 + n, "store": "s1", "qty": ("long", big)}
+               for n in range(30)]
+    records[7]["store"] = "s\u00e9"  # written as C3 A9, patched below into C3 41: not UTF-8
+    path = tmp_path / "orders.avro"
+    with open(path, "wb") as handle:
+        fastavro.writer(handle, schema, records, codec="deflate", sync_interval=200)  # several blocks
+    bad = io.BytesIO()
+    fastavro.schemaless_writer(bad, schema, records[7])
+    raw_bad = bad.getvalue().replace(b"s\xc3\xa9", b"s\xc3\x41")
+    plain = tmp_path / "plain.avro"  # the same datums uncompressed, so the bytes can be patched in place
+    with open(plain, "wb") as handle:
+        fastavro.writer(handle, schema, records, sync_interval=200)
+    plain.write_bytes(plain.read_bytes().replace(b"s\xc3\xa9", b"s\xc3\x41"))
+    for given in (path, plain):
+        db = tmp_path / f"{given.stem}.db"
+        run([f"--input={given}", "--aggregate=count,sum:qty,max:qty", "--status=off", f"--sink=sqlite:///{db}",
+             f"--dlq={tmp_path}/{given.stem}.jsonl"])
+        rows = [dict(row) for row in table_rows(db)]
+        assert sorted((row["store"], row["event_count"], row["sum_qty"], row["max_qty"]) for row in rows) == [
+            ("s1", 29, 29 * big, big), *([("s\u00e9", 1, big, big)] if given == path else [])]
+    letters = list(read_dead_letters(f"{tmp_path}/plain.jsonl"))
+    assert [(e["reason"], e["source"]) for e in letters] == [("avro_decode_error", {"file": str(plain), "record": 8})]
+    assert base64.b64decode(letters[0]["raw_base64"]) == raw_bad
 
 
 @pytest.mark.parametrize("scheme, extra", [("gs", "gcp"), ("s3", "aws"), ("azfs", "azure"), ("hdfs", "hadoop")])
