@@ -48,7 +48,7 @@ setuptools.setup(
     else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=_packages(),
     package_data={"onceflow": ["sample_data/*"]},
     include_package_data=True,

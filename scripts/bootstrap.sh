@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 extra="${1:-}"
 python="${PYTHON:-python3}"
 
-if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-  echo "onceflow needs Python 3.10 or newer; set PYTHON=/path/to/python3.1x" >&2
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "onceflow needs Python 3.11 or newer; set PYTHON=/path/to/python3.1x" >&2
   exit 1
 fi
 if [ ! -x .venv/bin/python ]; then
