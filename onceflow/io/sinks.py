@@ -347,11 +347,13 @@ def check_window_size(target: Target, size_ms: int) -> None:
 
     if _kind(target).latest_window is None:
         return
-    latest = latest_window(target)
-    sizes = {latest[1] - latest[0]} if latest is not None else set()
-    store = progress_store(target)
-    if store is not None:
-        sizes |= kept_window_sizes(store)
+    try:
+        latest = latest_window(target)
+        store = progress_store(target)
+        kept = kept_window_sizes(store) if store is not None else set()
+    except Exception as error:  # the sink's client's: a table the login may not read, a server away
+        raise _unusable(target, error) from None
+    sizes = kept | ({latest[1] - latest[0]} if latest is not None else set())
     other = min(sizes - {size_ms}, default=None)
     if other is not None:
         where = "directory" if target.scheme == "file" else "table"
@@ -360,6 +362,19 @@ def check_window_size(target: Target, size_ms: int) -> None:
                          f"this job writes windows of {format_duration_ms(size_ms)}: rows of both in one {where} "
                          f"count each event twice; give --window the {where}'s size, or write to another {where}"
                          + (" (?table=NAME)" if where == "table" else ""))
+
+
+def _unusable(target: Target, error: Exception) -> Exception:
+    """A database client's error as one line (ValueError; DatabaseUnreachable when
+    PostgreSQL is away); any other error as it is."""
+    client = type(error).__module__.split(".")[0]
+    if client == "psycopg":
+        from onceflow.io import postgres
+
+        return postgres.unusable(target.describe(), error)
+    if client == "sqlite3":
+        return ValueError(f"cannot use {target.describe()}: {error}")
+    return error
 
 
 def holds_no_rows(target: Target) -> bool:

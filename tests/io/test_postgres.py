@@ -344,3 +344,30 @@ def test_a_write_the_database_refuses_for_good_ends_the_job_in_one_line(postgres
     assert result.stderr.splitlines()[-1].startswith(
         f'aggregate: --sink: a write failed with an error that is not retried: new row for relation "{table}" '
         'violates check constraint "few"')
+
+
+def test_a_login_that_may_not_read_the_positions_table_gets_one_line(postgres_dsn, table, tmp_path, capsys):
+    """The start's window-size check reads the positions table: a login with no
+    right on it ended the job with psycopg's traceback (41 lines)."""
+    import urllib.parse
+
+    from onceflow.pipelines.aggregate import main
+
+    role = f"onceflow_test_{uuid.uuid4().hex[:8]}"
+    postgres.PostgresProgress(postgres_dsn, table)._create()  # the shared table exists, owned by the dev login
+    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {role} LOGIN")
+        connection.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
+    parts = urllib.parse.urlsplit(postgres_dsn)
+    as_role = parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}").geturl()
+    try:
+        status = main([f"--sink={as_role}?table={table}", f"--dlq={tmp_path}/dlq.jsonl", "--status=off"])
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+            connection.execute(f"DROP OWNED BY {role}")
+            connection.execute(f"DROP ROLE {role}")
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"aggregate: error: --sink: cannot use postgresql {as_role} (table {table}): permission denied for table "
+        "onceflow_progress")
