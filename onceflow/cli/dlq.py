@@ -153,8 +153,8 @@ def _target(args):
         try:
             registry = RegistryConfig(args.schema_registry_url,
                                       registry_settings(args.schema_registry_setting, settings))
-        except ValueError as error:
-            raise UsageError(f"--schema-registry-url: {error}") from None
+        except ValueError as error:  # the setting's own errors name their flag
+            raise UsageError(str(error) if str(error).startswith("--") else f"--schema-registry-url: {error}") from None
         settings = kafka_settings_without_registry(settings)
     elif args.schema_registry_url or args.schema_registry_setting:
         raise UsageError("--schema-registry-url: only a kafka://...?format=avro_registry queue is read through a "
@@ -325,10 +325,11 @@ def replay_flags(envelopes: Sequence[Dict[str, Any]], margin_ms: int, job=None) 
     return [f"--from={format_utc_ms(max(first - margin_ms, 0))}", "--to=latest"]
 
 
-def check_records_retained(job, envelopes: Sequence[Dict[str, Any]]) -> None:
+def check_records_retained(job, envelopes: Sequence[Dict[str, Any]], queue_has_settings: bool = False) -> None:
     """Refuses, in one line, a replay of Kafka records retention or compaction has
     deleted since they failed: the replay re-reads them from the topic, so it would
-    count none of them and report itself done."""
+    count none of them and report itself done. ``queue_has_settings``: the
+    replay's own Kafka settings were given (for its queue), but maybe not the job's."""
     from onceflow.io.kafka.admin import compacted_offsets_missing, log_starts
 
     offsets: Dict[int, List[int]] = collections.defaultdict(list)
@@ -340,9 +341,12 @@ def check_records_retained(job, envelopes: Sequence[Dict[str, Any]]) -> None:
         if not _is_kafka_error(error):
             raise
         from onceflow.io.kafka.config import client_error_text
+        from onceflow.io.kafka.errors import BROKER_UP_HINT
 
+        flags = "" if job.kafka.client_settings or not queue_has_settings else (
+            " (the job after -- has no Kafka settings: give it --kafka_config_file or --kafka_setting there too)")
         raise ServiceError(f"--input: cannot read the offsets of {job.kafka.topic.url}: {client_error_text(error)}; "
-                           "is the broker up?") from None
+                           f"{BROKER_UP_HINT}{flags}") from None
     gone = {p: [o for o in found if o < lows[p]] for p, found in offsets.items()}
     gone = {p: found for p, found in gone.items() if found}
     if gone:
@@ -459,7 +463,7 @@ def _replay(args) -> int:
                          "the --sink the job wrote to after --")
     input_flags = replay_flags(chosen, margin_ms, job)
     if job.kafka is not None:
-        check_records_retained(job, chosen)
+        check_records_retained(job, chosen, bool(args.kafka_config_file or args.kafka_setting))
     reading = " ".join(input_flags) if input_flags else f"its own --input {job.input_pattern}"
     print(f"replaying {len(chosen)} dead letters into {job.sink.describe()}: re-running the job with {reading}",
           file=sys.stderr)

@@ -125,8 +125,9 @@ def registry_settings(pairs, kafka_file_settings: Mapping[str, str]) -> Tuple[Tu
         name = name.strip()
         if name.startswith(FILE_PREFIX):
             name = name[len(FILE_PREFIX):]
-        if not sep or not name:
-            raise ValueError(f"--schema_registry_setting: {name or pair[:20]!r} is not NAME=VALUE")
+        if not sep or not name:  # the text may be a secret given without its name: not shown
+            raise ValueError("--schema_registry_setting: a setting has no " + ("'='" if not sep else "name before '='")
+                             + ": write NAME=VALUE, e.g. basic.auth.user.info=USER:PASSWORD")
         if name not in KNOWN_SETTINGS:
             raise ValueError(f"--schema_registry_setting: unknown setting {name!r}; known: {', '.join(KNOWN_SETTINGS)}")
         settings[name] = value.strip()

@@ -50,7 +50,7 @@ from onceflow.io.kafka.admin import (
     resolve_partition_reads, topic_id,
 )
 from onceflow.io.kafka.errors import (
-    BrokerRefused, BrokerUnreachable, TopicReplaced, UnknownGroupOrTopic, is_broker_away,
+    BROKER_UP_HINT, BrokerRefused, BrokerUnreachable, TopicReplaced, UnknownGroupOrTopic, is_broker_away,
 )
 from onceflow.io.kafka.read import ReadBatchesFromKafka, RetentionGapError
 from onceflow.io.retry import DatabaseUnreachable
@@ -1114,7 +1114,7 @@ def _refusing_client_errors(action, args):
         return action(args)
     except KafkaException as error:
         if is_broker_away(error):  # not a setting: the broker or a partition leader is away
-            raise ServiceError(f"Kafka did not answer: {client_error_text(error)}; is the broker up?") from None
+            raise ServiceError(f"Kafka did not answer: {client_error_text(error)}; {BROKER_UP_HINT}") from None
         options = parse_pipeline_args(args).view_as(KafkaOptions)
         settings = client_settings_from_flags(options.kafka_setting, options.kafka_config_file)
         raise UsageError(client_error_line(error, settings)) from None

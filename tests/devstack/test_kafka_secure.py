@@ -242,3 +242,22 @@ def test_a_live_job_on_prism_reads_and_commits_over_sasl_ssl(kafka_secure, kafka
                read_topic_to_end(secure_topic(kafka_secure, queue), settings_of(kafka_secure))]
     assert len({letter["dlq_id"] for letter in letters}) == SAMPLE_DEAD_LETTERS
     assert kafka_secure["password"] not in job_output(job, limit=10**7)
+
+
+def test_a_wrong_key_password_is_named(kafka_secure, tmp_path, capsys):
+    """An encrypted client key with a wrong ssl.key.password read "ssl.key.location
+    failed: error:0A080009:SSL routines::PEM lib", as if the file were wrong."""
+    mtls = kafka_secure["mtls"]
+    key = tmp_path / "client-encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", mtls["key_file"], "-aes256", "-passout", "pass:right-pass",
+                    "-out", str(key)], check=True, capture_output=True, timeout=60)
+    props = tmp_path / "mtls.properties"
+    props.write_text(f"security.protocol=SSL\nssl.ca.location={mtls['ca_file']}\n"
+                     f"ssl.certificate.location={mtls['certificate_file']}\nssl.key.location={key}\n"
+                     "ssl.key.password=wrong-pass\n")
+    assert aggregate_main([f"--input=kafka://{mtls['bootstrap_servers']}/any", "--from=earliest", "--to=latest",
+                           f"--kafka_config_file={props}", f"--sink=sqlite:///{tmp_path}/unused.db",
+                           "--status=off"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "wrong-pass" not in line, line
+    assert "cannot read the key in ssl.key.location" in line and "a wrong ssl.key.password" in line, line

@@ -32,6 +32,11 @@ CASES = [
     ("_TRANSPORT", "ssl://127.0.0.1:19095/bootstrap: Receive failed: error:0A000412:SSL routines::ssl/tls alert bad "
      "certificate: SSL alert number 42 (after 0ms in state APIVERSION_QUERY)",
      ["client certificate", "ssl.certificate.location", "ssl.key.location"]),
+    # A client certificate signed by the dev CA that expired the day before: it read "is the broker up?",
+    # and a live job tried again for 120 s.
+    ("_TRANSPORT", "ssl://127.0.0.1:19095/bootstrap: Receive failed: error:0A000416:SSL routines::ssl/tls alert "
+     "certificate unknown: SSL alert number 46 (after 0ms in state APIVERSION_QUERY)",
+     ["client certificate (certificate unknown)", "ssl.certificate.location", "not expired"]),
 ]
 
 

@@ -4,7 +4,7 @@ break the reader's or writer's guarantees, refused with a one-line reason."""
 import pytest
 
 from onceflow.io.kafka.config import (GUARDED_SETTINGS, KafkaReadConfig, KafkaTopic, client_settings_from_flags,
-                                      read_properties_file)
+                                      parse_kafka_url, read_properties_file)
 from onceflow.pipelines import archive
 from onceflow.pipelines.aggregate import main
 from tests.livejob import new_topic, produce, sample_lines
@@ -57,6 +57,34 @@ def test_the_archive_job_refuses_them_too(sample_topic, tmp_path, capsys):
 def test_a_read_config_refuses_them_for_library_users(name):
     with pytest.raises(ValueError, match=name):
         KafkaReadConfig(KafkaTopic("127.0.0.1:9092", "t"), group_id="g", client_settings={name: "x"})
+
+
+@pytest.mark.parametrize("name, value, canonical", [("metadata.broker.list", "127.0.0.1:19092", "bootstrap.servers"),
+                                                     ("request.required.acks", "0", "acks")])
+def test_librdkafkas_other_names_for_them_are_refused_too(name, value, canonical):
+    """A job given metadata.broker.list read another broker than its URL names;
+    request.required.acks=0 started and failed at its first dead letter."""
+    with pytest.raises(ValueError, match=f"{name} \\(librdkafka's other name for {canonical}\\)"):
+        KafkaReadConfig(KafkaTopic("127.0.0.1:9092", "t"), group_id="g", client_settings={name: value})
+
+
+@pytest.mark.parametrize("url", ["kafka://reader:SecretInUrl@127.0.0.1:19094/orders",
+                                 "kafka://reader:SecretInUrl@a:1,b:2/orders"])
+def test_credentials_in_a_kafka_url_are_refused_without_being_shown(url):
+    """They were echoed whole: "--input: 'kafka://reader:SecretInUrl@...': the
+    broker address must be HOST:PORT"."""
+    with pytest.raises(ValueError, match="a kafka:// URL holds no user or password; give them in "
+                                         "--kafka_config_file") as error:
+        parse_kafka_url(url)
+    assert "SecretInUrl" not in str(error.value) and "reader:***@" in str(error.value)
+
+
+def test_a_tls_file_that_is_not_there_is_named(tmp_path):
+    """librdkafka said "ssl.key.location failed: error:0A080002:SSL routines::system lib"."""
+    with pytest.raises(ValueError, match=f"--kafka_setting: ssl.key.location: {tmp_path}/gone.key does not exist"):
+        client_settings_from_flags((f"ssl.key.location={tmp_path}/gone.key",), None)
+    (tmp_path / "ca.pem").write_text("")
+    assert client_settings_from_flags((f"ssl.ca.location={tmp_path}/ca.pem", "ssl.ca.location=probe"), None)
 
 
 def test_the_values_the_reader_sets_itself_are_accepted():

@@ -230,6 +230,15 @@ def test_registry_settings_from_a_properties_file_and_flags():
         RegistryConfig("http://r:1", (("basic.auth.credentials.source", "SASL_INHERIT"),))
 
 
+@pytest.mark.parametrize("pair", ["alice:RegSecret_42", "=alice:RegSecret_42"])
+def test_a_setting_given_without_its_name_is_not_shown(pair):
+    """``alice:PASSWORD`` for basic.auth.user.info was shown in the error whole (its
+    first 20 characters with a leading '=')."""
+    with pytest.raises(ValueError, match="--schema_registry_setting: a setting has no ") as error:
+        registry_settings([pair], {})
+    assert "RegSecret" not in str(error.value)
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--input_format=avro_registry"], "--schema_registry_url: --input_format avro_registry needs"),
     (["--schema_registry_url=http://127.0.0.1:8081"],

@@ -30,7 +30,9 @@ import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 from onceflow.io.kafka.config import EARLIEST, KafkaReadConfig, KafkaTopic, Position
-from onceflow.io.kafka.errors import BrokerRefused, BrokerUnreachable, ClientErrors, UnknownGroupOrTopic
+from onceflow.io.kafka.errors import (
+    BROKER_UP_HINT, BrokerRefused, BrokerUnreachable, ClientErrors, UnknownGroupOrTopic,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def describe_topic(config: KafkaReadConfig, timeout_s: float = METADATA_TIMEOUT_
                                     f"{refused}") from None
             raise BrokerUnreachable(
                 f"cannot reach Kafka at {config.topic.bootstrap_servers} within {timeout_s:.0f}s "
-                f"({_kafka_message(error)}); is the broker up?"
+                f"({_kafka_message(error)}); {BROKER_UP_HINT}"
             ) from None
         topic = metadata.topics.get(config.topic.topic)
         if topic is None or topic.error is not None or not topic.partitions:

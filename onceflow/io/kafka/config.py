@@ -10,11 +10,13 @@ Nothing here connects to a broker.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import urllib.parse
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from onceflow.events import RecordError, parse_event_time_ms
+from onceflow.io.urls import redact_url
 
 KAFKA_SCHEME = "kafka"
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -44,6 +46,9 @@ GUARDED_SETTINGS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "acks": (("all", "-1"), "a write counts as done only once every in-sync replica has it"),
 }
 
+# librdkafka's other names for guarded settings: other name -> the name above.
+_GUARDED_ALIASES = {"metadata.broker.list": "bootstrap.servers", "request.required.acks": "acks"}
+
 
 @dataclasses.dataclass(frozen=True)
 class KafkaTopic:
@@ -64,23 +69,28 @@ def is_kafka_url(text: str) -> bool:
 
 
 def parse_kafka_url(url: str) -> KafkaTopic:
-    """Parses ``kafka://HOST:PORT[,HOST:PORT]/TOPIC``; ValueError says the expected form."""
+    """Parses ``kafka://HOST:PORT[,HOST:PORT]/TOPIC``; ValueError says the expected
+    form, with any password in the URL shown as ``***``."""
     parsed = urllib.parse.urlsplit(str(url))
+    shown = redact_url(str(url))
     expected = "expected kafka://HOST:PORT/TOPIC, e.g. kafka://127.0.0.1:9092/orders"
     if parsed.scheme != KAFKA_SCHEME or not parsed.netloc:
-        raise ValueError(f"{url!r}: {expected}")
+        raise ValueError(f"{shown!r}: {expected}")
+    if "@" in parsed.netloc:
+        raise ValueError(f"{shown!r}: a kafka:// URL holds no user or password; give them in --kafka_config_file "
+                         "(sasl.username, sasl.password)")
     servers = parsed.netloc.split(",")
     if not all(_HOST_PORT.match(server) for server in servers):
-        raise ValueError(f"{url!r}: the broker address must be HOST:PORT; {expected}")
+        raise ValueError(f"{shown!r}: the broker address must be HOST:PORT; {expected}")
     ports = [int(server.rsplit(":", 1)[1]) for server in servers]
     if not all(1 <= port <= 65535 for port in ports):
-        raise ValueError(f"{url!r}: {next(p for p in ports if not 1 <= p <= 65535)} is not a port (1 to 65535); "
+        raise ValueError(f"{shown!r}: {next(p for p in ports if not 1 <= p <= 65535)} is not a port (1 to 65535); "
                          f"{expected}")
     topic = parsed.path.lstrip("/")
     if not _TOPIC.match(topic):
-        raise ValueError(f"{url!r}: topic names use letters, digits, '.', '_' and '-'; {expected}")
+        raise ValueError(f"{shown!r}: topic names use letters, digits, '.', '_' and '-'; {expected}")
     if parsed.query or parsed.fragment:
-        raise ValueError(f"{url!r}: no ?query or #fragment is accepted; {expected}")
+        raise ValueError(f"{shown!r}: no ?query or #fragment is accepted; {expected}")
     return KafkaTopic(",".join(servers), topic)
 
 
@@ -171,6 +181,10 @@ def client_error_line(error: BaseException, settings: Mapping[str, str]) -> str:
     """One line for an error the Kafka client raised where the job starts (a setting
     it does not know, a value it refuses), secret values scrubbed."""
     first = client_error_text(error)
+    if "ssl.key.location failed" in first and ("PEM lib" in first or "bad decrypt" in first):
+        return scrub_secrets(f"the Kafka client cannot read the key in ssl.key.location ({first}): a wrong "
+                             "ssl.key.password, or not a PEM key; check --kafka_setting and --kafka_config_file",
+                             settings)
     return scrub_secrets(f"the Kafka client refused the settings: {first}; check --kafka_setting and "
                          "--kafka_config_file (librdkafka names, e.g. sasl.username, not Java's sasl.jaas.config)",
                          settings)
@@ -196,14 +210,16 @@ def check_guarded_settings(settings: Mapping[str, str], where: str) -> None:
     reader or writer depends on (:data:`GUARDED_SETTINGS`); the accepted value
     itself is allowed."""
     for name, value in settings.items():
-        guard = GUARDED_SETTINGS.get(name.strip().lower())
+        alias = _GUARDED_ALIASES.get(name.strip().lower())
+        guard = GUARDED_SETTINGS.get(alias or name.strip().lower())
         if guard is None:
             continue
         accepted, why = guard
         if str(value).strip().lower() in accepted:
             continue
         must = f"must stay {accepted[0]}" if accepted else "cannot be set"
-        raise ValueError(f"{where}: {name} {must}: {why}")
+        other = f" (librdkafka's other name for {alias})" if alias else ""
+        raise ValueError(f"{where}: {name}{other} {must}: {why}")
 
 
 def read_properties_file(path: str, flag: str = "--kafka_config_file") -> Dict[str, str]:
@@ -291,10 +307,22 @@ def client_settings_from_flags(pairs: Optional[Tuple[str, ...]], config_file: Op
     malformed pair, an unreadable file, or a setting that would break a guarantee."""
     settings = read_properties_file(config_file, file_flag) if config_file else {}
     check_guarded_settings(settings, file_flag)
+    check_files_exist(settings, file_flag)
     given = parse_client_settings(pairs, setting_flag)
     check_guarded_settings(given, setting_flag)
+    check_files_exist(given, setting_flag)
     settings.update(given)
     return settings
+
+
+def check_files_exist(settings: Mapping[str, str], where: str) -> None:
+    """ValueError (one line) for a TLS file setting (``ssl.*.location``) naming a
+    file that is not there: librdkafka said only "ssl.key.location failed:
+    error:0A080002:SSL routines::system lib"."""
+    for name, value in settings.items():
+        if re.fullmatch(r"ssl\.[a-z.]*location", name.strip().lower()) and value.strip() not in ("", "probe"):
+            if not os.path.exists(value.strip()):
+                raise ValueError(f"{where}: {name}: {value.strip()} does not exist; give the path of the file")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,10 +118,20 @@ def describe_security_error(error) -> Optional[str]:
             return ("the broker's TLS certificate is not trusted: check ssl.ca.location (it must hold the CA "
                     f"that signed the broker's certificate) {_SETTINGS_HINT}")
         return f"the TLS handshake with the broker failed ({text}): check security.protocol and the ssl.* settings"
-    if "bad certificate" in lowered or "certificate required" in lowered or "unknown ca" in lowered:
-        return ("the broker refused the TLS client certificate: check ssl.certificate.location and "
-                f"ssl.key.location (a certificate signed by a CA the broker trusts) {_SETTINGS_HINT}")
+    alert = next((alert for alert in _CLIENT_CERTIFICATE_ALERTS if alert in lowered), None)
+    if alert is not None:
+        return (f"the broker refused the TLS client certificate ({alert}): check ssl.certificate.location and "
+                f"ssl.key.location (a certificate signed by a CA the broker trusts, not expired) {_SETTINGS_HINT}")
     return None
+
+
+# The TLS alerts a broker sends about the client's certificate (RFC 8446, 6.2).
+_CLIENT_CERTIFICATE_ALERTS = ("bad certificate", "certificate required", "unknown ca", "certificate unknown",
+                              "certificate expired", "certificate revoked", "unsupported certificate")
+
+# What "cannot reach the broker" may also be: a client whose security.protocol does not fit
+# the listener at that address is disconnected without a reason librdkafka reports.
+BROKER_UP_HINT = "is the broker up, and does security.protocol fit its listener?"
 
 
 def is_broker_away(error: BaseException) -> bool:
