@@ -64,8 +64,10 @@ def query_params(url: str, allowed: Tuple[str, ...]) -> Dict[str, str]:
 
 def without_query(url: str) -> str:
     """``url`` redacted and without its query (``?...`` shown as ``?...``)."""
-    parts = urllib.parse.urlsplit(redact_url(url))
-    return urllib.parse.urlunsplit(parts._replace(query="..." if parts.query else "", fragment=""))
+    shown = redact_url(url)
+    # Cut as text: urlunsplit writes sqlite:///x.db (no host) back as sqlite:/x.db.
+    base = shown.split("#", 1)[0]
+    return base.split("?", 1)[0] + ("?..." if "?" in base else "")
 
 
 def parse_postgres_url(url: str, default_table: Optional[str]) -> Tuple[str, Optional[str]]:

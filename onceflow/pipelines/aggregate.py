@@ -46,8 +46,8 @@ from onceflow.io.kafka.config import (
     is_kafka_url, parse_kafka_url, parse_position,
 )
 from onceflow.io.kafka.admin import (
-    PositionPastEnd, check_named_partitions, describe_gaps, describe_topic, partitions_left_out_note,
-    resolve_partition_reads, topic_id,
+    PositionPastEnd, check_named_partitions, describe_gaps, describe_topic, offsets_past_end_notes,
+    partitions_left_out_note, resolve_partition_reads, topic_id,
 )
 from onceflow.io.kafka.errors import (
     BROKER_UP_HINT, BrokerRefused, BrokerUnreachable, TopicReplaced, UnknownGroupOrTopic, is_broker_away,
@@ -184,6 +184,8 @@ def job_from_options(options: PipelineOptions) -> AggregateJob:
     kafka_settings = tuple(kafka_settings_without_registry(kafka_settings).items())
 
     key_fields = split_fields(event.key_fields, "--key_fields")
+    if not str(event.time_field or "").strip():
+        raise UsageError("--time_field: empty; give the name of the field that holds each event's time")
     try:
         contract = EventContract(
             time_field=str(event.time_field).strip(),
@@ -666,6 +668,9 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     if job.early_firing_ms is not None and not job.is_live:
         print("aggregate: note: --early_firing is for live jobs: a backfill writes each window once it is complete",
               file=sys.stderr)
+    if job.kafka is not None and not job.is_live and options.get_all_options(drop_default=True).get("kafka_group"):
+        print("aggregate: note: --kafka_group is for live jobs: a backfill (--to) reads without a consumer group "
+              "and commits no offsets to it", file=sys.stderr)
     # The runner before the positions: a job refused here must not have stored a start
     # (a later run with other flags would resume from it and skip what it asked for).
     prepare_runner(options, job.is_live, job.kafka is not None, job.kafka_readers)
@@ -691,6 +696,8 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
             print("aggregate: warning: without --flink_rest_url nothing checks that Flink restores the savepoint "
                   "(Beam's embedded Flink ignores it); if it does not, the job resumes from the positions stored "
                   "with the rows", file=sys.stderr)
+        for note in offsets_past_end_notes(job.kafka, reads):
+            print(f"aggregate: note: {note}", file=sys.stderr)
         gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
         if gaps and job.kafka.bounded and not job.kafka.allow_retention_gaps:
             raise ServiceError(f"--from/--to: {describe_gaps(gaps)}; pass --allow_retention_gaps to read what is "
@@ -779,9 +786,12 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
 
 
 def _describe_input(job: AggregateJob) -> List[int]:
-    """The input topic's partitions; ServiceError naming --input when it is missing."""
+    """The input topic's partitions; UsageError naming --input when it is missing
+    (as a sink or queue topic that is: running the same command again fails again)."""
     try:
         return describe_topic(job.kafka)
+    except UnknownGroupOrTopic as error:
+        raise UsageError(f"--input: {error}") from None
     except BrokerRefused as error:  # a login or certificate problem: one line, no waiting
         raise ServiceError(f"--input: {error}") from None
     except BrokerUnreachable:

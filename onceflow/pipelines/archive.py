@@ -27,9 +27,11 @@ from onceflow import metrics
 from onceflow.errors import ServiceError, UsageError, exit_status
 from onceflow.io.archive import FORMATS, WriteArchive, holes_left_by, read_manifest, write_marker
 from onceflow.io.kafka.admin import (check_named_partitions, describe_gaps, describe_topic, log_starts,
-                                     partitions_left_out_note, resolve_partition_reads, topic_id)
+                                     offsets_past_end_notes, partitions_left_out_note, resolve_partition_reads,
+                                     topic_id)
 from onceflow.io.kafka.config import (EARLIEST, LATEST, KafkaReadConfig, Position, client_error_line,
                                       client_settings_from_flags, parse_kafka_url, parse_position)
+from onceflow.io.kafka.errors import UnknownGroupOrTopic
 from onceflow.io.kafka.read import ReadFromKafka
 from onceflow.observability.snapshot import snapshot_from_query
 from onceflow.options import (AggregateOptions, EventOptions, FlinkOptions, InputOptions, KafkaOptions,
@@ -157,6 +159,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     prepare_runner(options, live=False, reads_kafka=True, kafka_readers=1)
     try:
         partitions = describe_topic(config)
+    except UnknownGroupOrTopic as error:  # as for the main job: a wrong name, not a service failing
+        raise UsageError(f"--input: {error}") from None
     except RuntimeError as error:
         raise ServiceError(f"--input: {error}") from None
     try:
@@ -171,6 +175,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         lows = log_starts(config, partitions)
     except RuntimeError as error:
         raise ServiceError(f"--input: {error}") from None
+    for note in offsets_past_end_notes(config, reads):
+        print(f"archive: note: {note}", file=sys.stderr)
     gaps = [read.retention_gap for read in reads if read.retention_gap is not None]
     if gaps and not config.allow_retention_gaps:
         raise ServiceError(f"--from/--to: {describe_gaps(gaps)}; pass --allow_retention_gaps to archive what is "

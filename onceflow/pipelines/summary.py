@@ -119,8 +119,9 @@ class RunSummary:
             found.append(f"{refused:,} of {read:,} records ({refused / read:.0%}) went to the dead-letter queue as "
                          "schema_violation: if --time_field, --key_fields or --aggregate names a field the records "
                          "do not have (a misspelling), every record is refused; their messages say which field "
-                         "(onceflow dlq list --reason schema_violation), and a replay with the flag fixed counts "
-                         "them (onceflow dlq replay --reason schema_violation -- <the job's flags>)")
+                         f"(onceflow dlq list --dlq={self.dlq_flag()} --reason schema_violation), and a replay with "
+                         f"the flag fixed counts them (onceflow dlq replay --dlq={self.dlq_flag()} --reason "
+                         "schema_violation -- <the job's flags>)")
         without_id = self.count(metrics.RECORDS_WITHOUT_ID)
         if read > 0 and without_id >= NO_ID_NOTE_SHARE * read:
             found.append(f"{without_id:,} of {read:,} records ({without_id / read:.0%}) have no --id_field field: "
@@ -133,9 +134,15 @@ class RunSummary:
         return found + [f"{too_late:,} of {read:,} records ({too_late / read:.0%}) went to the dead-letter queue as "
                         "too_late. Lateness is measured against the newest event time before a record in its file "
                         "or Kafka partition, so out-of-order input looks late; if the input is out of order by more "
-                        "than --allowed_lateness (default 5m), replay them with a larger one: onceflow dlq replay "
-                        "--reason too_late -- <the job's flags> --allowed_lateness=1h (a live job keeps its own: "
-                        "its stored positions were taken under it)."]
+                        f"than --allowed_lateness, replay them with a larger one: onceflow dlq replay "
+                        f"--dlq={self.dlq_flag()} --reason too_late -- <the job's flags> --allowed_lateness=1h (a "
+                        "live job keeps its own: its stored positions were taken under it)."]
+
+    def dlq_flag(self) -> str:
+        """The queue as ``--dlq`` takes it, where :attr:`dlq` is that already (a
+        file, a Kafka topic); else a placeholder (a table's URL may hold a password)."""
+        usable = " " not in self.dlq and ("://" not in self.dlq or self.dlq.startswith("kafka://"))
+        return self.dlq if usable else "<this run's --dlq>"
 
     def to_json(self) -> Dict[str, Any]:
         """Everything above as JSON-ready data (what ``--metrics_out`` writes)."""

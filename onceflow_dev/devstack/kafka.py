@@ -23,6 +23,7 @@ topic name fails loudly instead of writing to a fresh one-partition topic. Use
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import pathlib
 import re
 import uuid
@@ -336,7 +337,13 @@ def create_topic(
     from confluent_kafka.admin import AdminClient, NewTopic
 
     servers = bootstrap or bootstrap_servers()
-    admin = AdminClient({"bootstrap.servers": servers})
+    if not all(re.fullmatch(r"[^\s:,/]+:\d{1,5}", server) for server in servers.split(",")):
+        raise UsageError(f"--kafka_bootstrap_servers: {servers!r} is not HOST:PORT[,HOST:PORT...], e.g. "
+                         "127.0.0.1:19092")
+    # Quiet: a broker out of reach is said once below, not in a log line per retry.
+    admin = AdminClient({"bootstrap.servers": servers, "log_level": 0, "error_cb": lambda error: None})
+    away = ServiceError(f"cannot reach Kafka at {servers} within {timeout:.0f}s; is the broker up? (onceflow dev "
+                        "up --services kafka)")
     futures = admin.create_topics(
         [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})],
         request_timeout=timeout,
@@ -348,13 +355,18 @@ def create_topic(
         if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS or not exist_ok:
             raise ServiceError(f"cannot create topic {name!r} on {servers}: {error.args[0].str()}") from None
         created = False
+    except concurrent.futures.TimeoutError:
+        raise away from None
 
     def visible() -> bool:
         topic = admin.list_topics(topic=name, timeout=5).topics.get(name)
         return topic is not None and topic.error is None and len(topic.partitions) > 0
 
-    wait_until(visible, timeout, f"topic {name!r} to appear")
-    actual = len(admin.list_topics(topic=name, timeout=5).topics[name].partitions)
+    try:
+        wait_until(visible, timeout, f"topic {name!r} to appear")
+        actual = len(admin.list_topics(topic=name, timeout=5).topics[name].partitions)
+    except KafkaException:
+        raise away from None
     if actual != partitions:
         raise ServiceError(f"topic {name!r} exists with {actual} partitions, not {partitions}")
     return created

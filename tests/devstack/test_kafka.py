@@ -99,3 +99,17 @@ def test_a_cluster_id_never_starts_with_a_dash(monkeypatch):
     draws = iter([dashed, dashed, plain])
     monkeypatch.setattr(kafka.uuid, "uuid4", lambda: next(draws))
     assert kafka._cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
+
+
+def test_creating_a_topic_without_a_broker_or_with_a_bad_address_is_one_line(capfd):
+    """It ended in a TimeoutError's traceback after some 580 librdkafka log lines;
+    an address without a port the same way."""
+    from onceflow import cli
+    from onceflow.errors import ServiceError
+
+    with pytest.raises(ServiceError, match=r"cannot reach Kafka at 127.0.0.1:1 within 2s; is the broker up\?"):
+        kafka.create_topic("any", bootstrap="127.0.0.1:1", timeout=2)
+    assert capfd.readouterr().err == ""  # librdkafka's retries said nothing
+    assert cli.main(["dev", "topic", "create", "any", "--kafka_bootstrap_servers", "nonsense"]) == 2
+    assert capfd.readouterr().err.strip() == ("onceflow: error: --kafka_bootstrap_servers: 'nonsense' is not "
+                                              "HOST:PORT[,HOST:PORT...], e.g. 127.0.0.1:19092")

@@ -53,6 +53,16 @@ def test_the_archive_job_refuses_them_too(sample_topic, tmp_path, capsys):
     assert "enable.auto.commit must stay false" in capsys.readouterr().err
 
 
+@pytest.mark.kafka
+def test_a_group_given_to_a_backfill_is_noted(sample_topic, tmp_path, capsys):
+    """A backfill took --kafka_group without a word, commits nothing to it, and a
+    `onceflow lag` of the group then found no such group."""
+    assert main([f"--input={sample_topic.url}", "--to=latest", "--kafka_group=unused", "--status=off",
+                 f"--sink=sqlite:///{tmp_path}/out.db", f"--dlq={tmp_path}/dlq.jsonl"]) == 0
+    assert ("aggregate: note: --kafka_group is for live jobs: a backfill (--to) reads without a consumer group and "
+            "commits no offsets to it") in capsys.readouterr().err.splitlines()
+
+
 @pytest.mark.parametrize("name", sorted(GUARDED_SETTINGS))
 def test_a_read_config_refuses_them_for_library_users(name):
     with pytest.raises(ValueError, match=name):

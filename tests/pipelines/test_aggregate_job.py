@@ -130,6 +130,7 @@ def run_cli(*args, cwd=None):
                                              "most 10,000: give a longer period"),
     (["--input_format=avro"], "is not an Avro container file"),
     (["--bogus=1"], "unknown flag --bogus; see --help"),
+    (["--time_field="], "--time_field: empty; give the name of the field"),  # named three flags, not this one
     (["--kafka_group=mine"], "--kafka_group: only a kafka://HOST:PORT/TOPIC input reads with it"),
     (["--kafka_readers=2"], "--kafka_readers: only a kafka://HOST:PORT/TOPIC input reads with it"),
     (["--key_fields=window_start"], "'window_start' names two columns"),
@@ -446,6 +447,8 @@ def test_the_summary_explains_lateness_when_out_of_order_input_goes_to_the_dlq(t
     assert f"note: {too_late:,} of 3,000 records" in text
     assert "measured against the newest event time before a record in its file or Kafka partition" in text
     assert "--allowed_lateness" in text
+    # A command that runs: it lacked --dlq, which dlq replay requires.
+    assert f"onceflow dlq replay --dlq={tmp_path}/dlq.jsonl --reason too_late -- <the job's flags>" in text
     assert summary.to_json()["notes"] == summary.notes() != []
 
     # The same events in time order, or a lateness that covers the disorder: no note.

@@ -302,6 +302,24 @@ def partitions_left_out_note(config: KafkaReadConfig, partitions: List[int]) -> 
             f"{', '.join(map(str, left_out))} of {config.topic.topic}: not read")
 
 
+def offsets_past_end_notes(config: KafkaReadConfig, reads: List[KafkaPartitionRead]) -> List[str]:
+    """What to say of ``offsets:`` positions past a partition's end: a ``--to``
+    there reads to the end, a ``--from`` there reads nothing of the partition."""
+    notes = []
+    by_partition = {read.partition: read for read in reads}
+    for flag, position in (("--from", config.start), ("--to", config.stop)):
+        if position is None or position.kind != "offsets":
+            continue
+        for partition, asked in sorted(position.value.items()):
+            read = by_partition.get(partition)
+            end = None if read is None else (read.stop_offset if flag == "--to" else read.start_offset)
+            if end is not None and asked > end:
+                what = "read to its end" if flag == "--to" else "nothing of it is read"
+                notes.append(f"{flag} offsets: partition {partition} of {config.topic.topic} ends at offset {end}, "
+                             f"before the {asked} asked: {what}")
+    return notes
+
+
 def resolve_partition_reads(config: KafkaReadConfig, partitions: List[int],
                             consumer=None) -> List[KafkaPartitionRead]:
     """Start and stop offsets of each partition, from the config's positions.
@@ -508,7 +526,7 @@ def consumer_group_lag(bootstrap_servers: str, group: str, topic: Optional[str] 
         if refused:
             raise BrokerRefused(f"Kafka at {bootstrap_servers} refused the connection: {refused}") from None
         raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap_servers} within {timeout_s:g}s "
-                                f"({_kafka_message(error)})") from None
+                                f"({_kafka_message(error)}); {BROKER_UP_HINT}") from None
     existing = {name: t for name, t in metadata.topics.items() if t.error is None}
     if topic is not None and topic not in existing:
         raise UnknownGroupOrTopic(f"topic {topic!r} does not exist on {bootstrap_servers}")
