@@ -184,8 +184,9 @@ class AggregateOptions(PipelineOptions):
                  "of records is split by (shard, window) and each shard window keeps one state "
                  "value. More shards spread the aggregation over more workers; fewer make larger "
                  "sub-batches. The rows are the same with any number. Default: 2 for a job on Prism "
-                 "(a live job, or any with --runner=PrismRunner), and for a live job on Flink (there --parallelism if that is more): fewer, larger elements "
-                 "catch up faster; 8 elsewhere. A job resumed from a Flink savepoint runs with the "
+                 "(a live job, or any with --runner=PrismRunner), and for a live job on Flink (there "
+                 "--parallelism if that is more): fewer, larger elements catch up faster; 8 "
+                 "elsewhere. A job resumed from a Flink savepoint runs with the "
                  "number its savepoint was taken with.")
 
 
