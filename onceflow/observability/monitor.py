@@ -28,7 +28,7 @@ from typing import Deque, Optional, TextIO
 from onceflow.errors import UsageError
 from onceflow.observability.figures import Figures
 from onceflow.observability.health import HealthServer, HealthThresholds
-from onceflow.observability.snapshot import LocalMetricsSource, MetricsSnapshot, read_result
+from onceflow.observability.snapshot import NO_FIGURES, LocalMetricsSource, MetricsSnapshot, read_result
 from onceflow.observability.status import StatusWriter
 
 _LOGGER = logging.getLogger(__name__)
@@ -126,14 +126,16 @@ class Monitor:
         outside its context)."""
         return self._local.snapshot() if self._local is not None else None
 
-    def finish(self, summary):
+    def finish(self, summary, counted_elsewhere: bool = False):
         """Stops the status line and writes ``summary`` to ``--metrics_out``; returns it.
 
         A summary without a counter, from a runner that says nothing once a live job
         is cancelled (Beam's Flink job server) or has gone (a Prism stopped with the
         job), takes the figures this monitor sees last instead: this process's
         mirror when the job's DoFns ran here (a LOOPBACK worker: counted up to the
-        end), else the runner's last answer, ``values`` saying which."""
+        end), else the runner's last answer, ``values`` saying which; with none
+        anywhere and the DoFns run by other processes (``counted_elsewhere``),
+        ``values`` is :data:`NO_FIGURES`: its zeros are not the job's."""
         self._halt()
         if not summary.counters and self._local is not None:
             seen = self._local.snapshot()
@@ -142,6 +144,8 @@ class Monitor:
             if seen.counters:
                 summary = dataclasses.replace(summary, counters=dict(seen.counters), values=seen.values,
                                               gauges={name: value for name, (value, _) in seen.gauges.items()})
+        if not summary.counters and counted_elsewhere:
+            summary = dataclasses.replace(summary, values=NO_FIGURES)
         if self._metrics_out:
             try:
                 summary.write_json(self._metrics_out)

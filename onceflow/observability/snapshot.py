@@ -31,6 +31,7 @@ from onceflow import metrics
 ATTEMPTED = "attempted"
 COMMITTED = "committed"
 LOCAL = "local"  # the in-process mirror (attempted values)
+NO_FIGURES = "none"  # none at the end, and none counted here: the workers were other processes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -782,7 +782,8 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
                                    ) from None
             raise
         return monitor.finish(collect_summary(result, runner, time.monotonic() - started, job.sink.describe(),
-                                              job.dlq.describe(), mirror=monitor.mirror()))
+                                              job.dlq.describe(), mirror=monitor.mirror()),
+                              counted_elsewhere=(options.view_as(FlinkOptions).loopback_worker_processes or 1) > 1)
 
 
 def _describe_input(job: AggregateJob) -> List[int]:

@@ -12,7 +12,7 @@ from apache_beam.metrics.metric import MetricsFilter
 
 from onceflow import metrics
 from onceflow.observability.figures import STAGES, consumer_lag, dead_letters_by_reason, total
-from onceflow.observability.snapshot import COMMITTED, LOCAL, MetricsSnapshot, snapshot_from_query
+from onceflow.observability.snapshot import COMMITTED, LOCAL, NO_FIGURES, MetricsSnapshot, snapshot_from_query
 
 JSON_FORMAT = "onceflow-run-summary/1"
 # The share of records read that went to the DLQ as too_late from which the
@@ -113,6 +113,10 @@ class RunSummary:
         if self.values == LOCAL:
             found.append("the runner gave no figures once the job stopped: these were counted in this process "
                          "while it ran")
+        if self.values == NO_FIGURES:
+            found.append("the runner gave no figures once the job stopped, and its worker processes "
+                         "(--loopback_worker_processes) counted in their own: the zeros above are not the job's "
+                         "(the runner's web UI has its figures; the rows are in the sink)")
         read = self.count(metrics.RECORDS_READ)
         refused = self.dead_letters_by_reason.get("schema_violation", 0)
         if read > 0 and refused >= SCHEMA_NOTE_SHARE * read:

@@ -103,6 +103,24 @@ def test_the_runners_final_figures_are_kept():
     assert "note" not in final.render()
 
 
+def test_no_figures_from_workers_in_other_processes_are_said_to_be_missing(tmp_path):
+    """With --loopback_worker_processes on Flink, a cancelled job's summary read
+    "0 records/s, records read 0" as if nothing had been read (30,000 were), and
+    --metrics_out said the zeros were committed."""
+    import json
+
+    out = tmp_path / "metrics.json"
+    options = PipelineOptions(["--status=off", f"--metrics_out={out}"])
+    with Monitor(options, "PortableRunner", stream=io.StringIO()) as monitor:
+        summary = monitor.finish(RunSummary("PortableRunner", 2.0, {}, "sink", "dlq"), counted_elsewhere=True)
+    assert summary.values == "none"
+    assert "the zeros above are not the job's" in summary.render()
+    assert json.loads(out.read_text())["values"] == "none"
+    with Monitor(PipelineOptions(["--status=off"]), "DirectRunner", stream=io.StringIO()) as monitor:
+        empty = monitor.finish(RunSummary("DirectRunner", 2.0, {}, "sink", "dlq"))  # an empty input: true zeros
+    assert empty.values == "committed" and "note" not in empty.render()
+
+
 def test_the_monitor_reads_health_thresholds_from_the_flags():
     monitor = Monitor(PipelineOptions(["--health_max_lag=60", "--health_max_dlq_rate=2%",
                                        "--health_max_watermark_age=90s"]), "PrismRunner", stream=io.StringIO())
