@@ -296,6 +296,7 @@ class TortureRun:
         self.expected_rows: Dict[truth.RowKey, truth.Aggregates] = {}
         self.expected_dead_letters: Dict[Tuple[int, int], str] = {}
         self._started_at_s = 0.0
+        self._produced_at_s: Optional[float] = None  # when the last record was produced
         self._t0 = time.monotonic()
         # The producer's progress, and the broker's restarts, for _unstuck.
         self._last_delivery_at = time.monotonic()
@@ -346,9 +347,13 @@ class TortureRun:
             sampler.start()
             faults.start()
             self._produce()
+            self._produced_at_s = self.now_s()
             faults.join()
-            self.say(f"all {self.produced} records produced and every fault injected; "
-                     "waiting for the sink to catch up")
+            after = self._faults_after_production()
+            self.say(f"all {self.produced} records produced and every fault injected"
+                     + (f" ({after} of {len(self.timeline.faults)} began after the last record was produced: each "
+                        "fault waits for the one before it)" if after else "")
+                     + "; waiting for the sink to catch up")
             live = self._wait_caught_up()
         finally:  # never leave the job running, even on Ctrl-C
             self._done.set()
@@ -360,6 +365,11 @@ class TortureRun:
         after_backfill = self._compare()
         self.say("after the backfill: " + "; ".join(after_backfill.lines()))
         return self._report(live, after_backfill, backfill_ok, production_s)
+
+    def _faults_after_production(self) -> int:
+        if self._produced_at_s is None:
+            return 0
+        return sum(1 for mark in self.timeline.faults if mark.start_s > self._produced_at_s)
 
     def _start_job(self) -> None:
         self.job.start()
@@ -753,6 +763,10 @@ class TortureRun:
             "re_read_at_kills": [m.re_read for m in self.timeline.faults if m.kind == KILL],
             "re_read_bound_records": self._re_read_bound(),
             "faults": [dataclasses.asdict(m) for m in self.timeline.faults],
+            # Faults late in a crowded schedule land after production: restarts of a job catching up, not of one
+            # reading a live stream.
+            "last_record_produced_s": self._produced_at_s,
+            "faults_after_production": self._faults_after_production(),
             "failures": failures, "ok": not failures,
         }
         (setup.out / "report.json").write_text(json.dumps(report, indent=2, default=list), encoding="utf-8")

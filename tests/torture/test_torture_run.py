@@ -48,6 +48,10 @@ def test_a_short_torture_run_ends_exact_live_and_after_the_backfill(kafka_bootst
         assert report[phase]["rows_found"] == report[phase]["rows_expected"] > 0
         assert report[phase]["dlq_found"] == report[phase]["dlq_expected"] >= report["malformed"] + report["too_late"]
     assert report["stall_memory"][0]["rss_growth_mib"] <= report["memory_bound_mib"]
+    # Faults a crowded schedule pushed past the stream's end are counted (they test restarts while catching up).
+    assert report["last_record_produced_s"] >= 20000 / 200
+    assert report["faults_after_production"] == sum(
+        1 for fault in report["faults"] if fault["start_s"] > report["last_record_produced_s"])
     assert (out / "plot.png").stat().st_size > 10_000
     assert sum(1 for _ in open(out / "ledger.jsonl")) == 20000
     assert "onceflow torture: PASS" in run.stdout
