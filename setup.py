@@ -64,7 +64,7 @@ setuptools.setup(
         "kafka": ["confluent-kafka>=2.4"],
         "postgres": ["psycopg[binary]>=3.1"],
         # --input_format json_registry validates against the registry's JSON Schema when installed
-        "registry": ["jsonschema>=4"],
+        "registry": ["jsonschema>=4.18"],
         "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20"],
         # Beam YAML (jinja2, jsonschema, pandas, ...): for onceflow.yaml_provider and templates/yaml/
         "yaml": [f"apache-beam[yaml]=={BEAM_VERSION}"],
@@ -79,7 +79,7 @@ setuptools.setup(
             "psycopg[binary]>=3.1",
             "matplotlib>=3.8",
             f"apache-beam[yaml]=={BEAM_VERSION}",  # tests/test_yaml_provider.py
-            "jsonschema>=4",
+            "jsonschema>=4.18",
             "uv>=0.4",  # tests/deploy/test_sdist.py installs the sdist into fresh environments with it
         ],
     },

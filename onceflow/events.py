@@ -278,7 +278,14 @@ class EventContract:
         validator = _registry_schema(self.registry, schema_id, "JSON", _json_schema_validator)
         obj = decode_json_object(bytes(payload))
         if validator is not None:
-            error = next(iter(validator.iter_errors(obj)), None)
+            from referencing.exceptions import Unresolvable
+
+            try:
+                error = next(iter(validator.iter_errors(obj)), None)
+            except Unresolvable as unresolved:  # a $ref to another document: nothing here resolves it
+                raise RecordError(REASON_UNKNOWN_SCHEMA, f"schema {schema_id} cannot be used: it refers to "
+                                  f"{getattr(unresolved, 'ref', unresolved)!r}, another document (schema "
+                                  "references are not read)"[:300], "UnusableSchema") from None
             if error is not None:
                 where = "/".join(str(part) for part in error.absolute_path) or "the record"
                 raise RecordError(REASON_SCHEMA_VIOLATION,
@@ -495,9 +502,13 @@ def _json_schema_validator(text: str) -> Any:
         import jsonschema
     except ImportError:
         return None
+    import referencing
+
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)
+    # An empty registry: a $ref to another document is refused (unknown_schema), never fetched (jsonschema's
+    # default registry fetches http(s) references from a worker).
+    return cls(schema, registry=referencing.Registry())
 
 
 def _decode_avro(raw: bytes, writer_schema: Any, reader_schema: Any = None) -> Dict[str, Any]:

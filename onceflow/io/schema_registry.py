@@ -25,6 +25,7 @@ import base64
 import dataclasses
 import http.client
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -129,7 +130,9 @@ def registry_settings(pairs, kafka_file_settings: Mapping[str, str]) -> Tuple[Tu
             raise ValueError("--schema_registry_setting: a setting has no " + ("'='" if not sep else "name before '='")
                              + ": write NAME=VALUE, e.g. basic.auth.user.info=USER:PASSWORD")
         if name not in KNOWN_SETTINGS:
-            raise ValueError(f"--schema_registry_setting: unknown setting {name!r}; known: {', '.join(KNOWN_SETTINGS)}")
+            # Shown only when it reads as a setting's name: USER:PASSWORD= is not one.
+            shown = repr(name) if re.fullmatch(r"[a-z][a-z0-9._-]*", name) else "(not shown: it may be a secret)"
+            raise ValueError(f"--schema_registry_setting: unknown setting {shown}; known: {', '.join(KNOWN_SETTINGS)}")
         settings[name] = value.strip()
     return tuple(sorted(settings.items()))
 
@@ -155,6 +158,8 @@ class RegistryClient:
         self._parsed: Dict[Tuple[str, int], Any] = {}
         self._registered: Dict[Tuple[str, str, str], int] = {}
         self._missing: Dict[int, float] = {}  # schema ID -> when the registry last answered 404
+        # (kind, schema ID) -> when its text could not be parsed, and the error: asked again after UNKNOWN_ID_TTL_S
+        self._unusable: Dict[Tuple[str, int], Tuple[float, Exception]] = {}
         self._lock = threading.Lock()
         retries = config.setting(SETTING_RETRIES)
         self._attempts = attempts if attempts is not None else (int(retries) + 1 if retries else 5)
@@ -191,13 +196,29 @@ class RegistryClient:
 
     def parsed(self, kind: str, schema_id: int, parse) -> Any:
         """``parse(schema text)`` of this ID, cached per ``kind`` (e.g. the parsed
-        Avro schema). ``parse`` may raise; failures are not cached."""
+        Avro schema). When ``parse`` raises, its error is raised again for
+        :data:`UNKNOWN_ID_TTL_S` seconds, then the schema is fetched again: a reply
+        that was not the registry's (a proxy's page answered with 200) stayed cached,
+        and every record of that ID was refused for as long as the job ran."""
         key = (kind, schema_id)
         found = self._parsed.get(key)
-        if found is None:
+        if found is not None:
+            return found
+        failed = self._unusable.get(key)
+        if failed is not None and time.monotonic() - failed[0] < UNKNOWN_ID_TTL_S:
+            raise failed[1].with_traceback(None)
+        try:
             found = parse(self.schema(schema_id))
+        except (UnknownSchema, RegistryUnavailable):
+            raise
+        except Exception as error:
             with self._lock:
-                self._parsed[key] = found
+                self._unusable[key] = (time.monotonic(), error)
+                self._cache.pop(schema_id, None)
+            raise
+        with self._lock:
+            self._parsed[key] = found
+            self._unusable.pop(key, None)
         return found
 
     def register(self, subject: str, schema_text: str, schema_type: str = "AVRO") -> int:
@@ -246,6 +267,8 @@ class RegistryClient:
             try:
                 with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
                     body = json.loads(response.read().decode("utf-8"))
+                if not isinstance(body, dict) or not isinstance(body.get("schema"), str):
+                    raise ValueError(f"the reply is not a schema: {str(body)[:60]}")
                 return RegisteredSchema(str(body.get("schemaType") or "AVRO").upper(), body["schema"])
             except urllib.error.HTTPError as error:
                 if error.code == 404 and _error_code(error) == SCHEMA_NOT_FOUND:

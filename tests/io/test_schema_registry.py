@@ -289,3 +289,68 @@ def test_without_jsonschema_only_the_contract_validates_json_registry_records(st
     ])
     assert type(verdicts[0]) is Decoded and verdicts[0].values == {"qty": -1}
     assert verdicts[1].reason == "schema_violation"
+
+
+def test_a_reply_that_was_no_schema_is_asked_again_not_kept(standin, monkeypatch):
+    """A 200 whose schema text was not a schema (a proxy's page) stayed cached:
+    every record of that ID was refused as unknown_schema for as long as the job
+    ran, also after the registry answered right again."""
+    from onceflow.io import schema_registry
+
+    schema_id = standin.register("<html>oops</html>")
+    the_contract = contract(standin.url)
+    value = framed(schema_id, avro_bytes(WRITER_V1, GOOD))
+    assert decode_values(the_contract, [value])[0].reason == "unknown_schema"
+    standin.schemas[schema_id] = ("AVRO", json.dumps(WRITER_V1))  # the registry answers right again
+    fetched = registry_client(the_contract.registry).fetches
+    assert decode_values(the_contract, [value, value])[0].reason == "unknown_schema"  # no request per record
+    assert registry_client(the_contract.registry).fetches == fetched
+    monkeypatch.setattr(schema_registry, "UNKNOWN_ID_TTL_S", 0.0)  # the interval has passed
+    assert type(decode_values(the_contract, [value])[0]) is Decoded
+
+
+def test_a_reply_that_is_json_but_not_a_schema_object_is_the_registry_unavailable():
+    """A 200 with the body [] crashed the job: 'list' object has no attribute 'get'."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class AnswersAList(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), AnswersAList)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(RegistryUnavailable, match=r"after 2 attempt\(s\): ValueError: the reply is not a schema"):
+            decode_values(contract(url, settings=(("max.retries", "1"),)), [framed(1, b"")])
+    finally:
+        server.shutdown()
+
+
+def test_a_json_schema_referring_to_another_document_refuses_its_records_and_fetches_nothing(standin):
+    """Its $ref failed the whole job with jsonschema's traceback on every run, and
+    jsonschema's default registry would fetch an http(s) reference from a worker."""
+    requests = []
+    with RegistryStandIn() as elsewhere:  # where the reference points: it must not be asked
+        schema = {"type": "object", "properties": {"store": {"$ref": f"{elsewhere.url}/store.json"},
+                                                   "qty": {"$ref": "qty.json"}}}
+        json_id = standin.register(json.dumps(schema), "JSON")
+        verdicts = decode_values(contract(standin.url, fmt="json_registry"),
+                                 [framed(json_id, json.dumps(GOOD).encode())])
+        requests = list(elsewhere.requests)
+    assert verdicts[0].reason == "unknown_schema" and "another document" in verdicts[0].message
+    assert requests == []
+
+
+def test_a_registry_setting_that_reads_as_a_secret_is_not_shown():
+    """USER:PASSWORD== (base64 ends so) was shown up to its first '='."""
+    with pytest.raises(ValueError, match="unknown setting \\(not shown") as error:
+        registry_settings(["auditu:S3cretPW=="], {})
+    assert "S3cretPW" not in str(error.value)
