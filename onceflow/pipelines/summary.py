@@ -126,6 +126,12 @@ class RunSummary:
                          f"(onceflow dlq list --dlq={self.dlq_flag()} --reason schema_violation), and a replay with "
                          f"the flag fixed counts them (onceflow dlq replay --dlq={self.dlq_flag()} --reason "
                          "schema_violation -- <the job's flags>)")
+        undecoded = self.dead_letters_by_reason.get("avro_decode_error", 0)
+        if read > 0 and undecoded >= SCHEMA_NOTE_SHARE * read:
+            found.append(f"{undecoded:,} of {read:,} records ({undecoded / read:.0%}) went to the dead-letter queue "
+                         "as avro_decode_error: if --avro_reader_schema does not match the writers' schemas (another "
+                         "record name or namespace, a field without a default), every record is refused; their "
+                         f"messages say why (onceflow dlq list --dlq={self.dlq_flag()} --reason avro_decode_error)")
         without_id = self.count(metrics.RECORDS_WITHOUT_ID)
         if read > 0 and without_id >= NO_ID_NOTE_SHARE * read:
             found.append(f"{without_id:,} of {read:,} records ({without_id / read:.0%}) have no --id_field field: "

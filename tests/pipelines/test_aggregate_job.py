@@ -475,6 +475,21 @@ def test_the_summary_names_the_field_flags_when_most_records_break_the_schema(tm
     assert summary.dead_letters_by_reason["schema_violation"] == 3 and "note:" not in summary.render()
 
 
+def test_the_summary_names_the_reader_schema_when_most_records_do_not_decode():
+    """A reader schema of another record name dead-lettered every record as
+    avro_decode_error, exit 0, without a word."""
+    from onceflow import metrics
+    from onceflow.pipelines.summary import RunSummary
+
+    counters = {metrics.RECORDS_READ: 283, f"{metrics.DEAD_LETTERS}.avro_decode_error": 263}
+    text = RunSummary("DirectRunner", 1.0, counters, "sink", "dlq.jsonl").render()
+    assert ("note: 263 of 283 records (93%) went to the dead-letter queue as avro_decode_error: if "
+            "--avro_reader_schema does not match the writers' schemas") in text
+    assert "onceflow dlq list --dlq=dlq.jsonl --reason avro_decode_error" in text
+    counters[f"{metrics.DEAD_LETTERS}.avro_decode_error"] = 3
+    assert "note:" not in RunSummary("DirectRunner", 1.0, counters, "sink", "dlq.jsonl").render()
+
+
 def test_an_id_field_no_record_has_is_warned_of_once(tmp_path):
     """A misspelled --id_field derived every ID from content, without a word: a
     copy differing in any field was counted twice, exit 0."""
