@@ -636,7 +636,9 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
     options = parse_pipeline_args(args)
     job = job_from_options(options)
-    savepoints = flink_savepoint.savepoint_stop_from_options(options, job.is_live, job.shards)
+    identity = None if job.kafka is None or not job.is_live else flink_savepoint.job_identity(
+        job.kafka.group_id, job.kafka.topic.url, job.sink.describe())
+    savepoints = flink_savepoint.savepoint_stop_from_options(options, job.is_live, job.shards, identity)
     if savepoints is not None:
         flink_savepoint.check_reachable(savepoints)
     expected_records = None

@@ -21,6 +21,7 @@ safety net: a job started without its state resumes from them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import sys
@@ -49,6 +50,28 @@ _RESTORE_REPORT_GRACE_S = 10.0
 # savepoints go into a folder that names the number, and a restore reads it there.
 _SHARDS_FOLDER = "onceflow-shards-{}"
 _SHARDS_IN_PATH = re.compile(r"(?:^|/)onceflow-shards-([1-9][0-9]*)(?=/|$)")
+# And in a folder naming the job whose state it holds (its group, topic and sink, as a
+# digest): a savepoint of another job, restored, read that job's topic into these rows.
+_JOB_FOLDER = "onceflow-job-{}"
+_JOB_IN_PATH = re.compile(r"(?:^|/)onceflow-job-([0-9a-f]{12})(?=/|$)")
+
+
+def job_identity(group: str, topic: str, sink: str) -> str:
+    """The digest that names a live job's savepoints: its consumer group, its
+    topic and its sink (as :meth:`Target.describe` shows it)."""
+    return hashlib.sha256("\n".join((group, topic, sink)).encode("utf-8")).hexdigest()[:12]
+
+
+def check_savepoint_of_job(savepoint_path: str, identity: str) -> None:
+    """UsageError (one line) when ``savepoint_path`` names another job's folder
+    (see :func:`job_identity`); a path that names none (taken by an earlier
+    onceflow, or by hand) is not checked here."""
+    named = _JOB_IN_PATH.findall(savepoint_path)
+    if named and named[-1] != identity:
+        raise UsageError(f"--savepoint_path: {savepoint_path} is a savepoint of another job (its folder "
+                         f"onceflow-job-{named[-1]}; this job's, by its --kafka_group, topic and --sink, is "
+                         f"onceflow-job-{identity}): restoring it would read that job's topic and windows into "
+                         "these rows; give a savepoint of this job, or start without --savepoint_path")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +100,11 @@ def _check_directory(text: str) -> str:
                      "JobManager can write, e.g. file:///var/onceflow/savepoints or s3://bucket/savepoints")
 
 
-def savepoint_folder(directory: str, shards: int) -> str:
-    """Where the savepoints of a job with ``shards`` shards go in ``directory``."""
-    return f"{directory.rstrip('/')}/{_SHARDS_FOLDER.format(shards)}"
+def savepoint_folder(directory: str, shards: int, identity: Optional[str] = None) -> str:
+    """Where the savepoints of a job with ``shards`` shards (and ``identity``, see
+    :func:`job_identity`) go in ``directory``."""
+    folder = f"{directory.rstrip('/')}/{_SHARDS_FOLDER.format(shards)}"
+    return folder if identity is None else f"{folder}/{_JOB_FOLDER.format(identity)}"
 
 
 def shards_to_restore(savepoint_path: str, given: Optional[int]) -> int:
@@ -101,11 +126,14 @@ def shards_to_restore(savepoint_path: str, given: Optional[int]) -> int:
     return recorded
 
 
-def savepoint_stop_from_options(options: PipelineOptions, live: bool, shards: int) -> Optional[SavepointStop]:
+def savepoint_stop_from_options(options: PipelineOptions, live: bool, shards: int,
+                                identity: Optional[str] = None) -> Optional[SavepointStop]:
     """Checks the savepoint flags (one-line UsageError naming the flag) and
     returns how to stop the job, or None when ``--flink_savepoint_dir`` is not
     set. A job without ``--job_name`` gets a unique one here, by which the stop
-    finds it on Flink; ``shards``: the job's number of shards."""
+    finds it on Flink; ``shards``: the job's number of shards; ``identity``: the
+    job's (:func:`job_identity`), which names its savepoints' folder and which a
+    ``--savepoint_path`` must not contradict."""
     flags = options.view_as(FlinkOptions)
     directory = optional_text(flags.flink_savepoint_dir)
     rest_url = optional_text(flags.flink_rest_url)
@@ -119,6 +147,8 @@ def savepoint_stop_from_options(options: PipelineOptions, live: bool, shards: in
         if not flink:
             raise UsageError(f"--savepoint_path: only Flink restores a savepoint; {runner} "
                              "(use --runner=PortableRunner --job_endpoint=<Flink job server>)")
+        if identity is not None:
+            check_savepoint_of_job(restore_from, identity)
     elif flags.allow_non_restored_state:
         raise UsageError("--allow_non_restored_state: only means something with --savepoint_path")
     if directory is None and rest_url is None:
@@ -147,7 +177,7 @@ def savepoint_stop_from_options(options: PipelineOptions, live: bool, shards: in
     if job_name is None:
         job_name = f"onceflow-aggregate-{uuid.uuid4().hex[:12]}"
         cloud.job_name = job_name
-    folder = None if directory is None else savepoint_folder(_check_directory(directory), shards)
+    folder = None if directory is None else savepoint_folder(_check_directory(directory), shards, identity)
     return SavepointStop(rest_url, folder, job_name, restore_from)
 
 
