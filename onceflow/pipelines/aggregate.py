@@ -860,6 +860,10 @@ def _savepoint_restore_failure(error: BaseException) -> Optional[str]:
         return f"Flink finds no savepoint at {missing}"
     if _line_in_error(error, r"(Unexpected magic number)") is not None:
         return "Flink read no savepoint there (not a savepoint, or a corrupt one)"
+    if _line_in_error(error, r"(Cannot find meta data file '_metadata')") is not None:
+        return "Flink finds no savepoint there (the directory holds no _metadata)"
+    if _line_in_error(error, r"(java\.io\.EOFException)") is not None:  # a _metadata cut off
+        return "Flink could not read the savepoint to its end (a cut-off or corrupt _metadata)"
     operator = _line_in_error(error, r"Cannot map checkpoint/savepoint state for operator (\S+) to the new program")
     if operator is not None:
         # --allow_non_restored_state is no way out: it drops the readers' starting state too, and a second

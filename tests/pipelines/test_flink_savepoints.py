@@ -214,6 +214,11 @@ def test_a_savepoint_flink_cannot_restore_is_one_line(kafka_bootstrap, flink_clu
      "checkpoint/savepoint state for operator bc764cd8 to the new program, because the operator is not available",
      "the savepoint does not fit this job (Flink cannot map the state of its operator bc764cd8: another "
      "--parallelism, other steps or another onceflow version)"),
+    # Both read "the runner failed the job: ...; run it again", which failed again the same way.
+    ("java.io.FileNotFoundException: Cannot find meta data file '_metadata' in directory '/sp/empty'. Please try to "
+     "load the checkpoint/savepoint directly from the metadata file", "Flink finds no savepoint there (the directory "
+     "holds no _metadata)"),
+    ("java.io.EOFException", "Flink could not read the savepoint to its end (a cut-off or corrupt _metadata)"),
     ("java.io.IOException: Connection reset by peer", None),
 ])
 def test_what_flink_says_of_a_savepoint_it_cannot_restore(said, line):
