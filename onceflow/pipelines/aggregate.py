@@ -1033,9 +1033,15 @@ def _stop_with_savepoint(savepoints: SavepointStop, result: beam.runners.runner.
         location = flink_savepoint.stop_with_savepoint(savepoints)
     except FlinkRestError as error:
         _cancel(result)
-        flink_savepoint.cancel_on_flink(savepoints)
-        raise ServiceError(f"--flink_savepoint_dir: could not stop with a savepoint: {error}; the job was cancelled "
-                           "instead (a restart resumes from the positions stored with its rows)") from None
+        unlisted = isinstance(error, flink_savepoint.JobNotListed)  # maybe still being submitted: wait for it
+        wait_s = flink_savepoint.NOT_YET_LISTED_WAIT_S if unlisted else 0.0
+        if flink_savepoint.cancel_on_flink(savepoints, wait_s) or not unlisted:
+            instead = "the job was cancelled instead"
+        else:
+            instead = (f"no job of that name appeared on Flink within {wait_s:.0f}s, so none was cancelled there "
+                       "(check Flink's web UI)")
+        raise ServiceError(f"--flink_savepoint_dir: could not stop with a savepoint: {error}; {instead} (a restart "
+                           "resumes from the positions stored with its rows)") from None
     except KeyboardInterrupt:
         _cancel(result)
         flink_savepoint.cancel_on_flink(savepoints)

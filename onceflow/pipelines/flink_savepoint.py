@@ -257,25 +257,45 @@ def _report_restore(stop: SavepointStop, job: FlinkJob) -> None:
         time.sleep(1.0)
 
 
+class JobNotListed(FlinkRestError):
+    """Flink lists no job of the name: stopped while the job server was still
+    submitting it, or already gone."""
+
+
+# How long a stop that found no job on Flink waits for one to appear: the job server may
+# still submit a job it was handed before the stop (seen: listed about 10 s after a
+# Ctrl-C, then RESTARTING for good with nobody to cancel it).
+NOT_YET_LISTED_WAIT_S = 30.0
+
+
 def stop_with_savepoint(stop: SavepointStop) -> str:
     """Stops the job with a savepoint and returns its path; FlinkRestError (one
-    line) when no running job has the name, or the savepoint failed."""
+    line) when no running job has the name (:class:`JobNotListed` when none is
+    listed), or the savepoint failed."""
     job = flink_rest.find_job(stop.rest_url, stop.job_name)
-    if job is None or job.state != "RUNNING":
-        seen = f"it is {job.state}" if job is not None else "none is listed"
-        raise FlinkRestError(f"Flink at {stop.rest_url} runs no job named {stop.job_name!r} ({seen})")
+    if job is None:
+        raise JobNotListed(f"Flink at {stop.rest_url} runs no job named {stop.job_name!r} (none is listed)")
+    if job.state != "RUNNING":
+        raise FlinkRestError(f"Flink at {stop.rest_url} runs no job named {stop.job_name!r} (it is {job.state})")
     return flink_rest.stop_with_savepoint(stop.rest_url, job.job_id, stop.savepoint_dir, SAVEPOINT_TIMEOUT_S)
 
 
-def cancel_on_flink(stop: SavepointStop) -> None:
+def cancel_on_flink(stop: SavepointStop, wait_s: float = 0.0, sleep: Callable[[float], None] = time.sleep) -> bool:
     """Cancels the job through Flink's REST API too, if Flink still runs it and
-    answers (the 2.62 job server's own cancel leaves a Flink job running)."""
-    try:
-        job = flink_rest.find_job(stop.rest_url, stop.job_name)
-        if job is not None:
-            flink_rest.cancel_job(stop.rest_url, job.job_id)
-    except FlinkRestError:
-        pass
+    answers (the 2.62 job server's own cancel leaves a Flink job running); with
+    ``wait_s``, waits that long for a job not listed yet. Whether one was cancelled."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            job = flink_rest.find_job(stop.rest_url, stop.job_name)
+            if job is not None:
+                flink_rest.cancel_job(stop.rest_url, job.job_id)
+                return True
+        except FlinkRestError:
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        sleep(1.0)
 
 
 def resume_hint(location: str) -> str:

@@ -212,3 +212,18 @@ def test_a_job_of_the_same_name_left_on_flink_is_refused_before_submitting(fake_
                                            r"RESTARTING\); .*cancel it \(curl -X PATCH '.*/jobs/k1\?mode=cancel'\)"):
         check_reachable(stop)
     check_reachable(stop)  # once it is cancelled
+
+
+def test_a_stop_waits_for_a_job_the_job_server_was_still_submitting_and_cancels_it(fake_flink):
+    """Ctrl-C before Flink listed the job: the stop said the job was cancelled, and
+    it appeared on Flink some 10 s later, RESTARTING for good."""
+    from onceflow.pipelines.flink_savepoint import SavepointStop, cancel_on_flink
+
+    flink = fake_flink({("GET", "/jobs/overview"): [_overview(), _overview(), _overview(("j1", "orders", "RUNNING"))],
+                        ("PATCH", "/jobs/j1?mode=cancel"): (202, {})})
+    stop = SavepointStop(flink.url, "/tmp/savepoints", "orders")
+    assert cancel_on_flink(stop, wait_s=30.0, sleep=lambda seconds: None)
+    assert ("PATCH", "/jobs/j1?mode=cancel", None) in flink.requests
+    nothing = fake_flink({("GET", "/jobs/overview"): _overview()})
+    assert not cancel_on_flink(SavepointStop(nothing.url, "/tmp/savepoints", "orders"))  # no wait: asked once
+    assert len(nothing.requests) == 1
