@@ -364,10 +364,17 @@ def check_window_size(target: Target, size_ms: int) -> None:
                          + (" (?table=NAME)" if where == "table" else ""))
 
 
+def database_client(error: BaseException) -> Optional[str]:
+    """The sink client that raised ``error`` (``psycopg``, ``sqlite3``, ``google``),
+    or None when it is not one of theirs."""
+    client = type(error).__module__.split(".")[0]
+    return client if client in ("psycopg", "sqlite3", "google") else None
+
+
 def _unusable(target: Target, error: Exception) -> Exception:
     """A database client's error as one line (ValueError; DatabaseUnreachable when
     PostgreSQL is away); any other error as it is."""
-    client = type(error).__module__.split(".")[0]
+    client = database_client(error)
     if client == "psycopg":
         from onceflow.io import postgres
 

@@ -62,7 +62,8 @@ from onceflow.io.progress import (
     settings_positions, start_position, topic_replaced,
 )
 from onceflow.io.sinks import (
-    WriteRows, check_window_size, holds_no_rows, parse_sink_url, position_sinks, prepare_sink, progress_store,
+    WriteRows, check_window_size, database_client, holds_no_rows, parse_sink_url, position_sinks, prepare_sink,
+    progress_store,
 )
 from onceflow.io.targets import Target
 from onceflow.io.urls import first_line
@@ -572,8 +573,7 @@ def with_stored_positions(job: AggregateJob, partitions: List[int], savepoint: O
                 where += (f"; partitions {added} are new since the last run: read from their log start, "
                           f"{_added_partitions_rule(found, job.window_spec)}")
     except Exception as error:  # the sink's own client errors too (psycopg, sqlite3, google): one line
-        client = type(error).__module__.split(".")[0] in ("psycopg", "sqlite3", "google")
-        if not (client or isinstance(error, (OSError, ValueError))):
+        if not (database_client(error) or isinstance(error, (OSError, ValueError))):
             raise
         raise ServiceError(f"--sink: cannot read or store the job's positions in {job.sink.describe()}: "
                            f"{(str(error).splitlines() or [type(error).__name__])[0]}") from None
